@@ -1,0 +1,159 @@
+//! The message store: append-only streams of messages in one global order, modelled on
+//! Eventide's message-db, behind one port ([`MessageStore`]) with two adapters: PostgreSQL for
+//! deployments and SQLite for the embedded default.
+//!
+//! What every adapter guarantees, and the conformance suite in `tests/` checks:
+//! - appends to one or several streams are atomic and check each stream's expected version;
+//! - a message id is written once: appending it again with the same content is an idempotent
+//!   success, with other content a refusal;
+//! - a reader of "everything after position p" sees every committed message exactly once, in
+//!   increasing global position, however writers interleave their commits (docs/adr/0002);
+//! - a [`Subscription`] wakes consumers when new messages may be there, and keeps doing so
+//!   across dropped connections (a poll interval backs up every wake-up signal).
+
+#![forbid(unsafe_code)]
+
+mod message;
+pub mod postgres;
+pub mod sqlite;
+mod subscription;
+
+use async_trait::async_trait;
+
+pub use message::{
+    Appended, AppendedMessage, ExpectedVersion, GlobalPosition, InvalidStreamName, NewMessage,
+    RecordedMessage, StreamAppend, StreamName, StreamPosition,
+};
+pub use postgres::PostgresMessageStore;
+pub use sqlite::SqliteMessageStore;
+pub use subscription::{Subscription, Wake};
+
+/// The most messages one append may carry. PostgreSQL positions reserve 16 bits for a
+/// message's index within its transaction, and a bound keeps one append from holding the store.
+pub const MAX_MESSAGES_PER_APPEND: usize = 10_000;
+
+/// The port: what the rest of the service needs from a message store.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Appends to every stream in `appends` in one transaction: all of it is written or none.
+    async fn append(&self, appends: Vec<StreamAppend>) -> Result<Appended, AppendError>;
+
+    /// Up to `max` messages of one stream, from stream position `from` on.
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: StreamPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError>;
+
+    /// The last message of a stream, if it has any.
+    async fn last_message(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<RecordedMessage>, StoreError>;
+
+    /// Up to `max` messages of every stream in `category`, after global position `after`.
+    async fn read_category(
+        &self,
+        category: &str,
+        after: GlobalPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError>;
+
+    /// Up to `max` messages of all streams, after global position `after`, in global order.
+    async fn read_all(
+        &self,
+        after: GlobalPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError>;
+
+    /// The position of the last message a reader can see now (0 when there is none).
+    async fn head_position(&self) -> Result<GlobalPosition, StoreError>;
+
+    /// How many messages a reader can see after `after`: the backlog of a consumer at `after`.
+    async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError>;
+
+    /// A stream of wake-ups for consumers that tail the store.
+    fn subscribe(&self) -> Subscription;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Why an append was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream {stream} was expected at version {expected}, but is at {}", display_version(.actual))]
+    WrongExpectedVersion {
+        stream: StreamName,
+        expected: ExpectedVersion,
+        actual: Option<StreamPosition>,
+    },
+    #[error("message id {id} is already stored with other content")]
+    DuplicateMessageId { id: uuid::Uuid },
+    #[error("invalid append: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn display_version(version: &Option<StreamPosition>) -> String {
+    version.map_or_else(|| "no stream".to_owned(), |position| position.to_string())
+}
+
+/// The store could not be reached or did not behave.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("running the message store migrations")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored message {id} is corrupt: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+/// Checks what every adapter refuses before touching the database.
+fn validate(appends: &[StreamAppend]) -> Result<(), AppendError> {
+    let total: usize = appends.iter().map(|append| append.messages.len()).sum();
+    if total == 0 {
+        return Err(AppendError::Invalid(
+            "an append needs at least one message".into(),
+        ));
+    }
+    if total > MAX_MESSAGES_PER_APPEND {
+        return Err(AppendError::Invalid(format!(
+            "an append may carry at most {MAX_MESSAGES_PER_APPEND} messages, not {total}"
+        )));
+    }
+    for (index, append) in appends.iter().enumerate() {
+        if appends[..index]
+            .iter()
+            .any(|earlier| earlier.stream == append.stream)
+        {
+            return Err(AppendError::Invalid(format!(
+                "stream {} appears twice in one append",
+                append.stream
+            )));
+        }
+        if append
+            .messages
+            .iter()
+            .any(|message| message.message_type.is_empty())
+        {
+            return Err(AppendError::Invalid(
+                "a message type may not be empty".into(),
+            ));
+        }
+    }
+    let mut ids: Vec<_> = appends
+        .iter()
+        .flat_map(|append| append.messages.iter().map(|message| message.id))
+        .collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|pair| pair[0] == pair[1]) {
+        return Err(AppendError::Invalid(
+            "a message id appears twice in one append".into(),
+        ));
+    }
+    Ok(())
+}

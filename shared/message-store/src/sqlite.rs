@@ -1,0 +1,345 @@
+//! The SQLite adapter: the embedded default, one file, no server.
+//!
+//! SQLite allows one writer at a time, so appends go through a single writer connection and
+//! commit in the order their positions were drawn: readers need no horizon. Wake-ups are an
+//! in-process signal; other processes on the same file find new messages by polling.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::postgres::{parse_stored_stream, to_i64, to_u64};
+use crate::{
+    AppendError, Appended, AppendedMessage, GlobalPosition, MessageStore, RecordedMessage,
+    StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
+};
+
+const COLUMNS: &str = "global_position, id, stream_name, position, type, data, metadata, time";
+
+/// The message store in an SQLite file.
+#[derive(Clone)]
+pub struct SqliteMessageStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One connection: SQLite has one writer at a time, and queueing here is cheaper than
+    /// retrying on SQLITE_BUSY.
+    writer: SqlitePool,
+    readers: SqlitePool,
+    poll_interval: Duration,
+    subscribers: Mutex<Vec<Weak<Notify>>>,
+}
+
+/// Connection settings for an SQLite database file, shared by every component that opens one.
+pub fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: an acknowledged append survives a power loss, not only a process crash.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true)
+}
+
+impl SqliteMessageStore {
+    /// Opens (creating if needed) the store in the file at `path` and applies its migrations.
+    pub async fn open(path: &Path, poll_interval: Duration) -> Result<Self, StoreError> {
+        let options = connect_options(path);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        Self::migrate(&writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer,
+                readers,
+                poll_interval,
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Opens the store at a `sqlite://path` URL.
+    pub async fn open_url(url: &str, poll_interval: Duration) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?;
+        Self::open(options.get_filename(), poll_interval).await
+    }
+
+    /// Creates or updates the store's tables. Applying them again changes nothing.
+    pub async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+        let mut migrator = sqlx::migrate!("../../migrations/message_store/sqlite");
+        migrator.set_ignore_missing(true);
+        migrator.run(pool).await?;
+        Ok(())
+    }
+
+    fn wake_subscribers(&self) {
+        let Ok(mut subscribers) = self.inner.subscribers.lock() else {
+            return;
+        };
+        subscribers.retain(|subscriber| match subscriber.upgrade() {
+            Some(signal) => {
+                signal.notify_one();
+                true
+            }
+            None => false,
+        });
+    }
+
+    async fn append_in_transaction(
+        &self,
+        appends: &[StreamAppend],
+    ) -> Result<Appended, AppendError> {
+        let mut tx = self.inner.writer.begin().await.map_err(StoreError::from)?;
+
+        let ids: Vec<Uuid> = appends
+            .iter()
+            .flat_map(|append| append.messages.iter().map(|message| message.id))
+            .collect();
+        let mut stored = Vec::new();
+        for append in appends {
+            for message in &append.messages {
+                let row = sqlx::query(&format!("SELECT {COLUMNS} FROM messages WHERE id = ?"))
+                    .bind(message.id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                if let Some(row) = row {
+                    let existing = recorded(&row)?;
+                    let same = existing.stream == append.stream
+                        && existing.message_type == message.message_type
+                        && existing.data == message.data;
+                    stored.push((existing, same));
+                }
+            }
+        }
+        if !stored.is_empty() {
+            if stored.len() == ids.len() && stored.iter().all(|(_, same)| *same) {
+                let messages = stored
+                    .into_iter()
+                    .map(|(message, _)| AppendedMessage {
+                        id: message.id,
+                        stream: message.stream,
+                        position: message.position,
+                        global_position: message.global_position,
+                    })
+                    .collect();
+                return Ok(Appended { messages });
+            }
+            let id = stored
+                .iter()
+                .find(|(_, same)| !same)
+                .map_or(ids[0], |(message, _)| message.id);
+            return Err(AppendError::DuplicateMessageId { id });
+        }
+
+        let mut messages = Vec::with_capacity(ids.len());
+        for append in appends {
+            let actual: Option<i64> =
+                sqlx::query_scalar("SELECT max(position) FROM messages WHERE stream_name = ?")
+                    .bind(append.stream.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+            let actual = actual.map(to_u64);
+            if !append.expected.allows(actual) {
+                return Err(AppendError::WrongExpectedVersion {
+                    stream: append.stream.clone(),
+                    expected: append.expected,
+                    actual,
+                });
+            }
+            let mut position = actual.map_or(0, |version| version + 1);
+            for message in &append.messages {
+                let global_position: i64 = sqlx::query_scalar(
+                    "INSERT INTO messages (id, stream_name, category, position, type, data, metadata) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING global_position",
+                )
+                .bind(message.id.to_string())
+                .bind(append.stream.as_str())
+                .bind(append.stream.category())
+                .bind(to_i64(position))
+                .bind(&message.message_type)
+                .bind(message.data.to_string())
+                .bind(message.metadata.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+                messages.push(AppendedMessage {
+                    id: message.id,
+                    stream: append.stream.clone(),
+                    position,
+                    global_position: to_u64(global_position),
+                });
+                position += 1;
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Appended { messages })
+    }
+
+    async fn fetch(
+        &self,
+        sql: &str,
+        binds: impl for<'a> FnOnce(
+            sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'a>>,
+        ) -> sqlx::query::Query<
+            'a,
+            sqlx::Sqlite,
+            sqlx::sqlite::SqliteArguments<'a>,
+        >,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        let rows = binds(sqlx::query(sql))
+            .fetch_all(&self.inner.readers)
+            .await?;
+        rows.iter().map(recorded).collect()
+    }
+}
+
+#[async_trait]
+impl MessageStore for SqliteMessageStore {
+    async fn append(&self, appends: Vec<StreamAppend>) -> Result<Appended, AppendError> {
+        crate::validate(&appends)?;
+        let appended = self.append_in_transaction(&appends).await?;
+        self.wake_subscribers();
+        Ok(appended)
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: StreamPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM messages WHERE stream_name = ? AND position >= ? \
+             ORDER BY position LIMIT ?"
+        );
+        self.fetch(&sql, |query| {
+            query
+                .bind(stream.to_string())
+                .bind(to_i64(from))
+                .bind(to_i64(max as u64))
+        })
+        .await
+    }
+
+    async fn last_message(
+        &self,
+        stream: &StreamName,
+    ) -> Result<Option<RecordedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM messages WHERE stream_name = ? ORDER BY position DESC LIMIT 1"
+        );
+        Ok(self
+            .fetch(&sql, |query| query.bind(stream.to_string()))
+            .await?
+            .pop())
+    }
+
+    async fn read_category(
+        &self,
+        category: &str,
+        after: GlobalPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM messages WHERE category = ? AND global_position > ? \
+             ORDER BY global_position LIMIT ?"
+        );
+        self.fetch(&sql, |query| {
+            query
+                .bind(category.to_owned())
+                .bind(to_i64(after))
+                .bind(to_i64(max as u64))
+        })
+        .await
+    }
+
+    async fn read_all(
+        &self,
+        after: GlobalPosition,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM messages WHERE global_position > ? \
+             ORDER BY global_position LIMIT ?"
+        );
+        self.fetch(&sql, |query| {
+            query.bind(to_i64(after)).bind(to_i64(max as u64))
+        })
+        .await
+    }
+
+    async fn head_position(&self) -> Result<GlobalPosition, StoreError> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
+            .fetch_one(&self.inner.readers)
+            .await?;
+        Ok(head.map_or(0, to_u64))
+    }
+
+    async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM messages WHERE global_position > ?")
+                .bind(to_i64(after))
+                .fetch_one(&self.inner.readers)
+                .await?;
+        Ok(to_u64(count))
+    }
+
+    fn subscribe(&self) -> Subscription {
+        let signal = Arc::new(Notify::new());
+        if let Ok(mut subscribers) = self.inner.subscribers.lock() {
+            subscribers.push(Arc::downgrade(&signal));
+        }
+        Subscription::new(signal, self.inner.poll_interval, None)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.inner.readers).await?;
+        Ok(())
+    }
+}
+
+fn recorded(row: &SqliteRow) -> Result<RecordedMessage, StoreError> {
+    let id_text: String = row.try_get("id")?;
+    let id = Uuid::parse_str(&id_text).map_err(|error| StoreError::Corrupt {
+        id: id_text.clone(),
+        reason: error.to_string(),
+    })?;
+    let json = |column: &str| -> Result<Value, StoreError> {
+        let text: String = row.try_get(column)?;
+        serde_json::from_str(&text).map_err(|error| StoreError::Corrupt {
+            id: id_text.clone(),
+            reason: format!("{column}: {error}"),
+        })
+    };
+    Ok(RecordedMessage {
+        stream: parse_stored_stream(&id, row.try_get("stream_name")?)?,
+        position: to_u64(row.try_get("position")?),
+        global_position: to_u64(row.try_get("global_position")?),
+        message_type: row.try_get("type")?,
+        data: json("data")?,
+        metadata: json("metadata")?,
+        time: row.try_get("time")?,
+        id,
+    })
+}

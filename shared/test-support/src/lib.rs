@@ -1,0 +1,205 @@
+//! Test harness: every test gets a database of its own on a PostgreSQL server found (or
+//! started) the same way on every machine.
+//!
+//! The server is, in order of preference:
+//! 1. the one `DATABASE_URL` names;
+//! 2. one answering on 127.0.0.1:5432 as user `postgres`;
+//! 3. a throwaway cluster this harness starts from the local PostgreSQL binaries (`initdb`,
+//!    `pg_ctl` on PATH or under /usr/lib/postgresql), kept under the system temp directory and
+//!    reused by later test runs;
+//! 4. otherwise the test fails with a message naming the package to install.
+//!
+//! Databases are named `idtest_<seconds>_<random>` and dropped when the [`TestDatabase`] is;
+//! ones a crashed run left behind are dropped after an hour by the next run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection};
+use tokio::sync::OnceCell;
+
+/// A database of one's own on the test server, dropped with this value.
+pub struct TestDatabase {
+    name: String,
+    url: String,
+    server: &'static Server,
+}
+
+struct Server {
+    /// Connects to the maintenance database, from which test databases are created and dropped.
+    admin: PgConnectOptions,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+
+impl TestDatabase {
+    /// Creates an empty database on the test server.
+    pub async fn new() -> Self {
+        let server = SERVER
+            .get_or_try_init(find_or_start_server)
+            .await
+            .unwrap_or_else(|error| panic!("no PostgreSQL server for the tests: {error:#}"));
+        let seconds = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let name = format!("idtest_{seconds}_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = server
+            .admin
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        admin
+            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+            .await
+            .expect("creating a test database");
+        admin.close().await.ok();
+        let url = server
+            .admin
+            .clone()
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        Self { name, url, server }
+    }
+
+    /// The database's URL, for code under test that connects by itself (another process, say).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The URL of a second database on the same server, dropped with this one. For tests that
+    /// put the read model apart from the message store.
+    pub async fn sibling(&self, suffix: &str) -> TestDatabase {
+        let name = format!("{}_{suffix}", self.name);
+        let mut admin = self
+            .server
+            .admin
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        admin
+            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+            .await
+            .expect("creating a test database");
+        let url = self
+            .server
+            .admin
+            .clone()
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        TestDatabase {
+            name,
+            url,
+            server: self.server,
+        }
+    }
+
+    /// A pool on this database.
+    pub async fn pool(&self) -> PgPool {
+        self.pool_with(PgPoolOptions::new().max_connections(10))
+            .await
+    }
+
+    pub async fn pool_with(&self, options: PgPoolOptions) -> PgPool {
+        options
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&self.url)
+            .await
+            .expect("connecting to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin = self.server.admin.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime (or inside one that may be shutting down): drop the
+        // database from a thread with a runtime of its own.
+        let dropper = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let mut connection = admin.connect().await?;
+                connection
+                    .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+                    .await?;
+                anyhow::Ok(())
+            })
+        });
+        let _ = dropper.join();
+    }
+}
+
+async fn find_or_start_server() -> anyhow::Result<Server> {
+    let admin = if let Ok(url) = std::env::var("DATABASE_URL") {
+        let options = PgConnectOptions::from_str(&url)?;
+        // Test databases are created from the maintenance database, whatever DATABASE_URL names.
+        let options = options.database("postgres");
+        try_connect(&options)
+            .await
+            .map_err(|error| anyhow::anyhow!("DATABASE_URL={url} does not answer: {error}"))?;
+        options
+    } else {
+        let local = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(5432)
+            .username("postgres")
+            .database("postgres");
+        if try_connect(&local).await.is_ok() {
+            local
+        } else {
+            cluster::start_throwaway_cluster().await?
+        }
+    };
+    let admin = admin.disable_statement_logging();
+    drop_stale_databases(&admin).await;
+    Ok(Server { admin })
+}
+
+async fn try_connect(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    let connect = PgConnection::connect_with(options);
+    let connection = tokio::time::timeout(Duration::from_secs(3), connect)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    connection.close().await
+}
+
+/// Drops the databases of test runs that ended without dropping their own (a killed run).
+async fn drop_stale_databases(admin: &PgConnectOptions) {
+    let Ok(mut connection) = admin.connect().await else {
+        return;
+    };
+    let cutoff = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .saturating_sub(3600);
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'idtest\\_%'")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let created = name
+            .split('_')
+            .nth(1)
+            .and_then(|seconds| seconds.parse::<u64>().ok());
+        if created.is_some_and(|created| created < cutoff) {
+            let _ = connection
+                .execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+                .await;
+        }
+    }
+}
