@@ -54,6 +54,13 @@ DECLARE
     v_actual   bigint;
     v_xid      bigint;
 BEGIN
+    -- Writers to one stream take turns (a lock per stream, held to commit, taken in name order so
+    -- that appends to several streams cannot deadlock). Writers to different streams share
+    -- nothing. Each statement below reads with a fresh snapshot, so after the lock it sees the
+    -- commit of the writer that held it before.
+    PERFORM pg_advisory_xact_lock(hashtextextended(s.name, 0))
+       FROM (SELECT DISTINCT unnest(p_streams) AS name ORDER BY 1) AS s;
+
     SELECT count(*), count(*) FILTER (
                WHERE m.stream_name = p_streams[r.stream_index]
                  AND m.type = r.type

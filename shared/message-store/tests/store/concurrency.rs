@@ -1,0 +1,213 @@
+//! The global order under concurrent writers, on PostgreSQL: a reader tailing from position 0
+//! must see every committed message exactly once, in increasing global position, and never one
+//! that was rolled back, while writers commit out of order.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use message_store::{
+    ExpectedVersion, MessageStore, NewMessage, RecordedMessage, StreamAppend, StreamName,
+};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::harness::Postgres;
+
+const FAST_WRITERS: u64 = 8;
+const APPENDS_PER_FAST_WRITER: u64 = 1_500;
+const SLOW_WRITERS: u64 = 3;
+const TRANSACTIONS_PER_SLOW_WRITER: u64 = 60;
+
+#[derive(Default)]
+struct Ledger {
+    committed: HashSet<Uuid>,
+    rolled_back: HashSet<Uuid>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out_of_order_commits()
+{
+    let harness = Postgres::new().await;
+    let pool = harness
+        .database
+        .pool_with(sqlx::postgres::PgPoolOptions::new().max_connections(24))
+        .await;
+    let store = Arc::new(message_store::PostgresMessageStore::new(
+        pool.clone(),
+        Duration::from_millis(20),
+    ));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let shared_streams: Vec<StreamName> = (0..4)
+        .map(|_| StreamName::for_entity("shared", Uuid::new_v4()).unwrap())
+        .collect();
+
+    let reader = tokio::spawn(tail(store.clone()));
+
+    let mut writers = Vec::new();
+    for writer in 0..FAST_WRITERS {
+        writers.push(tokio::spawn(fast_writer(
+            writer,
+            store.clone(),
+            shared_streams.clone(),
+            ledger.clone(),
+        )));
+    }
+    for writer in 0..SLOW_WRITERS {
+        writers.push(tokio::spawn(slow_writer(
+            writer,
+            pool.clone(),
+            ledger.clone(),
+        )));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let ledger = ledger.lock().await;
+    let expected = ledger.committed.len();
+    let seen = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let seen = reader_progress(&store).await;
+            if seen >= expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "the store never showed every committed message"
+    );
+    // Give the tailing reader time to reach the head, then stop it.
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if reader.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if TAILED.lock().await.len() >= expected {
+                break;
+            }
+        }
+        reader.abort();
+        TAILED.lock().await.clone()
+    })
+    .await
+    .expect("the reader never caught up");
+
+    assert!(
+        read.windows(2)
+            .all(|pair| pair[0].global_position < pair[1].global_position),
+        "the reader saw positions out of order"
+    );
+    let read_ids: HashSet<Uuid> = read.iter().map(|m| m.id).collect();
+    assert_eq!(read_ids.len(), read.len(), "the reader saw a message twice");
+    let missed = ledger.committed.difference(&read_ids).count();
+    assert_eq!(missed, 0, "the reader skipped {missed} committed messages");
+    assert!(
+        read_ids.is_disjoint(&ledger.rolled_back),
+        "the reader saw a rolled-back message"
+    );
+    assert_eq!(read.len(), expected);
+    assert!(
+        !ledger.rolled_back.is_empty(),
+        "no transaction was rolled back: the test is too weak"
+    );
+}
+
+static TAILED: Mutex<Vec<RecordedMessage>> = Mutex::const_new(Vec::new());
+
+/// Follows the store from position 0 like a projection does: read a batch after the last
+/// position seen, wait for a wake-up when there is nothing new.
+async fn tail(store: Arc<message_store::PostgresMessageStore>) {
+    let mut subscription = store.subscribe();
+    let mut after = 0;
+    loop {
+        let batch = store.read_all(after, 100).await.unwrap();
+        if batch.is_empty() {
+            subscription.next().await;
+            continue;
+        }
+        after = batch.last().unwrap().global_position;
+        TAILED.lock().await.extend(batch);
+    }
+}
+
+async fn reader_progress(store: &message_store::PostgresMessageStore) -> usize {
+    usize::try_from(store.count_after(0).await.unwrap()).unwrap()
+}
+
+/// Appends through the store: its own stream one message at a time, every tenth append to a
+/// shared stream (racing the other writers), every fiftieth to two streams at once.
+async fn fast_writer(
+    writer: u64,
+    store: Arc<message_store::PostgresMessageStore>,
+    shared: Vec<StreamName>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let own = StreamName::for_entity("own", Uuid::new_v4()).unwrap();
+    for n in 0..APPENDS_PER_FAST_WRITER {
+        let first = NewMessage::new("Written", json!({ "writer": writer, "n": n }));
+        let mut appends = vec![];
+        if n % 10 == 0 {
+            let stream = shared[usize::try_from(n / 10).unwrap() % shared.len()].clone();
+            appends.push(StreamAppend::new(stream, ExpectedVersion::Any, vec![first]));
+        } else {
+            appends.push(StreamAppend::new(
+                own.clone(),
+                ExpectedVersion::Any,
+                vec![first],
+            ));
+        }
+        if n % 50 == 1 {
+            let other = StreamName::for_entity("pair", Uuid::new_v4()).unwrap();
+            appends.push(StreamAppend::new(
+                other,
+                ExpectedVersion::NoStream,
+                vec![NewMessage::new(
+                    "Paired",
+                    json!({ "writer": writer, "n": n }),
+                )],
+            ));
+        }
+        let appended = store.append(appends).await.unwrap();
+        ledger
+            .lock()
+            .await
+            .committed
+            .extend(appended.messages.iter().map(|m| m.id));
+    }
+}
+
+/// Holds its transactions open for a while after writing, so that transactions which started
+/// later commit first; one in four is rolled back.
+async fn slow_writer(writer: u64, pool: PgPool, ledger: Arc<Mutex<Ledger>>) {
+    for n in 0..TRANSACTIONS_PER_SLOW_WRITER {
+        let stream = format!("slow-{}", Uuid::new_v4());
+        let ids = [Uuid::new_v4(), Uuid::new_v4()];
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(
+            "SELECT * FROM append_messages(ARRAY[$1], ARRAY[-1::bigint], ARRAY[1, 1], $2, \
+             ARRAY['Slow', 'Slow'], ARRAY[$3::jsonb, $3::jsonb], ARRAY['{}'::jsonb, '{}'::jsonb])",
+        )
+        .bind(&stream)
+        .bind(&ids[..])
+        .bind(json!({ "writer": writer, "n": n }))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        let hold = Duration::from_millis(5 + (n * 7 + writer * 13) % 40);
+        tokio::time::sleep(hold).await;
+        if n % 4 == 3 {
+            tx.rollback().await.unwrap();
+            ledger.lock().await.rolled_back.extend(ids);
+        } else {
+            tx.commit().await.unwrap();
+            ledger.lock().await.committed.extend(ids);
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Store tests: one conformance suite run against every adapter, and the PostgreSQL
+//! concurrency test of the global order.
+
+mod concurrency;
+mod harness;
+mod suite;
+
+/// Instantiates every conformance test once per adapter.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod postgres_adapter {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let harness = crate::harness::Postgres::new().await;
+                    crate::suite::$name(&harness).await;
+                }
+            )*
+        }
+        mod sqlite_adapter {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let harness = crate::harness::Sqlite::new().await;
+                    crate::suite::$name(&harness).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    the_first_message_of_a_stream_is_at_position_zero,
+    appending_with_no_stream_to_an_existing_stream_is_a_conflict_naming_the_actual_version,
+    appending_with_a_stale_exact_version_is_a_conflict,
+    appending_with_the_current_exact_version_succeeds,
+    appending_with_any_version_always_succeeds,
+    repeating_an_append_with_the_same_ids_writes_nothing_twice,
+    reusing_a_message_id_for_other_content_is_refused,
+    an_append_to_several_streams_is_all_or_nothing,
+    an_append_to_several_streams_writes_them_all,
+    a_stream_is_read_forward_in_batches,
+    the_last_message_of_a_stream_is_found,
+    all_messages_are_read_in_batches_in_global_order,
+    a_category_read_returns_only_that_category,
+    the_head_position_and_backlog_follow_appends,
+    invalid_appends_are_refused_before_writing,
+    concurrent_appends_to_one_stream_with_any_version_all_land,
+    a_subscriber_is_woken_by_an_append,
+    a_subscriber_is_woken_after_its_connection_is_dropped,
+);

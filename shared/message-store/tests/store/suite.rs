@@ -1,0 +1,567 @@
+//! The conformance suite: what every adapter of the message store must do, written once.
+
+use std::time::Duration;
+
+use message_store::{
+    AppendError, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName, Wake,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::harness::Harness;
+
+fn stream(category: &str) -> StreamName {
+    StreamName::for_entity(category, Uuid::new_v4()).unwrap()
+}
+
+fn message(n: u64) -> NewMessage {
+    NewMessage::new("Something", json!({ "n": n })).with_metadata(json!({ "by": "test" }))
+}
+
+fn append(stream: &StreamName, expected: ExpectedVersion, count: u64) -> Vec<StreamAppend> {
+    vec![StreamAppend::new(
+        stream.clone(),
+        expected,
+        (0..count).map(message).collect(),
+    )]
+}
+
+/// Appends, then waits until global readers can see the append. On PostgreSQL they see a
+/// commit only once every transaction that started before it has ended (docs/adr/0002), and
+/// other tests run transactions on the same server meanwhile.
+async fn append_settled(
+    store: &dyn MessageStore,
+    appends: Vec<StreamAppend>,
+) -> message_store::Appended {
+    let appended = store.append(appends).await.unwrap();
+    let target = appended.last_global_position();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.head_position().await.unwrap() < target {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("an append never became visible to global readers");
+    appended
+}
+
+async fn all(store: &dyn MessageStore) -> Vec<message_store::RecordedMessage> {
+    store.read_all(0, 100_000).await.unwrap()
+}
+
+pub async fn the_first_message_of_a_stream_is_at_position_zero(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    let appended = store
+        .append(append(&name, ExpectedVersion::NoStream, 3))
+        .await
+        .unwrap();
+
+    let positions: Vec<_> = appended.messages.iter().map(|m| m.position).collect();
+    assert_eq!(positions, vec![0, 1, 2]);
+    let globals: Vec<_> = appended
+        .messages
+        .iter()
+        .map(|m| m.global_position)
+        .collect();
+    assert!(globals.windows(2).all(|pair| pair[0] < pair[1]));
+    assert_eq!(appended.last_global_position(), globals[2]);
+
+    let stored = store.read_stream(&name, 0, 10).await.unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].message_type, "Something");
+    assert_eq!(stored[0].data, json!({ "n": 0 }));
+    assert_eq!(stored[0].metadata, json!({ "by": "test" }));
+    assert_eq!(stored[0].stream, name);
+    assert_eq!(stored[2].global_position, globals[2]);
+}
+
+pub async fn appending_with_no_stream_to_an_existing_stream_is_a_conflict_naming_the_actual_version(
+    harness: &dyn Harness,
+) {
+    let store = harness.store();
+    let name = stream("thing");
+    store
+        .append(append(&name, ExpectedVersion::NoStream, 2))
+        .await
+        .unwrap();
+
+    let error = store
+        .append(append(&name, ExpectedVersion::NoStream, 1))
+        .await
+        .unwrap_err();
+
+    match error {
+        AppendError::WrongExpectedVersion {
+            stream,
+            expected,
+            actual,
+        } => {
+            assert_eq!(stream, name);
+            assert_eq!(expected, ExpectedVersion::NoStream);
+            assert_eq!(actual, Some(1));
+        }
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    assert_eq!(store.read_stream(&name, 0, 10).await.unwrap().len(), 2);
+}
+
+pub async fn appending_with_a_stale_exact_version_is_a_conflict(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    store
+        .append(append(&name, ExpectedVersion::NoStream, 3))
+        .await
+        .unwrap();
+
+    let error = store
+        .append(append(&name, ExpectedVersion::Exact(1), 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            AppendError::WrongExpectedVersion {
+                actual: Some(2),
+                expected: ExpectedVersion::Exact(1),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    let missing = stream("thing");
+    let error = store
+        .append(append(&missing, ExpectedVersion::Exact(0), 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            AppendError::WrongExpectedVersion { actual: None, .. }
+        ),
+        "{error:?}"
+    );
+    assert!(store.read_stream(&missing, 0, 10).await.unwrap().is_empty());
+}
+
+pub async fn appending_with_the_current_exact_version_succeeds(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    store
+        .append(append(&name, ExpectedVersion::NoStream, 2))
+        .await
+        .unwrap();
+
+    let appended = store
+        .append(append(&name, ExpectedVersion::Exact(1), 2))
+        .await
+        .unwrap();
+
+    let positions: Vec<_> = appended.messages.iter().map(|m| m.position).collect();
+    assert_eq!(positions, vec![2, 3]);
+}
+
+pub async fn appending_with_any_version_always_succeeds(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    store
+        .append(append(&name, ExpectedVersion::Any, 1))
+        .await
+        .unwrap();
+    let appended = store
+        .append(append(&name, ExpectedVersion::Any, 1))
+        .await
+        .unwrap();
+    assert_eq!(appended.messages[0].position, 1);
+}
+
+pub async fn repeating_an_append_with_the_same_ids_writes_nothing_twice(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    let request = append(&name, ExpectedVersion::NoStream, 2);
+
+    let first = append_settled(store.as_ref(), request.clone()).await;
+    // The retry still says "no stream": a retried request must succeed all the same.
+    let second = append_settled(store.as_ref(), request).await;
+
+    assert_eq!(first, second);
+    assert_eq!(store.read_stream(&name, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(all(store.as_ref()).await.len(), 2);
+}
+
+pub async fn reusing_a_message_id_for_other_content_is_refused(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    let original = message(1);
+    append_settled(
+        store.as_ref(),
+        vec![StreamAppend::new(
+            name.clone(),
+            ExpectedVersion::Any,
+            vec![original.clone()],
+        )],
+    )
+    .await;
+
+    let other_data = NewMessage::new("Something", json!({ "n": 2 })).with_id(original.id);
+    let error = store
+        .append(vec![StreamAppend::new(
+            name.clone(),
+            ExpectedVersion::Any,
+            vec![other_data],
+        )])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AppendError::DuplicateMessageId { id } if id == original.id),
+        "{error:?}"
+    );
+
+    let other_stream = original.clone();
+    let error = store
+        .append(vec![StreamAppend::new(
+            stream("thing"),
+            ExpectedVersion::Any,
+            vec![other_stream],
+        )])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AppendError::DuplicateMessageId { .. }),
+        "{error:?}"
+    );
+
+    // An append mixing a stored id with new ones is not a retry of anything.
+    let mixed = vec![original.clone(), message(3)];
+    let error = store
+        .append(vec![StreamAppend::new(
+            name.clone(),
+            ExpectedVersion::Any,
+            mixed,
+        )])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AppendError::DuplicateMessageId { .. }),
+        "{error:?}"
+    );
+
+    assert_eq!(all(store.as_ref()).await.len(), 1);
+}
+
+pub async fn an_append_to_several_streams_is_all_or_nothing(harness: &dyn Harness) {
+    let store = harness.store();
+    let fresh = stream("thing");
+    let taken = stream("other");
+    append_settled(store.as_ref(), append(&taken, ExpectedVersion::Any, 1)).await;
+
+    let error = store
+        .append(vec![
+            StreamAppend::new(fresh.clone(), ExpectedVersion::NoStream, vec![message(1)]),
+            StreamAppend::new(taken.clone(), ExpectedVersion::NoStream, vec![message(2)]),
+        ])
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(&error, AppendError::WrongExpectedVersion { stream, .. } if *stream == taken),
+        "{error:?}"
+    );
+    assert!(store.read_stream(&fresh, 0, 10).await.unwrap().is_empty());
+    assert_eq!(all(store.as_ref()).await.len(), 1);
+}
+
+pub async fn an_append_to_several_streams_writes_them_all(harness: &dyn Harness) {
+    let store = harness.store();
+    let first = stream("thing");
+    let second = stream("other");
+
+    let appended = append_settled(
+        store.as_ref(),
+        vec![
+            StreamAppend::new(
+                first.clone(),
+                ExpectedVersion::NoStream,
+                vec![message(1), message(2)],
+            ),
+            StreamAppend::new(second.clone(), ExpectedVersion::NoStream, vec![message(3)]),
+        ],
+    )
+    .await;
+
+    let placed: Vec<_> = appended
+        .messages
+        .iter()
+        .map(|m| (m.stream.clone(), m.position))
+        .collect();
+    assert_eq!(
+        placed,
+        vec![(first.clone(), 0), (first.clone(), 1), (second.clone(), 0)]
+    );
+    let stored: Vec<_> = all(store.as_ref())
+        .await
+        .into_iter()
+        .map(|m| m.stream)
+        .collect();
+    assert_eq!(stored, vec![first.clone(), first, second]);
+}
+
+pub async fn a_stream_is_read_forward_in_batches(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    store
+        .append(append(&name, ExpectedVersion::NoStream, 7))
+        .await
+        .unwrap();
+    store
+        .append(append(&stream("thing"), ExpectedVersion::NoStream, 3))
+        .await
+        .unwrap();
+
+    let mut read = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = store.read_stream(&name, from, 3).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 3);
+        from = batch.last().unwrap().position + 1;
+        read.extend(batch);
+    }
+    let positions: Vec<_> = read.iter().map(|m| m.position).collect();
+    assert_eq!(positions, (0..7).collect::<Vec<_>>());
+    assert!(read.iter().all(|m| m.stream == name));
+    assert_eq!(store.read_stream(&name, 5, 100).await.unwrap().len(), 2);
+}
+
+pub async fn the_last_message_of_a_stream_is_found(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    assert!(store.last_message(&name).await.unwrap().is_none());
+    store
+        .append(append(&name, ExpectedVersion::NoStream, 4))
+        .await
+        .unwrap();
+
+    let last = store.last_message(&name).await.unwrap().unwrap();
+    assert_eq!(last.position, 3);
+    assert_eq!(last.data, json!({ "n": 3 }));
+}
+
+pub async fn all_messages_are_read_in_batches_in_global_order(harness: &dyn Harness) {
+    let store = harness.store();
+    let mut written = Vec::new();
+    for _ in 0..5 {
+        let appended = append_settled(
+            store.as_ref(),
+            append(&stream("thing"), ExpectedVersion::NoStream, 3),
+        )
+        .await;
+        written.extend(appended.messages.into_iter().map(|m| m.id));
+    }
+
+    let mut read = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = store.read_all(after, 4).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 4);
+        after = batch.last().unwrap().global_position;
+        read.extend(batch);
+    }
+    assert!(
+        read.windows(2)
+            .all(|pair| pair[0].global_position < pair[1].global_position)
+    );
+    let ids: Vec<_> = read.iter().map(|m| m.id).collect();
+    assert_eq!(ids, written);
+}
+
+pub async fn a_category_read_returns_only_that_category(harness: &dyn Harness) {
+    let store = harness.store();
+    let mut things = Vec::new();
+    for n in 0..4 {
+        let appended = append_settled(
+            store.as_ref(),
+            append(&stream("thing"), ExpectedVersion::Any, 1),
+        )
+        .await;
+        things.push(appended.messages[0].id);
+        append_settled(
+            store.as_ref(),
+            append(&stream(&format!("other{n}")), ExpectedVersion::Any, 1),
+        )
+        .await;
+        append_settled(
+            store.as_ref(),
+            append(&stream("thingamajig"), ExpectedVersion::Any, 1),
+        )
+        .await;
+    }
+
+    let first = store.read_category("thing", 0, 3).await.unwrap();
+    let rest = store
+        .read_category("thing", first.last().unwrap().global_position, 3)
+        .await
+        .unwrap();
+    let ids: Vec<_> = first.iter().chain(&rest).map(|m| m.id).collect();
+    assert_eq!(ids, things);
+    assert!(
+        first
+            .iter()
+            .chain(&rest)
+            .all(|m| m.stream.category() == "thing")
+    );
+}
+
+pub async fn the_head_position_and_backlog_follow_appends(harness: &dyn Harness) {
+    let store = harness.store();
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_eq!(store.count_after(0).await.unwrap(), 0);
+
+    let first = append_settled(
+        store.as_ref(),
+        append(&stream("thing"), ExpectedVersion::Any, 2),
+    )
+    .await;
+    let second = append_settled(
+        store.as_ref(),
+        append(&stream("thing"), ExpectedVersion::Any, 3),
+    )
+    .await;
+
+    assert_eq!(
+        store.head_position().await.unwrap(),
+        second.last_global_position()
+    );
+    assert_eq!(store.count_after(0).await.unwrap(), 5);
+    assert_eq!(
+        store
+            .count_after(first.last_global_position())
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+pub async fn invalid_appends_are_refused_before_writing(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("thing");
+    let empty = store.append(append(&name, ExpectedVersion::Any, 0)).await;
+    assert!(matches!(empty, Err(AppendError::Invalid(_))), "{empty:?}");
+
+    let twice = message(1);
+    let repeated = store
+        .append(vec![StreamAppend::new(
+            name.clone(),
+            ExpectedVersion::Any,
+            vec![twice.clone(), twice],
+        )])
+        .await;
+    assert!(
+        matches!(repeated, Err(AppendError::Invalid(_))),
+        "{repeated:?}"
+    );
+
+    let same_stream_twice = store
+        .append(vec![
+            StreamAppend::new(name.clone(), ExpectedVersion::Any, vec![message(1)]),
+            StreamAppend::new(name.clone(), ExpectedVersion::Any, vec![message(2)]),
+        ])
+        .await;
+    assert!(
+        matches!(same_stream_twice, Err(AppendError::Invalid(_))),
+        "{same_stream_twice:?}"
+    );
+
+    let too_many = store
+        .append(append(
+            &name,
+            ExpectedVersion::Any,
+            message_store::MAX_MESSAGES_PER_APPEND as u64 + 1,
+        ))
+        .await;
+    assert!(
+        matches!(too_many, Err(AppendError::Invalid(_))),
+        "{too_many:?}"
+    );
+
+    assert!(StreamName::parse("-no-category").is_err());
+    assert!(StreamName::parse("").is_err());
+    assert!(StreamName::parse("x".repeat(301)).is_err());
+    assert!(all(store.as_ref()).await.is_empty());
+}
+
+pub async fn concurrent_appends_to_one_stream_with_any_version_all_land(harness: &dyn Harness) {
+    let store = harness.store();
+    let name = stream("shared");
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let store = store.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                for n in 0..20 {
+                    store
+                        .append(vec![StreamAppend::new(
+                            name.clone(),
+                            ExpectedVersion::Any,
+                            vec![message(writer * 100 + n)],
+                        )])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let stored = store.read_stream(&name, 0, 1000).await.unwrap();
+    let positions: Vec<_> = stored.iter().map(|m| m.position).collect();
+    assert_eq!(positions, (0..160).collect::<Vec<_>>());
+}
+
+pub async fn a_subscriber_is_woken_by_an_append(harness: &dyn Harness) {
+    let store = harness.store();
+    let mut subscription = store.subscribe();
+    // The first wake-up may be the listener announcing it is connected: consume it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), subscription.next()).await;
+
+    store
+        .append(append(&stream("thing"), ExpectedVersion::Any, 1))
+        .await
+        .unwrap();
+
+    let wake = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("no wake-up within 10 s of an append");
+    assert_eq!(wake, Wake::Signalled);
+}
+
+pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &dyn Harness) {
+    let store = harness.store();
+    let mut subscription = store.subscribe();
+    let _ = tokio::time::timeout(Duration::from_millis(500), subscription.next()).await;
+
+    harness.drop_connections().await;
+    // Drain the wake-ups that announce the reconnection itself.
+    while tokio::time::timeout(Duration::from_millis(1500), subscription.next())
+        .await
+        .is_ok()
+    {}
+
+    store
+        .append(append(&stream("thing"), ExpectedVersion::Any, 1))
+        .await
+        .unwrap();
+
+    let wake = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("no wake-up within 10 s of an append after a reconnect");
+    assert_eq!(wake, Wake::Signalled);
+}
