@@ -1,0 +1,118 @@
+//! `append`: the message store's append rate against plain INSERTs into an identical table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use message_store::{
+    ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
+};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use test_support::TestDatabase;
+use uuid::Uuid;
+
+use crate::report::{median, rate};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Seconds per round; rounds alternate between the baseline and the store.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let database = TestDatabase::new().await;
+    let pool = database
+        .pool_with(PgPoolOptions::new().max_connections(options.writers as u32 + 2))
+        .await;
+    PostgresMessageStore::migrate(&pool).await?;
+    // The baseline table is the store's own, copied with every index and default.
+    sqlx::query("CREATE TABLE plain_messages (LIKE messages INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("CREATE SEQUENCE plain_positions")
+        .execute(&pool)
+        .await?;
+
+    // The subscription machinery runs throughout: the notifier inside the store and a listener.
+    let store = Arc::new(PostgresMessageStore::new(
+        pool.clone(),
+        Duration::from_secs(1),
+    ));
+    let mut subscription = store.subscribe();
+    let listener = tokio::spawn(async move {
+        loop {
+            subscription.next().await;
+        }
+    });
+
+    let duration = Duration::from_secs(options.seconds);
+    let (mut plain_rates, mut store_rates) = (Vec::new(), Vec::new());
+    for round in 1..=options.rounds {
+        let pool = pool.clone();
+        let plain = rate(options.writers, duration, move |_, _| {
+            let pool = pool.clone();
+            async move {
+                let stream = format!("bench-{}", Uuid::new_v4());
+                sqlx::query(
+                    "INSERT INTO plain_messages \
+                     (global_position, id, stream_name, category, position, type, data, metadata) \
+                     VALUES (nextval('plain_positions'), $1, $2, 'bench', 0, 'Benchmarked', $3, $4)",
+                )
+                .bind(Uuid::now_v7())
+                .bind(stream)
+                .bind(json!({ "email": "someone@example.com", "status": "active" }))
+                .bind(json!({ "correlation_id": Uuid::new_v4() }))
+                .execute(&pool)
+                .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let store_for_round = store.clone();
+        let appended = rate(options.writers, duration, move |_, _| {
+            let store = store_for_round.clone();
+            async move {
+                let stream = StreamName::for_entity("bench", Uuid::new_v4())?;
+                let message = NewMessage::new(
+                    "Benchmarked",
+                    json!({ "email": "someone@example.com", "status": "active" }),
+                )
+                .with_metadata(json!({ "correlation_id": Uuid::new_v4() }));
+                store
+                    .append(vec![StreamAppend::new(
+                        stream,
+                        ExpectedVersion::NoStream,
+                        vec![message],
+                    )])
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        println!("round {round}: plain insert {plain:.0} msg/s, store append {appended:.0} msg/s");
+        plain_rates.push(plain);
+        store_rates.push(appended);
+    }
+    listener.abort();
+
+    let (plain, appended) = (median(plain_rates), median(store_rates));
+    println!(
+        "plain insert: {plain:.0} msg/s ({} writers)",
+        options.writers
+    );
+    println!(
+        "store append: {appended:.0} msg/s ({} writers)",
+        options.writers
+    );
+    println!(
+        "append: {appended:.0} msg/s, {:.2}x plain insert",
+        appended / plain
+    );
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! The user account aggregate: its state, the commands on it and the rules that decide them.
+//!
+//! [`decide`] holds every rule; [`evolve`] only records what the events say. Events are facts
+//! already decided, so `evolve` never refuses one.
+
+use chrono::{DateTime, Utc};
+
+use crate::email::Email;
+use crate::events::{
+    PasswordChanged, PasswordRehashed, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+};
+use crate::password::PasswordHash;
+use crate::values::{AccountStatus, InitialStatus, Role, UserId};
+
+/// A user stream folded into what the rules need: nothing yet, or the registered account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum UserAccount {
+    #[default]
+    NotRegistered,
+    Registered(Account),
+}
+
+/// A registered account as its events left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: UserId,
+    pub email: Email,
+    pub email_normalized: String,
+    pub password_hash: PasswordHash,
+    pub status: AccountStatus,
+    pub roles: Vec<Role>,
+    pub registered_at: DateTime<Utc>,
+}
+
+impl Account {
+    pub fn is_active(&self) -> bool {
+        self.status == AccountStatus::Active
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+impl UserAccount {
+    /// The state after a whole user stream, oldest event first. Folding only the events up to
+    /// an instant gives the account as it stood then.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a UserEvent>) -> Self {
+        events.into_iter().fold(Self::NotRegistered, evolve)
+    }
+
+    pub fn account(&self) -> Option<&Account> {
+        match self {
+            Self::NotRegistered => None,
+            Self::Registered(account) => Some(account),
+        }
+    }
+}
+
+/// Applies one event. An event that cannot apply (anything before `UserRegistered`, or a
+/// second `UserRegistered`) leaves the state as it is: `decide` never produces one, and a reader
+/// must not fail on history it cannot change.
+pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
+    let mut account = match (state, event) {
+        (UserAccount::NotRegistered, UserEvent::UserRegistered(registered)) => {
+            return UserAccount::Registered(Account {
+                id: registered.user_id,
+                email: registered.email.clone(),
+                email_normalized: registered.email_normalized.clone(),
+                password_hash: registered.password_hash.clone(),
+                status: registered.status,
+                roles: registered.roles.clone(),
+                registered_at: registered.registered_at,
+            });
+        }
+        (UserAccount::Registered(account), _) => account,
+        (state @ UserAccount::NotRegistered, _) => return state,
+    };
+    match event {
+        UserEvent::UserRegistered(_) => {}
+        UserEvent::UserActivated(_) => account.status = AccountStatus::Active,
+        UserEvent::UserDeactivated(_) => account.status = AccountStatus::Deactivated,
+        UserEvent::PasswordChanged(PasswordChanged { password_hash, .. })
+        | UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
+            account.password_hash = password_hash.clone();
+        }
+    }
+    UserAccount::Registered(account)
+}
+
+/// What can be asked of a user account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserCommand {
+    Register(Register),
+    Activate,
+    Deactivate,
+    /// A new password chosen by the user. The caller has already checked the current password
+    /// (with a login-style check, so that wrong guesses count towards the lockout).
+    ChangePassword {
+        new_password_hash: PasswordHash,
+    },
+    /// The same password hashed with stronger parameters, after a successful login.
+    RehashPassword {
+        new_password_hash: PasswordHash,
+    },
+}
+
+/// Create an account. The caller chose the id (a client-chosen id makes retries safe), hashed
+/// the password and reserves `email.normalized()` atomically with the `UserRegistered` event:
+/// the uniqueness of emails is decided by the store, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    pub user_id: UserId,
+    pub email: Email,
+    pub password_hash: PasswordHash,
+    pub roles: Vec<Role>,
+    pub initial_status: InitialStatus,
+}
+
+impl From<Register> for UserCommand {
+    fn from(register: Register) -> Self {
+        Self::Register(register)
+    }
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the account is already registered")]
+    AlreadyRegistered,
+    #[error("there is no such account")]
+    NotFound,
+    #[error("the account is deactivated")]
+    AccountInactive,
+}
+
+/// Decides a command against the account's current state; `now` stamps the new events.
+pub fn decide(
+    state: &UserAccount,
+    command: UserCommand,
+    now: DateTime<Utc>,
+) -> Result<Vec<UserEvent>, Refusal> {
+    let account = match state {
+        UserAccount::NotRegistered => {
+            return match command {
+                UserCommand::Register(register) => Ok(vec![register_account(register, now)]),
+                _ => Err(Refusal::NotFound),
+            };
+        }
+        UserAccount::Registered(account) => account,
+    };
+    let status = account.status;
+    match command {
+        UserCommand::Register(_) => Err(Refusal::AlreadyRegistered),
+        // Repeating an operator's click is harmless: already there, nothing to record.
+        UserCommand::Activate if status == AccountStatus::Active => Ok(vec![]),
+        UserCommand::Activate => Ok(vec![UserActivated { at: now }.into()]),
+        UserCommand::Deactivate if status == AccountStatus::Deactivated => Ok(vec![]),
+        UserCommand::Deactivate => Ok(vec![UserDeactivated { at: now }.into()]),
+        UserCommand::ChangePassword { .. } if status == AccountStatus::Deactivated => {
+            Err(Refusal::AccountInactive)
+        }
+        UserCommand::ChangePassword { new_password_hash } => Ok(vec![
+            PasswordChanged {
+                password_hash: new_password_hash,
+                at: now,
+            }
+            .into(),
+        ]),
+        // No status rule: a rehash follows a login that was just granted, and if an operator
+        // deactivated the account in between, a stronger hash of the same password does no harm.
+        UserCommand::RehashPassword { new_password_hash } => Ok(vec![
+            PasswordRehashed {
+                password_hash: new_password_hash,
+                at: now,
+            }
+            .into(),
+        ]),
+    }
+}
+
+fn register_account(register: Register, now: DateTime<Utc>) -> UserEvent {
+    let Register {
+        user_id,
+        email,
+        password_hash,
+        mut roles,
+        initial_status,
+    } = register;
+    roles.sort();
+    roles.dedup();
+    UserRegistered {
+        user_id,
+        email_normalized: email.normalized().to_owned(),
+        email,
+        password_hash,
+        status: initial_status.into(),
+        roles,
+        registered_at: now,
+    }
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::given::{given, hash, registered, t0, user};
+
+    fn change_password(hash_name: &str) -> UserCommand {
+        UserCommand::ChangePassword {
+            new_password_hash: hash(hash_name),
+        }
+    }
+
+    #[test]
+    fn registering_a_new_account_records_who_it_is_and_its_email_key() {
+        given([])
+            .when(
+                Register {
+                    user_id: user(),
+                    email: Email::parse("Ann@Example.com").unwrap(),
+                    password_hash: hash("first"),
+                    roles: vec![Role::User],
+                    initial_status: InitialStatus::Active,
+                }
+                .into(),
+                t0(),
+            )
+            .then([UserRegistered {
+                user_id: user(),
+                email: Email::parse("Ann@Example.com").unwrap(),
+                email_normalized: "ann@example.com".into(),
+                password_hash: hash("first"),
+                status: AccountStatus::Active,
+                roles: vec![Role::User],
+                registered_at: t0(),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn registering_an_account_that_already_exists_is_refused() {
+        given([registered(AccountStatus::Pending)])
+            .when(
+                Register {
+                    user_id: user(),
+                    email: Email::parse("other@example.com").unwrap(),
+                    password_hash: hash("other"),
+                    roles: vec![Role::User],
+                    initial_status: InitialStatus::Pending,
+                }
+                .into(),
+                t0(),
+            )
+            .then_refused(Refusal::AlreadyRegistered);
+    }
+
+    #[test]
+    fn roles_given_twice_are_recorded_once() {
+        let events = decide(
+            &UserAccount::NotRegistered,
+            Register {
+                user_id: user(),
+                email: Email::parse("ann@example.com").unwrap(),
+                password_hash: hash("first"),
+                roles: vec![Role::Admin, Role::User, Role::Admin],
+                initial_status: InitialStatus::Active,
+            }
+            .into(),
+            t0(),
+        )
+        .unwrap();
+        let UserAccount::Registered(account) = UserAccount::fold(&events) else {
+            panic!("not registered: {events:?}");
+        };
+        assert_eq!(account.roles, vec![Role::User, Role::Admin]);
+    }
+
+    #[test]
+    fn every_command_on_an_account_that_does_not_exist_is_refused_as_not_found() {
+        for command in [
+            UserCommand::Activate,
+            UserCommand::Deactivate,
+            change_password("new"),
+            UserCommand::RehashPassword {
+                new_password_hash: hash("new"),
+            },
+        ] {
+            given([])
+                .when(command, t0())
+                .then_refused(Refusal::NotFound);
+        }
+    }
+
+    #[test]
+    fn activating_a_pending_account_records_its_activation() {
+        let later = t0() + TimeDelta::hours(1);
+        given([registered(AccountStatus::Pending)])
+            .when(UserCommand::Activate, later)
+            .then([UserActivated { at: later }.into()]);
+    }
+
+    #[test]
+    fn activating_an_active_account_changes_nothing() {
+        given([registered(AccountStatus::Active)])
+            .when(UserCommand::Activate, t0())
+            .then([]);
+    }
+
+    #[test]
+    fn deactivating_an_active_account_records_its_deactivation() {
+        given([registered(AccountStatus::Active)])
+            .when(UserCommand::Deactivate, t0())
+            .then([UserDeactivated { at: t0() }.into()]);
+    }
+
+    #[test]
+    fn a_pending_account_can_be_deactivated() {
+        given([registered(AccountStatus::Pending)])
+            .when(UserCommand::Deactivate, t0())
+            .then([UserDeactivated { at: t0() }.into()]);
+    }
+
+    #[test]
+    fn deactivating_a_deactivated_account_changes_nothing() {
+        given([
+            registered(AccountStatus::Active),
+            UserDeactivated { at: t0() }.into(),
+        ])
+        .when(UserCommand::Deactivate, t0())
+        .then([]);
+    }
+
+    #[test]
+    fn a_deactivated_account_can_be_activated_again() {
+        given([
+            registered(AccountStatus::Active),
+            UserDeactivated { at: t0() }.into(),
+        ])
+        .when(UserCommand::Activate, t0())
+        .then([UserActivated { at: t0() }.into()]);
+    }
+
+    #[test]
+    fn changing_the_password_records_the_new_hash() {
+        given([registered(AccountStatus::Active)])
+            .when(change_password("second"), t0())
+            .then([PasswordChanged {
+                password_hash: hash("second"),
+                at: t0(),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn changing_the_password_of_a_deactivated_account_is_refused() {
+        given([
+            registered(AccountStatus::Active),
+            UserDeactivated { at: t0() }.into(),
+        ])
+        .when(change_password("second"), t0())
+        .then_refused(Refusal::AccountInactive);
+    }
+
+    #[test]
+    fn rehashing_the_password_records_the_stronger_hash() {
+        given([registered(AccountStatus::Active)])
+            .when(
+                UserCommand::RehashPassword {
+                    new_password_hash: hash("stronger"),
+                },
+                t0(),
+            )
+            .then([PasswordRehashed {
+                password_hash: hash("stronger"),
+                at: t0(),
+            }
+            .into()]);
+    }
+
+    #[test]
+    fn folding_a_history_gives_the_account_as_its_last_events_left_it() {
+        let history = [
+            registered(AccountStatus::Pending),
+            UserActivated { at: t0() }.into(),
+            PasswordChanged {
+                password_hash: hash("second"),
+                at: t0(),
+            }
+            .into(),
+            PasswordRehashed {
+                password_hash: hash("third"),
+                at: t0(),
+            }
+            .into(),
+            UserDeactivated { at: t0() }.into(),
+        ];
+        let account = UserAccount::fold(&history);
+        let account = account.account().unwrap();
+        assert_eq!(account.status, AccountStatus::Deactivated);
+        assert_eq!(account.password_hash, hash("third"));
+        assert_eq!(account.email_normalized, "ann@example.com");
+        assert!(!account.is_active());
+        assert!(account.has_role(Role::User));
+    }
+
+    #[test]
+    fn folding_only_the_earlier_events_gives_the_account_as_it_stood_then() {
+        let history = [
+            registered(AccountStatus::Pending),
+            UserActivated { at: t0() }.into(),
+        ];
+        let then = UserAccount::fold(&history[..1]);
+        assert_eq!(then.account().unwrap().status, AccountStatus::Pending);
+    }
+
+    #[test]
+    fn events_that_cannot_apply_leave_the_state_unchanged() {
+        let before_registration = UserAccount::fold(&[UserActivated { at: t0() }.into()]);
+        assert_eq!(before_registration, UserAccount::NotRegistered);
+
+        let once = UserAccount::fold(&[registered(AccountStatus::Pending)]);
+        let twice = evolve(once.clone(), &registered(AccountStatus::Active));
+        assert_eq!(twice, once);
+    }
+}

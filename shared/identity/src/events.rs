@@ -1,0 +1,509 @@
+//! The events of the user and login streams: a public contract that every later build must read.
+//!
+//! Each event is a struct with a stable type name and a version ([`EventData`]); the stream
+//! enums [`UserEvent`] and [`LoginEvent`] wrap them. The store keeps the type name, the version
+//! (in the metadata, see [`crate::streams`]) and the JSON of the struct, untagged.
+//!
+//! Changing an event: never edit what a version means. Bump `VERSION`, keep the old struct
+//! (in a `v1` module, say) with a conversion to the new one, and add an upcasting arm to
+//! `from_stored` next to the comment that shows where. The golden fixtures in
+//! `tests/fixtures/` fail until the old version is still read.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::email::Email;
+use crate::password::PasswordHash;
+use crate::values::{AccountStatus, Role, UserId};
+
+/// The data of one kind of event: its stored type name and its current version.
+pub trait EventData: Serialize + DeserializeOwned {
+    /// The type name in the store. Never change it: stored events carry it forever.
+    const TYPE: &'static str;
+    /// The version this build writes.
+    const VERSION: u32;
+}
+
+/// Why a stored event could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventDecodeError {
+    /// Not an event of this stream's enum. A projection that does not know a type skips it.
+    #[error("unknown event type {event_type:?}")]
+    UnknownType { event_type: String },
+    /// A known type at a version this build cannot read: written by a newer build, or an
+    /// upcaster is missing. Do not skip it, that would silently lose the event.
+    #[error("{event_type} version {version} is not a version this build can read")]
+    UnsupportedVersion { event_type: String, version: u32 },
+    /// A known type and version whose data does not have the expected shape.
+    #[error("cannot read {event_type} version {version}: {reason}")]
+    Malformed {
+        event_type: String,
+        version: u32,
+        reason: String,
+    },
+    /// The version in the metadata is not a positive whole number.
+    #[error("the event version in the metadata is not a positive 32-bit number: {found}")]
+    InvalidVersion { found: String },
+}
+
+// ---------------------------------------------------------------------------------------------
+// The user stream, `user-<id>`.
+
+/// An account was created. It is the first event of every user stream.
+///
+/// `email_normalized` is stored although it can be computed from `email`: the key an account
+/// was reserved under must not move if the normalisation rules ever change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    pub user_id: UserId,
+    pub email: Email,
+    pub email_normalized: String,
+    pub password_hash: PasswordHash,
+    /// `pending` or `active`; never `deactivated`.
+    pub status: AccountStatus,
+    pub roles: Vec<Role>,
+    pub registered_at: DateTime<Utc>,
+}
+
+impl EventData for UserRegistered {
+    const TYPE: &'static str = "UserRegistered";
+    const VERSION: u32 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserActivated {
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for UserActivated {
+    const TYPE: &'static str = "UserActivated";
+    const VERSION: u32 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDeactivated {
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for UserDeactivated {
+    const TYPE: &'static str = "UserDeactivated";
+    const VERSION: u32 = 1;
+}
+
+/// The user chose a new password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordChanged {
+    pub password_hash: PasswordHash,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for PasswordChanged {
+    const TYPE: &'static str = "PasswordChanged";
+    const VERSION: u32 = 1;
+}
+
+/// The same password, hashed again with stronger parameters after a successful login. Separate
+/// from [`PasswordChanged`] because the user did nothing: a history view should not say they did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordRehashed {
+    pub password_hash: PasswordHash,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for PasswordRehashed {
+    const TYPE: &'static str = "PasswordRehashed";
+    const VERSION: u32 = 1;
+}
+
+/// Everything that can happen in a user stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserEvent {
+    UserRegistered(UserRegistered),
+    UserActivated(UserActivated),
+    UserDeactivated(UserDeactivated),
+    PasswordChanged(PasswordChanged),
+    PasswordRehashed(PasswordRehashed),
+}
+
+impl UserEvent {
+    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
+    pub const TYPES: &'static [&'static str] = &[
+        UserRegistered::TYPE,
+        UserActivated::TYPE,
+        UserDeactivated::TYPE,
+        PasswordChanged::TYPE,
+        PasswordRehashed::TYPE,
+    ];
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Self::UserRegistered(_) => UserRegistered::TYPE,
+            Self::UserActivated(_) => UserActivated::TYPE,
+            Self::UserDeactivated(_) => UserDeactivated::TYPE,
+            Self::PasswordChanged(_) => PasswordChanged::TYPE,
+            Self::PasswordRehashed(_) => PasswordRehashed::TYPE,
+        }
+    }
+
+    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
+    pub fn version(&self) -> u32 {
+        match self {
+            Self::UserRegistered(_) => UserRegistered::VERSION,
+            Self::UserActivated(_) => UserActivated::VERSION,
+            Self::UserDeactivated(_) => UserDeactivated::VERSION,
+            Self::PasswordChanged(_) => PasswordChanged::VERSION,
+            Self::PasswordRehashed(_) => PasswordRehashed::VERSION,
+        }
+    }
+
+    /// When it happened, by the clock of the command that decided it.
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::UserRegistered(e) => e.registered_at,
+            Self::UserActivated(e) => e.at,
+            Self::UserDeactivated(e) => e.at,
+            Self::PasswordChanged(e) => e.at,
+            Self::PasswordRehashed(e) => e.at,
+        }
+    }
+
+    /// The event's data as stored: the struct's fields, without a type tag.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::UserRegistered(e) => encode(e),
+            Self::UserActivated(e) => encode(e),
+            Self::UserDeactivated(e) => encode(e),
+            Self::PasswordChanged(e) => encode(e),
+            Self::PasswordRehashed(e) => encode(e),
+        }
+    }
+
+    /// Reads a stored event of any version this build knows, upcasting old versions.
+    pub fn from_stored(
+        event_type: &str,
+        version: u32,
+        data: &Value,
+    ) -> Result<Self, EventDecodeError> {
+        match (event_type, version) {
+            (UserRegistered::TYPE, UserRegistered::VERSION) => {
+                decode(event_type, version, data).map(Self::UserRegistered)
+            }
+            (UserActivated::TYPE, UserActivated::VERSION) => {
+                decode(event_type, version, data).map(Self::UserActivated)
+            }
+            (UserDeactivated::TYPE, UserDeactivated::VERSION) => {
+                decode(event_type, version, data).map(Self::UserDeactivated)
+            }
+            (PasswordChanged::TYPE, PasswordChanged::VERSION) => {
+                decode(event_type, version, data).map(Self::PasswordChanged)
+            }
+            (PasswordRehashed::TYPE, PasswordRehashed::VERSION) => {
+                decode(event_type, version, data).map(Self::PasswordRehashed)
+            }
+            // Older versions are upcast here, one arm per type and old version. For example,
+            // once `UserRegistered::VERSION` is 2:
+            // (UserRegistered::TYPE, 1) => decode::<v1::UserRegistered>(event_type, version, data)
+            //     .map(|old| Self::UserRegistered(old.into())),
+            _ => Err(not_readable(Self::TYPES, event_type, version)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The login stream, `userLogin-<id>`.
+//
+// Every login event carries the login state that results from it, so deciding the next login
+// needs the last event only, never a fold of the whole history (see `LoginState::from_last`).
+
+/// A login was granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginSucceeded {
+    pub at: DateTime<Utc>,
+    /// Successful logins so far, this one included.
+    pub login_count: u64,
+}
+
+impl EventData for LoginSucceeded {
+    const TYPE: &'static str = "LoginSucceeded";
+    const VERSION: u32 = 1;
+}
+
+/// A login with a wrong password. Attempts on a locked or inactive account record nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginFailed {
+    pub at: DateTime<Utc>,
+    /// Failures since the last successful login, this one included.
+    pub failed_in_a_row: u32,
+    /// Set when this failure locked the account: no login before then.
+    pub locked_until: Option<DateTime<Utc>>,
+    /// Successful logins so far (unchanged by a failure).
+    pub login_count: u64,
+}
+
+impl EventData for LoginFailed {
+    const TYPE: &'static str = "LoginFailed";
+    const VERSION: u32 = 1;
+}
+
+/// Everything that can happen in a login stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginEvent {
+    LoginSucceeded(LoginSucceeded),
+    LoginFailed(LoginFailed),
+}
+
+impl LoginEvent {
+    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
+    pub const TYPES: &'static [&'static str] = &[LoginSucceeded::TYPE, LoginFailed::TYPE];
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Self::LoginSucceeded(_) => LoginSucceeded::TYPE,
+            Self::LoginFailed(_) => LoginFailed::TYPE,
+        }
+    }
+
+    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
+    pub fn version(&self) -> u32 {
+        match self {
+            Self::LoginSucceeded(_) => LoginSucceeded::VERSION,
+            Self::LoginFailed(_) => LoginFailed::VERSION,
+        }
+    }
+
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::LoginSucceeded(e) => e.at,
+            Self::LoginFailed(e) => e.at,
+        }
+    }
+
+    /// The event's data as stored: the struct's fields, without a type tag.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::LoginSucceeded(e) => encode(e),
+            Self::LoginFailed(e) => encode(e),
+        }
+    }
+
+    /// Reads a stored event of any version this build knows, upcasting old versions.
+    pub fn from_stored(
+        event_type: &str,
+        version: u32,
+        data: &Value,
+    ) -> Result<Self, EventDecodeError> {
+        match (event_type, version) {
+            (LoginSucceeded::TYPE, LoginSucceeded::VERSION) => {
+                decode(event_type, version, data).map(Self::LoginSucceeded)
+            }
+            (LoginFailed::TYPE, LoginFailed::VERSION) => {
+                decode(event_type, version, data).map(Self::LoginFailed)
+            }
+            // Older versions are upcast here, as in `UserEvent::from_stored`.
+            _ => Err(not_readable(Self::TYPES, event_type, version)),
+        }
+    }
+}
+
+macro_rules! into_stream_event {
+    ($stream:ident: $($event:ident),+) => {
+        $(impl From<$event> for $stream {
+            fn from(event: $event) -> Self {
+                Self::$event(event)
+            }
+        })+
+    };
+}
+
+into_stream_event!(UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed);
+into_stream_event!(LoginEvent: LoginSucceeded, LoginFailed);
+
+fn encode<T: EventData>(event: &T) -> Value {
+    match serde_json::to_value(event) {
+        Ok(value) => value,
+        // Serializing to a `Value` fails only for maps with non-string keys or for a failing
+        // `Serialize` impl; events are plain structs of strings, numbers and lists. The golden
+        // fixtures exercise every event type.
+        Err(error) => unreachable!("{} cannot fail to serialize: {error}", T::TYPE),
+    }
+}
+
+fn decode<T: EventData>(
+    event_type: &str,
+    version: u32,
+    data: &Value,
+) -> Result<T, EventDecodeError> {
+    T::deserialize(data).map_err(|error| EventDecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        version,
+        reason: error.to_string(),
+    })
+}
+
+fn not_readable(known: &[&str], event_type: &str, version: u32) -> EventDecodeError {
+    if known.contains(&event_type) {
+        EventDecodeError::UnsupportedVersion {
+            event_type: event_type.to_owned(),
+            version,
+        }
+    } else {
+        EventDecodeError::UnknownType {
+            event_type: event_type.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn at() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 3, 14, 9, 26, 53).unwrap()
+    }
+
+    fn hash() -> PasswordHash {
+        PasswordHash::parse("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo").unwrap()
+    }
+
+    /// One of each user event. The match makes a new variant fail to compile here, so it is
+    /// added to the samples (and so to the checks below) too.
+    fn user_samples() -> Vec<UserEvent> {
+        let samples = vec![
+            UserEvent::from(UserRegistered {
+                user_id: UserId::from_uuid(Uuid::from_u128(1)),
+                email: Email::parse("Ann@Example.com").unwrap(),
+                email_normalized: "ann@example.com".into(),
+                password_hash: hash(),
+                status: AccountStatus::Pending,
+                roles: vec![Role::User],
+                registered_at: at(),
+            }),
+            UserActivated { at: at() }.into(),
+            UserDeactivated { at: at() }.into(),
+            PasswordChanged {
+                password_hash: hash(),
+                at: at(),
+            }
+            .into(),
+            PasswordRehashed {
+                password_hash: hash(),
+                at: at(),
+            }
+            .into(),
+        ];
+        for sample in &samples {
+            match sample {
+                UserEvent::UserRegistered(_)
+                | UserEvent::UserActivated(_)
+                | UserEvent::UserDeactivated(_)
+                | UserEvent::PasswordChanged(_)
+                | UserEvent::PasswordRehashed(_) => {}
+            }
+        }
+        samples
+    }
+
+    fn login_samples() -> Vec<LoginEvent> {
+        vec![
+            LoginSucceeded {
+                at: at(),
+                login_count: 3,
+            }
+            .into(),
+            LoginFailed {
+                at: at(),
+                failed_in_a_row: 5,
+                locked_until: Some(at()),
+                login_count: 3,
+            }
+            .into(),
+        ]
+    }
+
+    #[test]
+    fn every_user_event_round_trips_through_its_stored_form() {
+        for event in user_samples() {
+            let decoded =
+                UserEvent::from_stored(event.event_type(), event.version(), &event.to_json());
+            assert_eq!(decoded, Ok(event));
+        }
+    }
+
+    #[test]
+    fn every_login_event_round_trips_through_its_stored_form() {
+        for event in login_samples() {
+            let decoded =
+                LoginEvent::from_stored(event.event_type(), event.version(), &event.to_json());
+            assert_eq!(decoded, Ok(event));
+        }
+    }
+
+    #[test]
+    fn the_type_lists_name_every_variant_exactly_once() {
+        let user_types: Vec<_> = user_samples().iter().map(UserEvent::event_type).collect();
+        assert_eq!(user_types, UserEvent::TYPES);
+        let login_types: Vec<_> = login_samples().iter().map(LoginEvent::event_type).collect();
+        assert_eq!(login_types, LoginEvent::TYPES);
+    }
+
+    #[test]
+    fn stored_data_carries_no_type_tag() {
+        let data = UserEvent::from(UserActivated { at: at() }).to_json();
+        assert_eq!(data, json!({ "at": "2025-03-14T09:26:53Z" }));
+    }
+
+    #[test]
+    fn an_unknown_type_is_told_apart_from_a_malformed_known_one() {
+        assert_eq!(
+            UserEvent::from_stored("UserRenamed", 1, &json!({})),
+            Err(EventDecodeError::UnknownType {
+                event_type: "UserRenamed".into()
+            })
+        );
+        assert!(matches!(
+            UserEvent::from_stored("UserActivated", 1, &json!({ "at": "yesterday" })),
+            Err(EventDecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            LoginEvent::from_stored("LoginFailed", 1, &json!({ "at": "2025-03-14T09:26:53Z" })),
+            Err(EventDecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_login_event_is_unknown_to_the_user_stream_and_the_other_way_round() {
+        assert!(matches!(
+            UserEvent::from_stored("LoginSucceeded", 1, &json!({})),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
+        assert!(matches!(
+            LoginEvent::from_stored("UserActivated", 1, &json!({})),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
+    }
+
+    #[test]
+    fn a_version_this_build_does_not_know_is_not_mistaken_for_an_unknown_type() {
+        assert_eq!(
+            UserEvent::from_stored("UserActivated", 2, &json!({ "at": "2025-03-14T09:26:53Z" })),
+            Err(EventDecodeError::UnsupportedVersion {
+                event_type: "UserActivated".into(),
+                version: 2
+            })
+        );
+    }
+
+    #[test]
+    fn debug_output_of_an_event_never_shows_the_password_hash() {
+        for event in user_samples() {
+            let debug = format!("{event:?}");
+            assert!(!debug.contains("argon2id"), "{debug}");
+        }
+    }
+}

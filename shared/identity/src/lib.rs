@@ -1,0 +1,39 @@
+//! The identity domain: accounts, logins and their events, as pure decisions.
+//!
+//! No I/O, no async, no clock and no randomness: a command, the current state (folded from past
+//! events) and `now` go in; new events or a typed refusal come out. The command API stores what
+//! comes out, the aggregator projects it, and both read events back through
+//! [`UserEvent::from_stored`] and [`LoginEvent::from_stored`].
+//!
+//! - [`values`], [`email`], [`password`]: value objects that are valid once they exist.
+//! - [`events`]: the stored contract, with versions and upcasting.
+//! - [`streams`]: stream names and where the event version is kept.
+//! - [`account`]: the user aggregate, [`decide`] and [`evolve`].
+//! - [`login`]: deciding a login from the last login event, with lockout.
+
+#![forbid(unsafe_code)]
+
+pub mod account;
+pub mod email;
+pub mod events;
+pub mod login;
+pub mod password;
+pub mod streams;
+pub mod values;
+
+#[cfg(test)]
+mod given;
+
+pub use account::{Account, Refusal, Register, UserAccount, UserCommand, decide, evolve};
+pub use email::{Email, EmailError};
+pub use events::{
+    EventData, EventDecodeError, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged,
+    PasswordRehashed, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+};
+pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
+pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
+pub use streams::{
+    EVENT_VERSION_KEY, LOGIN_CATEGORY, USER_CATEGORY, event_version, login_stream_name,
+    user_id_of_stream, user_stream_name,
+};
+pub use values::{AccountStatus, InitialStatus, Role, UserId};

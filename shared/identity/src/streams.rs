@@ -1,0 +1,96 @@
+//! Where the domain's events live in the message store: stream names and the version metadata.
+//!
+//! The domain knows no store, so these are plain strings; the store's own `StreamName::parse`
+//! accepts every name made here.
+
+use serde_json::Value;
+
+use crate::events::EventDecodeError;
+use crate::values::UserId;
+
+/// The category of the user streams, `user-<id>`: registration, status and password changes.
+pub const USER_CATEGORY: &str = "user";
+
+/// The category of the login streams, `userLogin-<id>`.
+///
+/// Kept apart from the user stream so that logging in never makes the user stream longer: a
+/// decision on an account costs the same after 10,000 logins as after none, and login history
+/// can be trimmed without touching the account's history.
+pub const LOGIN_CATEGORY: &str = "userLogin";
+
+/// The metadata key that holds an event's version; an event without it is version 1.
+///
+/// The message store has no version column, so the version travels in the metadata next to
+/// correlation and causation ids (Eventide calls the same thing `schemaVersion`).
+pub const EVENT_VERSION_KEY: &str = "schemaVersion";
+
+/// `user-<id>`.
+pub fn user_stream_name(id: UserId) -> String {
+    format!("{USER_CATEGORY}-{id}")
+}
+
+/// `userLogin-<id>`.
+pub fn login_stream_name(id: UserId) -> String {
+    format!("{LOGIN_CATEGORY}-{id}")
+}
+
+/// The user id in a `user-<id>` or `userLogin-<id>` stream name. Login events do not repeat the
+/// id in their data: the stream says whose they are.
+pub fn user_id_of_stream(stream_name: &str) -> Option<UserId> {
+    let (category, id) = stream_name.split_once('-')?;
+    if category == USER_CATEGORY || category == LOGIN_CATEGORY {
+        id.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// The version an event was written with, read from its metadata (absent means 1).
+pub fn event_version(metadata: &Value) -> Result<u32, EventDecodeError> {
+    match metadata.get(EVENT_VERSION_KEY) {
+        None => Ok(1),
+        Some(found) => found
+            .as_u64()
+            .and_then(|version| u32::try_from(version).ok())
+            .filter(|version| *version > 0)
+            .ok_or_else(|| EventDecodeError::InvalidVersion {
+                found: found.to_string(),
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[test]
+    fn stream_names_put_the_category_before_the_user_id() {
+        let id = UserId::from_uuid(Uuid::from_u128(7));
+        assert_eq!(
+            user_stream_name(id),
+            "user-00000000-0000-0000-0000-000000000007"
+        );
+        assert_eq!(
+            login_stream_name(id),
+            "userLogin-00000000-0000-0000-0000-000000000007"
+        );
+        assert_eq!(user_id_of_stream(&user_stream_name(id)), Some(id));
+        assert_eq!(user_id_of_stream(&login_stream_name(id)), Some(id));
+        assert_eq!(
+            user_id_of_stream("other-00000000-0000-0000-0000-000000000007"),
+            None
+        );
+        assert_eq!(user_id_of_stream("user-not-a-uuid"), None);
+    }
+
+    #[test]
+    fn an_event_without_a_version_in_its_metadata_is_version_one() {
+        assert_eq!(event_version(&json!({})), Ok(1));
+        assert_eq!(event_version(&json!({ "schemaVersion": 3 })), Ok(3));
+        assert!(event_version(&json!({ "schemaVersion": "2" })).is_err());
+        assert!(event_version(&json!({ "schemaVersion": 0 })).is_err());
+    }
+}
