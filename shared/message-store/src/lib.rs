@@ -73,11 +73,77 @@ pub trait MessageStore: Send + Sync + 'static {
     /// How many messages a reader can see after `after`: the backlog of a consumer at `after`.
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError>;
 
+    /// Deletes the messages of `category` written before `older_than`, except the last message
+    /// of each stream, and returns how many it deleted. For categories whose every message
+    /// carries its stream's whole state (login history): they need a retention bound, and the
+    /// last message is what later decisions and rebuilds read.
+    async fn prune_category(
+        &self,
+        category: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError>;
+
     /// A stream of wake-ups for consumers that tail the store.
     fn subscribe(&self) -> Subscription;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// How to open a store from a URL.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub max_connections: u32,
+    /// How long a subscriber waits for a wake-up before it looks anyway.
+    pub poll_interval: std::time::Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            poll_interval: std::time::Duration::from_millis(500),
+        }
+    }
+}
+
+/// Opens the store at `url`: `postgres://...` (or `postgresql://`) or `sqlite://path` (the
+/// file is created on first use). Applies the store's migrations first, which is a no-op when
+/// they are applied already.
+pub async fn connect(
+    url: &str,
+    options: ConnectOptions,
+) -> Result<std::sync::Arc<dyn MessageStore>, StoreError> {
+    if url.starts_with("sqlite:") {
+        let store = SqliteMessageStore::open_url(url, options.poll_interval).await?;
+        return Ok(std::sync::Arc::new(store));
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await?;
+    PostgresMessageStore::migrate(&pool).await?;
+    Ok(std::sync::Arc::new(PostgresMessageStore::new(
+        pool,
+        options.poll_interval,
+    )))
+}
+
+/// Applies the store's migrations to the database at `url` and returns: what a deployment's
+/// migration Job runs. Applying them twice changes nothing.
+pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    if url.starts_with("sqlite:") {
+        SqliteMessageStore::open_url(url, std::time::Duration::from_secs(1)).await?;
+        return Ok(());
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await?;
+    PostgresMessageStore::migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
 }
 
 /// Why an append was not written.

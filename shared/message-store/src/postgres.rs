@@ -1,9 +1,12 @@
 //! The PostgreSQL adapter: the store for deployments.
 //!
-//! Appends are one call of the `append_messages` function (one round trip, one transaction).
-//! Readers of the global order stop at the transaction horizon (docs/adr/0002). Wake-ups are
-//! sent after commit by a background notifier, never inside the append transaction: a NOTIFY
-//! takes a cluster-wide lock at commit and would serialise every writer (docs/adr/0003).
+//! An append is first tried as one INSERT statement in its own transaction, with no lock: the
+//! unique indexes on the message id and on (stream, position) catch every conflict. Only when
+//! that fails does the adapter find out why, under a per-stream lock, and answer precisely (a
+//! version conflict, a reused id, an idempotent retry) or write (docs/adr/0004). Readers of the
+//! global order stop at the transaction horizon (docs/adr/0002). Wake-ups are sent after commit
+//! by a background notifier, never inside the append transaction: a NOTIFY takes a
+//! cluster-wide lock at commit and would serialise every writer (docs/adr/0003).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::Row;
-use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgRow};
 use sqlx::types::Json;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -27,9 +30,45 @@ use crate::{
 /// stores in different databases of one server do not wake each other.
 const CHANNEL: &str = "message_store";
 
-/// How often an append that lost a race on a stream position or an id is tried again before
-/// the conflict is reported.
+/// How often an append that keeps losing races on a stream position is tried again under the
+/// stream lock before the store gives up. Writers that do not take the lock (the first,
+/// lock-free attempt of other appends) are the only ones that can still win such a race.
 const APPEND_ATTEMPTS: usize = 10;
+
+/// Writes an append in one statement, or nothing when an expected version does not hold.
+///
+/// Stream bases: `Any` continues after the stream's last position; `NoStream` starts at 0 and
+/// `Exact(n)` at n + 1, where the unique (stream, position) index refuses the write if the
+/// stream already has a message there. `Exact(n)` also needs message n to exist, or the write
+/// would leave a gap. Positions encode the transaction id (docs/adr/0002).
+const APPEND: &str = "
+WITH streams AS (
+    SELECT s.i, s.name,
+           CASE
+               WHEN s.expected = -2 THEN coalesce(
+                   (SELECT max(m.position) FROM messages m WHERE m.stream_name = s.name), -1) + 1
+               WHEN s.expected = -1 THEN 0
+               ELSE s.expected + 1
+           END AS base,
+           s.expected < 0 OR EXISTS (
+               SELECT 1 FROM messages m
+                WHERE m.stream_name = s.name AND m.position = s.expected) AS expected_holds
+      FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(name, expected, i)
+)
+INSERT INTO messages (global_position, id, stream_name, category, position, type, data, metadata)
+SELECT (pg_current_xact_id()::text::bigint << 16) + r.ordinal - 1,
+       r.id,
+       s.name,
+       split_part(s.name, '-', 1),
+       s.base + row_number() OVER (PARTITION BY r.stream_index ORDER BY r.ordinal) - 1,
+       r.type,
+       r.data,
+       r.metadata
+  FROM unnest($3::int[], $4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[])
+       WITH ORDINALITY AS r(stream_index, id, type, data, metadata, ordinal)
+  JOIN streams s ON s.i = r.stream_index
+ WHERE (SELECT bool_and(expected_holds) FROM streams)
+RETURNING id, stream_name, position, global_position";
 
 /// The message store on PostgreSQL.
 #[derive(Clone)]
@@ -74,24 +113,138 @@ impl PostgresMessageStore {
         &self.inner.pool
     }
 
-    async fn append_once(&self, call: &AppendCall) -> Result<Vec<PgRow>, sqlx::Error> {
-        sqlx::query(
-            "SELECT id, stream_name, position, global_position \
-             FROM append_messages($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&call.streams)
-        .bind(&call.expected)
-        .bind(&call.stream_index)
-        .bind(&call.ids)
-        .bind(&call.types)
-        .bind(&call.data)
-        .bind(&call.metadata)
-        .fetch_all(&self.inner.pool)
-        .await
+    /// Appends inside the caller's transaction, holding the streams' locks until it ends.
+    /// The caller commits (or rolls back) and then calls [`Self::notify_committed`]. For writes
+    /// that must commit together with other tables, and for tests that hold transactions open.
+    pub async fn append_within(
+        &self,
+        transaction: &mut PgConnection,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Appended, AppendError> {
+        crate::validate(&appends)?;
+        let call = AppendCall::new(appends);
+        append_locked(transaction, &call).await
+    }
+
+    /// Wakes the store's subscribers after a commit that [`Self::append_within`] was part of.
+    pub fn notify_committed(&self) {
+        self.inner.committed.notify_one();
+    }
+
+    /// The lock-free attempt: `None` when it did not write and the slow path must find out why.
+    async fn try_append(&self, call: &AppendCall) -> Result<Option<Appended>, AppendError> {
+        match call.query().fetch_all(&self.inner.pool).await {
+            Ok(rows) if rows.len() == call.ids.len() => Ok(Some(call.appended(rows)?)),
+            Ok(_) => Ok(None),
+            Err(error) if is_unique_violation(&error) => Ok(None),
+            Err(error) => Err(StoreError::from(error).into()),
+        }
     }
 }
 
-/// The arguments of `append_messages`, as parallel arrays.
+/// Takes the streams' locks, then answers from what is stored (an idempotent retry or a
+/// refusal) or writes.
+async fn append_locked(
+    connection: &mut PgConnection,
+    call: &AppendCall,
+) -> Result<Appended, AppendError> {
+    // In name order, so that two appends to the same streams cannot deadlock.
+    let mut names: Vec<&str> = call.streams.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(name, 0)) FROM unnest($1::text[]) AS name",
+    )
+    .bind(&names)
+    .execute(&mut *connection)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some(answer) = answer_from_stored(connection, call).await? {
+        return answer;
+    }
+    let rows = call
+        .query()
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(StoreError::from)?;
+    if rows.len() != call.ids.len() {
+        return Err(StoreError::Corrupt {
+            id: call.ids.first().map(Uuid::to_string).unwrap_or_default(),
+            reason: "an append that passed every check under its stream locks wrote nothing".into(),
+        }
+        .into());
+    }
+    call.appended(rows)
+}
+
+/// What the stored messages say about an append that could not be written as it is: the
+/// positions of an identical earlier append, a reused id, or a version conflict. `None` when
+/// nothing stands in its way (the race that stopped it is over).
+async fn answer_from_stored(
+    connection: &mut PgConnection,
+    call: &AppendCall,
+) -> Result<Option<Result<Appended, AppendError>>, StoreError> {
+    let stored = sqlx::query(
+        "SELECT id, stream_name, position, global_position, type, data FROM messages \
+         WHERE id = ANY($1)",
+    )
+    .bind(&call.ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    if !stored.is_empty() {
+        let mut same = stored.len() == call.ids.len();
+        let mut reused = None;
+        for row in &stored {
+            let id: Uuid = row.try_get("id")?;
+            let Json(data): Json<Value> = row.try_get("data")?;
+            let matches = call.index_of(&id).is_some_and(|index| {
+                row.try_get::<String, _>("stream_name").ok().as_deref()
+                    == Some(call.stream_of(index))
+                    && row.try_get::<String, _>("type").ok().as_deref()
+                        == Some(call.types[index].as_str())
+                    && data == call.data[index].0
+            });
+            if !matches {
+                same = false;
+                reused.get_or_insert(id);
+            }
+        }
+        if same {
+            return Ok(Some(call.appended(stored)));
+        }
+        let id = reused
+            .or_else(|| call.ids.first().copied())
+            .unwrap_or_default();
+        return Ok(Some(Err(AppendError::DuplicateMessageId { id })));
+    }
+
+    let versions = sqlx::query(
+        "SELECT stream_name, max(position) AS version FROM messages \
+         WHERE stream_name = ANY($1) GROUP BY stream_name",
+    )
+    .bind(&call.streams)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (stream, expected) in &call.expectations {
+        let actual = versions
+            .iter()
+            .find(|row| {
+                row.try_get::<String, _>("stream_name").ok().as_deref() == Some(stream.as_str())
+            })
+            .map(|row| row.try_get::<i64, _>("version"))
+            .transpose()?
+            .map(to_u64);
+        if !expected.allows(actual) {
+            return Ok(Some(Err(AppendError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected: *expected,
+                actual,
+            })));
+        }
+    }
+    Ok(None)
+}
+
+/// The arguments of the append statement, as parallel arrays.
 struct AppendCall {
     streams: Vec<String>,
     expected: Vec<i64>,
@@ -136,32 +289,28 @@ impl AppendCall {
         call
     }
 
-    fn expectation(&self, stream: &str) -> Option<&(StreamName, ExpectedVersion)> {
-        self.expectations
-            .iter()
-            .find(|(name, _)| name.as_str() == stream)
+    fn query(&self) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(APPEND)
+            .bind(&self.streams)
+            .bind(&self.expected)
+            .bind(&self.stream_index)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.data)
+            .bind(&self.metadata)
     }
-}
 
-#[async_trait]
-impl MessageStore for PostgresMessageStore {
-    async fn append(&self, appends: Vec<StreamAppend>) -> Result<Appended, AppendError> {
-        crate::validate(&appends)?;
-        let call = AppendCall::new(appends);
-        let mut attempt = 0;
-        let rows = loop {
-            attempt += 1;
-            match self.append_once(&call).await {
-                Ok(rows) => break rows,
-                // Another writer took the same stream position or id between our check and our
-                // insert. The next attempt sees its commit and answers precisely: a version
-                // conflict, an idempotent success, or (for ExpectedVersion::Any) a write.
-                Err(error) if is_unique_violation(&error) && attempt < APPEND_ATTEMPTS => continue,
-                Err(error) => return Err(refusal(&call, error)),
-            }
-        };
-        self.inner.committed.notify_one();
+    fn index_of(&self, id: &Uuid) -> Option<usize> {
+        self.ids.iter().position(|candidate| candidate == id)
+    }
 
+    fn stream_of(&self, message_index: usize) -> &str {
+        let stream_index = usize::try_from(self.stream_index[message_index] - 1).unwrap_or(0);
+        &self.streams[stream_index]
+    }
+
+    /// The written (or found) rows, in the order the messages were given.
+    fn appended(&self, rows: Vec<PgRow>) -> Result<Appended, AppendError> {
         let mut by_id = HashMap::with_capacity(rows.len());
         for row in rows {
             let id: Uuid = row.try_get("id").map_err(StoreError::from)?;
@@ -178,7 +327,7 @@ impl MessageStore for PostgresMessageStore {
                 },
             );
         }
-        let messages = call
+        let messages = self
             .ids
             .iter()
             .map(|id| {
@@ -189,6 +338,37 @@ impl MessageStore for PostgresMessageStore {
             })
             .collect::<Result<_, _>>()?;
         Ok(Appended { messages })
+    }
+}
+
+#[async_trait]
+impl MessageStore for PostgresMessageStore {
+    async fn append(&self, appends: Vec<StreamAppend>) -> Result<Appended, AppendError> {
+        crate::validate(&appends)?;
+        let call = AppendCall::new(appends);
+        if let Some(appended) = self.try_append(&call).await? {
+            self.inner.committed.notify_one();
+            return Ok(appended);
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut transaction = self.inner.pool.begin().await.map_err(StoreError::from)?;
+            match append_locked(&mut transaction, &call).await {
+                Ok(appended) => {
+                    transaction.commit().await.map_err(StoreError::from)?;
+                    self.inner.committed.notify_one();
+                    return Ok(appended);
+                }
+                // A lock-free writer took the position between our check and our insert.
+                Err(AppendError::Store(StoreError::Database(error)))
+                    if is_unique_violation(&error) && attempt < APPEND_ATTEMPTS =>
+                {
+                    continue;
+                }
+                Err(refusal) => return Err(refusal),
+            }
+        }
     }
 
     async fn read_stream(
@@ -284,6 +464,23 @@ impl MessageStore for PostgresMessageStore {
         Ok(to_u64(count))
     }
 
+    async fn prune_category(
+        &self,
+        category: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM messages m WHERE m.category = $1 AND m.time < $2 \
+               AND m.position < (SELECT max(last.position) FROM messages last \
+                                  WHERE last.stream_name = m.stream_name)",
+        )
+        .bind(category)
+        .bind(older_than)
+        .execute(&self.inner.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     fn subscribe(&self) -> Subscription {
         let signal = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(self.inner.pool.clone(), signal.clone()));
@@ -299,14 +496,16 @@ impl MessageStore for PostgresMessageStore {
 /// Sends one NOTIFY for any number of appends committed since the last one. While a NOTIFY is
 /// on its way, further commits only leave a permit in `committed`, so a busy writer sends far
 /// fewer notifications than it commits appends.
+///
+/// A NOTIFY needs a transaction id and a commit record of its own. It does not need to wait
+/// for that record to reach disk (a wake-up lost in a crash is covered by polling), so it
+/// commits asynchronously and does not queue behind the appends' WAL flushes. The two
+/// statements are sent as one simple query, which PostgreSQL runs as one transaction.
 async fn notify_after_commits(pool: PgPool, committed: Arc<Notify>) {
+    let notify = format!("SET LOCAL synchronous_commit = off; NOTIFY {CHANNEL}");
     loop {
         committed.notified().await;
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(CHANNEL)
-            .execute(&pool)
-            .await
-        {
+        if let Err(error) = sqlx::raw_sql(&notify).execute(&pool).await {
             // Consumers still poll; the next commit tries again.
             tracing::warn!(%error, "could not send the message store wake-up");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -355,36 +554,6 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .is_some_and(|error| error.code().as_deref() == Some("23505"))
-}
-
-/// Maps the refusals raised by `append_messages` to typed errors.
-fn refusal(call: &AppendCall, error: sqlx::Error) -> AppendError {
-    let Some(database_error) = error.as_database_error() else {
-        return AppendError::Store(error.into());
-    };
-    let detail = database_error
-        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-        .and_then(|error| error.detail())
-        .unwrap_or_default()
-        .to_owned();
-    match database_error.code().as_deref() {
-        Some("ES001") => {
-            let (stream, actual) = detail.split_once('\n').unwrap_or((&detail, ""));
-            match call.expectation(stream) {
-                Some((stream, expected)) => AppendError::WrongExpectedVersion {
-                    stream: stream.clone(),
-                    expected: *expected,
-                    actual: actual.parse().ok(),
-                },
-                None => AppendError::Store(error.into()),
-            }
-        }
-        Some("ES002") => match detail.parse() {
-            Ok(id) => AppendError::DuplicateMessageId { id },
-            Err(_) => AppendError::Store(error.into()),
-        },
-        _ => AppendError::Store(error.into()),
-    }
 }
 
 fn recorded(row: &PgRow) -> Result<RecordedMessage, StoreError> {

@@ -305,6 +305,23 @@ impl MessageStore for SqliteMessageStore {
         Ok(to_u64(count))
     }
 
+    async fn prune_category(
+        &self,
+        category: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM messages WHERE category = ? AND time < ? \
+               AND position < (SELECT max(last.position) FROM messages last \
+                                WHERE last.stream_name = messages.stream_name)",
+        )
+        .bind(category)
+        .bind(older_than.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .execute(&self.inner.writer)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     fn subscribe(&self) -> Subscription {
         let signal = Arc::new(Notify::new());
         if let Ok(mut subscribers) = self.inner.subscribers.lock() {

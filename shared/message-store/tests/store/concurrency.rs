@@ -58,6 +58,7 @@ async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out
     for writer in 0..SLOW_WRITERS {
         writers.push(tokio::spawn(slow_writer(
             writer,
+            store.clone(),
             pool.clone(),
             ledger.clone(),
         )));
@@ -169,21 +170,31 @@ async fn fast_writer(
 
 /// Holds its transactions open for a while after writing, so that transactions which started
 /// later commit first; one in four is rolled back.
-async fn slow_writer(writer: u64, pool: PgPool, ledger: Arc<Mutex<Ledger>>) {
+async fn slow_writer(
+    writer: u64,
+    store: Arc<message_store::PostgresMessageStore>,
+    pool: PgPool,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     for n in 0..TRANSACTIONS_PER_SLOW_WRITER {
-        let stream = format!("slow-{}", Uuid::new_v4());
-        let ids = [Uuid::new_v4(), Uuid::new_v4()];
+        let stream = StreamName::for_entity("slow", Uuid::new_v4()).unwrap();
+        let messages = vec![
+            NewMessage::new("Slow", json!({ "writer": writer, "n": n })),
+            NewMessage::new("Slow", json!({ "writer": writer, "n": n, "second": true })),
+        ];
         let mut tx = pool.begin().await.unwrap();
-        sqlx::query(
-            "SELECT * FROM append_messages(ARRAY[$1], ARRAY[-1::bigint], ARRAY[1, 1], $2, \
-             ARRAY['Slow', 'Slow'], ARRAY[$3::jsonb, $3::jsonb], ARRAY['{}'::jsonb, '{}'::jsonb])",
-        )
-        .bind(&stream)
-        .bind(&ids[..])
-        .bind(json!({ "writer": writer, "n": n }))
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
+        let appended = store
+            .append_within(
+                &mut tx,
+                vec![StreamAppend::new(
+                    stream,
+                    ExpectedVersion::NoStream,
+                    messages,
+                )],
+            )
+            .await
+            .unwrap();
+        let ids = appended.messages.iter().map(|m| m.id);
         let hold = Duration::from_millis(5 + (n * 7 + writer * 13) % 40);
         tokio::time::sleep(hold).await;
         if n % 4 == 3 {
@@ -191,6 +202,7 @@ async fn slow_writer(writer: u64, pool: PgPool, ledger: Arc<Mutex<Ledger>>) {
             ledger.lock().await.rolled_back.extend(ids);
         } else {
             tx.commit().await.unwrap();
+            store.notify_committed();
             ledger.lock().await.committed.extend(ids);
         }
     }

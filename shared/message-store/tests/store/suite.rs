@@ -565,3 +565,35 @@ pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &dyn
         .expect("no wake-up within 10 s of an append after a reconnect");
     assert_eq!(wake, Wake::Signalled);
 }
+
+pub async fn pruning_a_category_keeps_the_last_message_of_each_stream(harness: &dyn Harness) {
+    let store = harness.store();
+    let pruned = stream("audit");
+    let other = stream("audit");
+    let kept = stream("thing");
+    append_settled(
+        store.as_ref(),
+        append(&pruned, ExpectedVersion::NoStream, 4),
+    )
+    .await;
+    append_settled(store.as_ref(), append(&other, ExpectedVersion::NoStream, 1)).await;
+    append_settled(store.as_ref(), append(&kept, ExpectedVersion::NoStream, 3)).await;
+
+    let before_any =
+        store.read_stream(&pruned, 0, 1).await.unwrap()[0].time - chrono::Duration::seconds(1);
+    assert_eq!(store.prune_category("audit", before_any).await.unwrap(), 0);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let deleted = store.prune_category("audit", later).await.unwrap();
+
+    assert_eq!(deleted, 3);
+    let left: Vec<_> = store
+        .read_stream(&pruned, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.position)
+        .collect();
+    assert_eq!(left, vec![3]);
+    assert_eq!(store.read_stream(&other, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(store.read_stream(&kept, 0, 10).await.unwrap().len(), 3);
+}
