@@ -1,10 +1,141 @@
-//! The query-api service.
+//! The query API: profiles, lookups and history over HTTP, served from the read model the
+//! aggregator builds, with the message store behind history and time travel.
+//!
+//! It never writes. It verifies tokens offline with public keys, and answers a request that
+//! carries `X-Min-Position` only once the read model has applied that position (read your
+//! own writes).
 
 #![forbid(unsafe_code)]
 
-use axum::{Router, routing::get};
+mod auth;
+mod error;
+mod history;
+pub mod read_model;
+mod routes;
+pub mod settings;
 
-/// The routes this service answers.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" }))
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use message_store::MessageStore;
+use platform::clock::Clock;
+use tokens::TokenVerifier;
+use tokio::net::TcpListener;
+
+pub use read_model::{Profile, ReadModel};
+pub use routes::ApiDoc;
+pub use settings::Settings;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub read_model: ReadModel,
+    pub store: Arc<dyn MessageStore>,
+    pub verifier: Arc<TokenVerifier>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: settings::QuerySettings,
+}
+
+impl AppState {
+    /// Connects to the read model and the message store and loads the verification keys.
+    pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let read_model_url = settings.read_model_url();
+        let read_model = ReadModel::connect(
+            read_model_url,
+            settings
+                .read_model
+                .max_connections
+                .unwrap_or(settings.database.max_connections),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the read model at {}",
+                platform::settings::redact_url(read_model_url)
+            )
+        })?;
+        let store = message_store::connect(
+            &settings.database.url,
+            message_store::ConnectOptions {
+                max_connections: settings.database.max_connections.min(4),
+                poll_interval: settings.database.poll_interval(),
+            },
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the message store at {}",
+                platform::settings::redact_url(&settings.database.url)
+            )
+        })?;
+        let verifier = settings
+            .tokens
+            .verifier()
+            .context("loading the keys that verify tokens")?;
+        Ok(Self {
+            read_model,
+            store,
+            verifier: Arc::new(verifier),
+            clock,
+            settings: settings.query,
+        })
+    }
+}
+
+/// The query routes, without the common layers (the standalone process merges them with the
+/// command routes and wraps the whole once).
+pub fn router(state: AppState) -> Router {
+    let reads = Router::new()
+        .route("/users/me", get(routes::me))
+        .route("/users", get(routes::list))
+        .route("/users/{id}", get(routes::profile))
+        .route("/users/{id}/events", get(routes::events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::wait_for_min_position,
+        ));
+    Router::new()
+        .merge(reads)
+        .route("/.well-known/jwks.json", get(routes::jwks))
+        .route("/openapi.json", get(routes::openapi))
+        .route("/readyz", get(routes::readyz))
+        .with_state(state)
+}
+
+/// A built query API, bound to its port, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let state = AppState::connect(&settings, clock).await?;
+        let listener = TcpListener::bind(&settings.http.address)
+            .await
+            .with_context(|| format!("binding {}", settings.http.address))?;
+        Ok(Self {
+            listener,
+            router: platform::http::with_common_layers(router(state)),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map_or(0, |address| address.port())
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(address = %self.listener.local_addr()?, "query API listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving the query API")
+    }
 }

@@ -167,8 +167,8 @@ impl SqliteMessageStore {
                     actual,
                 });
             }
-            let mut position = actual.map_or(0, |version| version + 1);
-            for message in &append.messages {
+            let first = actual.map_or(0, |version| version + 1);
+            for (position, message) in (first..).zip(&append.messages) {
                 let global_position: i64 = sqlx::query_scalar(
                     "INSERT INTO messages (id, stream_name, category, position, type, data, metadata) \
                      VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING global_position",
@@ -189,7 +189,6 @@ impl SqliteMessageStore {
                     position,
                     global_position: to_u64(global_position),
                 });
-                position += 1;
             }
         }
         tx.commit().await.map_err(StoreError::from)?;

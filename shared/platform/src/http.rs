@@ -25,6 +25,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// Wraps `router` in the common layers and adds `/healthz` and `/metrics`.
 pub fn with_common_layers(router: Router) -> Router {
+    // Install the recorder now: metrics recorded before it exists are lost.
+    crate::metrics::handle();
     router
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_text))

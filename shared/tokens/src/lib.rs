@@ -43,6 +43,7 @@
 
 mod algorithm;
 mod claims;
+mod config;
 mod issuer;
 mod key_file;
 mod key_set;
@@ -52,6 +53,7 @@ mod verifier;
 
 pub use algorithm::{Algorithm, UnsupportedAlgorithm};
 pub use claims::{Claims, TokenSettings};
+pub use config::{KeyConfigError, TokenConfig};
 pub use issuer::{IssueError, IssuedToken, TokenIssuer};
 pub use key_set::KeySet;
 pub use keys::{KeyError, SigningKey, VerificationKey};

@@ -1,6 +1,8 @@
 //! Store tests: one conformance suite run against every adapter, and the PostgreSQL
 //! concurrency test of the global order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
+
 mod concurrency;
 mod harness;
 mod suite;

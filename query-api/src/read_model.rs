@@ -1,0 +1,188 @@
+//! Reads of the read model the aggregator builds: the `users` view and the projections'
+//! checkpoints (schema in migrations/read_model). The query side never writes here.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The projection whose checkpoint tells how far the users view has got.
+pub const USERS_PROJECTION: &str = "users";
+
+const COLUMNS: &str = "id, email, status, registered_at, activated_at, deactivated_at, \
+                       last_login_at, login_count, roles";
+
+/// A user's profile as the users view holds it.
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
+pub struct Profile {
+    pub id: Uuid,
+    pub email: String,
+    /// `pending`, `active` or `deactivated`.
+    pub status: String,
+    pub registered_at: DateTime<Utc>,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub deactivated_at: Option<DateTime<Utc>>,
+    pub last_login_at: Option<DateTime<Utc>>,
+    pub login_count: u64,
+    pub roles: Vec<String>,
+}
+
+/// The read model, on PostgreSQL (deployments, possibly a replica) or SQLite (standalone).
+#[derive(Clone)]
+pub enum ReadModel {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl ReadModel {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .read_only(true)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(options)
+                .await?;
+            return Ok(Self::Sqlite(pool));
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self::Postgres(pool))
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        }
+    }
+
+    pub async fn profile(&self, id: Uuid) -> Result<Option<Profile>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
+        match self {
+            Self::Postgres(pool) => sqlx::query(&sql)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| pg_profile(&row))
+                .transpose(),
+            Self::Sqlite(pool) => sqlx::query(&sql)
+                .bind(id.to_string())
+                .fetch_optional(pool)
+                .await?
+                .map(|row| sqlite_profile(&row))
+                .transpose(),
+        }
+    }
+
+    /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
+    /// a change of address).
+    pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM users WHERE email_normalized = $1 ORDER BY id");
+        match self {
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(&sql).bind(normalized).fetch_all(pool).await?;
+                rows.iter().map(pg_profile).collect()
+            }
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(&sql).bind(normalized).fetch_all(pool).await?;
+                rows.iter().map(sqlite_profile).collect()
+            }
+        }
+    }
+
+    /// Up to `limit` accounts after `after` in id order, of one status or all.
+    pub async fn list(
+        &self,
+        status: Option<&str>,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Profile>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM users \
+             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR id > $2) \
+             ORDER BY id LIMIT $3"
+        );
+        match self {
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(&sql)
+                    .bind(status)
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(pg_profile).collect()
+            }
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(&sql)
+                    .bind(status)
+                    .bind(after.map(|id| id.to_string()))
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(sqlite_profile).collect()
+            }
+        }
+    }
+
+    /// The global position the users view has applied every message up to (0 before any).
+    pub async fn position(&self) -> Result<u64, sqlx::Error> {
+        let sql = "SELECT position FROM projection_checkpoints WHERE projection = $1";
+        let position: Option<i64> = match self {
+            Self::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(position.map_or(0, |position| u64::try_from(position).unwrap_or(0)))
+    }
+}
+
+fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
+    Ok(Profile {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        status: row.try_get("status")?,
+        registered_at: row.try_get("registered_at")?,
+        activated_at: row.try_get("activated_at")?,
+        deactivated_at: row.try_get("deactivated_at")?,
+        last_login_at: row.try_get("last_login_at")?,
+        login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
+        roles: row.try_get("roles")?,
+    })
+}
+
+fn sqlite_profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let roles: String = row.try_get("roles")?;
+    Ok(Profile {
+        id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+        email: row.try_get("email")?,
+        status: row.try_get("status")?,
+        registered_at: row.try_get("registered_at")?,
+        activated_at: row.try_get("activated_at")?,
+        deactivated_at: row.try_get("deactivated_at")?,
+        last_login_at: row.try_get("last_login_at")?,
+        login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
+        roles: serde_json::from_str(&roles)
+            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+    })
+}

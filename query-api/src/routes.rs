@@ -1,0 +1,351 @@
+//! The HTTP surface: handlers, the read-your-writes wait, and the OpenAPI document.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderName, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use identity::{Email, UserId};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use uuid::Uuid;
+
+use platform::problem::ApiQuery;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::history::{self, HistoryEntry};
+use crate::read_model::Profile;
+
+/// Asks the query API to answer only once the read model has applied this global position
+/// (the `X-Position` a command answered with).
+pub const MIN_POSITION: HeaderName = HeaderName::from_static("x-min-position");
+
+/// Waits, up to `query.max_wait_ms`, until the read model has reached `X-Min-Position`.
+pub async fn wait_for_min_position(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(value) = request.headers().get(&MIN_POSITION) else {
+        return next.run(request).await;
+    };
+    let Some(wanted) = value
+        .to_str()
+        .ok()
+        .and_then(|value| value.trim().parse::<u64>().ok())
+    else {
+        return platform::Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_header")
+            .with_detail("X-Min-Position must be a non-negative integer")
+            .into_response();
+    };
+    let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match state.read_model.position().await {
+            Ok(reached) if reached >= wanted => return next.run(request).await,
+            Ok(_) if Instant::now() >= deadline => {
+                return ApiError::NotYetConsistent(wanted).into_response();
+            }
+            Ok(_) => {}
+            Err(error) => return ApiError::from(error).into_response(),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileQuery {
+    /// An RFC 3339 instant: the profile as it stood then, folded from the account's events.
+    as_of: Option<String>,
+}
+
+/// The caller's own profile.
+#[utoipa::path(get, path = "/users/me", tag = "users",
+    params(("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    responses(
+        (status = 200, body = Profile),
+        (status = 400, description = "bad X-Min-Position"),
+        (status = 401, description = "no valid bearer token"),
+        (status = 404, description = "the read model does not hold the account (yet)"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+    ),
+    security(("bearer" = [])))]
+pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Profile>, ApiError> {
+    let profile = state
+        .read_model
+        .profile(caller.id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(profile))
+}
+
+/// A profile: the caller's own, or anyone's for an administrator. With `as_of`, as it stood
+/// at that instant.
+#[utoipa::path(get, path = "/users/{id}", tag = "users",
+    params(("id" = Uuid, Path), ProfileQuery,
+           ("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    responses(
+        (status = 200, body = Profile),
+        (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
+        (status = 401, description = "no valid bearer token"),
+        (status = 403, description = "someone else's account, and not an administrator"),
+        (status = 404, description = "no such account (at that instant)"),
+        (status = 422, description = "a bad as_of"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+    ),
+    security(("bearer" = [])))]
+pub async fn profile(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<ProfileQuery>,
+) -> Result<Json<Profile>, ApiError> {
+    let id = parse_id(&id)?;
+    if !caller.may_read(id) {
+        return Err(ApiError::Forbidden);
+    }
+    let profile = match query.as_of {
+        Some(as_of) => {
+            let at = DateTime::parse_from_rfc3339(&as_of)
+                .map_err(|_| ApiError::invalid("as_of", "must be an RFC 3339 instant"))?
+                .with_timezone(&Utc);
+            history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
+        }
+        None => state.read_model.profile(id).await?,
+    };
+    profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Find the account with this email (any case or Unicode form).
+    email: Option<String>,
+    /// `pending`, `active` or `deactivated`.
+    status: Option<String>,
+    /// At most this many (1 to the configured maximum).
+    limit: Option<String>,
+    /// From `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A page of accounts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page {
+    items: Vec<Profile>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Accounts by email, or by status a page at a time (administrators only). Pages follow the
+/// account id, so accounts added meanwhile never shift a page or repeat an account.
+#[utoipa::path(get, path = "/users", tag = "users",
+    params(ListQuery, ("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    responses(
+        (status = 200, body = Page),
+        (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
+        (status = 401, description = "no valid bearer token"),
+        (status = 403, description = "not an administrator"),
+        (status = 422, description = "a bad email, status, limit or cursor"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<Page>, ApiError> {
+    caller.require_admin()?;
+    if let Some(email) = &query.email {
+        let email = Email::parse(email).map_err(|error| ApiError::invalid("email", error))?;
+        let items = state.read_model.by_email(email.normalized()).await?;
+        return Ok(Json(Page {
+            items,
+            next_cursor: None,
+        }));
+    }
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(status @ ("pending" | "active" | "deactivated")) => Some(status),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "status",
+                "must be pending, active or deactivated",
+            ));
+        }
+    };
+    let limit = match query.limit.as_deref() {
+        None => state.settings.default_page_size,
+        Some(limit) => limit
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=state.settings.max_page_size).contains(limit))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("must be from 1 to {}", state.settings.max_page_size),
+                )
+            })?,
+    };
+    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let mut items = state.read_model.list(status, after, limit + 1).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|last| encode_cursor(last.id))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+fn encode_cursor(after: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(after.as_bytes())
+}
+
+fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
+        .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this API gave out"))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Events after this global position (the last `position` of the previous page).
+    after: Option<String>,
+    /// At most this many (1 to the configured maximum).
+    limit: Option<String>,
+}
+
+/// A page of an account's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    items: Vec<HistoryEntry>,
+}
+
+/// The account's history, oldest first, without secrets: the caller's own, or anyone's for
+/// an administrator.
+#[utoipa::path(get, path = "/users/{id}/events", tag = "users",
+    params(("id" = Uuid, Path), EventsQuery),
+    responses(
+        (status = 200, body = EventPage),
+        (status = 400, description = "an unknown query parameter"),
+        (status = 401, description = "no valid bearer token"),
+        (status = 403, description = "someone else's account, and not an administrator"),
+        (status = 404, description = "no such account"),
+        (status = 422, description = "a bad after or limit"),
+        (status = 503, description = "the message store is unreachable"),
+    ),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Json<EventPage>, ApiError> {
+    let id = parse_id(&id)?;
+    if !caller.may_read(id) {
+        return Err(ApiError::Forbidden);
+    }
+    let after = match query.after.as_deref() {
+        None => 0,
+        Some(after) => after
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid("after", "must be a non-negative integer"))?,
+    };
+    let limit = match query.limit.as_deref() {
+        None => state.settings.max_page_size,
+        Some(limit) => limit
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=state.settings.max_page_size).contains(limit))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("must be from 1 to {}", state.settings.max_page_size),
+                )
+            })?,
+    };
+    let items = history::events(
+        state.store.as_ref(),
+        UserId::from_uuid(id),
+        after,
+        limit as usize,
+    )
+    .await?;
+    if items.is_empty() && after == 0 {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(EventPage { items }))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    // An id that is not a UUID cannot name an account.
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound)
+}
+
+/// The keys that verify tokens, for services that verify them offline.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "keys",
+    responses((status = 200, description = "a JSON Web Key Set")))]
+pub async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(state.verifier.jwks()),
+    )
+}
+
+/// Ready when the read model and the message store answer.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "ready"), (status = 503, description = "a dependency is unreachable")))]
+pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.read_model.ping().await?;
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|error| ApiError::History(error.into()))?;
+    Ok("ready")
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Identity query API", description = "Profiles, lookups and history, served from the read model."),
+    paths(me, profile, list, events, jwks, readyz),
+    components(schemas(Profile, Page, HistoryEntry, EventPage)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,67 @@
+//! The query API's settings: defaults here, then a TOML file, then `IDENTITY__...` variables.
+
+use platform::settings::{DatabaseSettings, LogSettings};
+use serde::Deserialize;
+use tokens::TokenConfig;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The message store: read for an account's history and its state at a past instant.
+    pub database: DatabaseSettings,
+    /// The read model the aggregator builds; may be a read replica. Defaults to `database.url`.
+    pub read_model: ReadModelSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    /// Only the keys to verify tokens with are needed: a signing key's public half or
+    /// `published_keys`.
+    pub tokens: TokenConfig,
+    pub query: QuerySettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ReadModelSettings {
+    pub url: Option<String>,
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    pub address: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0:8081".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct QuerySettings {
+    /// The longest a request with `X-Min-Position` waits for the read model.
+    pub max_wait_ms: u64,
+    /// The page size of lists when the client names none, and the largest it may name.
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: 5_000,
+            default_page_size: 20,
+            max_page_size: 100,
+        }
+    }
+}
+
+impl Settings {
+    pub fn read_model_url(&self) -> &str {
+        self.read_model.url.as_deref().unwrap_or(&self.database.url)
+    }
+}

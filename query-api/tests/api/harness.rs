@@ -1,0 +1,237 @@
+//! A query API on port 0 with its own database, a signing key, and helpers to seed the read
+//! model and the message store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use identity::{
+    AccountStatus, Email, LoginEvent, LoginSucceeded, PasswordHash, Role, UserActivated,
+    UserDeactivated, UserEvent, UserId, UserRegistered, login_stream_name, user_stream_name,
+};
+use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
+use platform::clock::{Clock, SystemClock};
+use query_api::Settings;
+use serde_json::json;
+use sqlx::PgPool;
+use test_support::TestDatabase;
+use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer};
+use uuid::Uuid;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub store: Arc<dyn MessageStore>,
+    pub issuer: TokenIssuer,
+    _database: TestDatabase,
+}
+
+pub async fn spawn() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let database = TestDatabase::new().await;
+    let pool = database.pool().await;
+    let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
+    migrator.set_ignore_missing(true);
+    migrator.run(&pool).await.unwrap();
+    let store = message_store::connect(database.url(), message_store::ConnectOptions::default())
+        .await
+        .unwrap();
+
+    let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
+    let mut settings = Settings::default();
+    settings.database.url = database.url().to_owned();
+    settings.http.address = "127.0.0.1:0".into();
+    settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
+    settings.query.max_wait_ms = 2_000;
+    configure(&mut settings);
+    let issuer = TokenIssuer::new(KeySet::from(key), settings.tokens.settings());
+
+    let application = query_api::Application::build(settings, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let address = format!("http://127.0.0.1:{}", application.port());
+    tokio::spawn(application.run_until_stopped(std::future::pending()));
+    TestApp {
+        address,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        pool,
+        store,
+        issuer,
+        _database: database,
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    SystemClock.now()
+}
+
+/// A user as the users view holds it.
+pub struct Seeded {
+    pub id: Uuid,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub fn token_for(&self, id: Uuid, roles: &[&str]) -> String {
+        self.token_at(id, roles, now())
+    }
+
+    pub fn token_at(&self, id: Uuid, roles: &[&str], at: DateTime<Utc>) -> String {
+        let roles = roles.iter().map(|role| (*role).to_owned()).collect();
+        self.issuer
+            .issue(id, roles, at)
+            .unwrap()
+            .token
+            .expose_secret()
+            .clone()
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Writes a users-view row as the aggregator would.
+    pub async fn seed_user(&self, email: &str, status: &str, roles: &[&str]) -> Seeded {
+        self.seed_user_with_id(Uuid::now_v7(), email, status, roles)
+            .await
+    }
+
+    pub async fn seed_user_with_id(
+        &self,
+        id: Uuid,
+        email: &str,
+        status: &str,
+        roles: &[&str],
+    ) -> Seeded {
+        let parsed = Email::parse(email).unwrap();
+        let roles: Vec<String> = roles.iter().map(|role| (*role).to_owned()).collect();
+        sqlx::query(
+            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, roles, position) \
+             VALUES ($1, $2, $3, $4, $5, 3, $6, 1)",
+        )
+        .bind(id)
+        .bind(parsed.as_str())
+        .bind(parsed.normalized())
+        .bind(status)
+        .bind(now())
+        .bind(&roles)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+        Seeded { id }
+    }
+
+    pub async fn set_checkpoint(&self, position: u64) {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1) \
+             ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
+        )
+        .bind(i64::try_from(position).unwrap())
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Appends one user event to the message store, as the command API would.
+    pub async fn append_user_event(&self, id: Uuid, event: UserEvent) -> u64 {
+        let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();
+        self.append(stream, event.event_type(), event.version(), event.to_json())
+            .await
+    }
+
+    pub async fn append_login_event(&self, id: Uuid, event: LoginEvent) -> u64 {
+        let stream = StreamName::parse(login_stream_name(UserId::from_uuid(id))).unwrap();
+        self.append(stream, event.event_type(), event.version(), event.to_json())
+            .await
+    }
+
+    async fn append(
+        &self,
+        stream: StreamName,
+        event_type: &str,
+        version: u32,
+        data: serde_json::Value,
+    ) -> u64 {
+        let message =
+            NewMessage::new(event_type, data).with_metadata(json!({ "schemaVersion": version }));
+        self.store
+            .append(vec![StreamAppend::new(
+                stream,
+                ExpectedVersion::Any,
+                vec![message],
+            )])
+            .await
+            .unwrap()
+            .last_global_position()
+    }
+
+    /// Registers, later activates nothing, and deactivates: the life of an account in events.
+    pub async fn account_with_history(&self, registered: DateTime<Utc>) -> Uuid {
+        let id = Uuid::now_v7();
+        let email = Email::parse("history@example.com").unwrap();
+        self.append_user_event(
+            id,
+            UserEvent::UserRegistered(UserRegistered {
+                user_id: UserId::from_uuid(id),
+                email_normalized: email.normalized().to_owned(),
+                email,
+                password_hash: PasswordHash::parse(
+                    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+                )
+                .unwrap(),
+                status: AccountStatus::Active,
+                roles: vec![Role::User],
+                registered_at: registered,
+            }),
+        )
+        .await;
+        self.append_login_event(
+            id,
+            LoginEvent::LoginSucceeded(LoginSucceeded {
+                at: registered + TimeDelta::minutes(5),
+                login_count: 1,
+            }),
+        )
+        .await;
+        self.append_user_event(
+            id,
+            UserEvent::UserDeactivated(UserDeactivated {
+                at: registered + TimeDelta::minutes(10),
+            }),
+        )
+        .await;
+        self.append_user_event(
+            id,
+            UserEvent::UserActivated(UserActivated {
+                at: registered + TimeDelta::minutes(20),
+            }),
+        )
+        .await;
+        id
+    }
+}
+
+pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert_eq!(content_type, "application/problem+json", "status {status}");
+    (status, response.json().await.unwrap())
+}

@@ -1,0 +1,13 @@
+//! The query API against a real PostgreSQL (message store and read model) over real HTTP.
+//!
+//! The read model's rows are written here the way the aggregator writes them (its own tests
+//! prove the projection); history and time travel read real events from the message store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
+
+mod harness;
+mod history;
+mod lists;
+mod profiles;
+mod read_your_writes;
+mod service;

@@ -1,0 +1,88 @@
+//! `X-Min-Position`: a read waits until the read model has applied the client's last write.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{problem, spawn, spawn_with};
+
+#[tokio::test]
+async fn a_read_at_a_reached_position_answers_at_once() {
+    let app = spawn().await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    app.set_checkpoint(500).await;
+    let response = app
+        .client
+        .get(app.url("/users/me"))
+        .bearer_auth(app.token_for(user.id, &["user"]))
+        .header("X-Min-Position", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_read_waits_until_the_read_model_reaches_the_position() {
+    let app = spawn().await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    app.set_checkpoint(10).await;
+    let started = Instant::now();
+    let request = app
+        .client
+        .get(app.url("/users/me"))
+        .bearer_auth(app.token_for(user.id, &["user"]))
+        .header("X-Min-Position", "20")
+        .send();
+    let catch_up = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.set_checkpoint(20).await;
+    };
+    let (response, ()) = tokio::join!(request, catch_up);
+    assert_eq!(response.unwrap().status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it answered before the read model caught up"
+    );
+}
+
+#[tokio::test]
+async fn a_read_that_waits_too_long_gets_a_retryable_answer() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 200).await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    app.set_checkpoint(10).await;
+    let response = app
+        .client
+        .get(app.url("/users/me"))
+        .bearer_auth(app.token_for(user.id, &["user"]))
+        .header("X-Min-Position", "11")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, body) = problem(response).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("not_yet_consistent"))
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_min_position_is_a_bad_request() {
+    let app = spawn().await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    for value in ["-1", "soon", "1.5"] {
+        let response = app
+            .client
+            .get(app.url("/users/me"))
+            .bearer_auth(app.token_for(user.id, &["user"]))
+            .header("X-Min-Position", value)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = problem(response).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_header")),
+            "{value}"
+        );
+    }
+}

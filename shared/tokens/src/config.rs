@@ -1,0 +1,214 @@
+//! Token settings as an operator writes them (file or `IDENTITY__TOKENS__...` variables), and
+//! the keys they name. Shared by the side that signs and the sides that only verify, so that
+//! both read keys the same way.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{
+    Algorithm, KeyError, KeySet, SigningKey, TokenSettings, TokenVerifier, VerificationKey,
+};
+
+/// How tokens are signed and verified, and with which keys.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct TokenConfig {
+    /// The `iss` claim.
+    pub issuer: String,
+    /// The `aud` claim.
+    pub audience: String,
+    pub lifetime_seconds: u64,
+    /// The algorithm of a key created by `create_key_if_missing` (`EdDSA` or `ES256`). A key
+    /// that is loaded brings its own algorithm.
+    pub algorithm: String,
+    /// A PKCS#8 PEM file holding the signing key.
+    pub signing_key_file: Option<PathBuf>,
+    /// The signing key's PEM text itself (say from a Kubernetes Secret in an environment
+    /// variable); wins over `signing_key_file`.
+    pub signing_key: Option<String>,
+    /// Further keys to publish in the JWKS and accept (the next key before a rotation, the
+    /// previous one after it): each a PEM text or the path of a PEM file. A side that only
+    /// verifies may be given its keys here alone, public halves only.
+    pub published_keys: Vec<String>,
+    /// Create `signing_key_file` when it does not exist (the standalone mode's first start).
+    pub create_key_if_missing: bool,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "http://localhost:8080".into(),
+            audience: "identity".into(),
+            lifetime_seconds: 900,
+            algorithm: "EdDSA".into(),
+            signing_key_file: None,
+            signing_key: None,
+            published_keys: Vec::new(),
+            create_key_if_missing: false,
+        }
+    }
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("lifetime_seconds", &self.lifetime_seconds)
+            .field("algorithm", &self.algorithm)
+            .field("signing_key_file", &self.signing_key_file)
+            .field(
+                "signing_key",
+                &self.signing_key.as_ref().map(|_| "[redacted]"),
+            )
+            .field("published_keys", &self.published_keys.len())
+            .field("create_key_if_missing", &self.create_key_if_missing)
+            .finish()
+    }
+}
+
+/// Why the configured keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyConfigError {
+    #[error("no signing key: set tokens.signing_key (PEM) or tokens.signing_key_file")]
+    NoSigningKey,
+    #[error(
+        "no key to verify tokens with: set tokens.signing_key, tokens.signing_key_file or tokens.published_keys"
+    )]
+    NoVerificationKey,
+    #[error("tokens.algorithm must be EdDSA or ES256")]
+    UnsupportedAlgorithm,
+    #[error("reading {what} at {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is not a usable key")]
+    Key {
+        what: &'static str,
+        #[source]
+        source: KeyError,
+    },
+}
+
+impl TokenConfig {
+    /// The claims' settings: issuer, audience, lifetime.
+    pub fn settings(&self) -> TokenSettings {
+        TokenSettings::new(self.issuer.clone(), self.audience.clone())
+            .with_lifetime(Duration::from_secs(self.lifetime_seconds))
+    }
+
+    /// The signing key (PEM text, else the file, created if allowed) and the published keys.
+    pub fn key_set(&self) -> Result<KeySet, KeyConfigError> {
+        let current = self.signing_key()?.ok_or(KeyConfigError::NoSigningKey)?;
+        KeySet::new(current, self.published()?).map_err(|source| KeyConfigError::Key {
+            what: "the key set",
+            source,
+        })
+    }
+
+    /// A verifier of tokens from whatever keys are configured: the signing key's public half
+    /// if one is given, and every published key.
+    pub fn verifier(&self) -> Result<TokenVerifier, KeyConfigError> {
+        let mut keys = self.published()?;
+        if let Some(current) = self.signing_key()? {
+            keys.insert(0, current.verification_key().clone());
+        }
+        if keys.is_empty() {
+            return Err(KeyConfigError::NoVerificationKey);
+        }
+        TokenVerifier::new(keys, self.settings()).map_err(|source| KeyConfigError::Key {
+            what: "the verification keys",
+            source,
+        })
+    }
+
+    fn signing_key(&self) -> Result<Option<SigningKey>, KeyConfigError> {
+        let key = match (&self.signing_key, &self.signing_key_file) {
+            (Some(pem), _) => SigningKey::from_pem(pem),
+            (None, Some(path)) if self.create_key_if_missing => {
+                let algorithm: Algorithm = self
+                    .algorithm
+                    .parse()
+                    .map_err(|_| KeyConfigError::UnsupportedAlgorithm)?;
+                SigningKey::load_or_create(path, algorithm)
+            }
+            (None, Some(path)) => SigningKey::from_pem(&read(path, "the signing key")?),
+            (None, None) => return Ok(None),
+        };
+        key.map(Some).map_err(|source| KeyConfigError::Key {
+            what: "tokens.signing_key",
+            source,
+        })
+    }
+
+    fn published(&self) -> Result<Vec<VerificationKey>, KeyConfigError> {
+        self.published_keys
+            .iter()
+            .map(|entry| {
+                let pem = if entry.trim_start().starts_with("-----BEGIN") {
+                    entry.clone()
+                } else {
+                    read(Path::new(entry), "a published key")?
+                };
+                VerificationKey::from_pem(&pem).map_err(|source| KeyConfigError::Key {
+                    what: "a published key",
+                    source,
+                })
+            })
+            .collect()
+    }
+}
+
+fn read(path: &Path, what: &'static str) -> Result<String, KeyConfigError> {
+    std::fs::read_to_string(path).map_err(|source| KeyConfigError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_can_be_built_from_public_keys_alone() {
+        let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
+        let public_pem = key.verification_key().to_jwk();
+        assert!(public_pem.get("d").is_none());
+        let private_pem = key.to_pem().unwrap();
+        let config = TokenConfig {
+            published_keys: vec![private_pem.expose_secret().clone()],
+            ..TokenConfig::default()
+        };
+        let verifier = config.verifier().unwrap();
+        assert_eq!(verifier.keys()[0].kid(), key.kid());
+        assert!(matches!(
+            config.key_set(),
+            Err(KeyConfigError::NoSigningKey)
+        ));
+    }
+
+    #[test]
+    fn no_keys_at_all_is_a_clear_error() {
+        assert!(matches!(
+            TokenConfig::default().verifier(),
+            Err(KeyConfigError::NoVerificationKey)
+        ));
+    }
+
+    #[test]
+    fn the_debug_output_hides_the_signing_key() {
+        let config = TokenConfig {
+            signing_key: Some("-----BEGIN PRIVATE KEY----- secret".into()),
+            ..TokenConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}
