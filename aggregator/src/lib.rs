@@ -1,10 +1,275 @@
-//! The aggregator service.
+//! The aggregator: the worker that projects the message store's events into the read model,
+//! and the operator's commands around it (`migrate`, `status`, `reset`, `rebuild`).
+//!
+//! - [`view`]: the users view as values and how each event changes it (pure).
+//! - [`read_model`]: the read model's database (PostgreSQL or SQLite), its schema, and the
+//!   one-transaction batch commit with the checkpoint.
+//! - [`projector`]: the worker, one batch at a time or as a loop with takeover between replicas.
+//! - [`admin`]: status, reset and rebuild.
+//!
+//! [`Application`] wires them to settings and a small HTTP port (`/healthz`, `/readyz`,
+//! `/metrics`); the standalone binary runs the same [`Application`] (or a bare [`Projector`])
+//! inside its own process.
 
 #![forbid(unsafe_code)]
 
-use axum::{Router, routing::get};
+pub mod admin;
+pub mod projector;
+pub mod read_model;
+pub mod view;
 
-/// The routes this service answers.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" }))
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use message_store::{ConnectOptions, MessageStore};
+use platform::Problem;
+use platform::settings::{DatabaseSettings, LogSettings};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
+pub use read_model::{ReadModel, Target};
+
+/// Every setting of the aggregator. Environment variables override them as
+/// `IDENTITY__SECTION__KEY`, for example `IDENTITY__READ_MODEL__URL`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The message store.
+    pub database: DatabaseSettings,
+    pub read_model: ReadModelSettings,
+    pub aggregator: AggregatorSettings,
+    pub log: LogSettings,
+}
+
+/// Where the read model lives; by default in the message store's database.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct ReadModelSettings {
+    /// `postgres://...` or `sqlite://path`; empty means `database.url`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for ReadModelSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 8,
+        }
+    }
+}
+
+impl std::fmt::Debug for ReadModelSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadModelSettings")
+            .field("url", &platform::settings::redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AggregatorSettings {
+    pub http: HttpSettings,
+    /// Messages read and committed per batch.
+    pub batch_size: usize,
+    /// How often a standby replica tries to take a projection.
+    pub lock_retry_ms: u64,
+}
+
+impl Default for AggregatorSettings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::default(),
+            batch_size: 1000,
+            lock_retry_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    /// `/healthz`, `/readyz` and `/metrics`; port 0 picks a free one.
+    pub address: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0:8082".into(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn read_model_url(&self) -> &str {
+        if self.read_model.url.is_empty() {
+            &self.database.url
+        } else {
+            &self.read_model.url
+        }
+    }
+
+    pub fn projector_options(&self) -> ProjectorOptions {
+        ProjectorOptions {
+            batch_size: self.aggregator.batch_size.max(1),
+            lock_retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+        }
+    }
+
+    /// Opens the message store (applying its migrations, as every store client does).
+    pub async fn connect_store(&self) -> anyhow::Result<Arc<dyn MessageStore>> {
+        message_store::connect(
+            &self.database.url,
+            ConnectOptions {
+                max_connections: self.database.max_connections,
+                poll_interval: self.database.poll_interval(),
+            },
+        )
+        .await
+        .context("connecting to the message store")
+    }
+
+    /// Opens the read model. Does not migrate: see [`migrate`].
+    pub async fn connect_read_model(&self) -> anyhow::Result<ReadModel> {
+        ReadModel::connect(self.read_model_url(), self.read_model.max_connections)
+            .await
+            .context("connecting to the read model")
+    }
+}
+
+/// Applies the read model's migrations (`aggregator migrate`); idempotent.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let read_model = settings.connect_read_model().await?;
+    read_model
+        .migrate()
+        .await
+        .context("applying the read model migrations")
+}
+
+/// The running aggregator: the users projector and its HTTP port.
+pub struct Application {
+    listener: TcpListener,
+    store: Arc<dyn MessageStore>,
+    read_model: ReadModel,
+    projector: Projector,
+}
+
+impl Application {
+    /// Connects to both databases, applies the read model's migrations and binds the port.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Install the recorder before the first metric is recorded, not at the first scrape.
+        platform::metrics::handle();
+        let store = settings.connect_store().await?;
+        let read_model = settings.connect_read_model().await?;
+        read_model
+            .migrate()
+            .await
+            .context("applying the read model migrations")?;
+        let listener = TcpListener::bind(&settings.aggregator.http.address)
+            .await
+            .with_context(|| format!("binding {}", settings.aggregator.http.address))?;
+        let projector = Projector::users(
+            store.clone(),
+            read_model.clone(),
+            settings.projector_options(),
+        );
+        Ok(Self {
+            listener,
+            store,
+            read_model,
+            projector,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn port(&self) -> anyhow::Result<u16> {
+        Ok(self.local_addr()?.port())
+    }
+
+    pub fn projector_stats(&self) -> Arc<ProjectorStats> {
+        self.projector.stats()
+    }
+
+    /// The users projection's committed checkpoint as it moves.
+    pub fn positions(&self) -> watch::Receiver<u64> {
+        self.projector.positions()
+    }
+
+    /// Serves HTTP and projects until `shutdown` completes; then lets the batch in flight
+    /// finish (commit or roll back) and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.send_replace(true);
+        });
+        let wait = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        };
+        let router = router(Readiness {
+            store: self.store.clone(),
+            read_model: self.read_model.clone(),
+        });
+        let server = axum::serve(self.listener, router)
+            .with_graceful_shutdown(wait(stopped.clone()))
+            .into_future();
+        let worker = self.projector.run(wait(stopped));
+        let (served, ()) = tokio::join!(server, worker);
+        served.context("serving HTTP")
+    }
+}
+
+#[derive(Clone)]
+struct Readiness {
+    store: Arc<dyn MessageStore>,
+    read_model: ReadModel,
+}
+
+/// `/healthz` (alive), `/readyz` (both databases answer) and `/metrics`.
+pub fn router_for(store: Arc<dyn MessageStore>, read_model: ReadModel) -> Router {
+    router(Readiness { store, read_model })
+}
+
+fn router(readiness: Readiness) -> Router {
+    platform::http::with_common_layers(
+        Router::new()
+            .route("/readyz", get(ready))
+            .with_state(readiness),
+    )
+}
+
+async fn ready(State(readiness): State<Readiness>) -> axum::response::Response {
+    let (store, read_model) = tokio::join!(readiness.store.ping(), readiness.read_model.ping());
+    match (store, read_model) {
+        (Ok(()), Ok(())) => "ready".into_response(),
+        (store, read_model) => {
+            if let Err(error) = store {
+                tracing::warn!(%error, "readiness: the message store does not answer");
+            }
+            if let Err(error) = read_model {
+                tracing::warn!(%error, "readiness: the read model does not answer");
+            }
+            Problem::unavailable()
+                .with_detail("a database does not answer")
+                .into_response()
+        }
+    }
 }

@@ -1,6 +1,87 @@
+//! `aggregator`: the projection worker (`run`, the default) and its admin commands.
+
+use std::path::PathBuf;
+
+use aggregator::{Application, Settings, admin};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Projects the message store's events into the read model")]
+struct Cli {
+    /// A TOML settings file; environment variables (IDENTITY__SECTION__KEY) override it.
+    #[arg(long, env = "IDENTITY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the projections and serve /healthz, /readyz and /metrics (the default).
+    Run,
+    /// Apply the read model's migrations and exit (idempotent).
+    Migrate,
+    /// Per projection: checkpoint, head, lag and which worker holds it.
+    Status,
+    /// Empty a projection's view and checkpoint, so the worker replays it from zero.
+    Reset {
+        #[arg(long)]
+        projection: String,
+    },
+    /// Replay a projection into fresh tables and switch over atomically.
+    Rebuild {
+        #[arg(long)]
+        projection: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    axum::serve(listener, aggregator::router()).await?;
-    Ok(())
+    let cli = Cli::parse();
+    let settings: Settings =
+        platform::settings::load(cli.config.as_deref()).context("reading the settings")?;
+    platform::telemetry::init(&settings.log);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let application = Application::build(settings).await?;
+            tracing::info!(address = %application.local_addr()?, "aggregator started");
+            application
+                .run_until_stopped(platform::shutdown::signal())
+                .await
+        }
+        Command::Migrate => aggregator::migrate(&settings).await,
+        Command::Status => {
+            let store = settings.connect_store().await?;
+            let read_model = settings.connect_read_model().await?;
+            for status in admin::status(&store, &read_model).await? {
+                println!("{}", serde_json::to_string(&status)?);
+            }
+            Ok(())
+        }
+        Command::Reset { projection } => {
+            let read_model = settings.connect_read_model().await?;
+            read_model.migrate().await?;
+            admin::reset(&read_model, &projection).await?;
+            println!("{projection}: reset; the worker replays it from the start");
+            Ok(())
+        }
+        Command::Rebuild { projection } => {
+            let store = settings.connect_store().await?;
+            let read_model = settings.connect_read_model().await?;
+            read_model.migrate().await?;
+            let rebuilt = admin::rebuild(
+                &store,
+                &read_model,
+                &projection,
+                settings.aggregator.batch_size.max(1),
+            )
+            .await?;
+            println!(
+                "{projection}: rebuilt from {} events, up to position {}",
+                rebuilt.events, rebuilt.position
+            );
+            Ok(())
+        }
+    }
 }

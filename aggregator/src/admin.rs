@@ -1,0 +1,254 @@
+//! The operator's commands: `status`, `reset` and `rebuild` of a projection.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use message_store::{GlobalPosition, MessageStore};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::projector::{LOCK_KEY_SQL, Outcome, Projector, ProjectorOptions, USERS_VERSION};
+use crate::read_model::{Committed, ReadModel, Target, pg_apply, to_i64, to_u64};
+use crate::view::prepare;
+
+/// The projections this build knows.
+pub const PROJECTIONS: &[&str] = &["users"];
+
+/// One projection as `aggregator status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    pub projection: String,
+    pub version: Option<i32>,
+    pub checkpoint: GlobalPosition,
+    pub head: GlobalPosition,
+    /// Messages after the checkpoint (a count: positions are sparse).
+    pub lag: u64,
+    /// The `application_name` of the connection holding the projection's lock, if any.
+    pub held_by: Option<String>,
+}
+
+fn target(projection: &str) -> anyhow::Result<Target> {
+    match projection {
+        "users" => Ok(Target::USERS),
+        other => bail!("no projection named {other:?}; known: {PROJECTIONS:?}"),
+    }
+}
+
+pub async fn status(
+    store: &Arc<dyn MessageStore>,
+    read_model: &ReadModel,
+) -> anyhow::Result<Vec<ProjectionStatus>> {
+    let head = store.head_position().await.context("reading the head")?;
+    let mut statuses = Vec::new();
+    for projection in PROJECTIONS {
+        let checkpoint = read_model
+            .checkpoint(projection)
+            .await
+            .context("reading the checkpoint")?;
+        let position = checkpoint.map_or(0, |c| c.position);
+        let held_by = match read_model.as_postgres() {
+            Some(pool) => lock_holder(pool, projection).await?,
+            None => None,
+        };
+        statuses.push(ProjectionStatus {
+            projection: (*projection).to_owned(),
+            version: checkpoint.map(|c| c.version),
+            checkpoint: position,
+            head,
+            lag: store
+                .count_after(position)
+                .await
+                .context("counting the lag")?,
+            held_by,
+        });
+    }
+    Ok(statuses)
+}
+
+/// Who holds the projection's advisory lock: the holder's `application_name` and pid.
+pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Result<Option<String>> {
+    let row = sqlx::query(&format!(
+        "SELECT a.pid, a.application_name, a.client_addr::text AS client \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = {LOCK_KEY_SQL}"
+    ))
+    .bind(projection)
+    .fetch_optional(pool)
+    .await
+    .context("reading pg_locks")?;
+    Ok(row.map(|row| {
+        let pid: i32 = row.try_get("pid").unwrap_or_default();
+        let name: Option<String> = row.try_get("application_name").ok();
+        let client: Option<String> = row.try_get("client").ok().flatten();
+        format!(
+            "{} (backend pid {pid}{})",
+            name.unwrap_or_default(),
+            client.map(|c| format!(", from {c}")).unwrap_or_default()
+        )
+    }))
+}
+
+/// Empties the view and its checkpoint in one transaction; the worker replays from zero.
+pub async fn reset(read_model: &ReadModel, projection: &str) -> anyhow::Result<()> {
+    let target = target(projection)?;
+    read_model
+        .reset(&target, USERS_VERSION)
+        .await
+        .context("resetting the projection")
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub events: u64,
+    pub position: GlobalPosition,
+}
+
+/// Replays every event into a fresh table beside the live one, then swaps the two in one
+/// transaction together with the checkpoint. Readers see the old view until the swap commits
+/// and the new one after it, never a half-built one.
+///
+/// The swap transaction locks the live checkpoint row (so the live worker's next commit waits,
+/// then finds its checkpoint moved and reloads it), replays whatever was appended since the
+/// catch-up, and renames. Only PostgreSQL: on SQLite, use `reset`.
+pub async fn rebuild(
+    store: &Arc<dyn MessageStore>,
+    read_model: &ReadModel,
+    projection: &str,
+    batch_size: usize,
+) -> anyhow::Result<Rebuilt> {
+    let live = target(projection)?;
+    let fresh = Target::USERS_REBUILD;
+    let Some(pool) = read_model.as_postgres() else {
+        bail!("rebuild runs on a PostgreSQL read model; on SQLite use `reset`");
+    };
+    prepare_fresh_table(pool, &live, &fresh).await?;
+
+    // Catch up outside any lock: the bulk of the work, while the live view keeps serving.
+    let mut projector = Projector::new(
+        store.clone(),
+        read_model.clone(),
+        fresh.clone(),
+        ProjectorOptions {
+            batch_size,
+            ..ProjectorOptions::default()
+        },
+    );
+    let mut events = 0u64;
+    loop {
+        match projector.process_next_batch().await? {
+            Outcome::Applied { events: n, .. } => events += n as u64,
+            Outcome::Idle => break,
+            Outcome::Halted { reason } => bail!("the rebuild halted: {reason}"),
+        }
+    }
+
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(live.checkpoint)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let mut position: i64 =
+        sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE projection = $1")
+            .bind(fresh.checkpoint)
+            .fetch_one(&mut *tx)
+            .await?;
+    // The last stretch, inside the swap transaction: whatever writers appended meanwhile.
+    loop {
+        let from = to_u64(position);
+        let messages = store.read_all(from, batch_size).await?;
+        let Some(last) = messages.last() else { break };
+        let prepared = prepare(&messages);
+        if let Some((_, reason)) = prepared.poison {
+            bail!("the rebuild halted: {reason}");
+        }
+        match pg_apply(
+            &mut tx,
+            &fresh,
+            from,
+            last.global_position,
+            &prepared.changes,
+        )
+        .await?
+        {
+            Committed::Written { .. } => {}
+            Committed::CheckpointMoved => bail!("the rebuild's checkpoint moved under it"),
+            Committed::Poison { reason, .. } => bail!("the rebuild halted: {reason}"),
+        }
+        events += prepared.changes.len() as u64;
+        position = to_i64(last.global_position);
+    }
+    sqlx::query(&format!("DROP TABLE {}", live.table))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "ALTER TABLE {} RENAME TO {}",
+        fresh.table, live.table
+    ))
+    .execute(&mut *tx)
+    .await?;
+    // Give the indexes the names the migrations gave the live ones.
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = $1")
+            .bind(live.table)
+            .fetch_all(&mut *tx)
+            .await?;
+    for index in indexes {
+        if let Some(rest) = index.strip_prefix(fresh.table) {
+            sqlx::query(&format!(
+                "ALTER INDEX \"{index}\" RENAME TO \"{}{rest}\"",
+                live.table
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ($1, $2, $3) \
+         ON CONFLICT (projection) DO UPDATE \
+         SET version = excluded.version, position = excluded.position, updated_at = now()",
+    )
+    .bind(live.checkpoint)
+    .bind(USERS_VERSION)
+    .bind(position)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
+        .bind(fresh.checkpoint)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await.context("committing the swap")?;
+    Ok(Rebuilt {
+        events,
+        position: to_u64(position),
+    })
+}
+
+async fn prepare_fresh_table(
+    pool: &sqlx::PgPool,
+    live: &Target,
+    fresh: &Target,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", fresh.table))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE {} (LIKE {} INCLUDING ALL)",
+        fresh.table, live.table
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ($1, $2, 0) \
+         ON CONFLICT (projection) DO UPDATE SET version = excluded.version, position = 0",
+    )
+    .bind(fresh.checkpoint)
+    .bind(USERS_VERSION)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await.context("preparing the rebuild table")?;
+    Ok(())
+}

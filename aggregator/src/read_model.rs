@@ -1,0 +1,509 @@
+//! The read model's database: the users view and the projections' checkpoints, on PostgreSQL
+//! (deployments) or SQLite (the standalone mode). One enum, so the worker is written once.
+//!
+//! # Schema (migrations/read_model/)
+//!
+//! `users`: one row per account, what the query API serves.
+//!
+//! | column | PostgreSQL | SQLite | meaning |
+//! |---|---|---|---|
+//! | `id` | uuid, primary key | text | the user id |
+//! | `email` | text | text | as registered |
+//! | `email_normalized` | text, indexed | text, indexed | lookup key (not unique here: the command side decides uniqueness) |
+//! | `status` | text | text | `pending`, `active`, `deactivated`; indexed with `id` for paging |
+//! | `registered_at` | timestamptz | RFC 3339 text | |
+//! | `activated_at` | timestamptz null | text null | last activation (the registration time when registered active) |
+//! | `deactivated_at` | timestamptz null | text null | last deactivation |
+//! | `last_login_at` | timestamptz null | text null | last successful login |
+//! | `login_count` | bigint | integer | successful logins |
+//! | `failed_logins` | integer | integer | failed logins since the last success |
+//! | `locked_until` | timestamptz null | text null | set by the failure that locked the account |
+//! | `roles` | text[] | JSON array text | `user`, `admin` |
+//! | `position` | bigint | integer | global position of the last event applied to the row |
+//!
+//! `projection_checkpoints (projection pk, version, position, updated_at)`: per projection, the
+//! global position up to which its rows include every event. Rows and checkpoint are written in
+//! one transaction, and the checkpoint is moved by compare-and-set (`... WHERE position = old`):
+//! a worker that lost its lock, or raced a `reset`/`rebuild`, writes nothing.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{Connection, PgConnection, Row, SqliteConnection};
+use uuid::Uuid;
+
+use crate::view::{Change, UserRow, apply_all};
+
+const COLUMNS: &str = "id, email, email_normalized, status, registered_at, activated_at, \
+     deactivated_at, last_login_at, login_count, failed_logins, locked_until, roles, position";
+
+/// Where a projection writes: its checkpoint row and its table. Table names are fixed here,
+/// never taken from input, since they are formatted into SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub checkpoint: &'static str,
+    pub table: &'static str,
+}
+
+impl Target {
+    /// The live users view.
+    pub const USERS: Target = Target {
+        checkpoint: "users",
+        table: "users",
+    };
+    /// The users view being rebuilt beside the live one.
+    pub const USERS_REBUILD: Target = Target {
+        checkpoint: "users:rebuild",
+        table: "users_rebuild",
+    };
+}
+
+/// A projection's stored checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub version: i32,
+    pub position: u64,
+}
+
+/// What became of a batch commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// Rows and checkpoint are written.
+    Written { rows: usize },
+    /// The checkpoint was no longer where the batch started: another worker, a reset or a
+    /// rebuild moved it. Nothing was written.
+    CheckpointMoved,
+    /// The change at `index` cannot be applied. Nothing was written.
+    Poison { index: usize, reason: String },
+}
+
+/// The read model's database.
+#[derive(Debug, Clone)]
+pub enum ReadModel {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl ReadModel {
+    /// Connects to `postgres://...` or `sqlite://path` (created if missing). Does not migrate.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        if url.starts_with("sqlite:") {
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+            let options = message_store::sqlite::connect_options(options.get_filename());
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .connect_with(options)
+                .await?;
+            return Ok(Self::Sqlite(pool));
+        }
+        let options = PgConnectOptions::from_str(url)?.application_name("aggregator");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self::Postgres(pool))
+    }
+
+    /// Creates or updates the read model's tables; applying them again changes nothing.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self {
+            Self::Postgres(pool) => {
+                let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
+                // The message store may share this database and its migrations table.
+                migrator.set_ignore_missing(true);
+                migrator.run(pool).await
+            }
+            Self::Sqlite(pool) => {
+                let mut migrator = sqlx::migrate!("../migrations/read_model/sqlite");
+                migrator.set_ignore_missing(true);
+                migrator.run(pool).await
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        }
+    }
+
+    /// The projection's checkpoint, created at position 0 if it has none.
+    pub async fn ensure_checkpoint(
+        &self,
+        projection: &str,
+        version: i32,
+    ) -> Result<Checkpoint, sqlx::Error> {
+        let insert = "INSERT INTO projection_checkpoints (projection, version, position) \
+                      VALUES ($1, $2, 0) ON CONFLICT (projection) DO NOTHING";
+        match self {
+            Self::Postgres(pool) => {
+                sqlx::query(insert)
+                    .bind(projection)
+                    .bind(version)
+                    .execute(pool)
+                    .await?;
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query(insert)
+                    .bind(projection)
+                    .bind(version)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        self.checkpoint(projection)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)
+    }
+
+    pub async fn checkpoint(&self, projection: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
+        let query = "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
+        let row: Option<(i32, i64)> = match self {
+            Self::Postgres(pool) => {
+                sqlx::query_as(query)
+                    .bind(projection)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query_as(query)
+                    .bind(projection)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(row.map(|(version, position)| Checkpoint {
+            version,
+            position: to_u64(position),
+        }))
+    }
+
+    /// Applies `changes` and moves the checkpoint from `from` to `to`, in one transaction.
+    pub async fn commit(
+        &self,
+        target: &Target,
+        from: u64,
+        to: u64,
+        changes: &[Change],
+    ) -> Result<Committed, sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let committed = pg_apply(&mut tx, target, from, to, changes).await?;
+                if matches!(committed, Committed::Written { .. }) {
+                    tx.commit().await?;
+                }
+                Ok(committed)
+            }
+            Self::Sqlite(pool) => {
+                let mut connection = pool.acquire().await?;
+                // IMMEDIATE: take the write lock now rather than fail to upgrade a read later.
+                let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+                let committed = sqlite_apply(&mut tx, target, from, to, changes).await?;
+                if matches!(committed, Committed::Written { .. }) {
+                    tx.commit().await?;
+                }
+                Ok(committed)
+            }
+        }
+    }
+
+    /// Every row of `table`, ordered by id: for comparisons and tests.
+    pub async fn rows(&self, target: &Target) -> Result<Vec<UserRow>, sqlx::Error> {
+        let query = format!("SELECT {COLUMNS} FROM {} ORDER BY id", target.table);
+        match self {
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(&query).fetch_all(pool).await?;
+                rows.iter().map(pg_row).collect()
+            }
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(&query).fetch_all(pool).await?;
+                rows.iter().map(sqlite_row).collect()
+            }
+        }
+    }
+
+    /// Empties the view and sets its checkpoint to 0, in one transaction: the worker replays.
+    pub async fn reset(&self, target: &Target, version: i32) -> Result<(), sqlx::Error> {
+        // The checkpoint row is locked first, as every batch commit does, so a batch in flight
+        // either commits before the reset or finds the checkpoint moved and writes nothing.
+        let upsert = "INSERT INTO projection_checkpoints (projection, version, position) \
+                      VALUES ($1, $2, 0) ON CONFLICT (projection) DO UPDATE \
+                      SET version = excluded.version, position = 0";
+        let delete = format!("DELETE FROM {}", target.table);
+        match self {
+            Self::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query(upsert)
+                    .bind(target.checkpoint)
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&delete).execute(&mut *tx).await?;
+                tx.commit().await
+            }
+            Self::Sqlite(pool) => {
+                let mut connection = pool.acquire().await?;
+                let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::query(upsert)
+                    .bind(target.checkpoint)
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&delete).execute(&mut *tx).await?;
+                tx.commit().await
+            }
+        }
+    }
+
+    pub fn as_postgres(&self) -> Option<&PgPool> {
+        match self {
+            Self::Postgres(pool) => Some(pool),
+            Self::Sqlite(_) => None,
+        }
+    }
+}
+
+/// Loads the rows `changes` touch, folds the changes into them and writes back what changed,
+/// after moving the checkpoint by compare-and-set. Runs inside the caller's transaction.
+pub(crate) async fn pg_apply(
+    connection: &mut PgConnection,
+    target: &Target,
+    from: u64,
+    to: u64,
+    changes: &[Change],
+) -> Result<Committed, sqlx::Error> {
+    // First, so that this transaction holds the checkpoint row before it touches the view:
+    // reset and rebuild lock the same row first, and nothing waits in the other order.
+    let moved = sqlx::query(
+        "UPDATE projection_checkpoints SET position = $3, updated_at = now() \
+         WHERE projection = $1 AND position = $2",
+    )
+    .bind(target.checkpoint)
+    .bind(to_i64(from))
+    .bind(to_i64(to))
+    .execute(&mut *connection)
+    .await?;
+    if moved.rows_affected() != 1 {
+        return Ok(Committed::CheckpointMoved);
+    }
+    if changes.is_empty() {
+        return Ok(Committed::Written { rows: 0 });
+    }
+    let mut ids: Vec<Uuid> = changes.iter().map(|change| change.user_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let loaded = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM {} WHERE id = ANY($1)",
+        target.table
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    let mut rows = HashMap::with_capacity(ids.len());
+    for row in &loaded {
+        let row = pg_row(row)?;
+        rows.insert(row.id, row);
+    }
+    let changed = match apply_all(&mut rows, changes) {
+        Ok(changed) => changed,
+        Err((index, reason)) => return Ok(Committed::Poison { index, reason }),
+    };
+    let rows: Vec<&UserRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
+    pg_upsert(connection, target, &rows).await?;
+    Ok(Committed::Written { rows: rows.len() })
+}
+
+/// One multi-row upsert from parallel arrays: one round trip however large the batch.
+async fn pg_upsert(
+    connection: &mut PgConnection,
+    target: &Target,
+    rows: &[&UserRow],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {table} ({COLUMNS}) \
+         SELECT r.id, r.email, r.email_normalized, r.status, r.registered_at, r.activated_at, \
+                r.deactivated_at, r.last_login_at, r.login_count, r.failed_logins, \
+                r.locked_until, string_to_array(r.roles, ','), r.position \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], \
+                     $10::int[], $11::timestamptz[], $12::text[], $13::bigint[]) \
+              AS r(id, email, email_normalized, status, registered_at, activated_at, \
+                   deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
+                   roles, position) \
+         ON CONFLICT (id) DO UPDATE SET \
+             email = excluded.email, email_normalized = excluded.email_normalized, \
+             status = excluded.status, registered_at = excluded.registered_at, \
+             activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
+             last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
+             failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
+             roles = excluded.roles, position = excluded.position",
+        table = target.table
+    );
+    sqlx::query(&sql)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.email.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.email_normalized.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.registered_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.activated_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deactivated_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.last_login_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.login_count).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.failed_logins).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.locked_until).collect::<Vec<_>>())
+        // Role names are lower-case words, so a comma list is a safe flat encoding.
+        .bind(rows.iter().map(|r| r.roles.join(",")).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+async fn sqlite_apply(
+    connection: &mut SqliteConnection,
+    target: &Target,
+    from: u64,
+    to: u64,
+    changes: &[Change],
+) -> Result<Committed, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE projection_checkpoints \
+         SET position = $3, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE projection = $1 AND position = $2",
+    )
+    .bind(target.checkpoint)
+    .bind(to_i64(from))
+    .bind(to_i64(to))
+    .execute(&mut *connection)
+    .await?;
+    if moved.rows_affected() != 1 {
+        return Ok(Committed::CheckpointMoved);
+    }
+    let mut rows = HashMap::new();
+    let select = format!("SELECT {COLUMNS} FROM {} WHERE id = $1", target.table);
+    for change in changes {
+        if rows.contains_key(&change.user_id) {
+            continue;
+        }
+        if let Some(row) = sqlx::query(&select)
+            .bind(change.user_id.hyphenated().to_string())
+            .fetch_optional(&mut *connection)
+            .await?
+        {
+            let row = sqlite_row(&row)?;
+            rows.insert(row.id, row);
+        }
+    }
+    let changed = match apply_all(&mut rows, changes) {
+        Ok(changed) => changed,
+        Err((index, reason)) => return Ok(Committed::Poison { index, reason }),
+    };
+    let upsert = format!(
+        "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT (id) DO UPDATE SET \
+             email = excluded.email, email_normalized = excluded.email_normalized, \
+             status = excluded.status, registered_at = excluded.registered_at, \
+             activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
+             last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
+             failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
+             roles = excluded.roles, position = excluded.position",
+        target.table
+    );
+    for row in changed.iter().filter_map(|id| rows.get(id)) {
+        sqlx::query(&upsert)
+            .bind(row.id.hyphenated().to_string())
+            .bind(&row.email)
+            .bind(&row.email_normalized)
+            .bind(&row.status)
+            .bind(sqlite_time(row.registered_at))
+            .bind(row.activated_at.map(sqlite_time))
+            .bind(row.deactivated_at.map(sqlite_time))
+            .bind(row.last_login_at.map(sqlite_time))
+            .bind(row.login_count)
+            .bind(row.failed_logins)
+            .bind(row.locked_until.map(sqlite_time))
+            .bind(serde_json::to_string(&row.roles).unwrap_or_else(|_| "[]".into()))
+            .bind(row.position)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(Committed::Written {
+        rows: changed.len(),
+    })
+}
+
+fn pg_row(row: &PgRow) -> Result<UserRow, sqlx::Error> {
+    Ok(UserRow {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        email_normalized: row.try_get("email_normalized")?,
+        status: row.try_get("status")?,
+        registered_at: row.try_get("registered_at")?,
+        activated_at: row.try_get("activated_at")?,
+        deactivated_at: row.try_get("deactivated_at")?,
+        last_login_at: row.try_get("last_login_at")?,
+        login_count: row.try_get("login_count")?,
+        failed_logins: row.try_get("failed_logins")?,
+        locked_until: row.try_get("locked_until")?,
+        roles: row.try_get("roles")?,
+        position: row.try_get("position")?,
+    })
+}
+
+/// Times in SQLite are RFC 3339 text with microseconds, so they sort as text.
+fn sqlite_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_sqlite_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    text.map(|text| {
+        DateTime::parse_from_rfc3339(&text)
+            .map(|time| time.with_timezone(&Utc))
+            .map_err(|error| sqlx::Error::Decode(Box::new(error)))
+    })
+    .transpose()
+}
+
+fn sqlite_row(row: &SqliteRow) -> Result<UserRow, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let roles: String = row.try_get("roles")?;
+    Ok(UserRow {
+        id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+        email: row.try_get("email")?,
+        email_normalized: row.try_get("email_normalized")?,
+        status: row.try_get("status")?,
+        registered_at: parse_sqlite_time(Some(row.try_get("registered_at")?))?
+            .ok_or(sqlx::Error::RowNotFound)?,
+        activated_at: parse_sqlite_time(row.try_get("activated_at")?)?,
+        deactivated_at: parse_sqlite_time(row.try_get("deactivated_at")?)?,
+        last_login_at: parse_sqlite_time(row.try_get("last_login_at")?)?,
+        login_count: row.try_get("login_count")?,
+        failed_logins: row.try_get("failed_logins")?,
+        locked_until: parse_sqlite_time(row.try_get("locked_until")?)?,
+        roles: serde_json::from_str(&roles)
+            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+        position: row.try_get("position")?,
+    })
+}
+
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,9 @@
+//! The aggregator against real PostgreSQL (and SQLite for the standalone mode): one test
+//! binary, one fresh database per test.
+
+// Helpers outside #[test] functions panic on failure too: this is test code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin;
+mod support;
+mod worker;

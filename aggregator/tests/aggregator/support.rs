@@ -1,0 +1,414 @@
+//! Writers that append real domain events through the message store and keep, beside them,
+//! the rows the users view must end with: the fold of every event they appended.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aggregator::view::UserRow;
+use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel, Target};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use identity::{
+    AccountStatus, Email, LoginEvent, LoginFailed, LoginSucceeded, PasswordHash, Role,
+    UserActivated, UserDeactivated, UserEvent, UserId, UserRegistered, login_stream_name,
+    user_stream_name,
+};
+use message_store::{
+    ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
+};
+use serde_json::json;
+use test_support::TestDatabase;
+use uuid::Uuid;
+
+pub struct Env {
+    pub store: Arc<dyn MessageStore>,
+    pub read_model: ReadModel,
+    pub read_model_url: String,
+    // Dropped last: the databases go when the test ends.
+    pub _read_model_db: Option<TestDatabase>,
+    pub db: TestDatabase,
+}
+
+/// The store and the read model in one database.
+pub async fn env() -> Env {
+    platform::metrics::handle();
+    let db = TestDatabase::new().await;
+    let store = connect_store(db.url()).await;
+    let read_model = read_model(db.url()).await;
+    Env {
+        store,
+        read_model,
+        read_model_url: db.url().to_owned(),
+        _read_model_db: None,
+        db,
+    }
+}
+
+/// The read model in a database of its own.
+pub async fn env_apart() -> Env {
+    platform::metrics::handle();
+    let db = TestDatabase::new().await;
+    let rm = db.sibling("rm").await;
+    let store = connect_store(db.url()).await;
+    let read_model = read_model(rm.url()).await;
+    Env {
+        store,
+        read_model,
+        read_model_url: rm.url().to_owned(),
+        _read_model_db: Some(rm),
+        db,
+    }
+}
+
+pub async fn connect_store(url: &str) -> Arc<dyn MessageStore> {
+    message_store::connect(
+        url,
+        ConnectOptions {
+            max_connections: 20,
+            poll_interval: std::time::Duration::from_millis(100),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn read_model(url: &str) -> ReadModel {
+    let read_model = ReadModel::connect(url, 8).await.unwrap();
+    read_model.migrate().await.unwrap();
+    read_model
+}
+
+pub fn options(batch_size: usize) -> ProjectorOptions {
+    ProjectorOptions {
+        batch_size,
+        lock_retry: std::time::Duration::from_millis(20),
+    }
+}
+
+/// Steps the projector until its checkpoint has reached `until`; returns the events applied.
+///
+/// A message becomes readable once every transaction that started before it has ended, on
+/// the whole server (docs/adr/0002): tests running beside this one can hold it back a moment,
+/// so "idle" alone does not mean "done".
+pub async fn drain(projector: &mut Projector, read_model: &ReadModel, until: u64) -> usize {
+    let mut applied = 0;
+    for _ in 0..2000 {
+        match projector.process_next_batch().await.unwrap() {
+            Outcome::Applied { events, .. } => applied += events,
+            Outcome::Idle => {
+                let reached = read_model
+                    .checkpoint(projector.name())
+                    .await
+                    .unwrap()
+                    .is_some_and(|checkpoint| checkpoint.position >= until);
+                if reached {
+                    return applied;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Outcome::Halted { reason } => panic!("halted: {reason}"),
+        }
+    }
+    panic!("the projector did not reach {until}");
+}
+
+/// Waits until readers of the global order can see position `until`.
+pub async fn settle(store: &Arc<dyn MessageStore>, until: u64) {
+    for _ in 0..2000 {
+        if store.head_position().await.unwrap() >= until {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("position {until} did not become readable");
+}
+
+/// The view's rows after draining a fresh projector over `store` into a fresh database: what a
+/// clean rebuild gives.
+pub async fn clean_rebuild(
+    db: &TestDatabase,
+    store: &Arc<dyn MessageStore>,
+    until: u64,
+) -> Vec<UserRow> {
+    let fresh = db.sibling(&format!("clean{}", fastrand::u32(..))).await;
+    let read_model = read_model(fresh.url()).await;
+    let mut projector = Projector::users(store.clone(), read_model.clone(), options(97));
+    drain(&mut projector, &read_model, until).await;
+    read_model.rows(&Target::USERS).await.unwrap()
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::seconds(seconds)
+}
+
+fn hash() -> PasswordHash {
+    PasswordHash::parse(
+        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG",
+    )
+    .unwrap()
+}
+
+/// Appends events for users it owns and folds them, independently of the aggregator's code,
+/// into the rows the view must hold.
+#[derive(Clone)]
+pub struct Writer {
+    store: Arc<dyn MessageStore>,
+    pub expected: Arc<Mutex<HashMap<Uuid, UserRow>>>,
+    last: Arc<AtomicU64>,
+}
+
+impl Writer {
+    pub fn new(store: Arc<dyn MessageStore>) -> Self {
+        Self {
+            store,
+            expected: Arc::default(),
+            last: Arc::default(),
+        }
+    }
+
+    /// The highest global position this writer (and its clones) appended.
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::SeqCst)
+    }
+
+    pub fn expected_rows(&self) -> Vec<UserRow> {
+        let mut rows: Vec<_> = self.expected.lock().unwrap().values().cloned().collect();
+        rows.sort_by_key(|row| row.id);
+        rows
+    }
+
+    async fn append(&self, stream: String, message_type: &str, data: serde_json::Value) -> i64 {
+        let message =
+            NewMessage::new(message_type, data).with_metadata(json!({ "schemaVersion": 1 }));
+        let appended = self
+            .store
+            .append(vec![StreamAppend::new(
+                StreamName::parse(stream).unwrap(),
+                ExpectedVersion::Any,
+                vec![message],
+            )])
+            .await
+            .unwrap();
+        self.last
+            .fetch_max(appended.last_global_position(), Ordering::SeqCst);
+        appended.last_global_position() as i64
+    }
+
+    async fn user_event(&self, id: Uuid, event: UserEvent) -> i64 {
+        self.append(
+            user_stream_name(UserId::from_uuid(id)),
+            event.event_type(),
+            event.to_json(),
+        )
+        .await
+    }
+
+    async fn login_event(&self, id: Uuid, event: LoginEvent) -> i64 {
+        self.append(
+            login_stream_name(UserId::from_uuid(id)),
+            event.event_type(),
+            event.to_json(),
+        )
+        .await
+    }
+
+    pub async fn register(&self, id: Uuid, active: bool, t: i64) {
+        let email = format!("User.{}@Example.com", id.simple());
+        let status = if active {
+            AccountStatus::Active
+        } else {
+            AccountStatus::Pending
+        };
+        let position = self
+            .user_event(
+                id,
+                UserRegistered {
+                    user_id: UserId::from_uuid(id),
+                    email: Email::parse(&email).unwrap(),
+                    email_normalized: email.to_lowercase(),
+                    password_hash: hash(),
+                    status,
+                    roles: vec![Role::User],
+                    registered_at: at(t),
+                }
+                .into(),
+            )
+            .await;
+        self.expected.lock().unwrap().insert(
+            id,
+            UserRow {
+                id,
+                email: email.clone(),
+                email_normalized: email.to_lowercase(),
+                status: if active { "active" } else { "pending" }.into(),
+                registered_at: at(t),
+                activated_at: active.then(|| at(t)),
+                deactivated_at: None,
+                last_login_at: None,
+                login_count: 0,
+                failed_logins: 0,
+                locked_until: None,
+                roles: vec!["user".into()],
+                position,
+            },
+        );
+    }
+
+    fn update(&self, id: Uuid, position: i64, change: impl FnOnce(&mut UserRow)) {
+        let mut expected = self.expected.lock().unwrap();
+        let row = expected.get_mut(&id).unwrap();
+        change(row);
+        row.position = row.position.max(position);
+    }
+
+    fn row(&self, id: Uuid) -> UserRow {
+        self.expected.lock().unwrap()[&id].clone()
+    }
+
+    pub async fn activate(&self, id: Uuid, t: i64) {
+        let position = self
+            .user_event(id, UserActivated { at: at(t) }.into())
+            .await;
+        self.update(id, position, |row| {
+            row.status = "active".into();
+            row.activated_at = Some(at(t));
+        });
+    }
+
+    pub async fn deactivate(&self, id: Uuid, t: i64) {
+        let position = self
+            .user_event(id, UserDeactivated { at: at(t) }.into())
+            .await;
+        self.update(id, position, |row| {
+            row.status = "deactivated".into();
+            row.deactivated_at = Some(at(t));
+        });
+    }
+
+    pub async fn login(&self, id: Uuid, t: i64) {
+        let count = self.row(id).login_count as u64 + 1;
+        let position = self
+            .login_event(
+                id,
+                LoginSucceeded {
+                    at: at(t),
+                    login_count: count,
+                }
+                .into(),
+            )
+            .await;
+        self.update(id, position, |row| {
+            row.last_login_at = Some(at(t));
+            row.login_count = count as i64;
+            row.failed_logins = 0;
+            row.locked_until = None;
+        });
+    }
+
+    pub async fn fail_login(&self, id: Uuid, t: i64) {
+        let before = self.row(id);
+        let failed = before.failed_logins as u32 + 1;
+        let locked_until = (failed >= 3).then(|| at(t + 300));
+        let position = self
+            .login_event(
+                id,
+                LoginFailed {
+                    at: at(t),
+                    failed_in_a_row: failed,
+                    locked_until,
+                    login_count: before.login_count as u64,
+                }
+                .into(),
+            )
+            .await;
+        self.update(id, position, |row| {
+            row.failed_logins = failed as i32;
+            row.locked_until = locked_until;
+        });
+    }
+
+    /// `users` new users, each followed by `ops` random events of theirs.
+    pub async fn random_history(&self, users: usize, ops: usize) {
+        let ids: Vec<Uuid> = (0..users).map(|_| Uuid::now_v7()).collect();
+        for (n, id) in ids.iter().enumerate() {
+            self.register(*id, fastrand::bool(), n as i64).await;
+        }
+        for t in 0..ops * users {
+            let id = ids[fastrand::usize(..ids.len())];
+            let t = 1000 + t as i64;
+            match fastrand::u8(..5) {
+                0 => self.activate(id, t).await,
+                1 => self.deactivate(id, t).await,
+                2 | 3 => self.login(id, t).await,
+                _ => self.fail_login(id, t).await,
+            }
+        }
+    }
+}
+
+/// Runs `writers` concurrent writers, each with its own users; returns one writer whose
+/// `expected` holds every user's row.
+pub async fn concurrent_writers(
+    store: &Arc<dyn MessageStore>,
+    writers: usize,
+    users: usize,
+    ops: usize,
+) -> Writer {
+    let writer = Writer::new(store.clone());
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.random_history(users, ops).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    writer
+}
+
+/// A raw message, for types and categories the domain does not write.
+pub async fn append_raw(
+    store: &Arc<dyn MessageStore>,
+    stream: &str,
+    message_type: &str,
+    data: serde_json::Value,
+    metadata: serde_json::Value,
+) -> u64 {
+    store
+        .append(vec![StreamAppend::new(
+            StreamName::parse(stream).unwrap(),
+            ExpectedVersion::Any,
+            vec![NewMessage::new(message_type, data).with_metadata(metadata)],
+        )])
+        .await
+        .unwrap()
+        .last_global_position()
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,334 @@
+//! The worker: ordering, crashes, takeover, unknown and poison events, two databases, SQLite.
+
+use std::time::Duration;
+
+use aggregator::{Application, Outcome, Projector, Settings, Target};
+use serde_json::json;
+
+use crate::support::{
+    Writer, append_raw, clean_rebuild, concurrent_writers, drain, env, env_apart, http_get,
+    options, settle,
+};
+
+#[tokio::test]
+async fn concurrent_writers_committing_out_of_order_end_in_the_fold_of_every_event() {
+    let env = env().await;
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(17));
+    let store = env.store.clone();
+    let writing = tokio::spawn(async move { concurrent_writers(&store, 6, 15, 6).await });
+    // Project while the writers commit, so batches end at every kind of interleaving.
+    while !writing.is_finished() {
+        projector.process_next_batch().await.unwrap();
+    }
+    let writer = writing.await.unwrap();
+    drain(&mut projector, &env.read_model, writer.last()).await;
+
+    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    assert_eq!(rows.len(), 6 * 15);
+    assert_eq!(rows, writer.expected_rows());
+}
+
+#[tokio::test]
+async fn a_worker_killed_at_random_points_resumes_to_the_view_of_a_clean_rebuild() {
+    let env = env().await;
+    let store = env.store.clone();
+    let writing = tokio::spawn(async move { concurrent_writers(&store, 4, 10, 8).await });
+    let mut runs = 0;
+    while !writing.is_finished() || runs < 20 {
+        runs += 1;
+        let projector = Projector::users(
+            env.store.clone(),
+            env.read_model.clone(),
+            options(1 + fastrand::usize(..9)),
+        );
+        let task = tokio::spawn(projector.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..60))).await;
+        task.abort();
+        let _ = task.await;
+    }
+    let writer = writing.await.unwrap();
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(50));
+    drain(&mut projector, &env.read_model, writer.last()).await;
+
+    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    assert_eq!(rows, writer.expected_rows());
+    assert_eq!(
+        rows,
+        clean_rebuild(&env.db, &env.store, writer.last()).await
+    );
+}
+
+#[tokio::test]
+async fn of_two_workers_on_one_projection_one_works_and_the_other_takes_over_when_it_stops() {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    let first = Projector::users(env.store.clone(), env.read_model.clone(), options(10));
+    let second = Projector::users(env.store.clone(), env.read_model.clone(), options(10));
+    let (first_stats, second_stats) = (first.stats(), second.stats());
+    let (stop_first, first_stopped) = tokio::sync::oneshot::channel::<()>();
+    let first_task = tokio::spawn(first.run(async move {
+        let _ = first_stopped.await;
+    }));
+    wait_until(|| {
+        first_stats
+            .holds_lock
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let second_task = tokio::spawn(second.run(std::future::pending()));
+
+    writer.random_history(10, 3).await;
+    wait_for_rows(&env, &writer).await;
+    let status = aggregator::admin::status(&env.store, &env.read_model)
+        .await
+        .unwrap();
+    assert!(
+        status[0]
+            .held_by
+            .as_deref()
+            .unwrap()
+            .starts_with("aggregator users")
+    );
+    assert_eq!(status[0].lag, 0);
+    assert!(
+        first_stats
+            .events_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert_eq!(
+        second_stats
+            .events_applied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(
+        !second_stats
+            .holds_lock
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+
+    stop_first.send(()).unwrap();
+    first_task.await.unwrap();
+    writer.random_history(10, 3).await;
+    wait_for_rows(&env, &writer).await;
+    assert!(
+        second_stats
+            .holds_lock
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        second_stats
+            .events_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    second_task.abort();
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out");
+}
+
+async fn wait_for_rows(env: &crate::support::Env, writer: &Writer) {
+    let expected = writer.expected_rows();
+    for _ in 0..500 {
+        if env.read_model.rows(&Target::USERS).await.unwrap() == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), expected);
+}
+
+#[tokio::test]
+async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_unnoticed() {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(2, 2).await;
+    let id = writer.expected_rows()[0].id;
+    append_raw(
+        &env.store,
+        &format!("user-{id}"),
+        "UserRenamed",
+        json!({"name": "x"}),
+        json!({"schemaVersion": 1}),
+    )
+    .await;
+    let last = append_raw(
+        &env.store,
+        "userEmail-5f2b",
+        "EmailReserved",
+        json!({ "user_id": id }),
+        json!({}),
+    )
+    .await;
+    settle(&env.store, last).await;
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let outcome = projector.process_next_batch().await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Applied { skipped: 1, position, .. } if position == last),
+        "{outcome:?}"
+    );
+    assert_eq!(projector.process_next_batch().await.unwrap(), Outcome::Idle);
+    assert_eq!(
+        env.read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+    assert!(platform::metrics::render().contains("projection_events_skipped_total"));
+}
+
+#[tokio::test]
+async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_there() {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(3, 2).await;
+    let id = writer.expected_rows()[0].id;
+    let before = env.store.head_position().await.unwrap();
+    // A known type at a version this build cannot read.
+    let poison = append_raw(
+        &env.store,
+        &format!("user-{id}"),
+        "UserActivated",
+        json!({ "at": "2026-01-01T00:00:00Z" }),
+        json!({ "schemaVersion": 2 }),
+    )
+    .await;
+    let after = writer.expected_rows();
+    writer.random_history(1, 1).await;
+    settle(&env.store, writer.last()).await;
+
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let outcome = projector.process_next_batch().await.unwrap();
+    let Outcome::Halted { reason } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(reason.contains("UserActivated version 2"), "{reason}");
+    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    assert!(checkpoint.position >= before && checkpoint.position < poison);
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), after);
+
+    // Halted stays halted, and a fresh worker halts at the same place.
+    assert!(matches!(
+        projector.process_next_batch().await.unwrap(),
+        Outcome::Halted { .. }
+    ));
+    let mut again = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    assert!(matches!(
+        again.process_next_batch().await.unwrap(),
+        Outcome::Halted { .. }
+    ));
+    assert_eq!(
+        env.read_model.checkpoint("users").await.unwrap().unwrap(),
+        checkpoint
+    );
+    assert!(platform::metrics::render().contains("projection_halted"));
+}
+
+#[tokio::test]
+async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(2, 1).await;
+    let stranger = uuid::Uuid::now_v7();
+    let poison = append_raw(
+        &env.store,
+        &format!("userLogin-{stranger}"),
+        "LoginSucceeded",
+        json!({ "at": "2026-01-01T00:00:00Z", "login_count": 1 }),
+        json!({ "schemaVersion": 1 }),
+    )
+    .await;
+    settle(&env.store, poison).await;
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let outcome = projector.process_next_batch().await.unwrap();
+    assert!(
+        matches!(&outcome, Outcome::Halted { reason } if reason.contains("no such user")),
+        "{outcome:?}"
+    );
+    // What came before it is applied.
+    assert_eq!(
+        env.read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+}
+
+#[tokio::test]
+async fn the_application_projects_into_a_read_model_in_another_database_and_serves_its_probes() {
+    let env = env_apart().await;
+    let mut settings = Settings::default();
+    settings.database.url = env.db.url().to_owned();
+    settings.database.poll_interval_ms = 200;
+    settings.read_model.url = env.read_model_url.clone();
+    settings.aggregator.http.address = "127.0.0.1:0".into();
+    settings.aggregator.batch_size = 7;
+    let application = Application::build(settings).await.unwrap();
+    let port = application.port().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(5, 4).await;
+    wait_for_rows(&env, &writer).await;
+    // Nothing of the view is in the store's database.
+    let in_store: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
+        .fetch_one(&env.db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(in_store, None);
+
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "projection_events_applied_total",
+        "projection_batch_seconds",
+        "projection_position",
+        "projection_lag_events",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
+    let dir = std::env::temp_dir().join(format!("aggregator-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("identity.db").display());
+    let store = crate::support::connect_store(&url).await;
+    let read_model = crate::support::read_model(&url).await;
+    let writer = Writer::new(store.clone());
+    writer.random_history(5, 4).await;
+    let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
+    drain(&mut projector, &read_model, writer.last()).await;
+    assert_eq!(
+        read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+
+    aggregator::admin::reset(&read_model, "users")
+        .await
+        .unwrap();
+    assert!(read_model.rows(&Target::USERS).await.unwrap().is_empty());
+    drain(&mut projector, &read_model, writer.last()).await;
+    assert_eq!(
+        read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
