@@ -9,7 +9,10 @@
 #![forbid(unsafe_code)]
 
 mod append;
+mod login;
+mod lag;
 mod read;
+mod rebuild;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,12 @@ enum Scenario {
     Append(append::Options),
     /// Reading every message in batches, against a plain keyset SELECT of the same rows.
     Read(read::Options),
+    /// Logins over HTTP with the default argon2 parameters, against argon2 verification alone.
+    Login(login::Options),
+    /// Rebuilding the users view from a million events, against one set-based SQL statement.
+    Rebuild(rebuild::Options),
+    /// Time from an append returning to its row being visible in the read model.
+    Lag(lag::Options),
 }
 
 #[tokio::main]
@@ -34,5 +43,8 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Append(options) => append::run(options).await,
         Scenario::Read(options) => read::run(options).await,
+        Scenario::Login(options) => login::run(options).await,
+        Scenario::Rebuild(options) => rebuild::run(options).await,
+        Scenario::Lag(options) => lag::run(options).await,
     }
 }

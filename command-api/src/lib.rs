@@ -1,10 +1,243 @@
-//! The command-api service.
+//! The command API: the write side of the identity service over HTTP.
+//!
+//! Registration, login with a signed JWT, activation, deactivation and password change. Each
+//! command reads the streams it needs from the message store, lets the pure domain
+//! (`identity`) decide, and appends what it decided; nothing here reads the read model.
+//!
+//! - [`settings`]: what can be configured, with defaults.
+//! - [`service`]: the commands without HTTP.
+//! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
+//! - [`hashing`]: argon2id off the runtime, bounded to the cores.
+//! - [`reservation`]: email uniqueness through reservation streams.
+//! - [`error`]: the one API error type and its status table.
 
 #![forbid(unsafe_code)]
 
-use axum::{Router, routing::get};
+pub mod error;
+pub mod hashing;
+pub mod reservation;
+pub mod routes;
+pub mod service;
+pub mod settings;
 
-/// The routes this service answers.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" }))
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use identity::{InitialStatus, Role};
+use message_store::{ConnectOptions, MessageStore};
+use platform::clock::Clock;
+use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer, TokenSettings, VerificationKey};
+use tokio::net::TcpListener;
+
+pub use routes::{AppState, router};
+pub use service::{Commands, Done};
+pub use settings::Settings;
+
+use crate::error::ApiError;
+use crate::hashing::Hasher;
+
+/// The command API, bound to its port and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+    retention: Duration,
+    prune_interval: Duration,
+}
+
+impl Application {
+    /// Connects to the store, loads the keys, makes the hasher and binds the listener.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        // Installs the Prometheus recorder now, so the first logins are counted.
+        platform::metrics::handle();
+        let state = build_state(&settings, clock).await?;
+        let listener = TcpListener::bind(&settings.http.address)
+            .await
+            .with_context(|| format!("binding {}", settings.http.address))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            listener,
+            port,
+            state,
+            retention: Duration::from_secs(
+                u64::from(settings.login.history_retention_days) * 24 * 3600,
+            ),
+            prune_interval: Duration::from_secs(settings.login.prune_interval_seconds.max(1)),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, pruning the login history meanwhile.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let pruning = tokio::spawn(prune_login_history(
+            self.state.commands.clone(),
+            self.retention,
+            self.prune_interval,
+        ));
+        let app = platform::http::with_common_layers(router(self.state))
+            .layer(axum::middleware::map_response(oversized_as_problem));
+        tracing::info!(port = self.port, "the command API is listening");
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        pruning.abort();
+        served.context("serving HTTP")
+    }
+}
+
+/// The body limit of the common layers refuses a body announced as too large before any
+/// extractor runs, with a plain-text 413; this gives it the problem+json shape of every other
+/// error.
+async fn oversized_as_problem(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
+        return platform::Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            .with_detail("the body is larger than this endpoint accepts")
+            .into_response();
+    }
+    response
+}
+
+/// Everything the routes need, from settings: the store, the keys, the hasher.
+pub async fn build_state(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+    let store = connect(settings).await?;
+    let keys = load_keys(&settings.tokens)?;
+    let token_settings = TokenSettings::new(&settings.tokens.issuer, &settings.tokens.audience)
+        .with_lifetime(Duration::from_secs(settings.tokens.lifetime_seconds));
+    let issuer = TokenIssuer::new(keys, token_settings);
+    let verifier = Arc::new(issuer.verifier());
+    let hasher = Hasher::new(&settings.password, settings.login.max_waiting_hashes)?;
+    let commands = Arc::new(Commands {
+        store,
+        hasher,
+        issuer,
+        clock,
+        password_policy: settings.password.policy(),
+        lockout: settings.login.lockout_policy(),
+        initial_status: settings.registration.initial_status.into(),
+    });
+    Ok(AppState { commands, verifier })
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
+    let options = ConnectOptions {
+        max_connections: settings.database.max_connections,
+        poll_interval: settings.database.poll_interval(),
+    };
+    message_store::connect(&settings.database.url, options)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the message store at {}",
+                platform::settings::redact_url(&settings.database.url)
+            )
+        })
+}
+
+/// The signing key (PEM text, else the file, created if allowed) and the published keys.
+pub fn load_keys(config: &settings::TokenConfig) -> anyhow::Result<KeySet> {
+    let current = match (&config.signing_key, &config.signing_key_file) {
+        (Some(pem), _) => SigningKey::from_pem(pem).context("reading tokens.signing_key")?,
+        (None, Some(path)) if config.create_key_if_missing => {
+            let algorithm: Algorithm = config
+                .algorithm
+                .parse()
+                .map_err(|_| anyhow::anyhow!("tokens.algorithm must be EdDSA or ES256"))?;
+            SigningKey::load_or_create(path, algorithm)?
+        }
+        (None, Some(path)) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the signing key at {}", path.display()))?;
+            SigningKey::from_pem(&pem)?
+        }
+        (None, None) => {
+            anyhow::bail!("no signing key: set tokens.signing_key (PEM) or tokens.signing_key_file")
+        }
+    };
+    let published = config
+        .published_keys
+        .iter()
+        .map(|entry| {
+            if entry.trim_start().starts_with("-----BEGIN") {
+                Ok(VerificationKey::from_pem(entry)?)
+            } else {
+                let pem = std::fs::read_to_string(Path::new(entry))
+                    .with_context(|| format!("reading the published key at {entry}"))?;
+                Ok(VerificationKey::from_pem(&pem)?)
+            }
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(KeySet::new(current, published)?)
+}
+
+/// Deletes login events older than `retention` (each account's last one stays: it is the
+/// login state), at once and then every `interval`.
+async fn prune_login_history(commands: Arc<Commands>, retention: Duration, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        ticks.tick().await;
+        let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
+            return;
+        };
+        let older_than = commands.clock.now() - retention;
+        match commands
+            .store
+            .prune_category(identity::LOGIN_CATEGORY, older_than)
+            .await
+        {
+            Ok(deleted) => tracing::info!(deleted, "pruned the login history"),
+            Err(error) => tracing::warn!(error = %error, "pruning the login history failed"),
+        }
+    }
+}
+
+/// Creates an active administrator (roles admin and user): the operator's first account.
+pub async fn create_admin(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+    email: &str,
+    password: String,
+) -> anyhow::Result<Done> {
+    let state = build_state(settings, clock).await?;
+    let created = state
+        .commands
+        .register(
+            email,
+            password,
+            None,
+            vec![Role::Admin, Role::User],
+            InitialStatus::Active,
+        )
+        .await;
+    match created {
+        Ok(done) => Ok(done),
+        Err(ApiError::EmailTaken) => anyhow::bail!("an account with this email exists already"),
+        Err(ApiError::Validation(errors)) => {
+            let reasons: Vec<_> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect();
+            anyhow::bail!("{}", reasons.join("; "))
+        }
+        Err(ApiError::Internal(error)) => Err(error),
+        Err(other) => Err(anyhow::anyhow!("{other}")),
+    }
 }

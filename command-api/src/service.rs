@@ -1,0 +1,500 @@
+//! The command handlers without HTTP: read the streams, let the domain decide, append.
+
+use std::sync::Arc;
+
+use identity::{
+    EVENT_VERSION_KEY, Email, InitialStatus, LockoutPolicy, LoginDecision, LoginEvent,
+    LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Refusal, Register, Role,
+    UserAccount, UserCommand, UserEvent, UserId, decide, decide_login, event_version,
+    login_stream_name, user_stream_name,
+};
+use message_store::{
+    AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
+    StreamAppend, StreamName, StreamPosition,
+};
+use platform::FieldError;
+use platform::clock::Clock;
+use serde_json::json;
+use tokens::{IssuedToken, TokenIssuer};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::hashing::Hasher;
+use crate::reservation::{EmailReserved, email_stream};
+
+/// How often a read-decide-append is tried again when another writer got there first.
+const MAX_ATTEMPTS: usize = 10;
+
+/// What the commands need; shared by every request.
+pub struct Commands {
+    pub store: Arc<dyn MessageStore>,
+    pub hasher: Hasher,
+    pub issuer: TokenIssuer,
+    pub clock: Arc<dyn Clock>,
+    pub password_policy: PasswordPolicy,
+    pub lockout: LockoutPolicy,
+    pub initial_status: InitialStatus,
+}
+
+/// A successful command: the account and the global position of its last event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub id: UserId,
+    pub position: GlobalPosition,
+}
+
+/// A granted login.
+pub struct LoggedIn {
+    pub token: IssuedToken,
+    pub position: GlobalPosition,
+}
+
+/// A user stream folded, with where it ends.
+struct Loaded {
+    account: UserAccount,
+    version: Option<StreamPosition>,
+    last_global: GlobalPosition,
+    first_global: GlobalPosition,
+}
+
+impl Commands {
+    /// Registers an account; `id` makes a retry safe.
+    pub async fn register(
+        &self,
+        email: &str,
+        password: String,
+        id: Option<Uuid>,
+        roles: Vec<Role>,
+        status: InitialStatus,
+    ) -> Result<Done, ApiError> {
+        let mut errors = Vec::new();
+        let email =
+            Email::parse(email).map_err(|error| errors.push(FieldError::new("email", error)));
+        let password = Password::new(password, &self.password_policy)
+            .map_err(|error| errors.push(FieldError::new("password", error)));
+        let (Ok(email), Ok(password)) = (email, password) else {
+            return Err(ApiError::Validation(errors));
+        };
+        let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
+        // A retry with the same id is answered without hashing again.
+        if let Some(done) = self.existing_registration(id, &email).await? {
+            return Ok(done);
+        }
+        let password_hash = self.hasher.hash(password).await?;
+        let events = decide(
+            &UserAccount::NotRegistered,
+            UserCommand::Register(Register {
+                user_id: id,
+                email: email.clone(),
+                password_hash,
+                roles,
+                initial_status: status,
+            }),
+            self.clock.now(),
+        )
+        .map_err(|refusal| anyhow::anyhow!("registering a new account was refused: {refusal}"))?;
+        let appends = vec![
+            StreamAppend::new(
+                user_stream(id)?,
+                ExpectedVersion::NoStream,
+                messages(&events),
+            ),
+            StreamAppend::new(
+                email_stream(&email)?,
+                ExpectedVersion::NoStream,
+                vec![EmailReserved { user_id: id }.to_message()],
+            ),
+        ];
+        match self.store.append(appends).await {
+            Ok(appended) => Ok(Done {
+                id,
+                position: appended.last_global_position(),
+            }),
+            Err(AppendError::WrongExpectedVersion { .. }) => {
+                match self.existing_registration(id, &email).await? {
+                    Some(done) => Ok(done),
+                    None => Err(ApiError::EmailTaken),
+                }
+            }
+            Err(error) => Err(anyhow::Error::new(error)
+                .context("appending a registration")
+                .into()),
+        }
+    }
+
+    /// The answer to a repeated registration of `id` with `email`, if `id` is registered:
+    /// the first answer again for the same email, `id_taken` for another.
+    async fn existing_registration(
+        &self,
+        id: UserId,
+        email: &Email,
+    ) -> Result<Option<Done>, ApiError> {
+        let loaded = self.load(id).await?;
+        let Some(account) = loaded.account.account() else {
+            return Ok(None);
+        };
+        if account.email_normalized != email.normalized() {
+            return Err(ApiError::IdTaken);
+        }
+        // The first answer's position was the later of the two messages appended together.
+        let reservation = self.store.last_message(&email_stream(email)?).await?;
+        let reserved_at = reservation
+            .filter(|message| EmailReserved::from_message(message).is_some_and(|r| r.user_id == id))
+            .map_or(0, |message| message.global_position);
+        Ok(Some(Done {
+            id,
+            position: reserved_at.max(loaded.first_global),
+        }))
+    }
+
+    /// Logs in: one password check, then the decision on the account's last login event.
+    pub async fn login(&self, email: &str, password: String) -> Result<LoggedIn, ApiError> {
+        let (Ok(email), Ok(password)) = (Email::parse(email), Password::for_verification(password))
+        else {
+            record_login("malformed");
+            return Err(ApiError::InvalidCredentials);
+        };
+        let user = self.find_user(&email).await?;
+        // The verdict on one stored hash is kept across retries: a retry re-reads the streams,
+        // and hashes again only if the password changed meanwhile.
+        let mut verdict: Option<(Option<PasswordHash>, bool)> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let loaded = match user {
+                Some(id) => self.load(id).await?,
+                None => Loaded::empty(),
+            };
+            let stored = loaded.account.account().map(|a| a.password_hash.clone());
+            let matches = match &verdict {
+                Some((hash, matches)) if *hash == stored => *matches,
+                _ => {
+                    let matches = match self.hasher.verify(password.clone(), stored.clone()).await {
+                        Ok(matches) => matches,
+                        Err(error) => {
+                            record_login("throttled");
+                            return Err(error.into());
+                        }
+                    };
+                    verdict = Some((stored.clone(), matches));
+                    matches
+                }
+            };
+            let Some(account) = loaded.account.account() else {
+                record_login("unknown_account");
+                return Err(ApiError::InvalidCredentials);
+            };
+            let (state, login_version) = self.login_state(account.id).await?;
+            let now = self.clock.now();
+            let decision = decide_login(&loaded.account, &state, matches, now, &self.lockout);
+            let granted = decision.is_granted();
+            let reason = match &decision {
+                LoginDecision::Granted { .. } => None,
+                LoginDecision::Refused { reason, .. } => Some(*reason),
+            };
+            let mut position = loaded.last_global;
+            if let Some(event) = decision.into_event() {
+                let append = StreamAppend::new(
+                    login_stream(account.id)?,
+                    expected(login_version),
+                    vec![login_message(&event)],
+                );
+                match self.store.append(vec![append]).await {
+                    Ok(appended) => position = appended.last_global_position(),
+                    Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                    Err(error) => {
+                        return Err(anyhow::Error::new(error)
+                            .context("appending a login event")
+                            .into());
+                    }
+                }
+            }
+            if !granted {
+                record_login(match reason {
+                    Some(LoginRefusal::WrongPassword) => "wrong_password",
+                    Some(LoginRefusal::NotActive) => "not_active",
+                    Some(LoginRefusal::Locked { .. }) => "locked",
+                    Some(LoginRefusal::UnknownAccount) | None => "unknown_account",
+                });
+                return Err(ApiError::InvalidCredentials);
+            }
+            let roles = account.roles.iter().copied().map(role_name).collect();
+            let token = self
+                .issuer
+                .issue(*account.id.as_uuid(), roles, now)
+                .map_err(|error| anyhow::Error::new(error).context("issuing a token"))?;
+            if self.hasher.needs_rehash(&account.password_hash)
+                && let Some(rehashed) = self.rehash(&loaded, password.clone()).await?
+            {
+                position = position.max(rehashed);
+            }
+            record_login("granted");
+            return Ok(LoggedIn { token, position });
+        }
+        Err(anyhow::anyhow!("logging in lost the race {MAX_ATTEMPTS} times").into())
+    }
+
+    /// Stores a stronger hash of the password just verified. Losing the race to another
+    /// change is fine: the next login tries again.
+    async fn rehash(
+        &self,
+        loaded: &Loaded,
+        password: Password,
+    ) -> Result<Option<GlobalPosition>, ApiError> {
+        let Some(account) = loaded.account.account() else {
+            return Ok(None);
+        };
+        let new_password_hash = match self.hasher.hash(password).await {
+            Ok(hash) => hash,
+            // A busy hasher is no reason to refuse a granted login.
+            Err(crate::hashing::HashError::Busy) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let events = decide(
+            &loaded.account,
+            UserCommand::RehashPassword { new_password_hash },
+            self.clock.now(),
+        )
+        .map_err(|refusal| anyhow::anyhow!("rehashing was refused: {refusal}"))?;
+        let append = StreamAppend::new(
+            user_stream(account.id)?,
+            expected(loaded.version),
+            messages(&events),
+        );
+        match self.store.append(vec![append]).await {
+            Ok(appended) => Ok(Some(appended.last_global_position())),
+            Err(AppendError::WrongExpectedVersion { .. }) => Ok(None),
+            Err(error) => Err(anyhow::Error::new(error)
+                .context("appending a rehashed password")
+                .into()),
+        }
+    }
+
+    /// Activates or deactivates; repeating one records nothing and answers the current position.
+    pub async fn set_active(&self, id: UserId, active: bool) -> Result<Done, ApiError> {
+        self.update(id, || {
+            if active {
+                UserCommand::Activate
+            } else {
+                UserCommand::Deactivate
+            }
+        })
+        .await
+    }
+
+    /// Changes the password after proving the current one, which counts as a login attempt: a
+    /// wrong one is recorded as a failed login and a locked account is refused.
+    pub async fn change_password(
+        &self,
+        id: UserId,
+        current: String,
+        new: String,
+    ) -> Result<Done, ApiError> {
+        let new = Password::new(new, &self.password_policy)
+            .map_err(|error| ApiError::Validation(vec![FieldError::new("new_password", error)]))?;
+        let current =
+            Password::for_verification(current).map_err(|_| ApiError::InvalidCredentials)?;
+        let loaded = self.load(id).await?;
+        let Some(account) = loaded.account.account() else {
+            return Err(ApiError::NotFound);
+        };
+        let matches = self
+            .hasher
+            .verify(current, Some(account.password_hash.clone()))
+            .await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let (state, login_version) = self.login_state(id).await?;
+            let now = self.clock.now();
+            if state.locked_until(now).is_some() {
+                return Err(ApiError::InvalidCredentials);
+            }
+            if matches {
+                break;
+            }
+            let decision = decide_login(&loaded.account, &state, false, now, &self.lockout);
+            if let Some(event) = decision.into_event() {
+                let append = StreamAppend::new(
+                    login_stream(id)?,
+                    expected(login_version),
+                    vec![login_message(&event)],
+                );
+                match self.store.append(vec![append]).await {
+                    Ok(_) => {}
+                    Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                    Err(error) => {
+                        return Err(anyhow::Error::new(error)
+                            .context("appending a failed password proof")
+                            .into());
+                    }
+                }
+            }
+            return Err(ApiError::InvalidCredentials);
+        }
+        if !matches {
+            return Err(ApiError::InvalidCredentials);
+        }
+        let new_password_hash = self.hasher.hash(new).await?;
+        self.update(id, || UserCommand::ChangePassword {
+            new_password_hash: new_password_hash.clone(),
+        })
+        .await
+    }
+
+    /// Read, decide, append to the user stream; again when another writer got there first.
+    async fn update(
+        &self,
+        id: UserId,
+        command: impl Fn() -> UserCommand,
+    ) -> Result<Done, ApiError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let loaded = self.load(id).await?;
+            let events =
+                decide(&loaded.account, command(), self.clock.now()).map_err(|refusal| {
+                    match refusal {
+                        Refusal::NotFound => ApiError::NotFound,
+                        Refusal::AccountInactive => ApiError::AccountInactive,
+                        Refusal::AlreadyRegistered => {
+                            ApiError::Internal(anyhow::anyhow!("an update decided a registration"))
+                        }
+                    }
+                })?;
+            if events.is_empty() {
+                return Ok(Done {
+                    id,
+                    position: loaded.last_global,
+                });
+            }
+            let append = StreamAppend::new(
+                user_stream(id)?,
+                expected(loaded.version),
+                messages(&events),
+            );
+            match self.store.append(vec![append]).await {
+                Ok(appended) => {
+                    return Ok(Done {
+                        id,
+                        position: appended.last_global_position(),
+                    });
+                }
+                Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                Err(error) => {
+                    return Err(anyhow::Error::new(error)
+                        .context("appending to a user stream")
+                        .into());
+                }
+            }
+        }
+        Err(anyhow::anyhow!("updating an account lost the race {MAX_ATTEMPTS} times").into())
+    }
+
+    /// The account an email is reserved for, read from the reservation stream.
+    async fn find_user(&self, email: &Email) -> Result<Option<UserId>, ApiError> {
+        let last = self.store.last_message(&email_stream(email)?).await?;
+        Ok(last
+            .as_ref()
+            .and_then(EmailReserved::from_message)
+            .map(|r| r.user_id))
+    }
+
+    /// Folds a user stream. It holds registration, status and password changes only (never
+    /// logins), so it stays short.
+    async fn load(&self, id: UserId) -> Result<Loaded, ApiError> {
+        const BATCH: usize = 1000;
+        let stream = user_stream(id)?;
+        let mut loaded = Loaded::empty();
+        let mut events = Vec::new();
+        let mut from = 0;
+        loop {
+            let batch = self.store.read_stream(&stream, from, BATCH).await?;
+            for message in &batch {
+                events.push(user_event(message)?);
+                if loaded.version.is_none() {
+                    loaded.first_global = message.global_position;
+                }
+                loaded.version = Some(message.position);
+                loaded.last_global = message.global_position;
+            }
+            if batch.len() < BATCH {
+                break;
+            }
+            from = loaded.version.map_or(0, |v| v + 1);
+        }
+        loaded.account = UserAccount::fold(&events);
+        Ok(loaded)
+    }
+
+    /// The login state and the login stream's version, from its last message only.
+    async fn login_state(
+        &self,
+        id: UserId,
+    ) -> Result<(LoginState, Option<StreamPosition>), ApiError> {
+        let last = self.store.last_message(&login_stream(id)?).await?;
+        let Some(last) = last else {
+            return Ok((LoginState::default(), None));
+        };
+        let version = event_version(&last.metadata)
+            .map_err(|error| anyhow::Error::new(error).context("reading a login event"))?;
+        let event = LoginEvent::from_stored(&last.message_type, version, &last.data)
+            .map_err(|error| anyhow::Error::new(error).context("reading a login event"))?;
+        Ok((LoginState::from_last(Some(&event)), Some(last.position)))
+    }
+}
+
+impl Loaded {
+    fn empty() -> Self {
+        Self {
+            account: UserAccount::NotRegistered,
+            version: None,
+            last_global: 0,
+            first_global: 0,
+        }
+    }
+}
+
+fn user_event(message: &RecordedMessage) -> Result<UserEvent, ApiError> {
+    let version = event_version(&message.metadata)
+        .map_err(|error| anyhow::Error::new(error).context("reading a user event"))?;
+    Ok(
+        UserEvent::from_stored(&message.message_type, version, &message.data)
+            .map_err(|error| anyhow::Error::new(error).context("reading a user event"))?,
+    )
+}
+
+fn expected(version: Option<StreamPosition>) -> ExpectedVersion {
+    version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
+}
+
+fn messages(events: &[UserEvent]) -> Vec<NewMessage> {
+    events
+        .iter()
+        .map(|event| {
+            NewMessage::new(event.event_type(), event.to_json())
+                .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
+        })
+        .collect()
+}
+
+/// A login event as a message for the login stream.
+pub fn login_message(event: &LoginEvent) -> NewMessage {
+    NewMessage::new(event.event_type(), event.to_json())
+        .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
+}
+
+fn user_stream(id: UserId) -> anyhow::Result<StreamName> {
+    Ok(StreamName::parse(user_stream_name(id))?)
+}
+
+/// `userLogin-<id>`.
+pub fn login_stream(id: UserId) -> anyhow::Result<StreamName> {
+    Ok(StreamName::parse(login_stream_name(id))?)
+}
+
+/// The name of a role in the token's `roles` claim.
+pub fn role_name(role: Role) -> String {
+    match role {
+        Role::User => "user".into(),
+        Role::Admin => "admin".into(),
+    }
+}
+
+fn record_login(outcome: &'static str) {
+    metrics::counter!("logins_total", "outcome" => outcome).increment(1);
+}

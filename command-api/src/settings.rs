@@ -1,0 +1,216 @@
+//! The command API's settings: defaults here, then a TOML file, then `IDENTITY__...` variables.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use identity::{InitialStatus, LockoutPolicy, PasswordPolicy};
+use platform::settings::{DatabaseSettings, LogSettings};
+use serde::Deserialize;
+
+/// Everything the command API can be told. Every field has a default, so an empty file works
+/// (with a signing key given one way or another).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub tokens: TokenConfig,
+    pub password: PasswordSettings,
+    pub login: LoginSettings,
+    pub registration: RegistrationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    /// Where to listen, `host:port`; port 0 picks a free one (tests).
+    pub address: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+/// How tokens are signed, and with which keys.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct TokenConfig {
+    /// The `iss` claim.
+    pub issuer: String,
+    /// The `aud` claim.
+    pub audience: String,
+    pub lifetime_seconds: u64,
+    /// The algorithm of a key created by `create_key_if_missing` (`EdDSA` or `ES256`). A key
+    /// that is loaded brings its own algorithm.
+    pub algorithm: String,
+    /// A PKCS#8 PEM file holding the signing key.
+    pub signing_key_file: Option<PathBuf>,
+    /// The signing key's PEM text itself (say from a Kubernetes Secret in an environment
+    /// variable); wins over `signing_key_file`.
+    pub signing_key: Option<String>,
+    /// Further keys to publish in the JWKS (the next key before a rotation, the previous one
+    /// after it): each a PEM text or the path of a PEM file.
+    pub published_keys: Vec<String>,
+    /// Create `signing_key_file` when it does not exist (the standalone mode's first start).
+    pub create_key_if_missing: bool,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "http://localhost:8080".into(),
+            audience: "identity".into(),
+            lifetime_seconds: 900,
+            algorithm: "EdDSA".into(),
+            signing_key_file: None,
+            signing_key: None,
+            published_keys: Vec::new(),
+            create_key_if_missing: false,
+        }
+    }
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("lifetime_seconds", &self.lifetime_seconds)
+            .field("algorithm", &self.algorithm)
+            .field("signing_key_file", &self.signing_key_file)
+            .field(
+                "signing_key",
+                &self.signing_key.as_ref().map(|_| "[redacted]"),
+            )
+            .field("published_keys", &self.published_keys.len())
+            .field("create_key_if_missing", &self.create_key_if_missing)
+            .finish()
+    }
+}
+
+/// The password policy and the argon2id cost of new hashes.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct PasswordSettings {
+    pub min_length: usize,
+    pub max_length: usize,
+    /// argon2id memory cost in KiB (OWASP minimum: 19456, 19 MiB).
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for PasswordSettings {
+    fn default() -> Self {
+        Self {
+            min_length: 8,
+            max_length: 128,
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+impl PasswordSettings {
+    pub fn policy(&self) -> PasswordPolicy {
+        PasswordPolicy {
+            min_chars: self.min_length,
+            max_chars: self.max_length,
+        }
+    }
+}
+
+/// Lockout, login history retention and the bound on waiting password checks.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct LoginSettings {
+    pub max_failures: u32,
+    pub lockout_base_seconds: u64,
+    pub lockout_max_seconds: u64,
+    /// Login events older than this are deleted, except each account's last one.
+    pub history_retention_days: u32,
+    /// How often the retention runs.
+    pub prune_interval_seconds: u64,
+    /// Password hashes that may wait for a core; beyond that a request gets 429. Each running
+    /// hash holds `password.memory_kib`; waiting ones hold nothing but a task.
+    pub max_waiting_hashes: usize,
+}
+
+impl Default for LoginSettings {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            lockout_base_seconds: 30,
+            lockout_max_seconds: 900,
+            history_retention_days: 90,
+            prune_interval_seconds: 3600,
+            max_waiting_hashes: 64,
+        }
+    }
+}
+
+impl LoginSettings {
+    pub fn lockout_policy(&self) -> LockoutPolicy {
+        LockoutPolicy {
+            max_failures: self.max_failures,
+            base_lockout: Duration::from_secs(self.lockout_base_seconds),
+            max_lockout: Duration::from_secs(self.lockout_max_seconds),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct RegistrationSettings {
+    pub initial_status: StartStatus,
+}
+
+/// The status of a newly registered account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartStatus {
+    #[default]
+    Active,
+    Pending,
+}
+
+impl From<StartStatus> for InitialStatus {
+    fn from(status: StartStatus) -> Self {
+        match status {
+            StartStatus::Active => InitialStatus::Active,
+            StartStatus::Pending => InitialStatus::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_follow_owasp_and_the_issue() {
+        let settings = Settings::default();
+        assert_eq!(settings.password.memory_kib, 19_456);
+        assert_eq!(settings.password.iterations, 2);
+        assert_eq!(settings.password.parallelism, 1);
+        assert_eq!(settings.tokens.lifetime_seconds, 900);
+        assert_eq!(settings.registration.initial_status, StartStatus::Active);
+        assert_eq!(settings.http.address, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn the_debug_output_of_the_token_settings_hides_the_signing_key() {
+        let config = TokenConfig {
+            signing_key: Some("-----BEGIN PRIVATE KEY----- secret".into()),
+            ..TokenConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

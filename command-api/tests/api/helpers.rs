@@ -1,0 +1,239 @@
+//! Spawning the application on a database of its own, and talking to it.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use command_api::{Application, Settings};
+use platform::clock::{Clock, ManualClock, SystemClock};
+use serde_json::{Value, json};
+use test_support::TestDatabase;
+use tokens::{Algorithm, SigningKey};
+
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub clock: ManualClock,
+    pub settings: Settings,
+    pub database: Arc<TestDatabase>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Cheap argon2 parameters (the tests about parameters set their own), a fresh key.
+pub fn test_settings(database: &TestDatabase) -> Settings {
+    let mut settings = Settings::default();
+    settings.database.url = database.url().to_owned();
+    settings.database.max_connections = 10;
+    settings.http.address = "127.0.0.1:0".into();
+    let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
+    settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
+    settings.tokens.issuer = "https://identity.test".into();
+    settings.tokens.audience = "tests".into();
+    settings.password.memory_kib = 1024;
+    settings.password.iterations = 1;
+    settings.login.max_waiting_hashes = 1000;
+    settings
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let database = Arc::new(TestDatabase::new().await);
+    let mut settings = test_settings(&database);
+    configure(&mut settings);
+    // Near the real time: the store stamps messages with the database's clock, and the login
+    // history retention compares those stamps with this clock.
+    let clock = ManualClock::new(SystemClock.now());
+    spawn_on(database, settings, clock).await
+}
+
+/// Another application on the same database and clock (a restart, or a second replica).
+pub async fn spawn_on(
+    database: Arc<TestDatabase>,
+    settings: Settings,
+    clock: ManualClock,
+) -> TestApp {
+    capture_logs();
+    let application = Application::build(settings.clone(), Arc::new(clock.clone()))
+        .await
+        .expect("building the application");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        clock,
+        settings,
+        database,
+        _shutdown: shutdown,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_as(&self, path: &str, token: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post("/users", json!({ "email": email, "password": password }))
+            .await
+    }
+
+    /// Registers and returns the new id.
+    pub async fn user(&self, email: &str) -> String {
+        let response = self.register(email, PASSWORD).await;
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post("/login", json!({ "email": email, "password": password }))
+            .await
+    }
+
+    pub async fn token(&self, email: &str, password: &str) -> String {
+        let response = self.login(email, password).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// An administrator made the way an operator makes one, and their token.
+    pub async fn admin_token(&self) -> String {
+        command_api::create_admin(
+            &self.settings,
+            Arc::new(self.clock.clone()),
+            "admin@example.com",
+            PASSWORD.into(),
+        )
+        .await
+        .unwrap();
+        self.token("admin@example.com", PASSWORD).await
+    }
+
+    /// Every message in the store, counted in SQL: the store's readers see a message only
+    /// once no older transaction anywhere on the server is still open (docs/adr/0002), which
+    /// other tests running at the same time can delay.
+    pub async fn message_count(&self) -> i64 {
+        let pool = self.database.pool().await;
+        let count = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        count
+    }
+
+    /// The type, data and metadata of every message of `category`, oldest first (in SQL, for
+    /// the reason given at [`Self::message_count`]).
+    pub async fn messages(&self, category: &str) -> Vec<(String, Value, Value)> {
+        let pool = self.database.pool().await;
+        let rows: Vec<(String, Value, Value)> = sqlx::query_as(
+            "SELECT type, data, metadata FROM messages WHERE category = $1 ORDER BY global_position",
+        )
+        .bind(category)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        rows
+    }
+
+    pub async fn login_events(&self) -> Vec<identity::LoginEvent> {
+        self.messages("userLogin")
+            .await
+            .iter()
+            .map(|(kind, data, metadata)| {
+                identity::LoginEvent::from_stored(
+                    kind,
+                    identity::event_version(metadata).unwrap(),
+                    data,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    pub async fn user_events(&self) -> Vec<identity::UserEvent> {
+        self.messages("user")
+            .await
+            .iter()
+            .map(|(kind, data, metadata)| {
+                identity::UserEvent::from_stored(
+                    kind,
+                    identity::event_version(metadata).unwrap(),
+                    data,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// Every log line of this test binary, at TRACE, for the test that looks for secrets in it.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.get_or_init(Default::default).lock().unwrap()).into_owned()
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let buffer = LOGS.get_or_init(Default::default).clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || BufferWriter(buffer.clone()))
+            .try_init();
+    });
+}
+
+struct BufferWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for BufferWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub async fn problem(response: reqwest::Response) -> Value {
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "status {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}

@@ -1,0 +1,11 @@
+//! API tests: the real router over real HTTP, against a fresh PostgreSQL database per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin;
+mod helpers;
+mod login;
+mod meta;
+mod password;
+mod register;
+mod secrets;

@@ -1,0 +1,156 @@
+use serde_json::Value;
+use tokens::{Algorithm, SigningKey, TokenIssuer, TokenSettings};
+
+use crate::helpers::{PASSWORD, spawn_app, spawn_with};
+
+#[tokio::test]
+async fn the_jwks_is_public_and_cacheable_for_five_minutes() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "public, max-age=300");
+    let jwks: Value = response.json().await.unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0]["kid"].is_string());
+    assert!(keys[0].get("d").is_none(), "no private part");
+}
+
+#[tokio::test]
+async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() {
+    let old = SigningKey::generate(Algorithm::EdDSA).unwrap();
+    let old_pem = old.to_pem().unwrap().expose_secret().clone();
+    let app = spawn_with(|settings| settings.tokens.published_keys = vec![old_pem.clone()]).await;
+    let admin_id = {
+        app.admin_token().await;
+        let jwks: Value = app
+            .client
+            .get(app.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+        let registered = app.messages("user").await;
+        registered[0].1["user_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // A token the old key signed before the switch, still live.
+    let old_issuer = TokenIssuer::new(
+        old.into(),
+        TokenSettings::new("https://identity.test", "tests"),
+    );
+    let now = {
+        use platform::clock::Clock;
+        app.clock.now()
+    };
+    let token = old_issuer
+        .issue(admin_id, vec!["admin".into()], now)
+        .unwrap();
+    let id = app.user("ann@example.com").await;
+    let response = app
+        .post_as(
+            &format!("/users/{id}/deactivate"),
+            token.token.expose_secret(),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_its_statuses() {
+    let app = spawn_app().await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = &doc["paths"];
+    for path in [
+        "/users",
+        "/login",
+        "/users/{id}/activate",
+        "/users/{id}/deactivate",
+        "/users/{id}/password",
+        "/.well-known/jwks.json",
+        "/readyz",
+    ] {
+        assert!(paths.get(path).is_some(), "{path} missing");
+    }
+    let login = &paths["/login"]["post"]["responses"];
+    for status in ["200", "400", "401", "413", "415", "422", "429"] {
+        assert!(login.get(status).is_some(), "/login {status} missing");
+    }
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let app = spawn_app().await;
+    app.user("ann@example.com").await;
+    app.login("ann@example.com", PASSWORD).await;
+    for path in ["/healthz", "/readyz"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("logins_total{outcome=\"granted\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("password_hash_seconds"), "{metrics}");
+}
+
+#[tokio::test]
+async fn readiness_is_a_503_problem_when_the_store_is_down() {
+    let app = spawn_app().await;
+    // Take the database away under the running app.
+    // From another database: PostgreSQL refuses to lock out the database one is connected to.
+    let other = app.database.sibling("control").await;
+    let pool = other.pool().await;
+    let name = app.database.name().to_owned();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    let status = response.status();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"
+    ))
+    .execute(&pool)
+    .await
+    .ok();
+    assert_eq!(status, 503);
+}
