@@ -30,6 +30,11 @@ use crate::{
 /// stores in different databases of one server do not wake each other.
 const CHANNEL: &str = "message_store";
 
+/// The least time between two wake-ups sent by one writer process. Under load, commits that
+/// arrive meanwhile share the next NOTIFY, so writers pay for at most one NOTIFY transaction per
+/// spacing; a consumer learns of a commit at most this much later.
+const NOTIFY_SPACING: Duration = Duration::from_millis(2);
+
 /// How often an append that keeps losing races on a stream position is tried again under the
 /// stream lock before the store gives up. Writers that do not take the lock (the first,
 /// lock-free attempt of other appends) are the only ones that can still win such a race.
@@ -510,6 +515,7 @@ async fn notify_after_commits(pool: PgPool, committed: Arc<Notify>) {
             tracing::warn!(%error, "could not send the message store wake-up");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        tokio::time::sleep(NOTIFY_SPACING).await;
     }
 }
 
