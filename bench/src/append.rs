@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use message_store::{
-    ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
+    ConnectOptions, ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend,
+    StreamName,
 };
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
@@ -39,11 +40,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
 
-    // The subscription machinery runs throughout: the notifier inside the store and a listener.
-    let store = Arc::new(PostgresMessageStore::new(
-        pool.clone(),
-        Duration::from_secs(1),
-    ));
+    // The store as the services open it, with the subscription machinery running throughout:
+    // the notifier inside the store and a listener.
+    let store = Arc::new(
+        PostgresMessageStore::connect(
+            database.url(),
+            &ConnectOptions {
+                max_connections: options.writers as u32 + 2,
+                poll_interval: Duration::from_secs(1),
+            },
+        )
+        .await?,
+    );
     let mut subscription = store.subscribe();
     let listener = tokio::spawn(async move {
         loop {

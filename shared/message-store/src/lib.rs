@@ -118,16 +118,8 @@ pub async fn connect(
         let store = SqliteMessageStore::open_url(url, options.poll_interval).await?;
         return Ok(std::sync::Arc::new(store));
     }
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(options.max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
-        .await?;
-    PostgresMessageStore::migrate(&pool).await?;
-    Ok(std::sync::Arc::new(PostgresMessageStore::new(
-        pool,
-        options.poll_interval,
-    )))
+    let store = PostgresMessageStore::connect(url, &options).await?;
+    Ok(std::sync::Arc::new(store))
 }
 
 /// Applies the store's migrations to the database at `url` and returns: what a deployment's

@@ -75,6 +75,16 @@ SELECT (pg_current_xact_id()::text::bigint << 16) + r.ordinal - 1,
  WHERE (SELECT bool_and(expected_holds) FROM streams)
 RETURNING id, stream_name, position, global_position";
 
+/// How the store's connections are set up: from `url`, with generic plans for prepared
+/// statements. PostgreSQL otherwise plans the append statement anew for every call (it
+/// estimates an array parameter at 100 elements, so the generic plan never looks as cheap as a
+/// custom one), and that planning cost more than running it: 0.17 ms against 0.07 ms.
+pub fn connect_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
+    use std::str::FromStr;
+    Ok(sqlx::postgres::PgConnectOptions::from_str(url)?
+        .options([("plan_cache_mode", "force_generic_plan")]))
+}
+
 /// The message store on PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresMessageStore {
@@ -91,7 +101,8 @@ struct Inner {
 
 impl PostgresMessageStore {
     /// A store on `pool`. Consumers that miss a wake-up find new messages within
-    /// `poll_interval`. Must be called inside a Tokio runtime: it starts the notifier.
+    /// `poll_interval`. Must be called inside a Tokio runtime: it starts the notifier. The
+    /// pool's connections should come from [`connect_options`]; others work, more slowly.
     pub fn new(pool: PgPool, poll_interval: Duration) -> Self {
         let committed = Arc::new(Notify::new());
         let notifier = tokio::spawn(notify_after_commits(pool.clone(), committed.clone()));
@@ -103,6 +114,18 @@ impl PostgresMessageStore {
                 _notifier: AbortOnDrop(notifier),
             }),
         }
+    }
+
+    /// Connects a pool of `options.max_connections` to `url` with [`connect_options`], applies
+    /// the migrations and starts the store.
+    pub async fn connect(url: &str, options: &crate::ConnectOptions) -> Result<Self, StoreError> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(connect_options(url)?)
+            .await?;
+        Self::migrate(&pool).await?;
+        Ok(Self::new(pool, options.poll_interval))
     }
 
     /// Creates or updates the message store's tables. Applying them again changes nothing.
