@@ -69,7 +69,24 @@ async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out
 
     let ledger = ledger.lock().await;
     let expected = ledger.committed.len();
-    // Every writer has finished: the reader is done once it has reached the head.
+    // Every writer has finished. Their messages become visible to global readers once every
+    // older transaction on the server has ended, including other tests' (docs/adr/0002): wait
+    // for that, then for the reader to reach the head.
+    let visible = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let visible = store.count_after(0).await.unwrap();
+            if visible >= expected as u64 {
+                break visible;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the committed messages never all became visible");
+    assert_eq!(
+        visible, expected as u64,
+        "more messages are visible than were committed"
+    );
     let head = store.head_position().await.unwrap();
     let read = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
