@@ -21,7 +21,6 @@ pub mod service;
 pub mod settings;
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,10 +28,10 @@ use anyhow::Context;
 use identity::{InitialStatus, Role};
 use message_store::{ConnectOptions, MessageStore};
 use platform::clock::Clock;
-use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer, TokenSettings, VerificationKey};
+use tokens::TokenIssuer;
 use tokio::net::TcpListener;
 
-pub use routes::{AppState, router};
+pub use routes::{ApiDoc, AppState, command_routes, router};
 pub use service::{Commands, Done};
 pub use settings::Settings;
 
@@ -87,8 +86,7 @@ impl Application {
             self.retention,
             self.prune_interval,
         ));
-        let app = platform::http::with_common_layers(router(self.state))
-            .layer(axum::middleware::map_response(oversized_as_problem));
+        let app = platform::http::with_common_layers(router(self.state));
         tracing::info!(port = self.port, "the command API is listening");
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
@@ -98,31 +96,24 @@ impl Application {
     }
 }
 
-/// The body limit of the common layers refuses a body announced as too large before any
-/// extractor runs, with a plain-text 413; this gives it the problem+json shape of every other
-/// error.
-async fn oversized_as_problem(response: axum::response::Response) -> axum::response::Response {
-    use axum::http::{StatusCode, header};
-    use axum::response::IntoResponse;
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
-        return platform::Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
-            .with_detail("the body is larger than this endpoint accepts")
-            .into_response();
-    }
-    response
-}
-
 /// Everything the routes need, from settings: the store, the keys, the hasher.
 pub async fn build_state(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
     let store = connect(settings).await?;
-    let keys = load_keys(&settings.tokens)?;
-    let token_settings = TokenSettings::new(&settings.tokens.issuer, &settings.tokens.audience)
-        .with_lifetime(Duration::from_secs(settings.tokens.lifetime_seconds));
-    let issuer = TokenIssuer::new(keys, token_settings);
+    state_with_store(settings, clock, store)
+}
+
+/// The routes' state on a store opened elsewhere (the standalone process shares one store
+/// between its parts, so that appends wake its projector in-process).
+pub fn state_with_store(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn MessageStore>,
+) -> anyhow::Result<AppState> {
+    let keys = settings
+        .tokens
+        .key_set()
+        .context("loading the signing keys")?;
+    let issuer = TokenIssuer::new(keys, settings.tokens.settings());
     let verifier = Arc::new(issuer.verifier());
     let hasher = Hasher::new(&settings.password, settings.login.max_waiting_hashes)?;
     let commands = Arc::new(Commands {
@@ -152,45 +143,9 @@ async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
         })
 }
 
-/// The signing key (PEM text, else the file, created if allowed) and the published keys.
-pub fn load_keys(config: &settings::TokenConfig) -> anyhow::Result<KeySet> {
-    let current = match (&config.signing_key, &config.signing_key_file) {
-        (Some(pem), _) => SigningKey::from_pem(pem).context("reading tokens.signing_key")?,
-        (None, Some(path)) if config.create_key_if_missing => {
-            let algorithm: Algorithm = config
-                .algorithm
-                .parse()
-                .map_err(|_| anyhow::anyhow!("tokens.algorithm must be EdDSA or ES256"))?;
-            SigningKey::load_or_create(path, algorithm)?
-        }
-        (None, Some(path)) => {
-            let pem = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the signing key at {}", path.display()))?;
-            SigningKey::from_pem(&pem)?
-        }
-        (None, None) => {
-            anyhow::bail!("no signing key: set tokens.signing_key (PEM) or tokens.signing_key_file")
-        }
-    };
-    let published = config
-        .published_keys
-        .iter()
-        .map(|entry| {
-            if entry.trim_start().starts_with("-----BEGIN") {
-                Ok(VerificationKey::from_pem(entry)?)
-            } else {
-                let pem = std::fs::read_to_string(Path::new(entry))
-                    .with_context(|| format!("reading the published key at {entry}"))?;
-                Ok(VerificationKey::from_pem(&pem)?)
-            }
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(KeySet::new(current, published)?)
-}
-
 /// Deletes login events older than `retention` (each account's last one stays: it is the
 /// login state), at once and then every `interval`.
-async fn prune_login_history(commands: Arc<Commands>, retention: Duration, interval: Duration) {
+pub async fn prune_login_history(commands: Arc<Commands>, retention: Duration, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     loop {
         ticks.tick().await;

@@ -29,15 +29,24 @@ pub struct AppState {
 /// The command routes, without the common layers (the standalone process merges them with the
 /// query routes and wraps the whole once).
 pub fn router(state: AppState) -> Router {
+    command_routes(state.clone()).merge(
+        Router::new()
+            .route("/.well-known/jwks.json", get(jwks))
+            .route("/openapi.json", get(openapi))
+            .route("/readyz", get(readyz))
+            .with_state(state),
+    )
+}
+
+/// The commands alone, for a process that serves them beside the query routes and answers
+/// the keys, the document and readiness itself.
+pub fn command_routes(state: AppState) -> Router {
     Router::new()
         .route("/users", post(register))
         .route("/login", post(login))
         .route("/users/{id}/activate", post(activate))
         .route("/users/{id}/deactivate", post(deactivate))
         .route("/users/{id}/password", post(change_password))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/openapi.json", get(openapi))
-        .route("/readyz", get(readyz))
         .with_state(state)
 }
 

@@ -1,7 +1,5 @@
 //! The command API's settings: defaults here, then a TOML file, then `IDENTITY__...` variables.
 
-use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use identity::{InitialStatus, LockoutPolicy, PasswordPolicy};
@@ -16,7 +14,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
-    pub tokens: TokenConfig,
+    pub tokens: tokens::TokenConfig,
     pub password: PasswordSettings,
     pub login: LoginSettings,
     pub registration: RegistrationSettings,
@@ -34,63 +32,6 @@ impl Default for HttpSettings {
         Self {
             address: "0.0.0.0:8080".into(),
         }
-    }
-}
-
-/// How tokens are signed, and with which keys.
-#[derive(Clone, Deserialize)]
-#[serde(default)]
-pub struct TokenConfig {
-    /// The `iss` claim.
-    pub issuer: String,
-    /// The `aud` claim.
-    pub audience: String,
-    pub lifetime_seconds: u64,
-    /// The algorithm of a key created by `create_key_if_missing` (`EdDSA` or `ES256`). A key
-    /// that is loaded brings its own algorithm.
-    pub algorithm: String,
-    /// A PKCS#8 PEM file holding the signing key.
-    pub signing_key_file: Option<PathBuf>,
-    /// The signing key's PEM text itself (say from a Kubernetes Secret in an environment
-    /// variable); wins over `signing_key_file`.
-    pub signing_key: Option<String>,
-    /// Further keys to publish in the JWKS (the next key before a rotation, the previous one
-    /// after it): each a PEM text or the path of a PEM file.
-    pub published_keys: Vec<String>,
-    /// Create `signing_key_file` when it does not exist (the standalone mode's first start).
-    pub create_key_if_missing: bool,
-}
-
-impl Default for TokenConfig {
-    fn default() -> Self {
-        Self {
-            issuer: "http://localhost:8080".into(),
-            audience: "identity".into(),
-            lifetime_seconds: 900,
-            algorithm: "EdDSA".into(),
-            signing_key_file: None,
-            signing_key: None,
-            published_keys: Vec::new(),
-            create_key_if_missing: false,
-        }
-    }
-}
-
-impl fmt::Debug for TokenConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenConfig")
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .field("lifetime_seconds", &self.lifetime_seconds)
-            .field("algorithm", &self.algorithm)
-            .field("signing_key_file", &self.signing_key_file)
-            .field(
-                "signing_key",
-                &self.signing_key.as_ref().map(|_| "[redacted]"),
-            )
-            .field("published_keys", &self.published_keys.len())
-            .field("create_key_if_missing", &self.create_key_if_missing)
-            .finish()
     }
 }
 
@@ -203,14 +144,5 @@ mod tests {
         assert_eq!(settings.tokens.lifetime_seconds, 900);
         assert_eq!(settings.registration.initial_status, StartStatus::Active);
         assert_eq!(settings.http.address, "0.0.0.0:8080");
-    }
-
-    #[test]
-    fn the_debug_output_of_the_token_settings_hides_the_signing_key() {
-        let config = TokenConfig {
-            signing_key: Some("-----BEGIN PRIVATE KEY----- secret".into()),
-            ..TokenConfig::default()
-        };
-        assert!(!format!("{config:?}").contains("secret"));
     }
 }

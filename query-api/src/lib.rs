@@ -84,10 +84,21 @@ impl AppState {
     }
 }
 
-/// The query routes, without the common layers (the standalone process merges them with the
-/// command routes and wraps the whole once).
+/// The query routes, the keys, the document and readiness, without the common layers.
 pub fn router(state: AppState) -> Router {
-    let reads = Router::new()
+    query_routes(state.clone()).merge(
+        Router::new()
+            .route("/.well-known/jwks.json", get(routes::jwks))
+            .route("/openapi.json", get(routes::openapi))
+            .route("/readyz", get(routes::readyz))
+            .with_state(state),
+    )
+}
+
+/// The reads alone, for a process that serves them beside the command routes and answers the
+/// keys, the document and readiness itself.
+pub fn query_routes(state: AppState) -> Router {
+    Router::new()
         .route("/users/me", get(routes::me))
         .route("/users", get(routes::list))
         .route("/users/{id}", get(routes::profile))
@@ -95,12 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::wait_for_min_position,
-        ));
-    Router::new()
-        .merge(reads)
-        .route("/.well-known/jwks.json", get(routes::jwks))
-        .route("/openapi.json", get(routes::openapi))
-        .route("/readyz", get(routes::readyz))
+        ))
         .with_state(state)
 }
 

@@ -35,6 +35,7 @@ pub fn with_common_layers(router: Router) -> Router {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
         })
         .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::map_response(oversized_as_problem))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
             Problem::internal().into_response()
@@ -58,6 +59,21 @@ pub fn with_common_layers(router: Router) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// The body limit refuses a body announced as too large before any extractor runs, with a
+/// plain-text 413; this gives it the problem+json shape of every other error.
+async fn oversized_as_problem(response: Response) -> Response {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
+        return Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            .with_detail("the body is larger than this endpoint accepts")
+            .into_response();
+    }
+    response
 }
 
 async fn metrics_text() -> impl IntoResponse {

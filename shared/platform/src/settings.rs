@@ -13,7 +13,19 @@ pub const ENV_PREFIX: &str = "IDENTITY";
 
 /// Reads settings of type `T` from its defaults, the file (TOML) if given, and the environment.
 pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, config::ConfigError> {
+    load_with_defaults(file, &[])
+}
+
+/// Like [`load`], with `defaults` (dotted keys such as `http.address`) in place of the type's
+/// own: for a process that runs the parts with other defaults (the standalone mode).
+pub fn load_with_defaults<T: DeserializeOwned>(
+    file: Option<&Path>,
+    defaults: &[(&str, &str)],
+) -> Result<T, config::ConfigError> {
     let mut builder = config::Config::builder();
+    for (key, value) in defaults {
+        builder = builder.set_default(*key, *value)?;
+    }
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file));
     }
@@ -22,7 +34,11 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, config::Confi
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // A list from one variable: `IDENTITY__TOKENS__PUBLISHED_KEYS=<pem>,<pem>`
+                // (PEM text has no commas).
+                .list_separator(",")
+                .with_list_parse_key("tokens.published_keys"),
         )
         .build()?
         .try_deserialize()
