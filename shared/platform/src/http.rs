@@ -35,12 +35,13 @@ pub fn with_common_layers(router: Router) -> Router {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
         })
         .layer(middleware::from_fn(record_metrics))
-        .layer(middleware::map_response(oversized_as_problem))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
             Problem::internal().into_response()
         }))
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // Outside the limit, so that the limit's own 413 is reshaped too.
+        .layer(middleware::map_response(oversized_as_problem))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request
