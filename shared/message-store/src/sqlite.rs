@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -108,7 +108,14 @@ impl SqliteMessageStore {
         &self,
         appends: &[StreamAppend],
     ) -> Result<Appended, AppendError> {
-        let mut tx = self.inner.writer.begin().await.map_err(StoreError::from)?;
+        let mut connection = self.inner.writer.acquire().await.map_err(StoreError::from)?;
+        // IMMEDIATE: take the write lock first, waiting for other writers to the same file (the
+        // read model's projector) under the busy timeout. A deferred transaction that reads
+        // first would fail at once with SQLITE_BUSY when it later tries to write.
+        let mut tx = connection
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from)?;
 
         let ids: Vec<Uuid> = appends
             .iter()
