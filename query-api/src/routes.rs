@@ -11,6 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use identity::{Email, UserId};
+use platform::openapi::BearerAuth;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
@@ -184,19 +185,11 @@ pub async fn list(
             ));
         }
     };
-    let limit = match query.limit.as_deref() {
-        None => state.settings.default_page_size,
-        Some(limit) => limit
-            .parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=state.settings.max_page_size).contains(limit))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "limit",
-                    format!("must be from 1 to {}", state.settings.max_page_size),
-                )
-            })?,
-    };
+    let limit = page_size(
+        query.limit.as_deref(),
+        state.settings.default_page_size,
+        &state,
+    )?;
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut items = state.read_model.list(status, after, limit + 1).await?;
     let next_cursor = if items.len() > limit as usize {
@@ -206,6 +199,19 @@ pub async fn list(
         None
     };
     Ok(Json(Page { items, next_cursor }))
+}
+
+/// The `limit` a client asked for, from 1 to the configured maximum, or `default`.
+fn page_size(limit: Option<&str>, default: u32, state: &AppState) -> Result<u32, ApiError> {
+    let Some(limit) = limit else {
+        return Ok(default);
+    };
+    let maximum = state.settings.max_page_size;
+    limit
+        .parse::<u32>()
+        .ok()
+        .filter(|limit| (1..=maximum).contains(limit))
+        .ok_or_else(|| ApiError::invalid("limit", format!("must be from 1 to {maximum}")))
 }
 
 fn encode_cursor(after: Uuid) -> String {
@@ -265,19 +271,7 @@ pub async fn events(
             .parse::<u64>()
             .map_err(|_| ApiError::invalid("after", "must be a non-negative integer"))?,
     };
-    let limit = match query.limit.as_deref() {
-        None => state.settings.max_page_size,
-        Some(limit) => limit
-            .parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=state.settings.max_page_size).contains(limit))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "limit",
-                    format!("must be from 1 to {}", state.settings.max_page_size),
-                )
-            })?,
-    };
+    let limit = page_size(query.limit.as_deref(), state.settings.max_page_size, &state)?;
     let items = history::events(
         state.store.as_ref(),
         UserId::from_uuid(id),
@@ -327,24 +321,6 @@ pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiEr
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
 
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())

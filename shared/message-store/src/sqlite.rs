@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::{Connection, Row};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
+use sqlx::{Connection, Row};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -108,7 +108,12 @@ impl SqliteMessageStore {
         &self,
         appends: &[StreamAppend],
     ) -> Result<Appended, AppendError> {
-        let mut connection = self.inner.writer.acquire().await.map_err(StoreError::from)?;
+        let mut connection = self
+            .inner
+            .writer
+            .acquire()
+            .await
+            .map_err(StoreError::from)?;
         // IMMEDIATE: take the write lock first, waiting for other writers to the same file (the
         // read model's projector) under the busy timeout. A deferred transaction that reads
         // first would fail at once with SQLITE_BUSY when it later tries to write.

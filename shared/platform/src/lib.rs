@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod http;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 pub mod settings;
 pub mod shutdown;
