@@ -66,9 +66,34 @@ fn start_blocking() -> anyhow::Result<()> {
             bail!("initdb failed ({status}) for {}", data.display());
         }
     }
+    if !pg_ctl_start(run_as, &bin, &root, &data)? {
+        // A server runs on this data directory but does not answer here: one started by an
+        // earlier run in another network namespace, say. Stop it and start our own.
+        let _ = command(run_as, &bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w", "stop"])
+            .status();
+        if !pg_ctl_start(run_as, &bin, &root, &data)? {
+            bail!(
+                "pg_ctl could not start the throwaway cluster; see {}",
+                root.join("server.log").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts the cluster; false when pg_ctl failed.
+fn pg_ctl_start(
+    run_as: Option<&str>,
+    bin: &Path,
+    root: &Path,
+    data: &Path,
+) -> anyhow::Result<bool> {
     let status = command(run_as, &bin.join("pg_ctl"))
         .arg("-D")
-        .arg(&data)
+        .arg(data)
         .arg("-l")
         .arg(root.join("server.log"))
         .arg("-o")
@@ -80,13 +105,7 @@ fn start_blocking() -> anyhow::Result<()> {
         .args(["-w", "start"])
         .status()
         .context("running pg_ctl start")?;
-    if !status.success() {
-        bail!(
-            "pg_ctl could not start the throwaway cluster ({status}); see {}",
-            root.join("server.log").display()
-        );
-    }
-    Ok(())
+    Ok(status.success())
 }
 
 /// The directory holding `initdb` and `pg_ctl`: on PATH, else the newest under
