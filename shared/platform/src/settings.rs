@@ -22,6 +22,15 @@ pub fn load_with_defaults<T: DeserializeOwned>(
     file: Option<&Path>,
     defaults: &[(&str, &str)],
 ) -> Result<T, config::ConfigError> {
+    load_from(file, defaults, None)
+}
+
+/// The one way settings are read; `environment` replaces the process's variables in tests.
+fn load_from<T: DeserializeOwned>(
+    file: Option<&Path>,
+    defaults: &[(&str, &str)],
+    environment: Option<config::Map<String, String>>,
+) -> Result<T, config::ConfigError> {
     let mut builder = config::Config::builder();
     for (key, value) in defaults {
         builder = builder.set_default(*key, *value)?;
@@ -38,7 +47,8 @@ pub fn load_with_defaults<T: DeserializeOwned>(
                 // A list from one variable: `IDENTITY__TOKENS__PUBLISHED_KEYS=<pem>,<pem>`
                 // (PEM text has no commas).
                 .list_separator(",")
-                .with_list_parse_key("tokens.published_keys"),
+                .with_list_parse_key("tokens.published_keys")
+                .source(environment),
         )
         .build()?
         .try_deserialize()
@@ -139,6 +149,51 @@ mod tests {
             )
             .contains("hunter2")
         );
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Example {
+        database: DatabaseSettings,
+        tokens: ExampleTokens,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct ExampleTokens {
+        #[serde(default)]
+        published_keys: Vec<String>,
+        issuer: String,
+    }
+
+    #[test]
+    fn environment_variables_override_defaults_and_lists_split_on_commas() {
+        let environment = config::Map::from([
+            (
+                "IDENTITY__DATABASE__URL".to_owned(),
+                "postgres://db/identity".to_owned(),
+            ),
+            (
+                "IDENTITY__DATABASE__MAX_CONNECTIONS".to_owned(),
+                "3".to_owned(),
+            ),
+            (
+                "IDENTITY__TOKENS__PUBLISHED_KEYS".to_owned(),
+                "first.pem,second.pem".to_owned(),
+            ),
+        ]);
+        let example: Example = load_from(
+            None,
+            &[("tokens.issuer", "https://issuer.example")],
+            Some(environment),
+        )
+        .unwrap();
+        assert_eq!(example.database.url, "postgres://db/identity");
+        assert_eq!(example.database.max_connections, 3);
+        assert_eq!(
+            example.database.poll_interval_ms, 500,
+            "a default the environment left alone"
+        );
+        assert_eq!(example.tokens.published_keys, ["first.pem", "second.pem"]);
+        assert_eq!(example.tokens.issuer, "https://issuer.example");
     }
 
     #[test]
