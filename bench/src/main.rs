@@ -9,8 +9,9 @@
 #![forbid(unsafe_code)]
 
 mod append;
-mod login;
 mod lag;
+mod login;
+mod query;
 mod read;
 mod rebuild;
 mod report;
@@ -36,6 +37,8 @@ enum Scenario {
     Rebuild(rebuild::Options),
     /// Time from an append returning to its row being visible in the read model.
     Lag(lag::Options),
+    /// `GET /users/{id}` from the query API in its own process, against a plain prepared SELECT.
+    Query(query::Options),
 }
 
 #[tokio::main]
@@ -46,5 +49,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Login(options) => login::run(options).await,
         Scenario::Rebuild(options) => rebuild::run(options).await,
         Scenario::Lag(options) => lag::run(options).await,
+        Scenario::Query(options) => query::run(options).await,
     }
 }
