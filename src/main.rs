@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         .context("opening the read model for queries")?,
         store: store.clone(),
         verifier: command_state.verifier.clone(),
+        tokens: Arc::default(),
         clock: clock.clone(),
         settings: queries.query,
     };

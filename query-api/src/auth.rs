@@ -1,16 +1,24 @@
 //! Who is asking: the bearer token, verified offline with the configured keys (RFC 8725
-//! checks live in the `tokens` crate), and the account behind it, which must still be active.
+//! checks live in the `tokens` crate). Whether the account behind it is still active is checked
+//! by the handler with the read that serves the request, so a request costs one read-model
+//! round trip.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
+use chrono::{DateTime, Utc};
 use platform::Problem;
+use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::read_model::Profile;
 
-/// The verified caller of a request.
+/// A caller whose token verified.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub id: Uuid,
@@ -28,6 +36,17 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::Forbidden)
+        }
+    }
+
+    /// Refuses a caller whose account the read model shows as no longer active: a token
+    /// outlives a deactivation by up to its lifetime, the read model knows sooner. An account
+    /// the view does not hold yet (it lags its registration) cannot have been deactivated in it
+    /// either.
+    pub fn ensure_active(&self, own_row: Option<&Profile>) -> Result<(), ApiError> {
+        match own_row {
+            Some(profile) if profile.status != "active" => Err(ApiError::Unauthenticated),
+            _ => Ok(()),
         }
     }
 }
@@ -51,20 +70,12 @@ impl FromRequestParts<AppState> for Caller {
             })
             .ok_or(ApiError::Unauthenticated)?;
         let claims = state
-            .verifier
-            .verify(token, state.clock.now())
+            .tokens
+            .verify(&state.verifier, token, state.clock.now())
             .map_err(|error| {
                 tracing::info!(reason = ?error, "refused a bearer token");
                 ApiError::Unauthenticated
             })?;
-        // A token outlives a deactivation by up to its lifetime; the read model knows sooner.
-        // An account the view does not hold yet (it lags its registration) cannot have been
-        // deactivated in it either.
-        if let Some(profile) = state.read_model.profile(claims.sub).await?
-            && profile.status != "active"
-        {
-            return Err(ApiError::Unauthenticated);
-        }
         Ok(Self {
             id: claims.sub,
             is_admin: claims.has_role("admin"),
@@ -72,7 +83,102 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Tokens that verified, so a client sending the same token again costs a map lookup instead
+/// of a signature check (an EdDSA verification is the largest part of a profile read). Only
+/// the whole token is a key, and its expiry is checked again on every use. Bounded: when full,
+/// it starts over.
+#[derive(Default)]
+pub struct VerifiedTokens {
+    verified: Mutex<HashMap<String, Claims>>,
+}
+
+impl VerifiedTokens {
+    const CAPACITY: usize = 10_000;
+
+    pub fn verify(
+        &self,
+        verifier: &TokenVerifier,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Claims, TokenError> {
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(token)
+            .cloned();
+        if let Some(claims) = known {
+            verifier.check_time(&claims, now)?;
+            return Ok(claims);
+        }
+        let claims = verifier.verify(token, now)?;
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= Self::CAPACITY {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+}
+
 /// The problem every refused token gets: no hint of which check failed.
 pub fn unauthenticated() -> Problem {
     Problem::unauthorized("invalid_token").with_detail("a valid bearer token is required")
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeDelta, TimeZone};
+    use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer, TokenSettings};
+
+    use super::*;
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let settings = TokenSettings::new("https://issuer.test", "tests");
+        let issuer = TokenIssuer::new(
+            KeySet::from(SigningKey::generate(Algorithm::EdDSA).unwrap()),
+            settings,
+        );
+        let verifier = issuer.verifier();
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let token = issuer.issue(Uuid::new_v4(), vec![], now).unwrap().token;
+        let remembered = VerifiedTokens::default();
+
+        assert!(
+            remembered
+                .verify(&verifier, token.expose_secret(), now)
+                .is_ok()
+        );
+        assert!(
+            remembered
+                .verify(&verifier, token.expose_secret(), now)
+                .is_ok()
+        );
+        let later = now + TimeDelta::hours(1);
+        assert_eq!(
+            remembered.verify(&verifier, token.expose_secret(), later),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn a_tampered_copy_of_a_remembered_token_is_checked_afresh() {
+        let settings = TokenSettings::new("https://issuer.test", "tests");
+        let issuer = TokenIssuer::new(
+            KeySet::from(SigningKey::generate(Algorithm::EdDSA).unwrap()),
+            settings,
+        );
+        let verifier = issuer.verifier();
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let token = issuer.issue(Uuid::new_v4(), vec![], now).unwrap().token;
+        let remembered = VerifiedTokens::default();
+        remembered
+            .verify(&verifier, token.expose_secret(), now)
+            .unwrap();
+
+        let mut tampered = token.expose_secret().clone();
+        tampered.insert(tampered.len() - 3, 'x');
+        assert!(remembered.verify(&verifier, &tampered, now).is_err());
+    }
 }

@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-mod auth;
+pub mod auth;
 mod error;
 mod history;
 pub mod read_model;
@@ -34,6 +34,8 @@ pub struct AppState {
     pub read_model: ReadModel,
     pub store: Arc<dyn MessageStore>,
     pub verifier: Arc<TokenVerifier>,
+    /// Tokens already verified, shared by every request.
+    pub tokens: Arc<auth::VerifiedTokens>,
     pub clock: Arc<dyn Clock>,
     pub settings: settings::QuerySettings,
 }
@@ -78,6 +80,7 @@ impl AppState {
             read_model,
             store,
             verifier: Arc::new(verifier),
+            tokens: Arc::default(),
             clock,
             settings: settings.query,
         })

@@ -85,6 +85,26 @@ impl ReadModel {
         }
     }
 
+    /// The profiles of the accounts in `ids` that the view holds, in one round trip.
+    pub async fn profiles(&self, ids: &[Uuid]) -> Result<Vec<Profile>, sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)"))
+                    .bind(ids)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(pg_profile).collect()
+            }
+            Self::Sqlite(_) => {
+                let mut profiles = Vec::with_capacity(ids.len());
+                for id in ids {
+                    profiles.extend(self.profile(*id).await?);
+                }
+                Ok(profiles)
+            }
+        }
+    }
+
     /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
     /// a change of address).
     pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {

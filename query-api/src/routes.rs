@@ -81,12 +81,9 @@ pub struct ProfileQuery {
     ),
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Profile>, ApiError> {
-    let profile = state
-        .read_model
-        .profile(caller.id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    Ok(Json(profile))
+    let profile = state.read_model.profile(caller.id).await?;
+    caller.ensure_active(profile.as_ref())?;
+    profile.map(Json).ok_or(ApiError::NotFound)
 }
 
 /// A profile: the caller's own, or anyone's for an administrator. With `as_of`, as it stood
@@ -111,6 +108,14 @@ pub async fn profile(
     ApiQuery(query): ApiQuery<ProfileQuery>,
 ) -> Result<Json<Profile>, ApiError> {
     let id = parse_id(&id)?;
+    // The caller's row (is the account still active?) and the profile, in one round trip.
+    let wanted = if query.as_of.is_some() || id == caller.id {
+        vec![caller.id]
+    } else {
+        vec![caller.id, id]
+    };
+    let rows = state.read_model.profiles(&wanted).await?;
+    caller.ensure_active(rows.iter().find(|row| row.id == caller.id))?;
     if !caller.may_read(id) {
         return Err(ApiError::Forbidden);
     }
@@ -121,9 +126,16 @@ pub async fn profile(
                 .with_timezone(&Utc);
             history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
         }
-        None => state.read_model.profile(id).await?,
+        None => rows.into_iter().find(|row| row.id == id),
     };
     profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// Refuses a caller whose account is no longer active, for routes that read nothing else from
+/// the users view about the caller.
+async fn ensure_active(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let own = state.read_model.profile(caller.id).await?;
+    caller.ensure_active(own.as_ref())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -166,6 +178,7 @@ pub async fn list(
     caller: Caller,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Page>, ApiError> {
+    ensure_active(&state, &caller).await?;
     caller.require_admin()?;
     if let Some(email) = &query.email {
         let email = Email::parse(email).map_err(|error| ApiError::invalid("email", error))?;
@@ -262,6 +275,7 @@ pub async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let id = parse_id(&id)?;
+    ensure_active(&state, &caller).await?;
     if !caller.may_read(id) {
         return Err(ApiError::Forbidden);
     }

@@ -129,3 +129,21 @@ async fn the_token_of_a_deactivated_user_is_refused() {
 
     assert_eq!(response.status(), 401);
 }
+
+#[tokio::test]
+async fn a_deactivated_administrator_can_no_longer_list_or_read_others() {
+    let app = spawn().await;
+    let admin = app
+        .seed_user("root@example.com", "deactivated", &["admin"])
+        .await;
+    let bob = app.seed_user("bob@example.com", "active", &["user"]).await;
+    let token = app.token_for(admin.id, &["admin"]);
+    for path in [
+        format!("/users/{}", bob.id),
+        "/users?status=active".to_owned(),
+        format!("/users/{}/events", bob.id),
+    ] {
+        let (status, _) = problem(app.get(&path, Some(&token)).await).await;
+        assert_eq!(status, 401, "{path}");
+    }
+}

@@ -141,6 +141,14 @@ impl TokenVerifier {
         if claims.aud != self.settings.audience {
             return Err(TokenError::WrongAudience);
         }
+        self.check_time(&claims, now)?;
+        Ok(claims)
+    }
+
+    /// Whether verified claims are still current at `now`: `exp` not passed and `nbf`
+    /// reached, with the configured leeway. For a caller that keeps verified claims and must
+    /// not keep honouring them after they expire.
+    pub fn check_time(&self, claims: &Claims, now: DateTime<Utc>) -> Result<(), TokenError> {
         let now = now.timestamp();
         let leeway = self.settings.leeway_seconds();
         if now >= claims.exp.saturating_add(leeway) {
@@ -149,7 +157,7 @@ impl TokenVerifier {
         if claims.nbf > now.saturating_add(leeway) {
             return Err(TokenError::NotYetValid);
         }
-        Ok(claims)
+        Ok(())
     }
 
     /// The JWKS of the keys this verifier accepts, so a service holding no private key can
