@@ -125,6 +125,7 @@ impl Settings {
         ProjectorOptions {
             batch_size: self.aggregator.batch_size.max(1),
             lock_retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+            ..ProjectorOptions::default()
         }
     }
 

@@ -18,12 +18,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use message_store::{GlobalPosition, MessageStore};
+use std::collections::{HashMap, HashSet};
+
+use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::read_model::{Committed, ReadModel, Target};
-use crate::view::prepare;
+use crate::view::{UserRow, apply, prepare};
 
 /// The version of the users projection. Bump it when what it writes changes, and rebuild.
 pub const USERS_VERSION: i32 = 1;
@@ -63,9 +67,18 @@ pub struct ProjectorStats {
 
 #[derive(Debug, Clone)]
 pub struct ProjectorOptions {
+    /// Messages per read of the store.
     pub batch_size: usize,
     /// How often a standby replica tries to take the projection's lock.
     pub lock_retry: Duration,
+    /// Keep reading and folding batches in memory until this many rows wait to be written (or
+    /// the backlog is drained), then write them with the checkpoint in one transaction. A row
+    /// changed by many events of those batches is written once. 0: one transaction per batch
+    /// read (the live worker: the lowest lag). Bounds the rows held for one commit.
+    pub fold_rows: usize,
+    /// The rows kept in memory between commits (see [`Projector`]): cleared when it grows past
+    /// this, and whenever the checkpoint moved under the worker.
+    pub cache_rows: usize,
 }
 
 impl Default for ProjectorOptions {
@@ -73,11 +86,21 @@ impl Default for ProjectorOptions {
         Self {
             batch_size: 1000,
             lock_retry: Duration::from_secs(1),
+            fold_rows: 0,
+            cache_rows: 500_000,
         }
     }
 }
 
 /// One projection's worker.
+///
+/// It keeps the rows it has read or written in memory between batches (`cache`), so a batch
+/// reads from the view only the rows it has not met. Those rows are the view as of the worker's
+/// checkpoint: they are loaded together with the checkpoint in one statement, and every commit
+/// moves the checkpoint by compare-and-set from the position the rows belong to. Whenever the
+/// checkpoint turns out to have moved under the worker (another replica, a reset, a rebuild),
+/// or a step fails, the cache is dropped and reloaded. Rows are a function of the events up to
+/// the checkpoint, so a cache that matches the stored checkpoint matches the stored rows.
 pub struct Projector {
     store: Arc<dyn MessageStore>,
     read_model: ReadModel,
@@ -88,6 +111,22 @@ pub struct Projector {
     stats: Arc<ProjectorStats>,
     position: watch::Sender<GlobalPosition>,
     lag_measured_at: Option<Instant>,
+    cache: HashMap<Uuid, UserRow>,
+    prefetch: Option<Prefetch>,
+}
+
+/// A read of the next batch, started while the current one is folded and committed.
+struct Prefetch {
+    from: GlobalPosition,
+    task: JoinHandle<Result<Vec<RecordedMessage>, StoreError>>,
+}
+
+impl Drop for Projector {
+    fn drop(&mut self) {
+        if let Some(prefetch) = self.prefetch.take() {
+            prefetch.task.abort();
+        }
+    }
 }
 
 impl Projector {
@@ -107,6 +146,8 @@ impl Projector {
             stats: Arc::default(),
             position: watch::channel(0).0,
             lag_measured_at: None,
+            cache: HashMap::new(),
+            prefetch: None,
         }
     }
 
@@ -132,17 +173,66 @@ impl Projector {
         self.position.subscribe()
     }
 
-    /// Reads the next batch after the checkpoint and commits it with the checkpoint.
+    /// Reads the next batch after the checkpoint and commits it with the checkpoint (or, with
+    /// [`ProjectorOptions::fold_rows`], several batches folded in memory into one commit).
     pub async fn process_next_batch(&mut self) -> Result<Outcome, ProjectorError> {
         if let Some(reason) = &self.halted {
             return Ok(Outcome::Halted {
                 reason: reason.clone(),
             });
         }
+        let outcome = self.step().await;
+        if outcome.is_err() {
+            // The cache may hold folds that never committed.
+            self.forget();
+        }
+        outcome
+    }
+
+    /// Drops everything remembered about the read model: the checkpoint, the cached rows and
+    /// a read ahead. The next step starts again from the stored checkpoint.
+    fn forget(&mut self) {
+        self.checkpoint = None;
+        self.cache.clear();
+        if let Some(prefetch) = self.prefetch.take() {
+            prefetch.task.abort();
+        }
+    }
+
+    /// The messages after `from`: the read started ahead of time if it was for `from` and found
+    /// something, else a fresh read. A read ahead that found nothing is not trusted: it may
+    /// predate the wake-up being handled.
+    async fn read(&mut self, from: GlobalPosition) -> Result<Vec<RecordedMessage>, ProjectorError> {
+        if let Some(prefetch) = self.prefetch.take() {
+            if prefetch.from == from {
+                if let Ok(Ok(messages)) = prefetch.task.await
+                    && !messages.is_empty()
+                {
+                    return Ok(messages);
+                }
+            } else {
+                prefetch.task.abort();
+            }
+        }
+        Ok(self.store.read_all(from, self.options.batch_size).await?)
+    }
+
+    /// Starts reading the batch after `from` while this one is folded and committed.
+    fn read_ahead(&mut self, from: GlobalPosition) {
+        let store = self.store.clone();
+        let max = self.options.batch_size;
+        self.prefetch = Some(Prefetch {
+            from,
+            task: tokio::spawn(async move { store.read_all(from, max).await }),
+        });
+    }
+
+    async fn step(&mut self) -> Result<Outcome, ProjectorError> {
         loop {
             let from = match self.checkpoint {
                 Some(position) => position,
                 None => {
+                    self.cache.clear();
                     let checkpoint = self
                         .read_model
                         .ensure_checkpoint(self.target.checkpoint, USERS_VERSION)
@@ -152,57 +242,115 @@ impl Projector {
                 }
             };
             let started = Instant::now();
-            let messages = self.store.read_all(from, self.options.batch_size).await?;
-            let Some(last) = messages.last() else {
+            // Read, decode and fold batches into the cached rows until enough rows wait to be
+            // written (one batch unless `fold_rows` says more), the backlog is drained, or an
+            // event cannot be applied. Nothing is written yet, so no transaction is open.
+            let mut to = from;
+            let mut events = 0;
+            let mut skipped = 0;
+            let mut poison = None;
+            let mut dirty = HashSet::new();
+            let mut read_any = false;
+            let mut moved = false;
+            loop {
+                let messages = self.read(to).await?;
+                let Some(last) = messages.last() else { break };
+                read_any = true;
+                let last_position = last.global_position;
+                let full = messages.len() >= self.options.batch_size;
+                if full {
+                    self.read_ahead(last_position);
+                }
+                let prepared = prepare(&messages);
+                drop(messages);
+                skipped += prepared.skipped;
+                let mut missing: Vec<Uuid> = prepared
+                    .changes
+                    .iter()
+                    .map(|change| change.user_id)
+                    .filter(|id| !self.cache.contains_key(id))
+                    .collect();
+                if !missing.is_empty() {
+                    missing.sort_unstable();
+                    missing.dedup();
+                    // The stored rows are as of `from`: this step has written nothing yet.
+                    match self
+                        .read_model
+                        .load_rows(&self.target, from, &missing)
+                        .await?
+                    {
+                        Some(rows) => {
+                            self.cache.extend(rows.into_iter().map(|row| (row.id, row)));
+                        }
+                        None => {
+                            moved = true;
+                            break;
+                        }
+                    }
+                }
+                let mut batch_to = last_position;
+                if let Some((position, reason)) = prepared.poison {
+                    batch_to = position.saturating_sub(1).max(to);
+                    poison = Some(reason);
+                }
+                for change in &prepared.changes {
+                    match apply(&mut self.cache, change) {
+                        Ok(changed) => {
+                            if changed {
+                                dirty.insert(change.user_id);
+                            }
+                            events += 1;
+                        }
+                        Err(reason) => {
+                            // Commit what comes before it, and stop there.
+                            batch_to = change.position.saturating_sub(1).max(to);
+                            poison = Some(reason);
+                            break;
+                        }
+                    }
+                }
+                to = batch_to;
+                if poison.is_some() || !full || dirty.len() >= self.options.fold_rows {
+                    break;
+                }
+            }
+            if moved {
+                self.checkpoint_moved();
+                continue;
+            }
+            if !read_any {
                 // Nothing new after our checkpoint. A commit would notice that a reset or a
                 // rebuild moved it; with nothing to commit, look.
                 let stored = self.read_model.checkpoint(self.target.checkpoint).await?;
                 if stored.is_some_and(|stored| stored.position != from) {
-                    self.checkpoint = None;
+                    self.forget();
                     continue;
                 }
                 metrics::gauge!("projection_lag_events", "projection" => self.name()).set(0.0);
                 return Ok(Outcome::Idle);
-            };
-            let mut prepared = prepare(&messages);
-            let mut to = match &prepared.poison {
-                Some((position, _)) => position.saturating_sub(1).max(from),
-                None => last.global_position,
-            };
-            let mut poison = prepared.poison.take().map(|(_, reason)| reason);
-            let committed = loop {
-                match self
-                    .read_model
-                    .commit(&self.target, from, to, &prepared.changes)
-                    .await?
-                {
-                    Committed::Poison { index, reason } => {
-                        // Commit what comes before it, and stop there.
-                        to = prepared.changes[index].position.saturating_sub(1).max(from);
-                        prepared.changes.truncate(index);
-                        poison = Some(reason);
-                    }
-                    other => break other,
-                }
-            };
+            }
+            let mut ids: Vec<Uuid> = dirty.into_iter().collect();
+            ids.sort_unstable();
+            let rows: Vec<&UserRow> = ids.iter().filter_map(|id| self.cache.get(id)).collect();
+            let committed = self
+                .read_model
+                .write_rows(&self.target, from, to, &rows)
+                .await?;
             if committed == Committed::CheckpointMoved {
-                tracing::warn!(
-                    projection = self.name(),
-                    "the checkpoint moved under this worker (another replica, a reset or a \
-                     rebuild); reloading it"
-                );
-                self.checkpoint = None;
+                self.checkpoint_moved();
                 continue;
             }
             self.checkpoint = Some(to);
-            let events = prepared.changes.len();
+            if self.cache.len() > self.options.cache_rows {
+                self.cache.clear();
+            }
             let name = self.name();
             metrics::histogram!("projection_batch_seconds", "projection" => name)
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("projection_events_applied_total", "projection" => name)
                 .increment(events as u64);
             metrics::counter!("projection_events_skipped_total", "projection" => name)
-                .increment(prepared.skipped as u64);
+                .increment(skipped as u64);
             metrics::gauge!("projection_position", "projection" => name).set(to as f64);
             self.stats
                 .events_applied
@@ -221,14 +369,24 @@ impl Projector {
                 );
                 metrics::gauge!("projection_halted", "projection" => name).set(1.0);
                 self.halted = Some(reason.clone());
+                self.forget();
                 return Ok(Outcome::Halted { reason });
             }
             return Ok(Outcome::Applied {
                 events,
-                skipped: prepared.skipped,
+                skipped,
                 position: to,
             });
         }
+    }
+
+    fn checkpoint_moved(&mut self) {
+        tracing::warn!(
+            projection = self.name(),
+            "the checkpoint moved under this worker (another replica, a reset or a rebuild); \
+             reloading it"
+        );
+        self.forget();
     }
 
     /// `projection_lag_events`, at most once a second: counting the backlog is not free.
@@ -265,7 +423,7 @@ impl Projector {
             };
             self.stats.holds_lock.store(true, Ordering::Relaxed);
             // The checkpoint may have moved while another replica held the lock.
-            self.checkpoint = None;
+            self.forget();
             tracing::info!(projection = self.name(), "projecting");
             loop {
                 tokio::select! {
@@ -305,7 +463,7 @@ impl Projector {
                             cause = ?std::error::Error::source(&error),
                             "projection batch failed; retrying after {backoff:?}"
                         );
-                        self.checkpoint = None;
+                        self.forget();
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = &mut shutdown => break 'holding,

@@ -41,6 +41,18 @@ use crate::view::{Change, UserRow, apply_all};
 const COLUMNS: &str = "id, email, email_normalized, status, registered_at, activated_at, \
      deactivated_at, last_login_at, login_count, failed_logins, locked_until, roles, position";
 
+/// Rows per upsert statement when a commit writes many.
+const UPSERT_ROWS: usize = 10_000;
+
+/// [`COLUMNS`], each qualified with `alias`.
+fn prefixed_columns(alias: &str) -> String {
+    COLUMNS
+        .split(", ")
+        .map(|column| format!("{alias}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Where a projection writes: its checkpoint row and its table. Table names are fixed here,
 /// never taken from input, since they are formatted into SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,34 +196,95 @@ impl ReadModel {
         }))
     }
 
-    /// Applies `changes` and moves the checkpoint from `from` to `to`, in one transaction.
-    pub async fn commit(
+    /// The stored rows among `ids`, read in one statement together with the projection's
+    /// checkpoint, so they are exactly the rows as of that checkpoint. `None` when the
+    /// checkpoint is no longer `at`: another worker, a reset or a rebuild moved it.
+    ///
+    /// Reads only: it takes no transaction id, so it never holds back the store's horizon.
+    pub async fn load_rows(
+        &self,
+        target: &Target,
+        at: u64,
+        ids: &[Uuid],
+    ) -> Result<Option<Vec<UserRow>>, sqlx::Error> {
+        let mut rows = Vec::with_capacity(ids.len());
+        let mut checkpoint = None;
+        match self {
+            Self::Postgres(pool) => {
+                let loaded = sqlx::query(&format!(
+                    "SELECT c.position AS checkpoint, {} FROM projection_checkpoints c \
+                     LEFT JOIN {} u ON u.id = ANY($2) WHERE c.projection = $1",
+                    prefixed_columns("u"),
+                    target.table
+                ))
+                .bind(target.checkpoint)
+                .bind(ids)
+                .fetch_all(pool)
+                .await?;
+                for row in &loaded {
+                    checkpoint = Some(row.try_get::<i64, _>("checkpoint")?);
+                    if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                        rows.push(pg_row(row)?);
+                    }
+                }
+            }
+            Self::Sqlite(pool) => {
+                let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+                let loaded = sqlx::query(&format!(
+                    "SELECT c.position AS checkpoint, {} FROM projection_checkpoints c \
+                     LEFT JOIN {} u ON u.id IN (SELECT value FROM json_each($2)) \
+                     WHERE c.projection = $1",
+                    prefixed_columns("u"),
+                    target.table
+                ))
+                .bind(target.checkpoint)
+                .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+                .fetch_all(pool)
+                .await?;
+                for row in &loaded {
+                    checkpoint = Some(row.try_get::<i64, _>("checkpoint")?);
+                    if row.try_get::<Option<String>, _>("id")?.is_some() {
+                        rows.push(sqlite_row(row)?);
+                    }
+                }
+            }
+        }
+        Ok((checkpoint == Some(to_i64(at))).then_some(rows))
+    }
+
+    /// Writes `rows` (folded in memory from the rows as of `from`) and moves the checkpoint from
+    /// `from` to `to` by compare-and-set, in one transaction. Nothing is written when the
+    /// checkpoint is no longer at `from`.
+    pub async fn write_rows(
         &self,
         target: &Target,
         from: u64,
         to: u64,
-        changes: &[Change],
+        rows: &[&UserRow],
     ) -> Result<Committed, sqlx::Error> {
         match self {
             Self::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let committed = pg_apply(&mut tx, target, from, to, changes).await?;
-                if matches!(committed, Committed::Written { .. }) {
-                    tx.commit().await?;
+                if !pg_move_checkpoint(&mut tx, target, from, to).await? {
+                    return Ok(Committed::CheckpointMoved);
                 }
-                Ok(committed)
+                for piece in rows.chunks(UPSERT_ROWS) {
+                    pg_upsert(&mut tx, target, piece).await?;
+                }
+                tx.commit().await?;
             }
             Self::Sqlite(pool) => {
                 let mut connection = pool.acquire().await?;
                 // IMMEDIATE: take the write lock now rather than fail to upgrade a read later.
                 let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
-                let committed = sqlite_apply(&mut tx, target, from, to, changes).await?;
-                if matches!(committed, Committed::Written { .. }) {
-                    tx.commit().await?;
+                if !sqlite_move_checkpoint(&mut tx, target, from, to).await? {
+                    return Ok(Committed::CheckpointMoved);
                 }
-                Ok(committed)
+                sqlite_upsert(&mut tx, target, rows).await?;
+                tx.commit().await?;
             }
         }
+        Ok(Committed::Written { rows: rows.len() })
     }
 
     /// Every row of `table`, ordered by id: for comparisons and tests.
@@ -281,16 +354,7 @@ pub(crate) async fn pg_apply(
 ) -> Result<Committed, sqlx::Error> {
     // First, so that this transaction holds the checkpoint row before it touches the view:
     // reset and rebuild lock the same row first, and nothing waits in the other order.
-    let moved = sqlx::query(
-        "UPDATE projection_checkpoints SET position = $3, updated_at = now() \
-         WHERE projection = $1 AND position = $2",
-    )
-    .bind(target.checkpoint)
-    .bind(to_i64(from))
-    .bind(to_i64(to))
-    .execute(&mut *connection)
-    .await?;
-    if moved.rows_affected() != 1 {
+    if !pg_move_checkpoint(connection, target, from, to).await? {
         return Ok(Committed::CheckpointMoved);
     }
     if changes.is_empty() {
@@ -318,6 +382,26 @@ pub(crate) async fn pg_apply(
     let rows: Vec<&UserRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
     pg_upsert(connection, target, &rows).await?;
     Ok(Committed::Written { rows: rows.len() })
+}
+
+/// Moves a projection's checkpoint from `from` to `to` if it is still at `from`, locking its row
+/// until the transaction ends. Whether it moved.
+async fn pg_move_checkpoint(
+    connection: &mut PgConnection,
+    target: &Target,
+    from: u64,
+    to: u64,
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE projection_checkpoints SET position = $3, updated_at = now() \
+         WHERE projection = $1 AND position = $2",
+    )
+    .bind(target.checkpoint)
+    .bind(to_i64(from))
+    .bind(to_i64(to))
+    .execute(&mut *connection)
+    .await?;
+    Ok(moved.rows_affected() == 1)
 }
 
 /// One multi-row upsert from parallel arrays: one round trip however large the batch.
@@ -373,13 +457,12 @@ async fn pg_upsert(
     Ok(())
 }
 
-async fn sqlite_apply(
+async fn sqlite_move_checkpoint(
     connection: &mut SqliteConnection,
     target: &Target,
     from: u64,
     to: u64,
-    changes: &[Change],
-) -> Result<Committed, sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let moved = sqlx::query(
         "UPDATE projection_checkpoints \
          SET position = $3, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
@@ -390,28 +473,14 @@ async fn sqlite_apply(
     .bind(to_i64(to))
     .execute(&mut *connection)
     .await?;
-    if moved.rows_affected() != 1 {
-        return Ok(Committed::CheckpointMoved);
-    }
-    let mut rows = HashMap::new();
-    let select = format!("SELECT {COLUMNS} FROM {} WHERE id = $1", target.table);
-    for change in changes {
-        if rows.contains_key(&change.user_id) {
-            continue;
-        }
-        if let Some(row) = sqlx::query(&select)
-            .bind(change.user_id.hyphenated().to_string())
-            .fetch_optional(&mut *connection)
-            .await?
-        {
-            let row = sqlite_row(&row)?;
-            rows.insert(row.id, row);
-        }
-    }
-    let changed = match apply_all(&mut rows, changes) {
-        Ok(changed) => changed,
-        Err((index, reason)) => return Ok(Committed::Poison { index, reason }),
-    };
+    Ok(moved.rows_affected() == 1)
+}
+
+async fn sqlite_upsert(
+    connection: &mut SqliteConnection,
+    target: &Target,
+    rows: &[&UserRow],
+) -> Result<(), sqlx::Error> {
     let upsert = format!(
         "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
          ON CONFLICT (id) DO UPDATE SET \
@@ -423,7 +492,7 @@ async fn sqlite_apply(
              roles = excluded.roles, position = excluded.position",
         target.table
     );
-    for row in changed.iter().filter_map(|id| rows.get(id)) {
+    for row in rows {
         sqlx::query(&upsert)
             .bind(row.id.hyphenated().to_string())
             .bind(&row.email)
@@ -441,9 +510,7 @@ async fn sqlite_apply(
             .execute(&mut *connection)
             .await?;
     }
-    Ok(Committed::Written {
-        rows: changed.len(),
-    })
+    Ok(())
 }
 
 fn pg_row(row: &PgRow) -> Result<UserRow, sqlx::Error> {

@@ -112,3 +112,25 @@ async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches
     assert_eq!(rows, expected);
     live_task.abort();
 }
+
+#[tokio::test]
+async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_view() {
+    let env = env().await;
+    let writer = concurrent_writers(&env.store, 3, 10, 5).await;
+    // Commits every few changed rows, and drops its cached rows after nearly every commit, so
+    // rows are reloaded from the view (as of the checkpoint) again and again.
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.read_model.clone(),
+        aggregator::ProjectorOptions {
+            fold_rows: 4,
+            cache_rows: 3,
+            ..options(5)
+        },
+    );
+    drain(&mut projector, &env.read_model, writer.last()).await;
+    assert_eq!(
+        env.read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+}

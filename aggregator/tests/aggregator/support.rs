@@ -82,6 +82,7 @@ pub fn options(batch_size: usize) -> ProjectorOptions {
     ProjectorOptions {
         batch_size,
         lock_retry: std::time::Duration::from_millis(20),
+        ..ProjectorOptions::default()
     }
 }
 
