@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -52,10 +52,14 @@ impl ReadModel {
                 .await?;
             return Ok(Self::Sqlite(pool));
         }
+        // Generic plans: these lookups have one good plan, and PostgreSQL would otherwise plan
+        // the `id = ANY($1)` lookup anew on every call (as it does the store's append, ADR 4).
+        let options = PgConnectOptions::from_str(url)?
+            .options([("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect_with(options)
             .await?;
         Ok(Self::Postgres(pool))
     }
