@@ -32,8 +32,9 @@ const CHANNEL: &str = "message_store";
 
 /// The least time between two wake-ups sent by one writer process. Under load, commits that
 /// arrive meanwhile share the next NOTIFY, so writers pay for at most one NOTIFY transaction per
-/// spacing; a consumer learns of a commit at most this much later.
-const NOTIFY_SPACING: Duration = Duration::from_millis(2);
+/// spacing (100 a second, against thousands of appends); a consumer learns of a commit at most
+/// this much later, well inside the 50 ms the projection lag may take.
+const NOTIFY_SPACING: Duration = Duration::from_millis(10);
 
 /// How often an append that keeps losing races on a stream position is tried again under the
 /// stream lock before the store gives up. Writers that do not take the lock (the first,
