@@ -54,8 +54,8 @@ impl ReadModel {
         }
         // Generic plans: these lookups have one good plan, and PostgreSQL would otherwise plan
         // the `id = ANY($1)` lookup anew on every call (as it does the store's append, ADR 4).
-        let options = PgConnectOptions::from_str(url)?
-            .options([("plan_cache_mode", "force_generic_plan")]);
+        let options =
+            PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
