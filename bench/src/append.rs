@@ -29,7 +29,12 @@ pub struct Options {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
     let pool = database
-        .pool_with(PgPoolOptions::new().max_connections(options.writers as u32 + 2))
+        .pool_with(
+            // The baseline at its best: no ping before each insert, as the store does.
+            PgPoolOptions::new()
+                .max_connections(options.writers as u32 + 2)
+                .test_before_acquire(false),
+        )
         .await;
     PostgresMessageStore::migrate(&pool).await?;
     // The baseline table is the store's own, copied with every index and default.

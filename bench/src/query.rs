@@ -43,7 +43,21 @@ pub struct Options {
     seconds: u64,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Who reads: `owner`, each request a user reading their own profile with their own token
+    /// (the common case: one row), or `admin`, an administrator reading random users (the
+    /// query API then also reads the administrator's own row).
+    #[arg(long, value_enum, default_value_t = Reader::Owner)]
+    reader: Reader,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reader {
+    Owner,
+    Admin,
+}
+
+/// Users whose own tokens the `owner` rounds use, drawn at random from the seeded ones.
+const OWNERS: usize = 5_000;
 
 /// The columns the query API reads for a profile, in its order.
 const SELECT_PROFILE: &str = "SELECT id, email, status, registered_at, activated_at, \
@@ -268,7 +282,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let database = TestDatabase::new().await;
     let pool = database
-        .pool_with(PgPoolOptions::new().max_connections(options.connections))
+        // The baseline at its best: no ping before each lookup, as the query API does.
+        .pool_with(
+            PgPoolOptions::new()
+                .max_connections(options.connections)
+                .test_before_acquire(false),
+        )
         .await;
     PostgresMessageStore::migrate(&pool).await?;
     let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
@@ -394,8 +413,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .await?;
         plain_cpu.add(&before, &CpuSnapshot::take(pid, &pool).await?);
 
-        // A fresh token each round: the default lifetime is 15 minutes.
-        let token = admin_token()?;
+        // Fresh tokens each round: the default lifetime is 15 minutes.
+        let readers: Arc<Vec<(Uuid, Arc<String>)>> = Arc::new(match options.reader {
+            Reader::Admin => {
+                let token = admin_token()?;
+                (0..OWNERS.min(ids.len()))
+                    .map(|_| (ids[fastrand::usize(..ids.len())], token.clone()))
+                    .collect()
+            }
+            Reader::Owner => (0..OWNERS.min(ids.len()))
+                .map(|_| {
+                    let id = ids[fastrand::usize(..ids.len())];
+                    let issued = issuer.issue(id, vec!["user".to_owned()], SystemClock.now())?;
+                    Ok((id, Arc::new(issued.token.expose_secret().clone())))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        });
         let sampler = {
             let peak = peak_rss.clone();
             tokio::spawn(async move {
@@ -406,17 +439,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             })
         };
         let (client_for_round, base_for_round) = (client.clone(), base.clone());
-        let (ids_for_round, latencies) = (ids.clone(), http_latencies.clone());
+        let latencies = http_latencies.clone();
         let count = http_count.clone();
         let before = CpuSnapshot::take(pid, &pool).await?;
         let http = rate(clients, duration, move |worker, _| {
-            let (client, token, latencies, count) = (
-                client_for_round.clone(),
-                token.clone(),
-                latencies.clone(),
-                count.clone(),
-            );
-            let id = ids_for_round[fastrand::usize(..ids_for_round.len())];
+            let (client, latencies, count) =
+                (client_for_round.clone(), latencies.clone(), count.clone());
+            let (id, token) = readers[fastrand::usize(..readers.len())].clone();
             let url = format!("{base_for_round}/users/{id}");
             async move {
                 let started = Instant::now();

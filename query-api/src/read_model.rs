@@ -59,6 +59,9 @@ impl ReadModel {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before each lookup: a broken connection fails its query, is dropped
+            // from the pool, and the client gets a retryable 503.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(Self::Postgres(pool))

@@ -123,6 +123,9 @@ impl PostgresMessageStore {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before each use: that is a round trip per append. A broken connection
+            // fails its statement and leaves the pool; the caller sees a store error.
+            .test_before_acquire(false)
             .connect_with(connect_options(url)?)
             .await?;
         Self::migrate(&pool).await?;
