@@ -230,7 +230,7 @@ async fn login(
     responses(
         (status = 200, description = "Active; repeating it changes nothing and answers the current position", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the account's last event"))),
-        (status = 401, description = "`invalid_token`: no or an invalid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -250,7 +250,7 @@ async fn activate(
     responses(
         (status = 200, description = "Deactivated; repeating it changes nothing and answers the current position", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the account's last event"))),
-        (status = 401, description = "`invalid_token`: no or an invalid bearer token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -382,10 +382,18 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Caller(claims) = Caller::from_request_parts(parts, state).await?;
-        if claims.has_role("admin") {
-            Ok(Self(claims))
-        } else {
-            Err(ApiError::Forbidden)
+        if !claims.has_role("admin") {
+            return Err(ApiError::Forbidden);
         }
+        // A token outlives a deactivation by up to its lifetime; an administrator deactivated
+        // meanwhile must not act on its strength.
+        if !state
+            .commands
+            .is_active(UserId::from_uuid(claims.sub))
+            .await?
+        {
+            return Err(ApiError::InvalidToken);
+        }
+        Ok(Self(claims))
     }
 }

@@ -394,6 +394,17 @@ impl Commands {
             .map(|r| r.user_id))
     }
 
+    /// Whether the account `id` exists and is active, from its own stream (strongly
+    /// consistent): for commands whose caller's token may outlive a deactivation.
+    pub async fn is_active(&self, id: UserId) -> Result<bool, ApiError> {
+        Ok(self
+            .load(id)
+            .await?
+            .account
+            .account()
+            .is_some_and(|account| account.is_active()))
+    }
+
     /// Folds a user stream. It holds registration, status and password changes only (never
     /// logins), so it stays short.
     async fn load(&self, id: UserId) -> Result<Loaded, ApiError> {

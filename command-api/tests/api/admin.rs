@@ -105,3 +105,29 @@ async fn the_operator_cannot_create_a_second_account_with_a_taken_email() {
     .unwrap_err();
     assert!(error.to_string().contains("exists already"), "{error}");
 }
+
+#[tokio::test]
+async fn a_deactivated_administrator_cannot_act_on_a_token_issued_before() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let other_admin = app.admin_token_for("second@example.com").await;
+    let second_id = app.id_of_token(&other_admin);
+    let ann = app.user("ann@example.com").await;
+
+    let response = app
+        .post_as(&format!("/users/{second_id}/deactivate"), &admin, json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let before = app.message_count().await;
+
+    let response = app
+        .post_as(&format!("/users/{ann}/deactivate"), &other_admin, json!({}))
+        .await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(problem(response).await["code"], "invalid_token");
+    assert_eq!(
+        app.message_count().await,
+        before,
+        "the refused command changed the store"
+    );
+}

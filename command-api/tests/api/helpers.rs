@@ -126,15 +126,33 @@ impl TestApp {
 
     /// An administrator made the way an operator makes one, and their token.
     pub async fn admin_token(&self) -> String {
+        self.admin_token_for("admin@example.com").await
+    }
+
+    /// Creates an administrator as the operator does, and logs them in.
+    pub async fn admin_token_for(&self, email: &str) -> String {
         command_api::create_admin(
             &self.settings,
             Arc::new(self.clock.clone()),
-            "admin@example.com",
+            email,
             PASSWORD.into(),
         )
         .await
         .unwrap();
-        self.token("admin@example.com", PASSWORD).await
+        self.token(email, PASSWORD).await
+    }
+
+    /// The account id (`sub`) a token of this server names, read without verifying it.
+    pub fn id_of_token(&self, token: &str) -> String {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["sub"].as_str().unwrap().to_owned()
     }
 
     /// Every message in the store, counted in SQL: the store's readers see a message only
