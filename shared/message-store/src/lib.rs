@@ -73,10 +73,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// How many messages a reader can see after `after`: the backlog of a consumer at `after`.
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError>;
 
-    /// Deletes the messages of `category` written before `older_than`, except the last message
-    /// of each stream, and returns how many it deleted. For categories whose every message
-    /// carries its stream's whole state (login history): they need a retention bound, and the
-    /// last message is what later decisions and rebuilds read.
+    /// Deletes the messages of `category` written before `older_than`, except the first
+    /// message of each stream and the last of each message type in it, and returns how many it
+    /// deleted. For categories whose messages carry their stream's state (login history): they
+    /// need a retention bound, and the last message of each kind is what later decisions and
+    /// rebuilds read; the first keeps "no stream" appends exact.
     async fn prune_category(
         &self,
         category: &str,

@@ -36,6 +36,21 @@ const CHANNEL: &str = "message_store";
 /// this much later, well inside the 50 ms the projection lag may take.
 const NOTIFY_SPACING: Duration = Duration::from_millis(10);
 
+/// Up to `$3` messages of category `$1` written before `$2` that are neither the first of their
+/// stream (which keeps "no stream" exact: ADR 4 finds an existing stream by its position 0) nor
+/// the last of their type in it (so the last message of each kind, a success and a failure say,
+/// still says what the stream's history ended with).
+const PRUNE_CHUNK: &str = "
+DELETE FROM messages
+ WHERE global_position IN (
+    SELECT m.global_position FROM messages m
+     WHERE m.category = $1 AND m.time < $2 AND m.position > 0
+       AND m.position < (SELECT max(last.position) FROM messages last
+                          WHERE last.stream_name = m.stream_name AND last.type = m.type)
+     LIMIT $3)";
+
+const PRUNE_CHUNK_ROWS: i64 = 5_000;
+
 /// How often an append that keeps losing races on a stream position is tried again under the
 /// stream lock before the store gives up. Writers that do not take the lock (the first,
 /// lock-free attempt of other appends) are the only ones that can still win such a race.
@@ -501,16 +516,22 @@ impl MessageStore for PostgresMessageStore {
         category: &str,
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(
-            "DELETE FROM messages m WHERE m.category = $1 AND m.time < $2 \
-               AND m.position < (SELECT max(last.position) FROM messages last \
-                                  WHERE last.stream_name = m.stream_name)",
-        )
-        .bind(category)
-        .bind(older_than)
-        .execute(&self.inner.pool)
-        .await?;
-        Ok(deleted.rows_affected())
+        // In chunks, each its own short transaction: a delete holds a transaction id, and a
+        // long one would hold back the horizon of every reader on the server (ADR 2).
+        let mut deleted = 0;
+        loop {
+            let chunk = sqlx::query(PRUNE_CHUNK)
+                .bind(category)
+                .bind(older_than)
+                .bind(PRUNE_CHUNK_ROWS)
+                .execute(&self.inner.pool)
+                .await?
+                .rows_affected();
+            deleted += chunk;
+            if chunk < PRUNE_CHUNK_ROWS as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     fn subscribe(&self) -> Subscription {

@@ -322,9 +322,10 @@ impl MessageStore for SqliteMessageStore {
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, StoreError> {
         let deleted = sqlx::query(
-            "DELETE FROM messages WHERE category = ? AND time < ? \
+            "DELETE FROM messages WHERE category = ? AND time < ? AND position > 0 \
                AND position < (SELECT max(last.position) FROM messages last \
-                                WHERE last.stream_name = messages.stream_name)",
+                                WHERE last.stream_name = messages.stream_name \
+                                  AND last.type = messages.type)",
         )
         .bind(category)
         .bind(older_than.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())

@@ -50,5 +50,5 @@ conformance!(
     concurrent_appends_to_one_stream_with_any_version_all_land,
     a_subscriber_is_woken_by_an_append,
     a_subscriber_is_woken_after_its_connection_is_dropped,
-    pruning_a_category_keeps_the_last_message_of_each_stream,
+    pruning_a_category_keeps_the_first_message_and_the_last_of_each_type,
 );

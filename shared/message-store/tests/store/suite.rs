@@ -566,14 +566,26 @@ pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &dyn
     assert_eq!(wake, Wake::Signalled);
 }
 
-pub async fn pruning_a_category_keeps_the_last_message_of_each_stream(harness: &dyn Harness) {
+pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_type(
+    harness: &dyn Harness,
+) {
     let store = harness.store();
     let pruned = stream("audit");
     let other = stream("audit");
     let kept = stream("thing");
+    let kinds = ["Succeeded", "Failed", "Succeeded", "Succeeded", "Failed"];
+    let messages = kinds
+        .iter()
+        .enumerate()
+        .map(|(n, kind)| NewMessage::new(*kind, json!({ "n": n })))
+        .collect();
     append_settled(
         store.as_ref(),
-        append(&pruned, ExpectedVersion::NoStream, 4),
+        vec![StreamAppend::new(
+            pruned.clone(),
+            ExpectedVersion::NoStream,
+            messages,
+        )],
     )
     .await;
     append_settled(store.as_ref(), append(&other, ExpectedVersion::NoStream, 1)).await;
@@ -586,15 +598,35 @@ pub async fn pruning_a_category_keeps_the_last_message_of_each_stream(harness: &
     let later = newest + chrono::Duration::seconds(60);
     let deleted = store.prune_category("audit", later).await.unwrap();
 
-    assert_eq!(deleted, 3);
+    assert_eq!(deleted, 2);
     let left: Vec<_> = store
         .read_stream(&pruned, 0, 10)
         .await
         .unwrap()
         .iter()
-        .map(|m| m.position)
+        .map(|m| (m.position, m.message_type.clone()))
         .collect();
-    assert_eq!(left, vec![3]);
+    assert_eq!(
+        left,
+        vec![
+            (0, "Succeeded".to_owned()),
+            (3, "Succeeded".to_owned()),
+            (4, "Failed".to_owned())
+        ]
+    );
     assert_eq!(store.read_stream(&other, 0, 10).await.unwrap().len(), 1);
     assert_eq!(store.read_stream(&kept, 0, 10).await.unwrap().len(), 3);
+    let again = store
+        .append(append(&pruned, ExpectedVersion::NoStream, 1))
+        .await;
+    assert!(
+        matches!(
+            again,
+            Err(AppendError::WrongExpectedVersion {
+                actual: Some(4),
+                ..
+            })
+        ),
+        "a pruned stream must still exist: {again:?}"
+    );
 }
