@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::{HeaderName, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -34,6 +34,15 @@ pub async fn wait_for_min_position(
     request: Request,
     next: Next,
 ) -> Response {
+    if !request.headers().contains_key(&MIN_POSITION) {
+        return next.run(request).await;
+    }
+    // Only a caller with a valid token may hold a connection while waiting.
+    let (mut parts, body) = request.into_parts();
+    if let Err(refused) = Caller::from_request_parts(&mut parts, &state).await {
+        return refused.into_response();
+    }
+    let request = Request::from_parts(parts, body);
     let Some(value) = request.headers().get(&MIN_POSITION) else {
         return next.run(request).await;
     };

@@ -86,3 +86,22 @@ async fn a_malformed_min_position_is_a_bad_request() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_request_without_a_valid_token_is_refused_before_it_waits() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
+    app.set_checkpoint(10).await;
+    let started = Instant::now();
+    let response = app
+        .client
+        .get(app.url("/users/me"))
+        .header("X-Min-Position", "18446744073709551615")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "it waited before checking the token"
+    );
+}
