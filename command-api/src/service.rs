@@ -332,7 +332,15 @@ impl Commands {
             return Err(ApiError::InvalidCredentials);
         }
         let new_password_hash = self.hasher.hash(new).await?;
-        self.update(id, || UserCommand::ChangePassword {
+        // The caller proved the password the account had when it was loaded; if it has been
+        // changed meanwhile, that proof no longer stands.
+        let proven = account.password_hash.clone();
+        let unchanged = |account: &UserAccount| match account.account() {
+            Some(now) if now.password_hash.as_str() == proven.as_str() => Ok(()),
+            Some(_) => Err(ApiError::InvalidCredentials),
+            None => Err(ApiError::NotFound),
+        };
+        self.update_if(id, unchanged, || UserCommand::ChangePassword {
             new_password_hash: new_password_hash.clone(),
         })
         .await
@@ -344,8 +352,21 @@ impl Commands {
         id: UserId,
         command: impl Fn() -> UserCommand,
     ) -> Result<Done, ApiError> {
+        self.update_if(id, |_| Ok(()), command).await
+    }
+
+    /// [`Self::update`], provided `still_holds` accepts the account as it is loaded for each
+    /// attempt: for a command decided on something the caller proved against an earlier
+    /// state.
+    async fn update_if(
+        &self,
+        id: UserId,
+        still_holds: impl Fn(&UserAccount) -> Result<(), ApiError>,
+        command: impl Fn() -> UserCommand,
+    ) -> Result<Done, ApiError> {
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(id).await?;
+            still_holds(&loaded.account)?;
             let events =
                 decide(&loaded.account, command(), self.clock.now()).map_err(|refusal| {
                     match refusal {
