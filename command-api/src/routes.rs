@@ -236,10 +236,9 @@ async fn login(
     ))]
 async fn activate(
     State(state): State<AppState>,
-    admin: Admin,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let _ = admin;
     let done = state.commands.set_active(parse_id(&id)?, true).await?;
     Ok(command_response(StatusCode::OK, done, HeaderMap::new()))
 }
@@ -256,10 +255,9 @@ async fn activate(
     ))]
 async fn deactivate(
     State(state): State<AppState>,
-    admin: Admin,
+    _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let _ = admin;
     let done = state.commands.set_active(parse_id(&id)?, false).await?;
     Ok(command_response(StatusCode::OK, done, HeaderMap::new()))
 }
