@@ -5,6 +5,8 @@
 //! threads race with that decision (a span could be judged disabled by a subscriber that was
 //! being replaced), so the cases run one after another in this process of their own.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on panics with the cause
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
