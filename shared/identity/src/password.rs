@@ -5,8 +5,10 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use unicode_normalization::UnicodeNormalization;
 
-/// What a new password must meet. Lengths count Unicode scalar values after normalisation,
-/// because that is what a person perceives as characters far better than bytes do.
+/// What a new password must meet. Lengths count Unicode code points as sent, before
+/// normalisation (NIST SP 800-63B counts each code point as one character): closer to what a
+/// person perceives than bytes, and the same count a client checks against the published
+/// `minLength`/`maxLength`, which it cannot apply to a normalised form it never sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PasswordPolicy {
     pub min_chars: usize,
@@ -52,8 +54,7 @@ impl Password {
 
     /// A new password (at registration or when changing it), held to the policy.
     pub fn new(password: String, policy: &PasswordPolicy) -> Result<Self, PasswordError> {
-        let password = Self::for_verification(password)?;
-        let chars = password.0.chars().count();
+        let chars = password.chars().count();
         if chars < policy.min_chars {
             return Err(PasswordError::TooShort {
                 min_chars: policy.min_chars,
@@ -64,7 +65,7 @@ impl Password {
                 max_chars: policy.max_chars,
             });
         }
-        Ok(password)
+        Self::for_verification(password)
     }
 
     /// A password to check against a stored hash (logging in, or proving the current password).
@@ -186,6 +187,16 @@ mod tests {
         let policy = PasswordPolicy::default();
         assert!(Password::new("ééééééé".into(), &policy).is_err()); // 7 chars, 14 bytes
         assert!(Password::new("éééééééé".into(), &policy).is_ok()); // 8 chars
+    }
+
+    #[test]
+    fn length_counts_code_points_as_sent_not_after_normalisation() {
+        let policy = PasswordPolicy::default();
+        // Eight code points that NFKC composes into four characters.
+        let decomposed = "e\u{301}".repeat(4);
+        assert!(Password::new(decomposed, &policy).is_ok());
+        // Seven ligatures that NFKC expands into fourteen characters.
+        assert!(Password::new("\u{fb00}".repeat(7), &policy).is_err());
     }
 
     #[test]
