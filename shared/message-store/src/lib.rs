@@ -70,6 +70,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The position of the last message a reader can see now (0 when there is none).
     async fn head_position(&self) -> Result<GlobalPosition, StoreError>;
 
+    /// The position of the last message written, whether readers can see it yet or not (0 when
+    /// there is none). Every position an append has returned is at most this, so a larger one
+    /// names a message that does not exist.
+    async fn last_position(&self) -> Result<GlobalPosition, StoreError>;
+
     /// How many messages a reader can see after `after`: the backlog of a consumer at `after`.
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError>;
 

@@ -500,6 +500,15 @@ impl MessageStore for PostgresMessageStore {
         Ok(head.map_or(0, to_u64))
     }
 
+    async fn last_position(&self) -> Result<GlobalPosition, StoreError> {
+        // Not bounded by the horizon: a committed message counts even while an older
+        // transaction keeps it from the readers.
+        let last: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
+            .fetch_one(&self.inner.pool)
+            .await?;
+        Ok(last.map_or(0, to_u64))
+    }
+
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM messages \

@@ -307,6 +307,11 @@ impl MessageStore for SqliteMessageStore {
         Ok(head.map_or(0, to_u64))
     }
 
+    async fn last_position(&self) -> Result<GlobalPosition, StoreError> {
+        // One writer at a time: what is committed is what readers see.
+        self.head_position().await
+    }
+
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError> {
         let count: i64 =
             sqlx::query_scalar("SELECT count(*) FROM messages WHERE global_position > ?")

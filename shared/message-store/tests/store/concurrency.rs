@@ -224,3 +224,30 @@ async fn slow_writer(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_back_by_an_open_transaction_counts_for_the_last_position_only() {
+    let harness = Postgres::new().await;
+    let store = harness.store.clone();
+    // A transaction with an id, left open: readers may not pass it, whatever commits later.
+    let mut open = harness.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+
+    let stream = StreamName::for_entity("thing", Uuid::new_v4()).unwrap();
+    let appended = store
+        .append(vec![StreamAppend::new(
+            stream,
+            ExpectedVersion::Any,
+            vec![NewMessage::new("Happened", json!({}))],
+        )])
+        .await
+        .unwrap();
+
+    let committed = appended.last_global_position();
+    assert!(store.head_position().await.unwrap() < committed);
+    assert_eq!(store.last_position().await.unwrap(), committed);
+    open.rollback().await.unwrap();
+}

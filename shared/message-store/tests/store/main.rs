@@ -45,7 +45,7 @@ conformance!(
     the_last_message_of_a_stream_is_found,
     all_messages_are_read_in_batches_in_global_order,
     a_category_read_returns_only_that_category,
-    the_head_position_and_backlog_follow_appends,
+    the_head_and_last_positions_and_backlog_follow_appends,
     invalid_appends_are_refused_before_writing,
     concurrent_appends_to_one_stream_with_any_version_all_land,
     a_subscriber_is_woken_by_an_append,

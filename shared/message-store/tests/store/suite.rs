@@ -418,9 +418,10 @@ pub async fn a_category_read_returns_only_that_category(harness: &dyn Harness) {
     );
 }
 
-pub async fn the_head_position_and_backlog_follow_appends(harness: &dyn Harness) {
+pub async fn the_head_and_last_positions_and_backlog_follow_appends(harness: &dyn Harness) {
     let store = harness.store();
     assert_eq!(store.head_position().await.unwrap(), 0);
+    assert_eq!(store.last_position().await.unwrap(), 0);
     assert_eq!(store.count_after(0).await.unwrap(), 0);
 
     let first = append_settled(
@@ -436,6 +437,10 @@ pub async fn the_head_position_and_backlog_follow_appends(harness: &dyn Harness)
 
     assert_eq!(
         store.head_position().await.unwrap(),
+        second.last_global_position()
+    );
+    assert_eq!(
+        store.last_position().await.unwrap(),
         second.last_global_position()
     );
     assert_eq!(store.count_after(0).await.unwrap(), 5);
