@@ -21,6 +21,8 @@ pub enum ApiError {
     #[error("read model")]
     ReadModel(#[from] sqlx::Error),
     #[error("message store")]
+    Store(#[from] message_store::StoreError),
+    #[error("message store")]
     History(#[from] HistoryError),
 }
 
@@ -48,6 +50,10 @@ impl ApiError {
             }
             Self::ReadModel(error) => {
                 tracing::error!(%error, "reading the read model failed");
+                Problem::unavailable()
+            }
+            Self::Store(error) => {
+                tracing::error!(%error, "reading the message store failed");
                 Problem::unavailable()
             }
             Self::History(error) => {

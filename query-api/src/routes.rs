@@ -28,6 +28,18 @@ use crate::read_model::Profile;
 /// (the `X-Position` a command answered with).
 pub const MIN_POSITION: HeaderName = HeaderName::from_static("x-min-position");
 
+/// The read-your-writes header every read accepts (see [`wait_for_min_position`]).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // read by the middleware from the raw headers; here for the document
+pub struct MinPositionHeader {
+    /// Answer only once the read model has applied this global position (a command's
+    /// `X-Position`): waits up to a bound, then 503 with Retry-After. A position beyond the
+    /// last one written is a 400.
+    #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
+    x_min_position: Option<u64>,
+}
+
 /// Waits, up to `query.max_wait_ms`, until the read model has reached `X-Min-Position`.
 pub async fn wait_for_min_position(
     State(state): State<AppState>,
@@ -57,9 +69,24 @@ pub async fn wait_for_min_position(
     };
     let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
     let mut pause = Duration::from_millis(1);
+    let mut written = false;
     loop {
         match state.read_model.position().await {
             Ok(reached) if reached >= wanted => return next.run(request).await,
+            // Behind: first make sure the position exists at all, rather than wait for a
+            // message nobody has written (a made-up number would hold a connection in vain).
+            Ok(_) if !written => match state.store.last_position().await {
+                Ok(last) if wanted > last => {
+                    return platform::Problem::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "unknown_position",
+                    )
+                    .with_detail("X-Min-Position is beyond the last position written")
+                    .into_response();
+                }
+                Ok(_) => written = true,
+                Err(error) => return ApiError::from(error).into_response(),
+            },
             Ok(_) if Instant::now() >= deadline => {
                 return ApiError::NotYetConsistent(wanted).into_response();
             }
@@ -80,10 +107,10 @@ pub struct ProfileQuery {
 
 /// The caller's own profile.
 #[utoipa::path(get, path = "/users/me", tag = "users",
-    params(("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    params(MinPositionHeader),
     responses(
         (status = 200, body = Profile),
-        (status = 400, description = "bad X-Min-Position"),
+        (status = 400, description = "a bad X-Min-Position"),
         (status = 401, description = "no valid bearer token"),
         (status = 404, description = "the read model does not hold the account (yet)"),
         (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
@@ -98,8 +125,7 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Pr
 /// A profile: the caller's own, or anyone's for an administrator. With `as_of`, as it stood
 /// at that instant.
 #[utoipa::path(get, path = "/users/{id}", tag = "users",
-    params(("id" = Uuid, Path), ProfileQuery,
-           ("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    params(("id" = Uuid, Path), ProfileQuery, MinPositionHeader),
     responses(
         (status = 200, body = Profile),
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
@@ -172,7 +198,7 @@ pub struct Page {
 /// Accounts by email, or by status a page at a time (administrators only). Pages follow the
 /// account id, so accounts added meanwhile never shift a page or repeat an account.
 #[utoipa::path(get, path = "/users", tag = "users",
-    params(ListQuery, ("X-Min-Position" = Option<u64>, Header, description = "wait until the read model has applied this position")),
+    params(ListQuery, MinPositionHeader),
     responses(
         (status = 200, body = Page),
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
@@ -266,15 +292,15 @@ pub struct EventPage {
 /// The account's history, oldest first, without secrets: the caller's own, or anyone's for
 /// an administrator.
 #[utoipa::path(get, path = "/users/{id}/events", tag = "users",
-    params(("id" = Uuid, Path), EventsQuery),
+    params(("id" = Uuid, Path), EventsQuery, MinPositionHeader),
     responses(
         (status = 200, body = EventPage),
-        (status = 400, description = "an unknown query parameter"),
+        (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
         (status = 401, description = "no valid bearer token"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account"),
         (status = 422, description = "a bad after or limit"),
-        (status = 503, description = "the message store is unreachable"),
+        (status = 503, description = "the message store is unreachable, or the read model did not reach X-Min-Position in time"),
     ),
     security(("bearer" = [])))]
 pub async fn events(

@@ -146,6 +146,13 @@ impl TestApp {
         .unwrap();
     }
 
+    /// Appends a message of no interest to the read model and returns its position: a position
+    /// a client could have been given by a command.
+    pub async fn written_position(&self) -> u64 {
+        let stream = StreamName::parse(format!("other-{}", Uuid::new_v4())).unwrap();
+        self.append(stream, "Happened", 1, json!({})).await
+    }
+
     /// Appends one user event to the message store, as the command API would.
     pub async fn append_user_event(&self, id: Uuid, event: UserEvent) -> u64 {
         let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();

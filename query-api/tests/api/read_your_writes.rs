@@ -8,12 +8,13 @@ use crate::harness::{problem, spawn, spawn_with};
 async fn a_read_at_a_reached_position_answers_at_once() {
     let app = spawn().await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    app.set_checkpoint(500).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written).await;
     let response = app
         .client
         .get(app.url("/users/me"))
         .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", "500")
+        .header("X-Min-Position", written.to_string())
         .send()
         .await
         .unwrap();
@@ -24,17 +25,18 @@ async fn a_read_at_a_reached_position_answers_at_once() {
 async fn a_read_waits_until_the_read_model_reaches_the_position() {
     let app = spawn().await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    app.set_checkpoint(10).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
     let started = Instant::now();
     let request = app
         .client
         .get(app.url("/users/me"))
         .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", "20")
+        .header("X-Min-Position", written.to_string())
         .send();
     let catch_up = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        app.set_checkpoint(20).await;
+        app.set_checkpoint(written).await;
     };
     let (response, ()) = tokio::join!(request, catch_up);
     assert_eq!(response.unwrap().status(), 200);
@@ -48,12 +50,13 @@ async fn a_read_waits_until_the_read_model_reaches_the_position() {
 async fn a_read_that_waits_too_long_gets_a_retryable_answer() {
     let app = spawn_with(|settings| settings.query.max_wait_ms = 200).await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    app.set_checkpoint(10).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
     let response = app
         .client
         .get(app.url("/users/me"))
         .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", "11")
+        .header("X-Min-Position", written.to_string())
         .send()
         .await
         .unwrap();
@@ -85,6 +88,35 @@ async fn a_malformed_min_position_is_a_bad_request() {
             "{value}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_position_beyond_the_last_one_written_is_refused_at_once() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
+    let started = Instant::now();
+    for beyond in [written + 1, u64::MAX] {
+        let response = app
+            .client
+            .get(app.url("/users/me"))
+            .bearer_auth(app.token_for(user.id, &["user"]))
+            .header("X-Min-Position", beyond.to_string())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = problem(response).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("unknown_position")),
+            "{beyond}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it waited for a position nobody wrote"
+    );
 }
 
 #[tokio::test]
