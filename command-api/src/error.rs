@@ -27,6 +27,8 @@ pub enum ApiError {
     NotFound,
     #[error("the account is deactivated")]
     AccountInactive,
+    #[error("an administrator cannot deactivate their own account")]
+    SelfDeactivation,
     /// Too many password checks are waiting for a core.
     #[error("throttled")]
     Throttled,
@@ -68,6 +70,8 @@ impl ApiError {
             Self::NotFound => Problem::not_found().with_detail("no such account"),
             Self::AccountInactive => Problem::new(StatusCode::CONFLICT, "account_inactive")
                 .with_detail("the account is deactivated"),
+            Self::SelfDeactivation => Problem::new(StatusCode::CONFLICT, "cannot_deactivate_self")
+                .with_detail("another administrator must deactivate this account"),
             Self::Throttled => Problem::new(StatusCode::TOO_MANY_REQUESTS, "throttled")
                 .with_detail("too many password checks at once; try again shortly")
                 .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
@@ -102,6 +106,7 @@ mod tests {
             (ApiError::Forbidden, 403, "forbidden"),
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::AccountInactive, 409, "account_inactive"),
+            (ApiError::SelfDeactivation, 409, "cannot_deactivate_self"),
             (ApiError::Throttled, 429, "throttled"),
             (
                 ApiError::Internal(anyhow::anyhow!("disk on fire")),

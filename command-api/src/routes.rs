@@ -55,7 +55,11 @@ pub fn command_routes(state: AppState) -> Router {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    /// Compared without regard to case or Unicode normalisation.
+    #[schema(format = IdnEmail, max_length = 254)]
     email: String,
+    /// At least 8 and at most 128 characters (Unicode code points) by default.
+    #[schema(format = Password, min_length = 8, max_length = 128)]
     password: String,
     /// Chosen by the client to make a retry safe; the server picks one otherwise.
     #[serde(default)]
@@ -77,6 +81,7 @@ impl fmt::Debug for RegisterRequest {
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     email: String,
+    #[schema(format = Password)]
     password: String,
 }
 
@@ -93,7 +98,10 @@ impl fmt::Debug for LoginRequest {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
+    #[schema(format = Password)]
     current_password: String,
+    /// At least 8 and at most 128 characters (Unicode code points) by default.
+    #[schema(format = Password, min_length = 8, max_length = 128)]
     new_password: String,
 }
 
@@ -252,13 +260,19 @@ async fn activate(
         (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`cannot_deactivate_self`: an administrator's own account", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn deactivate(
     State(state): State<AppState>,
-    _admin: Admin,
+    Admin(admin): Admin,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let done = state.commands.set_active(parse_id(&id)?, false).await?;
+    let id = parse_id(&id)?;
+    // The last administrator deactivating themselves would leave nobody to undo it.
+    if admin.sub == *id.as_uuid() {
+        return Err(ApiError::SelfDeactivation);
+    }
+    let done = state.commands.set_active(id, false).await?;
     Ok(command_response(StatusCode::OK, done, HeaderMap::new()))
 }
 

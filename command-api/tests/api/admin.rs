@@ -131,3 +131,25 @@ async fn a_deactivated_administrator_cannot_act_on_a_token_issued_before() {
         "the refused command changed the store"
     );
 }
+
+#[tokio::test]
+async fn an_administrator_cannot_deactivate_their_own_account() {
+    let app = spawn_app().await;
+    let admin = app.admin_token().await;
+    let own_id = app.id_of_token(&admin);
+    let before = app.message_count().await;
+
+    let response = app
+        .post_as(&format!("/users/{own_id}/deactivate"), &admin, json!({}))
+        .await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(problem(response).await["code"], "cannot_deactivate_self");
+    assert_eq!(app.message_count().await, before, "the store changed");
+
+    // Still an administrator who can act.
+    let ann = app.user("ann@example.com").await;
+    let response = app
+        .post_as(&format!("/users/{ann}/deactivate"), &admin, json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+}
