@@ -5,7 +5,7 @@
 //! next test process reuses it instead of paying for another start.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -37,7 +37,13 @@ pub(crate) async fn start_throwaway_cluster() -> anyhow::Result<PgConnectOptions
 }
 
 fn start_blocking() -> anyhow::Result<()> {
-    let bin = find_binaries()?;
+    let bin = find_binaries().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no PostgreSQL server answers (DATABASE_URL is not set, nothing on 127.0.0.1:5432) \
+             and no PostgreSQL binaries were found to start one: install them \
+             ({INSTALL}), or set DATABASE_URL"
+        )
+    })?;
     let root = std::env::temp_dir().join("identity-service-test-postgres");
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Test processes may start together: one of them starts the cluster, the others wait here.
@@ -51,30 +57,13 @@ fn start_blocking() -> anyhow::Result<()> {
     }
     let data = root.join("data");
     if !data.join("PG_VERSION").exists() {
-        let status = command(run_as, &bin.join("initdb"))
-            .args([
-                "--auth=trust",
-                "--username=postgres",
-                "--encoding=UTF8",
-                "--no-sync",
-            ])
-            .arg("-D")
-            .arg(&data)
-            .status()
-            .context("running initdb")?;
-        if !status.success() {
-            bail!("initdb failed ({status}) for {}", data.display());
-        }
+        initdb(run_as, &bin, &data)?;
     }
-    if !pg_ctl_start(run_as, &bin, &root, &data)? {
+    if !pg_ctl_start(run_as, &bin, &root, &data, PORT, THROWAWAY_SETTINGS)? {
         // A server runs on this data directory but does not answer here: one started by an
         // earlier run in another network namespace, say. Stop it and start our own.
-        let _ = command(run_as, &bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-m", "fast", "-w", "stop"])
-            .status();
-        if !pg_ctl_start(run_as, &bin, &root, &data)? {
+        let _ = pg_ctl_stop(run_as, &bin, &data, "fast");
+        if !pg_ctl_start(run_as, &bin, &root, &data, PORT, THROWAWAY_SETTINGS)? {
             bail!(
                 "pg_ctl could not start the throwaway cluster; see {}",
                 root.join("server.log").display()
@@ -84,12 +73,43 @@ fn start_blocking() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the cluster; false when pg_ctl failed.
-fn pg_ctl_start(
+/// What the shared throwaway cluster trades for speed: its data is disposable, so it neither
+/// flushes nor waits for commits to reach the log.
+const THROWAWAY_SETTINGS: &str = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+     -c max_connections=300";
+
+/// The package to install when the binaries are missing.
+pub(crate) const INSTALL: &str = "Debian/Ubuntu: `apt-get install postgresql`";
+
+/// Creates a cluster in `data`, trusting local connections, superuser `postgres`.
+pub(crate) fn initdb(run_as: Option<&str>, bin: &Path, data: &Path) -> anyhow::Result<()> {
+    let status = command(run_as, &bin.join("initdb"))
+        .args([
+            "--auth=trust",
+            "--username=postgres",
+            "--encoding=UTF8",
+            "--no-sync",
+        ])
+        .arg("-D")
+        .arg(data)
+        .stdout(Stdio::null())
+        .status()
+        .context("running initdb")?;
+    if !status.success() {
+        bail!("initdb failed ({status}) for {}", data.display());
+    }
+    Ok(())
+}
+
+/// Starts the cluster on 127.0.0.1:`port` with its socket and log in `root`, and the server
+/// `settings` (`-c name=value ...`); false when pg_ctl failed.
+pub(crate) fn pg_ctl_start(
     run_as: Option<&str>,
     bin: &Path,
     root: &Path,
     data: &Path,
+    port: u16,
+    settings: &str,
 ) -> anyhow::Result<bool> {
     let status = command(run_as, &bin.join("pg_ctl"))
         .arg("-D")
@@ -98,25 +118,43 @@ fn pg_ctl_start(
         .arg(root.join("server.log"))
         .arg("-o")
         .arg(format!(
-            "-p {PORT} -c listen_addresses=127.0.0.1 -k {} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+            "-p {port} -c listen_addresses=127.0.0.1 -k {} {settings}",
             root.display()
         ))
         .args(["-w", "start"])
+        .stdout(Stdio::null())
         .status()
         .context("running pg_ctl start")?;
     Ok(status.success())
 }
 
+/// Stops the cluster in `data` (`mode`: smart, fast or immediate) and waits until it is down;
+/// false when pg_ctl failed (it was not running, say).
+pub(crate) fn pg_ctl_stop(
+    run_as: Option<&str>,
+    bin: &Path,
+    data: &Path,
+    mode: &str,
+) -> anyhow::Result<bool> {
+    let status = command(run_as, &bin.join("pg_ctl"))
+        .arg("-D")
+        .arg(data)
+        .args(["-m", mode, "-w", "stop"])
+        .stdout(Stdio::null())
+        .status()
+        .context("running pg_ctl stop")?;
+    Ok(status.success())
+}
+
 /// The directory holding `initdb` and `pg_ctl`: on PATH, else the newest under
 /// /usr/lib/postgresql.
-fn find_binaries() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_binaries() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists())
     });
-    if let Some(dir) = on_path {
-        return Ok(dir);
+    if on_path.is_some() {
+        return on_path;
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -131,23 +169,17 @@ fn find_binaries() -> anyhow::Result<PathBuf> {
             .and_then(|name| name.to_str())
             .and_then(|name| name.parse::<u32>().ok())
     });
-    versions.pop().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no PostgreSQL server answers (DATABASE_URL is not set, nothing on 127.0.0.1:5432) \
-             and no PostgreSQL binaries were found to start one: install them \
-             (Debian/Ubuntu: `apt-get install postgresql`), or set DATABASE_URL"
-        )
-    })
+    versions.pop()
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
 }
 
-fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
+pub(crate) fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
     let status = Command::new("chown")
         .arg("-R")
         .arg(format!("{user}:"))
@@ -160,7 +192,7 @@ fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn command(run_as: Option<&str>, program: &Path) -> Command {
+pub(crate) fn command(run_as: Option<&str>, program: &Path) -> Command {
     match run_as {
         Some(user) => {
             let mut command = Command::new("runuser");

@@ -11,10 +11,16 @@
 //!
 //! Databases are named `idtest_<seconds>_<random>` and dropped when the [`TestDatabase`] is;
 //! ones a crashed run left behind are dropped after an hour by the next run.
+//!
+//! A test that stops or crashes the server gets a [`PrivateCluster`] of its own instead, started
+//! from the same local binaries: the shared server stays up for the tests running beside it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cluster;
+mod private;
+
+pub use private::{PrivateCluster, StopMode};
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
