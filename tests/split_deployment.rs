@@ -2,217 +2,24 @@
 //! fresh PostgreSQL database, as docker-compose and Kubernetes run them.
 //!
 //! The binaries are the ones `cargo test` builds for the workspace's packages, found beside
-//! this test's own executable.
+//! this test's own executable (`common`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use test_support::TestDatabase;
-use tokens::{Algorithm, SigningKey};
 
-/// Where cargo put the binaries: `target/<profile>/`, the parent of `deps/` holding this test.
-fn binary(name: &str) -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = deps.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test --workspace` builds it (or run `cargo build --workspace`)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One deployment's shared configuration, as a ConfigMap and a Secret would give it.
-struct Deployment {
-    database: TestDatabase,
-    signing_key: String,
-    logs: PathBuf,
-}
-
-/// A running binary, killed if the test ends without stopping it.
-struct Process {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {}", self.name);
-    }
-
-    /// Sends SIGTERM and waits for the process to exit by itself.
-    fn terminate(mut self) -> ExitStatus {
-        self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Deployment {
-    async fn new() -> Self {
-        let logs = std::env::temp_dir().join(format!("split-deployment-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&logs).unwrap();
-        Self {
-            database: TestDatabase::new().await,
-            signing_key: SigningKey::generate(Algorithm::EdDSA)
-                .unwrap()
-                .to_pem()
-                .unwrap()
-                .expose_secret()
-                .clone(),
-            logs,
-        }
-    }
-
-    fn command(&self, binary_name: &str, label: &str, extra: &[(&str, String)]) -> Command {
-        let mut command = Command::new(binary(binary_name));
-        command
-            .env("IDENTITY__DATABASE__URL", self.database.url())
-            .env("IDENTITY__TOKENS__SIGNING_KEY", &self.signing_key)
-            .env("IDENTITY__LOG__FILTER", "warn")
-            // Cheap hashes: this test is about processes, not password cost.
-            .env("IDENTITY__PASSWORD__MEMORY_KIB", "1024")
-            .env("IDENTITY__PASSWORD__ITERATIONS", "1")
-            .env("IDENTITY__AGGREGATOR__LOCK_RETRY_MS", "200")
-            .env("IDENTITY__QUERY__MAX_WAIT_MS", "10000")
-            .stdout(log_file(&self.logs, label))
-            .stderr(log_file(&self.logs, &format!("{label}.err")));
-        for (key, value) in extra {
-            command.env(key, value);
-        }
-        command
-    }
-
-    fn run_to_completion(&self, binary_name: &str, args: &[&str]) {
-        let status = self
-            .command(
-                binary_name,
-                &format!("{binary_name}-{}", args.join("-")),
-                &[],
-            )
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "{binary_name} {args:?} failed: see {}",
-            self.logs.display()
-        );
-    }
-
-    fn start(&self, binary_name: &str, label: &str, extra: &[(&str, String)]) -> Process {
-        Process {
-            name: label.to_owned(),
-            child: self.command(binary_name, label, extra).spawn().unwrap(),
-        }
-    }
-}
-
-fn log_file(directory: &Path, label: &str) -> Stdio {
-    Stdio::from(std::fs::File::create(directory.join(format!("{label}.log"))).unwrap())
-}
-
-async fn wait_until_healthy(client: &reqwest::Client, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await;
-        if answer.is_ok_and(|response| response.status() == 200) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nothing healthy on port {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn register(client: &reqwest::Client, port: u16, email: &str) -> (String, u64) {
-    let response = client
-        .post(format!("http://127.0.0.1:{port}/users"))
-        .json(&json!({ "email": email, "password": "correct horse battery" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201, "registering {email}");
-    let body: Value = response.json().await.unwrap();
-    (
-        body["id"].as_str().unwrap().to_owned(),
-        body["position"].as_u64().unwrap(),
-    )
-}
-
-async fn login(
-    client: &reqwest::Client,
-    port: u16,
-    email: &str,
-    password: &str,
-) -> reqwest::Response {
-    client
-        .post(format!("http://127.0.0.1:{port}/login"))
-        .json(&json!({ "email": email, "password": password }))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn token(client: &reqwest::Client, port: u16, email: &str, password: &str) -> String {
-    let response = login(client, port, email, password).await;
-    assert_eq!(response.status(), 200, "logging in {email}");
-    let body: Value = response.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-/// The projection's checkpoint, from the read model.
-async fn checkpoint(database: &TestDatabase) -> u64 {
-    let pool = database.pool().await;
-    let position: Option<i64> = sqlx::query_scalar(
-        "SELECT position FROM projection_checkpoints WHERE projection = 'users'",
-    )
-    .fetch_optional(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    position.map_or(0, |position| u64::try_from(position).unwrap())
-}
+use common::{Deployment, checkpoint, free_port, login, register, token, wait_until_healthy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly() {
-    let deployment = Deployment::new().await;
+    let database = TestDatabase::new().await;
+    let deployment = Deployment::new("split-deployment", database.url());
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -346,7 +153,7 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
 
     // The standby takes over and the read model ends complete.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while checkpoint(&deployment.database).await < last_position {
+    while checkpoint(database.url()).await < last_position {
         assert!(
             Instant::now() < deadline,
             "the standby aggregator never caught up"
@@ -377,7 +184,7 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
             "{email} is missing from the read model"
         );
     }
-    let pool = deployment.database.pool().await;
+    let pool = database.pool().await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&pool)
         .await
