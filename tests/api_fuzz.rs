@@ -1,0 +1,200 @@
+//! Both APIs fuzzed from their own live OpenAPI documents with Schemathesis, against the split
+//! deployment: without a token, with a user's and with an administrator's. Every check it has
+//! must pass: no 5xx, every status and body as documented, schema-valid data accepted and
+//! schema-invalid data refused, authentication not ignored.
+//!
+//! Schemathesis is a Python tool. The test installs a pinned version into a virtual environment
+//! under the target directory on first use (`SCHEMATHESIS=<path to st>` uses another one), so
+//! the only thing a machine needs is `python3` with `venv`. Settings: `tests/schemathesis.toml`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use test_support::TestDatabase;
+
+use common::{Deployment, free_port, register, token, wait_until_healthy};
+
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+/// Fixed, so a failure found here is found again by the next run and by `st replay`.
+const SEED: &str = "20261127";
+const ADMIN_PASSWORD: &str = "an operator's long password";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_apis_answer_generated_requests_as_their_documents_say() {
+    let st = tokio::task::spawn_blocking(schemathesis).await.unwrap();
+    let database = TestDatabase::new().await;
+    let deployment = Deployment::new("api-fuzz", database.url());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (command_port, query_port, aggregator_port) = (free_port(), free_port(), free_port());
+
+    deployment.run_to_completion("command-api", &["migrate"]);
+    deployment.run_to_completion("aggregator", &["migrate"]);
+    let _command_api = deployment.start(
+        "command-api",
+        "command-api",
+        &[(
+            "IDENTITY__HTTP__ADDRESS",
+            format!("127.0.0.1:{command_port}"),
+        )],
+    );
+    let _query_api = deployment.start(
+        "query-api",
+        "query-api",
+        &[("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{query_port}"))],
+    );
+    let _aggregator = deployment.start(
+        "aggregator",
+        "aggregator",
+        &[(
+            "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
+            format!("127.0.0.1:{aggregator_port}"),
+        )],
+    );
+    for port in [command_port, query_port, aggregator_port] {
+        wait_until_healthy(&client, port).await;
+    }
+
+    create_admin(&deployment, "root@example.com");
+    let admin = token(&client, command_port, "root@example.com", ADMIN_PASSWORD).await;
+    register(&client, command_port, "ann@example.com").await;
+    let user = token(
+        &client,
+        command_port,
+        "ann@example.com",
+        "correct horse battery",
+    )
+    .await;
+
+    // The query API first: the command API's runs change accounts (the administrator's too:
+    // wrong current passwords lock it out for a while).
+    let runs = [
+        ("query API without a token", query_port, None),
+        ("query API with a user's token", query_port, Some(&user)),
+        (
+            "query API with an administrator's token",
+            query_port,
+            Some(&admin),
+        ),
+        ("command API without a token", command_port, None),
+        ("command API with a user's token", command_port, Some(&user)),
+        (
+            "command API with an administrator's token",
+            command_port,
+            Some(&admin),
+        ),
+    ];
+    let mut failed = vec![];
+    for (name, port, bearer) in runs {
+        let output = tokio::task::spawn_blocking({
+            let st = st.clone();
+            let logs = deployment.logs.clone();
+            let bearer = bearer.cloned();
+            move || run_schemathesis(&st, &logs, port, bearer.as_deref())
+        })
+        .await
+        .unwrap();
+        if !output.status.success() {
+            failed.push(format!(
+                "=== {name}: {}\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "Schemathesis found failures (the services' logs are in {}):\n{}",
+        deployment.logs.display(),
+        failed.join("\n")
+    );
+}
+
+fn create_admin(deployment: &Deployment, email: &str) {
+    let mut create = deployment
+        .command("command-api", "admin-create", &[])
+        .args(["admin", "create", "--email", email])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(create.stdin.take().unwrap(), "{ADMIN_PASSWORD}").unwrap();
+    assert!(create.wait().unwrap().success(), "admin create failed");
+}
+
+fn run_schemathesis(
+    st: &Path,
+    directory: &Path,
+    port: u16,
+    bearer: Option<&str>,
+) -> std::process::Output {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis.toml");
+    let mut command = Command::new(st);
+    command
+        .arg("--config-file")
+        .arg(config)
+        .args(["--no-color", "run"])
+        .arg(format!("http://127.0.0.1:{port}/openapi.json"))
+        .args(["--checks", "all", "--seed", SEED])
+        // Its reports and caches go beside the services' logs, not into the checkout.
+        .current_dir(directory);
+    if let Some(token) = bearer {
+        command.args(["--header", &format!("Authorization: Bearer {token}")]);
+    }
+    command.output().unwrap()
+}
+
+/// The `st` executable: `SCHEMATHESIS` when set, else the pinned version in a virtual
+/// environment under the target directory, installed on first use.
+fn schemathesis() -> PathBuf {
+    if let Some(path) = std::env::var_os("SCHEMATHESIS") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<this test> → target/tools/
+    let target = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    let venv = target
+        .join("tools")
+        .join(format!("schemathesis-{SCHEMATHESIS_VERSION}"));
+    let st = venv.join("bin").join("st");
+    // Written last: an interrupted installation is started over, not used half done.
+    let installed = venv.join("installed");
+    if installed.exists() {
+        return st;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status();
+    assert!(
+        created.is_ok_and(|status| status.success()),
+        "the API fuzzing test needs Python 3 with venv and pip to install Schemathesis \
+         (Debian/Ubuntu: apt install python3-venv), or SCHEMATHESIS=<path to st>"
+    );
+    let output = Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "installing Schemathesis {SCHEMATHESIS_VERSION} with pip failed (it needs the Python \
+         package index):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::write(installed, SCHEMATHESIS_VERSION).unwrap();
+    st
+}
