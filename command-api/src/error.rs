@@ -75,15 +75,32 @@ impl ApiError {
             Self::Throttled => Problem::new(StatusCode::TOO_MANY_REQUESTS, "throttled")
                 .with_detail("too many password checks at once; try again shortly")
                 .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            Self::Internal(error) if store_unavailable(error) => Problem::unavailable(),
             Self::Internal(_) => Problem::internal(),
         }
     }
 }
 
+/// Whether an unexpected error comes from the message store being out of reach, which a client
+/// may retry, rather than from a fault of the service.
+fn store_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<message_store::StoreError>()
+            .is_some_and(message_store::StoreError::is_unavailable)
+            || cause
+                .downcast_ref::<message_store::AppendError>()
+                .is_some_and(|error| {
+                    matches!(error, message_store::AppendError::Store(store) if store.is_unavailable())
+                })
+    })
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Self::Internal(error) = &self {
-            // The one place an unexpected error is logged; the client sees an opaque 500.
+            // The one place an unexpected error is logged; the client sees an opaque 500, or a
+            // retryable 503 when the store was out of reach.
             // The chain carries store and hashing errors, never a request's values.
             tracing::error!(error = format!("{error:#}"), "command failed");
         }
@@ -112,6 +129,23 @@ mod tests {
                 ApiError::Internal(anyhow::anyhow!("disk on fire")),
                 500,
                 "internal_error",
+            ),
+            (
+                ApiError::from(message_store::StoreError::Database(
+                    sqlx::Error::PoolTimedOut,
+                )),
+                503,
+                "unavailable",
+            ),
+            (
+                ApiError::Internal(
+                    anyhow::Error::new(message_store::AppendError::Store(
+                        message_store::StoreError::Database(sqlx::Error::PoolClosed),
+                    ))
+                    .context("appending"),
+                ),
+                503,
+                "unavailable",
             ),
         ];
         for (error, status, code) in table {

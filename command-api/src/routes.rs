@@ -178,6 +178,7 @@ fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Respons
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Invalid email or password, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password hashes waiting", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn register(
     State(state): State<AppState>,
@@ -210,6 +211,7 @@ async fn register(
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "`throttled`: too many password checks waiting; see Retry-After", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn login(
     State(state): State<AppState>,
@@ -241,6 +243,7 @@ async fn login(
         (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn activate(
     State(state): State<AppState>,
@@ -261,6 +264,7 @@ async fn activate(
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`cannot_deactivate_self`: an administrator's own account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn deactivate(
     State(state): State<AppState>,
@@ -291,6 +295,7 @@ async fn deactivate(
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "The new password breaks the policy, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password checks waiting", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn change_password(
     State(state): State<AppState>,

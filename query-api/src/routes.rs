@@ -354,11 +354,7 @@ pub async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
     responses((status = 200, description = "ready"), (status = 503, description = "a dependency is unreachable")))]
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state.read_model.ping().await?;
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|error| ApiError::History(error.into()))?;
+    state.store.ping().await?;
     Ok("ready")
 }
 

@@ -176,6 +176,32 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
 }
 
+impl StoreError {
+    /// Whether the database was out of reach (down, restarting, out of connections) rather
+    /// than the request or the data being wrong: worth retrying shortly, a 503 not a 500.
+    pub fn is_unavailable(&self) -> bool {
+        let Self::Database(error) = self else {
+            return false;
+        };
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources), and
+            // 57P01-57P03: the server shutting down, crashed, or not yet accepting connections.
+            sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Checks what every adapter refuses before touching the database.
 fn validate(appends: &[StreamAppend]) -> Result<(), AppendError> {
     let total: usize = appends.iter().map(|append| append.messages.len()).sum();
