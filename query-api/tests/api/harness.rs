@@ -24,6 +24,8 @@ pub struct TestApp {
     pub pool: PgPool,
     pub store: Arc<dyn MessageStore>,
     pub issuer: TokenIssuer,
+    /// The key the query API verifies with, to forge tokens the issuer would never make.
+    pub signing_key: SigningKey,
     _database: TestDatabase,
 }
 
@@ -48,7 +50,7 @@ pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     settings.query.max_wait_ms = 2_000;
     configure(&mut settings);
-    let issuer = TokenIssuer::new(KeySet::from(key), settings.tokens.settings());
+    let issuer = TokenIssuer::new(KeySet::from(key.clone()), settings.tokens.settings());
 
     let application = query_api::Application::build(settings, Arc::new(SystemClock))
         .await
@@ -64,6 +66,7 @@ pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         pool,
         store,
         issuer,
+        signing_key: key,
         _database: database,
     }
 }

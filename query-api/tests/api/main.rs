@@ -11,3 +11,4 @@ mod lists;
 mod profiles;
 mod read_your_writes;
 mod service;
+mod token_attacks;

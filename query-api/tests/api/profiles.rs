@@ -117,20 +117,6 @@ async fn requests_without_a_valid_token_are_refused_alike() {
 }
 
 #[tokio::test]
-async fn the_token_of_a_deactivated_user_is_refused() {
-    let app = spawn().await;
-    let user = app
-        .seed_user("ann@example.com", "deactivated", &["user"])
-        .await;
-
-    let response = app
-        .get("/users/me", Some(&app.token_for(user.id, &["user"])))
-        .await;
-
-    assert_eq!(response.status(), 401);
-}
-
-#[tokio::test]
 async fn a_deactivated_administrator_can_no_longer_list_or_read_others() {
     let app = spawn().await;
     let admin = app
