@@ -123,6 +123,7 @@ pub fn state_with_store(
         clock,
         password_policy: settings.password.policy(),
         lockout: settings.login.lockout_policy(),
+        refusal_padding: settings.login.refusal_padding(),
         initial_status: settings.registration.initial_status.into(),
     });
     Ok(AppState { commands, verifier })

@@ -1,6 +1,7 @@
 //! The command handlers without HTTP: read the streams, let the domain decide, append.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use identity::{
     EVENT_VERSION_KEY, Email, InitialStatus, LockoutPolicy, LoginDecision, LoginEvent,
@@ -33,6 +34,8 @@ pub struct Commands {
     pub clock: Arc<dyn Clock>,
     pub password_policy: PasswordPolicy,
     pub lockout: LockoutPolicy,
+    /// See `login.refusal_padding_ms`.
+    pub refusal_padding: Duration,
     pub initial_status: InitialStatus,
 }
 
@@ -154,6 +157,16 @@ impl Commands {
             record_login("malformed");
             return Err(ApiError::InvalidCredentials);
         };
+        let started = Instant::now();
+        let mut hashing = Duration::ZERO;
+        // Every refusal is answered at the same point after its start, less its own time
+        // spent on the password check (which is the same for every reason): known and unknown
+        // accounts differ only in store work, and that happens within the padding.
+        let refuse = |reason: &'static str, hashing: Duration| async move {
+            tokio::time::sleep_until((started + hashing + self.refusal_padding).into()).await;
+            record_login(reason);
+            Err(ApiError::InvalidCredentials)
+        };
         let user = self.find_user(&email).await?;
         // The verdict on one stored hash is kept across retries: a retry re-reads the streams,
         // and hashes again only if the password changed meanwhile.
@@ -167,7 +180,10 @@ impl Commands {
             let matches = match &verdict {
                 Some((hash, matches)) if *hash == stored => *matches,
                 _ => {
-                    let matches = match self.hasher.verify(password.clone(), stored.clone()).await {
+                    let hashing_started = Instant::now();
+                    let verified = self.hasher.verify(password.clone(), stored.clone()).await;
+                    hashing += hashing_started.elapsed();
+                    let matches = match verified {
                         Ok(matches) => matches,
                         Err(error) => {
                             record_login("throttled");
@@ -179,8 +195,7 @@ impl Commands {
                 }
             };
             let Some(account) = loaded.account.account() else {
-                record_login("unknown_account");
-                return Err(ApiError::InvalidCredentials);
+                return refuse("unknown_account", hashing).await;
             };
             let (state, login_version) = self.login_state(account.id).await?;
             let now = self.clock.now();
@@ -208,13 +223,13 @@ impl Commands {
                 }
             }
             if !granted {
-                record_login(match reason {
+                let reason = match reason {
                     Some(LoginRefusal::WrongPassword) => "wrong_password",
                     Some(LoginRefusal::NotActive) => "not_active",
                     Some(LoginRefusal::Locked { .. }) => "locked",
                     Some(LoginRefusal::UnknownAccount) | None => "unknown_account",
-                });
-                return Err(ApiError::InvalidCredentials);
+                };
+                return refuse(reason, hashing).await;
             }
             let roles = account.roles.iter().copied().map(role_name).collect();
             let token = self

@@ -82,6 +82,10 @@ pub struct LoginSettings {
     /// Password hashes that may wait for a core; beyond that a request gets 429. Each running
     /// hash holds `password.memory_kib`; waiting ones hold nothing but a task.
     pub max_waiting_hashes: usize,
+    /// A refused login is answered this long after its password check ends, whatever the
+    /// reason: the store reads and writes that only a known account costs happen within it,
+    /// so the answer's timing does not tell a known email from an unknown one.
+    pub refusal_padding_ms: u64,
 }
 
 impl Default for LoginSettings {
@@ -93,6 +97,7 @@ impl Default for LoginSettings {
             history_retention_days: 90,
             prune_interval_seconds: 3600,
             max_waiting_hashes: 64,
+            refusal_padding_ms: 25,
         }
     }
 }
@@ -104,6 +109,10 @@ impl LoginSettings {
             base_lockout: Duration::from_secs(self.lockout_base_seconds),
             max_lockout: Duration::from_secs(self.lockout_max_seconds),
         }
+    }
+
+    pub fn refusal_padding(&self) -> Duration {
+        Duration::from_millis(self.refusal_padding_ms)
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod enumeration;
 mod helpers;
 mod login;
 mod meta;
