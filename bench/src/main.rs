@@ -1,7 +1,8 @@
 //! Benchmarks. Each scenario measures the service against a baseline that stands for the
 //! hardware's limit, in the same run on the same machine, and ends with one line:
 //! `<scenario>: <rate>, <ratio>x <baseline>`. Absolute figures do not compare between runs on
-//! shared machines; the ratios do.
+//! shared machines; the ratios do. The exception is `soak`, a run of the whole split deployment
+//! that looks for errors and memory growth rather than measuring against a baseline.
 //!
 //! The database is a fresh one on the server the tests use (`DATABASE_URL`, else
 //! 127.0.0.1:5432, else a throwaway cluster), dropped at the end.
@@ -15,6 +16,7 @@ mod query;
 mod read;
 mod rebuild;
 mod report;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +41,9 @@ enum Scenario {
     Lag(lag::Options),
     /// `GET /users/{id}` from the query API in its own process, against a plain prepared SELECT.
     Query(query::Options),
+    /// The split deployment (three release binaries) under minutes of mixed traffic: errors,
+    /// latencies per route and resident memory over time. Run by hand, not in CI.
+    Soak(soak::Options),
 }
 
 #[tokio::main]
@@ -50,5 +55,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Rebuild(options) => rebuild::run(options).await,
         Scenario::Lag(options) => lag::run(options).await,
         Scenario::Query(options) => query::run(options).await,
+        Scenario::Soak(options) => soak::run(options).await,
     }
 }

@@ -24,7 +24,7 @@ use test_support::TestDatabase;
 use tokens::{Algorithm, KeySet, SigningKey, TokenConfig, TokenIssuer};
 use uuid::Uuid;
 
-use crate::report::{median, rate};
+use crate::report::{median, mib, proc_status_kib, rate};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -179,19 +179,6 @@ impl QueryApi {
     }
 }
 
-/// A field of `/proc/<pid>/status` in kB, such as `VmRSS` or `VmHWM` (peak resident).
-fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| {
-            let value = line.strip_prefix(field)?.strip_prefix(':')?;
-            value.trim().trim_end_matches("kB").trim().parse().ok()
-        })
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
 /// CPU time, in clock ticks (10 ms), spent by each party to a lookup: this process (the
 /// client), the query API, and the PostgreSQL backends serving this benchmark's database (found
 /// when the server runs on this machine; other sessions on a shared server are left out).
@@ -263,10 +250,6 @@ fn process_ticks(stat: &str) -> Option<u64> {
 /// Microseconds of CPU per operation.
 fn micros_each(ticks: u64, operations: u64) -> f64 {
     ticks as f64 * 10_000.0 / operations.max(1) as f64
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
