@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
-use command_api::hashing::{hash_now, verify_now};
+use command_api::hashing::{Memory, hash_now, verify_now};
 use command_api::service::{login_message, login_stream};
 use command_api::{Application, Settings};
 use identity::{LoginEvent, LoginSucceeded, Password, UserId};
@@ -89,7 +89,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )
     .map_err(|error| anyhow::anyhow!("{error}"))?;
     let password = Password::for_verification("benchmark password".into())?;
-    let hash = hash_now(&params, &password)?;
+    let hash = hash_now(&params, &password, &mut Memory::default())?;
     let cores_semaphore = Arc::new(Semaphore::new(cores));
 
     let duration = Duration::from_secs(options.seconds);
@@ -101,7 +101,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             async move {
                 let permit = semaphore.acquire_owned().await?;
                 let ok = tokio::task::spawn_blocking(move || {
-                    let ok = verify_now(&password, &hash);
+                    let ok = verify_now(&password, &hash, &mut Memory::default());
                     drop(permit);
                     ok
                 })

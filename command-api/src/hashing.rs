@@ -2,17 +2,22 @@
 //!
 //! Every hash holds `memory_kib` of memory for tens of milliseconds. Running them on the async
 //! workers would stall every other request, and running all that arrive at once would let a
-//! burst of logins exhaust memory. So a hash runs on the blocking pool, at most one per core
-//! (a semaphore), and at most `max_waiting` more may wait for a core; beyond that the caller is
-//! told to come back ([`HashError::Busy`], a 429).
+//! burst of logins exhaust memory. So a hash runs on one of a fixed set of threads, one per
+//! core (a semaphore hands out the cores), and at most `max_waiting` more may wait for a core;
+//! beyond that the caller is told to come back ([`HashError::Busy`], a 429).
+//!
+//! The threads are the service's own rather than the runtime's blocking pool: the allocator
+//! keeps a freed hash's memory in the arena of the thread that used it, so a blocking pool that
+//! grows to dozens of threads under a burst ends up holding a hash's memory in each of them
+//! (hundreds of MiB), while a thread per core holds one each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use identity::{Password, PasswordHash};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -33,9 +38,31 @@ pub struct Hasher {
     inner: Arc<Inner>,
 }
 
+/// Work for a hashing thread, given the thread's working memory.
+type Job = Box<dyn FnOnce(&mut Memory) + Send>;
+
+/// The working memory of a hash (`memory_kib` blocks of 1 KiB), kept by each hashing thread
+/// from one hash to the next instead of being allocated for each: freeing and allocating tens
+/// of MiB between small allocations fragments the allocator's arenas until each holds several
+/// hashes' worth.
+#[derive(Default)]
+pub struct Memory(Vec<Block>);
+
+impl Memory {
+    fn blocks(&mut self, params: &Params) -> &mut [Block] {
+        let count = params.block_count();
+        if self.0.len() < count {
+            self.0.resize(count, Block::default());
+        }
+        &mut self.0[..count]
+    }
+}
+
 struct Inner {
     params: Params,
     cores: Arc<Semaphore>,
+    /// To the hashing threads; they stop when the hasher is dropped.
+    jobs: std::sync::mpsc::Sender<Job>,
     waiting: AtomicUsize,
     max_waiting: usize,
     /// A hash of a random password with the configured parameters: an unknown email is
@@ -56,11 +83,33 @@ impl Hasher {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let dummy_password = Password::for_verification(uuid::Uuid::new_v4().to_string())
             .map_err(|error| anyhow::anyhow!("making the dummy password: {error}"))?;
-        let dummy = hash_now(&params, &dummy_password)?;
+        let dummy = hash_now(&params, &dummy_password, &mut Memory::default())?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for n in 0..cores {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("password-hash-{n}"))
+                .spawn(move || {
+                    let mut memory = Memory::default();
+                    loop {
+                        // The lock is held only to take a job, not to run it.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&mut memory),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 params,
                 cores: Arc::new(Semaphore::new(cores)),
+                jobs,
                 waiting: AtomicUsize::new(0),
                 max_waiting,
                 dummy,
@@ -71,8 +120,10 @@ impl Hasher {
     /// A new hash of `password` with the configured parameters.
     pub async fn hash(&self, password: Password) -> Result<PasswordHash, HashError> {
         let params = self.inner.params.clone();
-        self.run(move || hash_now(&params, &password).map_err(|e| HashError::Failed(e.to_string())))
-            .await?
+        self.run(move |memory| {
+            hash_now(&params, &password, memory).map_err(|e| HashError::Failed(e.to_string()))
+        })
+        .await?
     }
 
     /// Whether `password` matches `hash`; with no hash (no such account), the dummy is checked
@@ -84,7 +135,9 @@ impl Hasher {
     ) -> Result<bool, HashError> {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.inner.dummy.clone());
-        let matches = self.run(move || verify_now(&password, &hash)).await?;
+        let matches = self
+            .run(move |memory| verify_now(&password, &hash, memory))
+            .await?;
         Ok(known && matches)
     }
 
@@ -107,22 +160,31 @@ impl Hasher {
             || stored.p_cost() < wanted.p_cost()
     }
 
-    /// Runs `work` on the blocking pool once a core is free, timing it.
+    /// Runs `work` on a hashing thread once a core is free, timing it.
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce() -> T + Send + 'static,
+        work: impl FnOnce(&mut Memory) -> T + Send + 'static,
     ) -> Result<T, HashError> {
         let permit = self.acquire().await?;
-        let result = tokio::task::spawn_blocking(move || {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |memory| {
             let started = Instant::now();
-            let result = work();
+            // A panic is the caller's error, not the end of the thread.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || work(memory)));
             metrics::histogram!("password_hash_seconds").record(started.elapsed().as_secs_f64());
             drop(permit);
-            result
-        })
-        .await
-        .map_err(|error| HashError::Failed(format!("the hashing task failed: {error}")))?;
-        Ok(result)
+            let _ = answer.send(result);
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .map_err(|_| HashError::Failed("the hashing threads have stopped".into()))?;
+        match answered.await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(HashError::Failed("the password hash panicked".into())),
+            Err(_) => Err(HashError::Failed("the hashing thread went away".into())),
+        }
     }
 
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, HashError> {
@@ -156,24 +218,75 @@ fn argon2(params: &Params) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
 }
 
-/// Hashes on the current thread: for the blocking pool, startup and the command line.
-pub fn hash_now(params: &Params, password: &Password) -> anyhow::Result<PasswordHash> {
+/// Hashes on the current thread, in `memory`: for the hashing threads, startup and the command
+/// line.
+pub fn hash_now(
+    params: &Params,
+    password: &Password,
+    memory: &mut Memory,
+) -> anyhow::Result<PasswordHash> {
     let salt = SaltString::generate(&mut OsRng);
-    let phc = argon2(params)
-        .hash_password(password.expose().as_bytes(), &salt)
-        .map_err(|error| anyhow::anyhow!("hashing a password: {error}"))?
-        .to_string();
+    let mut salt_buffer = [0u8; 64];
+    let salt_bytes = salt
+        .as_salt()
+        .decode_b64(&mut salt_buffer)
+        .map_err(|error| anyhow::anyhow!("decoding a new salt: {error}"))?;
+    let length = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let mut output = vec![0u8; length];
+    argon2(params)
+        .hash_password_into_with_memory(
+            password.expose().as_bytes(),
+            salt_bytes,
+            &mut output,
+            memory.blocks(params),
+        )
+        .map_err(|error| anyhow::anyhow!("hashing a password: {error}"))?;
+    let phc = argon2::password_hash::PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(params)
+            .map_err(|error| anyhow::anyhow!("encoding the parameters: {error}"))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(
+            Output::new(&output).map_err(|error| anyhow::anyhow!("the hash output: {error}"))?,
+        ),
+    }
+    .to_string();
     PasswordHash::parse(phc).map_err(|error| anyhow::anyhow!("{error}"))
 }
 
-/// Verifies with the parameters stored in the hash itself (so old hashes still verify).
-pub fn verify_now(password: &Password, hash: &PasswordHash) -> bool {
+/// Verifies with the algorithm and parameters stored in the hash itself (so old hashes still
+/// verify), in `memory`. The comparison of the outputs takes constant time.
+pub fn verify_now(password: &Password, hash: &PasswordHash, memory: &mut Memory) -> bool {
     let Ok(parsed) = argon2::password_hash::PasswordHash::new(hash.as_str()) else {
         return false;
     };
-    Argon2::default()
-        .verify_password(password.expose().as_bytes(), &parsed)
-        .is_ok()
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        Algorithm::try_from(parsed.algorithm),
+        Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_buffer = [0u8; 64];
+    let Ok(salt_bytes) = salt.decode_b64(&mut salt_buffer) else {
+        return false;
+    };
+    let mut output = vec![0u8; expected.len()];
+    let computed = Argon2::new(algorithm, version, params.clone()).hash_password_into_with_memory(
+        password.expose().as_bytes(),
+        salt_bytes,
+        &mut output,
+        memory.blocks(&params),
+    );
+    computed.is_ok() && Output::new(&output).is_ok_and(|output| output == expected)
 }
 
 #[cfg(test)]
