@@ -69,6 +69,11 @@ impl Process {
     }
 
     /// Whether the process is still running (it has not exited or been killed).
+    /// The operating system's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

@@ -250,3 +250,53 @@ async fn a_burst_beyond_the_waiting_bound_is_throttled_with_retry_after() {
         assert_eq!(problem(response).await["code"], "throttled");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_locked_and_still_attacked_does_not_slow_the_logins_of_others() {
+    let app = spawn_with(|settings| settings.login.max_failures = 3).await;
+    app.user("ann@example.com").await;
+    app.user("bob@example.com").await;
+    let bob_logs_in = || async {
+        let started = std::time::Instant::now();
+        let response = app.login("bob@example.com", PASSWORD).await;
+        assert_eq!(response.status(), 200, "Bob was refused");
+        started.elapsed()
+    };
+    let median = |mut times: Vec<std::time::Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+
+    let mut before = vec![];
+    for _ in 0..15 {
+        before.push(bob_logs_in().await);
+    }
+    for _ in 0..3 {
+        app.login("ann@example.com", "wrong password").await;
+    }
+    assert_eq!(
+        app.login("ann@example.com", PASSWORD).await.status(),
+        401,
+        "Ann is not locked"
+    );
+    // An attacker keeps guessing Ann's password while Bob logs in.
+    let attack = async {
+        for _ in 0..30 {
+            app.login("ann@example.com", "another guess").await;
+        }
+    };
+    let bob = async {
+        let mut during = vec![];
+        for _ in 0..15 {
+            during.push(bob_logs_in().await);
+        }
+        during
+    };
+    let ((), during) = tokio::join!(attack, bob);
+
+    let (before, during) = (median(before), median(during));
+    assert!(
+        during <= before * 3 + std::time::Duration::from_millis(20),
+        "Bob's logins went from {before:?} to {during:?} while Ann was locked"
+    );
+}
