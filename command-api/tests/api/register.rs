@@ -101,10 +101,51 @@ async fn an_email_taken_under_another_spelling_is_refused_and_the_store_is_uncha
     let app = spawn_app().await;
     app.user("ann@example.com").await;
     let before = app.message_count().await;
-    let response = app.register("  ANN@example.com ", "another password").await;
+    for spelling in [
+        "  ANN@example.com ",
+        "Ann@Example.COM",
+        // A full-width "ａ", which NFKC folds to ASCII.
+        "\u{ff41}nn@example.com",
+    ] {
+        let response = app.register(spelling, "another password").await;
+        assert_eq!(response.status(), 409, "{spelling}");
+        assert_eq!(problem(response).await["code"], "email_taken");
+    }
+    // A composed and a decomposed "é" are one address too.
+    app.user("r\u{e9}my@example.com").await;
+    let before = app.message_count().await;
+    let response = app
+        .register("re\u{301}my@example.com", "another password")
+        .await;
     assert_eq!(response.status(), 409);
-    assert_eq!(problem(response).await["code"], "email_taken");
     assert_eq!(app.message_count().await, before);
+}
+
+#[tokio::test]
+async fn invalid_utf8_and_very_long_fields_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/users"))
+        .header("content-type", "application/json")
+        .body(b"{\"email\": \"ann\xff@example.com\", \"password\": \"correct horse\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "invalid UTF-8");
+    assert_eq!(problem(response).await["code"], "malformed_json");
+
+    let long = "a".repeat(10_000);
+    for (email, password) in [
+        (format!("{long}@example.com"), PASSWORD.to_owned()),
+        (format!("ann@{long}.com"), PASSWORD.to_owned()),
+        ("ann@example.com".to_owned(), "x".repeat(129)),
+    ] {
+        let response = app.register(&email, &password).await;
+        assert_eq!(response.status(), 422);
+        assert_eq!(problem(response).await["code"], "validation_failed");
+    }
+    assert_eq!(app.message_count().await, 0);
 }
 
 #[tokio::test]
