@@ -111,6 +111,7 @@ async fn an_email_taken_under_another_spelling_is_refused_and_the_store_is_uncha
         assert_eq!(response.status(), 409, "{spelling}");
         assert_eq!(problem(response).await["code"], "email_taken");
     }
+    assert_eq!(app.message_count().await, before);
     // A composed and a decomposed "é" are one address too.
     app.user("r\u{e9}my@example.com").await;
     let before = app.message_count().await;
