@@ -18,13 +18,30 @@ pub fn handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is installed already: render an empty registry of our own.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            spawn_upkeep(handle.clone());
+            handle
         })
         .clone()
+}
+
+/// Histograms buffer their samples until upkeep folds them into buckets; rendering does it
+/// too, but a process nobody scrapes would otherwise grow by every request it serves.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let upkeep = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            handle.run_upkeep();
+        }
+    };
+    // Without the thread, metrics still work; only the buffering is left unbounded.
+    let _ = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(upkeep);
 }
 
 /// The text exposition of every metric.
