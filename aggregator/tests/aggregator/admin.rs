@@ -48,6 +48,7 @@ async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
         [
             "users_email_normalized_idx",
             "users_pkey",
+            "users_position_idx",
             "users_status_id_idx"
         ]
     );
