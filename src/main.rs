@@ -72,19 +72,15 @@ async fn main() -> anyhow::Result<()> {
     let projecting = tokio::spawn(projector.run(wait_for(stopped.clone())));
 
     let command_state = command_api::state_with_store(&commands, clock.clone(), store.clone())?;
-    let query_state = query_api::AppState {
-        read_model: query_api::ReadModel::connect(
-            queries.read_model_url(),
-            queries.database.max_connections,
-        )
-        .await
-        .context("opening the read model for queries")?,
-        store: store.clone(),
-        verifier: command_state.verifier.clone(),
-        tokens: Arc::default(),
-        clock: clock.clone(),
-        settings: queries.query,
-    };
+    let query_state = query_api::AppState::new(
+        query_api::ReadModel::connect(queries.read_model_url(), queries.database.max_connections)
+            .await
+            .context("opening the read model for queries")?,
+        store.clone(),
+        command_state.verifier.clone(),
+        clock.clone(),
+        queries.query,
+    );
     let pruning = tokio::spawn(command_api::prune_login_history(
         command_state.commands.clone(),
         std::time::Duration::from_secs(u64::from(commands.login.history_retention_days) * 86_400),

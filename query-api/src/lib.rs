@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 mod error;
 mod history;
 pub mod read_model;
@@ -32,6 +33,8 @@ pub use settings::Settings;
 #[derive(Clone)]
 pub struct AppState {
     pub read_model: ReadModel,
+    /// Profiles already read, kept current by following the read model (ADR 6).
+    pub profiles: Arc<cache::ProfileCache>,
     pub store: Arc<dyn MessageStore>,
     pub verifier: Arc<TokenVerifier>,
     /// Tokens already verified, shared by every request.
@@ -41,6 +44,32 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state over connections made elsewhere; starts following the read model for the
+    /// kept profiles (for as long as the runtime runs).
+    pub fn new(
+        read_model: ReadModel,
+        store: Arc<dyn MessageStore>,
+        verifier: Arc<TokenVerifier>,
+        clock: Arc<dyn Clock>,
+        settings: settings::QuerySettings,
+    ) -> Self {
+        let profiles = Arc::new(cache::ProfileCache::new(settings.cache_profiles));
+        tokio::spawn({
+            let (profiles, read_model) = (profiles.clone(), read_model.clone());
+            let interval = std::time::Duration::from_millis(settings.cache_sync_ms.max(1));
+            async move { profiles.follow(read_model, interval).await }
+        });
+        Self {
+            read_model,
+            profiles,
+            store,
+            verifier,
+            tokens: Arc::default(),
+            clock,
+            settings,
+        }
+    }
+
     /// Connects to the read model and the message store and loads the verification keys.
     pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let read_model_url = settings.read_model_url();
@@ -76,14 +105,13 @@ impl AppState {
             .tokens
             .verifier()
             .context("loading the keys that verify tokens")?;
-        Ok(Self {
+        Ok(Self::new(
             read_model,
             store,
-            verifier: Arc::new(verifier),
-            tokens: Arc::default(),
+            Arc::new(verifier),
             clock,
-            settings: settings.query,
-        })
+            settings.query,
+        ))
     }
 }
 

@@ -12,11 +12,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use crate::cache::Versioned;
+
 /// The projection whose checkpoint tells how far the users view has got.
 pub const USERS_PROJECTION: &str = "users";
 
 const COLUMNS: &str = "id, email, status, registered_at, activated_at, deactivated_at, \
-                       last_login_at, login_count, roles";
+                       last_login_at, login_count, roles, position";
 
 /// A user's profile as the users view holds it.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
@@ -74,45 +76,51 @@ impl ReadModel {
         }
     }
 
-    pub async fn profile(&self, id: Uuid) -> Result<Option<Profile>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
-        match self {
-            Self::Postgres(pool) => sqlx::query(&sql)
-                .bind(id)
-                .fetch_optional(pool)
-                .await?
-                .map(|row| pg_profile(&row))
-                .transpose(),
-            Self::Sqlite(pool) => sqlx::query(&sql)
-                .bind(id.to_string())
-                .fetch_optional(pool)
-                .await?
-                .map(|row| sqlite_profile(&row))
-                .transpose(),
+    /// The profiles of the accounts in `ids` that the view holds, with the position of each
+    /// one's last event, in one round trip.
+    pub async fn versioned_profiles(&self, ids: &[Uuid]) -> Result<Vec<Versioned>, sqlx::Error> {
+        match (self, ids) {
+            // One id is the common case (a user reading their own profile), and `id = $1` is
+            // cheaper to run than `id = ANY($1)`.
+            (Self::Postgres(pool), [id]) => {
+                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
+                let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
+                row.map(|row| pg_versioned(&row)).into_iter().collect()
+            }
+            (Self::Postgres(pool), _) => {
+                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)");
+                let rows = sqlx::query(&sql).bind(ids).fetch_all(pool).await?;
+                rows.iter().map(pg_versioned).collect()
+            }
+            (Self::Sqlite(pool), _) => {
+                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
+                let mut found = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let row = sqlx::query(&sql)
+                        .bind(id.to_string())
+                        .fetch_optional(pool)
+                        .await?;
+                    if let Some(row) = row {
+                        found.push(sqlite_versioned(&row)?);
+                    }
+                }
+                Ok(found)
+            }
         }
     }
 
-    /// The profiles of the accounts in `ids` that the view holds, in one round trip.
-    pub async fn profiles(&self, ids: &[Uuid]) -> Result<Vec<Profile>, sqlx::Error> {
-        if let [id] = ids {
-            // One id is the common case (a user reading their own profile), and `id = $1` is
-            // cheaper to run than `id = ANY($1)`.
-            return Ok(self.profile(*id).await?.into_iter().collect());
-        }
+    /// Every row whose last event is past `position` (what a projection changed since then).
+    pub async fn changed_since(&self, position: u64) -> Result<Vec<Versioned>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM users WHERE position > $1");
+        let after = i64::try_from(position).unwrap_or(i64::MAX);
         match self {
             Self::Postgres(pool) => {
-                let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)"))
-                    .bind(ids)
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(pg_profile).collect()
+                let rows = sqlx::query(&sql).bind(after).fetch_all(pool).await?;
+                rows.iter().map(pg_versioned).collect()
             }
-            Self::Sqlite(_) => {
-                let mut profiles = Vec::with_capacity(ids.len());
-                for id in ids {
-                    profiles.extend(self.profile(*id).await?);
-                }
-                Ok(profiles)
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(&sql).bind(after).fetch_all(pool).await?;
+                rows.iter().map(sqlite_versioned).collect()
             }
         }
     }
@@ -167,6 +175,28 @@ impl ReadModel {
         }
     }
 
+    /// The users view's projection version and checkpoint (0 and 0 before any).
+    pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
+        let sql = "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
+        let row: Option<(i32, i64)> = match self {
+            Self::Postgres(pool) => {
+                sqlx::query_as(sql)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query_as(sql)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(row.map_or((0, 0), |(version, position)| {
+            (version, u64::try_from(position).unwrap_or(0))
+        }))
+    }
+
     /// The global position the users view has applied every message up to (0 before any).
     pub async fn position(&self) -> Result<u64, sqlx::Error> {
         let sql = "SELECT position FROM projection_checkpoints WHERE projection = $1";
@@ -199,6 +229,20 @@ fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
         last_login_at: row.try_get("last_login_at")?,
         login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
         roles: row.try_get("roles")?,
+    })
+}
+
+fn pg_versioned(row: &PgRow) -> Result<Versioned, sqlx::Error> {
+    Ok(Versioned {
+        profile: pg_profile(row)?,
+        position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
+    })
+}
+
+fn sqlite_versioned(row: &SqliteRow) -> Result<Versioned, sqlx::Error> {
+    Ok(Versioned {
+        profile: sqlite_profile(row)?,
+        position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
     })
 }
 

@@ -71,7 +71,8 @@ pub async fn wait_for_min_position(
     let mut pause = Duration::from_millis(1);
     let mut written = false;
     loop {
-        match state.read_model.position().await {
+        // Synced, not just the view's checkpoint: the answer may come from the kept profiles.
+        match state.profiles.sync(&state.read_model).await {
             Ok(reached) if reached >= wanted => return next.run(request).await,
             // Behind: first make sure the position exists at all, rather than wait for a
             // message nobody has written (a made-up number would hold a connection in vain).
@@ -117,7 +118,7 @@ pub struct ProfileQuery {
     ),
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Profile>, ApiError> {
-    let profile = state.read_model.profile(caller.id).await?;
+    let profile = own_profile(&state, &caller).await?;
     caller.ensure_active(profile.as_ref())?;
     profile.map(Json).ok_or(ApiError::NotFound)
 }
@@ -149,7 +150,7 @@ pub async fn profile(
     } else {
         vec![caller.id, id]
     };
-    let rows = state.read_model.profiles(&wanted).await?;
+    let rows = state.profiles.profiles(&state.read_model, &wanted).await?;
     caller.ensure_active(rows.iter().find(|row| row.id == caller.id))?;
     if !caller.may_read(id) {
         return Err(ApiError::Forbidden);
@@ -169,8 +170,16 @@ pub async fn profile(
 /// Refuses a caller whose account is no longer active, for routes that read nothing else from
 /// the users view about the caller.
 async fn ensure_active(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
-    let own = state.read_model.profile(caller.id).await?;
+    let own = own_profile(state, caller).await?;
     caller.ensure_active(own.as_ref())
+}
+
+async fn own_profile(state: &AppState, caller: &Caller) -> Result<Option<Profile>, ApiError> {
+    let rows = state
+        .profiles
+        .profiles(&state.read_model, &[caller.id])
+        .await?;
+    Ok(rows.into_iter().next())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

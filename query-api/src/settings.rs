@@ -48,6 +48,10 @@ pub struct QuerySettings {
     /// The page size of lists when the client names none, and the largest it may name.
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Profiles kept in memory (ADR 6); 0 reads every profile from the read model.
+    pub cache_profiles: usize,
+    /// How often the kept profiles are brought up to the read model.
+    pub cache_sync_ms: u64,
 }
 
 impl Default for QuerySettings {
@@ -56,6 +60,8 @@ impl Default for QuerySettings {
             max_wait_ms: 5_000,
             default_page_size: 20,
             max_page_size: 100,
+            cache_profiles: 100_000,
+            cache_sync_ms: 5,
         }
     }
 }

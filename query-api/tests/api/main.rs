@@ -7,6 +7,7 @@
 
 mod harness;
 mod history;
+mod kept_profiles;
 mod lists;
 mod profiles;
 mod read_your_writes;
