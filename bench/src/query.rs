@@ -38,6 +38,10 @@ pub struct Options {
     /// query API's default).
     #[arg(long, default_value_t = 16)]
     connections: u32,
+    /// Profiles the query API keeps in memory (`query.cache_profiles`, ADR 6); 0 makes every
+    /// request read its row from PostgreSQL.
+    #[arg(long, default_value_t = 100_000)]
+    cache_profiles: usize,
     /// Seconds per round; rounds alternate between the baseline and the requests.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -126,6 +130,7 @@ impl QueryApi {
         port: u16,
         pem: &str,
         connections: u32,
+        cache_profiles: usize,
     ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         // Only the settings given here: none of this shell's.
@@ -144,6 +149,10 @@ impl QueryApi {
             .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
             .env("IDENTITY__TOKENS__SIGNING_KEY", pem)
             .env("IDENTITY__LOG__FILTER", "warn")
+            .env(
+                "IDENTITY__QUERY__CACHE_PROFILES",
+                cache_profiles.to_string(),
+            )
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
@@ -332,7 +341,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut query_api = QueryApi::start(&binary, database.url(), port, &pem, options.connections)?;
+    let mut query_api = QueryApi::start(
+        &binary,
+        database.url(),
+        port,
+        &pem,
+        options.connections,
+        options.cache_profiles,
+    )?;
     let pid = query_api.pid();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
