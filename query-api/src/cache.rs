@@ -108,11 +108,22 @@ impl ProfileCache {
         Ok(checkpoint)
     }
 
-    /// Syncs every `interval` until the process ends; failures are logged and retried.
+    /// Syncs every `interval` until the process ends; a failure is logged once, when it
+    /// starts, and retried.
     pub async fn follow(&self, read_model: ReadModel, interval: Duration) {
+        let mut failing = false;
         loop {
-            if let Err(error) = self.sync(&read_model).await {
-                tracing::warn!(%error, "syncing the profile cache failed");
+            match self.sync(&read_model).await {
+                Ok(_) if failing => {
+                    tracing::info!("syncing the kept profiles works again");
+                    failing = false;
+                }
+                Ok(_) => {}
+                Err(error) if !failing => {
+                    tracing::warn!(%error, "syncing the kept profiles failed; retrying");
+                    failing = true;
+                }
+                Err(_) => {}
             }
             tokio::time::sleep(interval).await;
         }
