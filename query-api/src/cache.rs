@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -29,6 +29,10 @@ pub struct Versioned {
 pub struct ProfileCache {
     state: RwLock<State>,
     capacity: usize,
+    /// Past this long without a successful sync, nothing is answered from memory: the reads
+    /// go to the read model, and fail there if it is out of reach, rather than serve rows of
+    /// unknown age (a deactivation could be missed).
+    max_staleness: Duration,
     /// One sync at a time: two would only repeat each other's reads.
     syncing: tokio::sync::Mutex<()>,
 }
@@ -39,15 +43,19 @@ struct State {
     synced: u64,
     /// The projection version the held rows were built by.
     version: i32,
+    /// When a sync last succeeded.
+    last_sync: Option<Instant>,
     rows: HashMap<Uuid, Versioned>,
 }
 
 impl ProfileCache {
     /// Holds up to `capacity` profiles; 0 holds none, and every read goes to the database.
-    pub fn new(capacity: usize) -> Self {
+    /// Held profiles are answered only while a sync succeeded within `max_staleness`.
+    pub fn new(capacity: usize, max_staleness: Duration) -> Self {
         Self {
             state: RwLock::default(),
             capacity,
+            max_staleness,
             syncing: tokio::sync::Mutex::new(()),
         }
     }
@@ -64,18 +72,7 @@ impl ProfileCache {
         read_model: &ReadModel,
         ids: &[Uuid],
     ) -> Result<Vec<Profile>, sqlx::Error> {
-        let (mut found, missing): (Vec<Profile>, Vec<Uuid>) = {
-            let state = self.read();
-            let mut found = Vec::with_capacity(ids.len());
-            let mut missing = Vec::new();
-            for id in ids {
-                match state.rows.get(id) {
-                    Some(held) => found.push(held.profile.clone()),
-                    None => missing.push(*id),
-                }
-            }
-            (found, missing)
-        };
+        let (mut found, missing) = self.lookup(ids);
         if missing.is_empty() {
             return Ok(found);
         }
@@ -84,6 +81,24 @@ impl ProfileCache {
         self.keep(synced_before, &read);
         found.extend(read.into_iter().map(|versioned| versioned.profile));
         Ok(found)
+    }
+
+    /// The held profiles of `ids`, and the ids to read from the read model: all of them when
+    /// the last successful sync is too old.
+    fn lookup(&self, ids: &[Uuid]) -> (Vec<Profile>, Vec<Uuid>) {
+        let state = self.read();
+        let fresh = state
+            .last_sync
+            .is_some_and(|at| at.elapsed() <= self.max_staleness);
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match state.rows.get(id).filter(|_| fresh) {
+                Some(held) => found.push(held.profile.clone()),
+                None => missing.push(*id),
+            }
+        }
+        (found, missing)
     }
 
     /// Brings the held rows up to the view's checkpoint and returns it.
@@ -95,6 +110,7 @@ impl ProfileCache {
             (state.synced, state.version, state.rows.is_empty())
         };
         if checkpoint == synced && version == held_version {
+            self.write().last_sync = Some(Instant::now());
             return Ok(synced);
         }
         // Nothing held means nothing to update; a checkpoint that went back is a reset, and a
@@ -145,6 +161,7 @@ impl ProfileCache {
             }
         }
         state.synced = checkpoint;
+        state.last_sync = Some(Instant::now());
     }
 
     /// Keeps rows read from the database, if no sync ran since `synced_before`.
@@ -203,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_sync_updates_held_rows_to_their_newer_version_and_ignores_others() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
         let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
         cache.keep(0, &[row(ann, "active", 5)]);
         cache.apply(
@@ -221,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_row_read_while_a_sync_ran_is_not_kept() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
         let ann = Uuid::new_v4();
         let synced_before = cache.synced();
         // A sync passes Ann's deactivation while her old row is on its way from the database.
@@ -232,7 +249,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_that_goes_back_empties_the_cache() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
         let ann = Uuid::new_v4();
         cache.apply(0, 9, vec![]);
         cache.keep(9, &[row(ann, "active", 5)]);
@@ -242,8 +259,24 @@ mod tests {
     }
 
     #[test]
+    fn held_rows_are_answered_only_while_syncs_succeed() {
+        let ann = Uuid::new_v4();
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
+        cache.keep(0, &[row(ann, "active", 5)]);
+        assert_eq!(cache.lookup(&[ann]).1, [ann], "never synced");
+        cache.apply(0, 9, vec![]);
+        assert_eq!(cache.lookup(&[ann]).0.len(), 1);
+
+        let stale = ProfileCache::new(10, Duration::ZERO);
+        stale.apply(0, 9, vec![]);
+        stale.keep(9, &[row(ann, "active", 5)]);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(stale.lookup(&[ann]).1, [ann], "the last sync is too old");
+    }
+
+    #[test]
     fn a_new_projection_version_empties_the_cache() {
-        let cache = ProfileCache::new(10);
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
         let ann = Uuid::new_v4();
         cache.apply(1, 9, vec![]);
         cache.keep(9, &[row(ann, "active", 5)]);
@@ -253,12 +286,12 @@ mod tests {
 
     #[test]
     fn the_cache_never_holds_more_than_its_capacity_and_none_when_zero() {
-        let cache = ProfileCache::new(3);
+        let cache = ProfileCache::new(3, Duration::from_secs(60));
         for n in 0..10 {
             cache.keep(0, &[row(Uuid::new_v4(), "active", n)]);
             assert!(cache.read().rows.len() <= 3);
         }
-        let none = ProfileCache::new(0);
+        let none = ProfileCache::new(0, Duration::from_secs(60));
         none.keep(0, &[row(Uuid::new_v4(), "active", 1)]);
         assert!(none.read().rows.is_empty());
     }

@@ -53,10 +53,13 @@ impl AppState {
         clock: Arc<dyn Clock>,
         settings: settings::QuerySettings,
     ) -> Self {
-        let profiles = Arc::new(cache::ProfileCache::new(settings.cache_profiles));
+        let interval = std::time::Duration::from_millis(settings.cache_sync_ms.max(1));
+        let profiles = Arc::new(cache::ProfileCache::new(
+            settings.cache_profiles,
+            (interval * 10).max(std::time::Duration::from_secs(1)),
+        ));
         tokio::spawn({
             let (profiles, read_model) = (profiles.clone(), read_model.clone());
-            let interval = std::time::Duration::from_millis(settings.cache_sync_ms.max(1));
             async move { profiles.follow(read_model, interval).await }
         });
         Self {
