@@ -3,13 +3,18 @@
 //! A profile read is the hot path: each request reads the caller's row (is the account still
 //! active?) and usually nothing else. Going to PostgreSQL for it costs more CPU than the rest of
 //! the request, so rows once read are kept here, and a follower keeps them current: whenever the
-//! users view's checkpoint moves, it reads the rows whose `position` (the last event applied to
-//! the row) is past the position it had synced to, and updates the ones it holds.
+//! users view's checkpoint moves, it reads, in one snapshot, the checkpoint and the rows whose
+//! `position` (the last event applied to the row) is past the one it had synced to, and updates
+//! the ones it holds.
 //!
-//! Freshness: a cached answer is as new as the last sync, at most `query.cache_sync_ms` behind
-//! the read model; a request with `X-Min-Position` syncs first, so read-your-writes holds.
-//! A row read from the database is kept only if no sync ran while it was being read: a sync
-//! that ran meanwhile may have skipped a newer version of it (the row was not held yet).
+//! Freshness: a kept answer is as new as the last sync, at most `query.cache_sync_ms` behind the
+//! read model, and none is given once syncs have failed for a while; a request with
+//! `X-Min-Position` syncs first, so read-your-writes holds.
+//!
+//! What makes a row safe to keep: it is read in the same statement as the view's version and
+//! checkpoint, and kept only if that version is the one held and that checkpoint is not behind
+//! the synced one (so every later change has a position the next sync reads), and never while
+//! a sync runs.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
@@ -26,6 +31,24 @@ pub struct Versioned {
     pub position: u64,
 }
 
+/// A row read from the view, with the view's version and checkpoint in the same snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Read {
+    pub row: Versioned,
+    pub version: i32,
+    pub checkpoint: u64,
+}
+
+/// What the view changed since a position, seen in one snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changes {
+    pub version: i32,
+    pub checkpoint: u64,
+    pub rows: Vec<Versioned>,
+    /// False when there were more changed rows than asked for (`rows` is then empty).
+    pub complete: bool,
+}
+
 pub struct ProfileCache {
     state: RwLock<State>,
     capacity: usize,
@@ -33,17 +56,17 @@ pub struct ProfileCache {
     /// go to the read model, and fail there if it is out of reach, rather than serve rows of
     /// unknown age (a deactivation could be missed).
     max_staleness: Duration,
-    /// One sync at a time: two would only repeat each other's reads.
+    /// One sync at a time, and no row kept while one runs.
     syncing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct State {
-    /// The checkpoint of the users view that every held row is at least as new as.
+    /// The checkpoint of the users view that every held row is current at.
     synced: u64,
     /// The projection version the held rows were built by.
     version: i32,
-    /// When a sync last succeeded.
+    /// When the last successful sync started.
     last_sync: Option<Instant>,
     rows: HashMap<Uuid, Versioned>,
 }
@@ -60,7 +83,7 @@ impl ProfileCache {
         }
     }
 
-    /// The read model position the held rows are current to.
+    /// The read model position the held rows are current at.
     pub fn synced(&self) -> u64 {
         self.read().synced
     }
@@ -76,10 +99,13 @@ impl ProfileCache {
         if missing.is_empty() {
             return Ok(found);
         }
-        let synced_before = self.synced();
-        let read = read_model.versioned_profiles(&missing).await?;
-        self.keep(synced_before, &read);
-        found.extend(read.into_iter().map(|versioned| versioned.profile));
+        if self.capacity == 0 {
+            found.extend(read_model.profiles(&missing).await?);
+            return Ok(found);
+        }
+        let read = read_model.read_profiles(&missing).await?;
+        self.keep(&read);
+        found.extend(read.into_iter().map(|read| read.row.profile));
         Ok(found)
     }
 
@@ -104,23 +130,27 @@ impl ProfileCache {
     /// Brings the held rows up to the view's checkpoint and returns it.
     pub async fn sync(&self, read_model: &ReadModel) -> Result<u64, sqlx::Error> {
         let _one_at_a_time = self.syncing.lock().await;
-        let (version, checkpoint) = read_model.checkpoint().await?;
-        let (synced, held_version, empty) = {
+        let started = Instant::now();
+        let (synced, empty) = {
             let state = self.read();
-            (state.synced, state.version, state.rows.is_empty())
+            (state.synced, state.rows.is_empty())
         };
-        if checkpoint == synced && version == held_version {
-            self.write().last_sync = Some(Instant::now());
-            return Ok(synced);
-        }
-        // Nothing held means nothing to update; a checkpoint that went back is a reset, and a
-        // new version a rebuild whose rows may differ at the same positions.
-        let changed = if empty || checkpoint < synced || version != held_version {
-            vec![]
+        // Nothing held means nothing to update (and no row is kept while this runs).
+        let changes = if empty {
+            let (version, checkpoint) = read_model.checkpoint().await?;
+            Changes {
+                version,
+                checkpoint,
+                rows: vec![],
+                complete: true,
+            }
         } else {
-            read_model.changed_since(synced).await?
+            read_model
+                .changes_since(synced, self.capacity.max(1_000))
+                .await?
         };
-        self.apply(version, checkpoint, changed);
+        let checkpoint = changes.checkpoint;
+        self.apply(changes, started);
         Ok(checkpoint)
     }
 
@@ -145,40 +175,54 @@ impl ProfileCache {
         }
     }
 
-    /// Applies the rows changed up to `checkpoint`: the held ones take the newer version.
-    fn apply(&self, version: i32, checkpoint: u64, changed: Vec<Versioned>) {
+    /// Applies what the view changed: the held rows take their newer versions. A checkpoint
+    /// that went back (a reset), another projection version (a rebuild whose rows may differ
+    /// at the same positions) or too many changes to read empty the cache instead.
+    fn apply(&self, changes: Changes, started: Instant) {
         let mut state = self.write();
-        if checkpoint < state.synced || version != state.version {
-            // The view was reset or rebuilt by another version: what is held may be wrong.
+        if changes.checkpoint < state.synced
+            || changes.version != state.version
+            || !changes.complete
+        {
             state.rows.clear();
-            state.version = version;
         }
-        for row in changed {
+        for row in changes.rows {
             if let Some(held) = state.rows.get_mut(&row.profile.id)
                 && held.position < row.position
             {
                 *held = row;
             }
         }
-        state.synced = checkpoint;
-        state.last_sync = Some(Instant::now());
+        state.synced = changes.checkpoint;
+        state.version = changes.version;
+        state.last_sync = Some(started);
     }
 
-    /// Keeps rows read from the database, if no sync ran since `synced_before`.
-    fn keep(&self, synced_before: u64, rows: &[Versioned]) {
-        if self.capacity == 0 || rows.is_empty() {
+    /// Keeps rows read from the view, those that are safe to keep (see the module's doc).
+    fn keep(&self, reads: &[Read]) {
+        let Ok(_no_sync_running) = self.syncing.try_lock() else {
             return;
-        }
+        };
         let mut state = self.write();
-        if state.synced != synced_before {
+        if state.last_sync.is_none() {
             return;
         }
-        if state.rows.len() + rows.len() > self.capacity {
+        let safe: Vec<&Read> = reads
+            .iter()
+            .filter(|read| read.version == state.version && read.checkpoint >= state.synced)
+            .collect();
+        if state.rows.len() + safe.len() > self.capacity {
             // Crude but bounded: start over rather than track recency on every read.
             state.rows.clear();
         }
-        for row in rows {
-            state.rows.insert(row.profile.id, row.clone());
+        for read in safe {
+            let newer = state
+                .rows
+                .get(&read.row.profile.id)
+                .is_none_or(|held| held.position < read.row.position);
+            if newer {
+                state.rows.insert(read.row.profile.id, read.row.clone());
+            }
         }
     }
 
@@ -214,85 +258,134 @@ mod tests {
         }
     }
 
+    fn read(row: Versioned, version: i32, checkpoint: u64) -> Read {
+        Read {
+            row,
+            version,
+            checkpoint,
+        }
+    }
+
+    fn changes(version: i32, checkpoint: u64, rows: Vec<Versioned>) -> Changes {
+        Changes {
+            version,
+            checkpoint,
+            rows,
+            complete: true,
+        }
+    }
+
+    fn cache() -> ProfileCache {
+        let cache = ProfileCache::new(10, Duration::from_secs(60));
+        cache.apply(changes(1, 0, vec![]), Instant::now());
+        cache
+    }
+
     fn held(cache: &ProfileCache, id: Uuid) -> Option<Versioned> {
         cache.read().rows.get(&id).cloned()
     }
 
     #[test]
     fn a_sync_updates_held_rows_to_their_newer_version_and_ignores_others() {
-        let cache = ProfileCache::new(10, Duration::from_secs(60));
+        let cache = cache();
         let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        cache.keep(0, &[row(ann, "active", 5)]);
+        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        let now = Instant::now();
         cache.apply(
-            0,
-            9,
-            vec![row(ann, "deactivated", 8), row(bob, "active", 9)],
+            changes(
+                1,
+                9,
+                vec![row(ann, "deactivated", 8), row(bob, "active", 9)],
+            ),
+            now,
         );
         assert_eq!(held(&cache, ann), Some(row(ann, "deactivated", 8)));
         assert_eq!(held(&cache, bob), None, "a row nobody read is not loaded");
         assert_eq!(cache.synced(), 9);
         // An older version never replaces a newer one.
-        cache.apply(0, 12, vec![row(ann, "active", 7)]);
+        cache.apply(changes(1, 12, vec![row(ann, "active", 7)]), now);
         assert_eq!(held(&cache, ann).unwrap().position, 8);
     }
 
     #[test]
-    fn a_row_read_while_a_sync_ran_is_not_kept() {
-        let cache = ProfileCache::new(10, Duration::from_secs(60));
+    fn a_row_read_at_a_checkpoint_behind_the_synced_one_is_not_kept() {
+        let cache = cache();
         let ann = Uuid::new_v4();
-        let synced_before = cache.synced();
         // A sync passes Ann's deactivation while her old row is on its way from the database.
-        cache.apply(0, 9, vec![row(ann, "deactivated", 8)]);
-        cache.keep(synced_before, &[row(ann, "active", 5)]);
+        cache.apply(changes(1, 9, vec![]), Instant::now());
+        cache.keep(&[read(row(ann, "active", 5), 1, 6)]);
+        assert_eq!(held(&cache, ann), None);
+        cache.keep(&[read(row(ann, "deactivated", 8), 1, 9)]);
+        assert_eq!(held(&cache, ann), Some(row(ann, "deactivated", 8)));
+    }
+
+    #[test]
+    fn a_row_of_another_projection_version_is_not_kept() {
+        let cache = cache();
+        let ann = Uuid::new_v4();
+        cache.apply(changes(2, 9, vec![]), Instant::now());
+        cache.keep(&[read(row(ann, "active", 5), 1, 9)]);
         assert_eq!(held(&cache, ann), None);
     }
 
     #[test]
-    fn a_checkpoint_that_goes_back_empties_the_cache() {
-        let cache = ProfileCache::new(10, Duration::from_secs(60));
+    fn nothing_is_kept_while_a_sync_runs_or_before_the_first() {
         let ann = Uuid::new_v4();
-        cache.apply(0, 9, vec![]);
-        cache.keep(9, &[row(ann, "active", 5)]);
-        cache.apply(0, 0, vec![]);
+        let never_synced = ProfileCache::new(10, Duration::from_secs(60));
+        never_synced.keep(&[read(row(ann, "active", 5), 0, 5)]);
+        assert_eq!(held(&never_synced, ann), None);
+
+        let cache = cache();
+        let syncing = cache.syncing.try_lock().unwrap();
+        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
         assert_eq!(held(&cache, ann), None);
-        assert_eq!(cache.synced(), 0);
+        drop(syncing);
+        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        assert!(held(&cache, ann).is_some());
+    }
+
+    #[test]
+    fn a_reset_a_new_version_or_too_many_changes_empty_the_cache() {
+        let ann = Uuid::new_v4();
+        let now = Instant::now();
+        for emptying in [
+            changes(1, 3, vec![]),
+            changes(2, 9, vec![]),
+            Changes {
+                complete: false,
+                ..changes(1, 12, vec![])
+            },
+        ] {
+            let cache = cache();
+            cache.apply(changes(1, 9, vec![]), now);
+            cache.keep(&[read(row(ann, "active", 5), 1, 9)]);
+            assert!(held(&cache, ann).is_some());
+            cache.apply(emptying.clone(), now);
+            assert_eq!(held(&cache, ann), None, "{emptying:?}");
+        }
     }
 
     #[test]
     fn held_rows_are_answered_only_while_syncs_succeed() {
         let ann = Uuid::new_v4();
-        let cache = ProfileCache::new(10, Duration::from_secs(60));
-        cache.keep(0, &[row(ann, "active", 5)]);
-        assert_eq!(cache.lookup(&[ann]).1, [ann], "never synced");
-        cache.apply(0, 9, vec![]);
+        let cache = cache();
+        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
         assert_eq!(cache.lookup(&[ann]).0.len(), 1);
 
         let stale = ProfileCache::new(10, Duration::ZERO);
-        stale.apply(0, 9, vec![]);
-        stale.keep(9, &[row(ann, "active", 5)]);
+        stale.apply(changes(1, 9, vec![]), Instant::now());
+        stale.keep(&[read(row(ann, "active", 5), 1, 9)]);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(stale.lookup(&[ann]).1, [ann], "the last sync is too old");
     }
 
     #[test]
-    fn a_new_projection_version_empties_the_cache() {
-        let cache = ProfileCache::new(10, Duration::from_secs(60));
-        let ann = Uuid::new_v4();
-        cache.apply(1, 9, vec![]);
-        cache.keep(9, &[row(ann, "active", 5)]);
-        cache.apply(2, 9, vec![]);
-        assert_eq!(held(&cache, ann), None);
-    }
-
-    #[test]
-    fn the_cache_never_holds_more_than_its_capacity_and_none_when_zero() {
+    fn the_cache_never_holds_more_than_its_capacity() {
         let cache = ProfileCache::new(3, Duration::from_secs(60));
+        cache.apply(changes(1, 0, vec![]), Instant::now());
         for n in 0..10 {
-            cache.keep(0, &[row(Uuid::new_v4(), "active", n)]);
+            cache.keep(&[read(row(Uuid::new_v4(), "active", n), 1, n)]);
             assert!(cache.read().rows.len() <= 3);
         }
-        let none = ProfileCache::new(0, Duration::from_secs(60));
-        none.keep(0, &[row(Uuid::new_v4(), "active", 1)]);
-        assert!(none.read().rows.is_empty());
     }
 }

@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use crate::cache::Versioned;
+pub use crate::cache::{Changes, Read, Versioned};
 
 /// The projection whose checkpoint tells how far the users view has got.
 pub const USERS_PROJECTION: &str = "users";
@@ -76,24 +76,69 @@ impl ReadModel {
         }
     }
 
-    /// The profiles of the accounts in `ids` that the view holds, with the position of each
-    /// one's last event, in one round trip.
-    pub async fn versioned_profiles(&self, ids: &[Uuid]) -> Result<Vec<Versioned>, sqlx::Error> {
+    /// The profiles of the accounts in `ids` that the view holds, in one round trip.
+    pub async fn profiles(&self, ids: &[Uuid]) -> Result<Vec<Profile>, sqlx::Error> {
         match (self, ids) {
             // One id is the common case (a user reading their own profile), and `id = $1` is
             // cheaper to run than `id = ANY($1)`.
             (Self::Postgres(pool), [id]) => {
                 let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
                 let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
-                row.map(|row| pg_versioned(&row)).into_iter().collect()
+                row.map(|row| pg_profile(&row)).into_iter().collect()
             }
             (Self::Postgres(pool), _) => {
                 let sql = format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)");
                 let rows = sqlx::query(&sql).bind(ids).fetch_all(pool).await?;
-                rows.iter().map(pg_versioned).collect()
+                rows.iter().map(pg_profile).collect()
             }
-            (Self::Sqlite(pool), _) => {
-                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
+            (Self::Sqlite(_), _) => Ok(self
+                .read_profiles(ids)
+                .await?
+                .into_iter()
+                .map(|read| read.row.profile)
+                .collect()),
+        }
+    }
+
+    /// Like [`Self::profiles`], each row with the view's version and checkpoint read in the
+    /// same statement: the checkpoint the row is known to be current at.
+    pub async fn read_profiles(&self, ids: &[Uuid]) -> Result<Vec<Read>, sqlx::Error> {
+        // Scalar subqueries: one statement, one snapshot, whichever server answers it.
+        let with_checkpoint = format!(
+            "SELECT {COLUMNS}, \
+                    (SELECT version FROM projection_checkpoints WHERE projection = 'users') \
+                        AS checkpoint_version, \
+                    (SELECT position FROM projection_checkpoints WHERE projection = 'users') \
+                        AS checkpoint_position \
+             FROM users"
+        );
+        match self {
+            Self::Postgres(pool) => {
+                let sql = if ids.len() == 1 {
+                    format!("{with_checkpoint} WHERE id = $1")
+                } else {
+                    format!("{with_checkpoint} WHERE id = ANY($1)")
+                };
+                let query = sqlx::query(&sql);
+                let query = match ids {
+                    [id] => query.bind(*id),
+                    _ => query.bind(ids),
+                };
+                let rows = query.fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Read {
+                            row: pg_versioned(row)?,
+                            version: row
+                                .try_get::<Option<i32>, _>("checkpoint_version")?
+                                .unwrap_or(0),
+                            checkpoint: to_position(row.try_get("checkpoint_position")?),
+                        })
+                    })
+                    .collect()
+            }
+            Self::Sqlite(pool) => {
+                let sql = format!("{with_checkpoint} WHERE id = $1");
                 let mut found = Vec::with_capacity(ids.len());
                 for id in ids {
                     let row = sqlx::query(&sql)
@@ -101,7 +146,13 @@ impl ReadModel {
                         .fetch_optional(pool)
                         .await?;
                     if let Some(row) = row {
-                        found.push(sqlite_versioned(&row)?);
+                        found.push(Read {
+                            row: sqlite_versioned(&row)?,
+                            version: row
+                                .try_get::<Option<i32>, _>("checkpoint_version")?
+                                .unwrap_or(0),
+                            checkpoint: to_position(row.try_get("checkpoint_position")?),
+                        });
                     }
                 }
                 Ok(found)
@@ -109,20 +160,62 @@ impl ReadModel {
         }
     }
 
-    /// Every row whose last event is past `position` (what a projection changed since then).
-    pub async fn changed_since(&self, position: u64) -> Result<Vec<Versioned>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE position > $1");
+    /// The view's version and checkpoint and, seen in the same snapshot, the rows whose last
+    /// event is past `position` (what the projection changed since then), unless there are
+    /// more than `limit`.
+    pub async fn changes_since(&self, position: u64, limit: usize) -> Result<Changes, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM users WHERE position > $1 LIMIT $2");
         let after = i64::try_from(position).unwrap_or(i64::MAX);
-        match self {
+        let one_more = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+        let ((version, checkpoint), rows) = match self {
             Self::Postgres(pool) => {
-                let rows = sqlx::query(&sql).bind(after).fetch_all(pool).await?;
-                rows.iter().map(pg_versioned).collect()
+                let mut transaction = pool.begin().await?;
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *transaction)
+                    .await?;
+                let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+                let rows = sqlx::query(&sql)
+                    .bind(after)
+                    .bind(one_more)
+                    .fetch_all(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                let rows = rows
+                    .iter()
+                    .map(pg_versioned)
+                    .collect::<Result<Vec<_>, _>>()?;
+                (to_checkpoint(checkpoint), rows)
             }
             Self::Sqlite(pool) => {
-                let rows = sqlx::query(&sql).bind(after).fetch_all(pool).await?;
-                rows.iter().map(sqlite_versioned).collect()
+                // A read transaction in WAL mode is one snapshot.
+                let mut transaction = pool.begin().await?;
+                let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
+                    .bind(USERS_PROJECTION)
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+                let rows = sqlx::query(&sql)
+                    .bind(after)
+                    .bind(one_more)
+                    .fetch_all(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                let rows = rows
+                    .iter()
+                    .map(sqlite_versioned)
+                    .collect::<Result<Vec<_>, _>>()?;
+                (to_checkpoint(checkpoint), rows)
             }
-        }
+        };
+        let complete = rows.len() <= limit;
+        Ok(Changes {
+            version,
+            checkpoint,
+            rows: if complete { rows } else { vec![] },
+            complete,
+        })
     }
 
     /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
@@ -177,24 +270,21 @@ impl ReadModel {
 
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
-        let sql = "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
         let row: Option<(i32, i64)> = match self {
             Self::Postgres(pool) => {
-                sqlx::query_as(sql)
+                sqlx::query_as(CHECKPOINT)
                     .bind(USERS_PROJECTION)
                     .fetch_optional(pool)
                     .await?
             }
             Self::Sqlite(pool) => {
-                sqlx::query_as(sql)
+                sqlx::query_as(CHECKPOINT)
                     .bind(USERS_PROJECTION)
                     .fetch_optional(pool)
                     .await?
             }
         };
-        Ok(row.map_or((0, 0), |(version, position)| {
-            (version, u64::try_from(position).unwrap_or(0))
-        }))
+        Ok(to_checkpoint(row))
     }
 
     /// The global position the users view has applied every message up to (0 before any).
@@ -230,6 +320,19 @@ fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
         login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
         roles: row.try_get("roles")?,
     })
+}
+
+const CHECKPOINT: &str =
+    "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
+
+fn to_checkpoint(row: Option<(i32, i64)>) -> (i32, u64) {
+    row.map_or((0, 0), |(version, position)| {
+        (version, to_position(Some(position)))
+    })
+}
+
+fn to_position(position: Option<i64>) -> u64 {
+    position.map_or(0, |position| u64::try_from(position).unwrap_or(0))
 }
 
 fn pg_versioned(row: &PgRow) -> Result<Versioned, sqlx::Error> {

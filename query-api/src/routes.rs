@@ -70,6 +70,9 @@ pub async fn wait_for_min_position(
     let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
     let mut pause = Duration::from_millis(1);
     let mut written = false;
+    if state.profiles.synced() >= wanted {
+        return next.run(request).await;
+    }
     loop {
         // Synced, not just the view's checkpoint: the answer may come from the kept profiles.
         match state.profiles.sync(&state.read_model).await {
@@ -144,8 +147,10 @@ pub async fn profile(
     ApiQuery(query): ApiQuery<ProfileQuery>,
 ) -> Result<Json<Profile>, ApiError> {
     let id = parse_id(&id)?;
-    // The caller's row (is the account still active?) and the profile, in one round trip.
-    let wanted = if query.as_of.is_some() || id == caller.id {
+    // The caller's row (is the account still active?) and the profile, in one round trip;
+    // someone else's only when the caller may read it, so no one fills the kept profiles with
+    // rows they cannot see.
+    let wanted = if query.as_of.is_some() || id == caller.id || !caller.may_read(id) {
         vec![caller.id]
     } else {
         vec![caller.id, id]
