@@ -244,7 +244,13 @@ impl Commands {
             record_login("granted");
             return Ok(LoggedIn { token, position });
         }
-        Err(anyhow::anyhow!("logging in lost the race {MAX_ATTEMPTS} times").into())
+        // Every attempt lost the race to record it: many logins to one account at once.
+        match verdict {
+            // A wrong password is refused like any other, so contention, which only a known
+            // account meets, does not show.
+            Some((_, false)) => refuse("contended", hashing).await,
+            _ => Err(ApiError::Throttled),
+        }
     }
 
     /// Stores a stronger hash of the password just verified. Losing the race to another
