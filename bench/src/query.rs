@@ -321,6 +321,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     .bind(i64::from(options.users) + 1)
     .execute(&pool)
     .await?;
+    // And its checkpoint, past every row, as the aggregator commits it with them.
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1)",
+    )
+    .bind(i64::from(options.users) + 1)
+    .execute(&pool)
+    .await?;
     sqlx::query("ANALYZE users").execute(&pool).await?;
     let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id <> $1")
         .bind(admin)

@@ -131,13 +131,13 @@ impl ProfileCache {
     pub async fn sync(&self, read_model: &ReadModel) -> Result<u64, sqlx::Error> {
         let _one_at_a_time = self.syncing.lock().await;
         let started = Instant::now();
-        let (synced, empty) = {
+        let (synced, held_version, empty) = {
             let state = self.read();
-            (state.synced, state.rows.is_empty())
+            (state.synced, state.version, state.rows.is_empty())
         };
-        // Nothing held means nothing to update (and no row is kept while this runs).
-        let changes = if empty {
-            let (version, checkpoint) = read_model.checkpoint().await?;
+        let (version, checkpoint) = read_model.checkpoint().await?;
+        // Nothing moved, or nothing held to update (and no row is kept while this runs).
+        let changes = if empty || (version, checkpoint) == (held_version, synced) {
             Changes {
                 version,
                 checkpoint,
