@@ -599,9 +599,6 @@ async fn clean_projection(cluster: &PrivateCluster, store_url: &str, until: u64)
 /// third account logs in once only).
 const BULK_USERS: i64 = 25_000;
 const BULK_LOGINS: i64 = 4;
-/// Messages per INSERT: each is one transaction, and a transaction's messages share its id in
-/// the upper bits of their positions, with 16 bits for the index (docs/adr/0002).
-const BULK_CHUNK: i64 = 50_000;
 /// Messages per read of the store in the rebuild that is killed (small, for a fine-grained
 /// record of its progress), and how many reads that found messages it must have made before
 /// the kill.
@@ -610,58 +607,21 @@ const KILL_AFTER_READS: usize = 20;
 
 const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
 
-/// Registrations, then rounds of logins, written with positions made the way the store makes
-/// them: enough events that a rebuild takes a while. Returns how many.
+/// Registrations, then rounds of logins, written straight into the store: enough events that a
+/// rebuild takes a while. Returns how many messages the store holds.
 async fn write_bulk_events(pool: &PgPool) -> i64 {
-    let position = "(pg_current_xact_id()::text::bigint << 16) + (g - $1)";
-    let user = "md5('faults-rebuild-' || g)::uuid";
-    for start in (0..BULK_USERS).step_by(BULK_CHUNK as usize) {
-        let end = (start + BULK_CHUNK).min(BULK_USERS) - 1;
-        sqlx::query(&format!(
-            "INSERT INTO messages (global_position, id, stream_name, category, position, type, \
-                                   data, metadata) \
-             SELECT {position}, gen_random_uuid(), 'user-' || {user}, 'user', 0, \
-                    'UserRegistered', \
-                    jsonb_build_object('user_id', {user}, \
-                        'email', 'Bulk' || g || '@Example.com', \
-                        'email_normalized', 'bulk' || g || '@example.com', \
-                        'password_hash', $3::text, \
-                        'status', CASE WHEN g % 2 = 0 THEN 'active' ELSE 'pending' END, \
-                        'roles', jsonb_build_array('user'), \
-                        'registered_at', '2026-01-01T00:00:00Z'), \
-                    '{{\"schemaVersion\": 1}}'::jsonb \
-             FROM generate_series($1::bigint, $2::bigint) AS g"
-        ))
-        .bind(start)
-        .bind(end)
-        .bind(HASH)
-        .execute(pool)
-        .await
-        .unwrap();
-    }
-    for round in 1..=BULK_LOGINS {
-        for start in (0..BULK_USERS).step_by(BULK_CHUNK as usize) {
-            let end = (start + BULK_CHUNK).min(BULK_USERS) - 1;
-            sqlx::query(&format!(
-                "INSERT INTO messages (global_position, id, stream_name, category, position, \
-                                       type, data, metadata) \
-                 SELECT {position}, gen_random_uuid(), 'userLogin-' || {user}, 'userLogin', \
-                        $3 - 1, 'LoginSucceeded', \
-                        jsonb_build_object('at', $4::text, 'login_count', $3), \
-                        '{{\"schemaVersion\": 1}}'::jsonb \
-                 FROM generate_series($1::bigint, $2::bigint) AS g \
-                 WHERE g % 3 <> 0 OR $3 = 1"
-            ))
-            .bind(start)
-            .bind(end)
-            .bind(round)
-            .bind(format!("2026-01-02T00:{round:02}:00Z"))
-            .execute(pool)
-            .await
-            .unwrap();
-        }
-    }
-    sqlx::query("ANALYZE messages").execute(pool).await.unwrap();
+    test_support::bulk::write_user_events(
+        pool,
+        &test_support::bulk::BulkUsers {
+            seed: "faults-rebuild-",
+            users: BULK_USERS,
+            login_rounds: BULK_LOGINS,
+            uneven_logins: true,
+            password_hash: HASH,
+        },
+    )
+    .await
+    .unwrap();
     sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(pool)
         .await

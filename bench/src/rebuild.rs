@@ -20,17 +20,23 @@ pub struct Options {
     batch_size: usize,
 }
 
-/// Rows per INSERT: each is one transaction, and a transaction's messages share its id in the
-/// upper bits of their positions, with 16 bits for the index (docs/adr/0002).
-const CHUNK: i64 = 50_000;
-
 const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
     let pool = database.pool().await;
     PostgresMessageStore::migrate(&pool).await?;
-    let events = write_events(&pool, &options).await?;
+    let events = test_support::bulk::write_user_events(
+        &pool,
+        &test_support::bulk::BulkUsers {
+            seed: "bench-user-",
+            users: options.users,
+            login_rounds: options.logins,
+            uneven_logins: false,
+            password_hash: HASH,
+        },
+    )
+    .await?;
     println!("wrote {events} events ({} users)", options.users);
 
     let store = message_store::connect(database.url(), ConnectOptions::default()).await?;
@@ -72,57 +78,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         sql_seconds / projector_seconds
     );
     Ok(())
-}
-
-/// Registrations first, then rounds of logins, written straight into the store's table with
-/// positions made the way the store makes them.
-async fn write_events(pool: &PgPool, options: &Options) -> anyhow::Result<i64> {
-    let position = "(pg_current_xact_id()::text::bigint << 16) + (g - $1)";
-    let user = "md5('bench-user-' || g)::uuid";
-    for start in (0..options.users).step_by(CHUNK as usize) {
-        let end = (start + CHUNK).min(options.users) - 1;
-        sqlx::query(&format!(
-            "INSERT INTO messages (global_position, id, stream_name, category, position, type, \
-                                   data, metadata) \
-             SELECT {position}, gen_random_uuid(), 'user-' || {user}, 'user', 0, \
-                    'UserRegistered', \
-                    jsonb_build_object('user_id', {user}, \
-                        'email', 'user' || g || '@example.com', \
-                        'email_normalized', 'user' || g || '@example.com', \
-                        'password_hash', $3::text, \
-                        'status', CASE WHEN g % 2 = 0 THEN 'active' ELSE 'pending' END, \
-                        'roles', jsonb_build_array('user'), \
-                        'registered_at', '2026-01-01T00:00:00Z'), \
-                    '{{\"schemaVersion\": 1}}'::jsonb \
-             FROM generate_series($1::bigint, $2::bigint) AS g"
-        ))
-        .bind(start)
-        .bind(end)
-        .bind(HASH)
-        .execute(pool)
-        .await?;
-    }
-    for round in 1..=options.logins {
-        for start in (0..options.users).step_by(CHUNK as usize) {
-            let end = (start + CHUNK).min(options.users) - 1;
-            sqlx::query(&format!(
-                "INSERT INTO messages (global_position, id, stream_name, category, position, \
-                                       type, data, metadata) \
-                 SELECT {position}, gen_random_uuid(), 'userLogin-' || {user}, 'userLogin', \
-                        $3 - 1, 'LoginSucceeded', \
-                        jsonb_build_object('at', '2026-01-02T00:00:00Z', 'login_count', $3), \
-                        '{{\"schemaVersion\": 1}}'::jsonb \
-                 FROM generate_series($1::bigint, $2::bigint) AS g"
-            ))
-            .bind(start)
-            .bind(end)
-            .bind(round)
-            .execute(pool)
-            .await?;
-        }
-    }
-    sqlx::query("ANALYZE messages").execute(pool).await?;
-    Ok(options.users * (1 + options.logins))
 }
 
 /// The same view in one statement: every registration joined with the last login of its user,

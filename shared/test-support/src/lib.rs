@@ -17,6 +17,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bulk;
 mod cluster;
 mod private;
 
