@@ -286,26 +286,6 @@ impl ReadModel {
         };
         Ok(to_checkpoint(row))
     }
-
-    /// The global position the users view has applied every message up to (0 before any).
-    pub async fn position(&self) -> Result<u64, sqlx::Error> {
-        let sql = "SELECT position FROM projection_checkpoints WHERE projection = $1";
-        let position: Option<i64> = match self {
-            Self::Postgres(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(USERS_PROJECTION)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Self::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(USERS_PROJECTION)
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
-        Ok(position.map_or(0, |position| u64::try_from(position).unwrap_or(0)))
-    }
 }
 
 fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
