@@ -14,14 +14,18 @@
 //!
 //! A test that stops or crashes the server gets a [`PrivateCluster`] of its own instead, started
 //! from the same local binaries: the shared server stays up for the tests running beside it.
+//! A test that cuts a client off without closing its connection puts a [`FreezingProxy`]
+//! between them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bulk;
 mod cluster;
 mod private;
+mod proxy;
 
 pub use private::{PrivateCluster, StopMode};
+pub use proxy::FreezingProxy;
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
