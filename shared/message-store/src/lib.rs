@@ -174,31 +174,97 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored message {id} is corrupt: {reason}")]
     Corrupt { id: String, reason: String },
+    /// The database would give new messages positions at or below ones already stored: its
+    /// transaction counter is behind the store (a restore from a dump, a logical-replication
+    /// copy) and the position offset was not advanced. Writing would hide the new messages from
+    /// every consumer already past them, so nothing is written (docs/adr/0007).
+    #[error(
+        "refusing to write: new positions would start at {floor}, at or below the stored \
+         position {stored}; the database's transaction counter is behind the store (restored \
+         from a dump or copied by logical replication?) and its position offset must be advanced \
+         (every start and `migrate` do that)"
+    )]
+    PositionsBehind { stored: u64, floor: u64 },
 }
 
 impl StoreError {
-    /// Whether the database was out of reach (down, restarting, out of connections) rather
-    /// than the request or the data being wrong: worth retrying shortly, a 503 not a 500.
+    /// Whether the database was out of reach (down, restarting, out of connections, busy, or
+    /// read-only after a failover) rather than the request or the data being wrong: worth
+    /// retrying shortly, a 503 not a 500.
     pub fn is_unavailable(&self) -> bool {
-        let Self::Database(error) = self else {
-            return false;
-        };
-        match error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources), and
-            // 57P01-57P03: the server shutting down, crashed, or not yet accepting connections.
-            sqlx::Error::Database(error) => error.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
-            }),
+        match self {
+            Self::Database(error) => database_unavailable(error),
             _ => false,
         }
+    }
+}
+
+/// Errors that say whether the call failed because its pooled connection had died (the server
+/// restarted or closed it while it sat idle), so the same call on another connection may work.
+trait LostConnection {
+    fn lost_its_connection(&self) -> bool;
+}
+
+impl LostConnection for StoreError {
+    fn lost_its_connection(&self) -> bool {
+        match self {
+            Self::Database(error) => connection_lost(error),
+            _ => false,
+        }
+    }
+}
+
+impl LostConnection for AppendError {
+    fn lost_its_connection(&self) -> bool {
+        matches!(self, Self::Store(error) if error.lost_its_connection())
+    }
+}
+
+/// See [`StoreError::is_unavailable`].
+fn database_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => {
+            if error
+                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .is_some()
+            {
+                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes: another writer
+                // held the file for longer than the busy timeout.
+                return error
+                    .code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .is_some_and(|code| matches!(code & 0xff, 5 | 6));
+            }
+            // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources),
+            // 57P01-57P03 (the server shutting down, crashed, or not yet accepting
+            // connections), and 25006: a read-only transaction, as a server demoted to a
+            // standby by a failover answers until the connection finds the new primary.
+            error.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
+            })
+        }
+        _ => false,
+    }
+}
+
+/// See [`LostConnection`]. Not a refused connection: a server that is down
+/// refuses every new one, and trying again at once would only repeat the refusal.
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
+        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02")
+        }),
+        _ => false,
     }
 }
 

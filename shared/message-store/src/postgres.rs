@@ -9,6 +9,7 @@
 //! cluster-wide lock at commit and would serialise every writer (docs/adr/0003).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +23,9 @@ use uuid::Uuid;
 
 use crate::subscription::AbortOnDrop;
 use crate::{
-    AppendError, Appended, AppendedMessage, ExpectedVersion, GlobalPosition, MessageStore,
-    RecordedMessage, StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
+    AppendError, Appended, AppendedMessage, ExpectedVersion, GlobalPosition, LostConnection,
+    MessageStore, RecordedMessage, StoreError, StreamAppend, StreamName, StreamPosition,
+    Subscription,
 };
 
 /// The LISTEN/NOTIFY channel that carries wake-ups. NOTIFY is scoped to one database, so
@@ -60,8 +62,11 @@ const APPEND_ATTEMPTS: usize = 10;
 ///
 /// Stream bases: `Any` continues after the stream's last position; `NoStream` starts at 0 and
 /// `Exact(n)` at n + 1, where the unique (stream, position) index refuses the write if the
-/// stream already has a message there. `Exact(n)` also needs message n to exist, or the write
-/// would leave a gap. Positions encode the transaction id (docs/adr/0002).
+/// stream already has a message there. `Exact(n)` also needs n to be the stream's last
+/// position: finding message n is not enough once retention has pruned the messages after it.
+/// Positions encode the transaction id plus the store's offset (docs/adr/0002, 0007); the
+/// statement writes nothing while a stored position lies at or above the lowest one a
+/// transaction starting now could draw (the counter is behind the store: the slow path says so).
 const APPEND: &str = "
 WITH streams AS (
     SELECT s.i, s.name,
@@ -71,13 +76,15 @@ WITH streams AS (
                WHEN s.expected = -1 THEN 0
                ELSE s.expected + 1
            END AS base,
-           s.expected < 0 OR EXISTS (
-               SELECT 1 FROM messages m
-                WHERE m.stream_name = s.name AND m.position = s.expected) AS expected_holds
+           s.expected < 0 OR (
+               SELECT max(m.position) FROM messages m WHERE m.stream_name = s.name
+           ) = s.expected AS expected_holds
       FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS s(name, expected, i)
+), position_offset AS (
+    SELECT transactions FROM message_store_position_offset
 )
 INSERT INTO messages (global_position, id, stream_name, category, position, type, data, metadata)
-SELECT (pg_current_xact_id()::text::bigint << 16) + r.ordinal - 1,
+SELECT ((pg_current_xact_id()::text::bigint + o.transactions) << 16) + r.ordinal - 1,
        r.id,
        s.name,
        split_part(s.name, '-', 1),
@@ -88,7 +95,12 @@ SELECT (pg_current_xact_id()::text::bigint << 16) + r.ordinal - 1,
   FROM unnest($3::int[], $4::uuid[], $5::text[], $6::jsonb[], $7::jsonb[])
        WITH ORDINALITY AS r(stream_index, id, type, data, metadata, ordinal)
   JOIN streams s ON s.i = r.stream_index
+ CROSS JOIN position_offset o
  WHERE (SELECT bool_and(expected_holds) FROM streams)
+   AND NOT EXISTS (
+       SELECT 1 FROM messages m
+        WHERE m.global_position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                                    + (SELECT transactions FROM position_offset)) << 16)
 RETURNING id, stream_name, position, global_position";
 
 /// How the store's connections are set up: from `url`, with generic plans for prepared
@@ -153,6 +165,7 @@ impl PostgresMessageStore {
         // The read model may share this database and keep its own migrations in the same table.
         migrator.set_ignore_missing(true);
         migrator.run(pool).await?;
+        advance_position_offset(pool).await?;
         Ok(())
     }
 
@@ -178,6 +191,63 @@ impl PostgresMessageStore {
         self.inner.committed.notify_one();
     }
 
+    /// One append: the lock-free attempt, then the locked path when it wrote nothing.
+    async fn append_call(&self, call: &AppendCall) -> Result<Appended, AppendError> {
+        if let Some(appended) = self.try_append(call).await? {
+            self.inner.committed.notify_one();
+            return Ok(appended);
+        }
+        let mut attempt = 0;
+        let mut offset_advanced = false;
+        loop {
+            attempt += 1;
+            let mut transaction = self.inner.pool.begin().await.map_err(StoreError::from)?;
+            match append_locked(&mut transaction, call).await {
+                Ok(appended) => {
+                    transaction.commit().await.map_err(StoreError::from)?;
+                    self.inner.committed.notify_one();
+                    return Ok(appended);
+                }
+                // A lock-free writer took the position between our check and our insert.
+                Err(AppendError::Store(StoreError::Database(error)))
+                    if is_unique_violation(&error) && attempt < APPEND_ATTEMPTS =>
+                {
+                    continue;
+                }
+                // The database changed under a running process (a switchover to a restored or
+                // logically replicated copy): advance as a start would, then write above.
+                Err(AppendError::Store(StoreError::PositionsBehind { .. })) if !offset_advanced => {
+                    drop(transaction);
+                    advance_position_offset(&self.inner.pool).await?;
+                    offset_advanced = true;
+                }
+                Err(refusal) => return Err(refusal),
+            }
+        }
+    }
+
+    /// Runs `call` again when it failed because its pooled connection had died: after a
+    /// database restart every idle connection in the pool is dead, and without this each of
+    /// them would fail one request. Bounded by the pool's size, since each retry discards one
+    /// dead connection; a server that is down refuses new connections and ends it at once.
+    async fn retrying<T, E, Call, Fut>(&self, mut call: Call) -> Result<T, E>
+    where
+        E: LostConnection,
+        Call: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut retries_left = self.inner.pool.options().get_max_connections();
+        loop {
+            match call().await {
+                Err(error) if retries_left > 0 && error.lost_its_connection() => {
+                    retries_left -= 1;
+                    tracing::debug!("a pooled connection to the message store had died; retrying");
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// The lock-free attempt: `None` when it did not write and the slow path must find out why.
     async fn try_append(&self, call: &AppendCall) -> Result<Option<Appended>, AppendError> {
         match call.query().fetch_all(&self.inner.pool).await {
@@ -187,6 +257,43 @@ impl PostgresMessageStore {
             Err(error) => Err(StoreError::from(error).into()),
         }
     }
+}
+
+/// Raises the position offset when the cluster's transaction counter is behind the stored
+/// positions (docs/adr/0007), and says so: that happens once after a restore or a
+/// logical-replication switchover, never in a cluster the store has always lived in.
+async fn advance_position_offset(pool: &PgPool) -> Result<(), StoreError> {
+    let before: i64 = sqlx::query_scalar("SELECT transactions FROM message_store_position_offset")
+        .fetch_one(pool)
+        .await?;
+    let after: i64 = sqlx::query_scalar("SELECT message_store_advance_offset()")
+        .fetch_one(pool)
+        .await?;
+    if after != before {
+        tracing::warn!(
+            from = before,
+            to = after,
+            "the database's transaction counter is behind the stored positions (a restore or a \
+             logical-replication copy); raised the position offset so new messages follow them"
+        );
+    }
+    Ok(())
+}
+
+/// The refusal when a stored position lies at or above the lowest one a transaction starting
+/// now could write, `None` while the store's positions are ahead of everything stored.
+async fn positions_behind(connection: &mut PgConnection) -> Result<Option<StoreError>, StoreError> {
+    let (stored, floor): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT max(global_position) FROM messages), message_store_position_floor()",
+    )
+    .fetch_one(&mut *connection)
+    .await?;
+    Ok(stored
+        .filter(|stored| *stored >= floor)
+        .map(|stored| StoreError::PositionsBehind {
+            stored: to_u64(stored),
+            floor: to_u64(floor),
+        }))
 }
 
 /// Takes the streams' locks, then answers from what is stored (an idempotent retry or a
@@ -205,6 +312,9 @@ async fn append_locked(
     .execute(&mut *connection)
     .await
     .map_err(StoreError::from)?;
+    if let Some(refusal) = positions_behind(connection).await? {
+        return Err(refusal.into());
+    }
     if let Some(answer) = answer_from_stored(connection, call).await? {
         return answer;
     }
@@ -393,29 +503,9 @@ impl MessageStore for PostgresMessageStore {
     async fn append(&self, appends: Vec<StreamAppend>) -> Result<Appended, AppendError> {
         crate::validate(&appends)?;
         let call = AppendCall::new(appends);
-        if let Some(appended) = self.try_append(&call).await? {
-            self.inner.committed.notify_one();
-            return Ok(appended);
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut transaction = self.inner.pool.begin().await.map_err(StoreError::from)?;
-            match append_locked(&mut transaction, &call).await {
-                Ok(appended) => {
-                    transaction.commit().await.map_err(StoreError::from)?;
-                    self.inner.committed.notify_one();
-                    return Ok(appended);
-                }
-                // A lock-free writer took the position between our check and our insert.
-                Err(AppendError::Store(StoreError::Database(error)))
-                    if is_unique_violation(&error) && attempt < APPEND_ATTEMPTS =>
-                {
-                    continue;
-                }
-                Err(refusal) => return Err(refusal),
-            }
-        }
+        // Trying again is safe: an append that did commit is found by its ids and answered
+        // with its stored positions.
+        self.retrying(|| self.append_call(&call)).await
     }
 
     async fn read_stream(
@@ -424,31 +514,37 @@ impl MessageStore for PostgresMessageStore {
         from: StreamPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-             FROM messages WHERE stream_name = $1 AND position >= $2 \
-             ORDER BY position LIMIT $3",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(from))
-        .bind(to_i64(max as u64))
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(recorded).collect()
+        self.retrying(|| async {
+            let rows = sqlx::query(
+                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+                 FROM messages WHERE stream_name = $1 AND position >= $2 \
+                 ORDER BY position LIMIT $3",
+            )
+            .bind(stream.as_str())
+            .bind(to_i64(from))
+            .bind(to_i64(max as u64))
+            .fetch_all(&self.inner.pool)
+            .await?;
+            rows.iter().map(recorded).collect()
+        })
+        .await
     }
 
     async fn last_message(
         &self,
         stream: &StreamName,
     ) -> Result<Option<RecordedMessage>, StoreError> {
-        let row = sqlx::query(
-            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-             FROM messages WHERE stream_name = $1 ORDER BY position DESC LIMIT 1",
-        )
-        .bind(stream.as_str())
-        .fetch_optional(&self.inner.pool)
-        .await?;
-        row.as_ref().map(recorded).transpose()
+        self.retrying(|| async {
+            let row = sqlx::query(
+                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+                 FROM messages WHERE stream_name = $1 ORDER BY position DESC LIMIT 1",
+            )
+            .bind(stream.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await?;
+            row.as_ref().map(recorded).transpose()
+        })
+        .await
     }
 
     async fn read_category(
@@ -457,19 +553,22 @@ impl MessageStore for PostgresMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-             FROM messages \
-             WHERE category = $1 AND global_position > $2 \
-               AND global_position < message_store_horizon() \
-             ORDER BY global_position LIMIT $3",
-        )
-        .bind(category)
-        .bind(to_i64(after))
-        .bind(to_i64(max as u64))
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(recorded).collect()
+        self.retrying(|| async {
+            let rows = sqlx::query(
+                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+                 FROM messages \
+                 WHERE category = $1 AND global_position > $2 \
+                   AND global_position < message_store_horizon() \
+                 ORDER BY global_position LIMIT $3",
+            )
+            .bind(category)
+            .bind(to_i64(after))
+            .bind(to_i64(max as u64))
+            .fetch_all(&self.inner.pool)
+            .await?;
+            rows.iter().map(recorded).collect()
+        })
+        .await
     }
 
     async fn read_all(
@@ -477,47 +576,59 @@ impl MessageStore for PostgresMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-             FROM messages \
-             WHERE global_position > $1 AND global_position < message_store_horizon() \
-             ORDER BY global_position LIMIT $2",
-        )
-        .bind(to_i64(after))
-        .bind(to_i64(max as u64))
-        .fetch_all(&self.inner.pool)
-        .await?;
-        rows.iter().map(recorded).collect()
+        self.retrying(|| async {
+            let rows = sqlx::query(
+                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+                 FROM messages \
+                 WHERE global_position > $1 AND global_position < message_store_horizon() \
+                 ORDER BY global_position LIMIT $2",
+            )
+            .bind(to_i64(after))
+            .bind(to_i64(max as u64))
+            .fetch_all(&self.inner.pool)
+            .await?;
+            rows.iter().map(recorded).collect()
+        })
+        .await
     }
 
     async fn head_position(&self) -> Result<GlobalPosition, StoreError> {
-        let head: Option<i64> = sqlx::query_scalar(
-            "SELECT max(global_position) FROM messages \
-             WHERE global_position < message_store_horizon()",
-        )
-        .fetch_one(&self.inner.pool)
-        .await?;
-        Ok(head.map_or(0, to_u64))
+        self.retrying(|| async {
+            let head: Option<i64> = sqlx::query_scalar(
+                "SELECT max(global_position) FROM messages \
+                 WHERE global_position < message_store_horizon()",
+            )
+            .fetch_one(&self.inner.pool)
+            .await?;
+            Ok(head.map_or(0, to_u64))
+        })
+        .await
     }
 
     async fn last_position(&self) -> Result<GlobalPosition, StoreError> {
-        // Not bounded by the horizon: a committed message counts even while an older
-        // transaction keeps it from the readers.
-        let last: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
-            .fetch_one(&self.inner.pool)
-            .await?;
-        Ok(last.map_or(0, to_u64))
+        self.retrying(|| async {
+            // Not bounded by the horizon: a committed message counts even while an older
+            // transaction keeps it from the readers.
+            let last: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
+                .fetch_one(&self.inner.pool)
+                .await?;
+            Ok(last.map_or(0, to_u64))
+        })
+        .await
     }
 
     async fn count_after(&self, after: GlobalPosition) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM messages \
-             WHERE global_position > $1 AND global_position < message_store_horizon()",
-        )
-        .bind(to_i64(after))
-        .fetch_one(&self.inner.pool)
-        .await?;
-        Ok(to_u64(count))
+        self.retrying(|| async {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM messages \
+                 WHERE global_position > $1 AND global_position < message_store_horizon()",
+            )
+            .bind(to_i64(after))
+            .fetch_one(&self.inner.pool)
+            .await?;
+            Ok(to_u64(count))
+        })
+        .await
     }
 
     async fn prune_category(
@@ -529,13 +640,17 @@ impl MessageStore for PostgresMessageStore {
         // long one would hold back the horizon of every reader on the server (ADR 2).
         let mut deleted = 0;
         loop {
-            let chunk = sqlx::query(PRUNE_CHUNK)
-                .bind(category)
-                .bind(older_than)
-                .bind(PRUNE_CHUNK_ROWS)
-                .execute(&self.inner.pool)
-                .await?
-                .rows_affected();
+            let chunk = self
+                .retrying(|| async {
+                    let deleted = sqlx::query(PRUNE_CHUNK)
+                        .bind(category)
+                        .bind(older_than)
+                        .bind(PRUNE_CHUNK_ROWS)
+                        .execute(&self.inner.pool)
+                        .await?;
+                    Ok::<_, StoreError>(deleted.rows_affected())
+                })
+                .await?;
             deleted += chunk;
             if chunk < PRUNE_CHUNK_ROWS as u64 {
                 return Ok(deleted);
@@ -550,8 +665,11 @@ impl MessageStore for PostgresMessageStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        self.retrying(|| async {
+            sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -30,7 +30,23 @@ struct Ledger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out_of_order_commits()
 {
+    tail_while_writers_commit_out_of_order(0).await;
+}
+
+/// The same on a store whose positions carry an offset, as one restored into a younger cluster
+/// does (docs/adr/0007): the readers' horizon and the writers' positions move together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_global_order_skips_nothing_on_a_store_with_a_position_offset() {
+    tail_while_writers_commit_out_of_order(1 << 32).await;
+}
+
+async fn tail_while_writers_commit_out_of_order(position_offset: i64) {
     let harness = Postgres::new().await;
+    sqlx::query("UPDATE message_store_position_offset SET transactions = $1")
+        .bind(position_offset)
+        .execute(&harness.pool)
+        .await
+        .unwrap();
     let pool = harness
         .database
         .pool_with(sqlx::postgres::PgPoolOptions::new().max_connections(24))
@@ -44,7 +60,8 @@ async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out
         .map(|_| StreamName::for_entity("shared", Uuid::new_v4()).unwrap())
         .collect();
 
-    let reader = tokio::spawn(tail(store.clone()));
+    let tailed = Arc::new(Mutex::new(Vec::new()));
+    let reader = tokio::spawn(tail(store.clone(), tailed.clone()));
 
     let mut writers = Vec::new();
     for writer in 0..FAST_WRITERS {
@@ -90,7 +107,7 @@ async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out
     let head = store.head_position().await.unwrap();
     let read = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let tailed = TAILED.lock().await;
+            let tailed = tailed.lock().await;
             if tailed
                 .last()
                 .is_some_and(|last| last.global_position >= head)
@@ -125,11 +142,12 @@ async fn a_tailing_reader_sees_every_committed_message_once_in_order_despite_out
     );
 }
 
-static TAILED: Mutex<Vec<RecordedMessage>> = Mutex::const_new(Vec::new());
-
 /// Follows the store from position 0 like a projection does: read a batch after the last
 /// position seen, wait for a wake-up when there is nothing new.
-async fn tail(store: Arc<message_store::PostgresMessageStore>) {
+async fn tail(
+    store: Arc<message_store::PostgresMessageStore>,
+    tailed: Arc<Mutex<Vec<RecordedMessage>>>,
+) {
     let mut subscription = store.subscribe();
     let mut after = 0;
     loop {
@@ -139,7 +157,7 @@ async fn tail(store: Arc<message_store::PostgresMessageStore>) {
             continue;
         }
         after = batch.last().unwrap().global_position;
-        TAILED.lock().await.extend(batch);
+        tailed.lock().await.extend(batch);
     }
 }
 

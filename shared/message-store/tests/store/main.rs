@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
 mod concurrency;
+mod faults;
 mod harness;
+mod positions;
 mod suite;
 
 /// Instantiates every conformance test once per adapter.
@@ -51,4 +53,5 @@ conformance!(
     a_subscriber_is_woken_by_an_append,
     a_subscriber_is_woken_after_its_connection_is_dropped,
     pruning_a_category_keeps_the_first_message_and_the_last_of_each_type,
+    after_pruning_an_exact_version_holds_only_at_the_last_position,
 );

@@ -635,3 +635,61 @@ pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_typ
         "a pruned stream must still exist: {again:?}"
     );
 }
+
+pub async fn after_pruning_an_exact_version_holds_only_at_the_last_position(harness: &dyn Harness) {
+    let store = harness.store();
+    let pruned = stream("audit");
+    let kinds = ["Succeeded", "Failed", "Succeeded", "Succeeded", "Failed"];
+    let messages = kinds
+        .iter()
+        .enumerate()
+        .map(|(n, kind)| NewMessage::new(*kind, json!({ "n": n })))
+        .collect();
+    append_settled(
+        store.as_ref(),
+        vec![StreamAppend::new(
+            pruned.clone(),
+            ExpectedVersion::NoStream,
+            messages,
+        )],
+    )
+    .await;
+    let later =
+        store.last_message(&pruned).await.unwrap().unwrap().time + chrono::Duration::seconds(60);
+    assert_eq!(store.prune_category("audit", later).await.unwrap(), 2);
+    // Left: 0, 3 and 4; positions 1 and 2 are holes, and message 0 and 3 still exist.
+
+    for stale in [0, 1, 2, 3] {
+        let refused = store
+            .append(append(&pruned, ExpectedVersion::Exact(stale), 1))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(AppendError::WrongExpectedVersion {
+                    actual: Some(4),
+                    ..
+                })
+            ),
+            "Exact({stale}) on a stream whose last position is 4 must be refused: {refused:?}"
+        );
+    }
+    let positions: Vec<_> = store
+        .read_stream(&pruned, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.position)
+        .collect();
+    assert_eq!(
+        positions,
+        vec![0, 3, 4],
+        "a refused append wrote into a hole"
+    );
+
+    let appended = store
+        .append(append(&pruned, ExpectedVersion::Exact(4), 1))
+        .await
+        .unwrap();
+    assert_eq!(appended.messages[0].position, 5);
+}

@@ -1,0 +1,140 @@
+//! Database faults the store answers as "unavailable, retry" rather than as faults of its own,
+//! and a restart that no call notices once the server is back.
+
+use std::time::Duration;
+
+use message_store::{
+    AppendError, ConnectOptions, ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore,
+    SqliteMessageStore, StreamAppend, StreamName,
+};
+use serde_json::json;
+use sqlx::Connection;
+use test_support::{PrivateCluster, StopMode, TestDatabase};
+use uuid::Uuid;
+
+use crate::harness::{NO_POLLING, TempDirectory};
+
+fn one_message() -> Vec<StreamAppend> {
+    vec![StreamAppend::new(
+        StreamName::for_entity("thing", Uuid::new_v4()).unwrap(),
+        ExpectedVersion::NoStream,
+        vec![NewMessage::new("Written", json!({}))],
+    )]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_no_call_fails_on_a_connection_that_died_in_the_pool() {
+    let cluster = PrivateCluster::start().await;
+    let url = cluster.create_database("store").await;
+    let pool_size = 4;
+    let store = PostgresMessageStore::connect(
+        &url,
+        &ConnectOptions {
+            max_connections: pool_size,
+            poll_interval: NO_POLLING,
+        },
+    )
+    .await
+    .unwrap();
+    // Fill the pool: every connection is used at once, then goes back idle.
+    let warm = (0..pool_size).map(|_| {
+        let store = store.clone();
+        async move {
+            store.append(one_message()).await.unwrap();
+            sqlx::query("SELECT pg_sleep(0.1)")
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(warm).await;
+    assert_eq!(store.pool().size(), pool_size);
+
+    cluster.stop(StopMode::Fast).await;
+    cluster.restart().await;
+
+    // Every idle connection in the pool is dead now; each call must still succeed.
+    for n in 0..2 * pool_size {
+        if n % 2 == 0 {
+            store
+                .append(one_message())
+                .await
+                .unwrap_or_else(|error| panic!("append {n} after the restart failed: {error:?}"));
+        } else {
+            store
+                .last_position()
+                .await
+                .unwrap_or_else(|error| panic!("read {n} after the restart failed: {error:?}"));
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, i64::from(pool_size) * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_unavailable_not_a_fault() {
+    // What a former primary answers after a failover demoted it to a standby: 25006.
+    let database = TestDatabase::new().await;
+    let pool = database.pool().await;
+    PostgresMessageStore::migrate(&pool).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+        database.name()
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let read_only = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(database.url())
+        .await
+        .unwrap();
+    let store = PostgresMessageStore::new(read_only, NO_POLLING);
+
+    let refused = store.append(one_message()).await;
+
+    let Err(AppendError::Store(error)) = refused else {
+        panic!("an append to a read-only database must fail in the store: {refused:?}");
+    };
+    assert!(
+        error.is_unavailable(),
+        "a read-only database must be unavailable, not a fault: {error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sqlite_file_locked_by_another_writer_is_unavailable_not_a_fault() {
+    let directory = TempDirectory::new();
+    let path = directory.0.join("store.db");
+    let store = SqliteMessageStore::open(&path, NO_POLLING).await.unwrap();
+    let mut other_writer = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new().filename(&path),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other_writer)
+        .await
+        .unwrap();
+
+    // The store waits its busy timeout (5 s) for the lock, then gives up.
+    let refused = tokio::time::timeout(Duration::from_secs(30), store.append(one_message()))
+        .await
+        .expect("the append neither wrote nor gave up");
+
+    let Err(AppendError::Store(error)) = refused else {
+        panic!("an append to a locked file must fail in the store: {refused:?}");
+    };
+    assert!(
+        error.is_unavailable(),
+        "a locked file must be unavailable, not a fault: {error:?}"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut other_writer)
+        .await
+        .unwrap();
+    store.append(one_message()).await.unwrap();
+}
