@@ -1,22 +1,33 @@
 //! Who is asking: the bearer token, verified offline with the configured keys (RFC 8725
-//! checks live in the `tokens` crate). Whether the account behind it is still active is checked
-//! by the handler with the read that serves the request, so a request costs one read-model
-//! round trip.
+//! checks live in the `tokens` crate), and whether the account behind it is still active: a
+//! token outlives a deactivation by up to its lifetime.
+//!
+//! - A caller reading their own account is checked against their row in the users view, read
+//!   with the request's own read (from memory, usually), as long as that view is known to hold
+//!   every deactivation older than `query.max_view_lag_ms` ([`crate::freshness`]). When the view
+//!   has no row for them, or cannot be trusted (the aggregator stopped or slow, a replay after a
+//!   reset, a projection halted on a poison event, the store out of reach), the account's stream
+//!   decides, as on the command side.
+//! - An administrator acting on others is always checked in the account's stream: those
+//!   requests are rare, and what they reveal is everyone's.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
+use identity::{Role, UserId};
 use platform::Problem;
 use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::cache::Found;
 use crate::error::ApiError;
-use crate::read_model::Profile;
+use crate::history;
 
 /// A caller whose token verified.
 #[derive(Debug, Clone)]
@@ -26,11 +37,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Whether the caller may see the account `id`: their own, or any as an administrator.
-    pub fn may_read(&self, id: Uuid) -> bool {
-        self.is_admin || self.id == id
-    }
-
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin {
             Ok(())
@@ -39,14 +45,38 @@ impl Caller {
         }
     }
 
-    /// Refuses a caller whose account the read model shows as no longer active: a token
-    /// outlives a deactivation by up to its lifetime, the read model knows sooner. An account
-    /// the view does not hold yet (it lags its registration) cannot have been deactivated in it
-    /// either.
-    pub fn ensure_active(&self, own_row: Option<&Profile>) -> Result<(), ApiError> {
-        match own_row {
-            Some(profile) if profile.status != "active" => Err(ApiError::Unauthenticated),
-            _ => Ok(()),
+    /// Refuses a caller whose account is not active. `found` is what the users view holds for
+    /// the caller: their row decides if the view it was read at is recent enough; without a
+    /// row, or with one that may predate a deactivation, the account's stream decides.
+    pub async fn ensure_active(&self, state: &AppState, found: &Found) -> Result<(), ApiError> {
+        let own = found.profiles.iter().find(|profile| profile.id == self.id);
+        let active = match own {
+            Some(profile) if state.freshness.covers(found.checkpoint, Instant::now()) => {
+                profile.status == "active"
+            }
+            _ => history::current_account(state.store.as_ref(), UserId::from_uuid(self.id))
+                .await?
+                .is_some_and(|account| account.is_active()),
+        };
+        if active {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthenticated)
+        }
+    }
+
+    /// Lets a caller act as an administrator: the token must carry the role (else 403), and
+    /// the account's stream must say it is active and an administrator (else 401), read from
+    /// the message store as the command API does, never from a row that may be missing or
+    /// stale. While the store is out of reach this is a 503.
+    pub async fn ensure_admin(&self, state: &AppState) -> Result<(), ApiError> {
+        self.require_admin()?;
+        let account =
+            history::current_account(state.store.as_ref(), UserId::from_uuid(self.id)).await?;
+        if account.is_some_and(|account| account.is_active() && account.has_role(Role::Admin)) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthenticated)
         }
     }
 }

@@ -9,7 +9,9 @@
 //!
 //! Freshness: a kept answer is as new as the last sync, at most `query.cache_sync_ms` behind the
 //! read model, and none is given once syncs have failed for a while; a request with
-//! `X-Min-Position` syncs first, so read-your-writes holds.
+//! `X-Min-Position` syncs first, so read-your-writes holds. Each answer carries the checkpoint
+//! it is current at, so that whether it may say a caller is still active is judged against the
+//! message store ([`crate::freshness`]), not assumed from the read model.
 //!
 //! What makes a row safe to keep: it is read in the same statement as the view's version and
 //! checkpoint, and kept only if that version is the one held and that checkpoint is not behind
@@ -47,6 +49,15 @@ pub struct Changes {
     pub rows: Vec<Versioned>,
     /// False when there were more changed rows than asked for (`rows` is then empty).
     pub complete: bool,
+}
+
+/// Profiles as the users view holds them, and the view's checkpoint they are all current at
+/// (the lowest, when some come from memory and some from the database): what
+/// [`crate::freshness`] needs to tell whether they can say an account is still active.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub profiles: Vec<Profile>,
+    pub checkpoint: u64,
 }
 
 pub struct ProfileCache {
@@ -94,33 +105,41 @@ impl ProfileCache {
         &self,
         read_model: &ReadModel,
         ids: &[Uuid],
-    ) -> Result<Vec<Profile>, sqlx::Error> {
+    ) -> Result<Found, sqlx::Error> {
         let (mut found, missing) = self.lookup(ids);
         if missing.is_empty() {
             return Ok(found);
         }
-        if self.capacity == 0 {
-            found.extend(read_model.profiles(&missing).await?);
-            return Ok(found);
-        }
         let read = read_model.read_profiles(&missing).await?;
-        self.keep(&read);
-        found.extend(read.into_iter().map(|read| read.row.profile));
+        if self.capacity > 0 {
+            self.keep(&read);
+        }
+        for read in read {
+            found.checkpoint = if found.profiles.is_empty() {
+                read.checkpoint
+            } else {
+                found.checkpoint.min(read.checkpoint)
+            };
+            found.profiles.push(read.row.profile);
+        }
         Ok(found)
     }
 
-    /// The held profiles of `ids`, and the ids to read from the read model: all of them when
-    /// the last successful sync is too old.
-    fn lookup(&self, ids: &[Uuid]) -> (Vec<Profile>, Vec<Uuid>) {
+    /// The held profiles of `ids` with the checkpoint they are current at, and the ids to read
+    /// from the read model: all of them when the last successful sync is too old.
+    fn lookup(&self, ids: &[Uuid]) -> (Found, Vec<Uuid>) {
         let state = self.read();
         let fresh = state
             .last_sync
             .is_some_and(|at| at.elapsed() <= self.max_staleness);
-        let mut found = Vec::with_capacity(ids.len());
+        let mut found = Found {
+            profiles: Vec::with_capacity(ids.len()),
+            checkpoint: state.synced,
+        };
         let mut missing = Vec::new();
         for id in ids {
             match state.rows.get(id).filter(|_| fresh) {
-                Some(held) => found.push(held.profile.clone()),
+                Some(held) => found.profiles.push(held.profile.clone()),
                 None => missing.push(*id),
             }
         }
@@ -370,7 +389,7 @@ mod tests {
         let ann = Uuid::new_v4();
         let cache = cache();
         cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
-        assert_eq!(cache.lookup(&[ann]).0.len(), 1);
+        assert_eq!(cache.lookup(&[ann]).0.profiles.len(), 1);
 
         let stale = ProfileCache::new(10, Duration::ZERO);
         stale.apply(changes(1, 9, vec![]), Instant::now());

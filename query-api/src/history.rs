@@ -1,10 +1,11 @@
-//! An account's past, read from the message store rather than the read model: its events, and
-//! its profile as it stood at any instant (the fold of its streams up to then).
+//! An account's past and present, read from the message store rather than the read model: its
+//! events, its profile as it stood at any instant (the fold of its streams up to then), and the
+//! account as its stream says now, for when the read model cannot be trusted to.
 
 use chrono::{DateTime, Utc};
 use identity::{
-    AccountStatus, EventDecodeError, LoginEvent, LoginState, Role, UserAccount, UserEvent, UserId,
-    event_version, login_stream_name, user_stream_name,
+    Account, AccountStatus, EventDecodeError, LoginEvent, LoginState, Role, UserAccount, UserEvent,
+    UserId, event_version, login_stream_name, user_stream_name,
 };
 use message_store::{MessageStore, RecordedMessage, StoreError, StreamName};
 use serde::Serialize;
@@ -134,6 +135,25 @@ fn entry(message: &RecordedMessage) -> Result<HistoryEntry, HistoryError> {
         time,
         position: message.global_position,
         data,
+    })
+}
+
+/// The account as its stream says now (strongly consistent, as the command side decides with
+/// it): `None` if it was never registered. The user stream holds registration, status and
+/// password changes, never logins, so it stays short.
+pub async fn current_account(
+    store: &dyn MessageStore,
+    id: UserId,
+) -> Result<Option<Account>, HistoryError> {
+    let (user_stream, _) = streams(id)?;
+    let events = read_whole_stream(store, &user_stream)
+        .await?
+        .iter()
+        .map(decode_user)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match UserAccount::fold(&events) {
+        UserAccount::Registered(account) => Some(account),
+        UserAccount::NotRegistered => None,
     })
 }
 

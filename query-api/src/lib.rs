@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod cache;
 mod error;
+pub mod freshness;
 mod history;
 pub mod read_model;
 mod routes;
@@ -35,6 +36,9 @@ pub struct AppState {
     pub read_model: ReadModel,
     /// Profiles already read, kept current by following the read model (ADR 6).
     pub profiles: Arc<cache::ProfileCache>,
+    /// How recent the users view is, measured against the message store: whether a row may
+    /// say an account is still active.
+    pub freshness: Arc<freshness::ViewFreshness>,
     pub store: Arc<dyn MessageStore>,
     pub verifier: Arc<TokenVerifier>,
     /// Tokens already verified, shared by every request.
@@ -45,7 +49,7 @@ pub struct AppState {
 
 impl AppState {
     /// The state over connections made elsewhere; starts following the read model for the
-    /// kept profiles (for as long as the runtime runs).
+    /// kept profiles and sampling the store's position (for as long as the runtime runs).
     pub fn new(
         read_model: ReadModel,
         store: Arc<dyn MessageStore>,
@@ -62,9 +66,19 @@ impl AppState {
             let (profiles, read_model) = (profiles.clone(), read_model.clone());
             async move { profiles.follow(read_model, interval).await }
         });
+        let freshness = Arc::new(freshness::ViewFreshness::new(
+            std::time::Duration::from_millis(settings.max_view_lag_ms),
+        ));
+        if settings.max_view_lag_ms > 0 {
+            tokio::spawn({
+                let (freshness, store) = (freshness.clone(), store.clone());
+                async move { freshness.follow(store).await }
+            });
+        }
         Self {
             read_model,
             profiles,
+            freshness,
             store,
             verifier,
             tokens: Arc::default(),

@@ -76,32 +76,9 @@ impl ReadModel {
         }
     }
 
-    /// The profiles of the accounts in `ids` that the view holds, in one round trip.
-    pub async fn profiles(&self, ids: &[Uuid]) -> Result<Vec<Profile>, sqlx::Error> {
-        match (self, ids) {
-            // One id is the common case (a user reading their own profile), and `id = $1` is
-            // cheaper to run than `id = ANY($1)`.
-            (Self::Postgres(pool), [id]) => {
-                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
-                let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
-                row.map(|row| pg_profile(&row)).into_iter().collect()
-            }
-            (Self::Postgres(pool), _) => {
-                let sql = format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)");
-                let rows = sqlx::query(&sql).bind(ids).fetch_all(pool).await?;
-                rows.iter().map(pg_profile).collect()
-            }
-            (Self::Sqlite(_), _) => Ok(self
-                .read_profiles(ids)
-                .await?
-                .into_iter()
-                .map(|read| read.row.profile)
-                .collect()),
-        }
-    }
-
-    /// Like [`Self::profiles`], each row with the view's version and checkpoint read in the
-    /// same statement: the checkpoint the row is known to be current at.
+    /// The profiles of the accounts in `ids` that the view holds, in one round trip, each with
+    /// the view's version and checkpoint read in the same statement: the checkpoint the row is
+    /// known to be current at.
     pub async fn read_profiles(&self, ids: &[Uuid]) -> Result<Vec<Read>, sqlx::Error> {
         // Scalar subqueries: one statement, one snapshot, whichever server answers it.
         let with_checkpoint = format!(

@@ -20,6 +20,7 @@ use platform::problem::ApiQuery;
 
 use crate::AppState;
 use crate::auth::Caller;
+use crate::cache::Found;
 use crate::error::ApiError;
 use crate::history::{self, HistoryEntry};
 use crate::read_model::Profile;
@@ -115,15 +116,19 @@ pub struct ProfileQuery {
     responses(
         (status = 200, body = Profile),
         (status = 400, description = "a bad X-Min-Position"),
-        (status = 401, description = "no valid bearer token"),
+        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 404, description = "the read model does not hold the account (yet)"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Profile>, ApiError> {
-    let profile = own_profile(&state, &caller).await?;
-    caller.ensure_active(profile.as_ref())?;
-    profile.map(Json).ok_or(ApiError::NotFound)
+    let own = own_profile(&state, &caller).await?;
+    caller.ensure_active(&state, &own).await?;
+    own.profiles
+        .into_iter()
+        .next()
+        .map(Json)
+        .ok_or(ApiError::NotFound)
 }
 
 /// A profile: the caller's own, or anyone's for an administrator. With `as_of`, as it stood
@@ -133,11 +138,11 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Pr
     responses(
         (status = 200, body = Profile),
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token"),
+        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account (at that instant)"),
         (status = 422, description = "a bad as_of"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn profile(
@@ -147,19 +152,9 @@ pub async fn profile(
     ApiQuery(query): ApiQuery<ProfileQuery>,
 ) -> Result<Json<Profile>, ApiError> {
     let id = parse_id(&id)?;
-    // The caller's row (is the account still active?) and the profile, in one round trip;
-    // someone else's only when the caller may read it, so no one fills the kept profiles with
-    // rows they cannot see.
-    let wanted = if query.as_of.is_some() || id == caller.id || !caller.may_read(id) {
-        vec![caller.id]
-    } else {
-        vec![caller.id, id]
-    };
-    let rows = state.profiles.profiles(&state.read_model, &wanted).await?;
-    caller.ensure_active(rows.iter().find(|row| row.id == caller.id))?;
-    if !caller.may_read(id) {
-        return Err(ApiError::Forbidden);
-    }
+    // The caller is checked before anything about `id` is read, so no one fills the kept
+    // profiles with rows they cannot see.
+    let own = authorize_read(&state, &caller, id).await?;
     let profile = match query.as_of {
         Some(as_of) => {
             let at = DateTime::parse_from_rfc3339(&as_of)
@@ -167,24 +162,58 @@ pub async fn profile(
                 .with_timezone(&Utc);
             history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
         }
-        None => rows.into_iter().find(|row| row.id == id),
+        None => match own {
+            Some(own) => own.profiles.into_iter().next(),
+            None => state
+                .profiles
+                .profiles(&state.read_model, &[id])
+                .await?
+                .profiles
+                .into_iter()
+                .next(),
+        },
     };
     profile.map(Json).ok_or(ApiError::NotFound)
 }
 
-/// Refuses a caller whose account is no longer active, for routes that read nothing else from
-/// the users view about the caller.
-async fn ensure_active(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+/// Lets the caller read the account `id`: their own while their account is active (the view's
+/// row, already read, comes back), anyone's for an active administrator (checked in the store).
+/// Anyone else's is 403, once the caller is known to be active: a deactivated caller gets the
+/// same 401 everywhere.
+async fn authorize_read(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<Option<Found>, ApiError> {
+    if id != caller.id && caller.is_admin {
+        caller.ensure_admin(state).await?;
+        return Ok(None);
+    }
     let own = own_profile(state, caller).await?;
-    caller.ensure_active(own.as_ref())
+    caller.ensure_active(state, &own).await?;
+    if id != caller.id {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(Some(own))
 }
 
-async fn own_profile(state: &AppState, caller: &Caller) -> Result<Option<Profile>, ApiError> {
-    let rows = state
+/// Lets the caller act as an administrator; a caller without the role gets 403 once their
+/// account is known to be active, 401 otherwise.
+async fn authorize_admin(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_admin {
+        return caller.ensure_admin(state).await;
+    }
+    let own = own_profile(state, caller).await?;
+    caller.ensure_active(state, &own).await?;
+    Err(ApiError::Forbidden)
+}
+
+/// What the users view holds for the caller.
+async fn own_profile(state: &AppState, caller: &Caller) -> Result<Found, ApiError> {
+    Ok(state
         .profiles
         .profiles(&state.read_model, &[caller.id])
-        .await?;
-    Ok(rows.into_iter().next())
+        .await?)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -216,10 +245,10 @@ pub struct Page {
     responses(
         (status = 200, body = Page),
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token"),
+        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "not an administrator"),
         (status = 422, description = "a bad email, status, limit or cursor"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable"),
+        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn list(
@@ -227,8 +256,7 @@ pub async fn list(
     caller: Caller,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Page>, ApiError> {
-    ensure_active(&state, &caller).await?;
-    caller.require_admin()?;
+    authorize_admin(&state, &caller).await?;
     if let Some(email) = &query.email {
         let email = Email::parse(email).map_err(|error| ApiError::invalid("email", error))?;
         let items = state.read_model.by_email(email.normalized()).await?;
@@ -310,11 +338,11 @@ pub struct EventPage {
     responses(
         (status = 200, body = EventPage),
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token"),
+        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account"),
         (status = 422, description = "a bad after or limit"),
-        (status = 503, description = "the message store is unreachable, or the read model did not reach X-Min-Position in time"),
+        (status = 503, description = "the message store or the read model is unreachable, or the read model did not reach X-Min-Position in time"),
     ),
     security(("bearer" = [])))]
 pub async fn events(
@@ -324,10 +352,7 @@ pub async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let id = parse_id(&id)?;
-    ensure_active(&state, &caller).await?;
-    if !caller.may_read(id) {
-        return Err(ApiError::Forbidden);
-    }
+    authorize_read(&state, &caller, id).await?;
     let after = match query.after.as_deref() {
         None => 0,
         Some(after) => after

@@ -52,6 +52,13 @@ pub struct QuerySettings {
     pub cache_profiles: usize,
     /// How often the kept profiles are brought up to the read model.
     pub cache_sync_ms: u64,
+    /// The longest a deactivation takes to reach every route, whatever state the users view is
+    /// in: a caller's own row says whether their account is active only while the view holds
+    /// everything written this long ago; otherwise (the aggregator stopped or slow, a replay
+    /// after a reset, a projection halted on a poison event, the read model or the message
+    /// store out of reach) the account's stream in the message store decides. 0 reads the store
+    /// on every request. Administrators are always checked in the store.
+    pub max_view_lag_ms: u64,
 }
 
 impl Default for QuerySettings {
@@ -62,6 +69,7 @@ impl Default for QuerySettings {
             max_page_size: 100,
             cache_profiles: 100_000,
             cache_sync_ms: 5,
+            max_view_lag_ms: 1_000,
         }
     }
 }

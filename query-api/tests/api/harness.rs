@@ -1,5 +1,5 @@
 //! A query API on port 0 with its own database, a signing key, and helpers to seed the read
-//! model and the message store.
+//! model and the message store, or to run the real aggregator over it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,11 +21,15 @@ use uuid::Uuid;
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
+    /// The read model's database.
     pub pool: PgPool,
+    pub read_model_url: String,
     pub store: Arc<dyn MessageStore>,
     pub issuer: TokenIssuer,
     /// The key the query API verifies with, to forge tokens the issuer would never make.
     pub signing_key: SigningKey,
+    /// The read model's own database, when it is not the store's.
+    pub read_model_database: Option<TestDatabase>,
     _database: TestDatabase,
 }
 
@@ -34,8 +38,31 @@ pub async fn spawn() -> TestApp {
 }
 
 pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_on(TestDatabase::new().await, None, configure).await
+}
+
+/// The read model in a database of its own, beside the store's, as a deployment may have it.
+pub async fn spawn_apart(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let database = TestDatabase::new().await;
-    let pool = database.pool().await;
+    let read_model = database.sibling("rm").await;
+    spawn_on(database, Some(read_model), configure).await
+}
+
+async fn spawn_on(
+    database: TestDatabase,
+    read_model_database: Option<TestDatabase>,
+    configure: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let read_model_url = read_model_database
+        .as_ref()
+        .unwrap_or(&database)
+        .url()
+        .to_owned();
+    let pool = read_model_database
+        .as_ref()
+        .unwrap_or(&database)
+        .pool()
+        .await;
     let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
     migrator.set_ignore_missing(true);
     migrator.run(&pool).await.unwrap();
@@ -46,6 +73,7 @@ pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
     let mut settings = Settings::default();
     settings.database.url = database.url().to_owned();
+    settings.read_model.url = Some(read_model_url.clone());
     settings.http.address = "127.0.0.1:0".into();
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     settings.query.max_wait_ms = 2_000;
@@ -64,9 +92,11 @@ pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
             .build()
             .unwrap(),
         pool,
+        read_model_url,
         store,
         issuer,
         signing_key: key,
+        read_model_database,
         _database: database,
     }
 }
@@ -107,7 +137,9 @@ impl TestApp {
         request.send().await.unwrap()
     }
 
-    /// Writes a users-view row as the aggregator would.
+    /// An account in the store (its registration, and its deactivation when `status` says so)
+    /// and its row in the users view, written as the aggregator would: at the position of its
+    /// last event, with the checkpoint moved there.
     pub async fn seed_user(&self, email: &str, status: &str, roles: &[&str]) -> Seeded {
         self.seed_user_with_id(Uuid::now_v7(), email, status, roles)
             .await
@@ -121,10 +153,22 @@ impl TestApp {
         roles: &[&str],
     ) -> Seeded {
         let parsed = Email::parse(email).unwrap();
+        let initial = match status {
+            "pending" => AccountStatus::Pending,
+            _ => AccountStatus::Active,
+        };
+        let mut position = self
+            .append_user_event(id, registration(id, email, initial, roles, now()))
+            .await;
+        if status == "deactivated" {
+            position = self.deactivate(id).await;
+        }
         let roles: Vec<String> = roles.iter().map(|role| (*role).to_owned()).collect();
+        let position = i64::try_from(position).unwrap();
+        let mut transaction = self.pool.begin().await.unwrap();
         sqlx::query(
             "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, roles, position) \
-             VALUES ($1, $2, $3, $4, $5, 3, $6, 1)",
+             VALUES ($1, $2, $3, $4, $5, 3, $6, $7)",
         )
         .bind(id)
         .bind(parsed.as_str())
@@ -132,10 +176,75 @@ impl TestApp {
         .bind(status)
         .bind(now())
         .bind(&roles)
-        .execute(&self.pool)
+        .bind(position)
+        .execute(&mut *transaction)
         .await
         .unwrap();
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1) \
+             ON CONFLICT (projection) DO UPDATE \
+             SET position = greatest(projection_checkpoints.position, excluded.position)",
+        )
+        .bind(position)
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+        transaction.commit().await.unwrap();
         Seeded { id }
+    }
+
+    /// Registers an account in the message store only, as the command API does; the users view
+    /// has it once an aggregator projects it.
+    pub async fn register(&self, email: &str, roles: &[&str]) -> Uuid {
+        let id = Uuid::now_v7();
+        self.append_user_event(
+            id,
+            registration(id, email, AccountStatus::Active, roles, now()),
+        )
+        .await;
+        id
+    }
+
+    /// Deactivates an account in the message store, as the command API does, and returns the
+    /// event's position.
+    pub async fn deactivate(&self, id: Uuid) -> u64 {
+        self.append_user_event(
+            id,
+            UserEvent::UserDeactivated(UserDeactivated { at: now() }),
+        )
+        .await
+    }
+
+    /// Makes the read model's database refuse every connection and drops the open ones, as if
+    /// its server were gone; the message store's stays up.
+    pub async fn take_read_model_down(&self) {
+        let name = self.read_model_database.as_ref().unwrap().name().to_owned();
+        let admin = self._database.pool().await;
+        sqlx::query(&format!(
+            r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false"#
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+
+    pub async fn bring_read_model_back(&self) {
+        let name = self.read_model_database.as_ref().unwrap().name().to_owned();
+        let admin = self._database.pool().await;
+        sqlx::query(&format!(
+            r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS true"#
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
     }
 
     pub async fn set_checkpoint(&self, position: u64) {
@@ -192,21 +301,15 @@ impl TestApp {
     /// Registers, later activates nothing, and deactivates: the life of an account in events.
     pub async fn account_with_history(&self, registered: DateTime<Utc>) -> Uuid {
         let id = Uuid::now_v7();
-        let email = Email::parse("history@example.com").unwrap();
         self.append_user_event(
             id,
-            UserEvent::UserRegistered(UserRegistered {
-                user_id: UserId::from_uuid(id),
-                email_normalized: email.normalized().to_owned(),
-                email,
-                password_hash: PasswordHash::parse(
-                    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-                )
-                .unwrap(),
-                status: AccountStatus::Active,
-                roles: vec![Role::User],
-                registered_at: registered,
-            }),
+            registration(
+                id,
+                "history@example.com",
+                AccountStatus::Active,
+                &["user"],
+                registered,
+            ),
         )
         .await;
         self.append_login_event(
@@ -233,6 +336,35 @@ impl TestApp {
         .await;
         id
     }
+}
+
+/// The event the command API appends when `id` registers.
+pub fn registration(
+    id: Uuid,
+    email: &str,
+    status: AccountStatus,
+    roles: &[&str],
+    at: DateTime<Utc>,
+) -> UserEvent {
+    let email = Email::parse(email).unwrap();
+    UserEvent::UserRegistered(UserRegistered {
+        user_id: UserId::from_uuid(id),
+        email_normalized: email.normalized().to_owned(),
+        email,
+        password_hash: PasswordHash::parse(
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+        )
+        .unwrap(),
+        status,
+        roles: roles
+            .iter()
+            .map(|role| match *role {
+                "admin" => Role::Admin,
+                _ => Role::User,
+            })
+            .collect(),
+        registered_at: at,
+    })
 }
 
 pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {

@@ -1,10 +1,12 @@
 //! The query API against a real PostgreSQL (message store and read model) over real HTTP.
 //!
 //! The read model's rows are written here the way the aggregator writes them (its own tests
-//! prove the projection); history and time travel read real events from the message store.
+//! prove the projection), or by the real aggregator where the view's states matter
+//! (`deactivation.rs`); history and time travel read real events from the message store.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
+mod deactivation;
 mod harness;
 mod history;
 mod kept_profiles;
