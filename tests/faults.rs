@@ -24,94 +24,14 @@ use test_support::{PrivateCluster, StopMode, TestDatabase};
 use uuid::Uuid;
 
 use common::{
-    Deployment, Process, checkpoint, free_port, login, register, wait_for_status,
-    wait_until_healthy,
+    Deployment, checkpoint, client, login, register, start_services, store_head,
+    wait_for_checkpoint, wait_for_status,
 };
 
 const PASSWORD: &str = "correct horse battery";
 
 /// How long the load runs before the crash, and at least after the restart.
 const LOAD_PHASE: Duration = Duration::from_secs(3);
-
-/// The three services of a split deployment, each on a port of its own.
-struct Services {
-    command_port: u16,
-    query_port: u16,
-    aggregator_port: u16,
-    processes: Vec<Process>,
-}
-
-/// Migrates, starts the services that `which` names and waits until they are ready.
-async fn start_services(
-    deployment: &Deployment,
-    client: &reqwest::Client,
-    which: &[&str],
-) -> Services {
-    deployment.run_to_completion("command-api", &["migrate"]);
-    deployment.run_to_completion("aggregator", &["migrate"]);
-    let mut services = Services {
-        command_port: free_port(),
-        query_port: free_port(),
-        aggregator_port: free_port(),
-        processes: Vec::new(),
-    };
-    // Info logs: what the services say about losing and finding the database is the story of
-    // a failed run.
-    let log = ("IDENTITY__LOG__FILTER", "info,sqlx=warn".to_owned());
-    for name in which {
-        let (variable, port) = match *name {
-            "command-api" => ("IDENTITY__HTTP__ADDRESS", services.command_port),
-            "query-api" => ("IDENTITY__HTTP__ADDRESS", services.query_port),
-            _ => (
-                "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
-                services.aggregator_port,
-            ),
-        };
-        services.processes.push(deployment.start(
-            name,
-            name,
-            &[(variable, format!("127.0.0.1:{port}")), log.clone()],
-        ));
-        wait_until_healthy(client, port).await;
-        wait_for_status(client, port, "/readyz", 200, Duration::from_secs(30)).await;
-    }
-    services
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-/// The highest global position in the store: with every writer finished, what the projection
-/// must reach.
-async fn store_head(pool: &PgPool) -> u64 {
-    let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    head.map_or(0, |head| u64::try_from(head).unwrap())
-}
-
-/// Waits until the live projection's checkpoint has reached `position`.
-async fn wait_for_checkpoint(url: &str, position: u64, timeout: Duration, logs: &Path) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let reached = checkpoint(url).await;
-        if reached >= position {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the aggregator stayed at {reached}, short of {position}, for {timeout:?}; \
-             its log is in {}",
-            logs.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// What a request came to.
 enum Answer {

@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use tokens::{Algorithm, SigningKey};
 
 /// Where cargo put the binaries: `target/<profile>/`, the parent of `deps/` holding this test.
@@ -42,6 +43,8 @@ pub fn free_port() -> u16 {
 /// One deployment's shared configuration, as a ConfigMap and a Secret would give it.
 pub struct Deployment {
     pub url: String,
+    /// The read model's database, when it is not the message store's.
+    pub read_model_url: Option<String>,
     pub signing_key: String,
     pub logs: PathBuf,
 }
@@ -117,6 +120,7 @@ impl Deployment {
         std::fs::create_dir_all(&logs).unwrap();
         Self {
             url: url.to_owned(),
+            read_model_url: None,
             signing_key: SigningKey::generate(Algorithm::EdDSA)
                 .unwrap()
                 .to_pem()
@@ -125,6 +129,12 @@ impl Deployment {
                 .clone(),
             logs,
         }
+    }
+
+    /// The same deployment with its read model in the database at `url`.
+    pub fn with_read_model(mut self, url: &str) -> Self {
+        self.read_model_url = Some(url.to_owned());
+        self
     }
 
     pub fn command(&self, binary_name: &str, label: &str, extra: &[(&str, String)]) -> Command {
@@ -140,6 +150,9 @@ impl Deployment {
             .env("IDENTITY__QUERY__MAX_WAIT_MS", "10000")
             .stdout(log_file(&self.logs, label))
             .stderr(log_file(&self.logs, &format!("{label}.err")));
+        if let Some(url) = &self.read_model_url {
+            command.env("IDENTITY__READ_MODEL__URL", url);
+        }
         for (key, value) in extra {
             command.env(key, value);
         }
@@ -274,4 +287,84 @@ pub async fn checkpoint(url: &str) -> u64 {
     .unwrap();
     pool.close().await;
     position.map_or(0, |position| u64::try_from(position).unwrap())
+}
+
+/// The three services of a split deployment, each on a port of its own.
+pub struct Services {
+    pub command_port: u16,
+    pub query_port: u16,
+    pub aggregator_port: u16,
+    pub processes: Vec<Process>,
+}
+
+/// Migrates, starts the services that `which` names and waits until they are ready.
+pub async fn start_services(
+    deployment: &Deployment,
+    client: &reqwest::Client,
+    which: &[&str],
+) -> Services {
+    deployment.run_to_completion("command-api", &["migrate"]);
+    deployment.run_to_completion("aggregator", &["migrate"]);
+    let mut services = Services {
+        command_port: free_port(),
+        query_port: free_port(),
+        aggregator_port: free_port(),
+        processes: Vec::new(),
+    };
+    // Info logs: what the services say about losing and finding the database is the story of
+    // a failed run.
+    let log = ("IDENTITY__LOG__FILTER", "info,sqlx=warn".to_owned());
+    for name in which {
+        let (variable, port) = match *name {
+            "command-api" => ("IDENTITY__HTTP__ADDRESS", services.command_port),
+            "query-api" => ("IDENTITY__HTTP__ADDRESS", services.query_port),
+            _ => (
+                "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
+                services.aggregator_port,
+            ),
+        };
+        services.processes.push(deployment.start(
+            name,
+            name,
+            &[(variable, format!("127.0.0.1:{port}")), log.clone()],
+        ));
+        wait_until_healthy(client, port).await;
+        wait_for_status(client, port, "/readyz", 200, Duration::from_secs(30)).await;
+    }
+    services
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The highest global position in the store: with every writer finished, what the projection
+/// must reach.
+pub async fn store_head(pool: &PgPool) -> u64 {
+    let head: Option<i64> = sqlx::query_scalar("SELECT max(global_position) FROM messages")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    head.map_or(0, |head| u64::try_from(head).unwrap())
+}
+
+/// Waits until the live projection's checkpoint has reached `position`.
+pub async fn wait_for_checkpoint(url: &str, position: u64, timeout: Duration, logs: &Path) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let reached = checkpoint(url).await;
+        if reached >= position {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator stayed at {reached}, short of {position}, for {timeout:?}; \
+             its log is in {}",
+            logs.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

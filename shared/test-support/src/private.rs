@@ -156,6 +156,56 @@ impl PrivateCluster {
         self.options(name).to_url_lossy().to_string()
     }
 
+    /// Copies database `name` into a new database of the same name on `target`, the way a
+    /// move to a new server or a restore from a backup does (`pg_dump`, then `pg_restore`), and
+    /// returns the copy's URL. The copy lives in `target`'s transaction counter, not this one's.
+    pub async fn copy_database_to(&self, name: &str, target: &PrivateCluster) -> String {
+        let url = target.create_database(name).await;
+        let dump = self.root.join(format!("{name}.dump"));
+        let (pg_dump, pg_restore) = (self.program("pg_dump"), self.program("pg_restore"));
+        let (source, destination) = (self.port, target.port);
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let connection = |port: u16| {
+                [
+                    "-h".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "-p".to_owned(),
+                    port.to_string(),
+                ]
+                .into_iter()
+                .chain(["-U".to_owned(), "postgres".to_owned()])
+                .collect::<Vec<_>>()
+            };
+            run(std::process::Command::new(pg_dump)
+                .args(connection(source))
+                .args(["--format=custom", "--file"])
+                .arg(&dump)
+                .arg(&name))?;
+            run(std::process::Command::new(pg_restore)
+                .args(connection(destination))
+                .args(["--exit-on-error", "--dbname", &name])
+                .arg(&dump))
+        })
+        .await
+        .expect("the thread copying a database panicked")
+        .unwrap_or_else(|error| panic!("copying a database between private clusters: {error:#}"));
+        url
+    }
+
+    /// A client program of the same PostgreSQL installation as the server: beside `initdb`, or
+    /// beside the file it links to (a `PATH` may hold links to the server programs only).
+    fn program(&self, name: &str) -> PathBuf {
+        let beside_initdb = std::fs::canonicalize(self.bin.join("initdb"))
+            .ok()
+            .and_then(|initdb| initdb.parent().map(|bin| bin.join(name)));
+        [Some(self.bin.join(name)), beside_initdb]
+            .into_iter()
+            .flatten()
+            .find(|path| path.exists())
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
     /// The server's log file, for a failing test's message.
     pub fn log(&self) -> PathBuf {
         self.root.join("server.log")
@@ -248,4 +298,18 @@ fn remove_stale(parent: &Path, bin: &Path, run_as: Option<&str>) {
             let _ = std::fs::remove_dir_all(root);
         }
     }
+}
+
+/// Runs a client program to its end; an error carries what it printed.
+fn run(command: &mut std::process::Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,161 @@
+//! Moving the message store to another server, with the real binaries as processes: a store
+//! dumped and restored into a younger cluster (as a restore from a backup, or a
+//! logical-replication copy for a major-version upgrade, makes one) goes on writing above its
+//! stored positions, so the aggregator, `X-Min-Position` and a rebuild all see what is written
+//! after the move (docs/adr/0007). Once with the read model moved along in the same database,
+//! once with the read model staying on a server of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+use test_support::PrivateCluster;
+
+use common::{
+    Deployment, checkpoint, client, register, start_services, store_head, token,
+    wait_for_checkpoint,
+};
+
+const PASSWORD: &str = "correct horse battery";
+
+/// Transactions the old cluster has run before the store is copied: far more than a young
+/// cluster runs while it is created and restored into.
+const OLD_CLUSTER_TRANSACTIONS: u32 = 50_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
+    let old = PrivateCluster::start().await;
+    let old_url = old.create_database("identity").await;
+    age(&old_url).await;
+    let before = write_before_the_move(&Deployment::new("restore-old", &old_url), &old_url).await;
+
+    let young = PrivateCluster::start().await;
+    let url = old.copy_database_to("identity", &young).await;
+    drop(old);
+
+    let deployment = Deployment::new("restore-young", &url);
+    goes_on_above(&deployment, &url, &url, before).await;
+
+    // A rebuild from zero reads the old messages and the new ones in one order, and ends in the
+    // view the live worker built.
+    let pool = PgPool::connect(&url).await.unwrap();
+    let live = view(&pool).await;
+    deployment.run_to_completion("aggregator", &["rebuild", "--projection", "users"]);
+    assert_eq!(
+        view(&pool).await,
+        live,
+        "the rebuilt view differs from the live one"
+    );
+    assert_eq!(live.as_array().unwrap().len(), 3);
+    assert!(checkpoint(&url).await >= store_head(&pool).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_its_checkpoint() {
+    let models = PrivateCluster::start().await;
+    let read_model_url = models.create_database("read_model").await;
+    let old = PrivateCluster::start().await;
+    let old_url = old.create_database("identity").await;
+    age(&old_url).await;
+    let deployment = Deployment::new("restore-old", &old_url).with_read_model(&read_model_url);
+    let before = write_before_the_move(&deployment, &read_model_url).await;
+
+    let young = PrivateCluster::start().await;
+    let url = old.copy_database_to("identity", &young).await;
+    drop(old);
+
+    let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
+    goes_on_above(&deployment, &url, &read_model_url, before).await;
+}
+
+/// Runs enough transactions on the cluster of `url` that its transaction counter is far ahead
+/// of a new cluster's.
+async fn age(url: &str) {
+    let mut connection = PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql("SET synchronous_commit = off")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    // Alone in its query: a COMMIT inside DO is refused within a multi-statement one.
+    sqlx::raw_sql(&format!(
+        "DO $$ BEGIN FOR i IN 1..{OLD_CLUSTER_TRANSACTIONS} LOOP \
+         PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+    ))
+    .execute(&mut connection)
+    .await
+    .unwrap();
+}
+
+/// Registers two accounts and waits until the read model has them; returns the store's last
+/// position, which the read model's checkpoint has reached.
+async fn write_before_the_move(deployment: &Deployment, read_model_url: &str) -> u64 {
+    let client = client();
+    let services = start_services(deployment, &client, &["command-api", "aggregator"]).await;
+    register(&client, services.command_port, "first@example.com").await;
+    register(&client, services.command_port, "second@example.com").await;
+    let pool = PgPool::connect(&deployment.url).await.unwrap();
+    let head = store_head(&pool).await;
+    wait_for_checkpoint(
+        read_model_url,
+        head,
+        Duration::from_secs(30),
+        &deployment.logs,
+    )
+    .await;
+    drop(services);
+    head
+}
+
+/// Registers and logs in on the moved store and checks that its positions lie above `before`,
+/// that the aggregator projects them and that a read waiting for them sees them.
+async fn goes_on_above(deployment: &Deployment, url: &str, read_model_url: &str, before: u64) {
+    let client = client();
+    let services = start_services(
+        deployment,
+        &client,
+        &["command-api", "aggregator", "query-api"],
+    )
+    .await;
+    let (id, registered) = register(&client, services.command_port, "third@example.com").await;
+    assert!(
+        registered > before,
+        "a registration after the move got position {registered}, not above {before}"
+    );
+    let token = token(
+        &client,
+        services.command_port,
+        "third@example.com",
+        PASSWORD,
+    )
+    .await;
+    let pool = PgPool::connect(url).await.unwrap();
+    let head = store_head(&pool).await;
+
+    let response = client
+        .get(format!("http://127.0.0.1:{}/users/me", services.query_port))
+        .bearer_auth(&token)
+        .header("X-Min-Position", head.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let profile: Value = response.json().await.unwrap();
+    assert_eq!(profile["id"], id.as_str());
+    assert_eq!(
+        profile["login_count"], 1,
+        "the login after the move was not projected"
+    );
+    assert!(checkpoint(read_model_url).await >= head);
+}
+
+/// The users view, row by row.
+async fn view(pool: &PgPool) -> Value {
+    sqlx::query_scalar("SELECT coalesce(json_agg(u ORDER BY u.id), '[]') FROM users u")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
