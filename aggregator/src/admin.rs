@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::projector::{LOCK_KEY_SQL, Outcome, Projector, ProjectorOptions, USERS_VERSION};
-use crate::read_model::{Committed, ReadModel, Target, pg_apply, to_i64, to_u64};
+use crate::read_model::{Checkpoint, Committed, ReadModel, Target, pg_apply, to_i64, to_u64};
 use crate::view::prepare;
 
 /// The projections this build knows.
@@ -124,6 +124,40 @@ pub async fn rebuild(
     projection: &str,
     batch_size: usize,
 ) -> anyhow::Result<Rebuilt> {
+    rebuild_with(
+        store,
+        read_model,
+        projection,
+        RebuildOptions {
+            batch_size,
+            fold_rows: REBUILD_FOLD_ROWS,
+        },
+    )
+    .await
+}
+
+/// How a rebuild reads and commits.
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// Messages per read of the store.
+    pub batch_size: usize,
+    /// Rows folded in memory before they are written with the rebuild's checkpoint
+    /// ([`REBUILD_FOLD_ROWS`]; fewer commit more often, as a test that kills a rebuild between
+    /// commits wants).
+    pub fold_rows: usize,
+}
+
+/// [`rebuild`], with how it reads and commits.
+pub async fn rebuild_with(
+    store: &Arc<dyn MessageStore>,
+    read_model: &ReadModel,
+    projection: &str,
+    options: RebuildOptions,
+) -> anyhow::Result<Rebuilt> {
+    let RebuildOptions {
+        batch_size,
+        fold_rows,
+    } = options;
     let live = target(projection)?;
     let fresh = Target::USERS_REBUILD;
     let Some(pool) = read_model.as_postgres() else {
@@ -138,8 +172,8 @@ pub async fn rebuild(
         fresh.clone(),
         ProjectorOptions {
             batch_size,
-            fold_rows: REBUILD_FOLD_ROWS,
-            cache_rows: REBUILD_FOLD_ROWS,
+            fold_rows,
+            cache_rows: fold_rows.max(REBUILD_FOLD_ROWS),
             ..ProjectorOptions::default()
         },
     );
@@ -157,15 +191,20 @@ pub async fn rebuild(
         .bind(live.checkpoint)
         .fetch_optional(&mut *tx)
         .await?;
-    let mut position: i64 =
-        sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE projection = $1")
-            .bind(fresh.checkpoint)
-            .fetch_one(&mut *tx)
-            .await?;
+    let (version, position, epoch): (i32, i64, i64) = sqlx::query_as(
+        "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(fresh.checkpoint)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut checkpoint = Checkpoint {
+        version,
+        position: to_u64(position),
+        epoch,
+    };
     // The last stretch, inside the swap transaction: whatever writers appended meanwhile.
     loop {
-        let from = to_u64(position);
-        let messages = store.read_all(from, batch_size).await?;
+        let messages = store.read_all(checkpoint.position, batch_size).await?;
         let Some(last) = messages.last() else { break };
         let prepared = prepare(&messages);
         if let Some((_, reason)) = prepared.poison {
@@ -174,7 +213,7 @@ pub async fn rebuild(
         match pg_apply(
             &mut tx,
             &fresh,
-            from,
+            &checkpoint,
             last.global_position,
             &prepared.changes,
         )
@@ -185,7 +224,7 @@ pub async fn rebuild(
             Committed::Poison { reason, .. } => bail!("the rebuild halted: {reason}"),
         }
         events += prepared.changes.len() as u64;
-        position = to_i64(last.global_position);
+        checkpoint = checkpoint.at(last.global_position);
     }
     sqlx::query(&format!("DROP TABLE {}", live.table))
         .execute(&mut *tx)
@@ -212,6 +251,8 @@ pub async fn rebuild(
             .await?;
         }
     }
+    // The live checkpoint keeps its epoch: the worker holding the projection carries on, from
+    // the rebuild's position, if it folds the rebuild's version (the commit compares both).
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, version, position) VALUES ($1, $2, $3) \
          ON CONFLICT (projection) DO UPDATE \
@@ -219,7 +260,7 @@ pub async fn rebuild(
     )
     .bind(live.checkpoint)
     .bind(USERS_VERSION)
-    .bind(position)
+    .bind(to_i64(checkpoint.position))
     .execute(&mut *tx)
     .await?;
     sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
@@ -229,7 +270,7 @@ pub async fn rebuild(
     tx.commit().await.context("committing the swap")?;
     Ok(Rebuilt {
         events,
-        position: to_u64(position),
+        position: checkpoint.position,
     })
 }
 

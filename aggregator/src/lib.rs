@@ -85,6 +85,10 @@ pub struct AggregatorSettings {
     pub batch_size: usize,
     /// How often a standby replica tries to take a projection.
     pub lock_retry_ms: u64,
+    /// How long the server keeps a projection's lock for a holder that has gone silent without
+    /// closing its connection (docs/adr/0008): a standby takes over within
+    /// `lock_lease_ms + lock_retry_ms`.
+    pub lock_lease_ms: u64,
 }
 
 impl Default for AggregatorSettings {
@@ -93,6 +97,7 @@ impl Default for AggregatorSettings {
             http: HttpSettings::default(),
             batch_size: 1000,
             lock_retry_ms: 1000,
+            lock_lease_ms: 5000,
         }
     }
 }
@@ -125,6 +130,7 @@ impl Settings {
         ProjectorOptions {
             batch_size: self.aggregator.batch_size.max(1),
             lock_retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+            lock_lease: Duration::from_millis(self.aggregator.lock_lease_ms.max(100)),
             ..ProjectorOptions::default()
         }
     }

@@ -9,9 +9,14 @@
 //!   rolls back as a whole.
 //!
 //! Several replicas may run. Exactly one holds the session-level advisory lock on a dedicated
-//! connection and works; the others retry every `lock_retry` and take over when its connection
-//! closes. The lock saves work but correctness does not rest on it: every commit moves the
-//! checkpoint by compare-and-set, so a worker that lost its lock without noticing writes nothing.
+//! connection and works; the others retry every `lock_retry` and take over when its session
+//! ends. A holder keeps its session alive with a heartbeat, and the server ends a session that
+//! stays silent for the `lock_lease` (`idle_session_timeout`), so a holder that is cut off
+//! without its connection closing (a partition, a frozen node) loses the lock within the lease
+//! too (docs/adr/0008). The lock saves work but correctness does not rest on it: every commit
+//! moves the checkpoint by compare-and-set on its position, the projection's version and the
+//! takeover epoch, which each new holder bumps; a worker that lost its lock, even one that has
+//! not noticed yet and whose connection heals, writes nothing.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::read_model::{Committed, ReadModel, Target};
+use crate::read_model::{Checkpoint, Committed, ReadModel, Target, pg_take_over};
 use crate::view::{UserRow, apply, prepare};
 
 /// The version of the users projection. Bump it when what it writes changes, and rebuild.
@@ -55,6 +60,16 @@ pub enum ProjectorError {
     Store(#[from] message_store::StoreError),
     #[error("writing the read model")]
     ReadModel(#[from] sqlx::Error),
+    /// The view was built by another version of the projection (a rebuild by a newer build, or
+    /// a view an older build left): this worker writes nothing into it.
+    #[error(
+        "the view holds version {stored} of the projection and this worker folds version \
+         {ours}; it writes nothing until a rebuild or reset at its version"
+    )]
+    OtherVersion { stored: i32, ours: i32 },
+    /// Another worker took the projection's lock (and bumped its epoch) since this one took it.
+    #[error("another worker took the projection over")]
+    TakenOver,
 }
 
 /// Counters a caller (a test, the status page) can watch while the worker runs.
@@ -71,6 +86,12 @@ pub struct ProjectorOptions {
     pub batch_size: usize,
     /// How often a standby replica tries to take the projection's lock.
     pub lock_retry: Duration,
+    /// How long the server keeps the lock of a holder that has gone silent (docs/adr/0008):
+    /// the lock's session ends after this long without a statement (the holder's heartbeat
+    /// sends one every fifth of it), and so does a batch transaction of the holder that sits
+    /// idle this long. A standby takes over within `lock_lease + lock_retry` of a holder being
+    /// cut off.
+    pub lock_lease: Duration,
     /// Keep reading and folding batches in memory until this many rows wait to be written (or
     /// the backlog is drained), then write them with the checkpoint in one transaction. A row
     /// changed by many events of those batches is written once. 0: one transaction per batch
@@ -86,6 +107,7 @@ impl Default for ProjectorOptions {
         Self {
             batch_size: 1000,
             lock_retry: Duration::from_secs(1),
+            lock_lease: Duration::from_secs(5),
             fold_rows: 0,
             cache_rows: 500_000,
         }
@@ -105,8 +127,13 @@ pub struct Projector {
     store: Arc<dyn MessageStore>,
     read_model: ReadModel,
     target: Target,
+    version: i32,
     options: ProjectorOptions,
-    checkpoint: Option<GlobalPosition>,
+    checkpoint: Option<Checkpoint>,
+    /// The epoch this worker set when it took the projection's lock; `None` when it works
+    /// without the lock (stepped by a test or a rebuild, or on SQLite), and then it follows
+    /// whichever epoch it finds.
+    fence: Option<i64>,
     halted: Option<String>,
     stats: Arc<ProjectorStats>,
     position: watch::Sender<GlobalPosition>,
@@ -140,8 +167,10 @@ impl Projector {
             store,
             read_model,
             target,
+            version: USERS_VERSION,
             options,
             checkpoint: None,
+            fence: None,
             halted: None,
             stats: Arc::default(),
             position: watch::channel(0).0,
@@ -158,6 +187,13 @@ impl Projector {
         options: ProjectorOptions,
     ) -> Self {
         Self::new(store, read_model, Target::USERS, options)
+    }
+
+    /// A projector that folds as `version` of the projection rather than this build's: what a
+    /// replica of an older or newer build does, for tests of upgrades.
+    pub fn with_version(mut self, version: i32) -> Self {
+        self.version = version;
+        self
     }
 
     pub fn name(&self) -> &'static str {
@@ -229,18 +265,20 @@ impl Projector {
 
     async fn step(&mut self) -> Result<Outcome, ProjectorError> {
         loop {
-            let from = match self.checkpoint {
-                Some(position) => position,
+            let checkpoint = match self.checkpoint {
+                Some(checkpoint) => checkpoint,
                 None => {
                     self.cache.clear();
                     let checkpoint = self
                         .read_model
-                        .ensure_checkpoint(self.target.checkpoint, USERS_VERSION)
+                        .ensure_checkpoint(self.target.checkpoint, self.version)
                         .await?;
-                    self.checkpoint = Some(checkpoint.position);
-                    checkpoint.position
+                    self.may_write_after(&checkpoint)?;
+                    self.checkpoint = Some(checkpoint);
+                    checkpoint
                 }
             };
+            let from = checkpoint.position;
             let started = Instant::now();
             // Read, decode and fold batches into the cached rows until enough rows wait to be
             // written (one batch unless `fold_rows` says more), the backlog is drained, or an
@@ -276,7 +314,7 @@ impl Projector {
                     // The stored rows are as of `from`: this step has written nothing yet.
                     match self
                         .read_model
-                        .load_rows(&self.target, from, &missing)
+                        .load_rows(&self.target, &checkpoint, &missing)
                         .await?
                     {
                         Some(rows) => {
@@ -322,7 +360,7 @@ impl Projector {
                 // Nothing new after our checkpoint. A commit would notice that a reset or a
                 // rebuild moved it; with nothing to commit, look.
                 let stored = self.read_model.checkpoint(self.target.checkpoint).await?;
-                if stored.is_some_and(|stored| stored.position != from) {
+                if stored.is_some_and(|stored| stored != checkpoint) {
                     self.forget();
                     continue;
                 }
@@ -332,15 +370,16 @@ impl Projector {
             let mut ids: Vec<Uuid> = dirty.into_iter().collect();
             ids.sort_unstable();
             let rows: Vec<&UserRow> = ids.iter().filter_map(|id| self.cache.get(id)).collect();
+            let idle_limit = Some(self.options.lock_lease);
             let committed = self
                 .read_model
-                .write_rows(&self.target, from, to, &rows)
+                .write_rows(&self.target, &checkpoint, to, &rows, idle_limit)
                 .await?;
             if committed == Committed::CheckpointMoved {
                 self.checkpoint_moved();
                 continue;
             }
-            self.checkpoint = Some(to);
+            self.checkpoint = Some(checkpoint.at(to));
             if self.cache.len() > self.options.cache_rows {
                 self.cache.clear();
             }
@@ -380,6 +419,21 @@ impl Projector {
         }
     }
 
+    /// Whether this worker may write on top of `stored`: it folds the view's version, and no
+    /// other worker took the projection over since this one took its lock.
+    fn may_write_after(&self, stored: &Checkpoint) -> Result<(), ProjectorError> {
+        if stored.version != self.version {
+            return Err(ProjectorError::OtherVersion {
+                stored: stored.version,
+                ours: self.version,
+            });
+        }
+        if self.fence.is_some_and(|epoch| epoch != stored.epoch) {
+            return Err(ProjectorError::TakenOver);
+        }
+        Ok(())
+    }
+
     fn checkpoint_moved(&mut self) {
         tracing::warn!(
             projection = self.name(),
@@ -412,15 +466,22 @@ impl Projector {
         'holding: loop {
             let mut lock = match &self.read_model {
                 ReadModel::Postgres(pool) => {
-                    let pool = pool.clone();
+                    let acquire = ProjectionLock::acquire(
+                        pool.clone(),
+                        self.name(),
+                        self.version,
+                        &self.options,
+                        self.stats.clone(),
+                    );
                     tokio::select! {
-                        lock = ProjectionLock::acquire(&pool, self.name(), self.options.lock_retry) => Some(lock),
+                        lock = acquire => Some(lock),
                         () = &mut shutdown => break 'holding,
                     }
                 }
                 // SQLite is the single-process mode: there is one worker.
                 ReadModel::Sqlite(_) => None,
             };
+            self.fence = lock.as_ref().map(|lock| lock.epoch);
             self.stats.holds_lock.store(true, Ordering::Relaxed);
             // The checkpoint may have moved while another replica held the lock.
             self.forget();
@@ -431,22 +492,19 @@ impl Projector {
                     () = &mut shutdown => break 'holding,
                     () = std::future::ready(()) => {}
                 }
-                if let Some(held) = &mut lock
-                    && !held.still_held().await
-                {
-                    tracing::warn!(
-                        projection = self.name(),
-                        "lost the projection lock's connection; taking it again"
-                    );
-                    self.stats.holds_lock.store(false, Ordering::Relaxed);
+                if lock.as_ref().is_some_and(ProjectionLock::is_lost) {
+                    // The heartbeat has said so; take it again, or stand by.
                     continue 'holding;
                 }
+                // A batch in flight when the lock is lost is not cut short: its commit compares
+                // the epoch, which the next holder has bumped, and writes nothing.
                 match self.process_next_batch().await {
                     Ok(Outcome::Applied { .. }) => backoff = Duration::from_millis(100),
                     Ok(Outcome::Idle) => {
                         backoff = Duration::from_millis(100);
                         tokio::select! {
                             _ = subscription.next() => {}
+                            () = lost(&mut lock) => {}
                             () = &mut shutdown => break 'holding,
                         }
                     }
@@ -457,6 +515,12 @@ impl Projector {
                         break 'holding;
                     }
                     Err(error) => {
+                        // Another holder, or a view of another version: let go of the lock, so
+                        // a worker that may write (a newer build's, say) can take it.
+                        let let_go = matches!(
+                            error,
+                            ProjectorError::TakenOver | ProjectorError::OtherVersion { .. }
+                        );
                         tracing::error!(
                             projection = self.name(),
                             error = %error,
@@ -464,11 +528,18 @@ impl Projector {
                             "projection batch failed; retrying after {backoff:?}"
                         );
                         self.forget();
+                        if let_go {
+                            lock = None;
+                            self.stats.holds_lock.store(false, Ordering::Relaxed);
+                        }
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = &mut shutdown => break 'holding,
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
+                        if let_go {
+                            continue 'holding;
+                        }
                     }
                 }
             }
@@ -478,22 +549,52 @@ impl Projector {
     }
 }
 
+/// Completes when the heartbeat of `lock` finds it lost; never without a lock.
+async fn lost(lock: &mut Option<ProjectionLock>) {
+    match lock {
+        Some(lock) => {
+            let _ = lock.lost.wait_for(|lost| *lost).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The advisory lock key of a projection: one namespace, apart from the store's stream locks.
 pub const LOCK_KEY_SQL: &str = "hashtextextended('aggregator projection ' || $1, 0)";
 
-/// A session-level advisory lock held on a connection of its own: it lasts as long as the
-/// connection, so a worker that dies (or loses the network) releases it.
+/// A session-level advisory lock held on a connection of its own, kept alive by a heartbeat.
+///
+/// The lock lasts as long as its session. A worker that dies or closes the connection releases
+/// it at once; one that goes silent with the connection open (a partition, a frozen node)
+/// releases it when the server's `idle_session_timeout` (the lease, set on this session only)
+/// ends the session: the heartbeat sends a statement every fifth of the lease, so a live holder
+/// never comes near it. The heartbeat also tells the holder when its session stops answering,
+/// before the server can have given the lock away. Dropping the lock closes the connection.
 struct ProjectionLock {
-    connection: PgConnection,
-    checked_at: Instant,
+    /// The takeover epoch this holder wrote into the checkpoint.
+    epoch: i64,
+    lost: watch::Receiver<bool>,
+    heartbeat: JoinHandle<()>,
+}
+
+impl Drop for ProjectionLock {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
 }
 
 impl ProjectionLock {
-    /// Waits until the lock is ours, trying every `retry`.
-    async fn acquire(pool: &sqlx::PgPool, projection: &str, retry: Duration) -> Self {
+    /// Waits until the lock is ours, trying every `lock_retry`, and takes the projection over.
+    async fn acquire(
+        pool: sqlx::PgPool,
+        projection: &'static str,
+        version: i32,
+        options: &ProjectorOptions,
+        stats: Arc<ProjectorStats>,
+    ) -> Self {
         let mut waiting_logged = false;
         loop {
-            match Self::try_acquire(pool, projection).await {
+            match Self::try_acquire(&pool, projection, version, options.lock_lease, &stats).await {
                 Ok(Some(lock)) => return lock,
                 Ok(None) => {
                     if !waiting_logged {
@@ -508,14 +609,18 @@ impl ProjectionLock {
                     tracing::warn!(projection, %error, "could not try the projection lock");
                 }
             }
-            tokio::time::sleep(retry).await;
+            tokio::time::sleep(options.lock_retry).await;
         }
     }
 
     async fn try_acquire(
         pool: &sqlx::PgPool,
-        projection: &str,
+        projection: &'static str,
+        version: i32,
+        lease: Duration,
+        stats: &Arc<ProjectorStats>,
     ) -> Result<Option<Self>, sqlx::Error> {
+        let lease_ms = lease.as_millis().max(1).to_string();
         let options = pool
             .connect_options()
             .as_ref()
@@ -524,31 +629,76 @@ impl ProjectionLock {
                 "aggregator {} pid {}",
                 projection,
                 std::process::id()
-            ));
+            ))
+            .options([("idle_session_timeout", lease_ms.as_str())]);
         let mut connection = PgConnection::connect_with(&options).await?;
         let locked: bool =
             sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL})"))
                 .bind(projection)
                 .fetch_one(&mut connection)
                 .await?;
-        if locked {
-            Ok(Some(Self {
-                connection,
-                checked_at: Instant::now(),
-            }))
-        } else {
+        if !locked {
             connection.close().await.ok();
-            Ok(None)
+            return Ok(None);
         }
+        // Waits for a commit of the previous holder in flight on the checkpoint row; an error
+        // drops the connection, and the lock with it.
+        let checkpoint = pg_take_over(&mut connection, projection, version).await?;
+        tracing::info!(
+            projection,
+            epoch = checkpoint.epoch,
+            "took the projection over"
+        );
+        let (lost_sender, lost) = watch::channel(false);
+        let heartbeat = tokio::spawn(heartbeat(
+            connection,
+            projection,
+            lease,
+            lost_sender,
+            stats.clone(),
+        ));
+        Ok(Some(Self {
+            epoch: checkpoint.epoch,
+            lost,
+            heartbeat,
+        }))
     }
 
-    /// Whether the lock's connection still answers (checked at most once a second; the
-    /// checkpoint compare-and-set covers the moments between).
-    async fn still_held(&mut self) -> bool {
-        if self.checked_at.elapsed() < Duration::from_secs(1) {
-            return true;
-        }
-        self.checked_at = Instant::now();
-        self.connection.ping().await.is_ok()
+    fn is_lost(&self) -> bool {
+        *self.lost.borrow()
     }
+}
+
+/// Keeps the lock's session busy enough that the server never finds it idle for the lease, and
+/// says when it stops answering: an error, or no answer within four fifths of the lease. The
+/// server cannot end the session sooner than a lease after the last heartbeat it answered, so a
+/// holder learns of the loss before any other worker can take the lock.
+async fn heartbeat(
+    mut connection: PgConnection,
+    projection: &'static str,
+    lease: Duration,
+    lost: watch::Sender<bool>,
+    stats: Arc<ProjectorStats>,
+) {
+    let every = lease / 5;
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(lease - every, connection.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(projection, %error, "lost the projection lock's connection");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    projection,
+                    "the projection lock's connection did not answer within the lease; the \
+                     server ends such a session and another worker may take over"
+                );
+                break;
+            }
+        }
+    }
+    stats.holds_lock.store(false, Ordering::Relaxed);
+    lost.send_replace(true);
 }

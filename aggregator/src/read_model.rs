@@ -21,10 +21,13 @@
 //! | `roles` | text[] | JSON array text | `user`, `admin` |
 //! | `position` | bigint | integer | global position of the last event applied to the row |
 //!
-//! `projection_checkpoints (projection pk, version, position, updated_at)`: per projection, the
-//! global position up to which its rows include every event. Rows and checkpoint are written in
-//! one transaction, and the checkpoint is moved by compare-and-set (`... WHERE position = old`):
-//! a worker that lost its lock, or raced a `reset`/`rebuild`, writes nothing.
+//! `projection_checkpoints (projection pk, version, position, epoch, updated_at)`: per
+//! projection, the global position up to which its rows include every event, the version of the
+//! projection that folded them, and the takeover epoch, which each worker that takes the
+//! projection's lock bumps (docs/adr/0008). Rows and checkpoint are written in one transaction,
+//! and the checkpoint is moved by compare-and-set on all three (`... WHERE position = old AND
+//! version = mine AND epoch = mine`): a worker that lost its lock, raced a `reset` or a
+//! `rebuild`, or folds another version than the view's, writes nothing.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -79,6 +82,15 @@ impl Target {
 pub struct Checkpoint {
     pub version: i32,
     pub position: u64,
+    /// Bumped by every worker that takes the projection's lock; never by `reset` or `rebuild`.
+    pub epoch: i64,
+}
+
+impl Checkpoint {
+    /// The same checkpoint, moved to `position`.
+    pub fn at(self, position: u64) -> Self {
+        Self { position, ..self }
+    }
 }
 
 /// What became of a batch commit.
@@ -86,8 +98,9 @@ pub struct Checkpoint {
 pub enum Committed {
     /// Rows and checkpoint are written.
     Written { rows: usize },
-    /// The checkpoint was no longer where the batch started: another worker, a reset or a
-    /// rebuild moved it. Nothing was written.
+    /// The checkpoint was no longer the one the batch started from: another worker, a reset or
+    /// a rebuild moved it, a rebuild changed its version, or another worker took the
+    /// projection over. Nothing was written.
     CheckpointMoved,
     /// The change at `index` cannot be applied. Nothing was written.
     Poison { index: usize, reason: String },
@@ -175,8 +188,9 @@ impl ReadModel {
     }
 
     pub async fn checkpoint(&self, projection: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
-        let query = "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
-        let row: Option<(i32, i64)> = match self {
+        let query =
+            "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1";
+        let row: Option<(i32, i64, i64)> = match self {
             Self::Postgres(pool) => {
                 sqlx::query_as(query)
                     .bind(projection)
@@ -190,21 +204,23 @@ impl ReadModel {
                     .await?
             }
         };
-        Ok(row.map(|(version, position)| Checkpoint {
+        Ok(row.map(|(version, position, epoch)| Checkpoint {
             version,
             position: to_u64(position),
+            epoch,
         }))
     }
 
     /// The stored rows among `ids`, read in one statement together with the projection's
     /// checkpoint, so they are exactly the rows as of that checkpoint. `None` when the
-    /// checkpoint is no longer `at`: another worker, a reset or a rebuild moved it.
+    /// checkpoint is no longer `at` (position, version and epoch): another worker, a reset or a
+    /// rebuild moved it.
     ///
     /// Reads only: it takes no transaction id, so it never holds back the store's horizon.
     pub async fn load_rows(
         &self,
         target: &Target,
-        at: u64,
+        at: &Checkpoint,
         ids: &[Uuid],
     ) -> Result<Option<Vec<UserRow>>, sqlx::Error> {
         let mut rows = Vec::with_capacity(ids.len());
@@ -212,7 +228,8 @@ impl ReadModel {
         match self {
             Self::Postgres(pool) => {
                 let loaded = sqlx::query(&format!(
-                    "SELECT c.position AS checkpoint, {} FROM projection_checkpoints c \
+                    "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
+                     c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
                      LEFT JOIN {} u ON u.id = ANY($2) WHERE c.projection = $1",
                     prefixed_columns("u"),
                     target.table
@@ -222,7 +239,7 @@ impl ReadModel {
                 .fetch_all(pool)
                 .await?;
                 for row in &loaded {
-                    checkpoint = Some(row.try_get::<i64, _>("checkpoint")?);
+                    checkpoint = Some(loaded_checkpoint(row)?);
                     if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
                         rows.push(pg_row(row)?);
                     }
@@ -231,7 +248,8 @@ impl ReadModel {
             Self::Sqlite(pool) => {
                 let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
                 let loaded = sqlx::query(&format!(
-                    "SELECT c.position AS checkpoint, {} FROM projection_checkpoints c \
+                    "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
+                     c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
                      LEFT JOIN {} u ON u.id IN (SELECT value FROM json_each($2)) \
                      WHERE c.projection = $1",
                     prefixed_columns("u"),
@@ -242,30 +260,35 @@ impl ReadModel {
                 .fetch_all(pool)
                 .await?;
                 for row in &loaded {
-                    checkpoint = Some(row.try_get::<i64, _>("checkpoint")?);
+                    checkpoint = Some(loaded_checkpoint(row)?);
                     if row.try_get::<Option<String>, _>("id")?.is_some() {
                         rows.push(sqlite_row(row)?);
                     }
                 }
             }
         }
-        Ok((checkpoint == Some(to_i64(at))).then_some(rows))
+        Ok((checkpoint.as_ref() == Some(at)).then_some(rows))
     }
 
     /// Writes `rows` (folded in memory from the rows as of `from`) and moves the checkpoint from
     /// `from` to `to` by compare-and-set, in one transaction. Nothing is written when the
-    /// checkpoint is no longer at `from`.
+    /// checkpoint is no longer `from` (position, version and epoch).
+    ///
+    /// On PostgreSQL, once the transaction holds the checkpoint row, the server ends its
+    /// session if it sits idle for `idle_limit`: a writer cut off mid-commit then blocks the
+    /// next holder of the projection for no longer than that (docs/adr/0008).
     pub async fn write_rows(
         &self,
         target: &Target,
-        from: u64,
+        from: &Checkpoint,
         to: u64,
         rows: &[&UserRow],
+        idle_limit: Option<Duration>,
     ) -> Result<Committed, sqlx::Error> {
         match self {
             Self::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                if !pg_move_checkpoint(&mut tx, target, from, to).await? {
+                if !pg_move_checkpoint(&mut tx, target, from, to, idle_limit).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
                 for piece in rows.chunks(UPSERT_ROWS) {
@@ -302,7 +325,8 @@ impl ReadModel {
         }
     }
 
-    /// Empties the view and sets its checkpoint to 0, in one transaction: the worker replays.
+    /// Empties the view and sets its checkpoint to 0 at `version`, in one transaction: the
+    /// worker replays. The epoch stays: the worker holding the projection carries on.
     pub async fn reset(&self, target: &Target, version: i32) -> Result<(), sqlx::Error> {
         // The checkpoint row is locked first, as every batch commit does, so a batch in flight
         // either commits before the reset or finds the checkpoint moved and writes nothing.
@@ -348,13 +372,13 @@ impl ReadModel {
 pub(crate) async fn pg_apply(
     connection: &mut PgConnection,
     target: &Target,
-    from: u64,
+    from: &Checkpoint,
     to: u64,
     changes: &[Change],
 ) -> Result<Committed, sqlx::Error> {
     // First, so that this transaction holds the checkpoint row before it touches the view:
     // reset and rebuild lock the same row first, and nothing waits in the other order.
-    if !pg_move_checkpoint(connection, target, from, to).await? {
+    if !pg_move_checkpoint(connection, target, from, to, None).await? {
         return Ok(Committed::CheckpointMoved);
     }
     if changes.is_empty() {
@@ -384,24 +408,76 @@ pub(crate) async fn pg_apply(
     Ok(Committed::Written { rows: rows.len() })
 }
 
-/// Moves a projection's checkpoint from `from` to `to` if it is still at `from`, locking its row
-/// until the transaction ends. Whether it moved.
+/// Moves a projection's checkpoint to `to` if it is still `from` (position, version and
+/// epoch), locking its row until the transaction ends. Whether it moved.
+///
+/// With `idle_limit`, the same statement sets `idle_in_transaction_session_timeout` for the
+/// rest of the transaction, only once the row is ours and without a round trip of its own.
 async fn pg_move_checkpoint(
     connection: &mut PgConnection,
     target: &Target,
-    from: u64,
+    from: &Checkpoint,
     to: u64,
+    idle_limit: Option<Duration>,
 ) -> Result<bool, sqlx::Error> {
     let moved = sqlx::query(
         "UPDATE projection_checkpoints SET position = $3, updated_at = now() \
-         WHERE projection = $1 AND position = $2",
+         WHERE projection = $1 AND position = $2 AND version = $4 AND epoch = $5 \
+         RETURNING CASE WHEN $6::bigint > 0 \
+             THEN set_config('idle_in_transaction_session_timeout', $6::text, true) END",
     )
     .bind(target.checkpoint)
-    .bind(to_i64(from))
+    .bind(to_i64(from.position))
     .bind(to_i64(to))
-    .execute(&mut *connection)
+    .bind(from.version)
+    .bind(from.epoch)
+    .bind(idle_limit.map_or(0, |limit| {
+        i64::try_from(limit.as_millis().max(1)).unwrap_or(i64::MAX)
+    }))
+    .fetch_optional(&mut *connection)
     .await?;
-    Ok(moved.rows_affected() == 1)
+    Ok(moved.is_some())
+}
+
+/// Takes the projection over for the worker that has just taken its lock on `connection`:
+/// bumps the checkpoint's epoch (creating the checkpoint at `version`, position 0, if there is
+/// none) and returns the checkpoint. Every commit of an earlier holder compares the old epoch
+/// and now writes nothing. The update waits for a commit in flight on the row, so an earlier
+/// holder's last commit lands before the takeover or not at all.
+pub(crate) async fn pg_take_over(
+    connection: &mut PgConnection,
+    projection: &str,
+    version: i32,
+) -> Result<Checkpoint, sqlx::Error> {
+    let (version, position, epoch): (i32, i64, i64) = sqlx::query_as(
+        "INSERT INTO projection_checkpoints (projection, version, position, epoch) \
+         VALUES ($1, $2, 0, 1) ON CONFLICT (projection) DO UPDATE \
+         SET epoch = projection_checkpoints.epoch + 1 \
+         RETURNING version, position, epoch",
+    )
+    .bind(projection)
+    .bind(version)
+    .fetch_one(connection)
+    .await?;
+    Ok(Checkpoint {
+        version,
+        position: to_u64(position),
+        epoch,
+    })
+}
+
+/// The checkpoint a [`ReadModel::load_rows`] statement read beside the rows.
+fn loaded_checkpoint<'r, R: Row>(row: &'r R) -> Result<Checkpoint, sqlx::Error>
+where
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok(Checkpoint {
+        version: row.try_get("checkpoint_version")?,
+        position: to_u64(row.try_get("checkpoint")?),
+        epoch: row.try_get("checkpoint_epoch")?,
+    })
 }
 
 /// One multi-row upsert from parallel arrays: one round trip however large the batch.
@@ -460,17 +536,19 @@ async fn pg_upsert(
 async fn sqlite_move_checkpoint(
     connection: &mut SqliteConnection,
     target: &Target,
-    from: u64,
+    from: &Checkpoint,
     to: u64,
 ) -> Result<bool, sqlx::Error> {
     let moved = sqlx::query(
         "UPDATE projection_checkpoints \
          SET position = $3, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE projection = $1 AND position = $2",
+         WHERE projection = $1 AND position = $2 AND version = $4 AND epoch = $5",
     )
     .bind(target.checkpoint)
-    .bind(to_i64(from))
+    .bind(to_i64(from.position))
     .bind(to_i64(to))
+    .bind(from.version)
+    .bind(from.epoch)
     .execute(&mut *connection)
     .await?;
     Ok(moved.rows_affected() == 1)
@@ -573,4 +651,58 @@ pub(crate) fn to_u64(value: i64) -> u64 {
 
 pub(crate) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use test_support::TestDatabase;
+
+    use super::{ReadModel, Target, pg_move_checkpoint};
+
+    #[tokio::test]
+    async fn a_commit_that_holds_the_checkpoint_and_goes_silent_loses_its_session_within_the_limit()
+    {
+        let db = TestDatabase::new().await;
+        let read_model = ReadModel::connect(db.url(), 4).await.unwrap();
+        read_model.migrate().await.unwrap();
+        let checkpoint = read_model.ensure_checkpoint("users", 1).await.unwrap();
+        let pool = read_model.as_postgres().unwrap();
+
+        let mut silent = pool.begin().await.unwrap();
+        let limit = Duration::from_millis(300);
+        assert!(
+            pg_move_checkpoint(&mut silent, &Target::USERS, &checkpoint, 7, Some(limit))
+                .await
+                .unwrap()
+        );
+        // The writer says nothing more, holding the checkpoint row.
+        tokio::time::sleep(limit * 4).await;
+        // Another writer gets the row (the next holder's takeover waits for exactly this).
+        let mut next = pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *next)
+            .await
+            .unwrap();
+        assert!(
+            pg_move_checkpoint(&mut next, &Target::USERS, &checkpoint, 9, None)
+                .await
+                .unwrap()
+        );
+        next.commit().await.unwrap();
+        // The silent one's session is gone, and its move never committed.
+        assert!(silent.commit().await.is_err());
+        assert_eq!(
+            read_model
+                .checkpoint("users")
+                .await
+                .unwrap()
+                .unwrap()
+                .position,
+            9
+        );
+    }
 }

@@ -1,11 +1,12 @@
-//! `migrate`, `reset` and `rebuild`.
+//! `migrate`, `reset` and `rebuild`, and workers of another version meeting a rebuilt view.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aggregator::{Projector, Target, admin};
+use aggregator::projector::USERS_VERSION;
+use aggregator::{Outcome, Projector, Target, admin};
 
-use crate::support::{Writer, concurrent_writers, drain, env, options};
+use crate::support::{Writer, concurrent_writers, drain, env, options, settle};
 
 #[tokio::test]
 async fn migrations_apply_twice_beside_the_message_store() {
@@ -130,6 +131,137 @@ async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_vi
         },
     );
     drain(&mut projector, &env.read_model, writer.last()).await;
+    assert_eq!(
+        env.read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+}
+
+#[tokio::test]
+async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_newer_one() {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(8, 3).await;
+    // A replica of the previous build keeps the live view.
+    let mut old = Projector::users(env.store.clone(), env.read_model.clone(), options(5))
+        .with_version(USERS_VERSION - 1);
+    drain(&mut old, &env.read_model, writer.last()).await;
+    let before = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(before.version, USERS_VERSION - 1);
+
+    // This build rebuilds the view; nothing was appended meanwhile, so the rebuild ends exactly
+    // at the old worker's checkpoint, and a compare-and-set on the position alone would pass.
+    let rebuilt = admin::rebuild(&env.store, &env.read_model, "users", 7)
+        .await
+        .unwrap();
+    assert_eq!(rebuilt.position, before.position);
+    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(checkpoint.version, USERS_VERSION);
+
+    // More events: the old worker, its rows and checkpoint cached, must not fold them into the
+    // view of the newer version.
+    for row in writer.expected_rows().iter().take(4) {
+        writer.login(row.id, 50_000).await;
+    }
+    settle(&env.store, writer.last()).await;
+    for _ in 0..3 {
+        let outcome = old.process_next_batch().await;
+        assert!(
+            !matches!(outcome, Ok(Outcome::Applied { .. })),
+            "the old worker applied a batch: {outcome:?}"
+        );
+    }
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
+    assert_eq!(
+        env.read_model.checkpoint("users").await.unwrap().unwrap(),
+        checkpoint
+    );
+
+    // A worker of this build carries on.
+    let mut current = Projector::users(env.store.clone(), env.read_model.clone(), options(5));
+    drain(&mut current, &env.read_model, writer.last()).await;
+    assert_eq!(
+        env.read_model.rows(&Target::USERS).await.unwrap(),
+        writer.expected_rows()
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live_view() {
+    let env = env().await;
+    let writer = concurrent_writers(&env.store, 3, 20, 6).await;
+    let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
+    drain(&mut live, &env.read_model, writer.last()).await;
+    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    assert_eq!(rows, writer.expected_rows());
+    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+
+    // A rebuild that commits every few rows, killed once several of its commits are in.
+    let rebuilding = {
+        let (store, read_model) = (env.store.clone(), env.read_model.clone());
+        tokio::spawn(async move {
+            admin::rebuild_with(
+                &store,
+                &read_model,
+                "users",
+                admin::RebuildOptions {
+                    batch_size: 2,
+                    fold_rows: 2,
+                },
+            )
+            .await
+        })
+    };
+    let mut commits_seen = std::collections::BTreeSet::new();
+    while commits_seen.len() < 3 {
+        assert!(
+            !rebuilding.is_finished(),
+            "the rebuild finished before it could be killed"
+        );
+        if let Some(rebuild) = env.read_model.checkpoint("users:rebuild").await.unwrap()
+            && rebuild.position > 0
+        {
+            commits_seen.insert(rebuild.position);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    rebuilding.abort();
+    assert!(
+        rebuilding.await.unwrap_err().is_cancelled(),
+        "the rebuild ended by itself before it was killed"
+    );
+    let left = env
+        .read_model
+        .checkpoint("users:rebuild")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(left.position > 0 && left.position < checkpoint.position);
+    let half_built = env.read_model.rows(&Target::USERS_REBUILD).await.unwrap();
+    assert!(!half_built.is_empty() && half_built.len() < rows.len());
+    // The live view is untouched.
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
+    assert_eq!(
+        env.read_model.checkpoint("users").await.unwrap().unwrap(),
+        checkpoint
+    );
+
+    admin::rebuild(&env.store, &env.read_model, "users", 11)
+        .await
+        .unwrap();
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
+    assert_eq!(
+        env.read_model.checkpoint("users").await.unwrap().unwrap(),
+        checkpoint
+    );
+    assert_eq!(
+        env.read_model.checkpoint("users:rebuild").await.unwrap(),
+        None
+    );
+    // The live worker carries on from there.
+    writer.random_history(2, 2).await;
+    drain(&mut live, &env.read_model, writer.last()).await;
     assert_eq!(
         env.read_model.rows(&Target::USERS).await.unwrap(),
         writer.expected_rows()

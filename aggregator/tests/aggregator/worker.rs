@@ -1,13 +1,15 @@
 //! The worker: ordering, crashes, takeover, unknown and poison events, two databases, SQLite.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
-use aggregator::{Application, Outcome, Projector, Settings, Target};
+use aggregator::{Application, Outcome, Projector, ProjectorOptions, Settings, Target};
 use serde_json::json;
+use test_support::FreezingProxy;
 
 use crate::support::{
-    Writer, append_raw, clean_rebuild, concurrent_writers, drain, env, env_apart, http_get,
-    options, settle,
+    Writer, append_raw, clean_rebuild, concurrent_writers, connect_store, drain, env, env_apart,
+    http_get, options, read_model, settle,
 };
 
 #[tokio::test]
@@ -331,4 +333,99 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
         writer.expected_rows()
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_and_writes_nothing_after()
+ {
+    let env = env().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(6, 2).await;
+    let lease = Duration::from_millis(1000);
+    let lock_retry = Duration::from_millis(50);
+    let options = ProjectorOptions {
+        lock_lease: lease,
+        lock_retry,
+        ..options(50)
+    };
+
+    // The holder reads the store directly, but reaches the read model (its lock, its commits)
+    // through a link that can be cut without closing anything.
+    let holder_link = FreezingProxy::start(&env.read_model_url).await;
+    let holder = Projector::users(
+        env.store.clone(),
+        read_model(holder_link.url()).await,
+        options.clone(),
+    );
+    let holder_stats = holder.stats();
+    let holder_task = tokio::spawn(holder.run(std::future::pending()));
+    wait_until(|| holder_stats.holds_lock.load(Relaxed)).await;
+    wait_for_rows(&env, &writer).await;
+
+    // The standby reaches the read model directly and the store through a link of its own, cut
+    // too: once it takes over it holds the projection without moving the checkpoint, so
+    // nothing but the takeover itself stops the holder's held-back commit from matching.
+    let standby_link = FreezingProxy::start(env.db.url()).await;
+    let standby = Projector::users(
+        connect_store(standby_link.url()).await,
+        env.read_model.clone(),
+        options.clone(),
+    );
+    let standby_stats = standby.stats();
+    let standby_task = tokio::spawn(standby.run(std::future::pending()));
+    tokio::time::sleep(lease).await;
+    assert!(!standby_stats.holds_lock.load(Relaxed));
+
+    let applied_by_holder = holder_stats.events_applied.load(Relaxed);
+    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    standby_link.freeze();
+    holder_link.freeze();
+    let cut_at = Instant::now();
+    // Events the holder reads, folds and tries to commit through its cut link.
+    for row in writer.expected_rows().iter().take(3) {
+        writer.login(row.id, 60_000).await;
+    }
+
+    let deadline = cut_at + Duration::from_secs(30);
+    while !standby_stats.holds_lock.load(Relaxed) {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not take over within 30 s of the holder being cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = cut_at.elapsed();
+    println!("the standby took over {took:?} after the holder was cut off");
+    // The server ends the silent holder's lock session one lease after its last heartbeat;
+    // the standby tries every `lock_retry`; a second covers connecting on a busy machine.
+    assert!(
+        took <= lease + lock_retry + Duration::from_secs(1),
+        "the standby took over {took:?} after the cut"
+    );
+    // The holder noticed: its heartbeat went unanswered.
+    wait_until(|| !holder_stats.holds_lock.load(Relaxed)).await;
+
+    // The holder's link heals: what it held back reaches the server, and writes nothing.
+    holder_link.thaw();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
+    assert_eq!(
+        env.read_model
+            .checkpoint("users")
+            .await
+            .unwrap()
+            .unwrap()
+            .position,
+        checkpoint.position
+    );
+
+    // The standby gets the store back and projects what the holder could not.
+    standby_link.thaw();
+    wait_for_rows(&env, &writer).await;
+    assert_eq!(holder_stats.events_applied.load(Relaxed), applied_by_holder);
+    assert!(standby_stats.events_applied.load(Relaxed) > 0);
+    assert!(!holder_stats.holds_lock.load(Relaxed));
+    holder_task.abort();
+    standby_task.abort();
 }
