@@ -97,10 +97,9 @@ SELECT ((pg_current_xact_id()::text::bigint + o.transactions) << 16) + r.ordinal
   JOIN streams s ON s.i = r.stream_index
  CROSS JOIN position_offset o
  WHERE (SELECT bool_and(expected_holds) FROM streams)
-   AND NOT EXISTS (
-       SELECT 1 FROM messages m
-        WHERE m.global_position >= (pg_snapshot_xmax(pg_current_snapshot())::text::bigint
-                                    + (SELECT transactions FROM position_offset)) << 16)
+   AND coalesce((SELECT max(m.global_position) FROM messages m), -1)
+       < (pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+          + (SELECT transactions FROM position_offset)) << 16
 RETURNING id, stream_name, position, global_position";
 
 /// How the store's connections are set up: from `url`, with generic plans for prepared
