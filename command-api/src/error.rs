@@ -29,6 +29,9 @@ pub enum ApiError {
     AccountInactive,
     #[error("an administrator cannot deactivate their own account")]
     SelfDeactivation,
+    /// The account is the last active administrator: without it nobody could activate anyone.
+    #[error("the account is the last active administrator")]
+    LastAdministrator,
     /// Too many password checks are waiting for a core.
     #[error("throttled")]
     Throttled,
@@ -41,6 +44,20 @@ impl From<HashError> for ApiError {
         match error {
             HashError::Busy => Self::Throttled,
             HashError::Failed(reason) => Self::Internal(anyhow::anyhow!(reason)),
+        }
+    }
+}
+
+impl From<identity::Refusal> for ApiError {
+    fn from(refusal: identity::Refusal) -> Self {
+        match refusal {
+            identity::Refusal::NotFound => Self::NotFound,
+            identity::Refusal::AccountInactive => Self::AccountInactive,
+            identity::Refusal::LastAdministrator => Self::LastAdministrator,
+            // Only a registration can meet it, and a registration decides on no account.
+            identity::Refusal::AlreadyRegistered => Self::Internal(anyhow::anyhow!(
+                "a command on an account decided a registration"
+            )),
         }
     }
 }
@@ -72,6 +89,8 @@ impl ApiError {
                 .with_detail("the account is deactivated"),
             Self::SelfDeactivation => Problem::new(StatusCode::CONFLICT, "cannot_deactivate_self")
                 .with_detail("another administrator must deactivate this account"),
+            Self::LastAdministrator => Problem::new(StatusCode::CONFLICT, "last_administrator")
+                .with_detail("no other administrator is active; activate another one first"),
             Self::Throttled => Problem::new(StatusCode::TOO_MANY_REQUESTS, "throttled")
                 .with_detail("too many password checks at once; try again shortly")
                 .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")),
@@ -124,6 +143,7 @@ mod tests {
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::AccountInactive, 409, "account_inactive"),
             (ApiError::SelfDeactivation, 409, "cannot_deactivate_self"),
+            (ApiError::LastAdministrator, 409, "last_administrator"),
             (ApiError::Throttled, 429, "throttled"),
             (
                 ApiError::Internal(anyhow::anyhow!("disk on fire")),

@@ -263,7 +263,7 @@ async fn activate(
         (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`cannot_deactivate_self`: an administrator's own account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`cannot_deactivate_self`: an administrator's own account; `last_administrator`: no other administrator is active (of two administrators deactivating each other at once, one gets it)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn deactivate(

@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use identity::{
+    ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
     EVENT_VERSION_KEY, Email, InitialStatus, LockoutPolicy, LoginDecision, LoginEvent,
-    LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Refusal, Register, Role,
-    UserAccount, UserCommand, UserEvent, UserId, decide, decide_login, event_version,
-    login_stream_name, user_stream_name,
+    LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Register, Role,
+    USER_CATEGORY, UserAccount, UserCommand, UserEvent, UserId, change_of, decide,
+    decide_administrators, decide_login, event_version, login_stream_name, user_id_of_stream,
+    user_stream_name,
 };
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
@@ -96,33 +98,45 @@ impl Commands {
             self.clock.now(),
         )
         .map_err(|refusal| anyhow::anyhow!("registering a new account was refused: {refusal}"))?;
-        let appends = vec![
-            StreamAppend::new(
+        for _ in 0..MAX_ATTEMPTS {
+            // An active administrator joins the administrators in the same append. It goes
+            // first, so that the email reservation stays the last message, as a repeated
+            // registration answers.
+            let mut appends = self
+                .administrators_append(&UserAccount::NotRegistered, &events)
+                .await?;
+            appends.push(StreamAppend::new(
                 user_stream(id)?,
                 ExpectedVersion::NoStream,
                 messages(&events),
-            ),
-            StreamAppend::new(
+            ));
+            appends.push(StreamAppend::new(
                 email_stream(&email)?,
                 ExpectedVersion::NoStream,
                 vec![EmailReserved { user_id: id }.to_message()],
-            ),
-        ];
-        match self.store.append(appends).await {
-            Ok(appended) => Ok(Done {
-                id,
-                position: appended.last_global_position(),
-            }),
-            Err(AppendError::WrongExpectedVersion { .. }) => {
-                match self.existing_registration(id, &email).await? {
-                    Some(done) => Ok(done),
-                    None => Err(ApiError::EmailTaken),
+            ));
+            return match self.store.append(appends).await {
+                Ok(appended) => Ok(Done {
+                    id,
+                    position: appended.last_global_position(),
+                }),
+                Err(AppendError::WrongExpectedVersion { stream, .. })
+                    if stream.as_str() == ADMINISTRATORS_STREAM =>
+                {
+                    continue;
                 }
-            }
-            Err(error) => Err(anyhow::Error::new(error)
-                .context("appending a registration")
-                .into()),
+                Err(AppendError::WrongExpectedVersion { .. }) => {
+                    match self.existing_registration(id, &email).await? {
+                        Some(done) => Ok(done),
+                        None => Err(ApiError::EmailTaken),
+                    }
+                }
+                Err(error) => Err(anyhow::Error::new(error)
+                    .context("appending a registration")
+                    .into()),
+            };
         }
+        Err(anyhow::anyhow!("registering lost the race {MAX_ATTEMPTS} times").into())
     }
 
     /// The answer to a repeated registration of `id` with `email`, if `id` is registered:
@@ -388,28 +402,22 @@ impl Commands {
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(id).await?;
             still_holds(&loaded.account)?;
-            let events =
-                decide(&loaded.account, command(), self.clock.now()).map_err(|refusal| {
-                    match refusal {
-                        Refusal::NotFound => ApiError::NotFound,
-                        Refusal::AccountInactive => ApiError::AccountInactive,
-                        Refusal::AlreadyRegistered => {
-                            ApiError::Internal(anyhow::anyhow!("an update decided a registration"))
-                        }
-                    }
-                })?;
+            let events = decide(&loaded.account, command(), self.clock.now())?;
             if events.is_empty() {
                 return Ok(Done {
                     id,
                     position: loaded.last_global,
                 });
             }
-            let append = StreamAppend::new(
+            // The administrators' change first, so that the account's event is the last
+            // message and a repeated command answers the same position.
+            let mut appends = self.administrators_append(&loaded.account, &events).await?;
+            appends.push(StreamAppend::new(
                 user_stream(id)?,
                 expected(loaded.version),
                 messages(&events),
-            );
-            match self.store.append(vec![append]).await {
+            ));
+            match self.store.append(appends).await {
                 Ok(appended) => {
                     return Ok(Done {
                         id,
@@ -425,6 +433,88 @@ impl Commands {
             }
         }
         Err(anyhow::anyhow!("updating an account lost the race {MAX_ATTEMPTS} times").into())
+    }
+
+    /// The append to the administrators' stream that `events`, decided on `before`, call for:
+    /// none when they leave the set of active administrators as it is, else the new set with
+    /// the exact version it was decided on, or the refusal to let the last one go.
+    async fn administrators_append(
+        &self,
+        before: &UserAccount,
+        events: &[UserEvent],
+    ) -> Result<Vec<StreamAppend>, ApiError> {
+        let Some(change) = change_of(before, events) else {
+            return Ok(vec![]);
+        };
+        let (administrators, version) = self.administrators().await?;
+        let event = decide_administrators(&administrators, change, self.clock.now())?;
+        let message = NewMessage::new(event.event_type(), event.to_json())
+            .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }));
+        Ok(vec![StreamAppend::new(
+            administrators_stream()?,
+            version,
+            vec![message],
+        )])
+    }
+
+    /// The active administrators and the version of their stream, from its last message; on a
+    /// store written before that stream existed, folded from the accounts, to be appended with
+    /// "no stream" expected (of two first changes at once, one wins and the other reads it).
+    async fn administrators(&self) -> Result<(Administrators, ExpectedVersion), ApiError> {
+        let Some(last) = self.store.last_message(&administrators_stream()?).await? else {
+            return Ok((
+                self.administrators_from_accounts().await?,
+                ExpectedVersion::NoStream,
+            ));
+        };
+        let version = event_version(&last.metadata)
+            .map_err(|error| anyhow::Error::new(error).context("reading the administrators"))?;
+        let event = AdministratorsEvent::from_stored(&last.message_type, version, &last.data)
+            .map_err(|error| anyhow::Error::new(error).context("reading the administrators"))?;
+        Ok((
+            Administrators::from_last(&event),
+            ExpectedVersion::Exact(last.position),
+        ))
+    }
+
+    /// Folds every user stream into the set of active administrators: once, on the first change
+    /// of an administrator after an upgrade from a build without the administrators' stream.
+    ///
+    /// Readers of a category stop at the transaction horizon (ADR 2), so it first waits until
+    /// they see everything already written: an account change committed just before, behind an
+    /// older transaction, would otherwise be missed.
+    async fn administrators_from_accounts(&self) -> Result<Administrators, ApiError> {
+        const BATCH: usize = 1000;
+        const HORIZON_WAIT: Duration = Duration::from_secs(5);
+        let written = self.store.last_position().await?;
+        let deadline = Instant::now() + HORIZON_WAIT;
+        while self.store.head_position().await? < written {
+            if Instant::now() > deadline {
+                return Err(anyhow::anyhow!(
+                    "a long transaction keeps the accounts from being read"
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut folding = AdministratorsFromAccounts::default();
+        let mut after = 0;
+        loop {
+            let batch = self
+                .store
+                .read_category(USER_CATEGORY, after, BATCH)
+                .await?;
+            for message in &batch {
+                after = message.global_position;
+                let Some(user) = user_id_of_stream(message.stream.as_str()) else {
+                    continue;
+                };
+                folding.apply(user, &user_event(message)?);
+            }
+            if batch.len() < BATCH {
+                return Ok(folding.finish());
+            }
+        }
     }
 
     /// The account an email is reserved for, read from the reservation stream.
@@ -533,6 +623,10 @@ pub fn login_message(event: &LoginEvent) -> NewMessage {
 
 fn user_stream(id: UserId) -> anyhow::Result<StreamName> {
     Ok(StreamName::parse(user_stream_name(id))?)
+}
+
+fn administrators_stream() -> anyhow::Result<StreamName> {
+    Ok(StreamName::parse(ADMINISTRATORS_STREAM)?)
 }
 
 /// `userLogin-<id>`.

@@ -183,6 +183,37 @@ impl TestApp {
         rows
     }
 
+    /// The ids of the accounts that are active administrators, folded from their own streams
+    /// (in SQL, for the reason given at [`Self::message_count`]).
+    pub async fn active_administrators(&self) -> std::collections::BTreeSet<String> {
+        let pool = self.database.pool().await;
+        let rows: Vec<(String, String, Value, Value)> = sqlx::query_as(
+            "SELECT stream_name, type, data, metadata FROM messages WHERE category = 'user' \
+             ORDER BY global_position",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let mut accounts = std::collections::BTreeMap::<String, identity::UserAccount>::new();
+        for (stream, kind, data, metadata) in rows {
+            let event = identity::UserEvent::from_stored(
+                &kind,
+                identity::event_version(&metadata).unwrap(),
+                &data,
+            )
+            .unwrap();
+            let account = accounts.entry(stream).or_default();
+            *account = identity::evolve(std::mem::take(account), &event);
+        }
+        accounts
+            .values()
+            .filter_map(identity::UserAccount::account)
+            .filter(|account| account.is_active() && account.has_role(identity::Role::Admin))
+            .map(|account| account.id.to_string())
+            .collect()
+    }
+
     pub async fn login_events(&self) -> Vec<identity::LoginEvent> {
         self.messages("userLogin")
             .await

@@ -5,6 +5,7 @@
 mod admin;
 mod enumeration;
 mod helpers;
+mod last_administrator;
 mod login;
 mod meta;
 mod password;

@@ -132,6 +132,9 @@ pub enum Refusal {
     NotFound,
     #[error("the account is deactivated")]
     AccountInactive,
+    /// See [`crate::administrators`].
+    #[error("the account is the last active administrator")]
+    LastAdministrator,
 }
 
 /// Decides a command against the account's current state; `now` stamps the new events.

@@ -1,8 +1,10 @@
-//! The events of the user and login streams: a public contract that every later build must read.
+//! The events of the user, login and administrators' streams: a public contract that every later
+//! build must read.
 //!
 //! Each event is a struct with a stable type name and a version ([`EventData`]); the stream
-//! enums [`UserEvent`] and [`LoginEvent`] wrap them. The store keeps the type name, the version
-//! (in the metadata, see [`crate::streams`]) and the JSON of the struct, untagged.
+//! enums [`UserEvent`], [`LoginEvent`] and [`AdministratorsEvent`] wrap them. The store keeps
+//! the type name, the version (in the metadata, see [`crate::streams`]) and the JSON of the
+//! struct, untagged.
 //!
 //! Changing an event: never edit what a version means. Bump `VERSION`, keep the old struct
 //! (in a `v1` module, say) with a conversion to the new one, and add an upcasting arm to
@@ -307,6 +309,71 @@ impl LoginEvent {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The administrators' stream, `administrators-active` (see `crate::administrators`).
+
+/// Who the active administrators are after a change of one of them.
+///
+/// It carries the whole set rather than the change, so that the set is read from the stream's
+/// last message alone, however long the stream has grown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdministratorsChanged {
+    /// In ascending order, each once.
+    pub active: Vec<UserId>,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for AdministratorsChanged {
+    const TYPE: &'static str = "AdministratorsChanged";
+    const VERSION: u32 = 1;
+}
+
+/// Everything that can happen in the administrators' stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdministratorsEvent {
+    AdministratorsChanged(AdministratorsChanged),
+}
+
+impl AdministratorsEvent {
+    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
+    pub const TYPES: &'static [&'static str] = &[AdministratorsChanged::TYPE];
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Self::AdministratorsChanged(_) => AdministratorsChanged::TYPE,
+        }
+    }
+
+    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
+    pub fn version(&self) -> u32 {
+        match self {
+            Self::AdministratorsChanged(_) => AdministratorsChanged::VERSION,
+        }
+    }
+
+    /// The event's data as stored: the struct's fields, without a type tag.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::AdministratorsChanged(e) => encode(e),
+        }
+    }
+
+    /// Reads a stored event of any version this build knows, upcasting old versions.
+    pub fn from_stored(
+        event_type: &str,
+        version: u32,
+        data: &Value,
+    ) -> Result<Self, EventDecodeError> {
+        match (event_type, version) {
+            (AdministratorsChanged::TYPE, AdministratorsChanged::VERSION) => {
+                decode(event_type, version, data).map(Self::AdministratorsChanged)
+            }
+            // Older versions are upcast here, as in `UserEvent::from_stored`.
+            _ => Err(not_readable(Self::TYPES, event_type, version)),
+        }
+    }
+}
+
 macro_rules! into_stream_event {
     ($stream:ident: $($event:ident),+) => {
         $(impl From<$event> for $stream {
@@ -319,6 +386,7 @@ macro_rules! into_stream_event {
 
 into_stream_event!(UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed);
 into_stream_event!(LoginEvent: LoginSucceeded, LoginFailed);
+into_stream_event!(AdministratorsEvent: AdministratorsChanged);
 
 fn encode<T: EventData>(event: &T) -> Value {
     match serde_json::to_value(event) {
@@ -450,6 +518,26 @@ mod tests {
         assert_eq!(user_types, UserEvent::TYPES);
         let login_types: Vec<_> = login_samples().iter().map(LoginEvent::event_type).collect();
         assert_eq!(login_types, LoginEvent::TYPES);
+    }
+
+    #[test]
+    fn the_administrators_event_round_trips_and_is_unknown_to_the_other_streams() {
+        let event = AdministratorsEvent::from(AdministratorsChanged {
+            active: vec![UserId::from_uuid(Uuid::from_u128(1))],
+            at: at(),
+        });
+        let decoded =
+            AdministratorsEvent::from_stored(event.event_type(), event.version(), &event.to_json());
+        assert_eq!(decoded, Ok(event.clone()));
+        assert_eq!(AdministratorsEvent::TYPES, [event.event_type()]);
+        assert!(matches!(
+            UserEvent::from_stored(event.event_type(), 1, &event.to_json()),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
+        assert!(matches!(
+            AdministratorsEvent::from_stored("UserActivated", 1, &json!({})),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
     }
 
     #[test]

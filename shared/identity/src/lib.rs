@@ -10,10 +10,12 @@
 //! - [`streams`]: stream names and where the event version is kept.
 //! - [`account`]: the user aggregate, [`decide`] and [`evolve`].
 //! - [`login`]: deciding a login from the last login event, with lockout.
+//! - [`administrators`]: the set of active administrators, which never becomes empty.
 
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod administrators;
 pub mod email;
 pub mod events;
 pub mod login;
@@ -25,15 +27,20 @@ pub mod values;
 mod given;
 
 pub use account::{Account, Refusal, Register, UserAccount, UserCommand, decide, evolve};
+pub use administrators::{
+    AdministratorChange, Administrators, AdministratorsFromAccounts, change_of,
+    decide_administrators,
+};
 pub use email::{Email, EmailError};
 pub use events::{
-    EventData, EventDecodeError, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged,
-    PasswordRehashed, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+    AdministratorsChanged, AdministratorsEvent, EventData, EventDecodeError, LoginEvent,
+    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, UserActivated, UserDeactivated,
+    UserEvent, UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
 pub use streams::{
-    EVENT_VERSION_KEY, LOGIN_CATEGORY, USER_CATEGORY, event_version, login_stream_name,
-    user_id_of_stream, user_stream_name,
+    ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, USER_CATEGORY, event_version,
+    login_stream_name, user_id_of_stream, user_stream_name,
 };
 pub use values::{AccountStatus, InitialStatus, Role, UserId};

@@ -18,6 +18,10 @@ pub const USER_CATEGORY: &str = "user";
 /// can be trimmed without touching the account's history.
 pub const LOGIN_CATEGORY: &str = "userLogin";
 
+/// The one stream of the active administrators (see [`crate::administrators`]). Its category
+/// is neither of the above, so nothing that projects users reads it.
+pub const ADMINISTRATORS_STREAM: &str = "administrators-active";
+
 /// The metadata key that holds an event's version; an event without it is version 1.
 ///
 /// The message store has no version column, so the version travels in the metadata next to

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 
-use identity::{EventDecodeError, LoginEvent, UserEvent};
+use identity::{AdministratorsEvent, EventDecodeError, LoginEvent, UserEvent};
 use serde_json::Value;
 
 struct Fixture {
@@ -25,6 +25,7 @@ struct Fixture {
 enum Decoded {
     User(UserEvent),
     Login(LoginEvent),
+    Administrators(AdministratorsEvent),
 }
 
 impl Decoded {
@@ -32,6 +33,7 @@ impl Decoded {
         match self {
             Self::User(event) => event.event_type(),
             Self::Login(event) => event.event_type(),
+            Self::Administrators(event) => event.event_type(),
         }
     }
 
@@ -39,6 +41,7 @@ impl Decoded {
         match self {
             Self::User(event) => event.version(),
             Self::Login(event) => event.version(),
+            Self::Administrators(event) => event.version(),
         }
     }
 
@@ -46,6 +49,7 @@ impl Decoded {
         match self {
             Self::User(event) => event.to_json(),
             Self::Login(event) => event.to_json(),
+            Self::Administrators(event) => event.to_json(),
         }
     }
 }
@@ -81,12 +85,17 @@ fn fixtures() -> Vec<Fixture> {
 
 fn decode(fixture: &Fixture) -> Result<Decoded, EventDecodeError> {
     let (event_type, version, data) = (&fixture.event_type, fixture.version, &fixture.data);
-    match UserEvent::from_stored(event_type, version, data) {
-        Err(EventDecodeError::UnknownType { .. }) => {
-            LoginEvent::from_stored(event_type, version, data).map(Decoded::Login)
-        }
-        other => other.map(Decoded::User),
+    let unknown =
+        |result: &Result<_, _>| matches!(result, Err(EventDecodeError::UnknownType { .. }));
+    let user = UserEvent::from_stored(event_type, version, data).map(Decoded::User);
+    if !unknown(&user) {
+        return user;
     }
+    let login = LoginEvent::from_stored(event_type, version, data).map(Decoded::Login);
+    if !unknown(&login) {
+        return login;
+    }
+    AdministratorsEvent::from_stored(event_type, version, data).map(Decoded::Administrators)
 }
 
 #[test]
@@ -108,7 +117,11 @@ fn every_event_type_has_a_fixture_of_its_current_version() {
         .filter(|(version, event)| event.version() == *version)
         .map(|(_, event)| event.event_type())
         .collect();
-    for event_type in UserEvent::TYPES.iter().chain(LoginEvent::TYPES) {
+    let every_type = UserEvent::TYPES
+        .iter()
+        .chain(LoginEvent::TYPES)
+        .chain(AdministratorsEvent::TYPES);
+    for event_type in every_type {
         assert!(
             covered.contains(event_type),
             "{event_type} has no fixture of its current version in tests/fixtures/"
