@@ -173,12 +173,25 @@ impl ProfileCache {
         Ok(checkpoint)
     }
 
-    /// Syncs every `interval` until the process ends; a failure is logged once, when it
-    /// starts, and retried.
-    pub async fn follow(&self, read_model: ReadModel, interval: Duration) {
+    /// Syncs every `interval` until `shutdown` completes; a failure is logged once, when it
+    /// starts, and retried. A sync cut short by the shutdown leaves nothing half done: it only
+    /// reads, and applies what it read in one step.
+    pub async fn follow(
+        &self,
+        read_model: ReadModel,
+        interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::select! {
+            () = shutdown => {}
+            () = self.keep_syncing(&read_model, interval) => {}
+        }
+    }
+
+    async fn keep_syncing(&self, read_model: &ReadModel, interval: Duration) {
         let mut failing = false;
         loop {
-            match self.sync(&read_model).await {
+            match self.sync(read_model).await {
                 Ok(_) if failing => {
                     tracing::info!("syncing the kept profiles works again");
                     failing = false;

@@ -80,9 +80,16 @@ impl ViewFreshness {
         samples.push_back(sample);
     }
 
-    /// Samples the store every [`Self::interval`] until the process ends; a failure is logged
-    /// once, when it starts, and retried.
-    pub async fn follow(&self, store: Arc<dyn MessageStore>) {
+    /// Samples the store every [`Self::interval`] until `shutdown` completes; a failure is
+    /// logged once, when it starts, and retried.
+    pub async fn follow(&self, store: Arc<dyn MessageStore>, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            () = shutdown => {}
+            () = self.keep_sampling(store.as_ref()) => {}
+        }
+    }
+
+    async fn keep_sampling(&self, store: &dyn MessageStore) {
         let mut failing = false;
         loop {
             let at = Instant::now();

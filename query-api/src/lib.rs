@@ -17,6 +17,7 @@ mod routes;
 pub mod settings;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -25,6 +26,8 @@ use message_store::MessageStore;
 use platform::clock::Clock;
 use tokens::TokenVerifier;
 use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinError, JoinHandle};
 
 pub use read_model::{Profile, ReadModel};
 pub use routes::ApiDoc;
@@ -48,8 +51,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state over connections made elsewhere; starts following the read model for the
-    /// kept profiles and sampling the store's position (for as long as the runtime runs).
+    /// The state over connections made elsewhere, with its background tasks started: they stop
+    /// when the process is asked to stop (SIGTERM or Ctrl-C). For a process that serves the
+    /// query routes beside others; one with a shutdown signal of its own passes it to
+    /// [`Self::start`].
     pub fn new(
         read_model: ReadModel,
         store: Arc<dyn MessageStore>,
@@ -57,24 +62,48 @@ impl AppState {
         clock: Arc<dyn Clock>,
         settings: settings::QuerySettings,
     ) -> Self {
-        let interval = std::time::Duration::from_millis(settings.cache_sync_ms.max(1));
+        let (state, _detached) = Self::start(
+            read_model,
+            store,
+            verifier,
+            clock,
+            settings,
+            platform::shutdown::signal(),
+        );
+        state
+    }
+
+    /// The state over connections made elsewhere, and its background tasks, which run until
+    /// `shutdown` completes.
+    pub fn start(
+        read_model: ReadModel,
+        store: Arc<dyn MessageStore>,
+        verifier: Arc<TokenVerifier>,
+        clock: Arc<dyn Clock>,
+        settings: settings::QuerySettings,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (Self, BackgroundTasks) {
+        let state = Self::assemble(read_model, store, verifier, clock, settings);
+        let tasks = state.spawn_background(shutdown);
+        (state, tasks)
+    }
+
+    /// The state alone: nothing follows the read model or samples the store until
+    /// [`Self::spawn_background`].
+    fn assemble(
+        read_model: ReadModel,
+        store: Arc<dyn MessageStore>,
+        verifier: Arc<TokenVerifier>,
+        clock: Arc<dyn Clock>,
+        settings: settings::QuerySettings,
+    ) -> Self {
         let profiles = Arc::new(cache::ProfileCache::new(
             settings.cache_profiles,
-            (interval * 10).max(std::time::Duration::from_secs(1)),
+            (sync_interval(&settings) * 10).max(Duration::from_secs(1)),
         ));
-        tokio::spawn({
-            let (profiles, read_model) = (profiles.clone(), read_model.clone());
-            async move { profiles.follow(read_model, interval).await }
-        });
-        let freshness = Arc::new(freshness::ViewFreshness::new(
-            std::time::Duration::from_millis(settings.max_view_lag_ms),
-        ));
-        if settings.max_view_lag_ms > 0 {
-            tokio::spawn({
-                let (freshness, store) = (freshness.clone(), store.clone());
-                async move { freshness.follow(store).await }
-            });
-        }
+        let freshness = Arc::new(freshness::ViewFreshness::new(Duration::from_millis(
+            settings.max_view_lag_ms,
+        )));
         Self {
             read_model,
             profiles,
@@ -87,7 +116,50 @@ impl AppState {
         }
     }
 
-    /// Connects to the read model and the message store and loads the verification keys.
+    /// Starts what keeps the state current: the follower of the read model for the kept
+    /// profiles, and the sampler of the store's position (unless `max_view_lag_ms` is 0, which
+    /// trusts no row). Each stops once `shutdown` completes.
+    pub fn spawn_background(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> BackgroundTasks {
+        let (stop, stopped) = watch::channel(false);
+        let signalled = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                // A dropped sender stops the tasks too.
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            }
+        };
+        let mut tasks = Vec::with_capacity(3);
+        tasks.push(tokio::spawn({
+            let (profiles, read_model) = (self.profiles.clone(), self.read_model.clone());
+            let interval = sync_interval(&self.settings);
+            let shutdown = signalled();
+            async move { profiles.follow(read_model, interval, shutdown).await }
+        }));
+        if self.settings.max_view_lag_ms > 0 {
+            tasks.push(tokio::spawn({
+                let (freshness, store) = (self.freshness.clone(), self.store.clone());
+                let shutdown = signalled();
+                async move { freshness.follow(store, shutdown).await }
+            }));
+        }
+        // Passes the signal on, and ends with the tasks if they end first (a runtime
+        // shutting down).
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {
+                    stop.send_replace(true);
+                }
+                () = stop.closed() => {}
+            }
+        }));
+        BackgroundTasks(tasks)
+    }
+
+    /// Connects to the read model and the message store and loads the verification keys; the
+    /// background tasks start with [`Self::spawn_background`].
     pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let read_model_url = settings.read_model_url();
         let read_model = ReadModel::connect(
@@ -122,13 +194,37 @@ impl AppState {
             .tokens
             .verifier()
             .context("loading the keys that verify tokens")?;
-        Ok(Self::new(
+        Ok(Self::assemble(
             read_model,
             store,
             Arc::new(verifier),
             clock,
             settings.query,
         ))
+    }
+}
+
+fn sync_interval(settings: &settings::QuerySettings) -> Duration {
+    Duration::from_millis(settings.cache_sync_ms.max(1))
+}
+
+/// The query API's background tasks, each running until the shutdown signal they were started
+/// with.
+#[must_use = "dropping the handles detaches the tasks; they still stop with their signal"]
+pub struct BackgroundTasks(Vec<JoinHandle<()>>);
+
+impl BackgroundTasks {
+    /// Whether every task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.0.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Waits until every task has ended.
+    pub async fn stopped(self) -> Result<(), JoinError> {
+        for task in self.0 {
+            task.await?;
+        }
+        Ok(())
     }
 }
 
@@ -161,7 +257,7 @@ pub fn query_routes(state: AppState) -> Router {
 /// A built query API, bound to its port, ready to run.
 pub struct Application {
     listener: TcpListener,
-    router: Router,
+    state: AppState,
 }
 
 impl Application {
@@ -170,10 +266,11 @@ impl Application {
         let listener = TcpListener::bind(&settings.http.address)
             .await
             .with_context(|| format!("binding {}", settings.http.address))?;
-        Ok(Self {
-            listener,
-            router: platform::http::with_common_layers(router(state)),
-        })
+        Ok(Self { listener, state })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
     }
 
     pub fn port(&self) -> u16 {
@@ -182,14 +279,28 @@ impl Application {
             .map_or(0, |address| address.port())
     }
 
+    /// Serves until `shutdown` completes, keeping the state current meanwhile; returns once
+    /// the requests in flight are answered and the background tasks have ended (they serve
+    /// those requests too, so they stop last).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let (served, serving_ended) = oneshot::channel::<()>();
+        let background = self.state.spawn_background(async {
+            let _ = serving_ended.await;
+        });
         tracing::info!(address = %self.listener.local_addr()?, "query API listening");
-        axum::serve(self.listener, self.router)
+        let router = platform::http::with_common_layers(router(self.state));
+        let serving = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown)
             .await
-            .context("serving the query API")
+            .context("serving the query API");
+        drop(served);
+        background
+            .stopped()
+            .await
+            .context("stopping the query API's background tasks")?;
+        serving
     }
 }

@@ -16,6 +16,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use test_support::TestDatabase;
 use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub struct TestApp {
@@ -28,9 +30,18 @@ pub struct TestApp {
     pub issuer: TokenIssuer,
     /// The key the query API verifies with, to forge tokens the issuer would never make.
     pub signing_key: SigningKey,
+    /// What the query API was built with.
+    pub settings: Settings,
+    /// The `application_name` of every connection the query API opens, to find them on the
+    /// server.
+    pub application_name: String,
     /// The read model's own database, when it is not the store's.
     pub read_model_database: Option<TestDatabase>,
-    _database: TestDatabase,
+    /// Completes the shutdown signal the application runs until (so does dropping it).
+    stop: Option<oneshot::Sender<()>>,
+    running: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The store's database on the shared server; none on a private cluster.
+    _database: Option<TestDatabase>,
 }
 
 pub async fn spawn() -> TestApp {
@@ -53,38 +64,57 @@ async fn spawn_on(
     read_model_database: Option<TestDatabase>,
     configure: impl FnOnce(&mut Settings),
 ) -> TestApp {
-    let read_model_url = read_model_database
-        .as_ref()
-        .unwrap_or(&database)
-        .url()
-        .to_owned();
-    let pool = read_model_database
-        .as_ref()
-        .unwrap_or(&database)
-        .pool()
-        .await;
+    let read_model = read_model_database.as_ref().unwrap_or(&database);
+    let (read_model_url, pool) = (read_model.url().to_owned(), read_model.pool().await);
+    start(
+        database.url().to_owned(),
+        read_model_url,
+        pool,
+        Some(database),
+        read_model_database,
+        configure,
+    )
+    .await
+}
+
+async fn start(
+    database_url: String,
+    read_model_url: String,
+    pool: PgPool,
+    database: Option<TestDatabase>,
+    read_model_database: Option<TestDatabase>,
+    configure: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
     migrator.set_ignore_missing(true);
     migrator.run(&pool).await.unwrap();
-    let store = message_store::connect(database.url(), message_store::ConnectOptions::default())
+    let store = message_store::connect(&database_url, message_store::ConnectOptions::default())
         .await
         .unwrap();
 
     let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
+    let application_name = format!("query-api-{}", Uuid::new_v4().simple());
+    let named = |url: &str| {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}application_name={application_name}")
+    };
     let mut settings = Settings::default();
-    settings.database.url = database.url().to_owned();
-    settings.read_model.url = Some(read_model_url.clone());
+    settings.database.url = named(&database_url);
+    settings.read_model.url = Some(named(&read_model_url));
     settings.http.address = "127.0.0.1:0".into();
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     settings.query.max_wait_ms = 2_000;
     configure(&mut settings);
     let issuer = TokenIssuer::new(KeySet::from(key.clone()), settings.tokens.settings());
 
-    let application = query_api::Application::build(settings, Arc::new(SystemClock))
+    let application = query_api::Application::build(settings.clone(), Arc::new(SystemClock))
         .await
         .unwrap();
     let address = format!("http://127.0.0.1:{}", application.port());
-    tokio::spawn(application.run_until_stopped(std::future::pending()));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(application.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
     TestApp {
         address,
         client: reqwest::Client::builder()
@@ -96,7 +126,11 @@ async fn spawn_on(
         store,
         issuer,
         signing_key: key,
+        settings,
+        application_name,
         read_model_database,
+        stop: Some(stop),
+        running: Some(running),
         _database: database,
     }
 }
@@ -111,6 +145,26 @@ pub struct Seeded {
 }
 
 impl TestApp {
+    /// Gives the application its shutdown signal and waits, up to `within`, until it has
+    /// stopped: what it returned, or `None` if it was still running.
+    pub async fn stop_within(&mut self, within: Duration) -> Option<anyhow::Result<()>> {
+        drop(self.stop.take());
+        let running = self.running.take()?;
+        tokio::time::timeout(within, running)
+            .await
+            .ok()
+            .map(|joined| joined.unwrap())
+    }
+
+    /// The connections the query API holds open on the server, counted there.
+    pub async fn open_connections(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&self.application_name)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -219,7 +273,7 @@ impl TestApp {
     /// its server were gone; the message store's stays up.
     pub async fn take_read_model_down(&self) {
         let name = self.read_model_database.as_ref().unwrap().name().to_owned();
-        let admin = self._database.pool().await;
+        let admin = self._database.as_ref().unwrap().pool().await;
         sqlx::query(&format!(
             r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false"#
         ))
@@ -238,7 +292,7 @@ impl TestApp {
 
     pub async fn bring_read_model_back(&self) {
         let name = self.read_model_database.as_ref().unwrap().name().to_owned();
-        let admin = self._database.pool().await;
+        let admin = self._database.as_ref().unwrap().pool().await;
         sqlx::query(&format!(
             r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS true"#
         ))

@@ -14,4 +14,5 @@ mod lists;
 mod profiles;
 mod read_your_writes;
 mod service;
+mod shutdown;
 mod token_attacks;
