@@ -36,12 +36,19 @@ pub const MIN_POSITION: HeaderName = HeaderName::from_static("x-min-position");
 pub struct MinPositionHeader {
     /// Answer only once the read model has applied this global position (a command's
     /// `X-Position`): waits up to a bound, then 503 with Retry-After. A position beyond the
-    /// last one written is a 400.
+    /// last one written is a 400; a caller whose account is not active is refused (401)
+    /// before any wait.
     #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
     x_min_position: Option<u64>,
 }
 
 /// Waits, up to `query.max_wait_ms`, until the read model has reached `X-Min-Position`.
+///
+/// Only a caller who may be served holds a connection while waiting: one with a valid token,
+/// whose account is not known to be inactive, asking for a position that was written. The
+/// account is checked as the caller's own routes check it ([`Caller::ensure_active`]), and
+/// only when there is something to wait for: from memory while the view can vouch for the
+/// caller's row, else in the account's stream.
 pub async fn wait_for_min_position(
     State(state): State<AppState>,
     request: Request,
@@ -50,11 +57,11 @@ pub async fn wait_for_min_position(
     if !request.headers().contains_key(&MIN_POSITION) {
         return next.run(request).await;
     }
-    // Only a caller with a valid token may hold a connection while waiting.
     let (mut parts, body) = request.into_parts();
-    if let Err(refused) = Caller::from_request_parts(&mut parts, &state).await {
-        return refused.into_response();
-    }
+    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+        Ok(caller) => caller,
+        Err(refused) => return refused.into_response(),
+    };
     let request = Request::from_parts(parts, body);
     let Some(value) = request.headers().get(&MIN_POSITION) else {
         return next.run(request).await;
@@ -70,7 +77,7 @@ pub async fn wait_for_min_position(
     };
     let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
     let mut pause = Duration::from_millis(1);
-    let mut written = false;
+    let mut may_wait = false;
     if state.profiles.synced() >= wanted {
         return next.run(request).await;
     }
@@ -79,8 +86,9 @@ pub async fn wait_for_min_position(
         match state.profiles.sync(&state.read_model).await {
             Ok(reached) if reached >= wanted => return next.run(request).await,
             // Behind: first make sure the position exists at all, rather than wait for a
-            // message nobody has written (a made-up number would hold a connection in vain).
-            Ok(_) if !written => match state.store.last_position().await {
+            // message nobody has written (a made-up number would hold a connection in vain),
+            // and that the caller's account may still be active.
+            Ok(_) if !may_wait => match state.store.last_position().await {
                 Ok(last) if wanted > last => {
                     return platform::Problem::new(
                         axum::http::StatusCode::BAD_REQUEST,
@@ -89,7 +97,10 @@ pub async fn wait_for_min_position(
                     .with_detail("X-Min-Position is beyond the last position written")
                     .into_response();
                 }
-                Ok(_) => written = true,
+                Ok(_) => match ensure_own_account_active(&state, &caller).await {
+                    Ok(()) => may_wait = true,
+                    Err(refused) => return refused.into_response(),
+                },
                 Err(error) => return ApiError::from(error).into_response(),
             },
             Ok(_) if Instant::now() >= deadline => {
@@ -203,9 +214,14 @@ async fn authorize_admin(state: &AppState, caller: &Caller) -> Result<(), ApiErr
     if caller.is_admin {
         return caller.ensure_admin(state).await;
     }
-    let own = own_profile(state, caller).await?;
-    caller.ensure_active(state, &own).await?;
+    ensure_own_account_active(state, caller).await?;
     Err(ApiError::Forbidden)
+}
+
+/// Refuses a caller whose account is not active, by the rule of their own routes.
+async fn ensure_own_account_active(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let own = own_profile(state, caller).await?;
+    caller.ensure_active(state, &own).await
 }
 
 /// What the users view holds for the caller.

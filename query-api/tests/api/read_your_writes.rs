@@ -137,3 +137,38 @@ async fn a_request_without_a_valid_token_is_refused_before_it_waits() {
         "it waited before checking the token"
     );
 }
+
+#[tokio::test]
+async fn a_deactivated_caller_is_refused_before_it_waits() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
+    // One the view shows deactivated, and one the view has not seen at all: the account's
+    // stream says so.
+    let shown = app
+        .seed_user("ann@example.com", "deactivated", &["user"])
+        .await;
+    let unseen = app.register("bob@example.com", &["user"]).await;
+    app.deactivate(unseen).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
+    let started = Instant::now();
+    for id in [shown.id, unseen] {
+        let response = app
+            .client
+            .get(app.url("/users/me"))
+            .bearer_auth(app.token_for(id, &["user"]))
+            .header("X-Min-Position", written.to_string())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = problem(response).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("invalid_token")),
+            "{id}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "it waited before checking the account"
+    );
+}
