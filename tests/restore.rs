@@ -3,7 +3,8 @@
 //! logical-replication copy for a major-version upgrade, makes one) goes on writing above its
 //! stored positions, so the aggregator, `X-Min-Position` and a rebuild all see what is written
 //! after the move (docs/adr/0007). Once with the read model moved along in the same database,
-//! once with the read model staying on a server of its own.
+//! once with the read model staying on a server of its own, and once with that read model newer
+//! than the backup: the aggregator halts it until it is rebuilt from the store.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
@@ -38,7 +39,7 @@ async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
     drop(old);
 
     let deployment = Deployment::new("restore-young", &url);
-    goes_on_above(&deployment, &url, &url, before).await;
+    goes_on_above(&deployment, &url, &url, before, "third@example.com").await;
 
     // A rebuild from zero reads the old messages and the new ones in one order, and ends in the
     // view the live worker built.
@@ -69,7 +70,114 @@ async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_it
     drop(old);
 
     let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
-    goes_on_above(&deployment, &url, &read_model_url, before).await;
+    goes_on_above(
+        &deployment,
+        &url,
+        &read_model_url,
+        before,
+        "third@example.com",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() {
+    let models = PrivateCluster::start().await;
+    let read_model_url = models.create_database("read_model").await;
+    let old = PrivateCluster::start().await;
+    let old_url = old.create_database("identity").await;
+    age(&old_url).await;
+    let deployment = Deployment::new("restore-old", &old_url).with_read_model(&read_model_url);
+    write_before_the_move(&deployment, &read_model_url).await;
+    // The backup is taken here; the old store goes on, and the read model with it.
+    let young = PrivateCluster::start().await;
+    let url = old.copy_database_to("identity", &young).await;
+    let lost = write_after_the_backup(&deployment, &read_model_url).await;
+    drop(old);
+
+    let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
+    let client = client();
+    let services = start_services(
+        &deployment,
+        &client,
+        &["command-api", "aggregator", "query-api"],
+    )
+    .await;
+    wait_for_metric(
+        &client,
+        services.aggregator_port,
+        "projection_halted{projection=\"users\"} 1",
+    )
+    .await;
+    // What is written meanwhile lands above everything the read model has seen.
+    let (_, registered) = register(&client, services.command_port, "third@example.com").await;
+    assert!(
+        registered > lost,
+        "{registered} is not above the lost {lost}"
+    );
+    drop(services);
+
+    deployment.run_to_completion("aggregator", &["rebuild", "--projection", "users"]);
+    let pool = PgPool::connect(&read_model_url).await.unwrap();
+    let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM users ORDER BY email")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        emails,
+        [
+            "first@example.com",
+            "second@example.com",
+            "third@example.com"
+        ],
+        "the rebuilt view must hold what the store holds"
+    );
+    goes_on_above(
+        &deployment,
+        &url,
+        &read_model_url,
+        registered,
+        "fourth@example.com",
+    )
+    .await;
+}
+
+/// Registers an account on the old store after the backup was taken, waits until the read
+/// model has it, and returns the position it got.
+async fn write_after_the_backup(deployment: &Deployment, read_model_url: &str) -> u64 {
+    let client = client();
+    let services = start_services(deployment, &client, &["command-api", "aggregator"]).await;
+    let (_, position) = register(&client, services.command_port, "lost@example.com").await;
+    wait_for_checkpoint(
+        read_model_url,
+        position,
+        Duration::from_secs(30),
+        &deployment.logs,
+    )
+    .await;
+    position
+}
+
+async fn wait_for_metric(client: &reqwest::Client, port: u16, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.lines().any(|candidate| candidate == line) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the aggregator's metrics never showed `{line}`"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs enough transactions on the cluster of `url` that its transaction counter is far ahead
@@ -112,7 +220,13 @@ async fn write_before_the_move(deployment: &Deployment, read_model_url: &str) ->
 
 /// Registers and logs in on the moved store and checks that its positions lie above `before`,
 /// that the aggregator projects them and that a read waiting for them sees them.
-async fn goes_on_above(deployment: &Deployment, url: &str, read_model_url: &str, before: u64) {
+async fn goes_on_above(
+    deployment: &Deployment,
+    url: &str,
+    read_model_url: &str,
+    before: u64,
+    email: &str,
+) {
     let client = client();
     let services = start_services(
         deployment,
@@ -120,18 +234,12 @@ async fn goes_on_above(deployment: &Deployment, url: &str, read_model_url: &str,
         &["command-api", "aggregator", "query-api"],
     )
     .await;
-    let (id, registered) = register(&client, services.command_port, "third@example.com").await;
+    let (id, registered) = register(&client, services.command_port, email).await;
     assert!(
         registered > before,
         "a registration after the move got position {registered}, not above {before}"
     );
-    let token = token(
-        &client,
-        services.command_port,
-        "third@example.com",
-        PASSWORD,
-    )
-    .await;
+    let token = token(&client, services.command_port, email, PASSWORD).await;
     let pool = PgPool::connect(url).await.unwrap();
     let head = store_head(&pool).await;
 

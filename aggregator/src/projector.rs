@@ -364,6 +364,9 @@ impl Projector {
                     self.forget();
                     continue;
                 }
+                if let Some(reason) = self.store_behind(from).await? {
+                    return Ok(self.halt(from, reason));
+                }
                 metrics::gauge!("projection_lag_events", "projection" => self.name()).set(0.0);
                 return Ok(Outcome::Idle);
             }
@@ -398,18 +401,12 @@ impl Projector {
             self.position.send_replace(to);
             self.measure_lag(to).await;
             if let Some(reason) = poison {
-                tracing::error!(
-                    projection = name,
-                    checkpoint = to,
-                    %reason,
-                    "projection halted: an event it knows cannot be applied; the checkpoint \
-                     stays before it. Fix the event's reader (an upcaster) or the data, then \
-                     restart the aggregator"
+                let reason = format!(
+                    "an event it knows cannot be applied ({reason}); the checkpoint stays before \
+                     it. Fix the event's reader (an upcaster) or the data, then restart the \
+                     aggregator"
                 );
-                metrics::gauge!("projection_halted", "projection" => name).set(1.0);
-                self.halted = Some(reason.clone());
-                self.forget();
-                return Ok(Outcome::Halted { reason });
+                return Ok(self.halt(to, reason));
             }
             return Ok(Outcome::Applied {
                 events,
@@ -417,6 +414,36 @@ impl Projector {
                 position: to,
             });
         }
+    }
+
+    /// Stops the projection where it is, until the process restarts, and says why.
+    fn halt(&mut self, checkpoint: GlobalPosition, reason: String) -> Outcome {
+        let name = self.name();
+        tracing::error!(projection = name, checkpoint, %reason, "projection halted");
+        metrics::gauge!("projection_halted", "projection" => name).set(1.0);
+        self.halted = Some(reason.clone());
+        self.forget();
+        Outcome::Halted { reason }
+    }
+
+    /// Why the projection must not go on from `checkpoint`, when the store's last message lies
+    /// below it: the view holds events the store no longer has (a restore from an older point,
+    /// or a failover that lost commits the read model had applied), and new messages could be
+    /// written at positions the checkpoint has passed, where this worker would never see them.
+    async fn store_behind(
+        &self,
+        checkpoint: GlobalPosition,
+    ) -> Result<Option<String>, ProjectorError> {
+        let last = self.store.last_position().await?;
+        Ok((last < checkpoint).then(|| {
+            format!(
+                "the read model has applied events up to position {checkpoint}, but the message \
+                 store's last position is {last}: the store was restored from an older point, or \
+                 a failover lost commits. Rebuild the view from the store (`aggregator rebuild \
+                 --projection {}`), then restart the aggregator",
+                self.target.checkpoint
+            )
+        }))
     }
 
     /// Whether this worker may write on top of `stored`: it folds the view's version, and no

@@ -429,3 +429,35 @@ async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_an
     holder_task.abort();
     standby_task.abort();
 }
+
+#[tokio::test]
+async fn a_view_ahead_of_its_store_halts_the_projection_and_says_to_rebuild() {
+    // A read model on a server of its own, and a store restored from a point before its last
+    // messages: the view holds events the store no longer has.
+    let env = env_apart().await;
+    let writer = Writer::new(env.store.clone());
+    writer.random_history(3, 2).await;
+    settle(&env.store, writer.last()).await;
+    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    drain(&mut projector, &env.read_model, writer.last()).await;
+    let store_pool = env.db.pool().await;
+    sqlx::query(
+        "DELETE FROM messages WHERE global_position > \
+         (SELECT min(global_position) FROM messages)",
+    )
+    .execute(&store_pool)
+    .await
+    .unwrap();
+
+    let outcome = projector.process_next_batch().await.unwrap();
+
+    let Outcome::Halted { reason } = outcome else {
+        panic!("a view ahead of its store must halt the projection: {outcome:?}")
+    };
+    assert!(
+        reason.contains("aggregator rebuild") && reason.contains(&writer.last().to_string()),
+        "{reason}"
+    );
+    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(checkpoint.position, writer.last(), "the checkpoint moved");
+}

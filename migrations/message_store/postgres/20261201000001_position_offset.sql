@@ -43,6 +43,11 @@ $$;
 -- Raises the offset, if it must, so that every transaction from now on writes above the
 -- largest stored position, and returns the offset. Serialised by the table lock, so two
 -- processes starting at once raise it once; appends only read the table and are not blocked.
+--
+-- When it raises it, it adds a margin of 2^32 transactions: a consumer on another server (a read
+-- model newer than the restored dump) may have seen positions the copied store never held, and
+-- new messages must land above those too, or that consumer would pass them by. Positions have
+-- room for 2^15 such jumps.
 CREATE OR REPLACE FUNCTION message_store_advance_offset() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -56,6 +61,7 @@ BEGIN
     needed := (coalesce(largest, -1) >> 16) + 1
               - pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
     IF needed > current_offset THEN
+        needed := needed + (1::bigint << 32);
         UPDATE message_store_position_offset SET transactions = needed;
         RETURN needed;
     END IF;
