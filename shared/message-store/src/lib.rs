@@ -203,6 +203,10 @@ impl StoreError {
 /// restarted or closed it while it sat idle), so the same call on another connection may work.
 trait LostConnection {
     fn lost_its_connection(&self) -> bool;
+
+    /// Whether the server answered as a read-only standby (SQLSTATE 25006): the connection
+    /// reaches a server a failover demoted, and a new one may reach the new primary.
+    fn met_a_read_only_server(&self) -> bool;
 }
 
 impl LostConnection for StoreError {
@@ -212,11 +216,24 @@ impl LostConnection for StoreError {
             _ => false,
         }
     }
+
+    fn met_a_read_only_server(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::Database(error)) => {
+                error.code().as_deref() == Some("25006")
+            }
+            _ => false,
+        }
+    }
 }
 
 impl LostConnection for AppendError {
     fn lost_its_connection(&self) -> bool {
         matches!(self, Self::Store(error) if error.lost_its_connection())
+    }
+
+    fn met_a_read_only_server(&self) -> bool {
+        matches!(self, Self::Store(error) if error.met_a_read_only_server())
     }
 }
 
@@ -255,9 +272,12 @@ fn database_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// See [`LostConnection`]. Not a refused connection: a server that is down
-/// refuses every new one, and trying again at once would only repeat the refusal.
-fn connection_lost(error: &sqlx::Error) -> bool {
+/// Whether a call failed because its pooled connection had died (the server restarted or
+/// closed it while it sat idle), so the same call on another connection may work. The store
+/// retries on it, at most once per connection of its pool, and so may any other reader with a
+/// pool of its own. Not a refused connection: a server that is down refuses every new one,
+/// and trying again at once would only repeat the refusal.
+pub fn connection_lost(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,

@@ -120,6 +120,7 @@ pub struct PostgresMessageStore {
 
 struct Inner {
     pool: PgPool,
+    reconnect: Arc<Reconnect>,
     poll_interval: Duration,
     /// Signalled after every committed append; the notifier turns it into one NOTIFY.
     committed: Arc<Notify>,
@@ -131,11 +132,16 @@ impl PostgresMessageStore {
     /// `poll_interval`. Must be called inside a Tokio runtime: it starts the notifier. The
     /// pool's connections should come from [`connect_options`]; others work, more slowly.
     pub fn new(pool: PgPool, poll_interval: Duration) -> Self {
+        Self::start(pool, poll_interval, Arc::default())
+    }
+
+    fn start(pool: PgPool, poll_interval: Duration, reconnect: Arc<Reconnect>) -> Self {
         let committed = Arc::new(Notify::new());
         let notifier = tokio::spawn(notify_after_commits(pool.clone(), committed.clone()));
         Self {
             inner: Arc::new(Inner {
                 pool,
+                reconnect,
                 poll_interval,
                 committed,
                 _notifier: AbortOnDrop(notifier),
@@ -146,16 +152,22 @@ impl PostgresMessageStore {
     /// Connects a pool of `options.max_connections` to `url` with [`connect_options`], applies
     /// the migrations and starts the store.
     pub async fn connect(url: &str, options: &crate::ConnectOptions) -> Result<Self, StoreError> {
+        let reconnect = Arc::new(Reconnect::default());
+        let before_acquire = reconnect.clone();
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            // No ping before each use: that is a round trip per append. A broken connection
-            // fails its statement and leaves the pool; the caller sees a store error.
+            // No ping before each use: that is a round trip per append. A call that meets a
+            // connection that died in the pool runs again on another (`retrying`).
             .test_before_acquire(false)
+            .before_acquire(move |_, connection| {
+                let keep = !before_acquire.opened_before_the_mark(connection.age);
+                Box::pin(async move { Ok(keep) })
+            })
             .connect_with(connect_options(url)?)
             .await?;
         Self::migrate(&pool).await?;
-        Ok(Self::new(pool, options.poll_interval))
+        Ok(Self::start(pool, options.poll_interval, reconnect))
     }
 
     /// Creates or updates the message store's tables. Applying them again changes nothing.
@@ -242,6 +254,16 @@ impl PostgresMessageStore {
                     retries_left -= 1;
                     tracing::debug!("a pooled connection to the message store had died; retrying");
                 }
+                Err(error) if error.met_a_read_only_server() => {
+                    self.inner.reconnect.set_mark();
+                    if retries_left == 0 {
+                        return Err(error);
+                    }
+                    retries_left = 0;
+                    tracing::warn!(
+                        "the message store's server is read-only (a failover?); reconnecting"
+                    );
+                }
                 outcome => return outcome,
             }
         }
@@ -293,6 +315,37 @@ async fn positions_behind(connection: &mut PgConnection) -> Result<Option<StoreE
             stored: to_u64(stored),
             floor: to_u64(floor),
         }))
+}
+
+/// Connections opened before the mark are closed rather than used. The mark is set when the
+/// server answers as a read-only standby (a failover demoted it while the pool's connections
+/// stayed open to it, as a managed service's writer endpoint moving to another instance leaves
+/// them): reconnecting reaches whatever the address names now, the new primary. Checked from
+/// the connection's age as the pool hands it out, without a round trip.
+#[derive(Default)]
+struct Reconnect {
+    mark: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Reconnect {
+    fn set_mark(&self) {
+        *self
+            .mark
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+    }
+
+    fn opened_before_the_mark(&self, age: Duration) -> bool {
+        let mark = *self
+            .mark
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        mark.is_some_and(|mark| {
+            std::time::Instant::now()
+                .checked_sub(age)
+                .is_some_and(|opened| opened < mark)
+        })
+    }
 }
 
 /// Takes the streams' locks, then answers from what is stored (an idempotent retry or a

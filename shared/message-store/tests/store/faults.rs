@@ -75,34 +75,60 @@ async fn after_a_server_restart_no_call_fails_on_a_connection_that_died_in_the_p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_database_is_unavailable_not_a_fault() {
-    // What a former primary answers after a failover demoted it to a standby: 25006.
+async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_it_is_not() {
+    // What a primary demoted by a failover answers (25006) to connections that stayed open to
+    // it, while new connections reach the new primary.
     let database = TestDatabase::new().await;
-    let pool = database.pool().await;
-    PostgresMessageStore::migrate(&pool).await.unwrap();
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
-        database.name()
-    ))
-    .execute(&pool)
+    let admin = database.pool().await;
+    let store = PostgresMessageStore::connect(
+        database.url(),
+        &ConnectOptions {
+            max_connections: 4,
+            poll_interval: NO_POLLING,
+        },
+    )
     .await
     .unwrap();
-    let read_only = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(database.url())
-        .await
-        .unwrap();
-    let store = PostgresMessageStore::new(read_only, NO_POLLING);
+    store.append(one_message()).await.unwrap();
+    set_read_only(&database, &admin, true).await;
+    // The store's connections were opened before: end them, so that it reopens them read-only.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
 
     let refused = store.append(one_message()).await;
 
     let Err(AppendError::Store(error)) = refused else {
-        panic!("an append to a read-only database must fail in the store: {refused:?}");
+        panic!("an append to a read-only server must fail in the store: {refused:?}");
     };
     assert!(
         error.is_unavailable(),
-        "a read-only database must be unavailable, not a fault: {error:?}"
+        "a read-only server must be unavailable, not a fault: {error:?}"
     );
+
+    // The failover completes: new connections reach a writable server, the pool's old ones
+    // still reach the read-only one.
+    set_read_only(&database, &admin, false).await;
+    store
+        .append(one_message())
+        .await
+        .expect("the store kept using its connections to the read-only server");
+}
+
+async fn set_read_only(database: &TestDatabase, admin: &sqlx::PgPool, read_only: bool) {
+    // READ WRITE: the admin's own connection may have been reopened read-only.
+    sqlx::raw_sql(&format!(
+        "BEGIN READ WRITE; \
+         ALTER DATABASE \"{}\" SET default_transaction_read_only = {read_only}; COMMIT",
+        database.name()
+    ))
+    .execute(admin)
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
