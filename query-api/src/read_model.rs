@@ -61,8 +61,9 @@ impl ReadModel {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            // No ping before each lookup: a broken connection fails its query, is dropped
-            // from the pool, and the client gets a retryable 503.
+            // No ping before each lookup: that is a round trip per request. A connection that
+            // died in the pool fails its query and leaves it, and the read is run again on
+            // another ([`retrying`]).
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
@@ -71,7 +72,9 @@ impl ReadModel {
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         match self {
-            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Postgres(pool) => retrying(pool, || sqlx::query("SELECT 1").execute(pool))
+                .await
+                .map(drop),
             Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
         }
     }
@@ -96,12 +99,15 @@ impl ReadModel {
                 } else {
                     format!("{with_checkpoint} WHERE id = ANY($1)")
                 };
-                let query = sqlx::query(&sql);
-                let query = match ids {
-                    [id] => query.bind(*id),
-                    _ => query.bind(ids),
-                };
-                let rows = query.fetch_all(pool).await?;
+                let rows = retrying(pool, || {
+                    let query = sqlx::query(&sql);
+                    let query = match ids {
+                        [id] => query.bind(*id),
+                        _ => query.bind(ids),
+                    };
+                    query.fetch_all(pool)
+                })
+                .await?;
                 rows.iter()
                     .map(|row| {
                         Ok(Read {
@@ -146,20 +152,24 @@ impl ReadModel {
         let one_more = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
         let ((version, checkpoint), rows) = match self {
             Self::Postgres(pool) => {
-                let mut transaction = pool.begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .execute(&mut *transaction)
-                    .await?;
-                let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
-                    .bind(USERS_PROJECTION)
-                    .fetch_optional(&mut *transaction)
-                    .await?;
-                let rows = sqlx::query(&sql)
-                    .bind(after)
-                    .bind(one_more)
-                    .fetch_all(&mut *transaction)
-                    .await?;
-                transaction.commit().await?;
+                let (checkpoint, rows) = retrying(pool, || async {
+                    let mut transaction = pool.begin().await?;
+                    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        .execute(&mut *transaction)
+                        .await?;
+                    let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
+                        .bind(USERS_PROJECTION)
+                        .fetch_optional(&mut *transaction)
+                        .await?;
+                    let rows = sqlx::query(&sql)
+                        .bind(after)
+                        .bind(one_more)
+                        .fetch_all(&mut *transaction)
+                        .await?;
+                    transaction.commit().await?;
+                    Ok((checkpoint, rows))
+                })
+                .await?;
                 let rows = rows
                     .iter()
                     .map(pg_versioned)
@@ -201,7 +211,8 @@ impl ReadModel {
         let sql = format!("SELECT {COLUMNS} FROM users WHERE email_normalized = $1 ORDER BY id");
         match self {
             Self::Postgres(pool) => {
-                let rows = sqlx::query(&sql).bind(normalized).fetch_all(pool).await?;
+                let rows =
+                    retrying(pool, || sqlx::query(&sql).bind(normalized).fetch_all(pool)).await?;
                 rows.iter().map(pg_profile).collect()
             }
             Self::Sqlite(pool) => {
@@ -225,12 +236,14 @@ impl ReadModel {
         );
         match self {
             Self::Postgres(pool) => {
-                let rows = sqlx::query(&sql)
-                    .bind(status)
-                    .bind(after)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await?;
+                let rows = retrying(pool, || {
+                    sqlx::query(&sql)
+                        .bind(status)
+                        .bind(after)
+                        .bind(i64::from(limit))
+                        .fetch_all(pool)
+                })
+                .await?;
                 rows.iter().map(pg_profile).collect()
             }
             Self::Sqlite(pool) => {
@@ -249,10 +262,12 @@ impl ReadModel {
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
         let row: Option<(i32, i64)> = match self {
             Self::Postgres(pool) => {
-                sqlx::query_as(CHECKPOINT)
-                    .bind(USERS_PROJECTION)
-                    .fetch_optional(pool)
-                    .await?
+                retrying(pool, || {
+                    sqlx::query_as(CHECKPOINT)
+                        .bind(USERS_PROJECTION)
+                        .fetch_optional(pool)
+                })
+                .await?
             }
             Self::Sqlite(pool) => {
                 sqlx::query_as(CHECKPOINT)
@@ -262,6 +277,28 @@ impl ReadModel {
             }
         };
         Ok(to_checkpoint(row))
+    }
+}
+
+/// Runs `read` again when it failed because its pooled connection had died
+/// ([`message_store::connection_lost`], the rule the message store retries by): after a
+/// database restart every idle connection in the pool is dead, and without this each of them
+/// would fail one request with a 503. At most once per connection of the pool, since each
+/// failure discards one; a server that is down refuses new connections, which ends it at once.
+async fn retrying<T, Read, Fut>(pool: &PgPool, mut read: Read) -> Result<T, sqlx::Error>
+where
+    Read: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut retries_left = pool.options().get_max_connections();
+    loop {
+        match read().await {
+            Err(error) if retries_left > 0 && message_store::connection_lost(&error) => {
+                retries_left -= 1;
+                tracing::debug!("a pooled connection to the read model had died; retrying");
+            }
+            outcome => return outcome,
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use platform::clock::{Clock, SystemClock};
 use query_api::Settings;
 use serde_json::json;
 use sqlx::PgPool;
-use test_support::TestDatabase;
+use test_support::{PrivateCluster, TestDatabase};
 use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -59,6 +59,17 @@ pub async fn spawn_apart(configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_on(database, Some(read_model), configure).await
 }
 
+/// Store and read model in one database of `cluster`, a server the test may stop and restart;
+/// and the running query API's state, to reach its pools (holding it keeps them open).
+pub async fn spawn_on_cluster(
+    cluster: &PrivateCluster,
+    configure: impl FnOnce(&mut Settings),
+) -> (TestApp, query_api::AppState) {
+    let url = cluster.create_database("identity").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    start(url.clone(), url, pool, None, None, configure).await
+}
+
 async fn spawn_on(
     database: TestDatabase,
     read_model_database: Option<TestDatabase>,
@@ -75,6 +86,7 @@ async fn spawn_on(
         configure,
     )
     .await
+    .0
 }
 
 async fn start(
@@ -84,7 +96,7 @@ async fn start(
     database: Option<TestDatabase>,
     read_model_database: Option<TestDatabase>,
     configure: impl FnOnce(&mut Settings),
-) -> TestApp {
+) -> (TestApp, query_api::AppState) {
     let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
     migrator.set_ignore_missing(true);
     migrator.run(&pool).await.unwrap();
@@ -111,11 +123,12 @@ async fn start(
         .await
         .unwrap();
     let address = format!("http://127.0.0.1:{}", application.port());
+    let state = application.state().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(application.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    TestApp {
+    let app = TestApp {
         address,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -132,7 +145,8 @@ async fn start(
         stop: Some(stop),
         running: Some(running),
         _database: database,
-    }
+    };
+    (app, state)
 }
 
 pub fn now() -> DateTime<Utc> {

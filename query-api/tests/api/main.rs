@@ -13,6 +13,7 @@ mod kept_profiles;
 mod lists;
 mod profiles;
 mod read_your_writes;
+mod restart;
 mod service;
 mod shutdown;
 mod token_attacks;
