@@ -855,3 +855,31 @@ async fn an_event_committed_late_by_a_slow_transaction_is_applied_after_later_po
     }
     let _ = std::fs::remove_dir_all(&logs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_demoted_to_read_only_answers_503_with_retry_after_and_heals() {
+    let database = TestDatabase::new().await;
+    let deployment = Deployment::new("faults-read-only", database.url());
+    let client = client();
+    let services = start_services(&deployment, &client, &["command-api"]).await;
+    let port = services.command_port;
+    register(&client, port, "before@example.com").await;
+
+    // A failover demotes the server the command API is connected to.
+    database.set_read_only(true).await;
+    database.end_sessions().await;
+    let refused = client
+        .post(format!("http://127.0.0.1:{port}/users"))
+        .json(&json!({ "email": "during@example.com", "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable");
+
+    // The new primary answers; the command API's old connections still reach the demoted one.
+    database.set_read_only(false).await;
+    register(&client, port, "after@example.com").await;
+}

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sqlx::Connection;
 
 struct Running(Child);
 
@@ -186,4 +187,53 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
     assert_eq!(duplicate.status(), 409, "the email reservation was lost");
     interrupt(running);
     let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[tokio::test]
+async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_heals() {
+    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let register = |email: &str| {
+        client
+            .post(url("/users"))
+            .json(&json!({ "email": email, "password": "correct horse battery" }))
+            .send()
+    };
+    let _running = start(&directory, port);
+    wait_until_ready(&client, port).await;
+
+    // Another program (a backup tool, a sqlite3 shell) holds the file's write lock for longer
+    // than the service's busy timeout.
+    let mut other = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new().filename(directory.join("data/identity.db")),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let refused = register("locked@example.com").await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.headers()["retry-after"],
+        "1",
+        "a 503 must say when to retry"
+    );
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable");
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let registered = register("locked@example.com").await.unwrap();
+    assert_eq!(registered.status(), 201, "the service did not heal");
 }

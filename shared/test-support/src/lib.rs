@@ -116,6 +116,41 @@ impl TestDatabase {
         }
     }
 
+    /// Makes the sessions that start from now on read-only, or writable again: what a server
+    /// demoted to a standby by a failover answers (SQLSTATE 25006). Sessions already open keep
+    /// what they had; [`Self::end_sessions`] ends them.
+    pub async fn set_read_only(&self, read_only: bool) {
+        self.on_the_server(&format!(
+            r#"ALTER DATABASE "{}" SET default_transaction_read_only = {read_only}"#,
+            self.name
+        ))
+        .await;
+    }
+
+    /// Ends every session open on this database, as a server restart does to its clients.
+    pub async fn end_sessions(&self) {
+        self.on_the_server(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+            self.name
+        ))
+        .await;
+    }
+
+    /// Runs `sql` on the server's maintenance database.
+    async fn on_the_server(&self, sql: &str) {
+        let mut admin = self
+            .server
+            .admin
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        admin
+            .execute(sql)
+            .await
+            .unwrap_or_else(|error| panic!("running {sql}: {error}"));
+        admin.close().await.ok();
+    }
+
     /// A pool on this database.
     pub async fn pool(&self) -> PgPool {
         self.pool_with(PgPoolOptions::new().max_connections(10))

@@ -79,7 +79,6 @@ async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_
     // What a primary demoted by a failover answers (25006) to connections that stayed open to
     // it, while new connections reach the new primary.
     let database = TestDatabase::new().await;
-    let admin = database.pool().await;
     let store = PostgresMessageStore::connect(
         database.url(),
         &ConnectOptions {
@@ -90,15 +89,9 @@ async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_
     .await
     .unwrap();
     store.append(one_message()).await.unwrap();
-    set_read_only(&database, &admin, true).await;
+    database.set_read_only(true).await;
     // The store's connections were opened before: end them, so that it reopens them read-only.
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
+    database.end_sessions().await;
 
     let refused = store.append(one_message()).await;
 
@@ -112,23 +105,11 @@ async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_
 
     // The failover completes: new connections reach a writable server, the pool's old ones
     // still reach the read-only one.
-    set_read_only(&database, &admin, false).await;
+    database.set_read_only(false).await;
     store
         .append(one_message())
         .await
         .expect("the store kept using its connections to the read-only server");
-}
-
-async fn set_read_only(database: &TestDatabase, admin: &sqlx::PgPool, read_only: bool) {
-    // READ WRITE: the admin's own connection may have been reopened read-only.
-    sqlx::raw_sql(&format!(
-        "BEGIN READ WRITE; \
-         ALTER DATABASE \"{}\" SET default_transaction_read_only = {read_only}; COMMIT",
-        database.name()
-    ))
-    .execute(admin)
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
