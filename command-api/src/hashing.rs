@@ -6,14 +6,21 @@
 //! core (a semaphore hands out the cores), and at most `max_waiting` more may wait for a core;
 //! beyond that the caller is told to come back ([`HashError::Busy`], a 429).
 //!
+//! A check against a hash made before the parameters were raised runs faster than one against
+//! a hash of today's parameters, such as the dummy hash an unknown email is checked against. So
+//! every check also says how much sooner than a check at today's parameters it ended
+//! ([`Verified::shortfall`], from the median of the recent ones), and a caller that must not
+//! show which hash it checked waits that much longer.
+//!
 //! The threads are the service's own rather than the runtime's blocking pool: the allocator
 //! keeps a freed hash's memory in the arena of the thread that used it, so a blocking pool that
 //! grows to dozens of threads under a burst ends up holding a hash's memory in each of them
 //! (hundreds of MiB), while a thread per core holds one each.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{Output, ParamsString, SaltString};
@@ -30,6 +37,15 @@ pub enum HashError {
     Busy,
     #[error("password hashing failed: {0}")]
     Failed(String),
+}
+
+/// The outcome of a password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    pub matches: bool,
+    /// How much sooner than a check at the configured parameters this one ended: zero for a hash
+    /// of today's parameters, more for an older, weaker one.
+    pub shortfall: Duration,
 }
 
 /// Hashes and verifies passwords; cheap to clone.
@@ -68,6 +84,29 @@ struct Inner {
     /// A hash of a random password with the configured parameters: an unknown email is
     /// verified against it, so it costs what a wrong password costs.
     dummy: PasswordHash,
+    /// How long hashes and checks at the configured parameters took lately, once they had a core.
+    recent: Mutex<RecentCosts>,
+}
+
+/// The last few durations of hashes at the configured parameters; their median is what a check
+/// at those parameters takes now, on this machine under its present load.
+struct RecentCosts(VecDeque<Duration>);
+
+impl RecentCosts {
+    const KEPT: usize = 15;
+
+    fn record(&mut self, took: Duration) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(took);
+    }
+
+    fn median(&self) -> Duration {
+        let mut sorted: Vec<Duration> = self.0.iter().copied().collect();
+        sorted.sort();
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
 }
 
 impl Hasher {
@@ -83,7 +122,10 @@ impl Hasher {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let dummy_password = Password::for_verification(uuid::Uuid::new_v4().to_string())
             .map_err(|error| anyhow::anyhow!("making the dummy password: {error}"))?;
+        let started = Instant::now();
         let dummy = hash_now(&params, &dummy_password, &mut Memory::default())?;
+        let mut recent = RecentCosts(VecDeque::with_capacity(RecentCosts::KEPT));
+        recent.record(started.elapsed());
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let queue = Arc::new(std::sync::Mutex::new(queue));
         for n in 0..cores {
@@ -113,6 +155,7 @@ impl Hasher {
                 waiting: AtomicUsize::new(0),
                 max_waiting,
                 dummy,
+                recent: Mutex::new(recent),
             }),
         })
     }
@@ -120,10 +163,13 @@ impl Hasher {
     /// A new hash of `password` with the configured parameters.
     pub async fn hash(&self, password: Password) -> Result<PasswordHash, HashError> {
         let params = self.inner.params.clone();
-        self.run(move |memory| {
-            hash_now(&params, &password, memory).map_err(|e| HashError::Failed(e.to_string()))
-        })
-        .await?
+        let (hashed, took) = self
+            .run(move |memory| {
+                hash_now(&params, &password, memory).map_err(|e| HashError::Failed(e.to_string()))
+            })
+            .await?;
+        self.recent().record(took);
+        hashed
     }
 
     /// Whether `password` matches `hash`; with no hash (no such account), the dummy is checked
@@ -132,26 +178,32 @@ impl Hasher {
         &self,
         password: Password,
         hash: Option<PasswordHash>,
-    ) -> Result<bool, HashError> {
+    ) -> Result<Verified, HashError> {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.inner.dummy.clone());
-        let matches = self
+        let configured = self.stored_params(&hash).is_some_and(|(_, stored)| {
+            let wanted = &self.inner.params;
+            (stored.m_cost(), stored.t_cost(), stored.p_cost())
+                == (wanted.m_cost(), wanted.t_cost(), wanted.p_cost())
+        });
+        let (matches, took) = self
             .run(move |memory| verify_now(&password, &hash, memory))
             .await?;
-        Ok(known && matches)
+        let shortfall = if configured {
+            self.recent().record(took);
+            Duration::ZERO
+        } else {
+            self.recent().median().saturating_sub(took)
+        };
+        Ok(Verified {
+            matches: known && matches,
+            shortfall,
+        })
     }
 
     /// Whether `hash` was made with weaker parameters (or another algorithm) than configured.
     pub fn needs_rehash(&self, hash: &PasswordHash) -> bool {
-        let Ok(parsed) = argon2::password_hash::PasswordHash::new(hash.as_str()) else {
-            return true;
-        };
-        if parsed.algorithm != Algorithm::Argon2id.ident()
-            || parsed.version != Some(Version::V0x13.into())
-        {
-            return true;
-        }
-        let Ok(stored) = Params::try_from(&parsed) else {
+        let Some((true, stored)) = self.stored_params(hash) else {
             return true;
         };
         let wanted = &self.inner.params;
@@ -160,12 +212,32 @@ impl Hasher {
             || stored.p_cost() < wanted.p_cost()
     }
 
-    /// Runs `work` on a hashing thread once a core is free, timing it.
+    /// The argon2 parameters a hash was made with, and whether it is argon2id version 0x13, the
+    /// algorithm this hasher makes; `None` when it is no argon2 hash.
+    fn stored_params(&self, hash: &PasswordHash) -> Option<(bool, Params)> {
+        let parsed = argon2::password_hash::PasswordHash::new(hash.as_str()).ok()?;
+        let ours = parsed.algorithm == Algorithm::Argon2id.ident()
+            && parsed.version == Some(Version::V0x13.into());
+        let params = Params::try_from(&parsed).ok()?;
+        Some((ours, params))
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentCosts> {
+        // The costs are plain numbers: one left half-written by a panic is still a number.
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `work` on a hashing thread once a core is free; answers how long it took from then.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Memory) -> T + Send + 'static,
-    ) -> Result<T, HashError> {
+    ) -> Result<(T, Duration), HashError> {
         let permit = self.acquire().await?;
+        // From a core being free to the answer: what a caller waits, less the wait for a core.
+        let dispatched = Instant::now();
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |memory| {
             let started = Instant::now();
@@ -181,7 +253,7 @@ impl Hasher {
             .send(job)
             .map_err(|_| HashError::Failed("the hashing threads have stopped".into()))?;
         match answered.await {
-            Ok(Ok(result)) => Ok(result),
+            Ok(Ok(result)) => Ok((result, dispatched.elapsed())),
             Ok(Err(_)) => Err(HashError::Failed("the password hash panicked".into())),
             Err(_) => Err(HashError::Failed("the hashing thread went away".into())),
         }
@@ -315,19 +387,27 @@ mod tests {
                 .verify(password("correct horse"), Some(hash.clone()))
                 .await
                 .unwrap()
+                .matches
         );
         assert!(
             !hasher
                 .verify(password("wrong horse"), Some(hash))
                 .await
                 .unwrap()
+                .matches
         );
     }
 
     #[tokio::test]
     async fn without_a_hash_the_answer_is_no_even_for_the_dummy_password() {
         let hasher = Hasher::new(&cheap(), 4).unwrap();
-        assert!(!hasher.verify(password("anything"), None).await.unwrap());
+        assert!(
+            !hasher
+                .verify(password("anything"), None)
+                .await
+                .unwrap()
+                .matches
+        );
     }
 
     #[tokio::test]
@@ -349,6 +429,47 @@ mod tests {
         assert!(!weak.needs_rehash(&strong_hash));
         let bcrypt = PasswordHash::parse("$2b$12$abcdefghijklmnopqrstuv").unwrap();
         assert!(strong.needs_rehash(&bcrypt));
+    }
+
+    #[tokio::test]
+    async fn a_check_of_an_older_weaker_hash_says_how_much_sooner_it_ended_than_one_of_today() {
+        let weak = Hasher::new(&cheap(), 4).unwrap();
+        let strong = Hasher::new(
+            &PasswordSettings {
+                memory_kib: 8 * 1024,
+                iterations: 4,
+                ..PasswordSettings::default()
+            },
+            4,
+        )
+        .unwrap();
+        let old_hash = weak.hash(password("correct horse")).await.unwrap();
+        let new_hash = strong.hash(password("correct horse")).await.unwrap();
+        for _ in 0..3 {
+            strong.verify(password("warm up"), None).await.unwrap();
+        }
+        let typical = strong.recent().median();
+
+        let old = strong
+            .verify(password("wrong horse"), Some(old_hash.clone()))
+            .await
+            .unwrap();
+        assert!(!old.matches);
+        // The weak hash takes about a thirtieth of the strong one's time.
+        assert!(old.shortfall > typical / 2, "{old:?} against {typical:?}");
+        let new = strong
+            .verify(password("wrong horse"), Some(new_hash))
+            .await
+            .unwrap();
+        assert_eq!(new.shortfall, Duration::ZERO);
+        let unknown = strong.verify(password("wrong horse"), None).await.unwrap();
+        assert_eq!(unknown.shortfall, Duration::ZERO);
+        // And the right password on the old hash still matches.
+        let right = strong
+            .verify(password("correct horse"), Some(old_hash))
+            .await
+            .unwrap();
+        assert!(right.matches);
     }
 
     #[tokio::test]

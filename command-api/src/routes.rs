@@ -210,8 +210,8 @@ async fn register(
         (status = 413, description = "Body over 16 KiB", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`throttled`: too many password checks waiting; see Retry-After", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`throttled`: too many password checks waiting; see Retry-After. Answered like a refusal, for a known and an unknown email alike", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The message store is out of reach; retry after `Retry-After`. Answered like a refusal, for a known and an unknown email alike", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn login(
     State(state): State<AppState>,

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use identity::{
     ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
-    EVENT_VERSION_KEY, Email, InitialStatus, LockoutPolicy, LoginDecision, LoginEvent,
-    LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Register, Role,
+    EVENT_VERSION_KEY, Email, InitialStatus, LOGIN_CATEGORY, LockoutPolicy, LoginDecision,
+    LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Register, Role,
     USER_CATEGORY, UserAccount, UserCommand, UserEvent, UserId, change_of, decide,
     decide_administrators, decide_login, event_version, login_stream_name, user_id_of_stream,
     user_stream_name,
@@ -164,7 +164,13 @@ impl Commands {
         }))
     }
 
-    /// Logs in: one password check, then the decision on the account's last login event.
+    /// Logs in: the same store reads and one password check for every email, then the decision
+    /// on the account's last login event.
+    ///
+    /// Every answer but a success (a refusal, a full hash queue, the store out of reach) comes
+    /// `refusal_padding` after the password check ends, or after the start when there was none:
+    /// the store work only a known account costs happens within it, so neither the answer nor
+    /// its timing tells a known email from an unknown one.
     pub async fn login(&self, email: &str, password: String) -> Result<LoggedIn, ApiError> {
         let (Ok(email), Ok(password)) = (Email::parse(email), Password::for_verification(password))
         else {
@@ -173,56 +179,69 @@ impl Commands {
         };
         let started = Instant::now();
         let mut hashing = Duration::ZERO;
-        // Every refusal is answered at the same point after its start, less its own time
-        // spent on the password check (which is the same for every reason): known and unknown
-        // accounts differ only in store work, and that happens within the padding.
-        let refuse = |reason: &'static str, hashing: Duration| async move {
-            tokio::time::sleep_until((started + hashing + self.refusal_padding).into()).await;
-            record_login(reason);
-            Err(ApiError::InvalidCredentials)
-        };
-        let user = self.find_user(&email).await?;
+        match self.try_login(&email, password, &mut hashing).await {
+            Ok(logged_in) => {
+                record_login("granted");
+                Ok(logged_in)
+            }
+            Err(failed) => {
+                tokio::time::sleep_until((started + hashing + self.refusal_padding).into()).await;
+                record_login(failed.outcome);
+                Err(failed.error)
+            }
+        }
+    }
+
+    /// [`Self::login`] without the padding; adds the time its password check counts for to
+    /// `hashing`.
+    async fn try_login(
+        &self,
+        email: &Email,
+        password: Password,
+        hashing: &mut Duration,
+    ) -> Result<LoggedIn, Failed> {
+        let user = self.find_user(email).await?;
+        let streams = LoginStreams::of(user)?;
         // The verdict on one stored hash is kept across retries: a retry re-reads the streams,
         // and hashes again only if the password changed meanwhile.
         let mut verdict: Option<(Option<PasswordHash>, bool)> = None;
         for _ in 0..MAX_ATTEMPTS {
-            let loaded = match user {
-                Some(id) => self.load(id).await?,
-                None => Loaded::empty(),
-            };
+            let mut loaded = self.load_stream(&streams.user).await?;
+            if user.is_none() {
+                // Whatever the stream no account has may hold, no account is found.
+                loaded = Loaded::empty();
+            }
             let stored = loaded.account.account().map(|a| a.password_hash.clone());
             let matches = match &verdict {
                 Some((hash, matches)) if *hash == stored => *matches,
                 _ => {
                     let hashing_started = Instant::now();
                     let verified = self.hasher.verify(password.clone(), stored.clone()).await;
-                    hashing += hashing_started.elapsed();
-                    let matches = match verified {
-                        Ok(matches) => matches,
-                        Err(error) => {
-                            record_login("throttled");
-                            return Err(error.into());
-                        }
-                    };
-                    verdict = Some((stored.clone(), matches));
-                    matches
+                    *hashing += hashing_started.elapsed();
+                    let verified = verified.map_err(ApiError::from)?;
+                    // A hash older than the parameters checks faster than the dummy hash of an
+                    // unknown email; it counts as long as a check at today's parameters.
+                    *hashing += verified.shortfall;
+                    verdict = Some((stored.clone(), verified.matches));
+                    verified.matches
                 }
             };
-            let Some(account) = loaded.account.account() else {
-                return refuse("unknown_account", hashing).await;
-            };
-            let (state, login_version) = self.login_state(account.id).await?;
+            let (state, login_version) = self.login_state(&streams.login).await?;
             let now = self.clock.now();
             let decision = decide_login(&loaded.account, &state, matches, now, &self.lockout);
-            let granted = decision.is_granted();
-            let reason = match &decision {
+            let refused = match &decision {
                 LoginDecision::Granted { .. } => None,
-                LoginDecision::Refused { reason, .. } => Some(*reason),
+                LoginDecision::Refused { reason, .. } => Some(match reason {
+                    LoginRefusal::UnknownAccount => "unknown_account",
+                    LoginRefusal::WrongPassword => "wrong_password",
+                    LoginRefusal::NotActive => "not_active",
+                    LoginRefusal::Locked { .. } => "locked",
+                }),
             };
             let mut position = loaded.last_global;
             if let Some(event) = decision.into_event() {
                 let append = StreamAppend::new(
-                    login_stream(account.id)?,
+                    streams.login.clone(),
                     expected(login_version),
                     vec![login_message(&event)],
                 );
@@ -230,40 +249,36 @@ impl Commands {
                     Ok(appended) => position = appended.last_global_position(),
                     Err(AppendError::WrongExpectedVersion { .. }) => continue,
                     Err(error) => {
-                        return Err(anyhow::Error::new(error)
-                            .context("appending a login event")
-                            .into());
+                        let error = anyhow::Error::new(error).context("appending a login event");
+                        return Err(ApiError::from(error).into());
                     }
                 }
             }
-            if !granted {
-                let reason = match reason {
-                    Some(LoginRefusal::WrongPassword) => "wrong_password",
-                    Some(LoginRefusal::NotActive) => "not_active",
-                    Some(LoginRefusal::Locked { .. }) => "locked",
-                    Some(LoginRefusal::UnknownAccount) | None => "unknown_account",
-                };
-                return refuse(reason, hashing).await;
+            if let Some(outcome) = refused {
+                return Err(Failed::refused(outcome));
             }
+            let Some(account) = loaded.account.account() else {
+                return Err(Failed::refused("unknown_account"));
+            };
             let roles = account.roles.iter().copied().map(role_name).collect();
             let token = self
                 .issuer
                 .issue(*account.id.as_uuid(), roles, now)
-                .map_err(|error| anyhow::Error::new(error).context("issuing a token"))?;
+                .map_err(|error| anyhow::Error::new(error).context("issuing a token"))
+                .map_err(ApiError::from)?;
             if self.hasher.needs_rehash(&account.password_hash)
                 && let Some(rehashed) = self.rehash(&loaded, password.clone()).await?
             {
                 position = position.max(rehashed);
             }
-            record_login("granted");
             return Ok(LoggedIn { token, position });
         }
         // Every attempt lost the race to record it: many logins to one account at once.
         match verdict {
             // A wrong password is refused like any other, so contention, which only a known
             // account meets, does not show.
-            Some((_, false)) => refuse("contended", hashing).await,
-            _ => Err(ApiError::Throttled),
+            Some((_, false)) => Err(Failed::refused("contended")),
+            _ => Err(ApiError::Throttled.into()),
         }
     }
 
@@ -334,9 +349,10 @@ impl Commands {
         let matches = self
             .hasher
             .verify(current, Some(account.password_hash.clone()))
-            .await?;
+            .await?
+            .matches;
         for _ in 0..MAX_ATTEMPTS {
-            let (state, login_version) = self.login_state(id).await?;
+            let (state, login_version) = self.login_state(&login_stream(id)?).await?;
             let now = self.clock.now();
             if state.locked_until(now).is_some() {
                 return Err(ApiError::InvalidCredentials);
@@ -540,13 +556,16 @@ impl Commands {
     /// Folds a user stream. It holds registration, status and password changes only (never
     /// logins), so it stays short.
     async fn load(&self, id: UserId) -> Result<Loaded, ApiError> {
+        self.load_stream(&user_stream(id)?).await
+    }
+
+    async fn load_stream(&self, stream: &StreamName) -> Result<Loaded, ApiError> {
         const BATCH: usize = 1000;
-        let stream = user_stream(id)?;
         let mut loaded = Loaded::empty();
         let mut events = Vec::new();
         let mut from = 0;
         loop {
-            let batch = self.store.read_stream(&stream, from, BATCH).await?;
+            let batch = self.store.read_stream(stream, from, BATCH).await?;
             for message in &batch {
                 events.push(user_event(message)?);
                 if loaded.version.is_none() {
@@ -567,9 +586,9 @@ impl Commands {
     /// The login state and the login stream's version, from its last message only.
     async fn login_state(
         &self,
-        id: UserId,
+        stream: &StreamName,
     ) -> Result<(LoginState, Option<StreamPosition>), ApiError> {
-        let last = self.store.last_message(&login_stream(id)?).await?;
+        let last = self.store.last_message(stream).await?;
         let Some(last) = last else {
             return Ok((LoginState::default(), None));
         };
@@ -589,6 +608,64 @@ impl Loaded {
             last_global: 0,
             first_global: 0,
         }
+    }
+}
+
+/// The streams a login reads: the account's own, or for an unknown email two that no account
+/// has ("nobody" is not a UUID, so no registration can name them). Reading the same kinds of
+/// streams for every email makes a slow or failing store meet a known and an unknown email
+/// alike: both have read the reservation and a user stream before their password check, and
+/// both read a login stream after it.
+struct LoginStreams {
+    user: StreamName,
+    login: StreamName,
+}
+
+impl LoginStreams {
+    const NOBODY: &'static str = "nobody";
+
+    fn of(user: Option<UserId>) -> anyhow::Result<Self> {
+        Ok(match user {
+            Some(id) => Self {
+                user: user_stream(id)?,
+                login: login_stream(id)?,
+            },
+            None => Self {
+                user: StreamName::for_entity(USER_CATEGORY, Self::NOBODY)?,
+                login: StreamName::for_entity(LOGIN_CATEGORY, Self::NOBODY)?,
+            },
+        })
+    }
+}
+
+/// A login that did not succeed: its answer, and the outcome counted in the metrics.
+struct Failed {
+    outcome: &'static str,
+    error: ApiError,
+}
+
+impl Failed {
+    fn refused(outcome: &'static str) -> Self {
+        Self {
+            outcome,
+            error: ApiError::InvalidCredentials,
+        }
+    }
+}
+
+impl From<ApiError> for Failed {
+    fn from(error: ApiError) -> Self {
+        let outcome = match error {
+            ApiError::Throttled => "throttled",
+            _ => "error",
+        };
+        Self { outcome, error }
+    }
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(error: anyhow::Error) -> Self {
+        ApiError::from(error).into()
     }
 }
 

@@ -82,9 +82,10 @@ pub struct LoginSettings {
     /// Password hashes that may wait for a core; beyond that a request gets 429. Each running
     /// hash holds `password.memory_kib`; waiting ones hold nothing but a task.
     pub max_waiting_hashes: usize,
-    /// A refused login is answered this long after its password check ends, whatever the
-    /// reason: the store reads and writes that only a known account costs happen within it,
-    /// so the answer's timing does not tell a known email from an unknown one.
+    /// A login that does not succeed is answered this long after its password check ends (or
+    /// after it started, when a full queue or the store kept it from one), whatever the reason:
+    /// the store reads and writes that only a known account costs happen within it, so the
+    /// answer's timing does not tell a known email from an unknown one.
     pub refusal_padding_ms: u64,
 }
 

@@ -1,12 +1,16 @@
-//! A refused login tells nothing about the account: an unknown email, a wrong password, a
-//! deactivated and a locked account get the same status, the same body, and answers whose
-//! timing a rank test cannot tell apart.
+//! A refused login tells nothing about the account: an unknown email, a wrong password (on a
+//! hash of today's parameters or an older one), a deactivated and a locked account get the same
+//! status, the same body, and answers whose timing a rank test cannot tell apart; so do a known
+//! and an unknown email throttled by a full hash queue, and a known and an unknown email while
+//! the message store is out of reach.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
+use sqlx::{ConnectOptions, Executor, PgConnection};
 
-use crate::helpers::{PASSWORD, TestApp, problem, spawn_with};
+use crate::helpers::{PASSWORD, TestApp, problem, spawn_on, spawn_with};
 
 /// Logins per kind of refusal. Enough for a complete separation of two kinds (what leaving
 /// out the padding gives: the unknown email skips the store work) to score |z| ≈ 7.7.
@@ -78,18 +82,272 @@ async fn unknown_wrong_deactivated_and_locked_refusals_look_and_time_alike() {
             times[kind].push(timed_login(&app, &attempt(kind, n)).await);
         }
     }
-    for a in 0..names.len() {
-        for b in a + 1..names.len() {
-            let z = rank_sum_z(&times[a], &times[b]);
+    assert_alike(&names, &times);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_on_a_hash_older_than_the_parameters_is_refused_like_an_unknown_email() {
+    // Accounts registered while hashes were cheap (the test settings: 1 MiB, one pass) ...
+    let before = spawn_with(|settings| {
+        settings.login.max_failures = 1000;
+        settings.login.refusal_padding_ms = 100;
+    })
+    .await;
+    before.user("old@example.com").await;
+    // ... then the parameters raised: these hashes take far longer than the old one.
+    let mut raised = before.settings.clone();
+    raised.password.memory_kib = 8 * 1024;
+    raised.password.iterations = 3;
+    let app = spawn_on(Arc::clone(&before.database), raised, before.clock.clone()).await;
+    app.user("new@example.com").await;
+
+    let attempts = [
+        ("nobody@example.com", PASSWORD),
+        ("old@example.com", "not the password"),
+        ("new@example.com", "not the password"),
+    ];
+    let names = [
+        "unknown email",
+        "wrong password, old hash",
+        "wrong password, new hash",
+    ];
+    let times = interleaved(&app, &attempts).await;
+    assert_alike(&names, &times);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hash_queue_throttles_a_known_and_an_unknown_email_alike() {
+    let app = spawn_with(|settings| {
+        // No login may wait for a core, and each hash holds one for seconds.
+        settings.login.max_waiting_hashes = 0;
+        settings.password.memory_kib = 8 * 1024;
+        settings.password.iterations = 500;
+        settings.login.refusal_padding_ms = 100;
+    })
+    .await;
+    let ann = app.user("ann@example.com").await;
+    // Store work only a known account costs, made long enough to see: a long history to read.
+    lengthen_history(&app, &ann, 200).await;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let attempts = [
+        ("nobody@example.com", PASSWORD),
+        ("ann@example.com", PASSWORD),
+    ];
+    let names = ["unknown email", "known email"];
+
+    // Rounds: hold every core with logins of other emails, then log in while they hash.
+    const PER_ROUND: usize = 5;
+    let mut times = vec![vec![]; attempts.len()];
+    let mut answers = vec![];
+    for round in 0..SAMPLES.div_ceil(PER_ROUND) {
+        let blockers: Vec<_> = (0..cores)
+            .map(|n| {
+                let (client, url) = (app.client.clone(), app.url("/login"));
+                let body =
+                    json!({ "email": format!("blocker{n}@example.com"), "password": PASSWORD });
+                // Again when throttled, until it holds a core.
+                tokio::spawn(async move {
+                    loop {
+                        let response = client.post(&url).json(&body).send().await.unwrap();
+                        if response.status() != 429 {
+                            return response.status();
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Until they hash: a login of a third email is throttled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app.login("probe@example.com", PASSWORD).await.status() != 429 {
             assert!(
-                z.abs() < MAX_Z,
-                "{} (median {:.2} ms) and {} (median {:.2} ms) are told apart: z = {z:.1}",
-                names[a],
-                median(&times[a]),
-                names[b],
-                median(&times[b]),
+                Instant::now() < deadline,
+                "the blockers never held the cores"
             );
         }
+        for n in 0..PER_ROUND {
+            for offset in 0..attempts.len() {
+                let kind = (round + n + offset) % attempts.len();
+                let (status, body, ms) = timed(&app, attempts[kind]).await;
+                assert_eq!(status, 429, "{}: not throttled", names[kind]);
+                answers.push(body);
+                times[kind].push(ms);
+            }
+        }
+        for blocker in blockers {
+            assert_eq!(blocker.await.unwrap(), 401);
+        }
+    }
+    assert!(
+        answers.windows(2).all(|pair| pair[0] == pair[1]),
+        "{answers:?}"
+    );
+    assert_alike(&names, &times);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_store_is_out_of_reach_a_known_and_an_unknown_email_are_answered_alike() {
+    let app = spawn_with(|settings| {
+        // A hash long enough to cut the store while it runs.
+        settings.password.memory_kib = 8 * 1024;
+        settings.password.iterations = 20;
+        settings.login.max_failures = 1000;
+        settings.login.refusal_padding_ms = 100;
+    })
+    .await;
+    app.user("ann@example.com").await;
+    let server = server_connection(&app).await;
+    let server = tokio::sync::Mutex::new(server);
+    let name = app.database.name().to_owned();
+
+    // The store goes away while each login hashes its password: the logins found the account
+    // (or found none) and checked the password; what they do next needs the store.
+    let attempts = [
+        ("nobody@example.com", "not the password"),
+        ("ann@example.com", "not the password"),
+    ];
+    let names = ["unknown email", "known email"];
+    let mut answers: Vec<Vec<(u16, Value)>> = vec![vec![]; attempts.len()];
+    let mut times = vec![vec![]; attempts.len()];
+    for n in 0..SAMPLES {
+        for offset in 0..attempts.len() {
+            let kind = (n + offset) % attempts.len();
+            let cut = async {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let mut server = server.lock().await;
+                cut_off(&mut server, &name).await;
+            };
+            let ((status, body, ms), ()) = tokio::join!(timed(&app, attempts[kind]), cut);
+            answers[kind].push((status, body));
+            times[kind].push(ms);
+            restore(&mut *server.lock().await, &name).await;
+            wait_until_ready(&app).await;
+        }
+    }
+    // The store's failure, never a refusal: the login could not be decided. (A database that
+    // refuses connections is an outage the message store counts as a fault, 500; one that
+    // does not answer at all gets 503.)
+    let first = &answers[0][0];
+    println!("the answer while the store is out of reach: {first:?}");
+    assert!(first.0 >= 500, "{first:?}");
+    for (kind, name) in names.iter().enumerate() {
+        for answer in &answers[kind] {
+            assert_eq!(answer, first, "{name}");
+        }
+    }
+    assert_alike(&names, &times);
+}
+
+/// `SAMPLES` logins of each kind, interleaved so that drift on the machine hits them alike,
+/// each answered with the same status and body. Returns the milliseconds of each kind.
+async fn interleaved(app: &TestApp, attempts: &[(&str, &str)]) -> Vec<Vec<f64>> {
+    let _ = timed(app, attempts[0]).await;
+    let mut times = vec![vec![]; attempts.len()];
+    let mut answers = vec![];
+    for n in 0..SAMPLES {
+        for offset in 0..attempts.len() {
+            let kind = (n + offset) % attempts.len();
+            let (status, body, ms) = timed(app, attempts[kind]).await;
+            answers.push((status, body));
+            times[kind].push(ms);
+        }
+    }
+    assert!(
+        answers.windows(2).all(|pair| pair[0] == pair[1]),
+        "{answers:?}"
+    );
+    times
+}
+
+/// One login: its status, its body and its milliseconds.
+async fn timed(app: &TestApp, (email, password): (&str, &str)) -> (u16, Value, f64) {
+    let started = Instant::now();
+    let response = app.login(email, password).await;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (status, body, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Appends `events` rehashes of the same password to an account's stream, as if its password
+/// had been hashed again that often: a history a login reads whole.
+async fn lengthen_history(app: &TestApp, id: &str, events: usize) {
+    use identity::{EVENT_VERSION_KEY, PasswordRehashed, UserEvent};
+    use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
+    let Some(UserEvent::UserRegistered(registered)) = app.user_events().await.into_iter().next()
+    else {
+        panic!("no registration");
+    };
+    let now = {
+        use platform::clock::Clock;
+        app.clock.now()
+    };
+    let event = UserEvent::from(PasswordRehashed {
+        password_hash: registered.password_hash,
+        at: now,
+    });
+    let messages = (0..events)
+        .map(|_| {
+            NewMessage::new(event.event_type(), event.to_json())
+                .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
+        })
+        .collect();
+    let store = message_store::connect(app.database.url(), Default::default())
+        .await
+        .unwrap();
+    store
+        .append(vec![StreamAppend::new(
+            StreamName::parse(format!("user-{id}")).unwrap(),
+            ExpectedVersion::Exact(0),
+            messages,
+        )])
+        .await
+        .unwrap();
+}
+
+/// A connection to the test server's maintenance database, from which the test database can be
+/// closed to connections.
+async fn server_connection(app: &TestApp) -> PgConnection {
+    let options: sqlx::postgres::PgConnectOptions = app.database.url().parse().unwrap();
+    options.database("postgres").connect().await.unwrap()
+}
+
+/// An outage of the store: its database refuses new connections and the open ones are ended.
+async fn cut_off(server: &mut PgConnection, database: &str) {
+    server
+        .execute(format!(r#"ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false"#).as_str())
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .execute(&mut *server)
+    .await
+    .unwrap();
+}
+
+async fn restore(server: &mut PgConnection, database: &str) {
+    server
+        .execute(format!(r#"ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true"#).as_str())
+        .await
+        .unwrap();
+}
+
+/// Until the application answers from the store again: its pool has let go of the connections
+/// the outage ended.
+async fn wait_until_ready(app: &TestApp) {
+    let mut in_a_row = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_a_row < 3 {
+        assert!(Instant::now() < deadline, "the store did not come back");
+        let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+        in_a_row = if ready.status() == 200 {
+            in_a_row + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -101,6 +359,28 @@ async fn timed_login(app: &TestApp, (email, password): &(String, &str)) -> f64 {
     assert_eq!(response.status(), 401, "{email}");
     assert!(elapsed >= Duration::from_millis(100), "{email}: not padded");
     elapsed.as_secs_f64() * 1000.0
+}
+
+/// Fails when any two kinds' times are told apart by the rank test; prints every z score.
+fn assert_alike(names: &[&str], times: &[Vec<f64>]) {
+    let mut apart = vec![];
+    for a in 0..names.len() {
+        for b in a + 1..names.len() {
+            let z = rank_sum_z(&times[a], &times[b]);
+            let line = format!(
+                "{} (median {:.2} ms) against {} (median {:.2} ms): z = {z:.2}",
+                names[a],
+                median(&times[a]),
+                names[b],
+                median(&times[b]),
+            );
+            println!("{line}");
+            if z.abs() >= MAX_Z {
+                apart.push(line);
+            }
+        }
+    }
+    assert!(apart.is_empty(), "told apart: {apart:#?}");
 }
 
 fn median(values: &[f64]) -> f64 {
