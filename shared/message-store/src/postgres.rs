@@ -102,6 +102,36 @@ SELECT ((pg_current_xact_id()::text::bigint + o.transactions) << 16) + r.ordinal
           + (SELECT transactions FROM position_offset)) << 16
 RETURNING id, stream_name, position, global_position";
 
+/// [`APPEND`] for the common case of one stream: the same rules, without matching messages to
+/// streams (no join, no window, no aggregate over the streams). Logins and most commands append
+/// to one stream.
+const APPEND_ONE_STREAM: &str = "
+WITH position_offset AS (
+    SELECT transactions FROM message_store_position_offset
+)
+INSERT INTO messages (global_position, id, stream_name, category, position, type, data, metadata)
+SELECT ((pg_current_xact_id()::text::bigint + o.transactions) << 16) + r.ordinal - 1,
+       r.id,
+       $1,
+       split_part($1, '-', 1),
+       CASE
+           WHEN $2 = -2 THEN coalesce(
+               (SELECT max(m.position) FROM messages m WHERE m.stream_name = $1), -1) + 1
+           WHEN $2 = -1 THEN 0
+           ELSE $2 + 1
+       END + r.ordinal - 1,
+       r.type,
+       r.data,
+       r.metadata
+  FROM unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+       WITH ORDINALITY AS r(id, type, data, metadata, ordinal)
+ CROSS JOIN position_offset o
+ WHERE ($2 < 0 OR (SELECT max(m.position) FROM messages m WHERE m.stream_name = $1) = $2)
+   AND coalesce((SELECT max(m.global_position) FROM messages m), -1)
+       < (pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+          + (SELECT transactions FROM position_offset)) << 16
+RETURNING id, stream_name, position, global_position";
+
 /// How the store's connections are set up: from `url`, with generic plans for prepared
 /// statements. PostgreSQL otherwise plans the append statement anew for every call (it
 /// estimates an array parameter at 100 elements, so the generic plan never looks as cheap as a
@@ -499,6 +529,15 @@ impl AppendCall {
     }
 
     fn query(&self) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        if let ([stream], [expected]) = (self.streams.as_slice(), self.expected.as_slice()) {
+            return sqlx::query(APPEND_ONE_STREAM)
+                .bind(stream)
+                .bind(expected)
+                .bind(&self.ids)
+                .bind(&self.types)
+                .bind(&self.data)
+                .bind(&self.metadata);
+        }
         sqlx::query(APPEND)
             .bind(&self.streams)
             .bind(&self.expected)
