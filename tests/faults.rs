@@ -37,7 +37,8 @@ const LOAD_PHASE: Duration = Duration::from_secs(3);
 enum Answer {
     /// The status the request succeeds with: its headers and JSON body.
     Success(reqwest::header::HeaderMap, Value),
-    /// A 5xx problem+json or a transport error: what a client may retry.
+    /// What SECURITY.md promises while a database is out of reach: a 503 problem+json with
+    /// `Retry-After`, or a transport error while the server itself is down. A client retries.
     Failed(String),
     /// Anything else: a defect.
     Unexpected(String),
@@ -67,9 +68,20 @@ async fn answer(sent: reqwest::Result<reqwest::Response>, success: u16) -> Answe
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("application/problem+json"));
     let code = json.as_ref().and_then(|json| json["code"].as_str());
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.parse::<u64>().is_ok());
+    // Any other 5xx (a 500 above all) is a defect: the outage was reported as the service's
+    // own fault, and the client is not told it may retry.
     match code {
-        Some(code) if status >= 500 && problem => Answer::Failed(format!("{status} {code}")),
-        _ => Answer::Unexpected(format!("{status}: {text}")),
+        Some(code) if status == 503 && problem && retry_after => {
+            Answer::Failed(format!("{status} {code}"))
+        }
+        _ => Answer::Unexpected(format!(
+            "{status} (retry-after: {:?}): {text}",
+            headers.get(reqwest::header::RETRY_AFTER)
+        )),
     }
 }
 
@@ -316,8 +328,25 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
     // was acknowledged must be in the log; the server recovers from it when it starts again.
     load.crashed.store(true, Ordering::SeqCst);
     cluster.stop(StopMode::Immediate).await;
-    // Down for a while, so that the services meet a server that refuses connections.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Down until the services have answered the outage: a request waits for a connection up to
+    // the pools' acquire timeout (5 s) and succeeds if the server is back by then, so a short
+    // outage is never seen by a client and proves nothing about how one is reported.
+    let down = Instant::now();
+    wait_for_ledger(
+        &load,
+        Duration::from_secs(60),
+        "no request was answered 503 while the server was down",
+        &logs,
+        |ledger| {
+            ledger
+                .failures
+                .iter()
+                .any(|failure| failure.contains(": 503 "))
+        },
+    )
+    .await;
+    println!("the services answered 503 after {:?} down", down.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.restart().await;
     let restarted = Instant::now();
     *load.restarted_at.lock().unwrap() = Some(restarted);
