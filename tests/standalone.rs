@@ -109,15 +109,21 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
         .to_str()
         .unwrap()
         .to_owned();
-    let login: Value = client
+    let login = client
         .post(url("/login"))
         .json(&credentials)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    assert_eq!(login.status(), 200);
+    // The login's own position: the view counts the login once it has applied this one, which
+    // lies after the registration's.
+    let login_position = login.headers()["x-position"].to_str().unwrap().to_owned();
+    assert!(
+        login_position.parse::<u64>().unwrap() > position.parse::<u64>().unwrap(),
+        "the login's position {login_position} is not after the registration's {position}"
+    );
+    let login: Value = login.json().await.unwrap();
     let token = login["access_token"].as_str().unwrap().to_owned();
     let profile = client
         .get(url("/users/me"))
@@ -158,6 +164,7 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
     let profile = client
         .get(url("/users/me"))
         .bearer_auth(&token)
+        .header("X-Min-Position", &login_position)
         .send()
         .await
         .unwrap();
