@@ -6,11 +6,16 @@
 //! Schemathesis is a Python tool. The test installs a pinned version into a virtual environment
 //! under the target directory on first use (`SCHEMATHESIS=<path to st>` uses another one), so
 //! the only thing a machine needs is `python3` with `venv`. Settings: `tests/schemathesis.toml`.
+//!
+//! Whatever program runs, each run must have reached the service: its `/metrics` must show
+//! hundreds of requests served during the run and at least one to every operation the document
+//! lists, or the run fails however it exited.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,6 +99,11 @@ async fn both_apis_answer_generated_requests_as_their_documents_say() {
     ];
     let mut failed = vec![];
     for (name, port, bearer) in runs {
+        // What the service served before and after the run tells whether the fuzzer ran at
+        // all, whatever program `SCHEMATHESIS` names: a run that exits 0 having sent nothing
+        // must not pass.
+        let operations = documented_operations(&client, port).await;
+        let before = requests_served(&client, port).await;
         let output = tokio::task::spawn_blocking({
             let st = st.clone();
             let logs = deployment.logs.clone();
@@ -102,6 +112,31 @@ async fn both_apis_answer_generated_requests_as_their_documents_say() {
         })
         .await
         .unwrap();
+        let after = requests_served(&client, port).await;
+        let calls = |operation: &(String, String)| {
+            after.get(operation).copied().unwrap_or(0) - before.get(operation).copied().unwrap_or(0)
+        };
+        let total: u64 = after.keys().map(calls).sum();
+        let missed: Vec<String> = operations
+            .iter()
+            .filter(|operation| calls(operation) == 0)
+            .map(|(path, method)| format!("{method} {path}"))
+            .collect();
+        println!(
+            "{name}: {total} requests served to {} documented operations",
+            operations.len()
+        );
+        if total < MIN_CALLS_PER_RUN || !missed.is_empty() {
+            failed.push(format!(
+                "=== {name}: the service served {total} requests during the run (at least \
+                 {MIN_CALLS_PER_RUN} expected), none to {missed:?}: the fuzzer did not run \
+                 ({})\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+            continue;
+        }
         if !output.status.success() {
             failed.push(format!(
                 "=== {name}: {}\n{}{}",
@@ -117,6 +152,71 @@ async fn both_apis_answer_generated_requests_as_their_documents_say() {
         deployment.logs.display(),
         failed.join("\n")
     );
+}
+
+/// The fewest requests one run must make: Schemathesis generates many cases for each
+/// operation with parameters or a body (hundreds per run here), and at least one for each.
+const MIN_CALLS_PER_RUN: u64 = 300;
+
+/// The operations the service on `port` documents: (path template, method in capitals), as
+/// its `http_requests_total` labels them.
+async fn documented_operations(client: &reqwest::Client, port: u16) -> Vec<(String, String)> {
+    let document: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let methods = [
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+    document["paths"]
+        .as_object()
+        .expect("the document has no paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .into_iter()
+                .flat_map(|item| item.keys())
+                .filter(|method| methods.contains(&method.as_str()))
+                .map(move |method| (path.clone(), method.to_uppercase()))
+        })
+        .collect()
+}
+
+/// Requests the service on `port` has answered, by (route template, method), from its
+/// `/metrics` (scrapes of `/metrics` itself left out).
+async fn requests_served(client: &reqwest::Client, port: u16) -> HashMap<(String, String), u64> {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut served = HashMap::new();
+    for line in text.lines() {
+        let Some(series) = line.strip_prefix("http_requests_total{") else {
+            continue;
+        };
+        let (labels, value) = series.rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            labels
+                .split("\",")
+                .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                .map(|value| value.trim_end_matches('"').to_owned())
+                .unwrap()
+        };
+        let (route, method) = (label("route"), label("method"));
+        if route == "/metrics" {
+            continue;
+        }
+        *served.entry((route, method)).or_default() += value.trim().parse::<u64>().unwrap();
+    }
+    served
 }
 
 fn create_admin(deployment: &Deployment, email: &str) {
