@@ -413,3 +413,25 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The users view under a projection name of the test's own. Projections label their metrics
+/// with their name, and every test of this binary records into the one process-wide registry,
+/// so a metric labelled `users` moves with whatever the tests beside this one do (and a worker
+/// starting anywhere sets `projection_halted{projection="users"}` back to 0). Under a name no
+/// other test uses, a value read after the test's step is that step's alone.
+pub fn users_view_named(projection: &'static str) -> Target {
+    Target {
+        checkpoint: projection,
+        table: Target::USERS.table,
+    }
+}
+
+/// The value `metric` has for `projection` in this process's registry, as `/metrics` renders
+/// it; `None` while nothing has recorded it for that projection.
+pub fn projection_metric(metric: &str, projection: &str) -> Option<f64> {
+    let series = format!("{metric}{{projection=\"{projection}\"}} ");
+    platform::metrics::render().lines().find_map(|line| {
+        line.strip_prefix(&series)
+            .map(|value| value.trim().parse().unwrap())
+    })
+}

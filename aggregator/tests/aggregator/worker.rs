@@ -9,7 +9,7 @@ use test_support::FreezingProxy;
 
 use crate::support::{
     Writer, append_raw, clean_rebuild, concurrent_writers, connect_store, drain, env, env_apart,
-    http_get, options, read_model, settle,
+    http_get, options, projection_metric, read_model, settle, users_view_named,
 };
 
 #[tokio::test]
@@ -172,7 +172,15 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
     )
     .await;
     settle(&env.store, last).await;
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let target = users_view_named("users-skipping");
+    let skipped = || projection_metric("projection_events_skipped_total", target.checkpoint);
+    let before = skipped().unwrap_or(0.0);
+    let mut projector = Projector::new(
+        env.store.clone(),
+        env.read_model.clone(),
+        target.clone(),
+        options(1000),
+    );
     let outcome = projector.process_next_batch().await.unwrap();
     assert!(
         matches!(outcome, Outcome::Applied { skipped: 1, position, .. } if position == last),
@@ -180,10 +188,14 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
     );
     assert_eq!(projector.process_next_batch().await.unwrap(), Outcome::Idle);
     assert_eq!(
-        env.read_model.rows(&Target::USERS).await.unwrap(),
+        env.read_model.rows(&target).await.unwrap(),
         writer.expected_rows()
     );
-    assert!(platform::metrics::render().contains("projection_events_skipped_total"));
+    assert_eq!(
+        skipped().map(|after| after - before),
+        Some(1.0),
+        "projection_events_skipped_total counts the one unknown event, and nothing else"
+    );
 }
 
 #[tokio::test]
@@ -206,31 +218,46 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
     writer.random_history(1, 1).await;
     settle(&env.store, writer.last()).await;
 
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let target = users_view_named("users-poisoned");
+    let halted = || projection_metric("projection_halted", target.checkpoint);
+    let worker =
+        |store, read_model| Projector::new(store, read_model, target.clone(), options(1000));
+    assert_eq!(halted(), None, "nothing has halted this projection yet");
+    let mut projector = worker(env.store.clone(), env.read_model.clone());
     let outcome = projector.process_next_batch().await.unwrap();
     let Outcome::Halted { reason } = outcome else {
         panic!("{outcome:?}")
     };
     assert!(reason.contains("UserActivated version 2"), "{reason}");
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    assert_eq!(halted(), Some(1.0), "projection_halted says so");
+    let checkpoint = env
+        .read_model
+        .checkpoint(target.checkpoint)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(checkpoint.position >= before && checkpoint.position < poison);
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), after);
+    assert_eq!(env.read_model.rows(&target).await.unwrap(), after);
 
     // Halted stays halted, and a fresh worker halts at the same place.
     assert!(matches!(
         projector.process_next_batch().await.unwrap(),
         Outcome::Halted { .. }
     ));
-    let mut again = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let mut again = worker(env.store.clone(), env.read_model.clone());
     assert!(matches!(
         again.process_next_batch().await.unwrap(),
         Outcome::Halted { .. }
     ));
     assert_eq!(
-        env.read_model.checkpoint("users").await.unwrap().unwrap(),
+        env.read_model
+            .checkpoint(target.checkpoint)
+            .await
+            .unwrap()
+            .unwrap(),
         checkpoint
     );
-    assert!(platform::metrics::render().contains("projection_halted"));
+    assert_eq!(halted(), Some(1.0));
 }
 
 #[tokio::test]
