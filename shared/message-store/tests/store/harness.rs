@@ -14,9 +14,6 @@ pub const NO_POLLING: Duration = Duration::from_secs(3600);
 #[async_trait]
 pub trait Harness: Send + Sync {
     fn store(&self) -> Arc<dyn MessageStore>;
-
-    /// Cuts the connections that carry wake-ups, as a network failure or a server restart would.
-    async fn drop_connections(&self);
 }
 
 pub struct Postgres {
@@ -37,15 +34,9 @@ impl Postgres {
             database,
         }
     }
-}
 
-#[async_trait]
-impl Harness for Postgres {
-    fn store(&self) -> Arc<dyn MessageStore> {
-        Arc::new(self.store.clone())
-    }
-
-    async fn drop_connections(&self) {
+    /// Cuts the connections that carry wake-ups, as a network failure or a server restart would.
+    pub async fn drop_connections(&self) {
         let dropped: i64 = sqlx::query_scalar(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
@@ -54,6 +45,13 @@ impl Harness for Postgres {
         .await
         .unwrap();
         assert!(dropped > 0, "no listener connection was found to drop");
+    }
+}
+
+#[async_trait]
+impl Harness for Postgres {
+    fn store(&self) -> Arc<dyn MessageStore> {
+        Arc::new(self.store.clone())
     }
 }
 
@@ -79,15 +77,6 @@ impl Sqlite {
 impl Harness for Sqlite {
     fn store(&self) -> Arc<dyn MessageStore> {
         Arc::new(self.store.clone())
-    }
-
-    /// The SQLite adapter's wake-ups are an in-process signal with no connection to lose;
-    /// reopening the file is the closest disturbance.
-    async fn drop_connections(&self) {
-        let reopened = SqliteMessageStore::open(&self._directory.0.join("store.db"), NO_POLLING)
-            .await
-            .unwrap();
-        reopened.ping().await.unwrap();
     }
 }
 

@@ -51,7 +51,15 @@ conformance!(
     invalid_appends_are_refused_before_writing,
     concurrent_appends_to_one_stream_with_any_version_all_land,
     a_subscriber_is_woken_by_an_append,
-    a_subscriber_is_woken_after_its_connection_is_dropped,
     pruning_a_category_keeps_the_first_message_and_the_last_of_each_type,
     after_pruning_an_exact_version_holds_only_at_the_last_position,
 );
+
+/// PostgreSQL only: its wake-ups travel on a LISTEN connection, which a network failure or a
+/// server restart can cut. The SQLite adapter's wake-ups are an in-process signal with no
+/// connection to lose, so there this case would only repeat `a_subscriber_is_woken_by_an_append`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_is_woken_after_its_listening_connection_is_dropped_on_postgres() {
+    let harness = crate::harness::Postgres::new().await;
+    crate::suite::a_subscriber_is_woken_after_its_connection_is_dropped(&harness).await;
+}

@@ -8,7 +8,7 @@ use message_store::{
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::Harness;
+use crate::harness::{Harness, Postgres};
 
 fn stream(category: &str) -> StreamName {
     StreamName::for_entity(category, Uuid::new_v4()).unwrap()
@@ -548,7 +548,7 @@ pub async fn a_subscriber_is_woken_by_an_append(harness: &dyn Harness) {
     assert_eq!(wake, Wake::Signalled);
 }
 
-pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &dyn Harness) {
+pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &Postgres) {
     let store = harness.store();
     let mut subscription = store.subscribe();
     let _ = tokio::time::timeout(Duration::from_millis(500), subscription.next()).await;
