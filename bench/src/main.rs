@@ -37,7 +37,8 @@ enum Scenario {
     Login(login::Options),
     /// Rebuilding the users view from a million events, against one set-based SQL statement.
     Rebuild(rebuild::Options),
-    /// Time from an append returning to its row being visible in the read model.
+    /// Time from an append returning to its row being visible in the read model, against a
+    /// plain LISTEN client copying the same events into a table.
     Lag(lag::Options),
     /// `GET /users/{id}` from the query API in its own process, against a plain prepared SELECT.
     Query(query::Options),
