@@ -8,13 +8,18 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sqlx::PgPool;
 use test_support::TestDatabase;
 
-use common::{Deployment, checkpoint, free_port, login, register, token, wait_until_healthy};
+use common::{
+    Deployment, Process, checkpoint, free_port, login, metric, register, store_head, token,
+    wait_until_healthy,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly() {
@@ -115,8 +120,9 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     .await;
     assert_eq!(refused.status(), 401);
 
-    // A standby aggregator; the active one is killed in the middle of a burst of registrations.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A standby aggregator beside the one that holds the projection.
+    let pool = database.pool().await;
+    wait_for_holder(&pool, &first_aggregator).await;
     let second_aggregator = deployment.start(
         "aggregator",
         "aggregator-2",
@@ -126,6 +132,19 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         )],
     );
     wait_until_healthy(&client, second_port).await;
+    // It stands by: it tries for the lock every 200 ms, and has applied nothing.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        holder_pid(&pool).await,
+        Some(first_aggregator.id()),
+        "the standby took the projection from a live holder"
+    );
+    assert_eq!(events_applied(&client, second_port).await, 0.0);
+
+    // The holder is frozen (a stalled node) in the middle of a burst of registrations, so that
+    // it is surely behind when it is killed: whatever the view holds after that, the standby
+    // applied it.
+    first_aggregator.signal("STOP");
     let burst: Vec<_> = (0..60)
         .map(|n| {
             let client = client.clone();
@@ -134,13 +153,27 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    first_aggregator.signal("KILL");
+    let mut burst = burst.into_iter();
     let mut last_position = 0;
+    for registration in burst.by_ref().take(30) {
+        last_position = last_position.max(registration.await.unwrap().1);
+    }
+    let at_kill = checkpoint(database.url()).await;
+    assert!(
+        at_kill < last_position,
+        "the holder had applied everything ({at_kill} >= {last_position}) before it was \
+         killed: the takeover below would prove nothing"
+    );
+    assert_eq!(
+        holder_pid(&pool).await,
+        Some(first_aggregator.id()),
+        "the holder lost the projection before it was killed"
+    );
+    let killed = first_aggregator.kill();
+    assert_eq!(killed.signal(), Some(9), "the first aggregator: {killed}");
     for registration in burst {
         last_position = last_position.max(registration.await.unwrap().1);
     }
-    drop(first_aggregator);
 
     // The query API answers whatever the aggregators do.
     let response = client
@@ -151,15 +184,51 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    // The standby takes over and the read model ends complete.
+    // The standby takes over and the read model ends complete: the standby holds the lock,
+    // and moved the checkpoint from where the killed holder left it to the head.
+    let head = store_head(&pool).await;
+    assert_eq!(head, last_position);
+    let standby_position = || {
+        metric(
+            &client,
+            second_port,
+            "projection_position{projection=\"users\"}",
+        )
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while checkpoint(database.url()).await < last_position {
+    while checkpoint(database.url()).await < head || standby_position().await != Some(head as f64) {
         assert!(
             Instant::now() < deadline,
-            "the standby aggregator never caught up"
+            "the standby aggregator never caught up: the view's checkpoint is at {}, the \
+             standby's at {:?}, the head at {head}",
+            checkpoint(database.url()).await,
+            standby_position().await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        holder_pid(&pool).await,
+        Some(second_aggregator.id()),
+        "the standby does not hold the projection"
+    );
+    // Every event after the killed holder's checkpoint was applied by the standby, once.
+    let missed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages \
+          WHERE category IN ('user', 'userLogin') AND global_position > $1",
+    )
+    .bind(i64::try_from(at_kill).unwrap())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        missed >= 30,
+        "only {missed} events after the holder's checkpoint"
+    );
+    assert_eq!(
+        events_applied(&client, second_port).await,
+        missed as f64,
+        "the standby applied other events than those the killed holder had not"
+    );
     let response = client
         .get(format!(
             "http://127.0.0.1:{query_port}/users?status=active&limit=100"
@@ -184,7 +253,6 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
             "{email} is missing from the read model"
         );
     }
-    let pool = database.pool().await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&pool)
         .await
@@ -218,4 +286,40 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         assert!(status.success(), "{name} exited with {status} on SIGTERM");
     }
     let _ = std::fs::remove_dir_all(&deployment.logs);
+}
+
+/// The operating-system pid of the aggregator holding the users projection's lock, from the
+/// `application_name` of the lock's session (`aggregator users pid <pid>`).
+async fn holder_pid(pool: &PgPool) -> Option<u32> {
+    let holder = aggregator::admin::lock_holder(pool, "users")
+        .await
+        .unwrap()?;
+    let pid = holder
+        .strip_prefix("aggregator users pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a lock holder named {holder:?}"));
+    Some(pid.parse().unwrap())
+}
+
+async fn wait_for_holder(pool: &PgPool, process: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holder_pid(pool).await != Some(process.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never took the projection",
+            process.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the aggregator on `port` has applied to the users view, by its own `/metrics`.
+async fn events_applied(client: &reqwest::Client, port: u16) -> f64 {
+    metric(
+        client,
+        port,
+        "projection_events_applied_total{projection=\"users\"}",
+    )
+    .await
+    .unwrap_or(0.0)
 }

@@ -368,3 +368,21 @@ pub async fn wait_for_checkpoint(url: &str, position: u64, timeout: Duration, lo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The value of one series (`name{labels}`, as rendered) on the `/metrics` of the process
+/// serving `port`; `None` when it has not recorded that series.
+pub async fn metric(client: &reqwest::Client, port: u16, series: &str) -> Option<f64> {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|value| value.trim().parse().unwrap())
+    })
+}
