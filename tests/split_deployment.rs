@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use test_support::TestDatabase;
 
 use common::{
-    Deployment, Process, checkpoint, free_port, login, metric, register, store_head, token,
-    wait_until_healthy,
+    Deployment, Process, checkpoint, client, free_port, login, metric, register, start_services,
+    store_head, token, wait_for_checkpoint, wait_until_healthy,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,4 +322,154 @@ async fn events_applied(client: &reqwest::Client, port: u16) -> f64 {
     )
     .await
     .unwrap_or(0.0)
+}
+
+/// Every table of the database's public schema, rows and all, and the schema itself (columns,
+/// constraints, indexes, functions): what a migration that "changes nothing" must leave as it
+/// was.
+async fn database_contents(pool: &PgPool) -> Vec<(String, String)> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+          WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut contents = Vec::new();
+    for table in tables {
+        let rows: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY to_jsonb(t)::text), '[]')::text \
+               FROM \"{table}\" t"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        contents.push((format!("table {table}"), rows));
+    }
+    for (what, query) in [
+        (
+            "columns",
+            "SELECT string_agg(concat_ws(' ', table_name, column_name, data_type, \
+                    column_default, is_nullable), E'\\n' ORDER BY table_name, column_name) \
+               FROM information_schema.columns WHERE table_schema = 'public'",
+        ),
+        (
+            "constraints",
+            "SELECT string_agg(conname || ' ' || pg_get_constraintdef(oid), E'\\n' \
+                    ORDER BY conname) \
+               FROM pg_constraint WHERE connamespace = 'public'::regnamespace",
+        ),
+        (
+            "indexes",
+            "SELECT string_agg(indexdef, E'\\n' ORDER BY indexname) \
+               FROM pg_indexes WHERE schemaname = 'public'",
+        ),
+        (
+            "functions",
+            "SELECT string_agg(pg_get_functiondef(p.oid), E'\\n' ORDER BY p.proname) \
+               FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace",
+        ),
+    ] {
+        let text: Option<String> = sqlx::query_scalar(query).fetch_one(pool).await.unwrap();
+        contents.push((what.to_owned(), text.unwrap_or_default()));
+    }
+    contents
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_go_on() {
+    let database = TestDatabase::new().await;
+    let deployment = Deployment::new("split-migrate-again", database.url());
+    let client = client();
+    // Migrated once, as the first release's Job did, and running.
+    let services = start_services(
+        &deployment,
+        &client,
+        &["command-api", "query-api", "aggregator"],
+    )
+    .await;
+    let (command_port, query_port) = (services.command_port, services.query_port);
+    let mut tokens = Vec::new();
+    for n in 0..5 {
+        let email = format!("user{n}@example.com");
+        register(&client, command_port, &email).await;
+        tokens.push(token(&client, command_port, &email, "correct horse battery").await);
+    }
+    let pool = database.pool().await;
+    let head = store_head(&pool).await;
+    wait_for_checkpoint(
+        database.url(),
+        head,
+        Duration::from_secs(60),
+        &deployment.logs,
+    )
+    .await;
+    let before = database_contents(&pool).await;
+    assert!(
+        before
+            .iter()
+            .any(|(what, rows)| what == "table users" && rows.matches("\"email\"").count() == 5),
+        "the view does not hold the five accounts: {before:?}"
+    );
+
+    // The next release's Job, twice (a retried Job), while the services run.
+    for _ in 0..2 {
+        deployment.run_to_completion("command-api", &["migrate"]);
+        deployment.run_to_completion("aggregator", &["migrate"]);
+    }
+    let after = database_contents(&pool).await;
+    for ((what, was), (_, is)) in before.iter().zip(&after) {
+        assert_eq!(is, was, "migrating again changed the {what}");
+    }
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "migrating again added tables: {after:?}"
+    );
+
+    // The services go on: a new account, its login, and the old tokens' profiles, read once
+    // the view has them.
+    let (id, _) = register(&client, command_port, "after@example.com").await;
+    let response = login(
+        &client,
+        command_port,
+        "after@example.com",
+        "correct horse battery",
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let position: u64 = response.headers()["x-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(position > head, "a position at or below the old head");
+    let body: Value = response.json().await.unwrap();
+    let fresh = body["access_token"].as_str().unwrap().to_owned();
+    for (token, expected) in tokens
+        .iter()
+        .map(|token| (token, None))
+        .chain([(&fresh, Some(&id))])
+    {
+        let response = client
+            .get(format!("http://127.0.0.1:{query_port}/users/me"))
+            .bearer_auth(token)
+            .header("X-Min-Position", position.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let profile: Value = response.json().await.unwrap();
+        assert_eq!(profile["login_count"], 1, "{profile}");
+        if let Some(id) = expected {
+            assert_eq!(profile["id"].as_str(), Some(id.as_str()));
+        }
+    }
+    pool.close().await;
+    for process in services.processes {
+        let name = process.name.clone();
+        let status = process.terminate();
+        assert!(status.success(), "{name} exited with {status} on SIGTERM");
+    }
+    let _ = std::fs::remove_dir_all(&deployment.logs);
 }
