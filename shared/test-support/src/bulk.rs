@@ -1,15 +1,35 @@
 //! Many user events at once, written straight into the message store's table for benchmarks
 //! and tests that need a store a rebuild takes a while over.
+//!
+//! The events are the identity crate's own, encoded as the command side encodes them (type,
+//! data and version from the event), and their positions come from the store's own
+//! `message_store_position_base()`: a change to either reaches these rows too.
 
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+use identity::{
+    AccountStatus, EVENT_VERSION_KEY, Email, LoginEvent, LoginSucceeded, PasswordHash, Role,
+    UserEvent, UserId, UserRegistered, login_stream_name, user_stream_name,
+};
+use serde_json::{Value, json};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// Messages per INSERT: each is one transaction, and a transaction's messages share its id in
 /// the upper bits of their positions, with 16 bits for the index (docs/adr/0002).
-const CHUNK: i64 = 50_000;
+const CHUNK: usize = 50_000;
+
+/// Writes up to [`CHUNK`] messages in one transaction, at positions drawn the store's way.
+const INSERT: &str = "
+INSERT INTO messages (global_position, id, stream_name, category, position, type, data, metadata)
+SELECT message_store_position_base() + r.ordinal - 1, gen_random_uuid(), r.stream,
+       r.category, r.position, r.type, r.data, r.metadata
+  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[])
+       WITH ORDINALITY AS r(stream, category, position, type, data, metadata, ordinal)";
 
 /// What [`write_user_events`] writes.
 pub struct BulkUsers<'a> {
-    /// Makes these accounts' ids and emails differ from other runs'.
+    /// Makes these accounts' emails differ from other runs' (their ids are new every time).
     pub seed: &'a str,
     pub users: i64,
     /// Rounds of successful logins after the registrations.
@@ -20,61 +40,119 @@ pub struct BulkUsers<'a> {
     pub password_hash: &'a str,
 }
 
-/// Registrations (every other account active), then rounds of logins, with positions made the
-/// way the store makes them. Returns how many messages it wrote.
-pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> Result<i64, sqlx::Error> {
-    let position = "(pg_current_xact_id()::text::bigint << 16) + (g - $1)";
-    let user = "md5($4::text || g)::uuid";
+/// Registrations (every other account active), then rounds of logins. Returns how many
+/// messages it wrote.
+pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> anyhow::Result<i64> {
+    let hash = PasswordHash::parse(bulk.password_hash).context("the bulk accounts' hash")?;
+    let registered_at = at(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0))?;
+    let users: Vec<(UserId, usize)> = (0..usize::try_from(bulk.users)?)
+        .map(|n| (UserId::from(Uuid::now_v7()), n))
+        .collect();
     let mut written = 0;
-    for start in (0..bulk.users).step_by(CHUNK as usize) {
-        let end = (start + CHUNK).min(bulk.users) - 1;
-        written += sqlx::query(&format!(
-            "INSERT INTO messages (global_position, id, stream_name, category, position, type, \
-                                   data, metadata) \
-             SELECT {position}, gen_random_uuid(), 'user-' || {user}, 'user', 0, \
-                    'UserRegistered', \
-                    jsonb_build_object('user_id', {user}, \
-                        'email', $4::text || g || '@Example.com', \
-                        'email_normalized', lower($4::text || g || '@Example.com'), \
-                        'password_hash', $3::text, \
-                        'status', CASE WHEN g % 2 = 0 THEN 'active' ELSE 'pending' END, \
-                        'roles', jsonb_build_array('user'), \
-                        'registered_at', '2026-01-01T00:00:00Z'), \
-                    '{{\"schemaVersion\": 1}}'::jsonb \
-             FROM generate_series($1::bigint, $2::bigint) AS g"
-        ))
-        .bind(start)
-        .bind(end)
-        .bind(bulk.password_hash)
-        .bind(bulk.seed)
-        .execute(pool)
-        .await?
-        .rows_affected();
+    for chunk in users.chunks(CHUNK) {
+        let mut rows = Rows::default();
+        for (id, n) in chunk {
+            let email = Email::parse(&format!("{}{n}@Example.com", bulk.seed))
+                .context("a bulk account's email")?;
+            let event = UserEvent::UserRegistered(UserRegistered {
+                user_id: *id,
+                email_normalized: email.normalized().to_owned(),
+                email,
+                password_hash: hash.clone(),
+                status: if n % 2 == 0 {
+                    AccountStatus::Active
+                } else {
+                    AccountStatus::Pending
+                },
+                roles: vec![Role::User],
+                registered_at,
+            });
+            rows.push(
+                user_stream_name(*id),
+                0,
+                event.event_type(),
+                event.to_json(),
+                event.version(),
+            );
+        }
+        written += rows.insert(pool).await?;
     }
-    for round in 1..=bulk.login_rounds {
-        for start in (0..bulk.users).step_by(CHUNK as usize) {
-            let end = (start + CHUNK).min(bulk.users) - 1;
-            written += sqlx::query(&format!(
-                "INSERT INTO messages (global_position, id, stream_name, category, position, \
-                                       type, data, metadata) \
-                 SELECT {position}, gen_random_uuid(), 'userLogin-' || {user}, 'userLogin', \
-                        $3 - 1, 'LoginSucceeded', \
-                        jsonb_build_object('at', $5::text, 'login_count', $3), \
-                        '{{\"schemaVersion\": 1}}'::jsonb \
-                 FROM generate_series($1::bigint, $2::bigint) AS g \
-                 WHERE NOT $6 OR g % 3 <> 0 OR $3 = 1"
-            ))
-            .bind(start)
-            .bind(end)
-            .bind(round)
-            .bind(bulk.seed)
-            .bind(format!("2026-01-02T00:{:02}:00Z", round % 60))
-            .bind(bulk.uneven_logins)
-            .execute(pool)
-            .await?
-            .rows_affected();
+    for round in 1..=u64::try_from(bulk.login_rounds)? {
+        let logged_in_at = at(Utc.with_ymd_and_hms(2026, 1, 2, 0, (round % 60) as u32, 0))?;
+        for chunk in users.chunks(CHUNK) {
+            let mut rows = Rows::default();
+            for (id, n) in chunk {
+                if bulk.uneven_logins && round > 1 && n % 3 == 0 {
+                    continue;
+                }
+                let event = LoginEvent::LoginSucceeded(LoginSucceeded {
+                    at: logged_in_at,
+                    login_count: round,
+                });
+                rows.push(
+                    login_stream_name(*id),
+                    i64::try_from(round)? - 1,
+                    event.event_type(),
+                    event.to_json(),
+                    event.version(),
+                );
+            }
+            written += rows.insert(pool).await?;
         }
     }
     sqlx::query("ANALYZE messages").execute(pool).await?;
-    Ok(i64::try_from(written).unwrap_or(i64::MAX))
+    Ok(written)
+}
+
+fn at(instant: chrono::LocalResult<DateTime<Utc>>) -> anyhow::Result<DateTime<Utc>> {
+    instant.single().context("a fixed instant")
+}
+
+/// One INSERT's messages, as parallel arrays.
+#[derive(Default)]
+struct Rows {
+    streams: Vec<String>,
+    categories: Vec<String>,
+    positions: Vec<i64>,
+    types: Vec<&'static str>,
+    data: Vec<Value>,
+    metadata: Vec<Value>,
+}
+
+impl Rows {
+    fn push(
+        &mut self,
+        stream: String,
+        position: i64,
+        kind: &'static str,
+        data: Value,
+        version: u32,
+    ) {
+        let category = message_store::StreamName::parse(stream.as_str())
+            .map(|name| name.category().to_owned())
+            .unwrap_or_default();
+        self.categories.push(category);
+        self.streams.push(stream);
+        self.positions.push(position);
+        self.types.push(kind);
+        self.data.push(data);
+        self.metadata.push(json!({ EVENT_VERSION_KEY: version }));
+    }
+
+    async fn insert(self, pool: &PgPool) -> anyhow::Result<i64> {
+        if self.streams.is_empty() {
+            return Ok(0);
+        }
+        let written = sqlx::query(INSERT)
+            .bind(&self.streams)
+            .bind(&self.categories)
+            .bind(&self.positions)
+            .bind(&self.types)
+            .bind(&self.data)
+            .bind(&self.metadata)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        Ok(i64::try_from(written)?)
+    }
 }
