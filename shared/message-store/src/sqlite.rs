@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
 use tokio::sync::Notify;
@@ -104,6 +104,8 @@ impl SqliteMessageStore {
         });
     }
 
+    /// One append in one IMMEDIATE transaction: an identical earlier append is answered with
+    /// its stored positions, a reused id or a wrong version is refused, otherwise it writes.
     async fn append_in_transaction(
         &self,
         appends: &[StreamAppend],
@@ -121,87 +123,13 @@ impl SqliteMessageStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from)?;
-
-        let ids: Vec<Uuid> = appends
-            .iter()
-            .flat_map(|append| append.messages.iter().map(|message| message.id))
-            .collect();
-        let mut stored = Vec::new();
-        for append in appends {
-            for message in &append.messages {
-                let row = sqlx::query(&format!("SELECT {COLUMNS} FROM messages WHERE id = ?"))
-                    .bind(message.id.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-                if let Some(row) = row {
-                    let existing = recorded(&row)?;
-                    let same = existing.stream == append.stream
-                        && existing.message_type == message.message_type
-                        && existing.data == message.data;
-                    stored.push((existing, same));
-                }
-            }
+        if let Some(answer) = answer_from_stored_ids(&mut tx, appends).await? {
+            return answer;
         }
-        if !stored.is_empty() {
-            if stored.len() == ids.len() && stored.iter().all(|(_, same)| *same) {
-                let messages = stored
-                    .into_iter()
-                    .map(|(message, _)| AppendedMessage {
-                        id: message.id,
-                        stream: message.stream,
-                        position: message.position,
-                        global_position: message.global_position,
-                    })
-                    .collect();
-                return Ok(Appended { messages });
-            }
-            let id = stored
-                .iter()
-                .find(|(_, same)| !same)
-                .map_or(ids[0], |(message, _)| message.id);
-            return Err(AppendError::DuplicateMessageId { id });
-        }
-
-        let mut messages = Vec::with_capacity(ids.len());
+        let mut messages = Vec::new();
         for append in appends {
-            let actual: Option<i64> =
-                sqlx::query_scalar("SELECT max(position) FROM messages WHERE stream_name = ?")
-                    .bind(append.stream.as_str())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-            let actual = actual.map(to_u64);
-            if !append.expected.allows(actual) {
-                return Err(AppendError::WrongExpectedVersion {
-                    stream: append.stream.clone(),
-                    expected: append.expected,
-                    actual,
-                });
-            }
-            let first = actual.map_or(0, |version| version + 1);
-            for (position, message) in (first..).zip(&append.messages) {
-                let global_position: i64 = sqlx::query_scalar(
-                    "INSERT INTO messages (id, stream_name, category, position, type, data, metadata) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING global_position",
-                )
-                .bind(message.id.to_string())
-                .bind(append.stream.as_str())
-                .bind(append.stream.category())
-                .bind(to_i64(position))
-                .bind(&message.message_type)
-                .bind(message.data.to_string())
-                .bind(message.metadata.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
-                messages.push(AppendedMessage {
-                    id: message.id,
-                    stream: append.stream.clone(),
-                    position,
-                    global_position: to_u64(global_position),
-                });
-            }
+            let first = next_position(&mut tx, append).await?;
+            messages.extend(insert(&mut tx, append, first).await?);
         }
         tx.commit().await.map_err(StoreError::from)?;
         Ok(Appended { messages })
@@ -223,6 +151,105 @@ impl SqliteMessageStore {
             .await?;
         rows.iter().map(recorded).collect()
     }
+}
+
+/// What the messages already stored under the append's ids say: the positions of an identical
+/// earlier append, or a reused id. `None` when no id is stored yet.
+async fn answer_from_stored_ids(
+    tx: &mut SqliteConnection,
+    appends: &[StreamAppend],
+) -> Result<Option<Result<Appended, AppendError>>, StoreError> {
+    let mut stored = Vec::new();
+    let mut count = 0;
+    for append in appends {
+        for message in &append.messages {
+            count += 1;
+            let row = sqlx::query(&format!("SELECT {COLUMNS} FROM messages WHERE id = ?"))
+                .bind(message.id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                let existing = recorded(&row)?;
+                let same = existing.stream == append.stream
+                    && existing.message_type == message.message_type
+                    && existing.data == message.data;
+                stored.push((existing, same, message.id));
+            }
+        }
+    }
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    if stored.len() == count && stored.iter().all(|(_, same, _)| *same) {
+        let messages = stored
+            .into_iter()
+            .map(|(message, _, _)| AppendedMessage {
+                id: message.id,
+                stream: message.stream,
+                position: message.position,
+                global_position: message.global_position,
+            })
+            .collect();
+        return Ok(Some(Ok(Appended { messages })));
+    }
+    let id = stored
+        .iter()
+        .find(|(_, same, _)| !same)
+        .map_or(stored[0].2, |(message, _, _)| message.id);
+    Ok(Some(Err(AppendError::DuplicateMessageId { id })))
+}
+
+/// The stream position the append's first message gets, once its expected version holds.
+async fn next_position(
+    tx: &mut SqliteConnection,
+    append: &StreamAppend,
+) -> Result<StreamPosition, AppendError> {
+    let actual: Option<i64> =
+        sqlx::query_scalar("SELECT max(position) FROM messages WHERE stream_name = ?")
+            .bind(append.stream.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+    let actual = actual.map(to_u64);
+    if !append.expected.allows(actual) {
+        return Err(AppendError::WrongExpectedVersion {
+            stream: append.stream.clone(),
+            expected: append.expected,
+            actual,
+        });
+    }
+    Ok(actual.map_or(0, |version| version + 1))
+}
+
+/// Writes one stream's messages from stream position `first` on.
+async fn insert(
+    tx: &mut SqliteConnection,
+    append: &StreamAppend,
+    first: StreamPosition,
+) -> Result<Vec<AppendedMessage>, StoreError> {
+    let mut messages = Vec::with_capacity(append.messages.len());
+    for (position, message) in (first..).zip(&append.messages) {
+        let global_position: i64 = sqlx::query_scalar(
+            "INSERT INTO messages (id, stream_name, category, position, type, data, metadata) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING global_position",
+        )
+        .bind(message.id.to_string())
+        .bind(append.stream.as_str())
+        .bind(append.stream.category())
+        .bind(to_i64(position))
+        .bind(&message.message_type)
+        .bind(message.data.to_string())
+        .bind(message.metadata.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        messages.push(AppendedMessage {
+            id: message.id,
+            stream: append.stream.clone(),
+            position,
+            global_position: to_u64(global_position),
+        });
+    }
+    Ok(messages)
 }
 
 #[async_trait]
