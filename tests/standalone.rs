@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -243,4 +245,359 @@ async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     let registered = register("locked@example.com").await.unwrap();
     assert_eq!(registered.status(), 201, "the service did not heal");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+/// What the clients of [`drive`] were told.
+#[derive(Default)]
+struct Ledger {
+    /// Accounts registered (201), with their emails.
+    registered: HashMap<String, String>,
+    /// Logins granted (200), per account id.
+    logins: HashMap<String, i64>,
+    /// The largest position any answer carried.
+    last_position: u64,
+    /// Every answer that was not the one its request should get.
+    wrong: Vec<String>,
+}
+
+impl Ledger {
+    fn position(&mut self, response: &reqwest::Response) -> u64 {
+        let position = response.headers()["x-position"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        self.last_position = self.last_position.max(position);
+        position
+    }
+}
+
+/// `workers` clients at once, each `rounds` times: registers an account through one of
+/// `ports`, logs it in through the next, logs one of its earlier accounts in again through the
+/// one after, and reads the new account's profile there at its login's position (read your
+/// own write). Every answer must be the success its request should get.
+async fn drive(client: &reqwest::Client, ports: &[u16], workers: usize, rounds: usize) -> Ledger {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (client, ports, ledger) = (client.clone(), ports.to_vec(), ledger.clone());
+            tokio::spawn(async move {
+                let url = |n: usize, path: &str| {
+                    format!(
+                        "http://127.0.0.1:{}{path}",
+                        ports[(worker + n) % ports.len()]
+                    )
+                };
+                let wrong = |what: String| ledger.lock().unwrap().wrong.push(what);
+                let mut mine: Vec<(String, String)> = Vec::new();
+                for round in 0..rounds {
+                    let email = format!("w{worker}-r{round}@example.com");
+                    let response = client
+                        .post(url(round, "/users"))
+                        .json(&json!({ "email": email, "password": PASSWORD }))
+                        .send()
+                        .await
+                        .unwrap();
+                    if response.status() != 201 {
+                        wrong(format!("registering {email}: {}", describe(response).await));
+                        continue;
+                    }
+                    ledger.lock().unwrap().position(&response);
+                    let body: Value = response.json().await.unwrap();
+                    let id = body["id"].as_str().unwrap().to_owned();
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .registered
+                        .insert(id.clone(), email.clone());
+                    mine.push((id, email));
+
+                    let earlier = mine[round * 7 % mine.len()].clone();
+                    let mut new_login = None;
+                    for (n, (id, email)) in [
+                        (round + 1, mine[mine.len() - 1].clone()),
+                        (round + 2, earlier),
+                    ] {
+                        let response = client
+                            .post(url(n, "/login"))
+                            .json(&json!({ "email": email, "password": PASSWORD }))
+                            .send()
+                            .await
+                            .unwrap();
+                        if response.status() != 200 {
+                            wrong(format!("logging {email} in: {}", describe(response).await));
+                            continue;
+                        }
+                        let position = {
+                            let mut ledger = ledger.lock().unwrap();
+                            *ledger.logins.entry(id.clone()).or_default() += 1;
+                            ledger.position(&response)
+                        };
+                        let body: Value = response.json().await.unwrap();
+                        let token = body["access_token"].as_str().unwrap().to_owned();
+                        new_login.get_or_insert((id, email, token, position));
+                    }
+                    let Some((id, email, token, position)) = new_login else {
+                        continue;
+                    };
+                    let response = client
+                        .get(url(round + 2, "/users/me"))
+                        .bearer_auth(&token)
+                        .header("X-Min-Position", position.to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    if response.status() != 200 {
+                        wrong(format!("reading {email}: {}", describe(response).await));
+                        continue;
+                    }
+                    let profile: Value = response.json().await.unwrap();
+                    if profile["id"] != id.as_str() || profile["login_count"].as_i64() < Some(1) {
+                        wrong(format!("{email} after its login at {position}: {profile}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap()
+}
+
+/// Checks the SQLite file in `directory` against what the clients were told, once the view has
+/// applied `ledger.last_position`: every acknowledged registration stored and projected once,
+/// every granted login stored and counted, nothing else, and the checkpoint at the store's
+/// last position.
+async fn assert_file_holds(directory: &Path, ledger: &Ledger) {
+    let mut file = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(directory.join("data/identity.db"))
+            .read_only(true),
+    )
+    .await
+    .unwrap();
+    let registered: Vec<String> = sqlx::query_scalar(
+        "SELECT json_extract(data, '$.user_id') FROM messages WHERE type = 'UserRegistered'",
+    )
+    .fetch_all(&mut file)
+    .await
+    .unwrap();
+    let stored: HashSet<String> = registered.iter().cloned().collect();
+    assert_eq!(
+        stored.len(),
+        registered.len(),
+        "an account registered twice"
+    );
+    let expected: HashSet<String> = ledger.registered.keys().cloned().collect();
+    assert_eq!(
+        stored, expected,
+        "the store and the acknowledged registrations differ"
+    );
+    let stored_logins: HashMap<String, i64> = sqlx::query_as(
+        "SELECT substr(stream_name, length('userLogin-') + 1), count(*) FROM messages \
+          WHERE type = 'LoginSucceeded' GROUP BY stream_name",
+    )
+    .fetch_all(&mut file)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let rows: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT id, login_count, email FROM users")
+            .fetch_all(&mut file)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), expected.len(), "the view holds other accounts");
+    for (id, login_count, email) in &rows {
+        assert!(expected.contains(id), "{email} ({id}) is in the view only");
+        let granted = ledger.logins.get(id).copied().unwrap_or(0);
+        let stored = stored_logins.get(id).copied().unwrap_or(0);
+        assert_eq!(
+            (stored, *login_count),
+            (granted, granted),
+            "{email}: logins stored and counted in the view against those granted"
+        );
+    }
+    let (checkpoint, last): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT position FROM projection_checkpoints WHERE projection = 'users'), \
+                (SELECT max(global_position) FROM messages)",
+    )
+    .fetch_one(&mut file)
+    .await
+    .unwrap();
+    assert_eq!(
+        checkpoint, last,
+        "the view's checkpoint is not the store's last position"
+    );
+    assert!(u64::try_from(last).unwrap() >= ledger.last_position);
+    file.close().await.unwrap();
+}
+
+/// Logs one of the ledger's accounts in through `port` (counted in the ledger) and reads its
+/// profile there at that login's position, which lies after every answer the ledger holds:
+/// then the view behind `port` has applied all of them.
+async fn wait_for_view(client: &reqwest::Client, port: u16, ledger: &mut Ledger) {
+    let (id, email) = ledger.registered.iter().next().unwrap();
+    let (id, email) = (id.clone(), email.clone());
+    let response = client
+        .post(format!("http://127.0.0.1:{port}/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", describe(response).await);
+    let position = ledger.position(&response);
+    *ledger.logins.entry(id).or_default() += 1;
+    let token = response.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/users/me"))
+        .bearer_auth(token)
+        .header("X-Min-Position", position.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", describe(response).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_and_logins_lose_nothing_while_the_projector_writes_the_same_file()
+{
+    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let port = free_port();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let running = start(&directory, port);
+    wait_until_ready(&client, port).await;
+
+    // The store's appends and the projector's commits contend for the file's one write lock
+    // the whole time.
+    let started = Instant::now();
+    let ledger = drive(&client, &[port], 8, 40).await;
+    println!(
+        "{} registrations and {} logins in {:?}",
+        ledger.registered.len(),
+        ledger.logins.values().sum::<i64>(),
+        started.elapsed()
+    );
+    assert!(
+        ledger.wrong.is_empty(),
+        "{} answers were not the success expected (logs in {}): {:#?}",
+        ledger.wrong.len(),
+        directory.display(),
+        ledger.wrong
+    );
+    assert_eq!(ledger.registered.len(), 8 * 40);
+
+    let mut ledger = ledger;
+    wait_for_view(&client, port, &mut ledger).await;
+    interrupt(running);
+    assert_file_holds(&directory, &ledger).await;
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+async fn describe(response: reqwest::Response) -> String {
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    format!("{status} {body}")
+}
+
+/// Two processes on one file are supported (README): SQLite serialises their appends on the
+/// file's write lock, so positions, expected versions and email reservations hold across
+/// processes; both project, and the checkpoint's compare-and-set lets one commit per batch;
+/// each finds the other's writes by polling (`database.poll_interval_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_standalone_processes_on_one_data_file_serve_it_together_and_lose_nothing() {
+    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let (first_port, second_port) = (free_port(), free_port());
+    let first = start(&directory, first_port);
+    wait_until_ready(&client, first_port).await;
+    // The second finds the file and the signing key the first made.
+    let second = start(&directory, second_port);
+    wait_until_ready(&client, second_port).await;
+    let jwks = |port: u16| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://127.0.0.1:{port}/.well-known/jwks.json"))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(jwks(first_port).await, jwks(second_port).await);
+
+    // One email registered through both at once, many times over: one account.
+    let contested: Vec<_> = (0..16)
+        .map(|n| {
+            let client = client.clone();
+            let port = [first_port, second_port][n % 2];
+            tokio::spawn(async move {
+                client
+                    .post(format!("http://127.0.0.1:{port}/users"))
+                    .json(&json!({ "email": "Contested@example.com", "password": PASSWORD }))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for registration in contested {
+        let response = registration.await.unwrap();
+        match response.status().as_u16() {
+            201 => winners.push(response.json::<Value>().await.unwrap()),
+            409 => {}
+            _ => panic!("a contested registration: {}", describe(response).await),
+        }
+    }
+    assert_eq!(winners.len(), 1, "one email, several accounts: {winners:?}");
+
+    // Clients spread over both processes: each account is registered through one, logged in
+    // through the other, and read back through either at the login's position.
+    let ports = [first_port, second_port];
+    let mut ledger = drive(&client, &ports, 8, 20).await;
+    assert!(
+        ledger.wrong.is_empty(),
+        "{} answers were not the success expected (logs in {}): {:#?}",
+        ledger.wrong.len(),
+        directory.display(),
+        ledger.wrong
+    );
+    assert_eq!(ledger.registered.len(), 8 * 20);
+    ledger.registered.insert(
+        winners[0]["id"].as_str().unwrap().to_owned(),
+        "Contested@example.com".to_owned(),
+    );
+    for port in ports {
+        wait_for_view(&client, port, &mut ledger).await;
+    }
+    interrupt(second);
+    interrupt(first);
+    assert_file_holds(&directory, &ledger).await;
+    let _ = std::fs::remove_dir_all(&directory);
 }
