@@ -280,26 +280,15 @@ impl ReadModel {
     }
 }
 
-/// Runs `read` again when it failed because its pooled connection had died
-/// ([`message_store::connection_lost`], the rule the message store retries by): after a
-/// database restart every idle connection in the pool is dead, and without this each of them
-/// would fail one request with a 503. At most once per connection of the pool, since each
-/// failure discards one; a server that is down refuses new connections, which ends it at once.
-async fn retrying<T, Read, Fut>(pool: &PgPool, mut read: Read) -> Result<T, sqlx::Error>
+/// Runs `read` again when its pooled connection had died in a database restart, as the
+/// message store does ([`message_store::database::retrying_lost_connections`]).
+async fn retrying<T, Read, Fut>(pool: &PgPool, read: Read) -> Result<T, sqlx::Error>
 where
     Read: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let mut retries_left = pool.options().get_max_connections();
-    loop {
-        match read().await {
-            Err(error) if retries_left > 0 && message_store::connection_lost(&error) => {
-                retries_left -= 1;
-                tracing::debug!("a pooled connection to the read model had died; retrying");
-            }
-            outcome => return outcome,
-        }
-    }
+    message_store::database::retrying_lost_connections(pool.options().get_max_connections(), read)
+        .await
 }
 
 fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod database;
 mod message;
 pub mod postgres;
 pub mod sqlite;
@@ -193,98 +194,9 @@ impl StoreError {
     /// retrying shortly, a 503 not a 500.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Database(error) => database_unavailable(error),
+            Self::Database(error) => database::unavailable(error),
             _ => false,
         }
-    }
-}
-
-/// Errors that say whether the call failed because its pooled connection had died (the server
-/// restarted or closed it while it sat idle), so the same call on another connection may work.
-trait LostConnection {
-    fn lost_its_connection(&self) -> bool;
-
-    /// Whether the server answered as a read-only standby (SQLSTATE 25006): the connection
-    /// reaches a server a failover demoted, and a new one may reach the new primary.
-    fn met_a_read_only_server(&self) -> bool;
-}
-
-impl LostConnection for StoreError {
-    fn lost_its_connection(&self) -> bool {
-        match self {
-            Self::Database(error) => connection_lost(error),
-            _ => false,
-        }
-    }
-
-    fn met_a_read_only_server(&self) -> bool {
-        match self {
-            Self::Database(sqlx::Error::Database(error)) => {
-                error.code().as_deref() == Some("25006")
-            }
-            _ => false,
-        }
-    }
-}
-
-impl LostConnection for AppendError {
-    fn lost_its_connection(&self) -> bool {
-        matches!(self, Self::Store(error) if error.lost_its_connection())
-    }
-
-    fn met_a_read_only_server(&self) -> bool {
-        matches!(self, Self::Store(error) if error.met_a_read_only_server())
-    }
-}
-
-/// See [`StoreError::is_unavailable`].
-fn database_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(error) => {
-            if error
-                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-                .is_some()
-            {
-                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes: another writer
-                // held the file for longer than the busy timeout.
-                return error
-                    .code()
-                    .and_then(|code| code.parse::<i32>().ok())
-                    .is_some_and(|code| matches!(code & 0xff, 5 | 6));
-            }
-            // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources),
-            // 57P01-57P03 (the server shutting down, crashed, or not yet accepting
-            // connections), and 25006: a read-only transaction, as a server demoted to a
-            // standby by a failover answers until the connection finds the new primary.
-            error.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
-            })
-        }
-        _ => false,
-    }
-}
-
-/// Whether a call failed because its pooled connection had died (the server restarted or
-/// closed it while it sat idle), so the same call on another connection may work. The store
-/// retries on it, at most once per connection of its pool, and so may any other reader with a
-/// pool of its own. Not a refused connection: a server that is down refuses every new one,
-/// and trying again at once would only repeat the refusal.
-pub fn connection_lost(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02")
-        }),
-        _ => false,
     }
 }
 

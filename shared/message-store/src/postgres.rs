@@ -21,11 +21,11 @@ use sqlx::types::Json;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::database::{LostConnection, retrying_lost_connections};
 use crate::subscription::AbortOnDrop;
 use crate::{
-    AppendError, Appended, AppendedMessage, ExpectedVersion, GlobalPosition, LostConnection,
-    MessageStore, RecordedMessage, StoreError, StreamAppend, StreamName, StreamPosition,
-    Subscription,
+    AppendError, Appended, AppendedMessage, ExpectedVersion, GlobalPosition, MessageStore,
+    RecordedMessage, StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
 };
 
 /// The LISTEN/NOTIFY channel that carries wake-ups. NOTIFY is scoped to one database, so
@@ -267,35 +267,26 @@ impl PostgresMessageStore {
         }
     }
 
-    /// Runs `call` again when it failed because its pooled connection had died: after a
-    /// database restart every idle connection in the pool is dead, and without this each of
-    /// them would fail one request. Bounded by the pool's size, since each retry discards one
-    /// dead connection; a server that is down refuses new connections and ends it at once.
+    /// Runs `call` again on another connection when its own was of no more use: it had died
+    /// in the pool ([`crate::database::retrying_lost_connections`]), or it reaches a server a
+    /// failover made read-only, in which case every connection opened before is replaced and
+    /// the call runs once more.
     async fn retrying<T, E, Call, Fut>(&self, mut call: Call) -> Result<T, E>
     where
         E: LostConnection,
         Call: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut retries_left = self.inner.pool.options().get_max_connections();
-        loop {
-            match call().await {
-                Err(error) if retries_left > 0 && error.lost_its_connection() => {
-                    retries_left -= 1;
-                    tracing::debug!("a pooled connection to the message store had died; retrying");
-                }
-                Err(error) if error.met_a_read_only_server() => {
-                    self.inner.reconnect.set_mark();
-                    if retries_left == 0 {
-                        return Err(error);
-                    }
-                    retries_left = 0;
-                    tracing::warn!(
-                        "the message store's server is read-only (a failover?); reconnecting"
-                    );
-                }
-                outcome => return outcome,
+        let pool_size = self.inner.pool.options().get_max_connections();
+        match retrying_lost_connections(pool_size, &mut call).await {
+            Err(error) if error.met_a_read_only_server() => {
+                self.inner.reconnect.set_mark();
+                tracing::warn!(
+                    "the message store's server is read-only (a failover?); reconnecting"
+                );
+                retrying_lost_connections(pool_size, &mut call).await
             }
+            outcome => outcome,
         }
     }
 
