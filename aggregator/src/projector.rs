@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, HashSet};
 
-use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
+use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError, Subscription};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::read_model::{Checkpoint, Committed, ReadModel, Target, pg_take_over};
-use crate::view::{UserRow, apply, prepare};
+use crate::view::{Change, UserRow, apply, prepare};
 
 /// The version of the users projection. Bump it when what it writes changes, and rebuild.
 pub const USERS_VERSION: i32 = 1;
@@ -140,6 +140,26 @@ pub struct Projector {
     lag_measured_at: Option<Instant>,
     cache: HashMap<Uuid, UserRow>,
     prefetch: Option<Prefetch>,
+}
+
+/// What [`Projector::fold_batches`] found after the checkpoint.
+enum Folded {
+    /// Nothing new.
+    Nothing,
+    /// The checkpoint moved under the worker while it loaded rows: nothing is to be written.
+    CheckpointMoved,
+    Batches(Fold),
+}
+
+/// Batches folded into the cached rows, waiting to be committed with the checkpoint `to`.
+struct Fold {
+    to: GlobalPosition,
+    events: usize,
+    skipped: usize,
+    /// Why the event after `to` cannot be applied, when one cannot.
+    poison: Option<String>,
+    /// The rows the fold changed.
+    dirty: HashSet<Uuid>,
 }
 
 /// A read of the next batch, started while the current one is folded and committed.
@@ -265,155 +285,204 @@ impl Projector {
 
     async fn step(&mut self) -> Result<Outcome, ProjectorError> {
         loop {
-            let checkpoint = match self.checkpoint {
-                Some(checkpoint) => checkpoint,
-                None => {
-                    self.cache.clear();
-                    let checkpoint = self
-                        .read_model
-                        .ensure_checkpoint(self.target.checkpoint, self.version)
-                        .await?;
-                    self.may_write_after(&checkpoint)?;
-                    self.checkpoint = Some(checkpoint);
-                    checkpoint
-                }
-            };
-            let from = checkpoint.position;
+            let checkpoint = self.current_checkpoint().await?;
             let started = Instant::now();
-            // Read, decode and fold batches into the cached rows until enough rows wait to be
-            // written (one batch unless `fold_rows` says more), the backlog is drained, or an
-            // event cannot be applied. Nothing is written yet, so no transaction is open.
-            let mut to = from;
-            let mut events = 0;
-            let mut skipped = 0;
-            let mut poison = None;
-            let mut dirty = HashSet::new();
-            let mut read_any = false;
-            let mut moved = false;
-            loop {
-                let messages = self.read(to).await?;
-                let Some(last) = messages.last() else { break };
-                read_any = true;
-                let last_position = last.global_position;
-                let full = messages.len() >= self.options.batch_size;
-                if full {
-                    self.read_ahead(last_position);
-                }
-                let prepared = prepare(&messages);
-                drop(messages);
-                skipped += prepared.skipped;
-                let mut missing: Vec<Uuid> = prepared
-                    .changes
-                    .iter()
-                    .map(|change| change.user_id)
-                    .filter(|id| !self.cache.contains_key(id))
-                    .collect();
-                if !missing.is_empty() {
-                    missing.sort_unstable();
-                    missing.dedup();
-                    // The stored rows are as of `from`: this step has written nothing yet.
-                    match self
-                        .read_model
-                        .load_rows(&self.target, &checkpoint, &missing)
-                        .await?
-                    {
-                        Some(rows) => {
-                            self.cache.extend(rows.into_iter().map(|row| (row.id, row)));
-                        }
-                        None => {
-                            moved = true;
-                            break;
-                        }
-                    }
-                }
-                let mut batch_to = last_position;
-                if let Some((position, reason)) = prepared.poison {
-                    batch_to = position.saturating_sub(1).max(to);
-                    poison = Some(reason);
-                }
-                for change in &prepared.changes {
-                    match apply(&mut self.cache, change) {
-                        Ok(changed) => {
-                            if changed {
-                                dirty.insert(change.user_id);
-                            }
-                            events += 1;
-                        }
-                        Err(reason) => {
-                            // Commit what comes before it, and stop there.
-                            batch_to = change.position.saturating_sub(1).max(to);
-                            poison = Some(reason);
-                            break;
-                        }
-                    }
-                }
-                to = batch_to;
-                if poison.is_some() || !full || dirty.len() >= self.options.fold_rows {
-                    break;
-                }
-            }
-            if moved {
-                self.checkpoint_moved();
-                continue;
-            }
-            if !read_any {
-                // Nothing new after our checkpoint. A commit would notice that a reset or a
-                // rebuild moved it; with nothing to commit, look.
-                let stored = self.read_model.checkpoint(self.target.checkpoint).await?;
-                if stored.is_some_and(|stored| stored != checkpoint) {
-                    self.forget();
+            let fold = match self.fold_batches(&checkpoint).await? {
+                Folded::CheckpointMoved => {
+                    self.checkpoint_moved();
                     continue;
                 }
-                if let Some(reason) = self.store_behind(from).await? {
-                    return Ok(self.halt(from, reason));
-                }
-                metrics::gauge!("projection_lag_events", "projection" => self.name()).set(0.0);
-                return Ok(Outcome::Idle);
-            }
-            let mut ids: Vec<Uuid> = dirty.into_iter().collect();
-            ids.sort_unstable();
-            let rows: Vec<&UserRow> = ids.iter().filter_map(|id| self.cache.get(id)).collect();
-            let idle_limit = Some(self.options.lock_lease);
-            let committed = self
-                .read_model
-                .write_rows(&self.target, &checkpoint, to, &rows, idle_limit)
-                .await?;
-            if committed == Committed::CheckpointMoved {
+                Folded::Nothing => match self.idle(&checkpoint).await? {
+                    Some(outcome) => return Ok(outcome),
+                    None => continue,
+                },
+                Folded::Batches(fold) => fold,
+            };
+            if !self.commit(&checkpoint, &fold).await? {
                 self.checkpoint_moved();
                 continue;
             }
-            self.checkpoint = Some(checkpoint.at(to));
-            if self.cache.len() > self.options.cache_rows {
-                self.cache.clear();
-            }
-            let name = self.name();
-            metrics::histogram!("projection_batch_seconds", "projection" => name)
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("projection_events_applied_total", "projection" => name)
-                .increment(events as u64);
-            metrics::counter!("projection_events_skipped_total", "projection" => name)
-                .increment(skipped as u64);
-            metrics::gauge!("projection_position", "projection" => name).set(to as f64);
-            self.stats
-                .events_applied
-                .fetch_add(events as u64, Ordering::Relaxed);
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            self.position.send_replace(to);
-            self.measure_lag(to).await;
-            if let Some(reason) = poison {
+            self.record(&fold, started).await;
+            if let Some(reason) = fold.poison {
                 let reason = format!(
                     "an event it knows cannot be applied ({reason}); the checkpoint stays before \
                      it. Fix the event's reader (an upcaster) or the data, then restart the \
                      aggregator"
                 );
-                return Ok(self.halt(to, reason));
+                return Ok(self.halt(fold.to, reason));
             }
             return Ok(Outcome::Applied {
-                events,
-                skipped,
-                position: to,
+                events: fold.events,
+                skipped: fold.skipped,
+                position: fold.to,
             });
         }
+    }
+
+    /// The checkpoint this worker writes on top of: the one it committed last, or the stored one
+    /// (created at 0 if there is none) once it has forgotten it.
+    async fn current_checkpoint(&mut self) -> Result<Checkpoint, ProjectorError> {
+        if let Some(checkpoint) = self.checkpoint {
+            return Ok(checkpoint);
+        }
+        self.cache.clear();
+        let checkpoint = self
+            .read_model
+            .ensure_checkpoint(self.target.checkpoint, self.version)
+            .await?;
+        self.may_write_after(&checkpoint)?;
+        self.checkpoint = Some(checkpoint);
+        Ok(checkpoint)
+    }
+
+    /// Reads, decodes and folds batches into the cached rows until enough rows wait to be
+    /// written (one batch unless `fold_rows` says more), the backlog is drained, or an event
+    /// cannot be applied. Nothing is written, so no transaction is open meanwhile.
+    async fn fold_batches(&mut self, checkpoint: &Checkpoint) -> Result<Folded, ProjectorError> {
+        let mut fold = Fold {
+            to: checkpoint.position,
+            events: 0,
+            skipped: 0,
+            poison: None,
+            dirty: HashSet::new(),
+        };
+        let mut read_any = false;
+        loop {
+            let messages = self.read(fold.to).await?;
+            let Some(last) = messages.last() else { break };
+            read_any = true;
+            let last_position = last.global_position;
+            let full = messages.len() >= self.options.batch_size;
+            if full {
+                self.read_ahead(last_position);
+            }
+            let prepared = prepare(&messages);
+            drop(messages);
+            fold.skipped += prepared.skipped;
+            if !self
+                .load_missing_rows(checkpoint, &prepared.changes)
+                .await?
+            {
+                return Ok(Folded::CheckpointMoved);
+            }
+            let mut batch_to = last_position;
+            if let Some((position, reason)) = prepared.poison {
+                batch_to = position.saturating_sub(1).max(fold.to);
+                fold.poison = Some(reason);
+            }
+            for change in &prepared.changes {
+                match apply(&mut self.cache, change) {
+                    Ok(changed) => {
+                        if changed {
+                            fold.dirty.insert(change.user_id);
+                        }
+                        fold.events += 1;
+                    }
+                    Err(reason) => {
+                        // Commit what comes before it, and stop there.
+                        batch_to = change.position.saturating_sub(1).max(fold.to);
+                        fold.poison = Some(reason);
+                        break;
+                    }
+                }
+            }
+            fold.to = batch_to;
+            if fold.poison.is_some() || !full || fold.dirty.len() >= self.options.fold_rows {
+                break;
+            }
+        }
+        Ok(if read_any {
+            Folded::Batches(fold)
+        } else {
+            Folded::Nothing
+        })
+    }
+
+    /// Brings the rows `changes` touch and the cache does not hold into it, as of `checkpoint`
+    /// (this step has written nothing yet). False when the checkpoint has moved meanwhile.
+    async fn load_missing_rows(
+        &mut self,
+        checkpoint: &Checkpoint,
+        changes: &[Change],
+    ) -> Result<bool, ProjectorError> {
+        let mut missing: Vec<Uuid> = changes
+            .iter()
+            .map(|change| change.user_id)
+            .filter(|id| !self.cache.contains_key(id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(true);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let Some(rows) = self
+            .read_model
+            .load_rows(&self.target, checkpoint, &missing)
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.cache.extend(rows.into_iter().map(|row| (row.id, row)));
+        Ok(true)
+    }
+
+    /// Nothing new after the checkpoint. A commit would notice that a reset or a rebuild moved
+    /// it; with nothing to commit, look (`None`: it moved, start over). And a view ahead of its
+    /// store must not go on.
+    async fn idle(&mut self, checkpoint: &Checkpoint) -> Result<Option<Outcome>, ProjectorError> {
+        let stored = self.read_model.checkpoint(self.target.checkpoint).await?;
+        if stored.is_some_and(|stored| stored != *checkpoint) {
+            self.forget();
+            return Ok(None);
+        }
+        if let Some(reason) = self.store_behind(checkpoint.position).await? {
+            return Ok(Some(self.halt(checkpoint.position, reason)));
+        }
+        metrics::gauge!("projection_lag_events", "projection" => self.name()).set(0.0);
+        Ok(Some(Outcome::Idle))
+    }
+
+    /// Writes the rows a fold changed with the checkpoint it reached, in one transaction. False
+    /// when the checkpoint was no longer where the fold started: nothing was written.
+    async fn commit(
+        &mut self,
+        checkpoint: &Checkpoint,
+        fold: &Fold,
+    ) -> Result<bool, ProjectorError> {
+        let mut ids: Vec<Uuid> = fold.dirty.iter().copied().collect();
+        ids.sort_unstable();
+        let rows: Vec<&UserRow> = ids.iter().filter_map(|id| self.cache.get(id)).collect();
+        let idle_limit = Some(self.options.lock_lease);
+        let committed = self
+            .read_model
+            .write_rows(&self.target, checkpoint, fold.to, &rows, idle_limit)
+            .await?;
+        if committed == Committed::CheckpointMoved {
+            return Ok(false);
+        }
+        self.checkpoint = Some(checkpoint.at(fold.to));
+        if self.cache.len() > self.options.cache_rows {
+            self.cache.clear();
+        }
+        Ok(true)
+    }
+
+    /// What a committed fold tells the metrics, the stats and the read-your-writes waiters.
+    async fn record(&mut self, fold: &Fold, started: Instant) {
+        let name = self.name();
+        metrics::histogram!("projection_batch_seconds", "projection" => name)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("projection_events_applied_total", "projection" => name)
+            .increment(fold.events as u64);
+        metrics::counter!("projection_events_skipped_total", "projection" => name)
+            .increment(fold.skipped as u64);
+        metrics::gauge!("projection_position", "projection" => name).set(fold.to as f64);
+        self.stats
+            .events_applied
+            .fetch_add(fold.events as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.position.send_replace(fold.to);
+        self.measure_lag(fold.to).await;
     }
 
     /// Stops the projection where it is, until the process restarts, and says why.
@@ -489,91 +558,125 @@ impl Projector {
         tokio::pin!(shutdown);
         metrics::gauge!("projection_halted", "projection" => self.name()).set(0.0);
         let mut subscription = self.store.subscribe();
-        let mut backoff = Duration::from_millis(100);
-        'holding: loop {
-            let mut lock = match &self.read_model {
-                ReadModel::Postgres(pool) => {
-                    let acquire = ProjectionLock::acquire(
-                        pool.clone(),
-                        self.name(),
-                        self.version,
-                        &self.options,
-                        self.stats.clone(),
-                    );
-                    tokio::select! {
-                        lock = acquire => Some(lock),
-                        () = &mut shutdown => break 'holding,
-                    }
-                }
-                // SQLite is the single-process mode: there is one worker.
-                ReadModel::Sqlite(_) => None,
-            };
-            self.fence = lock.as_ref().map(|lock| lock.epoch);
-            self.stats.holds_lock.store(true, Ordering::Relaxed);
-            // The checkpoint may have moved while another replica held the lock.
-            self.forget();
-            tracing::info!(projection = self.name(), "projecting");
-            loop {
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break 'holding,
-                    () = std::future::ready(()) => {}
-                }
-                if lock.as_ref().is_some_and(ProjectionLock::is_lost) {
-                    // The heartbeat has said so; take it again, or stand by.
-                    continue 'holding;
-                }
-                // A batch in flight when the lock is lost is not cut short: its commit compares
-                // the epoch, which the next holder has bumped, and writes nothing.
-                match self.process_next_batch().await {
-                    Ok(Outcome::Applied { .. }) => backoff = Duration::from_millis(100),
-                    Ok(Outcome::Idle) => {
-                        backoff = Duration::from_millis(100);
-                        tokio::select! {
-                            _ = subscription.next() => {}
-                            () = lost(&mut lock) => {}
-                            () = &mut shutdown => break 'holding,
-                        }
-                    }
-                    Ok(Outcome::Halted { .. }) => {
-                        // Keep the lock (a standby would only halt too) and keep serving
-                        // health and metrics until told to stop.
-                        (&mut shutdown).await;
-                        break 'holding;
-                    }
-                    Err(error) => {
-                        // Another holder, or a view of another version: let go of the lock, so
-                        // a worker that may write (a newer build's, say) can take it.
-                        let let_go = matches!(
-                            error,
-                            ProjectorError::TakenOver | ProjectorError::OtherVersion { .. }
-                        );
-                        tracing::error!(
-                            projection = self.name(),
-                            error = %error,
-                            cause = ?std::error::Error::source(&error),
-                            "projection batch failed; retrying after {backoff:?}"
-                        );
-                        self.forget();
-                        if let_go {
-                            lock = None;
-                            self.stats.holds_lock.store(false, Ordering::Relaxed);
-                        }
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            () = &mut shutdown => break 'holding,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        if let_go {
-                            continue 'holding;
-                        }
-                    }
-                }
+        while let Some(lock) = self.take_lock(shutdown.as_mut()).await {
+            let held = self
+                .work_while_holding(lock, &mut subscription, shutdown.as_mut())
+                .await;
+            if held == Held::UntilShutdown {
+                break;
             }
         }
         self.stats.holds_lock.store(false, Ordering::Relaxed);
         tracing::info!(projection = self.name(), "projector stopped");
     }
+
+    /// Waits until this worker holds the projection's lock (`Some(None)` on SQLite, the
+    /// single-process mode, where there is one worker); `None` when `shutdown` came first.
+    async fn take_lock<S: Future<Output = ()>>(
+        &mut self,
+        mut shutdown: std::pin::Pin<&mut S>,
+    ) -> Option<Option<ProjectionLock>> {
+        let lock = match &self.read_model {
+            ReadModel::Postgres(pool) => {
+                let acquire = ProjectionLock::acquire(
+                    pool.clone(),
+                    self.name(),
+                    self.version,
+                    &self.options,
+                    self.stats.clone(),
+                );
+                tokio::select! {
+                    lock = acquire => Some(lock),
+                    () = &mut shutdown => return None,
+                }
+            }
+            ReadModel::Sqlite(_) => None,
+        };
+        self.fence = lock.as_ref().map(|lock| lock.epoch);
+        self.stats.holds_lock.store(true, Ordering::Relaxed);
+        // The checkpoint may have moved while another replica held the lock.
+        self.forget();
+        tracing::info!(projection = self.name(), "projecting");
+        Some(lock)
+    }
+
+    /// Projects batch after batch while `lock` holds, sleeping on `subscription` when idle, and
+    /// backing off on errors. Returns when told to stop, or when the lock is lost or must be let
+    /// go (another holder, or a view of another version), to be taken again or waited for.
+    async fn work_while_holding<S: Future<Output = ()>>(
+        &mut self,
+        mut lock: Option<ProjectionLock>,
+        subscription: &mut Subscription,
+        mut shutdown: std::pin::Pin<&mut S>,
+    ) -> Held {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Held::UntilShutdown,
+                () = std::future::ready(()) => {}
+            }
+            if lock.as_ref().is_some_and(ProjectionLock::is_lost) {
+                // The heartbeat has said so; take it again, or stand by.
+                return Held::UntilLost;
+            }
+            // A batch in flight when the lock is lost is not cut short: its commit compares the
+            // epoch, which the next holder has bumped, and writes nothing.
+            match self.process_next_batch().await {
+                Ok(Outcome::Applied { .. }) => backoff = Duration::from_millis(100),
+                Ok(Outcome::Idle) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = subscription.next() => {}
+                        () = lost(&mut lock) => {}
+                        () = &mut shutdown => return Held::UntilShutdown,
+                    }
+                }
+                Ok(Outcome::Halted { .. }) => {
+                    // Keep the lock (a standby would only halt too) and keep serving health
+                    // and metrics until told to stop.
+                    shutdown.await;
+                    return Held::UntilShutdown;
+                }
+                Err(error) => {
+                    // Another holder, or a view of another version: let go of the lock, so a
+                    // worker that may write (a newer build's, say) can take it.
+                    let let_go = matches!(
+                        error,
+                        ProjectorError::TakenOver | ProjectorError::OtherVersion { .. }
+                    );
+                    tracing::error!(
+                        projection = self.name(),
+                        error = %error,
+                        cause = ?std::error::Error::source(&error),
+                        "projection batch failed; retrying after {backoff:?}"
+                    );
+                    self.forget();
+                    if let_go {
+                        drop(lock.take());
+                        self.stats.holds_lock.store(false, Ordering::Relaxed);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut shutdown => return Held::UntilShutdown,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if let_go {
+                        return Held::UntilLost;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How long a worker held the projection's lock.
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    /// Until it was told to stop.
+    UntilShutdown,
+    /// Until it lost the lock or let it go.
+    UntilLost,
 }
 
 /// Completes when the heartbeat of `lock` finds it lost; never without a lock.
