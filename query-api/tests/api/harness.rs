@@ -2,7 +2,9 @@
 //! model and the message store, or to run the real aggregator over it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use identity::{
@@ -444,4 +446,53 @@ pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
         .unwrap_or_default();
     assert_eq!(content_type, "application/problem+json", "status {status}");
     (status, response.json().await.unwrap())
+}
+
+/// The real projection worker over the app's store and read model.
+pub struct Aggregator {
+    pub read_model: ReadModel,
+    pub projector: Projector,
+}
+
+impl Aggregator {
+    pub async fn over(app: &TestApp, batch_size: usize) -> Self {
+        let read_model = ReadModel::connect(&app.read_model_url, 4).await.unwrap();
+        let projector = Projector::users(
+            app.store.clone(),
+            read_model.clone(),
+            ProjectorOptions {
+                batch_size,
+                ..ProjectorOptions::default()
+            },
+        );
+        Self {
+            read_model,
+            projector,
+        }
+    }
+
+    pub async fn checkpoint(&self) -> u64 {
+        self.read_model
+            .checkpoint("users")
+            .await
+            .unwrap()
+            .map_or(0, |checkpoint| checkpoint.position)
+    }
+
+    /// Projects everything written so far, or up to a poison event: the last step's outcome.
+    pub async fn catch_up(&mut self, app: &TestApp) -> Outcome {
+        let last = app.store.last_position().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let outcome = self.projector.process_next_batch().await.unwrap();
+            if matches!(outcome, Outcome::Halted { .. }) || self.checkpoint().await >= last {
+                return outcome;
+            }
+            assert!(Instant::now() < deadline, "the projection never caught up");
+            if outcome == Outcome::Idle {
+                // Written but not readable yet (an older transaction still open).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
