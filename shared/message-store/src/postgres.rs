@@ -290,6 +290,19 @@ impl PostgresMessageStore {
         }
     }
 
+    /// The messages the query `build` makes returns, built anew for each try (see
+    /// [`Self::retrying`]).
+    async fn fetch<'q, Build>(&self, build: Build) -> Result<Vec<RecordedMessage>, StoreError>
+    where
+        Build: Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    {
+        self.retrying(|| async {
+            let rows = build().fetch_all(&self.inner.pool).await?;
+            rows.iter().map(recorded).collect()
+        })
+        .await
+    }
+
     /// The lock-free attempt: `None` when it did not write and the slow path must find out why.
     async fn try_append(&self, call: &AppendCall) -> Result<Option<Appended>, AppendError> {
         match call.query().fetch_all(&self.inner.pool).await {
@@ -596,8 +609,8 @@ impl MessageStore for PostgresMessageStore {
         from: StreamPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        self.retrying(|| async {
-            let rows = sqlx::query(
+        self.fetch(|| {
+            sqlx::query(
                 "SELECT global_position, id, stream_name, position, type, data, metadata, time \
                  FROM messages WHERE stream_name = $1 AND position >= $2 \
                  ORDER BY position LIMIT $3",
@@ -605,9 +618,6 @@ impl MessageStore for PostgresMessageStore {
             .bind(stream.as_str())
             .bind(to_i64(from))
             .bind(to_i64(max as u64))
-            .fetch_all(&self.inner.pool)
-            .await?;
-            rows.iter().map(recorded).collect()
         })
         .await
     }
@@ -635,8 +645,8 @@ impl MessageStore for PostgresMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        self.retrying(|| async {
-            let rows = sqlx::query(
+        self.fetch(|| {
+            sqlx::query(
                 "SELECT global_position, id, stream_name, position, type, data, metadata, time \
                  FROM messages \
                  WHERE category = $1 AND global_position > $2 \
@@ -646,9 +656,6 @@ impl MessageStore for PostgresMessageStore {
             .bind(category)
             .bind(to_i64(after))
             .bind(to_i64(max as u64))
-            .fetch_all(&self.inner.pool)
-            .await?;
-            rows.iter().map(recorded).collect()
         })
         .await
     }
@@ -658,8 +665,8 @@ impl MessageStore for PostgresMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        self.retrying(|| async {
-            let rows = sqlx::query(
+        self.fetch(|| {
+            sqlx::query(
                 "SELECT global_position, id, stream_name, position, type, data, metadata, time \
                  FROM messages \
                  WHERE global_position > $1 AND global_position < message_store_horizon() \
@@ -667,9 +674,6 @@ impl MessageStore for PostgresMessageStore {
             )
             .bind(to_i64(after))
             .bind(to_i64(max as u64))
-            .fetch_all(&self.inner.pool)
-            .await?;
-            rows.iter().map(recorded).collect()
         })
         .await
     }

@@ -571,13 +571,9 @@ pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &Pos
     assert_eq!(wake, Wake::Signalled);
 }
 
-pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_type(
-    harness: &dyn Harness,
-) {
-    let store = harness.store();
-    let pruned = stream("audit");
-    let other = stream("audit");
-    let kept = stream("thing");
+/// Five messages of two kinds, for the pruning cases: after pruning, 0 (the first), 3 (the last
+/// success) and 4 (the last failure) are left.
+async fn append_successes_and_failures(store: &dyn MessageStore, stream: &StreamName) {
     let kinds = ["Succeeded", "Failed", "Succeeded", "Succeeded", "Failed"];
     let messages = kinds
         .iter()
@@ -585,14 +581,24 @@ pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_typ
         .map(|(n, kind)| NewMessage::new(*kind, json!({ "n": n })))
         .collect();
     append_settled(
-        store.as_ref(),
+        store,
         vec![StreamAppend::new(
-            pruned.clone(),
+            stream.clone(),
             ExpectedVersion::NoStream,
             messages,
         )],
     )
     .await;
+}
+
+pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_type(
+    harness: &dyn Harness,
+) {
+    let store = harness.store();
+    let pruned = stream("audit");
+    let other = stream("audit");
+    let kept = stream("thing");
+    append_successes_and_failures(store.as_ref(), &pruned).await;
     append_settled(store.as_ref(), append(&other, ExpectedVersion::NoStream, 1)).await;
     append_settled(store.as_ref(), append(&kept, ExpectedVersion::NoStream, 3)).await;
 
@@ -639,21 +645,7 @@ pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_typ
 pub async fn after_pruning_an_exact_version_holds_only_at_the_last_position(harness: &dyn Harness) {
     let store = harness.store();
     let pruned = stream("audit");
-    let kinds = ["Succeeded", "Failed", "Succeeded", "Succeeded", "Failed"];
-    let messages = kinds
-        .iter()
-        .enumerate()
-        .map(|(n, kind)| NewMessage::new(*kind, json!({ "n": n })))
-        .collect();
-    append_settled(
-        store.as_ref(),
-        vec![StreamAppend::new(
-            pruned.clone(),
-            ExpectedVersion::NoStream,
-            messages,
-        )],
-    )
-    .await;
+    append_successes_and_failures(store.as_ref(), &pruned).await;
     let later =
         store.last_message(&pruned).await.unwrap().unwrap().time + chrono::Duration::seconds(60);
     assert_eq!(store.prune_category("audit", later).await.unwrap(), 2);
