@@ -16,6 +16,13 @@ pub enum ApiError {
     NotFound,
     #[error("invalid request")]
     Invalid(Vec<FieldError>),
+    /// A request header this API reads is malformed; the detail says which and why.
+    #[error("invalid header: {0}")]
+    InvalidHeader(&'static str),
+    /// `X-Min-Position` names a position nobody has written (yet): waiting for it would hold
+    /// a connection in vain.
+    #[error("X-Min-Position {0} is beyond the last position written")]
+    UnknownPosition(u64),
     #[error("the read model has not reached position {0} in time")]
     NotYetConsistent(u64),
     #[error("read model")]
@@ -41,6 +48,11 @@ impl ApiError {
             }
             Self::NotFound => Problem::not_found().with_detail("no such account"),
             Self::Invalid(errors) => Problem::validation(errors.clone()),
+            Self::InvalidHeader(detail) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid_header").with_detail(*detail)
+            }
+            Self::UnknownPosition(_) => Problem::new(StatusCode::BAD_REQUEST, "unknown_position")
+                .with_detail("X-Min-Position is beyond the last position written"),
             Self::NotYetConsistent(position) => {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_yet_consistent")
                     .with_detail(format!(
@@ -75,6 +87,9 @@ impl IntoResponse for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use identity::EventDecodeError;
+    use message_store::StoreError;
+
     use super::*;
 
     #[test]
@@ -93,6 +108,16 @@ mod tests {
                 "validation_failed",
             ),
             (
+                ApiError::InvalidHeader("X-Min-Position must be given once"),
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+            ),
+            (
+                ApiError::UnknownPosition(7),
+                StatusCode::BAD_REQUEST,
+                "unknown_position",
+            ),
+            (
                 ApiError::NotYetConsistent(7),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_yet_consistent",
@@ -102,6 +127,28 @@ mod tests {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
             ),
+            (
+                ApiError::Store(StoreError::Database(sqlx::Error::PoolTimedOut)),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                ApiError::History(HistoryError::Store(StoreError::Database(
+                    sqlx::Error::PoolTimedOut,
+                ))),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                ApiError::History(HistoryError::Undecodable {
+                    position: 7,
+                    source: EventDecodeError::UnknownType {
+                        event_type: "Happened".into(),
+                    },
+                }),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+            ),
         ];
         for (error, status, code) in table {
             let problem = error.problem();
@@ -110,6 +157,25 @@ mod tests {
                 (status, code),
                 "{error:?}"
             );
+            // A client told to come back later is told when; no other answer says so.
+            let retry_after = problem
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .cloned();
+            if matches!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            ) {
+                let seconds =
+                    retry_after.and_then(|value| value.to_str().ok()?.parse::<u32>().ok());
+                assert!(
+                    seconds.is_some_and(|seconds| seconds > 0),
+                    "{error:?}: a {status} without a Retry-After in seconds"
+                );
+            } else {
+                assert_eq!(retry_after, None, "{error:?}");
+            }
         }
     }
 

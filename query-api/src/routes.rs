@@ -35,8 +35,11 @@ pub const MIN_POSITION: HeaderName = HeaderName::from_static("x-min-position");
 #[allow(dead_code)] // read by the middleware from the raw headers; here for the document
 pub struct MinPositionHeader {
     /// Answer only once the read model has applied this global position (a command's
-    /// `X-Position`): waits up to a bound, then 503 with Retry-After. A position beyond the
-    /// last one written is a 400; a caller whose account is not active is refused (401)
+    /// `X-Position`): waits up to a bound, then 503 with Retry-After. Decimal digits, sent
+    /// once; leading zeros are allowed (`05` is 5) and whitespace around the value is not part
+    /// of it (RFC 9110). An empty value, a sign, anything but digits, a number above
+    /// 18446744073709551615, or the header sent twice is a 400 at once, as is a position
+    /// beyond the last one written; a caller whose account is not active is refused (401)
     /// before any wait.
     #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
     x_min_position: Option<u64>,
@@ -63,17 +66,10 @@ pub async fn wait_for_min_position(
         Err(refused) => return refused.into_response(),
     };
     let request = Request::from_parts(parts, body);
-    let Some(value) = request.headers().get(&MIN_POSITION) else {
-        return next.run(request).await;
-    };
-    let Some(wanted) = value
-        .to_str()
-        .ok()
-        .and_then(|value| value.trim().parse::<u64>().ok())
-    else {
-        return platform::Problem::new(axum::http::StatusCode::BAD_REQUEST, "invalid_header")
-            .with_detail("X-Min-Position must be a non-negative integer")
-            .into_response();
+    let wanted = match min_position(request.headers()) {
+        Ok(Some(wanted)) => wanted,
+        Ok(None) => return next.run(request).await,
+        Err(refused) => return refused.into_response(),
     };
     let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
     let mut pause = Duration::from_millis(1);
@@ -90,12 +86,7 @@ pub async fn wait_for_min_position(
             // and that the caller's account may still be active.
             Ok(_) if !may_wait => match state.store.last_position().await {
                 Ok(last) if wanted > last => {
-                    return platform::Problem::new(
-                        axum::http::StatusCode::BAD_REQUEST,
-                        "unknown_position",
-                    )
-                    .with_detail("X-Min-Position is beyond the last position written")
-                    .into_response();
+                    return ApiError::UnknownPosition(wanted).into_response();
                 }
                 Ok(_) => match ensure_own_account_active(&state, &caller).await {
                     Ok(()) => may_wait = true,
@@ -112,6 +103,40 @@ pub async fn wait_for_min_position(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(25));
     }
+}
+
+/// The position `X-Min-Position` asks for, if it is there: decimal digits, in one header.
+///
+/// Only digits, because `u64::from_str` also takes a leading `+`, which no command answers
+/// with; a header sent twice is refused rather than one of its values picked, since the client
+/// meant one of them and the server cannot tell which. Whitespace around a field value is not
+/// part of it (RFC 9110, section 5.5; hyper strips it already).
+fn min_position(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let mut values = headers.get_all(&MIN_POSITION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidHeader("X-Min-Position must be sent once"));
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|value| digits(value.trim_matches([' ', '\t'])))
+        .map(Some)
+        .ok_or(ApiError::InvalidHeader(
+            "X-Min-Position must be a global position: decimal digits, at most \
+             18446744073709551615",
+        ))
+}
+
+/// A non-negative number written in decimal digits only: no sign, no spaces, nothing empty.
+/// Leading zeros are harmless and taken. Too large for `T` is `None`.
+fn digits<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -313,9 +338,7 @@ fn page_size(limit: Option<&str>, default: u32, state: &AppState) -> Result<u32,
         return Ok(default);
     };
     let maximum = state.settings.max_page_size;
-    limit
-        .parse::<u32>()
-        .ok()
+    digits::<u32>(limit)
         .filter(|limit| (1..=maximum).contains(limit))
         .ok_or_else(|| ApiError::invalid("limit", format!("must be from 1 to {maximum}")))
 }
@@ -371,9 +394,8 @@ pub async fn events(
     authorize_read(&state, &caller, id).await?;
     let after = match query.after.as_deref() {
         None => 0,
-        Some(after) => after
-            .parse::<u64>()
-            .map_err(|_| ApiError::invalid("after", "must be a non-negative integer"))?,
+        Some(after) => digits::<u64>(after)
+            .ok_or_else(|| ApiError::invalid("after", "must be a non-negative integer"))?,
     };
     let limit = page_size(query.limit.as_deref(), state.settings.max_page_size, &state)?;
     let items = history::events(

@@ -121,10 +121,12 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
     )
     .await;
     assert_eq!(status, 403);
-    let (status, _) = problem(
-        app.get(&format!("/users/{id}/events?limit=0"), Some(&token))
-            .await,
-    )
-    .await;
-    assert_eq!(status, 422);
+    for query in ["limit=0", "after=%2B1", "after="] {
+        let (status, body) = problem(
+            app.get(&format!("/users/{id}/events?{query}"), Some(&token))
+                .await,
+        )
+        .await;
+        assert_eq!(status, 422, "{query}: {body}");
+    }
 }

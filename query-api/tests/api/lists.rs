@@ -109,6 +109,7 @@ async fn bad_paging_values_are_refused_with_the_field_named() {
         ("limit=1000000", "limit"),
         ("limit=99999999999999999999", "limit"),
         ("limit=ten", "limit"),
+        ("limit=%2B5", "limit"),
         ("cursor=bm90LWEtY3Vyc29y", "cursor"),
         ("cursor=%%%", "cursor"),
         ("status=sleeping", "status"),

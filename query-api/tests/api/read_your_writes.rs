@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{problem, spawn, spawn_with};
+use crate::harness::{TestApp, problem, spawn, spawn_with};
 
 #[tokio::test]
 async fn a_read_at_a_reached_position_answers_at_once() {
@@ -171,4 +171,80 @@ async fn a_deactivated_caller_is_refused_before_it_waits() {
         started.elapsed() < Duration::from_secs(4),
         "it waited before checking the account"
     );
+}
+
+/// Sends `/users/me` with every value in `values` as an `X-Min-Position` header of its own.
+async fn me_at(app: &TestApp, token: &str, values: &[&str]) -> reqwest::Response {
+    let mut request = app.client.get(app.url("/users/me")).bearer_auth(token);
+    for value in values {
+        request = request.header("X-Min-Position", *value);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_x_min_position_that_is_not_one_plain_number_is_a_bad_request_at_once() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let token = app.token_for(user.id, &["user"]);
+    let written = app.written_position().await;
+    // Behind by one: any of these read as `written` would wait, then answer 503.
+    app.set_checkpoint(written - 1).await;
+    let (plus, repeated_last) = (format!("+{written}"), written.to_string());
+    let started = Instant::now();
+    for values in [
+        vec![""],
+        vec![plus.as_str()],
+        vec!["18446744073709551616"],
+        vec!["99999999999999999999999999"],
+        vec!["0x10"],
+        vec!["1 2"],
+        vec!["1", repeated_last.as_str()],
+        vec![repeated_last.as_str(), repeated_last.as_str()],
+    ] {
+        let (status, body) = problem(me_at(&app, &token, &values).await).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_header")),
+            "{values:?}: {body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap().contains("X-Min-Position"),
+            "{values:?}: {body}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a malformed X-Min-Position waited"
+    );
+}
+
+#[tokio::test]
+async fn an_x_min_position_with_leading_zeros_or_surrounding_whitespace_is_the_same_position() {
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 200).await;
+    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let token = app.token_for(user.id, &["user"]);
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
+    let forms = [
+        format!("0{written}"),
+        format!("000{written}"),
+        format!(" {written}"),
+        format!("{written}\t"),
+    ];
+    // Not reached: each form waits for `written`, as the plain number does.
+    for form in &forms {
+        let response = me_at(&app, &token, &[form.as_str()]).await;
+        let (status, body) = problem(response).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (503, Some("not_yet_consistent")),
+            "{form:?}: {body}"
+        );
+    }
+    app.set_checkpoint(written).await;
+    for form in &forms {
+        let response = me_at(&app, &token, &[form.as_str()]).await;
+        assert_eq!(response.status(), 200, "{form:?}");
+    }
 }
