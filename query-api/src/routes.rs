@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
+use platform::FieldError;
 use platform::problem::ApiQuery;
 
 use crate::AppState;
@@ -260,13 +261,15 @@ async fn own_profile(state: &AppState, caller: &Caller) -> Result<Found, ApiErro
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// Find the account with this email (any case or Unicode form).
+    /// Find the account with this email (any case or Unicode form). A lookup, not a list:
+    /// with `status`, `limit` or `cursor` it is a 422.
     email: Option<String>,
-    /// `pending`, `active` or `deactivated`.
+    /// `pending`, `active` or `deactivated`; all accounts when absent.
     status: Option<String>,
     /// At most this many (1 to the configured maximum).
     limit: Option<String>,
-    /// From `next_cursor` of the previous page.
+    /// From `next_cursor` of the previous page of the same list (the same `status`, or none):
+    /// one from a list of another status, or not given out by this API, is a 422.
     cursor: Option<String>,
 }
 
@@ -288,7 +291,7 @@ pub struct Page {
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
         (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "not an administrator"),
-        (status = 422, description = "a bad email, status, limit or cursor"),
+        (status = 422, description = "a bad email, status, limit or cursor; a cursor from a list of another status; email with status, limit or cursor"),
         (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
@@ -299,6 +302,20 @@ pub async fn list(
 ) -> Result<Json<Page>, ApiError> {
     authorize_admin(&state, &caller).await?;
     if let Some(email) = &query.email {
+        // One account or none: nothing to filter or page. Refused rather than ignored, so a
+        // client that meant a filter learns it was not applied.
+        let combined: Vec<FieldError> = [
+            ("status", query.status.is_some()),
+            ("limit", query.limit.is_some()),
+            ("cursor", query.cursor.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(field, _)| FieldError::new(field, "cannot be combined with email"))
+        .collect();
+        if !combined.is_empty() {
+            return Err(ApiError::Invalid(combined));
+        }
         let email = Email::parse(email).map_err(|error| ApiError::invalid("email", error))?;
         let items = state.read_model.by_email(email.normalized()).await?;
         return Ok(Json(Page {
@@ -307,8 +324,10 @@ pub async fn list(
         }));
     }
     let status = match query.status.as_deref() {
-        None => None,
-        Some(status @ ("pending" | "active" | "deactivated")) => Some(status),
+        None => StatusFilter::All,
+        Some("pending") => StatusFilter::Pending,
+        Some("active") => StatusFilter::Active,
+        Some("deactivated") => StatusFilter::Deactivated,
         Some(_) => {
             return Err(ApiError::invalid(
                 "status",
@@ -321,11 +340,18 @@ pub async fn list(
         state.settings.default_page_size,
         &state,
     )?;
-    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
-    let mut items = state.read_model.list(status, after, limit + 1).await?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|cursor| decode_cursor(cursor, status))
+        .transpose()?;
+    let mut items = state
+        .read_model
+        .list(status.name(), after, limit + 1)
+        .await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|last| encode_cursor(last.id))
+        items.last().map(|last| encode_cursor(status, last.id))
     } else {
         None
     };
@@ -343,16 +369,68 @@ fn page_size(limit: Option<&str>, default: u32, state: &AppState) -> Result<u32,
         .ok_or_else(|| ApiError::invalid("limit", format!("must be from 1 to {maximum}")))
 }
 
-fn encode_cursor(after: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(after.as_bytes())
+/// Which accounts a list holds. The discriminant is the filter's byte in a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusFilter {
+    All = 0,
+    Pending = 1,
+    Active = 2,
+    Deactivated = 3,
 }
 
-fn decode_cursor(cursor: &str) -> Result<Uuid, ApiError> {
-    URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-        .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this API gave out"))
+impl StatusFilter {
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Self::All => None,
+            Self::Pending => Some("pending"),
+            Self::Active => Some("active"),
+            Self::Deactivated => Some("deactivated"),
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Self> {
+        [Self::All, Self::Pending, Self::Active, Self::Deactivated]
+            .into_iter()
+            .find(|filter| *filter as u8 == tag)
+    }
+}
+
+/// The first byte of every cursor: the layout below. Another layout gets another number.
+const CURSOR_LAYOUT: u8 = 1;
+
+/// Where the next page of a list starts: the layout, the list's status filter and the last
+/// account id shown (18 bytes, base64url).
+///
+/// Bound to the filter by carrying it, not signed: every replica and every restart must
+/// take the cursors of every other, so a key would be one more secret to share, and what a
+/// cursor holds is no secret and grants nothing: where in id order a page starts, in a list
+/// that only administrators read and may read whole. What the binding prevents is the silent
+/// mistake: a cursor from a list of another status continuing this one from a place that
+/// list chose.
+fn encode_cursor(status: StatusFilter, after: Uuid) -> String {
+    let mut bytes = Vec::with_capacity(18);
+    bytes.extend([CURSOR_LAYOUT, status as u8]);
+    bytes.extend_from_slice(after.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The account id a cursor continues after, if this API made it for the list of `status`.
+fn decode_cursor(cursor: &str, status: StatusFilter) -> Result<Uuid, ApiError> {
+    let not_ours = || ApiError::invalid("cursor", "not a cursor this API gave out");
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| not_ours())?;
+    let [CURSOR_LAYOUT, tag, after @ ..] = bytes.as_slice() else {
+        return Err(not_ours());
+    };
+    let made_for = StatusFilter::from_tag(*tag).ok_or_else(not_ours)?;
+    let after = Uuid::from_slice(after).map_err(|_| not_ours())?;
+    if made_for != status {
+        return Err(ApiError::invalid(
+            "cursor",
+            "belongs to a list of another status; use it with the status it came from, or \
+             start again without a cursor",
+        ));
+    }
+    Ok(after)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -2,6 +2,9 @@
 
 use std::collections::HashSet;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use crate::harness::{problem, spawn};
 
 #[tokio::test]
@@ -124,4 +127,140 @@ async fn bad_paging_values_are_refused_with_the_field_named() {
         (status, body["code"].as_str()),
         (400, Some("invalid_query"))
     );
+}
+
+/// The first page of `query` and the cursor to its next one.
+async fn first_cursor(app: &crate::harness::TestApp, token: &str, query: &str) -> String {
+    let response = app.get(&format!("/users?{query}"), Some(token)).await;
+    assert_eq!(response.status(), 200, "{query}");
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["next_cursor"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{query} has one page: {body}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_cursor_is_taken_only_by_the_list_it_came_from() {
+    let app = spawn().await;
+    let admin = app
+        .seed_user("root@example.com", "active", &["admin"])
+        .await;
+    let token = app.token_for(admin.id, &["admin"]);
+    for n in 0..3 {
+        for status in ["active", "deactivated"] {
+            let email = format!("{status}{n}@example.com");
+            app.seed_user(&email, status, &["user"]).await;
+        }
+    }
+    let active = first_cursor(&app, &token, "status=active&limit=1").await;
+    let deactivated = first_cursor(&app, &token, "status=deactivated&limit=1").await;
+    let all = first_cursor(&app, &token, "limit=1").await;
+
+    // Each continues its own list.
+    for (query, cursor) in [
+        ("status=active&limit=1", &active),
+        ("status=deactivated&limit=1", &deactivated),
+        ("limit=1", &all),
+    ] {
+        let response = app
+            .get(&format!("/users?{query}&cursor={cursor}"), Some(&token))
+            .await;
+        assert_eq!(response.status(), 200, "{query} with its own cursor");
+    }
+    // And no other.
+    for (query, cursor) in [
+        ("status=deactivated", &active),
+        ("status=pending", &active),
+        ("", &active),
+        ("status=active", &deactivated),
+        ("status=active", &all),
+    ] {
+        let (status, body) = problem(
+            app.get(&format!("/users?{query}&cursor={cursor}"), Some(&token))
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (status, body["errors"][0]["field"].as_str()),
+            (422, Some("cursor")),
+            "{query} with a cursor of another list: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_this_api_did_not_give_out_is_refused_with_the_field_named() {
+    let app = spawn().await;
+    let admin = app
+        .seed_user("root@example.com", "active", &["admin"])
+        .await;
+    let token = app.token_for(admin.id, &["admin"]);
+    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
+    app.seed_user("bob@example.com", "active", &["user"]).await;
+    let genuine = first_cursor(&app, &token, "status=active&limit=1").await;
+    let bytes = URL_SAFE_NO_PAD.decode(&genuine).unwrap();
+    let altered = |change: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = bytes.clone();
+        change(&mut bytes);
+        URL_SAFE_NO_PAD.encode(bytes)
+    };
+
+    for (case, cursor) in [
+        // What this API took as a cursor before: any 16 bytes, such as an account's id.
+        (
+            "a bare account id",
+            URL_SAFE_NO_PAD.encode(ann.id.as_bytes()),
+        ),
+        ("another layout", altered(&|bytes| bytes[0] = 2)),
+        ("an unknown status", altered(&|bytes| bytes[1] = 9)),
+        ("one byte short", altered(&|bytes| bytes.truncate(17))),
+        ("one byte more", altered(&|bytes| bytes.push(0))),
+        ("not base64url", format!("{genuine}=")),
+        ("empty", String::new()),
+    ] {
+        let path = format!("/users?status=active&limit=1&cursor={cursor}");
+        let (status, body) = problem(app.get(&path, Some(&token)).await).await;
+        assert_eq!(
+            (status, body["errors"][0]["field"].as_str()),
+            (422, Some("cursor")),
+            "{case}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_email_lookup_refuses_status_limit_and_cursor_naming_each() {
+    let app = spawn().await;
+    let admin = app
+        .seed_user("root@example.com", "active", &["admin"])
+        .await;
+    let token = app.token_for(admin.id, &["admin"]);
+    app.seed_user("ann@example.com", "active", &["user"]).await;
+    app.seed_user("bob@example.com", "active", &["user"]).await;
+    let cursor = first_cursor(&app, &token, "limit=1").await;
+
+    let response = app
+        .get("/users?email=ann%40example.com", Some(&token))
+        .await;
+    assert_eq!(response.status(), 200, "the lookup alone");
+    for (extra, fields) in [
+        ("status=deactivated", vec!["status"]),
+        ("limit=1", vec!["limit"]),
+        (&format!("cursor={cursor}") as &str, vec!["cursor"]),
+        (
+            &format!("status=active&limit=5&cursor={cursor}"),
+            vec!["status", "limit", "cursor"],
+        ),
+    ] {
+        let path = format!("/users?email=ann%40example.com&{extra}");
+        let (status, body) = problem(app.get(&path, Some(&token)).await).await;
+        let named: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|error| error["field"].as_str().unwrap())
+            .collect();
+        assert_eq!((status, named), (422, fields), "{extra}: {body}");
+    }
 }
