@@ -143,7 +143,11 @@ fn digits<T: std::str::FromStr>(text: &str) -> Option<T> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileQuery {
-    /// An RFC 3339 instant: the profile as it stood then, folded from the account's events.
+    /// An RFC 3339 instant with any offset (`2026-11-27T12:00:00Z`, or the same instant as
+    /// `2026-11-27T14:00:00%2B02:00`: a bare `+` in a query string means a space, so send it
+    /// as `%2B`): the profile as it stood then, folded from the account's events. An instant
+    /// in the future is a 422: what holds then is not written yet, and an answer given now
+    /// could change later; leave `as_of` out for the current profile.
     as_of: Option<String>,
 }
 
@@ -178,7 +182,7 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Pr
         (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account (at that instant)"),
-        (status = 422, description = "a bad as_of"),
+        (status = 422, description = "a bad as_of, or one in the future"),
         (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
@@ -194,9 +198,7 @@ pub async fn profile(
     let own = authorize_read(&state, &caller, id).await?;
     let profile = match query.as_of {
         Some(as_of) => {
-            let at = DateTime::parse_from_rfc3339(&as_of)
-                .map_err(|_| ApiError::invalid("as_of", "must be an RFC 3339 instant"))?
-                .with_timezone(&Utc);
+            let at = parse_as_of(&as_of, state.clock.now())?;
             history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
         }
         None => match own {
@@ -211,6 +213,30 @@ pub async fn profile(
         },
     };
     profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// The instant `as_of` names, in UTC, if it is not after `now`.
+///
+/// The future is refused rather than answered with the current profile: an `as_of` answer
+/// is a fact about the past that no later event changes, and one about an instant still to
+/// come would be the present mislabelled, different when asked again later.
+fn parse_as_of(as_of: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
+    let at = DateTime::parse_from_rfc3339(as_of)
+        .map_err(|_| {
+            ApiError::invalid(
+                "as_of",
+                "must be an RFC 3339 instant such as 2026-11-27T12:00:00Z (send the + of an \
+                 offset as %2B)",
+            )
+        })?
+        .with_timezone(&Utc);
+    if at > now {
+        return Err(ApiError::invalid(
+            "as_of",
+            "must not be in the future; leave it out for the current profile",
+        ));
+    }
+    Ok(at)
 }
 
 /// Lets the caller read the account `id`: their own while their account is active (the view's

@@ -1,8 +1,10 @@
 //! History and time travel, read from the message store.
 
-use chrono::{SecondsFormat, TimeDelta};
+use chrono::{FixedOffset, SecondsFormat, TimeDelta};
+use serde_json::Value;
+use uuid::Uuid;
 
-use crate::harness::{now, problem, spawn};
+use crate::harness::{TestApp, now, problem, spawn};
 
 #[tokio::test]
 async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
@@ -128,5 +130,90 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
         )
         .await;
         assert_eq!(status, 422, "{query}: {body}");
+    }
+}
+
+/// The account's status as of `at`, written as given (percent-encoded for a query string).
+async fn status_as_of(app: &TestApp, token: &str, id: Uuid, at: &str) -> (u16, Value) {
+    let at = at.replace('+', "%2B");
+    let response = app
+        .get(&format!("/users/{id}?as_of={at}"), Some(token))
+        .await;
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
+    let app = spawn().await;
+    // Registered, deactivated 10 minutes later, activated again 10 minutes after that.
+    let registered = now() - TimeDelta::days(1);
+    let id = app.account_with_history(registered).await;
+    let admin = app
+        .seed_user("root@example.com", "active", &["admin"])
+        .await;
+    let token = app.token_for(admin.id, &["admin"]);
+
+    // Between the deactivation and the activation. Read with its offset ignored, or the
+    // offset's sign reversed, the instant moves by hours: past the activation, or before the
+    // registration.
+    let between = registered + TimeDelta::minutes(15);
+    let forms = [
+        between.to_rfc3339_opts(SecondsFormat::Millis, true),
+        between
+            .with_timezone(&FixedOffset::east_opt(2 * 3600).unwrap())
+            .to_rfc3339_opts(SecondsFormat::Millis, false),
+        between
+            .with_timezone(&FixedOffset::west_opt(5 * 3600 + 30 * 60).unwrap())
+            .to_rfc3339_opts(SecondsFormat::Secs, false),
+    ];
+    assert!(forms[1].ends_with("+02:00") && forms[2].ends_with("-05:30"));
+    for form in &forms {
+        let (status, body) = status_as_of(&app, &token, id, form).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("deactivated")),
+            "as_of={form}"
+        );
+    }
+
+    // A `+` sent bare in a query string is a space: refused, with the field named, rather
+    // than read as some other instant.
+    let bare = format!("/users/{id}?as_of={}", forms[1]);
+    let (status, body) = problem(app.get(&bare, Some(&token)).await).await;
+    assert_eq!(
+        (status, body["errors"][0]["field"].as_str()),
+        (422, Some("as_of")),
+        "{bare}"
+    );
+}
+
+#[tokio::test]
+async fn an_as_of_in_the_future_is_refused_with_the_field_named() {
+    let app = spawn().await;
+    let id = app.account_with_history(now() - TimeDelta::hours(1)).await;
+    let admin = app
+        .seed_user("root@example.com", "active", &["admin"])
+        .await;
+    let token = app.token_for(admin.id, &["admin"]);
+
+    let just_past = (now() - TimeDelta::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let (status, body) = status_as_of(&app, &token, id, &just_past).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("active")));
+
+    let in_a_minute = now() + TimeDelta::minutes(1);
+    for future in [
+        in_a_minute.to_rfc3339_opts(SecondsFormat::Millis, true),
+        in_a_minute
+            .with_timezone(&FixedOffset::west_opt(3 * 3600).unwrap())
+            .to_rfc3339_opts(SecondsFormat::Millis, false),
+        "9999-12-31T23:59:59Z".to_owned(),
+    ] {
+        let (status, body) = status_as_of(&app, &token, id, &future).await;
+        assert_eq!(
+            (status, body["errors"][0]["field"].as_str()),
+            (422, Some("as_of")),
+            "as_of={future}: {body}"
+        );
     }
 }
