@@ -21,8 +21,7 @@ use common::{
 const PASSWORD: &str = "correct horse battery";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_works_until_dropped()
-{
+async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_works_until_dropped() {
     let database = TestDatabase::new().await;
     let deployment = Deployment::new("key-rotation", database.url());
     let old_key = deployment.signing_key.clone();
@@ -35,7 +34,9 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
     let keys = |signing: &str, published: Option<&str>| {
         let mut settings = vec![("IDENTITY__TOKENS__SIGNING_KEY", signing.to_owned())];
         if let Some(published) = published {
-            let file = deployment.logs.join(format!("published-{}.pem", free_port()));
+            let file = deployment
+                .logs
+                .join(format!("published-{}.pem", free_port()));
             std::fs::write(&file, published).unwrap();
             settings.push((
                 "IDENTITY__TOKENS__PUBLISHED_KEYS",
