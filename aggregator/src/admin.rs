@@ -116,8 +116,10 @@ pub struct Rebuilt {
 /// and the new one after it, never a half-built one.
 ///
 /// The swap transaction locks the live checkpoint row (so the live worker's next commit waits,
-/// then finds its checkpoint moved and reloads it), replays whatever was appended since the
-/// catch-up, and renames. Only PostgreSQL: on SQLite, use `reset`.
+/// then finds its checkpoint moved and reloads it), replays what the store's readers can see
+/// beyond the catch-up (commits still behind the transaction horizon, ADR 2, are left to the
+/// live worker, which goes on from the swapped-in checkpoint), and renames. Only PostgreSQL: on
+/// SQLite, use `reset`.
 pub async fn rebuild(
     store: &Arc<dyn MessageStore>,
     read_model: &ReadModel,
@@ -154,26 +156,47 @@ pub async fn rebuild_with(
     projection: &str,
     options: RebuildOptions,
 ) -> anyhow::Result<Rebuilt> {
-    let RebuildOptions {
-        batch_size,
-        fold_rows,
-    } = options;
     let live = target(projection)?;
     let fresh = Target::USERS_REBUILD;
     let Some(pool) = read_model.as_postgres() else {
         bail!("rebuild runs on a PostgreSQL read model; on SQLite use `reset`");
     };
     prepare_fresh_table(pool, &live, &fresh).await?;
+    let mut events = catch_up(store, read_model, &fresh, &options).await?;
 
-    // Catch up outside any lock: the bulk of the work, while the live view keeps serving.
+    let mut tx = pool.begin().await?;
+    // The live worker's next commit waits for this, then finds its checkpoint moved.
+    sqlx::query("SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(live.checkpoint)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (stretch, checkpoint) =
+        replay_the_last_stretch(store, &mut tx, &fresh, options.batch_size).await?;
+    events += stretch;
+    swap_in(&mut tx, &live, &fresh, checkpoint.position).await?;
+    tx.commit().await.context("committing the swap")?;
+    Ok(Rebuilt {
+        events,
+        position: checkpoint.position,
+    })
+}
+
+/// Projects everything the store's readers can see into the fresh table, outside any lock:
+/// the bulk of the work, while the live view keeps serving. Returns the events applied.
+async fn catch_up(
+    store: &Arc<dyn MessageStore>,
+    read_model: &ReadModel,
+    fresh: &Target,
+    options: &RebuildOptions,
+) -> anyhow::Result<u64> {
     let mut projector = Projector::new(
         store.clone(),
         read_model.clone(),
         fresh.clone(),
         ProjectorOptions {
-            batch_size,
-            fold_rows,
-            cache_rows: fold_rows.max(REBUILD_FOLD_ROWS),
+            batch_size: options.batch_size,
+            fold_rows: options.fold_rows,
+            cache_rows: options.fold_rows.max(REBUILD_FOLD_ROWS),
             ..ProjectorOptions::default()
         },
     );
@@ -181,16 +204,22 @@ pub async fn rebuild_with(
     loop {
         match projector.process_next_batch().await? {
             Outcome::Applied { events: n, .. } => events += n as u64,
-            Outcome::Idle => break,
+            Outcome::Idle => return Ok(events),
             Outcome::Halted { reason } => bail!("the rebuild halted: {reason}"),
         }
     }
+}
 
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
-        .bind(live.checkpoint)
-        .fetch_optional(&mut *tx)
-        .await?;
+/// Inside the swap transaction, with the live checkpoint locked: applies what the store's
+/// readers can see beyond the catch-up's checkpoint (what writers appended meanwhile, as far as
+/// the transaction horizon lets readers see it: the live worker takes the rest from the
+/// swapped-in checkpoint). Returns the events applied and the fresh table's checkpoint.
+async fn replay_the_last_stretch(
+    store: &Arc<dyn MessageStore>,
+    tx: &mut sqlx::PgConnection,
+    fresh: &Target,
+    batch_size: usize,
+) -> anyhow::Result<(u64, Checkpoint)> {
     let (version, position, epoch): (i32, i64, i64) = sqlx::query_as(
         "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1",
     )
@@ -202,17 +231,19 @@ pub async fn rebuild_with(
         position: to_u64(position),
         epoch,
     };
-    // The last stretch, inside the swap transaction: whatever writers appended meanwhile.
+    let mut events = 0;
     loop {
         let messages = store.read_all(checkpoint.position, batch_size).await?;
-        let Some(last) = messages.last() else { break };
+        let Some(last) = messages.last() else {
+            return Ok((events, checkpoint));
+        };
         let prepared = prepare(&messages);
         if let Some((_, reason)) = prepared.poison {
             bail!("the rebuild halted: {reason}");
         }
         match pg_apply(
-            &mut tx,
-            &fresh,
+            &mut *tx,
+            fresh,
             &checkpoint,
             last.global_position,
             &prepared.changes,
@@ -226,6 +257,16 @@ pub async fn rebuild_with(
         events += prepared.changes.len() as u64;
         checkpoint = checkpoint.at(last.global_position);
     }
+}
+
+/// Replaces the live table with the fresh one and moves the live checkpoint to `position`, in
+/// the caller's transaction.
+async fn swap_in(
+    tx: &mut sqlx::PgConnection,
+    live: &Target,
+    fresh: &Target,
+    position: GlobalPosition,
+) -> anyhow::Result<()> {
     sqlx::query(&format!("DROP TABLE {}", live.table))
         .execute(&mut *tx)
         .await?;
@@ -260,18 +301,14 @@ pub async fn rebuild_with(
     )
     .bind(live.checkpoint)
     .bind(USERS_VERSION)
-    .bind(to_i64(checkpoint.position))
+    .bind(to_i64(position))
     .execute(&mut *tx)
     .await?;
     sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
         .bind(fresh.checkpoint)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await.context("committing the swap")?;
-    Ok(Rebuilt {
-        events,
-        position: checkpoint.position,
-    })
+    Ok(())
 }
 
 async fn prepare_fresh_table(
