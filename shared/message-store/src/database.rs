@@ -29,6 +29,19 @@ pub fn unavailable(error: &sqlx::Error) -> bool {
                     .and_then(|code| code.parse::<i32>().ok())
                     .is_some_and(|code| matches!(code & 0xff, 5 | 6));
             }
+            // A FATAL error ends the session: the server would not keep this connection (a
+            // database closed to connections, say), whatever the code.
+            if error
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|error| {
+                    matches!(
+                        error.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                })
+            {
+                return true;
+            }
             // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources),
             // 57P01-57P03 (the server shutting down, crashed, or not yet accepting
             // connections), and 25006: a read-only transaction, as a server demoted to a

@@ -127,6 +127,16 @@ impl TestDatabase {
         .await;
     }
 
+    /// Closes the database to new connections, or opens it again: an outage of this database
+    /// alone, which a client sees as a FATAL error when it connects.
+    pub async fn close_to_connections(&self, closed: bool) {
+        self.on_the_server(&format!(
+            r#"ALTER DATABASE "{}" WITH ALLOW_CONNECTIONS {}"#,
+            self.name, !closed
+        ))
+        .await;
+    }
+
     /// Ends every session open on this database, as a server restart does to its clients.
     pub async fn end_sessions(&self) {
         self.on_the_server(&format!(

@@ -145,3 +145,30 @@ async fn an_sqlite_file_locked_by_another_writer_is_unavailable_not_a_fault() {
         .unwrap();
     store.append(one_message()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_closed_to_connections_is_unavailable_not_a_fault() {
+    let database = TestDatabase::new().await;
+    let store = PostgresMessageStore::connect(
+        database.url(),
+        &ConnectOptions {
+            max_connections: 2,
+            poll_interval: NO_POLLING,
+        },
+    )
+    .await
+    .unwrap();
+    database.close_to_connections(true).await;
+    database.end_sessions().await;
+
+    let refused = store.append(one_message()).await;
+
+    database.close_to_connections(false).await;
+    let Err(AppendError::Store(error)) = refused else {
+        panic!("an append to a database closed to connections must fail: {refused:?}");
+    };
+    assert!(
+        error.is_unavailable(),
+        "a database closed to connections is an outage, not a fault: {error:?}"
+    );
+}
