@@ -282,8 +282,9 @@ impl Commands {
         }
     }
 
-    /// Stores a stronger hash of the password just verified. Losing the race to another
-    /// change is fine: the next login tries again.
+    /// Stores a stronger hash of the password just verified. It is appended at the version the
+    /// login read, so it never lands on a password changed since (the new password would be
+    /// replaced by the old one); losing that race is fine: the next login tries again.
     async fn rehash(
         &self,
         loaded: &Loaded,
@@ -383,11 +384,13 @@ impl Commands {
             return Err(ApiError::InvalidCredentials);
         }
         let new_password_hash = self.hasher.hash(new).await?;
-        // The caller proved the password the account had when it was loaded; if it has been
-        // changed meanwhile, that proof no longer stands.
-        let proven = account.password_hash.clone();
+        // The caller proved the password the account had when it was loaded; if the user has
+        // chosen another one meanwhile, that proof no longer stands. A login that upgraded the
+        // hash meanwhile stored the same password again: the proof still stands, and the new
+        // password replaces the upgraded hash.
+        let proven = account.password_changes;
         let unchanged = |account: &UserAccount| match account.account() {
-            Some(now) if now.password_hash.as_str() == proven.as_str() => Ok(()),
+            Some(now) if now.password_changes == proven => Ok(()),
             Some(_) => Err(ApiError::InvalidCredentials),
             None => Err(ApiError::NotFound),
         };

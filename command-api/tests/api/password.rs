@@ -1,7 +1,11 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
 use identity::LoginEvent;
 use serde_json::json;
 
-use crate::helpers::{PASSWORD, problem, spawn_app};
+use crate::helpers::{PASSWORD, problem, spawn_app, spawn_on};
 
 #[tokio::test]
 async fn a_user_changes_their_own_password_and_only_the_new_one_works_afterwards() {
@@ -99,4 +103,113 @@ async fn a_new_password_that_breaks_the_policy_is_a_422_naming_the_field() {
         .await;
     assert_eq!(response.status(), 422);
     assert_eq!(app.message_count().await, before);
+}
+
+/// A password change and a login that upgrades the old hash, at the same time, in both
+/// orders: a login that verified the old password and stores it hashed again must never
+/// overwrite the new password, and the change, proven with the right password, must not be
+/// refused because the hash was upgraded meanwhile. Over HTTP, on PostgreSQL, many times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_racing_a_login_that_upgrades_the_old_hash_always_wins() {
+    const ROUNDS: usize = 20;
+    const NEW_PASSWORD: &str = "a brand new secret";
+    // Accounts registered while hashes were cheap (the test settings) ...
+    let weak = spawn_app().await;
+    // ... and logins and changes on a service with stronger parameters: a login upgrades the
+    // old hash, and the upgrade, like the change's new hash, takes a while.
+    let mut stronger = weak.settings.clone();
+    stronger.password.memory_kib = 4 * 1024;
+    stronger.password.iterations = 8;
+    stronger.login.hashing_threads = Some(2);
+    let app = spawn_on(Arc::clone(&weak.database), stronger, weak.clock.clone()).await;
+    let pool = app.database.pool().await;
+    let stream_length = |stream: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages WHERE stream_name = $1")
+                .bind(stream)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let mut seen = BTreeMap::<&str, usize>::new();
+    for round in 0..ROUNDS {
+        let email = format!("racer{round}@example.com");
+        let id = weak.user(&email).await;
+        // A token from the cheap service, whose login upgrades nothing.
+        let token = weak.token(&email, PASSWORD).await;
+        let logins_before = stream_length(format!("userLogin-{id}")).await;
+        let path = format!("/users/{id}/password");
+        let login = app.login(&email, PASSWORD);
+        let change = app.post_as(
+            &path,
+            &token,
+            json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+        );
+        let (login, change) = if round % 2 == 0 {
+            // The login first: once it has recorded itself, it is hashing the upgrade, and the
+            // change starts while it does.
+            let change = async {
+                while stream_length(format!("userLogin-{id}")).await == logins_before {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                change.await
+            };
+            tokio::join!(login, change)
+        } else {
+            // The change first: the login reads the old hash while the change hashes the new
+            // password.
+            let login = async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                login.await
+            };
+            tokio::join!(login, change)
+        };
+        let login = login.status().as_u16();
+        assert_eq!(
+            change.status(),
+            200,
+            "round {round}: the change was refused"
+        );
+        assert!(login == 200 || login == 401, "round {round}: login {login}");
+
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT type FROM messages WHERE stream_name = $1 ORDER BY position",
+        )
+        .bind(format!("user-{id}"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let events: Vec<&str> = events.iter().map(String::as_str).collect();
+        let order = match (&events[..], login) {
+            (["UserRegistered", "PasswordRehashed", "PasswordChanged"], 200) => {
+                "the upgrade, then the change"
+            }
+            (["UserRegistered", "PasswordChanged"], 200) => "the change, then the upgrade refused",
+            (["UserRegistered", "PasswordChanged"], _) => "the change, then the login",
+            _ => "unexpected",
+        };
+        *seen.entry(order).or_default() += 1;
+        assert_eq!(
+            app.login(&email, NEW_PASSWORD).await.status(),
+            200,
+            "round {round} ({order}): the new password does not work; {events:?}"
+        );
+        assert_eq!(
+            app.login(&email, PASSWORD).await.status(),
+            401,
+            "round {round} ({order}): the old password still works; {events:?}"
+        );
+        assert_ne!(order, "unexpected", "round {round}: {events:?}");
+    }
+    println!("orders seen: {seen:?}");
+    // Both races happened, not only the orders that need no care.
+    for order in [
+        "the upgrade, then the change",
+        "the change, then the upgrade refused",
+    ] {
+        assert!(seen.contains_key(order), "never {order}: {seen:?}");
+    }
 }

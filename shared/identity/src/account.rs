@@ -27,6 +27,11 @@ pub struct Account {
     pub email: Email,
     pub email_normalized: String,
     pub password_hash: PasswordHash,
+    /// How many times the user has chosen a new password since registering. A rehash (the
+    /// same password, hashed again with stronger parameters) leaves it as it is: a proof of the
+    /// password made against the older hash still stands, and a password change decided on
+    /// such a proof must not be refused because a login upgraded the hash meanwhile.
+    pub password_changes: u64,
     pub status: AccountStatus,
     pub roles: Vec<Role>,
     pub registered_at: DateTime<Utc>,
@@ -68,6 +73,7 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
                 email: registered.email.clone(),
                 email_normalized: registered.email_normalized.clone(),
                 password_hash: registered.password_hash.clone(),
+                password_changes: 0,
                 status: registered.status,
                 roles: registered.roles.clone(),
                 registered_at: registered.registered_at,
@@ -80,8 +86,11 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
         UserEvent::UserRegistered(_) => {}
         UserEvent::UserActivated(_) => account.status = AccountStatus::Active,
         UserEvent::UserDeactivated(_) => account.status = AccountStatus::Deactivated,
-        UserEvent::PasswordChanged(PasswordChanged { password_hash, .. })
-        | UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
+        UserEvent::PasswordChanged(PasswordChanged { password_hash, .. }) => {
+            account.password_hash = password_hash.clone();
+            account.password_changes += 1;
+        }
+        UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
             account.password_hash = password_hash.clone();
         }
     }
@@ -407,6 +416,42 @@ mod tests {
         assert_eq!(account.email_normalized, "ann@example.com");
         assert!(!account.is_active());
         assert!(account.has_role(Role::User));
+    }
+
+    #[test]
+    fn a_changed_password_counts_as_a_new_one_and_a_rehashed_password_does_not() {
+        let rehashed = PasswordRehashed {
+            password_hash: hash("stronger"),
+            at: t0(),
+        };
+        let changed = PasswordChanged {
+            password_hash: hash("second"),
+            at: t0(),
+        };
+        let changes = |history: Vec<UserEvent>| {
+            UserAccount::fold(&history)
+                .account()
+                .map(|account| account.password_changes)
+        };
+        let start = registered(AccountStatus::Active);
+        assert_eq!(changes(vec![start.clone()]), Some(0));
+        assert_eq!(
+            changes(vec![start.clone(), rehashed.clone().into()]),
+            Some(0)
+        );
+        assert_eq!(
+            changes(vec![start.clone(), changed.clone().into()]),
+            Some(1)
+        );
+        assert_eq!(
+            changes(vec![
+                start,
+                rehashed.into(),
+                changed.clone().into(),
+                changed.into()
+            ]),
+            Some(2)
+        );
     }
 
     #[test]
