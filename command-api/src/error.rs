@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_error_has_its_status_and_stable_code() {
+    fn every_error_has_its_status_and_stable_code_and_a_retryable_one_says_when() {
         let table = [
             (ApiError::Validation(vec![]), 422, "validation_failed"),
             (ApiError::EmailTaken, 409, "email_taken"),
@@ -171,17 +171,27 @@ mod tests {
         for (error, status, code) in table {
             let problem = error.to_problem();
             assert_eq!((problem.status().as_u16(), problem.code()), (status, code));
+            // A client told to come back (throttled, or the store out of reach) is told when.
+            let response = error.into_response();
+            let retry_after = response.headers().get(header::RETRY_AFTER);
+            if status == 429 || status == 503 {
+                assert_eq!(
+                    retry_after.map(HeaderValue::as_bytes),
+                    Some(&b"1"[..]),
+                    "{code}: no Retry-After"
+                );
+            } else {
+                assert_eq!(retry_after, None, "{code}: a Retry-After on a {status}");
+            }
         }
     }
 
     #[test]
-    fn a_401_challenges_for_a_bearer_token_and_a_429_says_when_to_retry() {
+    fn a_401_challenges_for_a_bearer_token() {
         let response = ApiError::InvalidCredentials.into_response();
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
         let response = ApiError::InvalidToken.into_response();
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
-        let response = ApiError::Throttled.into_response();
-        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     }
 
     #[tokio::test]
