@@ -3,8 +3,9 @@
 //! Every hash holds `memory_kib` of memory for tens of milliseconds. Running them on the async
 //! workers would stall every other request, and running all that arrive at once would let a
 //! burst of logins exhaust memory. So a hash runs on one of a fixed set of threads, one per
-//! core (a semaphore hands out the cores), and at most `max_waiting` more may wait for a core;
-//! beyond that the caller is told to come back ([`HashError::Busy`], a 429).
+//! core unless `login.hashing_threads` says otherwise (a semaphore hands out the threads), and
+//! at most `max_waiting` more may wait for one; beyond that the caller is told to come back
+//! ([`HashError::Busy`], a 429).
 //!
 //! A check against a hash made before the parameters were raised runs faster than one against
 //! a hash of today's parameters, such as the dummy hash an unknown email is checked against. So
@@ -76,7 +77,8 @@ impl Memory {
 
 struct Inner {
     params: Params,
-    cores: Arc<Semaphore>,
+    /// One permit per hashing thread.
+    threads: Arc<Semaphore>,
     /// To the hashing threads; they stop when the hasher is dropped.
     jobs: std::sync::mpsc::Sender<Job>,
     waiting: AtomicUsize,
@@ -110,8 +112,14 @@ impl RecentCosts {
 }
 
 impl Hasher {
-    /// Builds the hasher and its dummy hash (one hash's work, at startup).
-    pub fn new(settings: &PasswordSettings, max_waiting: usize) -> anyhow::Result<Self> {
+    /// Builds the hasher, its `threads` hashing threads and its dummy hash (one hash's work,
+    /// at startup).
+    pub fn new(
+        settings: &PasswordSettings,
+        threads: usize,
+        max_waiting: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(threads > 0, "login.hashing_threads must be at least 1");
         let params = Params::new(
             settings.memory_kib,
             settings.iterations,
@@ -119,7 +127,6 @@ impl Hasher {
             None,
         )
         .map_err(|error| anyhow::anyhow!("invalid argon2 parameters: {error}"))?;
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let dummy_password = Password::for_verification(uuid::Uuid::new_v4().to_string())
             .map_err(|error| anyhow::anyhow!("making the dummy password: {error}"))?;
         let started = Instant::now();
@@ -128,7 +135,7 @@ impl Hasher {
         recent.record(started.elapsed());
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let queue = Arc::new(std::sync::Mutex::new(queue));
-        for n in 0..cores {
+        for n in 0..threads {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("password-hash-{n}"))
@@ -150,7 +157,7 @@ impl Hasher {
         Ok(Self {
             inner: Arc::new(Inner {
                 params,
-                cores: Arc::new(Semaphore::new(cores)),
+                threads: Arc::new(Semaphore::new(threads)),
                 jobs,
                 waiting: AtomicUsize::new(0),
                 max_waiting,
@@ -230,13 +237,13 @@ impl Hasher {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs `work` on a hashing thread once a core is free; answers how long it took from then.
+    /// Runs `work` on a hashing thread once one is free; answers how long it took from then.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Memory) -> T + Send + 'static,
     ) -> Result<(T, Duration), HashError> {
         let permit = self.acquire().await?;
-        // From a core being free to the answer: what a caller waits, less the wait for a core.
+        // From a thread being free to the answer: what a caller waits, less the wait for one.
         let dispatched = Instant::now();
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |memory| {
@@ -260,7 +267,7 @@ impl Hasher {
     }
 
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, HashError> {
-        if let Ok(permit) = self.inner.cores.clone().try_acquire_owned() {
+        if let Ok(permit) = self.inner.threads.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let waiting = self.inner.waiting.fetch_add(1, Ordering::SeqCst);
@@ -269,7 +276,7 @@ impl Hasher {
             return Err(HashError::Busy);
         }
         self.inner
-            .cores
+            .threads
             .clone()
             .acquire_owned()
             .await
@@ -379,7 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hash_verifies_its_password_and_no_other() {
-        let hasher = Hasher::new(&cheap(), 4).unwrap();
+        let hasher = Hasher::new(&cheap(), 2, 4).unwrap();
         let hash = hasher.hash(password("correct horse")).await.unwrap();
         assert!(hash.as_str().starts_with("$argon2id$v=19$m=1024,t=1,p=1$"));
         assert!(
@@ -400,7 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_hash_the_answer_is_no_even_for_the_dummy_password() {
-        let hasher = Hasher::new(&cheap(), 4).unwrap();
+        let hasher = Hasher::new(&cheap(), 2, 4).unwrap();
         assert!(
             !hasher
                 .verify(password("anything"), None)
@@ -412,13 +419,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_hash_with_weaker_parameters_needs_a_rehash_and_an_equal_one_does_not() {
-        let weak = Hasher::new(&cheap(), 4).unwrap();
+        let weak = Hasher::new(&cheap(), 2, 4).unwrap();
         let strong = Hasher::new(
             &PasswordSettings {
                 memory_kib: 2048,
                 iterations: 2,
                 ..PasswordSettings::default()
             },
+            2,
             4,
         )
         .unwrap();
@@ -433,13 +441,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_of_an_older_weaker_hash_says_how_much_sooner_it_ended_than_one_of_today() {
-        let weak = Hasher::new(&cheap(), 4).unwrap();
+        let weak = Hasher::new(&cheap(), 2, 4).unwrap();
         let strong = Hasher::new(
             &PasswordSettings {
                 memory_kib: 8 * 1024,
                 iterations: 4,
                 ..PasswordSettings::default()
             },
+            2,
             4,
         )
         .unwrap();
@@ -473,15 +482,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn as_many_hashes_run_at_once_as_there_are_hashing_threads_whatever_the_cores() {
+        // More threads than this machine may have cores, and fewer than others have.
+        const THREADS: usize = 3;
+        let hasher = Hasher::new(&cheap(), THREADS, 0).unwrap();
+        let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let jobs: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (hasher, started, release) = (hasher.clone(), started.clone(), release.clone());
+                tokio::spawn(async move {
+                    hasher
+                        .run(move |_| {
+                            let _ = started.send(());
+                            // Held until the test has seen them all run; never for good.
+                            let (released, wake) = &*release;
+                            let guard = released.lock().unwrap();
+                            let _ = wake
+                                .wait_timeout_while(guard, Duration::from_secs(10), |r| !*r)
+                                .unwrap();
+                        })
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        for n in 0..THREADS {
+            let seen = tokio::time::timeout(Duration::from_secs(5), running.recv()).await;
+            assert!(
+                matches!(seen, Ok(Some(()))),
+                "only {n} of {THREADS} hashes ran at once"
+            );
+        }
+        // Every thread is taken, and none may wait.
+        assert!(matches!(
+            hasher.hash(password("correct horse")).await,
+            Err(HashError::Busy)
+        ));
+        *release.0.lock().unwrap() = true;
+        release.1.notify_all();
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hasher_without_threads_is_refused() {
+        assert!(Hasher::new(&cheap(), 0, 4).is_err());
+    }
+
+    #[tokio::test]
     async fn beyond_the_waiting_bound_a_hash_is_refused_as_busy() {
-        let hasher = Hasher::new(&cheap(), 0).unwrap();
-        // Hold every core, so the next hash would have to wait, and none may.
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let hasher = Hasher::new(&cheap(), 3, 0).unwrap();
+        // Hold every thread, so the next hash would have to wait, and none may.
         let held = hasher
             .inner
-            .cores
+            .threads
             .clone()
-            .acquire_many_owned(cores as u32)
+            .acquire_many_owned(3)
             .await
             .unwrap();
         let refused = hasher.hash(password("correct horse")).await;

@@ -7,7 +7,7 @@
 //! - [`settings`]: what can be configured, with defaults.
 //! - [`service`]: the commands without HTTP.
 //! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
-//! - [`hashing`]: argon2id off the runtime, bounded to the cores.
+//! - [`hashing`]: argon2id off the runtime, on a bounded set of threads (one per core).
 //! - [`reservation`]: email uniqueness through reservation streams.
 //! - [`error`]: the one API error type and its status table.
 
@@ -115,7 +115,11 @@ pub fn state_with_store(
         .context("loading the signing keys")?;
     let issuer = TokenIssuer::new(keys, settings.tokens.settings());
     let verifier = Arc::new(issuer.verifier());
-    let hasher = Hasher::new(&settings.password, settings.login.max_waiting_hashes)?;
+    let hasher = Hasher::new(
+        &settings.password,
+        settings.login.hashing_threads(),
+        settings.login.max_waiting_hashes,
+    )?;
     let commands = Arc::new(Commands {
         store,
         hasher,

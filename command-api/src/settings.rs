@@ -79,8 +79,12 @@ pub struct LoginSettings {
     pub history_retention_days: u32,
     /// How often the retention runs.
     pub prune_interval_seconds: u64,
-    /// Password hashes that may wait for a core; beyond that a request gets 429. Each running
-    /// hash holds `password.memory_kib`; waiting ones hold nothing but a task.
+    /// Threads that hash passwords, each holding `password.memory_kib` for good; `None` (the
+    /// default) is one per core. Fewer leave cores to the rest of the service; a test sets it
+    /// to know how many hashes run at once whatever machine it runs on.
+    pub hashing_threads: Option<usize>,
+    /// Password hashes that may wait for a hashing thread; beyond that a request gets 429. Each
+    /// running hash holds `password.memory_kib`; waiting ones hold nothing but a task.
     pub max_waiting_hashes: usize,
     /// A login that does not succeed is answered this long after its password check ends (or
     /// after it started, when a full queue or the store kept it from one), whatever the reason:
@@ -97,6 +101,7 @@ impl Default for LoginSettings {
             lockout_max_seconds: 900,
             history_retention_days: 90,
             prune_interval_seconds: 3600,
+            hashing_threads: None,
             max_waiting_hashes: 64,
             refusal_padding_ms: 25,
         }
@@ -114,6 +119,12 @@ impl LoginSettings {
 
     pub fn refusal_padding(&self) -> Duration {
         Duration::from_millis(self.refusal_padding_ms)
+    }
+
+    /// `hashing_threads`, or the cores when it is not set.
+    pub fn hashing_threads(&self) -> usize {
+        self.hashing_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
     }
 }
 
@@ -154,5 +165,7 @@ mod tests {
         assert_eq!(settings.tokens.lifetime_seconds, 900);
         assert_eq!(settings.registration.initial_status, StartStatus::Active);
         assert_eq!(settings.http.address, "0.0.0.0:8080");
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(settings.login.hashing_threads(), cores);
     }
 }
