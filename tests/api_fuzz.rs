@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use test_support::TestDatabase;
 
-use common::{Deployment, free_port, register, token, wait_until_healthy};
+use common::{Deployment, free_port, get_json, metrics_text, register, token, wait_until_healthy};
 
 const SCHEMATHESIS_VERSION: &str = "4.32.5";
 /// Fixed, so a failure found here is found again by the next run and by `st replay`.
@@ -161,14 +161,7 @@ const MIN_CALLS_PER_RUN: u64 = 300;
 /// The operations the service on `port` documents: (path template, method in capitals), as
 /// its `http_requests_total` labels them.
 async fn documented_operations(client: &reqwest::Client, port: u16) -> Vec<(String, String)> {
-    let document: serde_json::Value = client
-        .get(format!("http://127.0.0.1:{port}/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = get_json(client, port, "/openapi.json").await;
     let methods = [
         "get", "put", "post", "delete", "options", "head", "patch", "trace",
     ];
@@ -189,14 +182,7 @@ async fn documented_operations(client: &reqwest::Client, port: u16) -> Vec<(Stri
 /// Requests the service on `port` has answered, by (route template, method), from its
 /// `/metrics` (scrapes of `/metrics` itself left out).
 async fn requests_served(client: &reqwest::Client, port: u16) -> HashMap<(String, String), u64> {
-    let text = client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(client, port).await;
     let mut served = HashMap::new();
     for line in text.lines() {
         let Some(series) = line.strip_prefix("http_requests_total{") else {

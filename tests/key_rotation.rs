@@ -15,7 +15,8 @@ use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
 
 use common::{
-    Deployment, Process, client, free_port, register, token, wait_for_status, wait_until_healthy,
+    Deployment, Process, client, free_port, get_json, register, token, wait_for_status,
+    wait_until_healthy,
 };
 
 const PASSWORD: &str = "correct horse battery";
@@ -144,14 +145,7 @@ async fn profile(client: &reqwest::Client, port: u16, token: &str, registered: u
 }
 
 async fn key_ids(client: &reqwest::Client, port: u16) -> HashSet<String> {
-    let jwks: Value = client
-        .get(format!("http://127.0.0.1:{port}/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = get_json(client, port, "/.well-known/jwks.json").await;
     jwks["keys"]
         .as_array()
         .unwrap()

@@ -17,7 +17,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use test_support::PrivateCluster;
 
 use common::{
-    Deployment, checkpoint, client, register, start_services, store_head, token,
+    Deployment, checkpoint, client, metric, register, start_services, store_head, token,
     wait_for_checkpoint,
 };
 
@@ -29,13 +29,11 @@ const OLD_CLUSTER_TRANSACTIONS: u32 = 50_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
-    let old = PrivateCluster::start().await;
-    let old_url = old.create_database("identity").await;
-    age(&old_url).await;
-    let before = write_before_the_move(&Deployment::new("restore-old", &old_url), &old_url).await;
+    let old = AgedStore::start().await;
+    let before = write_before_the_move(&Deployment::new("restore-old", &old.url), &old.url).await;
 
     let young = PrivateCluster::start().await;
-    let url = old.copy_database_to("identity", &young).await;
+    let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
     let deployment = Deployment::new("restore-young", &url);
@@ -57,16 +55,12 @@ async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_its_checkpoint() {
-    let models = PrivateCluster::start().await;
-    let read_model_url = models.create_database("read_model").await;
-    let old = PrivateCluster::start().await;
-    let old_url = old.create_database("identity").await;
-    age(&old_url).await;
-    let deployment = Deployment::new("restore-old", &old_url).with_read_model(&read_model_url);
+    let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
+    let deployment = Deployment::new("restore-old", &old.url).with_read_model(&read_model_url);
     let before = write_before_the_move(&deployment, &read_model_url).await;
 
     let young = PrivateCluster::start().await;
-    let url = old.copy_database_to("identity", &young).await;
+    let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
     let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
@@ -82,16 +76,12 @@ async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() {
-    let models = PrivateCluster::start().await;
-    let read_model_url = models.create_database("read_model").await;
-    let old = PrivateCluster::start().await;
-    let old_url = old.create_database("identity").await;
-    age(&old_url).await;
-    let deployment = Deployment::new("restore-old", &old_url).with_read_model(&read_model_url);
+    let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
+    let deployment = Deployment::new("restore-old", &old.url).with_read_model(&read_model_url);
     write_before_the_move(&deployment, &read_model_url).await;
     // The backup is taken here; the old store goes on, and the read model with it.
     let young = PrivateCluster::start().await;
-    let url = old.copy_database_to("identity", &young).await;
+    let url = old.cluster.copy_database_to("identity", &young).await;
     let lost = write_after_the_backup(&deployment, &read_model_url).await;
     drop(old);
 
@@ -106,7 +96,8 @@ async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() 
     wait_for_metric(
         &client,
         services.aggregator_port,
-        "projection_halted{projection=\"users\"} 1",
+        "projection_halted{projection=\"users\"}",
+        1.0,
     )
     .await;
     // What is written meanwhile lands above everything the read model has seen.
@@ -158,26 +149,37 @@ async fn write_after_the_backup(deployment: &Deployment, read_model_url: &str) -
     position
 }
 
-async fn wait_for_metric(client: &reqwest::Client, port: u16, line: &str) {
+async fn wait_for_metric(client: &reqwest::Client, port: u16, series: &str, value: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = client
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.lines().any(|candidate| candidate == line) {
-            return;
-        }
+    while metric(client, port, series).await != Some(value) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the aggregator's metrics never showed `{line}`"
+            "the aggregator's metrics never showed {series} {value}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A store in a cluster that has run many transactions, as a store in production has.
+struct AgedStore {
+    cluster: PrivateCluster,
+    url: String,
+}
+
+impl AgedStore {
+    async fn start() -> Self {
+        let cluster = PrivateCluster::start().await;
+        let url = cluster.create_database("identity").await;
+        age(&url).await;
+        Self { cluster, url }
+    }
+}
+
+/// An aged store, and a read model on a cluster of its own (returned too, so it lives on).
+async fn an_aged_store_and_a_read_model_apart() -> (AgedStore, PrivateCluster, String) {
+    let models = PrivateCluster::start().await;
+    let read_model_url = models.create_database("read_model").await;
+    (AgedStore::start().await, models, read_model_url)
 }
 
 /// Runs enough transactions on the cluster of `url` that its transaction counter is far ahead

@@ -369,17 +369,34 @@ pub async fn wait_for_checkpoint(url: &str, position: u64, timeout: Duration, lo
     }
 }
 
-/// The value of one series (`name{labels}`, as rendered) on the `/metrics` of the process
-/// serving `port`; `None` when it has not recorded that series.
-pub async fn metric(client: &reqwest::Client, port: u16, series: &str) -> Option<f64> {
-    let text = client
+/// The JSON body of `GET path` on `port`.
+pub async fn get_json(client: &reqwest::Client, port: u16, path: &str) -> Value {
+    client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The `/metrics` text of the process serving `port`.
+pub async fn metrics_text(client: &reqwest::Client, port: u16) -> String {
+    client
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The value of one series (`name{labels}`, as rendered) on the `/metrics` of the process
+/// serving `port`; `None` when it has not recorded that series.
+pub async fn metric(client: &reqwest::Client, port: u16, series: &str) -> Option<f64> {
+    let text = metrics_text(client, port).await;
     text.lines().find_map(|line| {
         line.strip_prefix(series)
             .and_then(|rest| rest.strip_prefix(' '))
