@@ -11,3 +11,4 @@ mod meta;
 mod password;
 mod register;
 mod secrets;
+mod timing;
