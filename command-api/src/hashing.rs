@@ -459,13 +459,20 @@ mod tests {
         }
         let typical = strong.recent().median();
 
-        let old = strong
-            .verify(password("wrong horse"), Some(old_hash.clone()))
-            .await
-            .unwrap();
-        assert!(!old.matches);
-        // The weak hash takes about a thirtieth of the strong one's time.
-        assert!(old.shortfall > typical / 2, "{old:?} against {typical:?}");
+        // The weak hash takes about a thirtieth of the strong one's time. A loaded machine can
+        // stall any one check for as long as a strong one takes, so the largest of a few
+        // shortfalls decides.
+        let mut largest = Duration::ZERO;
+        for _ in 0..5 {
+            let old = strong
+                .verify(password("wrong horse"), Some(old_hash.clone()))
+                .await
+                .unwrap();
+            assert!(!old.matches);
+            assert!(old.shortfall <= typical, "{old:?} against {typical:?}");
+            largest = largest.max(old.shortfall);
+        }
+        assert!(largest > typical / 2, "{largest:?} against {typical:?}");
         let new = strong
             .verify(password("wrong horse"), Some(new_hash))
             .await
