@@ -285,12 +285,12 @@ async fn while_the_store_is_out_of_reach_a_known_and_an_unknown_email_are_answer
         }
     }
     println!("logins taken again because the cut came after their hash: {too_late}");
-    // The store's failure, never a refusal: the login could not be decided. (A database that
-    // refuses connections is an outage the message store counts as a fault, 500; one that
-    // does not answer at all gets 503.)
+    // The store's outage, never a refusal: the login could not be decided, and the client
+    // should try again (a database closed to connections answers with a FATAL error: 503).
     let first = &answers[0][0];
     println!("the answer while the store is out of reach: {first:?}");
-    assert!(first.0 >= 500, "{first:?}");
+    assert_eq!(first.0, 503, "{first:?}");
+    assert_eq!(first.1["code"], "unavailable", "{first:?}");
     for (kind, name) in names.iter().enumerate() {
         for answer in &answers[kind] {
             assert_eq!(answer, first, "{name}");
