@@ -1,4 +1,6 @@
-//! What the common layers write to the log for a request.
+//! What the common layers write to the log for a request: nothing at info when it went well,
+//! a server error at error, a slow request at warn, everything at debug; every line with the
+//! request's id.
 //!
 //! One test function on purpose: tracing decides once per callsite, for every subscriber in the
 //! process, whether the callsite is enabled. Subscribers of tests running at once on other
@@ -9,13 +11,14 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
 use axum::response::Response;
 use axum::routing::get;
-use platform::http::with_common_layers;
+use platform::http::{SLOW_REQUEST, with_common_layers};
 use platform::problem::Problem;
 use tower::ServiceExt;
 
@@ -64,6 +67,8 @@ async fn logged_lines(
 #[tokio::test(flavor = "current_thread")]
 async fn request_logs() {
     every_log_line_of_a_request_carries_its_request_id().await;
+    a_request_that_went_well_writes_nothing_at_info().await;
+    a_slow_request_is_logged_at_warn().await;
     a_request_without_an_id_gets_one_in_its_answer_and_its_log().await;
 }
 
@@ -75,7 +80,12 @@ async fn every_log_line_of_a_request_carries_its_request_id() {
             Problem::internal()
         }),
     );
-    for filter in ["info", "warn"] {
+    for (filter, expected) in [
+        // The request's start and end at debug, the handler's warning, the failure at error.
+        ("debug", 4),
+        ("info", 2),
+        ("warn", 2),
+    ] {
         let request = Request::get("/fail?email=ann%40example.com")
             .header("x-request-id", "req-42")
             .body(Body::empty())
@@ -83,20 +93,66 @@ async fn every_log_line_of_a_request_carries_its_request_id() {
         let (response, lines) = logged_lines(router.clone(), request, filter).await;
 
         assert_eq!(response.headers()["x-request-id"], "req-42");
-        // The handler's warning, the failed response at error and, at info, the response line.
-        let expected = if filter == "info" { 3 } else { 2 };
         assert_eq!(lines.len(), expected, "under {filter}: {lines:?}");
+        assert!(
+            lines.iter().any(|line| line["level"] == "ERROR"),
+            "under {filter}, the server error was not logged: {lines:?}"
+        );
         for line in &lines {
             assert_eq!(
                 line["span"]["request_id"], "req-42",
                 "under {filter}: {line}"
             );
+            assert_eq!(line["span"]["path"], "/fail", "under {filter}: {line}");
             assert!(
                 !line.to_string().contains("ann%40example.com"),
                 "a query string was logged: {line}"
             );
         }
     }
+}
+
+async fn a_request_that_went_well_writes_nothing_at_info() {
+    let router = Router::new().route("/ok", get(|| async { "ok" }));
+    let request = || Request::get("/ok").body(Body::empty()).unwrap();
+
+    let (response, lines) = logged_lines(router.clone(), request(), "info").await;
+    assert_eq!(response.status(), 200);
+    assert!(lines.is_empty(), "{lines:?}");
+
+    // Still there for whoever asks.
+    let (_, lines) = logged_lines(router, request(), "debug").await;
+    let finished = lines
+        .iter()
+        .find(|line| line["message"] == "finished processing request")
+        .unwrap_or_else(|| panic!("no response line at debug: {lines:?}"));
+    assert_eq!(finished["status"], 200, "{finished}");
+    assert!(finished["latency_ms"].is_number(), "{finished}");
+}
+
+async fn a_slow_request_is_logged_at_warn() {
+    let router = Router::new().route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(SLOW_REQUEST + Duration::from_millis(10)).await;
+            "ok"
+        }),
+    );
+    let request = Request::get("/slow")
+        .header("x-request-id", "req-slow")
+        .body(Body::empty())
+        .unwrap();
+    let (_, lines) = logged_lines(router, request, "warn").await;
+
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert!(
+        line["latency_ms"].as_f64().unwrap() >= SLOW_REQUEST.as_secs_f64() * 1000.0,
+        "{line}"
+    );
+    assert_eq!(line["span"]["request_id"], "req-slow", "{line}");
 }
 
 async fn a_request_without_an_id_gets_one_in_its_answer_and_its_log() {
@@ -114,7 +170,7 @@ async fn a_request_without_an_id_gets_one_in_its_answer_and_its_log() {
         .to_str()
         .unwrap()
         .to_owned();
-    assert!(!id.is_empty());
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "not a UUID: {id}");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["span"]["request_id"], id.as_str(), "{lines:?}");
 }
