@@ -8,12 +8,16 @@
 //!   has no row for them, or cannot be trusted (the aggregator stopped or slow, a replay after a
 //!   reset, a projection halted on a poison event, the store out of reach), the account's stream
 //!   decides, as on the command side.
-//! - An administrator acting on others is always checked in the account's stream: those
-//!   requests are rare, and what they reveal is everyone's.
+//! - An administrator acting on others is checked in the account's stream, never in the view:
+//!   what they reveal is everyone's. A check that found the account active and an administrator
+//!   is remembered for `query.max_view_lag_ms`, the bound own routes already have, so an
+//!   administrator's requests cost a store read each that long, not each one; a deactivation
+//!   committed before a check began is always seen by it, so one is refused on these routes
+//!   within that bound of its commit, whatever state the view is in.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -68,12 +72,19 @@ impl Caller {
     /// Lets a caller act as an administrator: the token must carry the role (else 403), and
     /// the account's stream must say it is active and an administrator (else 401), read from
     /// the message store as the command API does, never from a row that may be missing or
-    /// stale. While the store is out of reach this is a 503.
+    /// stale; a stream that said so less than `query.max_view_lag_ms` ago is taken at its
+    /// word ([`VerifiedAdministrators`]). While the store is out of reach this is a 503 once
+    /// that has passed.
     pub async fn ensure_admin(&self, state: &AppState) -> Result<(), ApiError> {
         self.require_admin()?;
+        let now = Instant::now();
+        if state.administrators.vouch_for(self.id, now) {
+            return Ok(());
+        }
         let account =
             history::current_account(state.store.as_ref(), UserId::from_uuid(self.id)).await?;
         if account.is_some_and(|account| account.is_active() && account.has_role(Role::Admin)) {
+            state.administrators.remember(self.id, now);
             Ok(())
         } else {
             Err(ApiError::Unauthenticated)
@@ -119,7 +130,8 @@ impl FromRequestParts<AppState> for Caller {
 /// it starts over.
 #[derive(Default)]
 pub struct VerifiedTokens {
-    verified: Mutex<HashMap<String, Claims>>,
+    /// Shared claims: a request takes a reference count, not a copy of their strings.
+    verified: Mutex<HashMap<String, Arc<Claims>>>,
 }
 
 impl VerifiedTokens {
@@ -130,7 +142,7 @@ impl VerifiedTokens {
         verifier: &TokenVerifier,
         token: &str,
         now: DateTime<Utc>,
-    ) -> Result<Claims, TokenError> {
+    ) -> Result<Arc<Claims>, TokenError> {
         let known = self
             .verified
             .lock()
@@ -141,13 +153,58 @@ impl VerifiedTokens {
             verifier.check_time(&claims, now)?;
             return Ok(claims);
         }
-        let claims = verifier.verify(token, now)?;
+        let claims = Arc::new(verifier.verify(token, now)?);
         let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         if verified.len() >= Self::CAPACITY {
             verified.clear();
         }
         verified.insert(token.to_owned(), claims.clone());
         Ok(claims)
+    }
+}
+
+/// Administrators whose account stream said, at an instant, that they are active and hold the
+/// role: for `max_age` after that instant (taken before the stream was read, so that every
+/// event committed before it was in what the read saw) their requests on others need no store
+/// read of their own. A deactivation is then refused within `max_age` of its commit; 0
+/// remembers nothing. Only what the stream vouched for is remembered, never a refusal.
+/// Bounded: when full, it starts over.
+pub struct VerifiedAdministrators {
+    verified: Mutex<HashMap<Uuid, Instant>>,
+    max_age: Duration,
+}
+
+impl VerifiedAdministrators {
+    const CAPACITY: usize = 1_000;
+
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            verified: Mutex::default(),
+            max_age,
+        }
+    }
+
+    /// Whether `id`'s stream said they were an active administrator less than `max_age`
+    /// before `now`.
+    pub fn vouch_for(&self, id: Uuid, now: Instant) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .is_some_and(|asked| now.saturating_duration_since(*asked) < self.max_age)
+    }
+
+    /// Remembers that `id`'s stream, read after `asked`, said they are an active administrator.
+    pub fn remember(&self, id: Uuid, asked: Instant) {
+        if self.max_age.is_zero() {
+            return;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= Self::CAPACITY && !verified.contains_key(&id) {
+            verified.clear();
+        }
+        let kept = verified.entry(id).or_insert(asked);
+        *kept = (*kept).max(asked);
     }
 }
 
@@ -190,6 +247,47 @@ mod tests {
             remembered.verify(&verifier, token.expose_secret(), later),
             Err(TokenError::Expired)
         );
+    }
+
+    #[test]
+    fn an_administrator_is_vouched_for_only_within_the_bound_after_the_stream_was_asked() {
+        let administrators = VerifiedAdministrators::new(Duration::from_millis(1_000));
+        let (root, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let asked = Instant::now();
+        assert!(!administrators.vouch_for(root, asked), "nobody asked yet");
+
+        administrators.remember(root, asked);
+        assert!(administrators.vouch_for(root, asked + Duration::from_millis(999)));
+        assert!(!administrators.vouch_for(root, asked + Duration::from_millis(1_000)));
+        assert!(!administrators.vouch_for(other, asked));
+        // An older answer arriving late does not push back a newer one's expiry.
+        let later = asked + Duration::from_millis(500);
+        administrators.remember(root, later);
+        administrators.remember(root, asked);
+        assert!(administrators.vouch_for(root, later + Duration::from_millis(999)));
+    }
+
+    #[test]
+    fn with_no_bound_no_administrator_is_remembered() {
+        let administrators = VerifiedAdministrators::new(Duration::ZERO);
+        let (root, asked) = (Uuid::new_v4(), Instant::now());
+        administrators.remember(root, asked);
+        assert!(!administrators.vouch_for(root, asked));
+    }
+
+    #[test]
+    fn the_administrators_remembered_are_bounded() {
+        let administrators = VerifiedAdministrators::new(Duration::from_secs(60));
+        let asked = Instant::now();
+        for _ in 0..=VerifiedAdministrators::CAPACITY {
+            administrators.remember(Uuid::new_v4(), asked);
+        }
+        let held = administrators
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        assert!(held <= VerifiedAdministrators::CAPACITY, "{held}");
     }
 
     #[test]

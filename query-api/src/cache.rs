@@ -94,8 +94,13 @@ impl ProfileCache {
         }
     }
 
-    /// The read model position the held rows are current at.
+    /// The read model position the held rows are current at; 0 when the cache holds none
+    /// (`capacity` 0): nothing follows the read model then, so only a [`Self::sync`] can tell
+    /// where it is.
     pub fn synced(&self) -> u64 {
+        if self.capacity == 0 {
+            return 0;
+        }
         self.read().synced
     }
 

@@ -33,9 +33,21 @@ pub use read_model::{Profile, ReadModel};
 pub use routes::ApiDoc;
 pub use settings::Settings;
 
-/// What every handler shares.
+/// What every handler shares, behind one reference count: the router clones it for every
+/// request (the state extractor, the read-your-writes middleware).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub read_model: ReadModel,
     /// Profiles already read, kept current by following the read model (ADR 6).
     pub profiles: Arc<cache::ProfileCache>,
@@ -46,6 +58,8 @@ pub struct AppState {
     pub verifier: Arc<TokenVerifier>,
     /// Tokens already verified, shared by every request.
     pub tokens: Arc<auth::VerifiedTokens>,
+    /// Administrators the message store said are active, for at most `max_view_lag_ms`.
+    pub administrators: Arc<auth::VerifiedAdministrators>,
     pub clock: Arc<dyn Clock>,
     pub settings: settings::QuerySettings,
 }
@@ -101,24 +115,25 @@ impl AppState {
             settings.cache_profiles,
             (sync_interval(&settings) * 10).max(Duration::from_secs(1)),
         ));
-        let freshness = Arc::new(freshness::ViewFreshness::new(Duration::from_millis(
-            settings.max_view_lag_ms,
-        )));
-        Self {
+        let max_view_lag = Duration::from_millis(settings.max_view_lag_ms);
+        let freshness = Arc::new(freshness::ViewFreshness::new(max_view_lag));
+        Self(Arc::new(Shared {
             read_model,
             profiles,
             freshness,
             store,
             verifier,
             tokens: Arc::default(),
+            administrators: Arc::new(auth::VerifiedAdministrators::new(max_view_lag)),
             clock,
             settings,
-        }
+        }))
     }
 
     /// Starts what keeps the state current: the follower of the read model for the kept
-    /// profiles, and the sampler of the store's position (unless `max_view_lag_ms` is 0, which
-    /// trusts no row). Each stops once `shutdown` completes.
+    /// profiles (unless `cache_profiles` is 0: with nothing kept, it would read the checkpoint
+    /// every `cache_sync_ms` for nothing), and the sampler of the store's position (unless
+    /// `max_view_lag_ms` is 0, which trusts no row). Each stops once `shutdown` completes.
     pub fn spawn_background(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -132,12 +147,14 @@ impl AppState {
             }
         };
         let mut tasks = Vec::with_capacity(3);
-        tasks.push(tokio::spawn({
-            let (profiles, read_model) = (self.profiles.clone(), self.read_model.clone());
-            let interval = sync_interval(&self.settings);
-            let shutdown = signalled();
-            async move { profiles.follow(read_model, interval, shutdown).await }
-        }));
+        if self.settings.cache_profiles > 0 {
+            tasks.push(tokio::spawn({
+                let (profiles, read_model) = (self.profiles.clone(), self.read_model.clone());
+                let interval = sync_interval(&self.settings);
+                let shutdown = signalled();
+                async move { profiles.follow(read_model, interval, shutdown).await }
+            }));
+        }
         if self.settings.max_view_lag_ms > 0 {
             tasks.push(tokio::spawn({
                 let (freshness, store) = (self.freshness.clone(), self.store.clone());

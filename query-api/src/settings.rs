@@ -56,8 +56,9 @@ pub struct QuerySettings {
     /// in: a caller's own row says whether their account is active only while the view holds
     /// everything written this long ago; otherwise (the aggregator stopped or slow, a replay
     /// after a reset, a projection halted on a poison event, the read model or the message
-    /// store out of reach) the account's stream in the message store decides. 0 reads the store
-    /// on every request. Administrators are always checked in the store.
+    /// store out of reach) the account's stream in the message store decides. Administrators
+    /// acting on others are always checked in the store, an answer that they are active taken
+    /// at its word for this long. 0 reads the store on every request.
     pub max_view_lag_ms: u64,
 }
 
