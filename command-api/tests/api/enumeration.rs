@@ -426,9 +426,10 @@ async fn timed_login(app: &TestApp, (email, password): &(String, &str)) -> f64 {
 /// padded. A wrong password then answers after the store work only a known account costs (its
 /// stream is read and folded, its failed login appended), an unknown email without it; the
 /// rank test must tell them apart, or the tests above could not fail either. The account has a
-/// long history, as in the full-queue test, so that the difference stands out of the noise of
-/// a loaded machine (a single append, some 2 ms here, does when the machine is quiet, z ≈ 6,
-/// but not under a parallel test run, z ≈ 2 to 4).
+/// long history (1000 events, some tens of milliseconds to read), so that the difference stands
+/// out of the noise of a loaded machine: a single append (some 2 ms here) does when the machine
+/// is quiet (z ≈ 6), but not under a parallel test run (z ≈ 2 to 4), nor did 200 events always
+/// (z 2.5 to 7.7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_padding_the_rank_test_tells_a_wrong_password_from_an_unknown_email() {
     let app = spawn_with(|settings| {
@@ -437,7 +438,7 @@ async fn without_the_padding_the_rank_test_tells_a_wrong_password_from_an_unknow
     })
     .await;
     let ann = app.user("ann@example.com").await;
-    lengthen_history(&app, &ann, 200).await;
+    lengthen_history(&app, &ann, 1000).await;
     let attempts = [
         ("nobody@example.com", PASSWORD),
         ("ann@example.com", "not the password"),
