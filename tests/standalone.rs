@@ -43,6 +43,18 @@ fn start(directory: &Path, port: u16) -> Running {
     Running(child)
 }
 
+/// A new data directory of the test's own, and a free port.
+fn data_directory_and_port() -> (std::path::PathBuf, u16) {
+    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (directory, port)
+}
+
 async fn wait_until_ready(client: &reqwest::Client, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -84,13 +96,7 @@ fn interrupt(mut running: Running) {
 
 #[tokio::test]
 async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
-    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&directory).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (directory, port) = data_directory_and_port();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -200,13 +206,7 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
 
 #[tokio::test]
 async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_heals() {
-    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&directory).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (directory, port) = data_directory_and_port();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
