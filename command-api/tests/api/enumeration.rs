@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use command_api::hashing::{Memory, hash_now};
+use identity::Password;
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions, Executor, PgConnection};
 
@@ -117,12 +119,16 @@ async fn a_wrong_password_on_a_hash_older_than_the_parameters_is_refused_like_an
 async fn a_full_hash_queue_throttles_a_known_and_an_unknown_email_alike() {
     // Two hashing threads, whatever the machine's cores.
     const THREADS: usize = 2;
+    const MEMORY_KIB: u32 = 8 * 1024;
+    // A round takes a second for the blockers to reach the threads and about one for its
+    // samples; each blocker's hash must outlast both by far, whatever this machine's speed.
+    let iterations = iterations_lasting(MEMORY_KIB, Duration::from_secs(5)).await;
     let app = spawn_with(|settings| {
         // No login may wait for a thread, and each hash holds one for seconds.
         settings.login.hashing_threads = Some(THREADS);
         settings.login.max_waiting_hashes = 0;
-        settings.password.memory_kib = 8 * 1024;
-        settings.password.iterations = 500;
+        settings.password.memory_kib = MEMORY_KIB;
+        settings.password.iterations = iterations;
         settings.login.refusal_padding_ms = 100;
     })
     .await;
@@ -222,6 +228,30 @@ async fn a_full_hash_queue_throttles_a_known_and_an_unknown_email_alike() {
         "{answers:?}"
     );
     assert_alike(&names, &times);
+}
+
+/// The argon2 iterations over `memory_kib` that make one hash last about `wanted` on this
+/// machine now: a fixed count lasts 2 s on one machine and 5 s on another.
+async fn iterations_lasting(memory_kib: u32, wanted: Duration) -> u32 {
+    const PROBE: u32 = 20;
+    let params = argon2::Params::new(memory_kib, PROBE, 1, None).unwrap();
+    let took = tokio::task::spawn_blocking(move || {
+        let password = Password::for_verification(PASSWORD.to_owned()).unwrap();
+        let mut memory = Memory::default();
+        // The quickest of a few: what the hash costs once it has a core.
+        (0..3)
+            .map(|_| {
+                let started = Instant::now();
+                hash_now(&params, &password, &mut memory).unwrap();
+                started.elapsed()
+            })
+            .min()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let per_iteration = took / PROBE;
+    (wanted.as_nanos() / per_iteration.as_nanos().max(1)).clamp(50, 20_000) as u32
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
