@@ -73,9 +73,12 @@ async fn main() -> anyhow::Result<()> {
 
     let command_state = command_api::state_with_store(&commands, clock.clone(), store.clone())?;
     let query_state = query_api::AppState::new(
-        query_api::ReadModel::connect(queries.read_model_url(), queries.database.max_connections)
-            .await
-            .context("opening the read model for queries")?,
+        query_api::ReadModel::connect(
+            queries.read_model.url_or(&queries.database).expose(),
+            queries.read_model_connections(),
+        )
+        .await
+        .context("opening the read model for queries")?,
         store.clone(),
         command_state.verifier.clone(),
         clock.clone(),
@@ -134,8 +137,8 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
 /// The SQLite file and the signing key live in a directory that may not exist yet.
 fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result<()> {
     let mut files: Vec<PathBuf> = Vec::new();
-    if let Some(path) = settings.database.url.strip_prefix("sqlite://") {
-        files.push(PathBuf::from(path.split('?').next().unwrap_or(path)));
+    if let Some(path) = settings.database.url.sqlite_file() {
+        files.push(PathBuf::from(path));
     }
     if let Some(key) = &settings.tokens.signing_key_file {
         files.push(key.clone());

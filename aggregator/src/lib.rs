@@ -30,7 +30,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use message_store::{ConnectOptions, MessageStore};
 use platform::Problem;
-use platform::settings::{DatabaseSettings, LogSettings};
+use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -50,33 +50,6 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-/// Where the read model lives; by default in the message store's database.
-#[derive(Clone, Deserialize)]
-#[serde(default)]
-pub struct ReadModelSettings {
-    /// `postgres://...` or `sqlite://path`; empty means `database.url`.
-    pub url: String,
-    pub max_connections: u32,
-}
-
-impl Default for ReadModelSettings {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            max_connections: 8,
-        }
-    }
-}
-
-impl std::fmt::Debug for ReadModelSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadModelSettings")
-            .field("url", &platform::settings::redact_url(&self.url))
-            .field("max_connections", &self.max_connections)
-            .finish()
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AggregatorSettings {
@@ -94,7 +67,7 @@ pub struct AggregatorSettings {
 impl Default for AggregatorSettings {
     fn default() -> Self {
         Self {
-            http: HttpSettings::default(),
+            http: HttpSettings::on("0.0.0.0:8082"),
             batch_size: 1000,
             lock_retry_ms: 1000,
             lock_lease_ms: 5000,
@@ -102,28 +75,11 @@ impl Default for AggregatorSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct HttpSettings {
-    /// `/healthz`, `/readyz` and `/metrics`; port 0 picks a free one.
-    pub address: String,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            address: "0.0.0.0:8082".into(),
-        }
-    }
-}
-
 impl Settings {
-    pub fn read_model_url(&self) -> &str {
-        if self.read_model.url.is_empty() {
-            &self.database.url
-        } else {
-            &self.read_model.url
-        }
+    /// The read model's pool: its own size, else 8 (the worker writes on one connection at a
+    /// time; the rest serve `status`, readiness and rebuilds).
+    pub fn read_model_connections(&self) -> u32 {
+        self.read_model.max_connections.unwrap_or(8)
     }
 
     pub fn projector_options(&self) -> ProjectorOptions {
@@ -138,7 +94,7 @@ impl Settings {
     /// Opens the message store (applying its migrations, as every store client does).
     pub async fn connect_store(&self) -> anyhow::Result<Arc<dyn MessageStore>> {
         message_store::connect(
-            &self.database.url,
+            self.database.url.expose(),
             ConnectOptions {
                 max_connections: self.database.max_connections,
                 poll_interval: self.database.poll_interval(),
@@ -150,9 +106,12 @@ impl Settings {
 
     /// Opens the read model. Does not migrate: see [`migrate`].
     pub async fn connect_read_model(&self) -> anyhow::Result<ReadModel> {
-        ReadModel::connect(self.read_model_url(), self.read_model.max_connections)
-            .await
-            .context("connecting to the read model")
+        ReadModel::connect(
+            self.read_model.url_or(&self.database).expose(),
+            self.read_model_connections(),
+        )
+        .await
+        .context("connecting to the read model")
     }
 }
 

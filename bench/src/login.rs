@@ -46,7 +46,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
     // The defaults: OWASP's argon2id parameters (19 MiB, 2 iterations, 1 lane).
     let mut settings = Settings::default();
-    settings.database.url = database.url().to_owned();
+    settings.database.url = database.url().into();
     settings.http.address = "127.0.0.1:0".into();
     settings.login.max_waiting_hashes = clients * 2;
     let key = SigningKey::generate(Algorithm::EdDSA)?;

@@ -138,12 +138,12 @@ async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
         max_connections: settings.database.max_connections,
         poll_interval: settings.database.poll_interval(),
     };
-    message_store::connect(&settings.database.url, options)
+    message_store::connect(settings.database.url.expose(), options)
         .await
         .with_context(|| {
             format!(
                 "connecting to the message store at {}",
-                platform::settings::redact_url(&settings.database.url)
+                settings.database.url
             )
         })
 }

@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
                 .run_until_stopped(platform::shutdown::signal())
                 .await
         }
-        Command::Migrate => Ok(message_store::migrate(&settings.database.url).await?),
+        Command::Migrate => Ok(message_store::migrate(settings.database.url.expose()).await?),
         Command::Admin {
             command: AdminCommand::Create { email },
         } => {

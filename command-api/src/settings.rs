@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use identity::{InitialStatus, LockoutPolicy, PasswordPolicy};
-use platform::settings::{DatabaseSettings, LogSettings};
+use platform::settings::{DatabaseSettings, HttpSettings, LogSettings};
 use serde::Deserialize;
 
 /// Everything the command API can be told. Every field has a default, so an empty file works
 /// (with a signing key given one way or another).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     pub database: DatabaseSettings,
@@ -20,17 +20,16 @@ pub struct Settings {
     pub registration: RegistrationSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct HttpSettings {
-    /// Where to listen, `host:port`; port 0 picks a free one (tests).
-    pub address: String,
-}
-
-impl Default for HttpSettings {
+impl Default for Settings {
     fn default() -> Self {
         Self {
-            address: "0.0.0.0:8080".into(),
+            database: DatabaseSettings::default(),
+            http: HttpSettings::on("0.0.0.0:8080"),
+            log: LogSettings::default(),
+            tokens: tokens::TokenConfig::default(),
+            password: PasswordSettings::default(),
+            login: LoginSettings::default(),
+            registration: RegistrationSettings::default(),
         }
     }
 }

@@ -178,23 +178,13 @@ impl AppState {
     /// Connects to the read model and the message store and loads the verification keys; the
     /// background tasks start with [`Self::spawn_background`].
     pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let read_model_url = settings.read_model_url();
-        let read_model = ReadModel::connect(
-            read_model_url,
-            settings
-                .read_model
-                .max_connections
-                .unwrap_or(settings.database.max_connections),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the read model at {}",
-                platform::settings::redact_url(read_model_url)
-            )
-        })?;
+        let read_model_url = settings.read_model.url_or(&settings.database);
+        let read_model =
+            ReadModel::connect(read_model_url.expose(), settings.read_model_connections())
+                .await
+                .with_context(|| format!("connecting to the read model at {read_model_url}"))?;
         let store = message_store::connect(
-            &settings.database.url,
+            settings.database.url.expose(),
             message_store::ConnectOptions {
                 max_connections: settings.database.max_connections.min(4),
                 poll_interval: settings.database.poll_interval(),
@@ -204,7 +194,7 @@ impl AppState {
         .with_context(|| {
             format!(
                 "connecting to the message store at {}",
-                platform::settings::redact_url(&settings.database.url)
+                settings.database.url
             )
         })?;
         let verifier = settings

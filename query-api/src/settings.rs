@@ -1,10 +1,10 @@
 //! The query API's settings: defaults here, then a TOML file, then `IDENTITY__...` variables.
 
-use platform::settings::{DatabaseSettings, LogSettings};
+use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
 use serde::Deserialize;
 use tokens::TokenConfig;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     /// The message store: read for an account's history and its state at a past instant.
@@ -19,23 +19,15 @@ pub struct Settings {
     pub query: QuerySettings,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct ReadModelSettings {
-    pub url: Option<String>,
-    pub max_connections: Option<u32>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct HttpSettings {
-    pub address: String,
-}
-
-impl Default for HttpSettings {
+impl Default for Settings {
     fn default() -> Self {
         Self {
-            address: "0.0.0.0:8081".into(),
+            database: DatabaseSettings::default(),
+            read_model: ReadModelSettings::default(),
+            http: HttpSettings::on("0.0.0.0:8081"),
+            log: LogSettings::default(),
+            tokens: TokenConfig::default(),
+            query: QuerySettings::default(),
         }
     }
 }
@@ -76,7 +68,10 @@ impl Default for QuerySettings {
 }
 
 impl Settings {
-    pub fn read_model_url(&self) -> &str {
-        self.read_model.url.as_deref().unwrap_or(&self.database.url)
+    /// The read model's pool: its own size, else the message store's.
+    pub fn read_model_connections(&self) -> u32 {
+        self.read_model
+            .max_connections
+            .unwrap_or(self.database.max_connections)
     }
 }

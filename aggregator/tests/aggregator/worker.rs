@@ -292,9 +292,9 @@ async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
 async fn the_application_projects_into_a_read_model_in_another_database_and_serves_its_probes() {
     let env = env_apart().await;
     let mut settings = Settings::default();
-    settings.database.url = env.db.url().to_owned();
+    settings.database.url = env.db.url().into();
     settings.database.poll_interval_ms = 200;
-    settings.read_model.url = env.read_model_url.clone();
+    settings.read_model.url = Some(env.read_model_url.as_str().into());
     settings.aggregator.http.address = "127.0.0.1:0".into();
     settings.aggregator.batch_size = 7;
     let application = Application::build(settings).await.unwrap();

@@ -23,7 +23,7 @@ pub struct TestApp {
 /// Cheap argon2 parameters (the tests about parameters set their own), a fresh key.
 pub fn test_settings(database: &TestDatabase) -> Settings {
     let mut settings = Settings::default();
-    settings.database.url = database.url().to_owned();
+    settings.database.url = database.url().into();
     settings.database.max_connections = 10;
     settings.http.address = "127.0.0.1:0".into();
     let key = SigningKey::generate(Algorithm::EdDSA).unwrap();

@@ -113,8 +113,8 @@ async fn start(
         format!("{url}{separator}application_name={application_name}")
     };
     let mut settings = Settings::default();
-    settings.database.url = named(&database_url);
-    settings.read_model.url = Some(named(&read_model_url));
+    settings.database.url = named(&database_url).into();
+    settings.read_model.url = Some(named(&read_model_url).into());
     settings.http.address = "127.0.0.1:0".into();
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     settings.query.max_wait_ms = 2_000;

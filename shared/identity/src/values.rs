@@ -78,6 +78,29 @@ pub enum InitialStatus {
     Active,
 }
 
+impl Role {
+    /// The role's name wherever it is written out: the token's `roles` claim, the users view,
+    /// the history (the same spelling as its serialized form).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl AccountStatus {
+    /// The status's name wherever it is written out: the users view, the history, the status
+    /// filter of lists (the same spelling as its serialized form).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Deactivated => "deactivated",
+        }
+    }
+}
+
 impl From<InitialStatus> for AccountStatus {
     fn from(status: InitialStatus) -> Self {
         match status {
@@ -98,6 +121,20 @@ mod tests {
         assert_eq!(json, "0190f1aa-0000-7000-8000-000000000001");
         assert_eq!(serde_json::from_value::<UserId>(json).unwrap(), id);
         assert_eq!(id.to_string().parse::<UserId>().unwrap(), id);
+    }
+
+    #[test]
+    fn the_names_of_roles_and_statuses_are_their_serialized_form() {
+        for role in [Role::User, Role::Admin] {
+            assert_eq!(serde_json::to_value(role).unwrap(), role.name());
+        }
+        for status in [
+            AccountStatus::Pending,
+            AccountStatus::Active,
+            AccountStatus::Deactivated,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.name());
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -225,6 +225,46 @@ impl RequestSeries {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header (RFC 6750 section 2.1), the scheme in
+/// any case (RFC 9110 section 11.1: `bearer` and `BEARER` are the same scheme); `None` when
+/// there is no such header, another scheme, or no token.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The answer of `/.well-known/jwks.json`: the key set, which verifiers may cache for five
+/// minutes (a new key is published a key lifetime before it signs, so this is safe).
+pub fn jwks_response(jwks: serde_json::Value) -> Response {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        axum::Json(jwks),
+    )
+        .into_response()
+}
+
+/// The answer of `/readyz` from a check of each dependency: `ready` when all answer, else a
+/// 503 naming those that did not (each logged at `warn` with its error).
+pub fn readiness<E: std::fmt::Display>(
+    checks: impl IntoIterator<Item = (&'static str, Result<(), E>)>,
+) -> Response {
+    let mut failed = vec![];
+    for (dependency, checked) in checks {
+        if let Err(error) = checked {
+            tracing::warn!(%error, "readiness: the {dependency} does not answer");
+            failed.push(dependency);
+        }
+    }
+    if failed.is_empty() {
+        return "ready".into_response();
+    }
+    Problem::unavailable()
+        .with_detail(format!("not answering: the {}", failed.join(", the ")))
+        .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -252,5 +292,52 @@ mod tests {
             response.headers()[header::CONTENT_TYPE],
             "application/problem+json"
         );
+    }
+
+    fn authorization(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn a_bearer_token_is_read_whatever_the_case_of_the_scheme() {
+        for value in [
+            "Bearer abc.def",
+            "bearer abc.def",
+            "BEARER abc.def",
+            "BeArEr  abc.def ",
+        ] {
+            assert_eq!(
+                bearer_token(&authorization(value)),
+                Some("abc.def"),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_scheme_a_missing_token_or_no_header_is_no_bearer_token() {
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc.def", "abc.def"] {
+            assert_eq!(bearer_token(&authorization(value)), None, "{value}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn readiness_is_a_503_that_names_each_dependency_that_did_not_answer() {
+        let ready = readiness([("message store", Ok::<(), String>(()))]);
+        assert_eq!(ready.status(), StatusCode::OK);
+        let refused = readiness([
+            ("message store", Err("connection refused".to_owned())),
+            ("read model", Ok(())),
+        ]);
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(refused.into_body(), 4096)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains("not answering: the message store"), "{body}");
+        assert!(!body.contains("read model"), "{body}");
     }
 }

@@ -54,12 +54,63 @@ fn load_from<T: DeserializeOwned>(
         .try_deserialize()
 }
 
+/// A database URL, which may carry a password: it shows only redacted (`Debug`, `Display`), so
+/// no settings dump or error message can leak it; [`DatabaseUrl::expose`] is for connecting.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, to connect with; never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The file an `sqlite://` URL names, without its `?options`; `None` for a server.
+    pub fn sqlite_file(&self) -> Option<&str> {
+        let path = self.0.strip_prefix("sqlite://")?;
+        path.split('?').next()
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(url: &str) -> Self {
+        Self::new(url)
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
 /// Where a database is and how to use it.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DatabaseSettings {
     /// `postgres://...` or `sqlite://path`.
-    pub url: String,
+    pub url: DatabaseUrl,
     pub max_connections: u32,
     /// How often consumers look for new messages when no wake-up came.
     pub poll_interval_ms: u64,
@@ -68,7 +119,7 @@ pub struct DatabaseSettings {
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
-            url: "sqlite://data/identity.db".into(),
+            url: DatabaseUrl::new("sqlite://data/identity.db"),
             max_connections: 16,
             poll_interval_ms: 500,
         }
@@ -81,13 +132,40 @@ impl DatabaseSettings {
     }
 }
 
-impl fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &redact_url(&self.url))
-            .field("max_connections", &self.max_connections)
-            .field("poll_interval_ms", &self.poll_interval_ms)
-            .finish()
+/// Where the read model lives (the aggregator writes it, the query API reads it); by default
+/// in the message store's database.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ReadModelSettings {
+    /// `postgres://...` or `sqlite://path`; unset or empty means `database.url`.
+    pub url: Option<DatabaseUrl>,
+    /// The pool size; unset, each process's own default.
+    pub max_connections: Option<u32>,
+}
+
+impl ReadModelSettings {
+    /// The read model's URL: its own, else the message store's.
+    pub fn url_or<'a>(&'a self, database: &'a DatabaseSettings) -> &'a DatabaseUrl {
+        self.url
+            .as_ref()
+            .filter(|url| !url.is_empty())
+            .unwrap_or(&database.url)
+    }
+}
+
+/// A process's HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    /// Where to listen, `host:port`; port 0 picks a free one (tests).
+    pub address: String,
+}
+
+impl HttpSettings {
+    /// Listening on `address`: each process has its own default port.
+    pub fn on(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+        }
     }
 }
 
@@ -139,15 +217,32 @@ mod tests {
     fn a_password_in_a_database_url_is_redacted() {
         let redacted = redact_url("postgres://app:hunter2@db:5432/identity");
         assert_eq!(redacted, "postgres://app:[redacted]@db:5432/identity");
-        assert!(
-            !format!(
-                "{:?}",
-                DatabaseSettings {
-                    url: "postgres://app:hunter2@db/identity".into(),
-                    ..DatabaseSettings::default()
-                }
-            )
-            .contains("hunter2")
+        let settings = DatabaseSettings {
+            url: "postgres://app:hunter2@db/identity".into(),
+            ..DatabaseSettings::default()
+        };
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        assert!(!settings.url.to_string().contains("hunter2"));
+        assert_eq!(settings.url.expose(), "postgres://app:hunter2@db/identity");
+    }
+
+    #[test]
+    fn the_read_model_is_in_the_message_store_unless_named() {
+        let database = DatabaseSettings::default();
+        let unset = ReadModelSettings::default();
+        assert_eq!(unset.url_or(&database), &database.url);
+        let empty = ReadModelSettings {
+            url: Some("".into()),
+            ..ReadModelSettings::default()
+        };
+        assert_eq!(empty.url_or(&database), &database.url);
+        let named = ReadModelSettings {
+            url: Some("postgres://replica/identity".into()),
+            ..ReadModelSettings::default()
+        };
+        assert_eq!(
+            named.url_or(&database).expose(),
+            "postgres://replica/identity"
         );
     }
 
@@ -186,7 +281,7 @@ mod tests {
             Some(environment),
         )
         .unwrap();
-        assert_eq!(example.database.url, "postgres://db/identity");
+        assert_eq!(example.database.url.expose(), "postgres://db/identity");
         assert_eq!(example.database.max_connections, 3);
         assert_eq!(
             example.database.poll_interval_ms, 500,
