@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use identity::{
-    AccountStatus, EventDecodeError, LOGIN_CATEGORY, LoginEvent, Role, USER_CATEGORY, UserEvent,
-    event_version, user_id_of_stream,
+    AccountStatus, EventDecodeError, LOGIN_CATEGORY, LoginEvent, USER_CATEGORY, UserEvent,
+    UserRegistered, event_version, user_id_of_stream,
 };
 use message_store::{GlobalPosition, RecordedMessage};
 use uuid::Uuid;
@@ -123,40 +123,7 @@ fn decode(message: &RecordedMessage) -> Result<Change, EventDecodeError> {
 pub fn apply(rows: &mut HashMap<Uuid, UserRow>, change: &Change) -> Result<bool, String> {
     let position = i64::try_from(change.position).unwrap_or(i64::MAX);
     if let ProjectedEvent::User(UserEvent::UserRegistered(registered)) = &change.event {
-        if let Some(existing) = rows.get(&change.user_id) {
-            if existing.position >= position {
-                return Ok(false);
-            }
-            return Err(format!(
-                "a second UserRegistered for user {} at global position {}",
-                change.user_id, change.position
-            ));
-        }
-        let status = status_name(registered.status);
-        rows.insert(
-            change.user_id,
-            UserRow {
-                id: change.user_id,
-                email: registered.email.as_str().to_owned(),
-                email_normalized: registered.email_normalized.clone(),
-                status: status.to_owned(),
-                registered_at: registered.registered_at,
-                activated_at: (registered.status == AccountStatus::Active)
-                    .then_some(registered.registered_at),
-                deactivated_at: None,
-                last_login_at: None,
-                login_count: 0,
-                failed_logins: 0,
-                locked_until: None,
-                roles: registered
-                    .roles
-                    .iter()
-                    .map(|r| role_name(*r).to_owned())
-                    .collect(),
-                position,
-            },
-        );
-        return Ok(true);
+        return insert_registered(rows, change, registered, position);
     }
     let Some(row) = rows.get_mut(&change.user_id) else {
         return Err(format!(
@@ -167,15 +134,65 @@ pub fn apply(rows: &mut HashMap<Uuid, UserRow>, change: &Change) -> Result<bool,
     if row.position >= position {
         return Ok(false);
     }
-    match &change.event {
+    update_row(row, &change.event);
+    row.position = position;
+    Ok(true)
+}
+
+/// A registration creates its user's row. One for a user the view already has is poison,
+/// unless it lies at or below the row's position (it was applied before).
+fn insert_registered(
+    rows: &mut HashMap<Uuid, UserRow>,
+    change: &Change,
+    registered: &UserRegistered,
+    position: i64,
+) -> Result<bool, String> {
+    if let Some(existing) = rows.get(&change.user_id) {
+        if existing.position >= position {
+            return Ok(false);
+        }
+        return Err(format!(
+            "a second UserRegistered for user {} at global position {}",
+            change.user_id, change.position
+        ));
+    }
+    rows.insert(
+        change.user_id,
+        UserRow {
+            id: change.user_id,
+            email: registered.email.as_str().to_owned(),
+            email_normalized: registered.email_normalized.clone(),
+            status: registered.status.name().to_owned(),
+            registered_at: registered.registered_at,
+            activated_at: (registered.status == AccountStatus::Active)
+                .then_some(registered.registered_at),
+            deactivated_at: None,
+            last_login_at: None,
+            login_count: 0,
+            failed_logins: 0,
+            locked_until: None,
+            roles: registered
+                .roles
+                .iter()
+                .map(|role| role.name().to_owned())
+                .collect(),
+            position,
+        },
+    );
+    Ok(true)
+}
+
+/// What an event after the registration changes in its user's row (all but the position).
+fn update_row(row: &mut UserRow, event: &ProjectedEvent) {
+    match event {
         ProjectedEvent::User(event) => match event {
             UserEvent::UserRegistered(_) => {}
             UserEvent::UserActivated(e) => {
-                row.status = status_name(AccountStatus::Active).to_owned();
+                row.status = AccountStatus::Active.name().to_owned();
                 row.activated_at = Some(e.at);
             }
             UserEvent::UserDeactivated(e) => {
-                row.status = status_name(AccountStatus::Deactivated).to_owned();
+                row.status = AccountStatus::Deactivated.name().to_owned();
                 row.deactivated_at = Some(e.at);
             }
             // Nothing of a password is in the view; the row's position still moves.
@@ -194,8 +211,6 @@ pub fn apply(rows: &mut HashMap<Uuid, UserRow>, change: &Change) -> Result<bool,
             row.locked_until = e.locked_until;
         }
     }
-    row.position = position;
-    Ok(true)
 }
 
 /// Folds `changes` into `rows` and returns the ids of the rows that changed, or the index of
@@ -215,25 +230,10 @@ pub fn apply_all(
     Ok(changed)
 }
 
-pub fn status_name(status: AccountStatus) -> &'static str {
-    match status {
-        AccountStatus::Pending => "pending",
-        AccountStatus::Active => "active",
-        AccountStatus::Deactivated => "deactivated",
-    }
-}
-
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::User => "user",
-        Role::Admin => "admin",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use identity::{Email, LoginSucceeded, PasswordHash, UserActivated, UserId, UserRegistered};
+    use identity::{Email, LoginSucceeded, PasswordHash, Role, UserActivated, UserId};
 
     use super::*;
 
