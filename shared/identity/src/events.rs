@@ -7,8 +7,8 @@
 //! struct, untagged.
 //!
 //! Changing an event: never edit what a version means. Bump `VERSION`, keep the old struct
-//! (in a `v1` module, say) with a conversion to the new one, and add an upcasting arm to
-//! `from_stored` next to the comment that shows where. The golden fixtures in
+//! (in a `v1` module, say) with a conversion to the new one, and add an `upcast` line to the
+//! stream's `stream_event!` next to the comment that shows where. The golden fixtures in
 //! `tests/fixtures/` fail until the old version is still read.
 
 use chrono::{DateTime, Utc};
@@ -48,6 +48,78 @@ pub enum EventDecodeError {
     /// The version in the metadata is not a positive whole number.
     #[error("the event version in the metadata is not a positive 32-bit number: {found}")]
     InvalidVersion { found: String },
+}
+
+/// Declares a stream's event enum, one variant per event struct of the same name, with what
+/// every stream enum offers: its type names, each event's type, version and stored form,
+/// `From` each struct, and `from_stored`. Written once, so that no list of the variants can
+/// miss one.
+///
+/// `from_stored` reads the current version of each type. An older version is read through an
+/// `upcast <Event> from <OldStruct>, version <n>;` line, where `OldStruct` deserializes the old
+/// data and converts into `Event`.
+macro_rules! stream_event {
+    (
+        $(#[$attribute:meta])*
+        $stream:ident: $($event:ident),+;
+        $(upcast $upcast_event:ident from $old:ty, version $old_version:literal;)*
+    ) => {
+        $(#[$attribute])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $stream {
+            $($event($event),)+
+        }
+
+        impl $stream {
+            /// Every type name of this enum, so a reader can tell an unknown type from an
+            /// unreadable one.
+            pub const TYPES: &'static [&'static str] = &[$($event::TYPE),+];
+
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $(Self::$event(_) => $event::TYPE,)+
+                }
+            }
+
+            /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
+            pub fn version(&self) -> u32 {
+                match self {
+                    $(Self::$event(_) => $event::VERSION,)+
+                }
+            }
+
+            /// The event's data as stored: the struct's fields, without a type tag.
+            pub fn to_json(&self) -> Value {
+                match self {
+                    $(Self::$event(event) => encode(event),)+
+                }
+            }
+
+            /// Reads a stored event of any version this build knows, upcasting old versions.
+            pub fn from_stored(
+                event_type: &str,
+                version: u32,
+                data: &Value,
+            ) -> Result<Self, EventDecodeError> {
+                match (event_type, version) {
+                    $(($event::TYPE, $event::VERSION) => {
+                        decode::<$event>(event_type, version, data).map(Self::$event)
+                    })+
+                    $(($upcast_event::TYPE, $old_version) => {
+                        decode::<$old>(event_type, version, data)
+                            .map(|old| Self::$upcast_event(old.into()))
+                    })*
+                    _ => Err(not_readable(Self::TYPES, event_type, version)),
+                }
+            }
+        }
+
+        $(impl From<$event> for $stream {
+            fn from(event: $event) -> Self {
+                Self::$event(event)
+            }
+        })+
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,47 +191,15 @@ impl EventData for PasswordRehashed {
     const VERSION: u32 = 1;
 }
 
-/// Everything that can happen in a user stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserEvent {
-    UserRegistered(UserRegistered),
-    UserActivated(UserActivated),
-    UserDeactivated(UserDeactivated),
-    PasswordChanged(PasswordChanged),
-    PasswordRehashed(PasswordRehashed),
+stream_event! {
+    /// Everything that can happen in a user stream.
+    UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed;
+    // Older versions are upcast here, one line per type and old version. For example, once
+    // `UserRegistered::VERSION` is 2:
+    // upcast UserRegistered from v1::UserRegistered, version 1;
 }
 
 impl UserEvent {
-    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
-    pub const TYPES: &'static [&'static str] = &[
-        UserRegistered::TYPE,
-        UserActivated::TYPE,
-        UserDeactivated::TYPE,
-        PasswordChanged::TYPE,
-        PasswordRehashed::TYPE,
-    ];
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            Self::UserRegistered(_) => UserRegistered::TYPE,
-            Self::UserActivated(_) => UserActivated::TYPE,
-            Self::UserDeactivated(_) => UserDeactivated::TYPE,
-            Self::PasswordChanged(_) => PasswordChanged::TYPE,
-            Self::PasswordRehashed(_) => PasswordRehashed::TYPE,
-        }
-    }
-
-    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
-    pub fn version(&self) -> u32 {
-        match self {
-            Self::UserRegistered(_) => UserRegistered::VERSION,
-            Self::UserActivated(_) => UserActivated::VERSION,
-            Self::UserDeactivated(_) => UserDeactivated::VERSION,
-            Self::PasswordChanged(_) => PasswordChanged::VERSION,
-            Self::PasswordRehashed(_) => PasswordRehashed::VERSION,
-        }
-    }
-
     /// When it happened, by the clock of the command that decided it.
     pub fn occurred_at(&self) -> DateTime<Utc> {
         match self {
@@ -168,47 +208,6 @@ impl UserEvent {
             Self::UserDeactivated(e) => e.at,
             Self::PasswordChanged(e) => e.at,
             Self::PasswordRehashed(e) => e.at,
-        }
-    }
-
-    /// The event's data as stored: the struct's fields, without a type tag.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Self::UserRegistered(e) => encode(e),
-            Self::UserActivated(e) => encode(e),
-            Self::UserDeactivated(e) => encode(e),
-            Self::PasswordChanged(e) => encode(e),
-            Self::PasswordRehashed(e) => encode(e),
-        }
-    }
-
-    /// Reads a stored event of any version this build knows, upcasting old versions.
-    pub fn from_stored(
-        event_type: &str,
-        version: u32,
-        data: &Value,
-    ) -> Result<Self, EventDecodeError> {
-        match (event_type, version) {
-            (UserRegistered::TYPE, UserRegistered::VERSION) => {
-                decode(event_type, version, data).map(Self::UserRegistered)
-            }
-            (UserActivated::TYPE, UserActivated::VERSION) => {
-                decode(event_type, version, data).map(Self::UserActivated)
-            }
-            (UserDeactivated::TYPE, UserDeactivated::VERSION) => {
-                decode(event_type, version, data).map(Self::UserDeactivated)
-            }
-            (PasswordChanged::TYPE, PasswordChanged::VERSION) => {
-                decode(event_type, version, data).map(Self::PasswordChanged)
-            }
-            (PasswordRehashed::TYPE, PasswordRehashed::VERSION) => {
-                decode(event_type, version, data).map(Self::PasswordRehashed)
-            }
-            // Older versions are upcast here, one arm per type and old version. For example,
-            // once `UserRegistered::VERSION` is 2:
-            // (UserRegistered::TYPE, 1) => decode::<v1::UserRegistered>(event_type, version, data)
-            //     .map(|old| Self::UserRegistered(old.into())),
-            _ => Err(not_readable(Self::TYPES, event_type, version)),
         }
     }
 }
@@ -249,62 +248,17 @@ impl EventData for LoginFailed {
     const VERSION: u32 = 1;
 }
 
-/// Everything that can happen in a login stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoginEvent {
-    LoginSucceeded(LoginSucceeded),
-    LoginFailed(LoginFailed),
+stream_event! {
+    /// Everything that can happen in a login stream.
+    LoginEvent: LoginSucceeded, LoginFailed;
+    // Older versions are upcast here, as in `UserEvent`.
 }
 
 impl LoginEvent {
-    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
-    pub const TYPES: &'static [&'static str] = &[LoginSucceeded::TYPE, LoginFailed::TYPE];
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            Self::LoginSucceeded(_) => LoginSucceeded::TYPE,
-            Self::LoginFailed(_) => LoginFailed::TYPE,
-        }
-    }
-
-    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
-    pub fn version(&self) -> u32 {
-        match self {
-            Self::LoginSucceeded(_) => LoginSucceeded::VERSION,
-            Self::LoginFailed(_) => LoginFailed::VERSION,
-        }
-    }
-
     pub fn occurred_at(&self) -> DateTime<Utc> {
         match self {
             Self::LoginSucceeded(e) => e.at,
             Self::LoginFailed(e) => e.at,
-        }
-    }
-
-    /// The event's data as stored: the struct's fields, without a type tag.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Self::LoginSucceeded(e) => encode(e),
-            Self::LoginFailed(e) => encode(e),
-        }
-    }
-
-    /// Reads a stored event of any version this build knows, upcasting old versions.
-    pub fn from_stored(
-        event_type: &str,
-        version: u32,
-        data: &Value,
-    ) -> Result<Self, EventDecodeError> {
-        match (event_type, version) {
-            (LoginSucceeded::TYPE, LoginSucceeded::VERSION) => {
-                decode(event_type, version, data).map(Self::LoginSucceeded)
-            }
-            (LoginFailed::TYPE, LoginFailed::VERSION) => {
-                decode(event_type, version, data).map(Self::LoginFailed)
-            }
-            // Older versions are upcast here, as in `UserEvent::from_stored`.
-            _ => Err(not_readable(Self::TYPES, event_type, version)),
         }
     }
 }
@@ -328,65 +282,11 @@ impl EventData for AdministratorsChanged {
     const VERSION: u32 = 1;
 }
 
-/// Everything that can happen in the administrators' stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdministratorsEvent {
-    AdministratorsChanged(AdministratorsChanged),
+stream_event! {
+    /// Everything that can happen in the administrators' stream.
+    AdministratorsEvent: AdministratorsChanged;
+    // Older versions are upcast here, as in `UserEvent`.
 }
-
-impl AdministratorsEvent {
-    /// Every type name of this enum, so a reader can tell an unknown type from an unreadable one.
-    pub const TYPES: &'static [&'static str] = &[AdministratorsChanged::TYPE];
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            Self::AdministratorsChanged(_) => AdministratorsChanged::TYPE,
-        }
-    }
-
-    /// The version [`Self::to_json`] writes: store it under [`crate::EVENT_VERSION_KEY`].
-    pub fn version(&self) -> u32 {
-        match self {
-            Self::AdministratorsChanged(_) => AdministratorsChanged::VERSION,
-        }
-    }
-
-    /// The event's data as stored: the struct's fields, without a type tag.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Self::AdministratorsChanged(e) => encode(e),
-        }
-    }
-
-    /// Reads a stored event of any version this build knows, upcasting old versions.
-    pub fn from_stored(
-        event_type: &str,
-        version: u32,
-        data: &Value,
-    ) -> Result<Self, EventDecodeError> {
-        match (event_type, version) {
-            (AdministratorsChanged::TYPE, AdministratorsChanged::VERSION) => {
-                decode(event_type, version, data).map(Self::AdministratorsChanged)
-            }
-            // Older versions are upcast here, as in `UserEvent::from_stored`.
-            _ => Err(not_readable(Self::TYPES, event_type, version)),
-        }
-    }
-}
-
-macro_rules! into_stream_event {
-    ($stream:ident: $($event:ident),+) => {
-        $(impl From<$event> for $stream {
-            fn from(event: $event) -> Self {
-                Self::$event(event)
-            }
-        })+
-    };
-}
-
-into_stream_event!(UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed);
-into_stream_event!(LoginEvent: LoginSucceeded, LoginFailed);
-into_stream_event!(AdministratorsEvent: AdministratorsChanged);
 
 fn encode<T: EventData>(event: &T) -> Value {
     match serde_json::to_value(event) {
@@ -398,7 +298,7 @@ fn encode<T: EventData>(event: &T) -> Value {
     }
 }
 
-fn decode<T: EventData>(
+fn decode<T: DeserializeOwned>(
     event_type: &str,
     version: u32,
     data: &Value,
@@ -583,6 +483,53 @@ mod tests {
             Err(EventDecodeError::UnsupportedVersion {
                 event_type: "UserActivated".into(),
                 version: 2
+            })
+        );
+    }
+
+    /// A made-up event whose version 1 named its one field differently, to show that an
+    /// `upcast` line reads the old version as the current one.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Renamed {
+        pub to: String,
+    }
+
+    impl EventData for Renamed {
+        const TYPE: &'static str = "Renamed";
+        const VERSION: u32 = 2;
+    }
+
+    #[derive(Deserialize)]
+    pub struct RenamedV1 {
+        name: String,
+    }
+
+    impl From<RenamedV1> for Renamed {
+        fn from(old: RenamedV1) -> Self {
+            Self { to: old.name }
+        }
+    }
+
+    stream_event! {
+        RenamingEvent: Renamed;
+        upcast Renamed from RenamedV1, version 1;
+    }
+
+    #[test]
+    fn an_upcast_line_reads_the_old_version_and_the_event_is_written_at_the_current_one() {
+        let event = RenamingEvent::from_stored("Renamed", 1, &json!({ "name": "ann" })).unwrap();
+        assert_eq!(event, Renamed { to: "ann".into() }.into());
+        assert_eq!((event.event_type(), event.version()), ("Renamed", 2));
+        assert_eq!(event.to_json(), json!({ "to": "ann" }));
+        assert_eq!(
+            RenamingEvent::from_stored("Renamed", 2, &event.to_json()),
+            Ok(event)
+        );
+        assert_eq!(
+            RenamingEvent::from_stored("Renamed", 3, &json!({ "to": "ann" })),
+            Err(EventDecodeError::UnsupportedVersion {
+                event_type: "Renamed".into(),
+                version: 3
             })
         );
     }
