@@ -1,0 +1,209 @@
+//! `identity-service`: the whole service in one process, for trying it out and for small
+//! installations. It composes the parts, it does not re-wire them: each crate hands over its
+//! routes and its background work, and this puts them on one port, over one message store and
+//! one read model: an SQLite file under `data/` by default (created on first start, kept across
+//! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key is created
+//! on first start and kept beside the database.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use message_store::MessageStore;
+use platform::clock::Clock;
+use platform::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+/// The standalone mode's defaults, where they differ from the split deployment's.
+const STANDALONE_DEFAULTS: &[(&str, &str)] = &[
+    ("database.url", "sqlite://data/identity.db"),
+    ("http.address", "127.0.0.1:8080"),
+    ("log.format", "pretty"),
+    ("tokens.signing_key_file", "data/signing-key.pem"),
+    ("tokens.create_key_if_missing", "true"),
+];
+
+/// The settings of each part, read from the same file and variables (each takes its own
+/// sections; `database`, `http` and `log` are shared).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub commands: command_api::Settings,
+    pub queries: query_api::Settings,
+    pub projection: aggregator::Settings,
+}
+
+impl Settings {
+    /// Defaults (the standalone ones), then `file`, then `IDENTITY__...` variables.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Ok(Self {
+            commands: platform::settings::load_with_defaults(file, STANDALONE_DEFAULTS)?,
+            queries: platform::settings::load_with_defaults(file, STANDALONE_DEFAULTS)?,
+            projection: platform::settings::load_with_defaults(file, STANDALONE_DEFAULTS)?,
+        })
+    }
+}
+
+/// The whole service, its databases open and its port bound, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn MessageStore>,
+    read_model: aggregator::ReadModelWriter,
+}
+
+impl Application {
+    /// Creates the data directory, opens the store and the read model (migrating both) and
+    /// binds the port.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        platform::metrics::handle();
+        create_parent_directories(&settings.commands)?;
+        let store = settings.projection.connect_store().await?;
+        let read_model = settings.projection.connect_read_model().await?;
+        read_model
+            .migrate()
+            .await
+            .context("applying the read model migrations")?;
+        let address = &settings.commands.http.address;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        Ok(Self {
+            listener,
+            settings,
+            clock,
+            store,
+            read_model,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves the command and query routes and projects until `shutdown` completes; returns once
+    /// the requests in flight are answered, the batch in flight is committed or rolled back,
+    /// and every background task has stopped.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let shutdown = Shutdown::on(shutdown);
+        let Settings {
+            commands,
+            queries,
+            projection,
+        } = self.settings;
+        let store = self.store;
+
+        let projector = aggregator::Projector::users(
+            store.clone(),
+            self.read_model,
+            projection.projector_options(),
+        );
+        let projecting = tokio::spawn(projector.run(shutdown.stopped()));
+
+        let command_state =
+            command_api::state_with_store(&commands, self.clock.clone(), store.clone())?;
+        let pruning = tokio::spawn(command_api::run_background(
+            command_state.clone(),
+            commands.login,
+            shutdown.clone(),
+        ));
+
+        let query_read_model = query_api::ReadModel::connect(
+            queries.read_model.url_or(&queries.database).expose(),
+            queries.read_model_connections(),
+        )
+        .await
+        .context("opening the read model for queries")?;
+        let (query_state, following) = query_api::AppState::start(
+            query_read_model,
+            store.clone(),
+            command_state.verifier.clone(),
+            self.clock,
+            queries.query,
+            shutdown.stopped(),
+        );
+
+        let shared = Shared {
+            jwks: command_state.commands.issuer.jwks(),
+            store,
+            read_model: query_state.read_model.clone(),
+        };
+        let app = platform::http::with_common_layers(
+            command_api::command_routes(command_state)
+                .merge(query_api::query_routes(query_state))
+                .merge(
+                    Router::new()
+                        .route("/.well-known/jwks.json", get(jwks))
+                        .route("/openapi.json", get(openapi))
+                        .route("/readyz", get(readyz))
+                        .with_state(shared),
+                ),
+        );
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.stopped())
+            .await;
+        projecting.await.context("stopping the projector")?;
+        pruning
+            .await
+            .context("stopping the login history pruning")?;
+        following
+            .stopped()
+            .await
+            .context("stopping the query side's background tasks")?;
+        served.context("serving HTTP")
+    }
+}
+
+/// The SQLite file and the signing key live in a directory that may not exist yet.
+fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result<()> {
+    let database = settings.database.url.sqlite_file().map(PathBuf::from);
+    let key = settings.tokens.signing_key_file.clone();
+    for file in database.into_iter().chain(key) {
+        if let Some(directory) = file.parent().filter(|parent| *parent != Path::new("")) {
+            std::fs::create_dir_all(directory)
+                .with_context(|| format!("creating {}", directory.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What the routes the parts do not each answer here need: one key set, one document, one
+/// readiness over both databases.
+#[derive(Clone)]
+struct Shared {
+    jwks: serde_json::Value,
+    store: Arc<dyn MessageStore>,
+    read_model: query_api::ReadModel,
+}
+
+async fn jwks(State(shared): State<Shared>) -> Response {
+    platform::http::jwks_response(shared.jwks)
+}
+
+/// Both APIs' documents as one.
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    let mut document = command_api::ApiDoc::openapi();
+    document.merge(query_api::ApiDoc::openapi());
+    document.info.title = "Identity service".into();
+    axum::Json(document)
+}
+
+async fn readyz(State(shared): State<Shared>) -> Response {
+    let (store, read_model) = tokio::join!(shared.store.ping(), shared.read_model.ping());
+    platform::http::readiness([
+        ("message store", store.map_err(|error| error.to_string())),
+        ("read model", read_model.map_err(|error| error.to_string())),
+    ])
+}
