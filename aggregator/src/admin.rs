@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::projector::{LOCK_KEY_SQL, Outcome, Projector, ProjectorOptions, USERS_VERSION};
-use crate::read_model::{Checkpoint, Committed, ReadModel, Target, pg_apply, to_i64, to_u64};
+use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply, to_i64, to_u64};
 use crate::view::prepare;
 
 /// The projections this build knows.
@@ -36,7 +36,7 @@ fn target(projection: &str) -> anyhow::Result<Target> {
 
 pub async fn status(
     store: &Arc<dyn MessageStore>,
-    read_model: &ReadModel,
+    read_model: &ReadModelWriter,
 ) -> anyhow::Result<Vec<ProjectionStatus>> {
     let head = store.head_position().await.context("reading the head")?;
     let mut statuses = Vec::new();
@@ -91,7 +91,7 @@ pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Resul
 }
 
 /// Empties the view and its checkpoint in one transaction; the worker replays from zero.
-pub async fn reset(read_model: &ReadModel, projection: &str) -> anyhow::Result<()> {
+pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Result<()> {
     let target = target(projection)?;
     read_model
         .reset(&target, USERS_VERSION)
@@ -122,7 +122,7 @@ pub struct Rebuilt {
 /// SQLite, use `reset`.
 pub async fn rebuild(
     store: &Arc<dyn MessageStore>,
-    read_model: &ReadModel,
+    read_model: &ReadModelWriter,
     projection: &str,
     batch_size: usize,
 ) -> anyhow::Result<Rebuilt> {
@@ -152,7 +152,7 @@ pub struct RebuildOptions {
 /// [`rebuild`], with how it reads and commits.
 pub async fn rebuild_with(
     store: &Arc<dyn MessageStore>,
-    read_model: &ReadModel,
+    read_model: &ReadModelWriter,
     projection: &str,
     options: RebuildOptions,
 ) -> anyhow::Result<Rebuilt> {
@@ -185,7 +185,7 @@ pub async fn rebuild_with(
 /// the bulk of the work, while the live view keeps serving. Returns the events applied.
 async fn catch_up(
     store: &Arc<dyn MessageStore>,
-    read_model: &ReadModel,
+    read_model: &ReadModelWriter,
     fresh: &Target,
     options: &RebuildOptions,
 ) -> anyhow::Result<u64> {

@@ -36,7 +36,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
-pub use read_model::{ReadModel, Target};
+pub use read_model::{ReadModelWriter, Target};
+/// The former name of [`ReadModelWriter`], kept only until `bench` and the root package's
+/// `tests/faults.rs` use the new one; the query API's `ReadModel` is another thing.
+#[doc(hidden)]
+pub use read_model::ReadModelWriter as ReadModel;
 
 /// Every setting of the aggregator. Environment variables override them as
 /// `IDENTITY__SECTION__KEY`, for example `IDENTITY__READ_MODEL__URL`.
@@ -105,8 +109,8 @@ impl Settings {
     }
 
     /// Opens the read model. Does not migrate: see [`migrate`].
-    pub async fn connect_read_model(&self) -> anyhow::Result<ReadModel> {
-        ReadModel::connect(
+    pub async fn connect_read_model(&self) -> anyhow::Result<ReadModelWriter> {
+        ReadModelWriter::connect(
             self.read_model.url_or(&self.database).expose(),
             self.read_model_connections(),
         )
@@ -128,7 +132,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 pub struct Application {
     listener: TcpListener,
     store: Arc<dyn MessageStore>,
-    read_model: ReadModel,
+    read_model: ReadModelWriter,
     projector: Projector,
 }
 
@@ -206,11 +210,11 @@ impl Application {
 #[derive(Clone)]
 struct Readiness {
     store: Arc<dyn MessageStore>,
-    read_model: ReadModel,
+    read_model: ReadModelWriter,
 }
 
 /// `/healthz` (alive), `/readyz` (both databases answer) and `/metrics`.
-pub fn router_for(store: Arc<dyn MessageStore>, read_model: ReadModel) -> Router {
+pub fn router_for(store: Arc<dyn MessageStore>, read_model: ReadModelWriter) -> Router {
     router(Readiness { store, read_model })
 }
 

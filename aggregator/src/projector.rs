@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::read_model::{Checkpoint, Committed, ReadModel, Target, pg_take_over};
+use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_take_over};
 use crate::view::{Change, UserRow, apply, prepare};
 
 /// The version of the users projection. Bump it when what it writes changes, and rebuild.
@@ -125,7 +125,7 @@ impl Default for ProjectorOptions {
 /// the checkpoint, so a cache that matches the stored checkpoint matches the stored rows.
 pub struct Projector {
     store: Arc<dyn MessageStore>,
-    read_model: ReadModel,
+    read_model: ReadModelWriter,
     target: Target,
     version: i32,
     options: ProjectorOptions,
@@ -179,7 +179,7 @@ impl Drop for Projector {
 impl Projector {
     pub fn new(
         store: Arc<dyn MessageStore>,
-        read_model: ReadModel,
+        read_model: ReadModelWriter,
         target: Target,
         options: ProjectorOptions,
     ) -> Self {
@@ -203,7 +203,7 @@ impl Projector {
     /// The live users projection.
     pub fn users(
         store: Arc<dyn MessageStore>,
-        read_model: ReadModel,
+        read_model: ReadModelWriter,
         options: ProjectorOptions,
     ) -> Self {
         Self::new(store, read_model, Target::USERS, options)
@@ -577,7 +577,7 @@ impl Projector {
         mut shutdown: std::pin::Pin<&mut S>,
     ) -> Option<Option<ProjectionLock>> {
         let lock = match &self.read_model {
-            ReadModel::Postgres(pool) => {
+            ReadModelWriter::Postgres(pool) => {
                 let acquire = ProjectionLock::acquire(
                     pool.clone(),
                     self.name(),
@@ -590,7 +590,7 @@ impl Projector {
                     () = &mut shutdown => return None,
                 }
             }
-            ReadModel::Sqlite(_) => None,
+            ReadModelWriter::Sqlite(_) => None,
         };
         self.fence = lock.as_ref().map(|lock| lock.epoch);
         self.stats.holds_lock.store(true, Ordering::Relaxed);

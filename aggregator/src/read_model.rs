@@ -1,5 +1,6 @@
 //! The read model's database: the users view and the projections' checkpoints, on PostgreSQL
-//! (deployments) or SQLite (the standalone mode). One enum, so the worker is written once.
+//! (deployments) or SQLite (the standalone mode). One enum, [`ReadModelWriter`], so the worker
+//! is written once.
 //!
 //! # Schema (migrations/read_model/)
 //!
@@ -106,14 +107,16 @@ pub enum Committed {
     Poison { index: usize, reason: String },
 }
 
-/// The read model's database.
+/// The aggregator's side of the read model's database: it keeps the schema, writes the views
+/// and the projections' checkpoints, and reads back only what the worker and the operator's
+/// commands need. The query API reads the same tables through its own `ReadModel`.
 #[derive(Debug, Clone)]
-pub enum ReadModel {
+pub enum ReadModelWriter {
     Postgres(PgPool),
     Sqlite(SqlitePool),
 }
 
-impl ReadModel {
+impl ReadModelWriter {
     /// Connects to `postgres://...` or `sqlite://path` (created if missing). Does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
         if url.starts_with("sqlite:") {
@@ -466,7 +469,7 @@ pub(crate) async fn pg_take_over(
     })
 }
 
-/// The checkpoint a [`ReadModel::load_rows`] statement read beside the rows.
+/// The checkpoint a [`ReadModelWriter::load_rows`] statement read beside the rows.
 fn loaded_checkpoint<'r, R: Row>(row: &'r R) -> Result<Checkpoint, sqlx::Error>
 where
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -661,13 +664,13 @@ mod tests {
 
     use test_support::TestDatabase;
 
-    use super::{ReadModel, Target, pg_move_checkpoint};
+    use super::{ReadModelWriter, Target, pg_move_checkpoint};
 
     #[tokio::test]
     async fn a_commit_that_holds_the_checkpoint_and_goes_silent_loses_its_session_within_the_limit()
     {
         let db = TestDatabase::new().await;
-        let read_model = ReadModel::connect(db.url(), 4).await.unwrap();
+        let read_model = ReadModelWriter::connect(db.url(), 4).await.unwrap();
         read_model.migrate().await.unwrap();
         let checkpoint = read_model.ensure_checkpoint("users", 1).await.unwrap();
         let pool = read_model.as_postgres().unwrap();

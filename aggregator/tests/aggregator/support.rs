@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aggregator::view::UserRow;
-use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel, Target};
+use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use identity::{
     AccountStatus, Email, LoginEvent, LoginFailed, LoginSucceeded, PasswordHash, Role,
@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 pub struct Env {
     pub store: Arc<dyn MessageStore>,
-    pub read_model: ReadModel,
+    pub read_model: ReadModelWriter,
     pub read_model_url: String,
     // Dropped last: the databases go when the test ends.
     pub _read_model_db: Option<TestDatabase>,
@@ -72,8 +72,8 @@ pub async fn connect_store(url: &str) -> Arc<dyn MessageStore> {
     .unwrap()
 }
 
-pub async fn read_model(url: &str) -> ReadModel {
-    let read_model = ReadModel::connect(url, 8).await.unwrap();
+pub async fn read_model(url: &str) -> ReadModelWriter {
+    let read_model = ReadModelWriter::connect(url, 8).await.unwrap();
     read_model.migrate().await.unwrap();
     read_model
 }
@@ -91,7 +91,7 @@ pub fn options(batch_size: usize) -> ProjectorOptions {
 /// A message becomes readable once every transaction that started before it has ended, on
 /// the whole server (docs/adr/0002): tests running beside this one can hold it back a moment,
 /// so "idle" alone does not mean "done".
-pub async fn drain(projector: &mut Projector, read_model: &ReadModel, until: u64) -> usize {
+pub async fn drain(projector: &mut Projector, read_model: &ReadModelWriter, until: u64) -> usize {
     let mut applied = 0;
     for _ in 0..2000 {
         match projector.process_next_batch().await.unwrap() {
