@@ -24,7 +24,6 @@ use axum::http::header;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use identity::{Role, UserId};
-use platform::Problem;
 use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
@@ -206,11 +205,6 @@ impl VerifiedAdministrators {
         let kept = verified.entry(id).or_insert(asked);
         *kept = (*kept).max(asked);
     }
-}
-
-/// The problem every refused token gets: no hint of which check failed.
-pub fn unauthenticated() -> Problem {
-    Problem::unauthorized("invalid_token").with_detail("a valid bearer token is required")
 }
 
 #[cfg(test)]

@@ -24,32 +24,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::read_model::{Profile, ReadModel};
-
-/// A profile and the position of the last event applied to it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Versioned {
-    pub profile: Profile,
-    pub position: u64,
-}
-
-/// A row read from the view, with the view's version and checkpoint in the same snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Read {
-    pub row: Versioned,
-    pub version: i32,
-    pub checkpoint: u64,
-}
-
-/// What the view changed since a position, seen in one snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Changes {
-    pub version: i32,
-    pub checkpoint: u64,
-    pub rows: Vec<Versioned>,
-    /// False when there were more changed rows than asked for (`rows` is then empty).
-    pub complete: bool,
-}
+use crate::read_model::{Changes, Profile, Read, ReadModel, Versioned};
 
 /// Profiles as the users view holds them, and the view's checkpoint they are all current at
 /// (the lowest, when some come from memory and some from the database): what

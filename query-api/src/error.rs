@@ -42,7 +42,10 @@ impl ApiError {
     /// client sees an opaque problem.
     pub fn problem(&self) -> Problem {
         match self {
-            Self::Unauthenticated => crate::auth::unauthenticated(),
+            // Whatever failed (no token, a bad one, an account no longer active): no hint of
+            // which check it was.
+            Self::Unauthenticated => Problem::unauthorized("invalid_token")
+                .with_detail("a valid bearer token is required"),
             Self::Forbidden => {
                 Problem::forbidden().with_detail("this account is not yours to read")
             }

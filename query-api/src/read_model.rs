@@ -12,8 +12,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use crate::cache::{Changes, Read, Versioned};
-
 /// The projection whose checkpoint tells how far the users view has got.
 pub const USERS_PROJECTION: &str = "users";
 
@@ -66,6 +64,31 @@ pub struct Profile {
     pub last_login_at: Option<DateTime<Utc>>,
     pub login_count: u64,
     pub roles: Vec<String>,
+}
+
+/// A profile and the position of the last event applied to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub profile: Profile,
+    pub position: u64,
+}
+
+/// A row read from the view, with the view's version and checkpoint in the same snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Read {
+    pub row: Versioned,
+    pub version: i32,
+    pub checkpoint: u64,
+}
+
+/// What the view changed since a position, seen in one snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changes {
+    pub version: i32,
+    pub checkpoint: u64,
+    pub rows: Vec<Versioned>,
+    /// False when there were more changed rows than asked for (`rows` is then empty).
+    pub complete: bool,
 }
 
 /// Instants in a profile exactly as chrono's own `Serialize` writes them (RFC 3339 with `Z`,
