@@ -218,7 +218,7 @@ mod tests {
     use chrono::TimeDelta;
 
     use super::*;
-    use crate::given::{given, hash, registered, t0, user};
+    use crate::given::{given, hash, registered, registration, t0, user};
 
     fn change_password(hash_name: &str) -> UserCommand {
         UserCommand::ChangePassword {
@@ -231,11 +231,8 @@ mod tests {
         given([])
             .when(
                 Register {
-                    user_id: user(),
                     email: Email::parse("Ann@Example.com").unwrap(),
-                    password_hash: hash("first"),
-                    roles: vec![Role::User],
-                    initial_status: InitialStatus::Active,
+                    ..registration(InitialStatus::Active)
                 }
                 .into(),
                 t0(),
@@ -257,11 +254,9 @@ mod tests {
         given([registered(AccountStatus::Pending)])
             .when(
                 Register {
-                    user_id: user(),
                     email: Email::parse("other@example.com").unwrap(),
                     password_hash: hash("other"),
-                    roles: vec![Role::User],
-                    initial_status: InitialStatus::Pending,
+                    ..registration(InitialStatus::Pending)
                 }
                 .into(),
                 t0(),
@@ -274,11 +269,8 @@ mod tests {
         let events = decide(
             &UserAccount::NotRegistered,
             Register {
-                user_id: user(),
-                email: Email::parse("ann@example.com").unwrap(),
-                password_hash: hash("first"),
                 roles: vec![Role::Admin, Role::User, Role::Admin],
-                initial_status: InitialStatus::Active,
+                ..registration(InitialStatus::Active)
             }
             .into(),
             t0(),

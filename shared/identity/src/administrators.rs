@@ -151,7 +151,7 @@ mod tests {
     use crate::account::{Register, UserCommand, decide};
     use crate::email::Email;
     use crate::events::{UserActivated, UserDeactivated, UserRegistered};
-    use crate::given::{hash, registered, t0, user};
+    use crate::given::{hash, registered, registration, t0, user};
     use crate::values::{AccountStatus, InitialStatus};
 
     fn other(n: u128) -> UserId {
@@ -195,11 +195,8 @@ mod tests {
         );
 
         let register = Register {
-            user_id: user(),
-            email: Email::parse("ann@example.com").unwrap(),
-            password_hash: hash("first"),
             roles: vec![Role::Admin],
-            initial_status: InitialStatus::Active,
+            ..registration(InitialStatus::Active)
         };
         let events = decide(&UserAccount::NotRegistered, register.into(), t0()).unwrap();
         assert_eq!(

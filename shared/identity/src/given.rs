@@ -7,11 +7,11 @@
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
-use crate::account::{Refusal, UserAccount, UserCommand, decide};
+use crate::account::{Refusal, Register, UserAccount, UserCommand, decide};
 use crate::email::Email;
 use crate::events::{UserEvent, UserRegistered};
 use crate::password::PasswordHash;
-use crate::values::{AccountStatus, Role, UserId};
+use crate::values::{AccountStatus, InitialStatus, Role, UserId};
 
 /// The history the rule is tested against, oldest first.
 pub fn given(history: impl IntoIterator<Item = UserEvent>) -> Given {
@@ -66,6 +66,18 @@ pub fn t0() -> DateTime<Utc> {
 /// A PHC-shaped hash told apart by `name` (printable ASCII, no `$`).
 pub fn hash(name: &str) -> PasswordHash {
     PasswordHash::parse(format!("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA${name}")).unwrap()
+}
+
+/// The command that registers the test user, `ann@example.com` with the role `user`; a test
+/// changes the fields its rule is about.
+pub fn registration(initial_status: InitialStatus) -> Register {
+    Register {
+        user_id: user(),
+        email: Email::parse("ann@example.com").unwrap(),
+        password_hash: hash("first"),
+        roles: vec![Role::User],
+        initial_status,
+    }
 }
 
 /// The test user's registration, `ann@example.com` with the role `user`.

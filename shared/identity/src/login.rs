@@ -211,6 +211,25 @@ mod tests {
         UserAccount::fold(&[registered(status)])
     }
 
+    /// The decision on an attempt with no login before it, under the default policy.
+    fn first_attempt(account: &UserAccount, password_matches: bool) -> LoginDecision {
+        decide_login(
+            account,
+            &LoginState::default(),
+            password_matches,
+            t0(),
+            &LockoutPolicy::default(),
+        )
+    }
+
+    /// A refusal that records no login event.
+    fn refused_without_a_trace(reason: LoginRefusal) -> LoginDecision {
+        LoginDecision::Refused {
+            reason,
+            event: None,
+        }
+    }
+
     fn secs(n: i64) -> TimeDelta {
         TimeDelta::seconds(n)
     }
@@ -232,6 +251,11 @@ mod tests {
                 decision
             })
             .collect()
+    }
+
+    /// The attempts that lock the account until `t0() + 30 s` under the default policy.
+    fn five_wrong_passwords_at_t0() -> Vec<(bool, DateTime<Utc>)> {
+        vec![(false, t0()); 5]
     }
 
     fn failed(
@@ -277,19 +301,9 @@ mod tests {
 
     #[test]
     fn login_to_an_unknown_account_is_rejected_without_a_trace() {
-        let decision = decide_login(
-            &UserAccount::NotRegistered,
-            &LoginState::default(),
-            true,
-            t0(),
-            &LockoutPolicy::default(),
-        );
         assert_eq!(
-            decision,
-            LoginDecision::Refused {
-                reason: LoginRefusal::UnknownAccount,
-                event: None
-            }
+            first_attempt(&UserAccount::NotRegistered, true),
+            refused_without_a_trace(LoginRefusal::UnknownAccount)
         );
     }
 
@@ -297,19 +311,9 @@ mod tests {
     fn login_to_a_pending_or_deactivated_account_is_rejected_without_a_trace() {
         for status in [AccountStatus::Pending, AccountStatus::Deactivated] {
             for password_matches in [true, false] {
-                let decision = decide_login(
-                    &account(status),
-                    &LoginState::default(),
-                    password_matches,
-                    t0(),
-                    &LockoutPolicy::default(),
-                );
                 assert_eq!(
-                    decision,
-                    LoginDecision::Refused {
-                        reason: LoginRefusal::NotActive,
-                        event: None
-                    },
+                    first_attempt(&account(status), password_matches),
+                    refused_without_a_trace(LoginRefusal::NotActive),
                     "{status:?}"
                 );
             }
@@ -329,26 +333,23 @@ mod tests {
 
     #[test]
     fn a_locked_account_refuses_even_the_right_password_and_records_nothing() {
-        let mut attempts: Vec<_> = (0..5).map(|_| (false, t0())).collect();
+        let mut attempts = five_wrong_passwords_at_t0();
         attempts.push((true, t0() + secs(29)));
         attempts.push((false, t0() + secs(29)));
         let decisions = play(&attempts);
         for decision in &decisions[5..] {
             assert_eq!(
                 decision,
-                &LoginDecision::Refused {
-                    reason: LoginRefusal::Locked {
-                        until: t0() + secs(30)
-                    },
-                    event: None
-                }
+                &refused_without_a_trace(LoginRefusal::Locked {
+                    until: t0() + secs(30)
+                })
             );
         }
     }
 
     #[test]
     fn each_failure_after_a_lock_expires_doubles_the_lockout() {
-        let mut attempts: Vec<_> = (0..5).map(|_| (false, t0())).collect();
+        let mut attempts = five_wrong_passwords_at_t0();
         attempts.push((false, t0() + secs(30))); // the 30 s lock has just expired
         attempts.push((false, t0() + secs(90))); // and the 60 s one
         let decisions = play(&attempts);
@@ -377,7 +378,7 @@ mod tests {
 
     #[test]
     fn a_successful_login_after_a_lock_expires_clears_the_failures() {
-        let mut attempts: Vec<_> = (0..5).map(|_| (false, t0())).collect();
+        let mut attempts = five_wrong_passwords_at_t0();
         attempts.push((true, t0() + secs(30)));
         attempts.push((false, t0() + secs(31)));
         let decisions = play(&attempts);
