@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{Connection, PgConnection, Row, SqliteConnection};
+use sqlx::sqlite::{Sqlite, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{PgConnection, Row, SqliteConnection, Transaction, ValueRef};
 use uuid::Uuid;
 
 use crate::view::{Change, UserRow, apply_all};
@@ -116,6 +116,36 @@ pub enum ReadModelWriter {
     Sqlite(SqlitePool),
 }
 
+/// `$body`, written once, run on whichever database `$read_model` is, with `$pool` bound to its
+/// pool. sqlx types a statement by its database, so the same statement on both needs a `match`
+/// with two arms; this writes the arms. It expands to exactly that `match`: the statements and
+/// round trips are those of `$body`.
+macro_rules! on_pool {
+    ($read_model:expr, $pool:ident => $body:expr) => {
+        match $read_model {
+            ReadModelWriter::Postgres($pool) => $body,
+            ReadModelWriter::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// `$body`, written once, run in a transaction `$tx` that writes to whichever database
+/// `$read_model` is: see [`begin_writing`] for how it begins on SQLite.
+macro_rules! in_write_transaction {
+    ($read_model:expr, $tx:ident => $body:expr) => {
+        match $read_model {
+            ReadModelWriter::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                $body
+            }
+            ReadModelWriter::Sqlite(pool) => {
+                let mut $tx = begin_writing(pool).await?;
+                $body
+            }
+        }
+    };
+}
+
 impl ReadModelWriter {
     /// Connects to `postgres://...` or `sqlite://path` (created if missing). Does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
@@ -139,26 +169,17 @@ impl ReadModelWriter {
 
     /// Creates or updates the read model's tables; applying them again changes nothing.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        match self {
-            Self::Postgres(pool) => {
-                let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
-                // The message store may share this database and its migrations table.
-                migrator.set_ignore_missing(true);
-                migrator.run(pool).await
-            }
-            Self::Sqlite(pool) => {
-                let mut migrator = sqlx::migrate!("../migrations/read_model/sqlite");
-                migrator.set_ignore_missing(true);
-                migrator.run(pool).await
-            }
-        }
+        let mut migrator = match self {
+            Self::Postgres(_) => sqlx::migrate!("../migrations/read_model/postgres"),
+            Self::Sqlite(_) => sqlx::migrate!("../migrations/read_model/sqlite"),
+        };
+        // The message store may share this database and its migrations table.
+        migrator.set_ignore_missing(true);
+        on_pool!(self, pool => migrator.run(pool).await)
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
-            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
-        }
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
     }
 
     /// The projection's checkpoint, created at position 0 if it has none.
@@ -169,22 +190,14 @@ impl ReadModelWriter {
     ) -> Result<Checkpoint, sqlx::Error> {
         let insert = "INSERT INTO projection_checkpoints (projection, version, position) \
                       VALUES ($1, $2, 0) ON CONFLICT (projection) DO NOTHING";
-        match self {
-            Self::Postgres(pool) => {
-                sqlx::query(insert)
-                    .bind(projection)
-                    .bind(version)
-                    .execute(pool)
-                    .await?;
-            }
-            Self::Sqlite(pool) => {
-                sqlx::query(insert)
-                    .bind(projection)
-                    .bind(version)
-                    .execute(pool)
-                    .await?;
-            }
-        }
+        on_pool!(self, pool => {
+            sqlx::query(insert)
+                .bind(projection)
+                .bind(version)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
         self.checkpoint(projection)
             .await?
             .ok_or(sqlx::Error::RowNotFound)
@@ -193,20 +206,12 @@ impl ReadModelWriter {
     pub async fn checkpoint(&self, projection: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
         let query =
             "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1";
-        let row: Option<(i32, i64, i64)> = match self {
-            Self::Postgres(pool) => {
-                sqlx::query_as(query)
-                    .bind(projection)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Self::Sqlite(pool) => {
-                sqlx::query_as(query)
-                    .bind(projection)
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let row: Option<(i32, i64, i64)> = on_pool!(self, pool => {
+            sqlx::query_as(query)
+                .bind(projection)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(row.map(|(version, position, epoch)| Checkpoint {
             version,
             position: to_u64(position),
@@ -226,50 +231,34 @@ impl ReadModelWriter {
         at: &Checkpoint,
         ids: &[Uuid],
     ) -> Result<Option<Vec<UserRow>>, sqlx::Error> {
-        let mut rows = Vec::with_capacity(ids.len());
-        let mut checkpoint = None;
-        match self {
+        let select = |users_of_ids: &str| {
+            format!(
+                "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
+                 c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
+                 LEFT JOIN {} u ON {users_of_ids} WHERE c.projection = $1",
+                prefixed_columns("u"),
+                target.table
+            )
+        };
+        let (checkpoint, rows) = match self {
             Self::Postgres(pool) => {
-                let loaded = sqlx::query(&format!(
-                    "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
-                     c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
-                     LEFT JOIN {} u ON u.id = ANY($2) WHERE c.projection = $1",
-                    prefixed_columns("u"),
-                    target.table
-                ))
-                .bind(target.checkpoint)
-                .bind(ids)
-                .fetch_all(pool)
-                .await?;
-                for row in &loaded {
-                    checkpoint = Some(loaded_checkpoint(row)?);
-                    if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
-                        rows.push(pg_row(row)?);
-                    }
-                }
+                let loaded = sqlx::query(&select("u.id = ANY($2)"))
+                    .bind(target.checkpoint)
+                    .bind(ids)
+                    .fetch_all(pool)
+                    .await?;
+                rows_beside_checkpoint(&loaded)?
             }
             Self::Sqlite(pool) => {
                 let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
-                let loaded = sqlx::query(&format!(
-                    "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
-                     c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
-                     LEFT JOIN {} u ON u.id IN (SELECT value FROM json_each($2)) \
-                     WHERE c.projection = $1",
-                    prefixed_columns("u"),
-                    target.table
-                ))
-                .bind(target.checkpoint)
-                .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
-                .fetch_all(pool)
-                .await?;
-                for row in &loaded {
-                    checkpoint = Some(loaded_checkpoint(row)?);
-                    if row.try_get::<Option<String>, _>("id")?.is_some() {
-                        rows.push(sqlite_row(row)?);
-                    }
-                }
+                let loaded = sqlx::query(&select("u.id IN (SELECT value FROM json_each($2))"))
+                    .bind(target.checkpoint)
+                    .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+                    .fetch_all(pool)
+                    .await?;
+                rows_beside_checkpoint(&loaded)?
             }
-        }
+        };
         Ok((checkpoint.as_ref() == Some(at)).then_some(rows))
     }
 
@@ -300,9 +289,7 @@ impl ReadModelWriter {
                 tx.commit().await?;
             }
             Self::Sqlite(pool) => {
-                let mut connection = pool.acquire().await?;
-                // IMMEDIATE: take the write lock now rather than fail to upgrade a read later.
-                let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = begin_writing(pool).await?;
                 if !sqlite_move_checkpoint(&mut tx, target, from, to).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
@@ -316,16 +303,10 @@ impl ReadModelWriter {
     /// Every row of `table`, ordered by id: for comparisons and tests.
     pub async fn rows(&self, target: &Target) -> Result<Vec<UserRow>, sqlx::Error> {
         let query = format!("SELECT {COLUMNS} FROM {} ORDER BY id", target.table);
-        match self {
-            Self::Postgres(pool) => {
-                let rows = sqlx::query(&query).fetch_all(pool).await?;
-                rows.iter().map(pg_row).collect()
-            }
-            Self::Sqlite(pool) => {
-                let rows = sqlx::query(&query).fetch_all(pool).await?;
-                rows.iter().map(sqlite_row).collect()
-            }
-        }
+        on_pool!(self, pool => {
+            let rows = sqlx::query(&query).fetch_all(pool).await?;
+            rows.iter().map(StoredRow::user_row).collect()
+        })
     }
 
     /// Empties the view and sets its checkpoint to 0 at `version`, in one transaction: the
@@ -337,29 +318,15 @@ impl ReadModelWriter {
                       VALUES ($1, $2, 0) ON CONFLICT (projection) DO UPDATE \
                       SET version = excluded.version, position = 0";
         let delete = format!("DELETE FROM {}", target.table);
-        match self {
-            Self::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                sqlx::query(upsert)
-                    .bind(target.checkpoint)
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&delete).execute(&mut *tx).await?;
-                tx.commit().await
-            }
-            Self::Sqlite(pool) => {
-                let mut connection = pool.acquire().await?;
-                let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::query(upsert)
-                    .bind(target.checkpoint)
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&delete).execute(&mut *tx).await?;
-                tx.commit().await
-            }
-        }
+        in_write_transaction!(self, tx => {
+            sqlx::query(upsert)
+                .bind(target.checkpoint)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&delete).execute(&mut *tx).await?;
+            tx.commit().await
+        })
     }
 
     pub fn as_postgres(&self) -> Option<&PgPool> {
@@ -368,6 +335,12 @@ impl ReadModelWriter {
             Self::Sqlite(_) => None,
         }
     }
+}
+
+/// A transaction that writes to SQLite. It begins IMMEDIATE: it takes the write lock now rather
+/// than fail to upgrade a read to a write later.
+async fn begin_writing(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
 }
 
 /// Loads the rows `changes` touch, folds the changes into them and writes back what changed,
@@ -399,7 +372,7 @@ pub(crate) async fn pg_apply(
     .await?;
     let mut rows = HashMap::with_capacity(ids.len());
     for row in &loaded {
-        let row = pg_row(row)?;
+        let row = row.user_row()?;
         rows.insert(row.id, row);
     }
     let changed = match apply_all(&mut rows, changes) {
@@ -469,18 +442,29 @@ pub(crate) async fn pg_take_over(
     })
 }
 
-/// The checkpoint a [`ReadModelWriter::load_rows`] statement read beside the rows.
-fn loaded_checkpoint<'r, R: Row>(row: &'r R) -> Result<Checkpoint, sqlx::Error>
+/// What a [`ReadModelWriter::load_rows`] statement returned: the checkpoint, read on every
+/// row, and the users found beside it (none when its one row has null user columns).
+fn rows_beside_checkpoint<'r, R: StoredRow>(
+    loaded: &'r [R],
+) -> Result<(Option<Checkpoint>, Vec<UserRow>), sqlx::Error>
 where
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     &'r str: sqlx::ColumnIndex<R>,
 {
-    Ok(Checkpoint {
-        version: row.try_get("checkpoint_version")?,
-        position: to_u64(row.try_get("checkpoint")?),
-        epoch: row.try_get("checkpoint_epoch")?,
-    })
+    let mut checkpoint = None;
+    let mut rows = Vec::with_capacity(loaded.len());
+    for row in loaded {
+        checkpoint = Some(Checkpoint {
+            version: row.try_get("checkpoint_version")?,
+            position: to_u64(row.try_get("checkpoint")?),
+            epoch: row.try_get("checkpoint_epoch")?,
+        });
+        if !row.try_get_raw("id")?.is_null() {
+            rows.push(row.user_row()?);
+        }
+    }
+    Ok((checkpoint, rows))
 }
 
 /// One multi-row upsert from parallel arrays: one round trip however large the batch.
@@ -594,22 +578,55 @@ async fn sqlite_upsert(
     Ok(())
 }
 
-fn pg_row(row: &PgRow) -> Result<UserRow, sqlx::Error> {
-    Ok(UserRow {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        email_normalized: row.try_get("email_normalized")?,
-        status: row.try_get("status")?,
-        registered_at: row.try_get("registered_at")?,
-        activated_at: row.try_get("activated_at")?,
-        deactivated_at: row.try_get("deactivated_at")?,
-        last_login_at: row.try_get("last_login_at")?,
-        login_count: row.try_get("login_count")?,
-        failed_logins: row.try_get("failed_logins")?,
-        locked_until: row.try_get("locked_until")?,
-        roles: row.try_get("roles")?,
-        position: row.try_get("position")?,
-    })
+/// A row of the users view as a database stores it, decoded into the view's values, so that a
+/// read of the view is written once for both databases.
+trait StoredRow: Row {
+    fn user_row(&self) -> Result<UserRow, sqlx::Error>;
+}
+
+impl StoredRow for PgRow {
+    fn user_row(&self) -> Result<UserRow, sqlx::Error> {
+        Ok(UserRow {
+            id: self.try_get("id")?,
+            email: self.try_get("email")?,
+            email_normalized: self.try_get("email_normalized")?,
+            status: self.try_get("status")?,
+            registered_at: self.try_get("registered_at")?,
+            activated_at: self.try_get("activated_at")?,
+            deactivated_at: self.try_get("deactivated_at")?,
+            last_login_at: self.try_get("last_login_at")?,
+            login_count: self.try_get("login_count")?,
+            failed_logins: self.try_get("failed_logins")?,
+            locked_until: self.try_get("locked_until")?,
+            roles: self.try_get("roles")?,
+            position: self.try_get("position")?,
+        })
+    }
+}
+
+/// Ids, times and roles are text in SQLite.
+impl StoredRow for SqliteRow {
+    fn user_row(&self) -> Result<UserRow, sqlx::Error> {
+        let id: String = self.try_get("id")?;
+        let roles: String = self.try_get("roles")?;
+        Ok(UserRow {
+            id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+            email: self.try_get("email")?,
+            email_normalized: self.try_get("email_normalized")?,
+            status: self.try_get("status")?,
+            registered_at: parse_sqlite_time(Some(self.try_get("registered_at")?))?
+                .ok_or(sqlx::Error::RowNotFound)?,
+            activated_at: parse_sqlite_time(self.try_get("activated_at")?)?,
+            deactivated_at: parse_sqlite_time(self.try_get("deactivated_at")?)?,
+            last_login_at: parse_sqlite_time(self.try_get("last_login_at")?)?,
+            login_count: self.try_get("login_count")?,
+            failed_logins: self.try_get("failed_logins")?,
+            locked_until: parse_sqlite_time(self.try_get("locked_until")?)?,
+            roles: serde_json::from_str(&roles)
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+            position: self.try_get("position")?,
+        })
+    }
 }
 
 /// Times in SQLite are RFC 3339 text with microseconds, so they sort as text.
@@ -624,28 +641,6 @@ fn parse_sqlite_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, sqlx
             .map_err(|error| sqlx::Error::Decode(Box::new(error)))
     })
     .transpose()
-}
-
-fn sqlite_row(row: &SqliteRow) -> Result<UserRow, sqlx::Error> {
-    let id: String = row.try_get("id")?;
-    let roles: String = row.try_get("roles")?;
-    Ok(UserRow {
-        id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-        email: row.try_get("email")?,
-        email_normalized: row.try_get("email_normalized")?,
-        status: row.try_get("status")?,
-        registered_at: parse_sqlite_time(Some(row.try_get("registered_at")?))?
-            .ok_or(sqlx::Error::RowNotFound)?,
-        activated_at: parse_sqlite_time(row.try_get("activated_at")?)?,
-        deactivated_at: parse_sqlite_time(row.try_get("deactivated_at")?)?,
-        last_login_at: parse_sqlite_time(row.try_get("last_login_at")?)?,
-        login_count: row.try_get("login_count")?,
-        failed_logins: row.try_get("failed_logins")?,
-        locked_until: parse_sqlite_time(row.try_get("locked_until")?)?,
-        roles: serde_json::from_str(&roles)
-            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-        position: row.try_get("position")?,
-    })
 }
 
 pub(crate) fn to_u64(value: i64) -> u64 {
