@@ -28,18 +28,21 @@ use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::cache::Found;
+use crate::cache::ProfilesAtCheckpoint;
 use crate::error::ApiError;
 use crate::history;
 
-/// A caller whose token verified.
+/// A caller whose bearer token verified: who they are, and whether the token says they are an
+/// administrator. Not yet whether their account is still active, which a token outlives:
+/// routes ask that of [`Self::ensure_active`] or [`Self::ensure_admin`].
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct AuthenticatedCaller {
     pub id: Uuid,
+    /// The token carries the admin role; the account's stream has the last word.
     pub is_admin: bool,
 }
 
-impl Caller {
+impl AuthenticatedCaller {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin {
             Ok(())
@@ -48,13 +51,17 @@ impl Caller {
         }
     }
 
-    /// Refuses a caller whose account is not active. `found` is what the users view holds for
+    /// Refuses a caller whose account is not active. `held` is what the users view holds for
     /// the caller: their row decides if the view it was read at is recent enough; without a
     /// row, or with one that may predate a deactivation, the account's stream decides.
-    pub async fn ensure_active(&self, state: &AppState, found: &Found) -> Result<(), ApiError> {
-        let own = found.profiles.iter().find(|profile| profile.id == self.id);
+    pub async fn ensure_active(
+        &self,
+        state: &AppState,
+        held: &ProfilesAtCheckpoint,
+    ) -> Result<(), ApiError> {
+        let own = held.profiles.iter().find(|profile| profile.id == self.id);
         let active = match own {
-            Some(profile) if state.freshness.covers(found.checkpoint, Instant::now()) => {
+            Some(profile) if state.freshness.covers(held.checkpoint, Instant::now()) => {
                 profile.status == "active"
             }
             _ => history::current_account(state.store.as_ref(), UserId::from_uuid(self.id))
@@ -91,7 +98,7 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl FromRequestParts<AppState> for AuthenticatedCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::read_model::{Changes, Profile, Read, ReadModel, Versioned};
+use crate::read_model::{ChangedRows, Profile, ProfileRow, RowAtCheckpoint, UsersView};
 
 /// Profiles as the users view holds them, and the view's checkpoint they are all current at
 /// (the lowest, when some come from memory and some from the database): what
 /// [`crate::freshness`] needs to tell whether they can say an account is still active.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Found {
+pub struct ProfilesAtCheckpoint {
     pub profiles: Vec<Profile>,
     pub checkpoint: u64,
 }
@@ -54,7 +54,7 @@ struct State {
     version: i32,
     /// When the last successful sync started.
     last_sync: Option<Instant>,
-    rows: HashMap<Uuid, Versioned>,
+    rows: HashMap<Uuid, ProfileRow>,
 }
 
 impl ProfileCache {
@@ -83,18 +83,18 @@ impl ProfileCache {
     /// one round trip.
     pub async fn profiles(
         &self,
-        read_model: &ReadModel,
+        view: &UsersView,
         ids: &[Uuid],
-    ) -> Result<Found, sqlx::Error> {
+    ) -> Result<ProfilesAtCheckpoint, sqlx::Error> {
         let (mut found, missing) = self.lookup(ids);
         if missing.is_empty() {
             return Ok(found);
         }
-        let read = read_model.read_profiles(&missing).await?;
+        let rows = view.read_profiles(&missing).await?;
         if self.capacity > 0 {
-            self.keep(&read);
+            self.keep(&rows);
         }
-        for read in read {
+        for read in rows {
             found.checkpoint = if found.profiles.is_empty() {
                 read.checkpoint
             } else {
@@ -107,12 +107,12 @@ impl ProfileCache {
 
     /// The held profiles of `ids` with the checkpoint they are current at, and the ids to read
     /// from the read model: all of them when the last successful sync is too old.
-    fn lookup(&self, ids: &[Uuid]) -> (Found, Vec<Uuid>) {
+    fn lookup(&self, ids: &[Uuid]) -> (ProfilesAtCheckpoint, Vec<Uuid>) {
         let state = self.read();
         let fresh = state
             .last_sync
             .is_some_and(|at| at.elapsed() <= self.max_staleness);
-        let mut found = Found {
+        let mut found = ProfilesAtCheckpoint {
             profiles: Vec::with_capacity(ids.len()),
             checkpoint: state.synced,
         };
@@ -127,26 +127,24 @@ impl ProfileCache {
     }
 
     /// Brings the held rows up to the view's checkpoint and returns it.
-    pub async fn sync(&self, read_model: &ReadModel) -> Result<u64, sqlx::Error> {
+    pub async fn sync(&self, view: &UsersView) -> Result<u64, sqlx::Error> {
         let _one_at_a_time = self.syncing.lock().await;
         let started = Instant::now();
         let (synced, held_version, empty) = {
             let state = self.read();
             (state.synced, state.version, state.rows.is_empty())
         };
-        let (version, checkpoint) = read_model.checkpoint().await?;
+        let (version, checkpoint) = view.checkpoint().await?;
         // Nothing moved, or nothing held to update (and no row is kept while this runs).
         let changes = if empty || (version, checkpoint) == (held_version, synced) {
-            Changes {
+            ChangedRows {
                 version,
                 checkpoint,
                 rows: vec![],
                 complete: true,
             }
         } else {
-            read_model
-                .changes_since(synced, self.capacity.max(1_000))
-                .await?
+            view.changes_since(synced, self.capacity.max(1_000)).await?
         };
         let checkpoint = changes.checkpoint;
         self.apply(changes, started);
@@ -158,20 +156,20 @@ impl ProfileCache {
     /// reads, and applies what it read in one step.
     pub async fn follow(
         &self,
-        read_model: ReadModel,
+        view: UsersView,
         interval: Duration,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::select! {
             () = shutdown => {}
-            () = self.keep_syncing(&read_model, interval) => {}
+            () = self.keep_syncing(&view, interval) => {}
         }
     }
 
-    async fn keep_syncing(&self, read_model: &ReadModel, interval: Duration) {
+    async fn keep_syncing(&self, view: &UsersView, interval: Duration) {
         let mut failing = false;
         loop {
-            match self.sync(read_model).await {
+            match self.sync(view).await {
                 Ok(_) if failing => {
                     tracing::info!("syncing the kept profiles works again");
                     failing = false;
@@ -190,7 +188,7 @@ impl ProfileCache {
     /// Applies what the view changed: the held rows take their newer versions. A checkpoint
     /// that went back (a reset), another projection version (a rebuild whose rows may differ
     /// at the same positions) or too many changes to read empty the cache instead.
-    fn apply(&self, changes: Changes, started: Instant) {
+    fn apply(&self, changes: ChangedRows, started: Instant) {
         let mut state = self.write();
         if changes.checkpoint < state.synced
             || changes.version != state.version
@@ -211,7 +209,7 @@ impl ProfileCache {
     }
 
     /// Keeps rows read from the view, those that are safe to keep (see the module's doc).
-    fn keep(&self, reads: &[Read]) {
+    fn keep(&self, rows: &[RowAtCheckpoint]) {
         let Ok(_no_sync_running) = self.syncing.try_lock() else {
             return;
         };
@@ -219,7 +217,7 @@ impl ProfileCache {
         if state.last_sync.is_none() {
             return;
         }
-        let safe: Vec<&Read> = reads
+        let safe: Vec<&RowAtCheckpoint> = rows
             .iter()
             .filter(|read| read.version == state.version && read.checkpoint >= state.synced)
             .collect();
@@ -253,8 +251,8 @@ mod tests {
 
     use super::*;
 
-    fn row(id: Uuid, status: &str, position: u64) -> Versioned {
-        Versioned {
+    fn row(id: Uuid, status: &str, position: u64) -> ProfileRow {
+        ProfileRow {
             profile: Profile {
                 id,
                 email: "ann@example.com".into(),
@@ -270,16 +268,16 @@ mod tests {
         }
     }
 
-    fn read(row: Versioned, version: i32, checkpoint: u64) -> Read {
-        Read {
+    fn at_checkpoint(row: ProfileRow, version: i32, checkpoint: u64) -> RowAtCheckpoint {
+        RowAtCheckpoint {
             row,
             version,
             checkpoint,
         }
     }
 
-    fn changes(version: i32, checkpoint: u64, rows: Vec<Versioned>) -> Changes {
-        Changes {
+    fn changes(version: i32, checkpoint: u64, rows: Vec<ProfileRow>) -> ChangedRows {
+        ChangedRows {
             version,
             checkpoint,
             rows,
@@ -293,7 +291,7 @@ mod tests {
         cache
     }
 
-    fn held(cache: &ProfileCache, id: Uuid) -> Option<Versioned> {
+    fn held(cache: &ProfileCache, id: Uuid) -> Option<ProfileRow> {
         cache.read().rows.get(&id).cloned()
     }
 
@@ -301,7 +299,7 @@ mod tests {
     fn a_sync_updates_held_rows_to_their_newer_version_and_ignores_others() {
         let cache = cache();
         let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
         let now = Instant::now();
         cache.apply(
             changes(
@@ -325,9 +323,9 @@ mod tests {
         let ann = Uuid::new_v4();
         // A sync passes Ann's deactivation while her old row is on its way from the database.
         cache.apply(changes(1, 9, vec![]), Instant::now());
-        cache.keep(&[read(row(ann, "active", 5), 1, 6)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 6)]);
         assert_eq!(held(&cache, ann), None);
-        cache.keep(&[read(row(ann, "deactivated", 8), 1, 9)]);
+        cache.keep(&[at_checkpoint(row(ann, "deactivated", 8), 1, 9)]);
         assert_eq!(held(&cache, ann), Some(row(ann, "deactivated", 8)));
     }
 
@@ -336,7 +334,7 @@ mod tests {
         let cache = cache();
         let ann = Uuid::new_v4();
         cache.apply(changes(2, 9, vec![]), Instant::now());
-        cache.keep(&[read(row(ann, "active", 5), 1, 9)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
         assert_eq!(held(&cache, ann), None);
     }
 
@@ -344,15 +342,15 @@ mod tests {
     fn nothing_is_kept_while_a_sync_runs_or_before_the_first() {
         let ann = Uuid::new_v4();
         let never_synced = ProfileCache::new(10, Duration::from_secs(60));
-        never_synced.keep(&[read(row(ann, "active", 5), 0, 5)]);
+        never_synced.keep(&[at_checkpoint(row(ann, "active", 5), 0, 5)]);
         assert_eq!(held(&never_synced, ann), None);
 
         let cache = cache();
         let syncing = cache.syncing.try_lock().unwrap();
-        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
         assert_eq!(held(&cache, ann), None);
         drop(syncing);
-        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
         assert!(held(&cache, ann).is_some());
     }
 
@@ -363,14 +361,14 @@ mod tests {
         for emptying in [
             changes(1, 3, vec![]),
             changes(2, 9, vec![]),
-            Changes {
+            ChangedRows {
                 complete: false,
                 ..changes(1, 12, vec![])
             },
         ] {
             let cache = cache();
             cache.apply(changes(1, 9, vec![]), now);
-            cache.keep(&[read(row(ann, "active", 5), 1, 9)]);
+            cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
             assert!(held(&cache, ann).is_some());
             cache.apply(emptying.clone(), now);
             assert_eq!(held(&cache, ann), None, "{emptying:?}");
@@ -381,12 +379,12 @@ mod tests {
     fn held_rows_are_answered_only_while_syncs_succeed() {
         let ann = Uuid::new_v4();
         let cache = cache();
-        cache.keep(&[read(row(ann, "active", 5), 1, 5)]);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
         assert_eq!(cache.lookup(&[ann]).0.profiles.len(), 1);
 
         let stale = ProfileCache::new(10, Duration::ZERO);
         stale.apply(changes(1, 9, vec![]), Instant::now());
-        stale.keep(&[read(row(ann, "active", 5), 1, 9)]);
+        stale.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(stale.lookup(&[ann]).1, [ann], "the last sync is too old");
     }
@@ -396,7 +394,7 @@ mod tests {
         let cache = ProfileCache::new(3, Duration::from_secs(60));
         cache.apply(changes(1, 0, vec![]), Instant::now());
         for n in 0..10 {
-            cache.keep(&[read(row(Uuid::new_v4(), "active", n), 1, n)]);
+            cache.keep(&[at_checkpoint(row(Uuid::new_v4(), "active", n), 1, n)]);
             assert!(cache.read().rows.len() <= 3);
         }
     }

@@ -29,7 +29,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinHandle};
 
-pub use read_model::{Profile, ReadModel};
+/// The former name of [`UsersView`], kept only until the root package's `src/lib.rs` uses the
+/// new one; the aggregator's read model is another thing.
+#[doc(hidden)]
+pub use read_model::UsersView as ReadModel;
+pub use read_model::{Profile, UsersView};
 pub use routes::ApiDoc;
 pub use settings::Settings;
 
@@ -48,7 +52,7 @@ impl std::ops::Deref for AppState {
 
 /// The parts of [`AppState`].
 pub struct Shared {
-    pub read_model: ReadModel,
+    pub read_model: UsersView,
     /// Profiles already read, kept current by following the read model (ADR 6).
     pub profiles: Arc<cache::ProfileCache>,
     /// How recent the users view is, measured against the message store: whether a row may
@@ -70,7 +74,7 @@ impl AppState {
     /// query routes beside others; one with a shutdown signal of its own passes it to
     /// [`Self::start`].
     pub fn new(
-        read_model: ReadModel,
+        read_model: UsersView,
         store: Arc<dyn MessageStore>,
         verifier: Arc<TokenVerifier>,
         clock: Arc<dyn Clock>,
@@ -90,7 +94,7 @@ impl AppState {
     /// The state over connections made elsewhere, and its background tasks, which run until
     /// `shutdown` completes.
     pub fn start(
-        read_model: ReadModel,
+        read_model: UsersView,
         store: Arc<dyn MessageStore>,
         verifier: Arc<TokenVerifier>,
         clock: Arc<dyn Clock>,
@@ -105,7 +109,7 @@ impl AppState {
     /// The state alone: nothing follows the read model or samples the store until
     /// [`Self::spawn_background`].
     fn assemble(
-        read_model: ReadModel,
+        read_model: UsersView,
         store: Arc<dyn MessageStore>,
         verifier: Arc<TokenVerifier>,
         clock: Arc<dyn Clock>,
@@ -180,7 +184,7 @@ impl AppState {
     pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let read_model_url = settings.read_model.url_or(&settings.database);
         let read_model =
-            ReadModel::connect(read_model_url.expose(), settings.read_model_connections())
+            UsersView::connect(read_model_url.expose(), settings.read_model_connections())
                 .await
                 .with_context(|| format!("connecting to the read model at {read_model_url}"))?;
         let store = message_store::connect(

@@ -66,27 +66,30 @@ pub struct Profile {
     pub roles: Vec<String>,
 }
 
-/// A profile and the position of the last event applied to it.
+/// A row of the users view: a profile and the position of the last event applied to it, which
+/// the projection writes with the row, so that whatever changes the row later has a larger one.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Versioned {
+pub struct ProfileRow {
     pub profile: Profile,
     pub position: u64,
 }
 
-/// A row read from the view, with the view's version and checkpoint in the same snapshot.
+/// A row read with the view's projection version and checkpoint in the same snapshot: the
+/// checkpoint the row is known to be current at.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Read {
-    pub row: Versioned,
+pub struct RowAtCheckpoint {
+    pub row: ProfileRow,
     pub version: i32,
     pub checkpoint: u64,
 }
 
-/// What the view changed since a position, seen in one snapshot.
+/// The rows the view changed since a position, with its projection version and checkpoint, seen
+/// in one snapshot.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Changes {
+pub struct ChangedRows {
     pub version: i32,
     pub checkpoint: u64,
-    pub rows: Vec<Versioned>,
+    pub rows: Vec<ProfileRow>,
     /// False when there were more changed rows than asked for (`rows` is then empty).
     pub complete: bool,
 }
@@ -155,14 +158,15 @@ mod rfc3339 {
     }
 }
 
-/// The read model, on PostgreSQL (deployments, possibly a replica) or SQLite (standalone).
+/// The users view and its checkpoint, read only, on PostgreSQL (deployments, possibly a replica)
+/// or SQLite (standalone). The aggregator's `ReadModelWriter` is what writes them.
 #[derive(Clone)]
-pub enum ReadModel {
+pub enum UsersView {
     Postgres(PgPool),
     Sqlite(SqlitePool),
 }
 
-impl ReadModel {
+impl UsersView {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
@@ -202,7 +206,7 @@ impl ReadModel {
     /// The profiles of the accounts in `ids` that the view holds, in one round trip, each with
     /// the view's version and checkpoint read in the same statement: the checkpoint the row is
     /// known to be current at.
-    pub async fn read_profiles(&self, ids: &[Uuid]) -> Result<Vec<Read>, sqlx::Error> {
+    pub async fn read_profiles(&self, ids: &[Uuid]) -> Result<Vec<RowAtCheckpoint>, sqlx::Error> {
         match self {
             Self::Postgres(pool) => {
                 let sql = if ids.len() == 1 {
@@ -221,8 +225,8 @@ impl ReadModel {
                 .await?;
                 rows.iter()
                     .map(|row| {
-                        Ok(Read {
-                            row: pg_versioned(row)?,
+                        Ok(RowAtCheckpoint {
+                            row: pg_profile_row(row)?,
                             version: row
                                 .try_get::<Option<i32>, _>("checkpoint_version")?
                                 .unwrap_or(0),
@@ -239,8 +243,8 @@ impl ReadModel {
                         .fetch_optional(pool)
                         .await?;
                     if let Some(row) = row {
-                        found.push(Read {
-                            row: sqlite_versioned(&row)?,
+                        found.push(RowAtCheckpoint {
+                            row: sqlite_profile_row(&row)?,
                             version: row
                                 .try_get::<Option<i32>, _>("checkpoint_version")?
                                 .unwrap_or(0),
@@ -256,7 +260,11 @@ impl ReadModel {
     /// The view's version and checkpoint and, seen in the same snapshot, the rows whose last
     /// event is past `position` (what the projection changed since then), unless there are
     /// more than `limit`.
-    pub async fn changes_since(&self, position: u64, limit: usize) -> Result<Changes, sqlx::Error> {
+    pub async fn changes_since(
+        &self,
+        position: u64,
+        limit: usize,
+    ) -> Result<ChangedRows, sqlx::Error> {
         let sql = format!("SELECT {COLUMNS} FROM users WHERE position > $1 LIMIT $2");
         let after = i64::try_from(position).unwrap_or(i64::MAX);
         let one_more = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
@@ -282,7 +290,7 @@ impl ReadModel {
                 .await?;
                 let rows = rows
                     .iter()
-                    .map(pg_versioned)
+                    .map(pg_profile_row)
                     .collect::<Result<Vec<_>, _>>()?;
                 (to_checkpoint(checkpoint), rows)
             }
@@ -301,13 +309,13 @@ impl ReadModel {
                 transaction.commit().await?;
                 let rows = rows
                     .iter()
-                    .map(sqlite_versioned)
+                    .map(sqlite_profile_row)
                     .collect::<Result<Vec<_>, _>>()?;
                 (to_checkpoint(checkpoint), rows)
             }
         };
         let complete = rows.len() <= limit;
-        Ok(Changes {
+        Ok(ChangedRows {
             version,
             checkpoint,
             rows: if complete { rows } else { vec![] },
@@ -392,9 +400,9 @@ impl ReadModel {
 
 /// Runs `read` again when its pooled connection had died in a database restart, as the
 /// message store does ([`message_store::database::retrying_lost_connections`]).
-async fn retrying<T, Read, Fut>(pool: &PgPool, read: Read) -> Result<T, sqlx::Error>
+async fn retrying<T, Reading, Fut>(pool: &PgPool, read: Reading) -> Result<T, sqlx::Error>
 where
-    Read: FnMut() -> Fut,
+    Reading: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
     message_store::database::retrying_lost_connections(pool.options().get_max_connections(), read)
@@ -428,15 +436,15 @@ fn to_position(position: Option<i64>) -> u64 {
     position.map_or(0, |position| u64::try_from(position).unwrap_or(0))
 }
 
-fn pg_versioned(row: &PgRow) -> Result<Versioned, sqlx::Error> {
-    Ok(Versioned {
+fn pg_profile_row(row: &PgRow) -> Result<ProfileRow, sqlx::Error> {
+    Ok(ProfileRow {
         profile: pg_profile(row)?,
         position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
     })
 }
 
-fn sqlite_versioned(row: &SqliteRow) -> Result<Versioned, sqlx::Error> {
-    Ok(Versioned {
+fn sqlite_profile_row(row: &SqliteRow) -> Result<ProfileRow, sqlx::Error> {
+    Ok(ProfileRow {
         profile: sqlite_profile(row)?,
         position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
     })

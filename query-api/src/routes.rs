@@ -20,8 +20,8 @@ use platform::FieldError;
 use platform::problem::ApiQuery;
 
 use crate::AppState;
-use crate::auth::Caller;
-use crate::cache::Found;
+use crate::auth::AuthenticatedCaller;
+use crate::cache::ProfilesAtCheckpoint;
 use crate::error::ApiError;
 use crate::history::{self, HistoryEntry};
 use crate::read_model::Profile;
@@ -50,9 +50,9 @@ pub struct MinPositionHeader {
 ///
 /// Only a caller who may be served holds a connection while waiting: one with a valid token,
 /// whose account is not known to be inactive, asking for a position that was written. The
-/// account is checked as the caller's own routes check it ([`Caller::ensure_active`]), and
-/// only when there is something to wait for: from memory while the view can vouch for the
-/// caller's row, else in the account's stream.
+/// account is checked as the caller's own routes check it
+/// ([`AuthenticatedCaller::ensure_active`]), and only when there is something to wait for: from
+/// memory while the view can vouch for the caller's row, else in the account's stream.
 pub async fn wait_for_min_position(
     State(state): State<AppState>,
     request: Request,
@@ -62,7 +62,7 @@ pub async fn wait_for_min_position(
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
-    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+    let caller = match AuthenticatedCaller::from_request_parts(&mut parts, &state).await {
         Ok(caller) => caller,
         Err(refused) => return refused.into_response(),
     };
@@ -162,7 +162,10 @@ pub struct ProfileQuery {
         (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
-pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Profile>, ApiError> {
+pub async fn me(
+    State(state): State<AppState>,
+    caller: AuthenticatedCaller,
+) -> Result<Json<Profile>, ApiError> {
     let own = own_profile(&state, &caller).await?;
     caller.ensure_active(&state, &own).await?;
     own.profiles
@@ -188,7 +191,7 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Pr
     security(("bearer" = [])))]
 pub async fn profile(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AuthenticatedCaller,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<ProfileQuery>,
 ) -> Result<Json<Profile>, ApiError> {
@@ -245,9 +248,9 @@ fn parse_as_of(as_of: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiErro
 /// same 401 everywhere.
 async fn authorize_read(
     state: &AppState,
-    caller: &Caller,
+    caller: &AuthenticatedCaller,
     id: Uuid,
-) -> Result<Option<Found>, ApiError> {
+) -> Result<Option<ProfilesAtCheckpoint>, ApiError> {
     if id != caller.id && caller.is_admin {
         caller.ensure_admin(state).await?;
         return Ok(None);
@@ -262,7 +265,7 @@ async fn authorize_read(
 
 /// Lets the caller act as an administrator; a caller without the role gets 403 once their
 /// account is known to be active, 401 otherwise.
-async fn authorize_admin(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+async fn authorize_admin(state: &AppState, caller: &AuthenticatedCaller) -> Result<(), ApiError> {
     if caller.is_admin {
         return caller.ensure_admin(state).await;
     }
@@ -271,13 +274,19 @@ async fn authorize_admin(state: &AppState, caller: &Caller) -> Result<(), ApiErr
 }
 
 /// Refuses a caller whose account is not active, by the rule of their own routes.
-async fn ensure_own_account_active(state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+async fn ensure_own_account_active(
+    state: &AppState,
+    caller: &AuthenticatedCaller,
+) -> Result<(), ApiError> {
     let own = own_profile(state, caller).await?;
     caller.ensure_active(state, &own).await
 }
 
 /// What the users view holds for the caller.
-async fn own_profile(state: &AppState, caller: &Caller) -> Result<Found, ApiError> {
+async fn own_profile(
+    state: &AppState,
+    caller: &AuthenticatedCaller,
+) -> Result<ProfilesAtCheckpoint, ApiError> {
     Ok(state
         .profiles
         .profiles(&state.read_model, &[caller.id])
@@ -323,7 +332,7 @@ pub struct Page {
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AuthenticatedCaller,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Page>, ApiError> {
     authorize_admin(&state, &caller).await?;
@@ -490,7 +499,7 @@ pub struct EventPage {
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: AuthenticatedCaller,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {

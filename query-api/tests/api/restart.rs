@@ -32,7 +32,7 @@ async fn after_a_database_restart_no_request_fails_on_a_connection_that_died_in_
         assert_eq!(app.get(path, Some(token)).await.status(), 200, "{path}");
     }
     // Fill the read model's pool: every connection in use at once, then idle.
-    let query_api::ReadModel::Postgres(pool) = state.read_model.clone() else {
+    let query_api::UsersView::Postgres(pool) = state.read_model.clone() else {
         panic!("the read model is on PostgreSQL");
     };
     let warming: Vec<_> = (0..pool_size)
