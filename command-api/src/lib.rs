@@ -35,8 +35,8 @@ pub use routes::{ApiDoc, AppState, command_routes, router};
 pub use service::{Commands, Done};
 pub use settings::Settings;
 
-use crate::error::ApiError;
 use crate::hashing::Hasher;
+use crate::service::CommandError;
 
 /// The command API, bound to its port and ready to serve.
 pub struct Application {
@@ -187,17 +187,15 @@ pub async fn create_admin(
             InitialStatus::Active,
         )
         .await;
-    match created {
-        Ok(done) => Ok(done),
-        Err(ApiError::EmailTaken) => anyhow::bail!("an account with this email exists already"),
-        Err(ApiError::Validation(errors)) => {
+    created.map_err(|error| match error {
+        CommandError::EmailTaken => anyhow::anyhow!("an account with this email exists already"),
+        CommandError::Validation(errors) => {
             let reasons: Vec<_> = errors
                 .iter()
                 .map(|e| format!("{}: {}", e.field, e.message))
                 .collect();
-            anyhow::bail!("{}", reasons.join("; "))
+            anyhow::anyhow!("{}", reasons.join("; "))
         }
-        Err(ApiError::Internal(error)) => Err(error),
-        Err(other) => Err(anyhow::anyhow!("{other}")),
-    }
+        other => other.into(),
+    })
 }

@@ -18,7 +18,7 @@ use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::service::{Commands, Done};
+use crate::service::{CommandError, Commands, Done};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -360,9 +360,8 @@ pub struct ApiDoc;
 
 /// A path id that is not a UUID names no account.
 fn parse_id(id: &str) -> Result<UserId, ApiError> {
-    id.parse::<Uuid>()
-        .map(UserId::from_uuid)
-        .map_err(|_| ApiError::NotFound)
+    let id = id.parse::<Uuid>().map_err(|_| CommandError::NotFound)?;
+    Ok(UserId::from_uuid(id))
 }
 
 /// The verified claims of the request's bearer token.

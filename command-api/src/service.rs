@@ -1,32 +1,100 @@
 //! The command handlers without HTTP: read the streams, let the domain decide, append.
+//!
+//! A command that does not succeed answers a [`CommandError`], which says what happened in the
+//! service's terms; what a client is told for each is decided in one place, `error.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use chrono::{DateTime, Utc};
 use identity::{
     ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
-    EVENT_VERSION_KEY, Email, InitialStatus, LOGIN_CATEGORY, LockoutPolicy, LoginDecision,
-    LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy, Register, Role,
-    USER_CATEGORY, UserAccount, UserCommand, UserEvent, UserId, change_of, decide,
+    EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus, LOGIN_CATEGORY, LockoutPolicy,
+    LoginDecision, LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy,
+    Register, Role, USER_CATEGORY, UserAccount, UserCommand, UserEvent, UserId, change_of, decide,
     decide_administrators, decide_login, event_version, login_stream_name, user_id_of_stream,
     user_stream_name,
 };
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
-    StreamAppend, StreamName, StreamPosition,
+    StoreError, StreamAppend, StreamName, StreamPosition,
 };
 use platform::FieldError;
 use platform::clock::Clock;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokens::{IssuedToken, TokenIssuer};
 use uuid::Uuid;
 
-use crate::error::ApiError;
-use crate::hashing::Hasher;
+use crate::hashing::{HashError, Hasher};
 use crate::reservation::{EmailReserved, email_stream};
 
 /// How often a read-decide-append is tried again when another writer got there first.
 const MAX_ATTEMPTS: usize = 10;
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Fields of the command that are not acceptable, each with why, all at once.
+    #[error("some fields are not acceptable")]
+    Validation(Vec<FieldError>),
+    #[error("the email is taken")]
+    EmailTaken,
+    /// A registration repeated with the id of an account registered with another email.
+    #[error("the id is taken by another account")]
+    IdTaken,
+    /// Any failed login or password proof (an unknown email, a wrong password, an inactive or
+    /// a locked account): one error, so that nobody learns which.
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("no such account")]
+    NotFound,
+    #[error("the account is deactivated")]
+    AccountInactive,
+    /// The account is the last active administrator: without it nobody could activate anyone.
+    #[error("the account is the last active administrator")]
+    LastAdministrator,
+    /// Too many password checks wait for a core, or too many logins to one account at once:
+    /// the same command may well succeed shortly.
+    #[error("too busy to check a password now")]
+    Busy,
+    /// The message store is out of reach (down, restarting, overloaded, read-only after a
+    /// failover): nothing was decided, and the same command may well succeed shortly.
+    #[error("the message store is out of reach")]
+    StoreUnavailable(#[source] anyhow::Error),
+    /// A fault of the service or of its data; the cause is for the log.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<HashError> for CommandError {
+    fn from(error: HashError) -> Self {
+        match error {
+            HashError::Busy => Self::Busy,
+            HashError::Failed(_) => Self::Internal(error.into()),
+        }
+    }
+}
+
+impl From<identity::Refusal> for CommandError {
+    fn from(refusal: identity::Refusal) -> Self {
+        match refusal {
+            identity::Refusal::NotFound => Self::NotFound,
+            identity::Refusal::AccountInactive => Self::AccountInactive,
+            identity::Refusal::LastAdministrator => Self::LastAdministrator,
+            // Only a registration can meet it, and a registration decides on no account.
+            identity::Refusal::AlreadyRegistered => Self::Internal(anyhow::anyhow!(
+                "a command on an account decided a registration"
+            )),
+        }
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(error: StoreError) -> Self {
+        store_failed(error, "using the message store")
+    }
+}
 
 /// What the commands need; shared by every request.
 pub struct Commands {
@@ -71,47 +139,69 @@ impl Commands {
         id: Option<Uuid>,
         roles: Vec<Role>,
         status: InitialStatus,
-    ) -> Result<Done, ApiError> {
-        let mut errors = Vec::new();
-        let email =
-            Email::parse(email).map_err(|error| errors.push(FieldError::new("email", error)));
-        let password = Password::new(password, &self.password_policy)
-            .map_err(|error| errors.push(FieldError::new("password", error)));
-        let (Ok(email), Ok(password)) = (email, password) else {
-            return Err(ApiError::Validation(errors));
-        };
+    ) -> Result<Done, CommandError> {
+        let (email, password) = self.registration_fields(email, password)?;
         let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
         // A retry with the same id is answered without hashing again.
         if let Some(done) = self.existing_registration(id, &email).await? {
             return Ok(done);
         }
-        let password_hash = self.hasher.hash(password).await?;
-        let events = decide(
-            &UserAccount::NotRegistered,
-            UserCommand::Register(Register {
-                user_id: id,
-                email: email.clone(),
-                password_hash,
-                roles,
-                initial_status: status,
-            }),
-            self.clock.now(),
-        )
-        .map_err(|refusal| anyhow::anyhow!("registering a new account was refused: {refusal}"))?;
+        let registration = Register {
+            user_id: id,
+            email: email.clone(),
+            password_hash: self.hasher.hash(password).await?,
+            roles,
+            initial_status: status,
+        };
+        let command = UserCommand::Register(registration);
+        let events =
+            decide(&UserAccount::NotRegistered, command, self.clock.now()).map_err(|refusal| {
+                anyhow::anyhow!("registering a new account was refused: {refusal}")
+            })?;
+        self.append_registration(id, &email, &events).await
+    }
+
+    /// The email and the password of a registration; or what is wrong with either, both at
+    /// once, so that a client can correct them in one go.
+    fn registration_fields(
+        &self,
+        email: &str,
+        password: String,
+    ) -> Result<(Email, Password), CommandError> {
+        let mut errors = Vec::new();
+        let email =
+            Email::parse(email).map_err(|error| errors.push(FieldError::new("email", error)));
+        let password = Password::new(password, &self.password_policy)
+            .map_err(|error| errors.push(FieldError::new("password", error)));
+        match (email, password) {
+            (Ok(email), Ok(password)) => Ok((email, password)),
+            _ => Err(CommandError::Validation(errors)),
+        }
+    }
+
+    /// Appends a registration and its email's reservation, both on "no stream", in one atomic
+    /// append, so that of two registrations of one email exactly one succeeds; again when the
+    /// administrators changed meanwhile.
+    async fn append_registration(
+        &self,
+        id: UserId,
+        email: &Email,
+        events: &[UserEvent],
+    ) -> Result<Done, CommandError> {
         for _ in 0..MAX_ATTEMPTS {
             // An active administrator joins the administrators in the same append. It goes
             // first, so that the email reservation stays the last message, as a repeated
             // registration answers.
             let mut appends = self
-                .administrators_append(&UserAccount::NotRegistered, &events)
+                .administrators_append(&UserAccount::NotRegistered, events)
                 .await?;
             appends.push(StreamAppend::new(
                 user_stream(id)?,
                 ExpectedVersion::NoStream,
-                messages(&events),
+                user_messages(events),
             ));
             appends.push(StreamAppend::new(
-                email_stream(&email)?,
+                email_stream(email)?,
                 ExpectedVersion::NoStream,
                 vec![EmailReserved { user_id: id }.to_message()],
             ));
@@ -125,33 +215,30 @@ impl Commands {
                 {
                     continue;
                 }
-                Err(AppendError::WrongExpectedVersion { .. }) => {
-                    match self.existing_registration(id, &email).await? {
-                        Some(done) => Ok(done),
-                        None => Err(ApiError::EmailTaken),
-                    }
-                }
-                Err(error) => Err(anyhow::Error::new(error)
-                    .context("appending a registration")
-                    .into()),
+                // The account or the email exists: this registration again, or another one.
+                Err(AppendError::WrongExpectedVersion { .. }) => self
+                    .existing_registration(id, email)
+                    .await?
+                    .ok_or(CommandError::EmailTaken),
+                Err(error) => Err(append_failed(error, "appending a registration")),
             };
         }
-        Err(anyhow::anyhow!("registering lost the race {MAX_ATTEMPTS} times").into())
+        Err(lost_every_race("registering"))
     }
 
     /// The answer to a repeated registration of `id` with `email`, if `id` is registered:
-    /// the first answer again for the same email, `id_taken` for another.
+    /// the first answer again for the same email, `IdTaken` for another.
     async fn existing_registration(
         &self,
         id: UserId,
         email: &Email,
-    ) -> Result<Option<Done>, ApiError> {
+    ) -> Result<Option<Done>, CommandError> {
         let loaded = self.load(id).await?;
         let Some(account) = loaded.account.account() else {
             return Ok(None);
         };
         if account.email_normalized != email.normalized() {
-            return Err(ApiError::IdTaken);
+            return Err(CommandError::IdTaken);
         }
         // The first answer's position was the later of the two messages appended together.
         let reservation = self.store.last_message(&email_stream(email)?).await?;
@@ -171,115 +258,126 @@ impl Commands {
     /// `refusal_padding` after the password check ends, or after the start when there was none:
     /// the store work only a known account costs happens within it, so neither the answer nor
     /// its timing tells a known email from an unknown one.
-    pub async fn login(&self, email: &str, password: String) -> Result<LoggedIn, ApiError> {
+    pub async fn login(&self, email: &str, password: String) -> Result<LoggedIn, CommandError> {
         let (Ok(email), Ok(password)) = (Email::parse(email), Password::for_verification(password))
         else {
-            record_login("malformed");
-            return Err(ApiError::InvalidCredentials);
+            count_login("malformed");
+            return Err(CommandError::InvalidCredentials);
         };
         let started = Instant::now();
-        let mut hashing = Duration::ZERO;
-        match self.try_login(&email, password, &mut hashing).await {
+        let mut check = PasswordCheck::new(password);
+        match self.try_login(&email, &mut check).await {
             Ok(logged_in) => {
-                record_login("granted");
+                count_login("granted");
                 Ok(logged_in)
             }
             Err(failed) => {
-                tokio::time::sleep_until((started + hashing + self.refusal_padding).into()).await;
-                record_login(failed.outcome);
+                let answer_at = started + check.counted + self.refusal_padding;
+                tokio::time::sleep_until(answer_at.into()).await;
+                count_login(failed.outcome);
                 Err(failed.error)
             }
         }
     }
 
-    /// [`Self::login`] without the padding; adds the time its password check counts for to
-    /// `hashing`.
+    /// [`Self::login`] without the padding: find the account, decide on the password and the
+    /// last login, record the decision and, for a granted login, issue the token. Decided again
+    /// when another login to the same account recorded itself first.
     async fn try_login(
         &self,
         email: &Email,
-        password: Password,
-        hashing: &mut Duration,
+        check: &mut PasswordCheck,
     ) -> Result<LoggedIn, Failed> {
-        let user = self.find_user(email).await?;
-        let streams = LoginStreams::of(user)?;
-        // The verdict on one stored hash is kept across retries: a retry re-reads the streams,
-        // and hashes again only if the password changed meanwhile.
-        let mut verdict: Option<(Option<PasswordHash>, bool)> = None;
+        let streams = LoginStreams::of(self.find_user(email).await?)?;
         for _ in 0..MAX_ATTEMPTS {
-            let mut loaded = self.load_stream(&streams.user).await?;
-            if user.is_none() {
-                // Whatever the stream no account has may hold, no account is found.
-                loaded = Loaded::empty();
-            }
-            let stored = loaded.account.account().map(|a| a.password_hash.clone());
-            let matches = match &verdict {
-                Some((hash, matches)) if *hash == stored => *matches,
-                _ => {
-                    let hashing_started = Instant::now();
-                    let verified = self.hasher.verify(password.clone(), stored.clone()).await;
-                    *hashing += hashing_started.elapsed();
-                    let verified = verified.map_err(ApiError::from)?;
-                    // A hash older than the parameters checks faster than the dummy hash of an
-                    // unknown email; it counts as long as a check at today's parameters.
-                    *hashing += verified.shortfall;
-                    verdict = Some((stored.clone(), verified.matches));
-                    verified.matches
-                }
+            let attempt = self.decide_login_attempt(&streams, check).await?;
+            let Some(position) = self.record_login_attempt(&streams, &attempt).await? else {
+                continue;
             };
-            let (state, login_version) = self.login_state(&streams.login).await?;
-            let now = self.clock.now();
-            let decision = decide_login(&loaded.account, &state, matches, now, &self.lockout);
-            let refused = match &decision {
-                LoginDecision::Granted { .. } => None,
-                LoginDecision::Refused { reason, .. } => Some(match reason {
-                    LoginRefusal::UnknownAccount => "unknown_account",
-                    LoginRefusal::WrongPassword => "wrong_password",
-                    LoginRefusal::NotActive => "not_active",
-                    LoginRefusal::Locked { .. } => "locked",
-                }),
-            };
-            let mut position = loaded.last_global;
-            if let Some(event) = decision.into_event() {
-                let append = StreamAppend::new(
-                    streams.login.clone(),
-                    expected(login_version),
-                    vec![login_message(&event)],
-                );
-                match self.store.append(vec![append]).await {
-                    Ok(appended) => position = appended.last_global_position(),
-                    Err(AppendError::WrongExpectedVersion { .. }) => continue,
-                    Err(error) => {
-                        let error = anyhow::Error::new(error).context("appending a login event");
-                        return Err(ApiError::from(error).into());
-                    }
-                }
-            }
-            if let Some(outcome) = refused {
+            if let Some(outcome) = refusal_outcome(&attempt.decision) {
                 return Err(Failed::refused(outcome));
             }
-            let Some(account) = loaded.account.account() else {
-                return Err(Failed::refused("unknown_account"));
-            };
-            let roles = account.roles.iter().copied().map(role_name).collect();
-            let token = self
-                .issuer
-                .issue(*account.id.as_uuid(), roles, now)
-                .map_err(|error| anyhow::Error::new(error).context("issuing a token"))
-                .map_err(ApiError::from)?;
-            if self.hasher.needs_rehash(&account.password_hash)
-                && let Some(rehashed) = self.rehash(&loaded, password.clone()).await?
-            {
-                position = position.max(rehashed);
-            }
-            return Ok(LoggedIn { token, position });
+            return self.grant(&attempt, check, position).await;
         }
-        // Every attempt lost the race to record it: many logins to one account at once.
-        match verdict {
-            // A wrong password is refused like any other, so contention, which only a known
-            // account meets, does not show.
-            Some((_, false)) => Err(Failed::refused("contended")),
-            _ => Err(ApiError::Throttled.into()),
+        Err(Failed::contended(check))
+    }
+
+    /// Reads what a login is decided on, the account and its last login event, checks the
+    /// password against the hash read, and lets the domain decide.
+    async fn decide_login_attempt(
+        &self,
+        streams: &LoginStreams,
+        check: &mut PasswordCheck,
+    ) -> Result<LoginAttempt, Failed> {
+        let loaded = self.load_for_login(streams).await?;
+        let stored = loaded
+            .account
+            .account()
+            .map(|account| &account.password_hash);
+        let matches = check.matches(&self.hasher, stored).await?;
+        let (state, login_version) = self.login_state(&streams.login).await?;
+        let now = self.clock.now();
+        let decision = decide_login(&loaded.account, &state, matches, now, &self.lockout);
+        Ok(LoginAttempt {
+            loaded,
+            login_version,
+            decision,
+            now,
+        })
+    }
+
+    /// The account a login decides on. An unknown email's stand-in stream is read too, so that
+    /// it costs what a known one does; whatever it may hold, no account is found.
+    async fn load_for_login(&self, streams: &LoginStreams) -> Result<Loaded, CommandError> {
+        let loaded = self.load_stream(&streams.user).await?;
+        Ok(if streams.known {
+            loaded
+        } else {
+            Loaded::empty()
+        })
+    }
+
+    /// Appends the attempt's login event at the version of the login stream it was decided on,
+    /// if it has one (a refusal of a locked or inactive account leaves no trace): the position
+    /// the answer reports, or `None` when another login to the account recorded itself first
+    /// and the attempt must be decided again.
+    async fn record_login_attempt(
+        &self,
+        streams: &LoginStreams,
+        attempt: &LoginAttempt,
+    ) -> Result<Option<GlobalPosition>, CommandError> {
+        let Some(event) = attempt.decision.event() else {
+            return Ok(Some(attempt.loaded.last_global));
+        };
+        self.append_login_event(&streams.login, attempt.login_version, event)
+            .await
+    }
+
+    /// The token of a granted login. An account whose hash is older than the parameters gets a
+    /// stronger one now, while the password is at hand; the answer's position covers it, so
+    /// that the client can read its own write.
+    async fn grant(
+        &self,
+        attempt: &LoginAttempt,
+        check: &PasswordCheck,
+        position: GlobalPosition,
+    ) -> Result<LoggedIn, Failed> {
+        let loaded = &attempt.loaded;
+        let Some(account) = loaded.account.account() else {
+            return Err(Failed::refused("unknown_account"));
+        };
+        let roles = account.roles.iter().map(|role| role.name().to_owned());
+        let token = self
+            .issuer
+            .issue(*account.id.as_uuid(), roles.collect(), attempt.now)
+            .context("issuing a token")?;
+        let mut position = position;
+        if self.hasher.needs_rehash(&account.password_hash)
+            && let Some(rehashed) = self.rehash(loaded, check.password.clone()).await?
+        {
+            position = position.max(rehashed);
         }
+        Ok(LoggedIn { token, position })
     }
 
     /// Stores a stronger hash of the password just verified. It is appended at the version the
@@ -289,14 +387,14 @@ impl Commands {
         &self,
         loaded: &Loaded,
         password: Password,
-    ) -> Result<Option<GlobalPosition>, ApiError> {
+    ) -> Result<Option<GlobalPosition>, CommandError> {
         let Some(account) = loaded.account.account() else {
             return Ok(None);
         };
         let new_password_hash = match self.hasher.hash(password).await {
             Ok(hash) => hash,
             // A busy hasher is no reason to refuse a granted login.
-            Err(crate::hashing::HashError::Busy) => return Ok(None),
+            Err(HashError::Busy) => return Ok(None),
             Err(error) => return Err(error.into()),
         };
         let events = decide(
@@ -308,19 +406,14 @@ impl Commands {
         let append = StreamAppend::new(
             user_stream(account.id)?,
             expected(loaded.version),
-            messages(&events),
+            user_messages(&events),
         );
-        match self.store.append(vec![append]).await {
-            Ok(appended) => Ok(Some(appended.last_global_position())),
-            Err(AppendError::WrongExpectedVersion { .. }) => Ok(None),
-            Err(error) => Err(anyhow::Error::new(error)
-                .context("appending a rehashed password")
-                .into()),
-        }
+        self.append_if_current(vec![append], "appending a rehashed password")
+            .await
     }
 
     /// Activates or deactivates; repeating one records nothing and answers the current position.
-    pub async fn set_active(&self, id: UserId, active: bool) -> Result<Done, ApiError> {
+    pub async fn set_active(&self, id: UserId, active: bool) -> Result<Done, CommandError> {
         self.update(id, || {
             if active {
                 UserCommand::Activate
@@ -338,51 +431,19 @@ impl Commands {
         id: UserId,
         current: String,
         new: String,
-    ) -> Result<Done, ApiError> {
-        let new = Password::new(new, &self.password_policy)
-            .map_err(|error| ApiError::Validation(vec![FieldError::new("new_password", error)]))?;
+    ) -> Result<Done, CommandError> {
+        let new = Password::new(new, &self.password_policy).map_err(|error| {
+            CommandError::Validation(vec![FieldError::new("new_password", error)])
+        })?;
         let current =
-            Password::for_verification(current).map_err(|_| ApiError::InvalidCredentials)?;
+            Password::for_verification(current).map_err(|_| CommandError::InvalidCredentials)?;
         let loaded = self.load(id).await?;
         let Some(account) = loaded.account.account() else {
-            return Err(ApiError::NotFound);
+            return Err(CommandError::NotFound);
         };
-        let matches = self
-            .hasher
-            .verify(current, Some(account.password_hash.clone()))
-            .await?
-            .matches;
-        for _ in 0..MAX_ATTEMPTS {
-            let (state, login_version) = self.login_state(&login_stream(id)?).await?;
-            let now = self.clock.now();
-            if state.locked_until(now).is_some() {
-                return Err(ApiError::InvalidCredentials);
-            }
-            if matches {
-                break;
-            }
-            let decision = decide_login(&loaded.account, &state, false, now, &self.lockout);
-            if let Some(event) = decision.into_event() {
-                let append = StreamAppend::new(
-                    login_stream(id)?,
-                    expected(login_version),
-                    vec![login_message(&event)],
-                );
-                match self.store.append(vec![append]).await {
-                    Ok(_) => {}
-                    Err(AppendError::WrongExpectedVersion { .. }) => continue,
-                    Err(error) => {
-                        return Err(anyhow::Error::new(error)
-                            .context("appending a failed password proof")
-                            .into());
-                    }
-                }
-            }
-            return Err(ApiError::InvalidCredentials);
-        }
-        if !matches {
-            return Err(ApiError::InvalidCredentials);
-        }
+        let proven_hash = Some(account.password_hash.clone());
+        let matches = self.hasher.verify(current, proven_hash).await?.matches;
+        self.confirm_proof(id, &loaded.account, matches).await?;
         let new_password_hash = self.hasher.hash(new).await?;
         // The caller proved the password the account had when it was loaded; if the user has
         // chosen another one meanwhile, that proof no longer stands. A login that upgraded the
@@ -391,8 +452,8 @@ impl Commands {
         let proven = account.password_changes;
         let unchanged = |account: &UserAccount| match account.account() {
             Some(now) if now.password_changes == proven => Ok(()),
-            Some(_) => Err(ApiError::InvalidCredentials),
-            None => Err(ApiError::NotFound),
+            Some(_) => Err(CommandError::InvalidCredentials),
+            None => Err(CommandError::NotFound),
         };
         self.update_if(id, unchanged, || UserCommand::ChangePassword {
             new_password_hash: new_password_hash.clone(),
@@ -400,12 +461,44 @@ impl Commands {
         .await
     }
 
+    /// Lets a password proof stand if it `matches` and the account is not locked. A wrong
+    /// password is recorded as a failed login, as a login's would be, so that guessing through
+    /// a password change meets the same lockout.
+    async fn confirm_proof(
+        &self,
+        id: UserId,
+        account: &UserAccount,
+        matches: bool,
+    ) -> Result<(), CommandError> {
+        let stream = login_stream(id)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let (state, login_version) = self.login_state(&stream).await?;
+            let now = self.clock.now();
+            if state.locked_until(now).is_some() {
+                return Err(CommandError::InvalidCredentials);
+            }
+            if matches {
+                return Ok(());
+            }
+            let decision = decide_login(account, &state, false, now, &self.lockout);
+            if let Some(event) = decision.into_event() {
+                let appended = self.append_login_event(&stream, login_version, &event);
+                if appended.await?.is_none() {
+                    // Another login to the account recorded itself first: decide again.
+                    continue;
+                }
+            }
+            return Err(CommandError::InvalidCredentials);
+        }
+        Err(CommandError::InvalidCredentials)
+    }
+
     /// Read, decide, append to the user stream; again when another writer got there first.
     async fn update(
         &self,
         id: UserId,
         command: impl Fn() -> UserCommand,
-    ) -> Result<Done, ApiError> {
+    ) -> Result<Done, CommandError> {
         self.update_if(id, |_| Ok(()), command).await
     }
 
@@ -415,9 +508,9 @@ impl Commands {
     async fn update_if(
         &self,
         id: UserId,
-        still_holds: impl Fn(&UserAccount) -> Result<(), ApiError>,
+        still_holds: impl Fn(&UserAccount) -> Result<(), CommandError>,
         command: impl Fn() -> UserCommand,
-    ) -> Result<Done, ApiError> {
+    ) -> Result<Done, CommandError> {
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(id).await?;
             still_holds(&loaded.account)?;
@@ -434,24 +527,45 @@ impl Commands {
             appends.push(StreamAppend::new(
                 user_stream(id)?,
                 expected(loaded.version),
-                messages(&events),
+                user_messages(&events),
             ));
-            match self.store.append(appends).await {
-                Ok(appended) => {
-                    return Ok(Done {
-                        id,
-                        position: appended.last_global_position(),
-                    });
-                }
-                Err(AppendError::WrongExpectedVersion { .. }) => continue,
-                Err(error) => {
-                    return Err(anyhow::Error::new(error)
-                        .context("appending to a user stream")
-                        .into());
-                }
+            let appended = self.append_if_current(appends, "appending to a user stream");
+            if let Some(position) = appended.await? {
+                return Ok(Done { id, position });
             }
         }
-        Err(anyhow::anyhow!("updating an account lost the race {MAX_ATTEMPTS} times").into())
+        Err(lost_every_race("updating an account"))
+    }
+
+    /// Appends a login event at the version of the login stream its decision read; `None` when
+    /// another login to the account recorded itself first, and the decision must be made again.
+    async fn append_login_event(
+        &self,
+        stream: &StreamName,
+        version: Option<StreamPosition>,
+        event: &LoginEvent,
+    ) -> Result<Option<GlobalPosition>, CommandError> {
+        let append = StreamAppend::new(
+            stream.clone(),
+            expected(version),
+            vec![login_message(event)],
+        );
+        self.append_if_current(vec![append], "appending a login event")
+            .await
+    }
+
+    /// Appends, provided every stream is still at the version the decision read: the position
+    /// of the last message, or `None` when another writer got there first.
+    async fn append_if_current(
+        &self,
+        appends: Vec<StreamAppend>,
+        appending: &'static str,
+    ) -> Result<Option<GlobalPosition>, CommandError> {
+        match self.store.append(appends).await {
+            Ok(appended) => Ok(Some(appended.last_global_position())),
+            Err(AppendError::WrongExpectedVersion { .. }) => Ok(None),
+            Err(error) => Err(append_failed(error, appending)),
+        }
     }
 
     /// The append to the administrators' stream that `events`, decided on `before`, call for:
@@ -461,14 +575,13 @@ impl Commands {
         &self,
         before: &UserAccount,
         events: &[UserEvent],
-    ) -> Result<Vec<StreamAppend>, ApiError> {
+    ) -> Result<Vec<StreamAppend>, CommandError> {
         let Some(change) = change_of(before, events) else {
             return Ok(vec![]);
         };
         let (administrators, version) = self.administrators().await?;
         let event = decide_administrators(&administrators, change, self.clock.now())?;
-        let message = NewMessage::new(event.event_type(), event.to_json())
-            .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }));
+        let message = versioned_message(event.event_type(), event.to_json(), event.version());
         Ok(vec![StreamAppend::new(
             administrators_stream()?,
             version,
@@ -479,17 +592,18 @@ impl Commands {
     /// The active administrators and the version of their stream, from its last message; on a
     /// store written before that stream existed, folded from the accounts, to be appended with
     /// "no stream" expected (of two first changes at once, one wins and the other reads it).
-    async fn administrators(&self) -> Result<(Administrators, ExpectedVersion), ApiError> {
+    async fn administrators(&self) -> Result<(Administrators, ExpectedVersion), CommandError> {
         let Some(last) = self.store.last_message(&administrators_stream()?).await? else {
             return Ok((
                 self.administrators_from_accounts().await?,
                 ExpectedVersion::NoStream,
             ));
         };
-        let version = event_version(&last.metadata)
-            .map_err(|error| anyhow::Error::new(error).context("reading the administrators"))?;
-        let event = AdministratorsEvent::from_stored(&last.message_type, version, &last.data)
-            .map_err(|error| anyhow::Error::new(error).context("reading the administrators"))?;
+        let event = stored_event(
+            &last,
+            AdministratorsEvent::from_stored,
+            "reading the administrators",
+        )?;
         Ok((
             Administrators::from_last(&event),
             ExpectedVersion::Exact(last.position),
@@ -502,7 +616,7 @@ impl Commands {
     /// Readers of a category stop at the transaction horizon (ADR 2), so it first waits until
     /// they see everything already written: an account change committed just before, behind an
     /// older transaction, would otherwise be missed.
-    async fn administrators_from_accounts(&self) -> Result<Administrators, ApiError> {
+    async fn administrators_from_accounts(&self) -> Result<Administrators, CommandError> {
         const BATCH: usize = 1000;
         const HORIZON_WAIT: Duration = Duration::from_secs(5);
         let written = self.store.last_position().await?;
@@ -537,7 +651,7 @@ impl Commands {
     }
 
     /// The account an email is reserved for, read from the reservation stream.
-    async fn find_user(&self, email: &Email) -> Result<Option<UserId>, ApiError> {
+    async fn find_user(&self, email: &Email) -> Result<Option<UserId>, CommandError> {
         let last = self.store.last_message(&email_stream(email)?).await?;
         Ok(last
             .as_ref()
@@ -547,7 +661,7 @@ impl Commands {
 
     /// Whether the account `id` exists and is active, from its own stream (strongly
     /// consistent): for commands whose caller's token may outlive a deactivation.
-    pub async fn is_active(&self, id: UserId) -> Result<bool, ApiError> {
+    pub async fn is_active(&self, id: UserId) -> Result<bool, CommandError> {
         Ok(self
             .load(id)
             .await?
@@ -558,11 +672,11 @@ impl Commands {
 
     /// Folds a user stream. It holds registration, status and password changes only (never
     /// logins), so it stays short.
-    async fn load(&self, id: UserId) -> Result<Loaded, ApiError> {
+    async fn load(&self, id: UserId) -> Result<Loaded, CommandError> {
         self.load_stream(&user_stream(id)?).await
     }
 
-    async fn load_stream(&self, stream: &StreamName) -> Result<Loaded, ApiError> {
+    async fn load_stream(&self, stream: &StreamName) -> Result<Loaded, CommandError> {
         const BATCH: usize = 1000;
         let mut loaded = Loaded::empty();
         let mut events = Vec::new();
@@ -590,15 +704,11 @@ impl Commands {
     async fn login_state(
         &self,
         stream: &StreamName,
-    ) -> Result<(LoginState, Option<StreamPosition>), ApiError> {
-        let last = self.store.last_message(stream).await?;
-        let Some(last) = last else {
+    ) -> Result<(LoginState, Option<StreamPosition>), CommandError> {
+        let Some(last) = self.store.last_message(stream).await? else {
             return Ok((LoginState::default(), None));
         };
-        let version = event_version(&last.metadata)
-            .map_err(|error| anyhow::Error::new(error).context("reading a login event"))?;
-        let event = LoginEvent::from_stored(&last.message_type, version, &last.data)
-            .map_err(|error| anyhow::Error::new(error).context("reading a login event"))?;
+        let event = stored_event(&last, LoginEvent::from_stored, "reading a login event")?;
         Ok((LoginState::from_last(Some(&event)), Some(last.position)))
     }
 }
@@ -622,6 +732,8 @@ impl Loaded {
 struct LoginStreams {
     user: StreamName,
     login: StreamName,
+    /// Whether the streams are an account's, rather than the stand-ins of an unknown email.
+    known: bool,
 }
 
 impl LoginStreams {
@@ -632,73 +744,188 @@ impl LoginStreams {
             Some(id) => Self {
                 user: user_stream(id)?,
                 login: login_stream(id)?,
+                known: true,
             },
             None => Self {
                 user: StreamName::for_entity(USER_CATEGORY, Self::NOBODY)?,
                 login: StreamName::for_entity(LOGIN_CATEGORY, Self::NOBODY)?,
+                known: false,
             },
         })
     }
 }
 
-/// A login that did not succeed: its answer, and the outcome counted in the metrics.
+/// One attempt at a login: the decision, and what it was decided on.
+struct LoginAttempt {
+    loaded: Loaded,
+    login_version: Option<StreamPosition>,
+    decision: LoginDecision,
+    now: DateTime<Utc>,
+}
+
+/// A login's check of its password, kept across the login's attempts: an attempt that lost the
+/// race to record itself reads the account again, and hashes again only if its stored hash
+/// changed meanwhile.
+struct PasswordCheck {
+    password: Password,
+    /// The stored hash last checked against (none for an unknown email), and whether the
+    /// password matched it.
+    verdict: Option<(Option<PasswordHash>, bool)>,
+    /// How long the checks count for, which a refusal's padding starts after: the time they
+    /// took, and for a hash older than the parameters, as long again as they fell short of a
+    /// check at today's parameters.
+    counted: Duration,
+}
+
+impl PasswordCheck {
+    fn new(password: Password) -> Self {
+        Self {
+            password,
+            verdict: None,
+            counted: Duration::ZERO,
+        }
+    }
+
+    /// Whether the password matches `stored`; an unknown email (no hash) costs a check too.
+    async fn matches(
+        &mut self,
+        hasher: &Hasher,
+        stored: Option<&PasswordHash>,
+    ) -> Result<bool, HashError> {
+        if let Some((checked, matched)) = &self.verdict
+            && checked.as_ref() == stored
+        {
+            return Ok(*matched);
+        }
+        let started = Instant::now();
+        let verified = hasher.verify(self.password.clone(), stored.cloned()).await;
+        // A check that was refused a thread took its time too.
+        self.counted += started.elapsed();
+        let verified = verified?;
+        // A hash older than the parameters checks faster than the dummy hash of an unknown
+        // email; it counts as long as a check at today's parameters.
+        self.counted += verified.shortfall;
+        self.verdict = Some((stored.cloned(), verified.matches));
+        Ok(verified.matches)
+    }
+
+    /// Whether the last check found the password wrong; `None` before any check.
+    fn was_wrong(&self) -> Option<bool> {
+        self.verdict.as_ref().map(|(_, matched)| !matched)
+    }
+}
+
+/// A login that did not succeed: its error, and the outcome it is counted under in
+/// `logins_total`.
 struct Failed {
     outcome: &'static str,
-    error: ApiError,
+    error: CommandError,
 }
 
 impl Failed {
+    /// A refusal: one error whatever the reason, so that nobody learns which.
     fn refused(outcome: &'static str) -> Self {
         Self {
             outcome,
-            error: ApiError::InvalidCredentials,
+            error: CommandError::InvalidCredentials,
+        }
+    }
+
+    /// Every attempt lost the race to record itself: many logins to one account at once. A
+    /// wrong password is refused like any other, so that contention, which only a known
+    /// account meets, does not show; the right one is told to come back shortly.
+    fn contended(check: &PasswordCheck) -> Self {
+        if check.was_wrong() == Some(true) {
+            Self::refused("contended")
+        } else {
+            CommandError::Busy.into()
         }
     }
 }
 
-impl From<ApiError> for Failed {
-    fn from(error: ApiError) -> Self {
+impl<E: Into<CommandError>> From<E> for Failed {
+    fn from(error: E) -> Self {
+        let error = error.into();
         let outcome = match error {
-            ApiError::Throttled => "throttled",
+            CommandError::Busy => "throttled",
             _ => "error",
         };
         Self { outcome, error }
     }
 }
 
-impl From<anyhow::Error> for Failed {
-    fn from(error: anyhow::Error) -> Self {
-        ApiError::from(error).into()
+/// The outcome a refused login is counted under in `logins_total`; `None` for a granted one.
+fn refusal_outcome(decision: &LoginDecision) -> Option<&'static str> {
+    let LoginDecision::Refused { reason, .. } = decision else {
+        return None;
+    };
+    Some(match reason {
+        LoginRefusal::UnknownAccount => "unknown_account",
+        LoginRefusal::WrongPassword => "wrong_password",
+        LoginRefusal::NotActive => "not_active",
+        LoginRefusal::Locked { .. } => "locked",
+    })
+}
+
+/// A store error: the store out of reach, which the caller may retry, or a fault.
+fn store_failed(error: StoreError, doing: &'static str) -> CommandError {
+    let unavailable = error.is_unavailable();
+    let error = anyhow::Error::new(error).context(doing);
+    if unavailable {
+        CommandError::StoreUnavailable(error)
+    } else {
+        CommandError::Internal(error)
     }
 }
 
-fn user_event(message: &RecordedMessage) -> Result<UserEvent, ApiError> {
-    let version = event_version(&message.metadata)
-        .map_err(|error| anyhow::Error::new(error).context("reading a user event"))?;
-    Ok(
-        UserEvent::from_stored(&message.message_type, version, &message.data)
-            .map_err(|error| anyhow::Error::new(error).context("reading a user event"))?,
-    )
+/// An append that failed for another reason than a race.
+fn append_failed(error: AppendError, appending: &'static str) -> CommandError {
+    match error {
+        AppendError::Store(error) => store_failed(error, appending),
+        error => CommandError::Internal(anyhow::Error::new(error).context(appending)),
+    }
 }
 
-fn expected(version: Option<StreamPosition>) -> ExpectedVersion {
-    version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
+/// A read-decide-append that lost every attempt to other writers of the same streams.
+fn lost_every_race(doing: &str) -> CommandError {
+    anyhow::anyhow!("{doing} lost the race {MAX_ATTEMPTS} times").into()
 }
 
-fn messages(events: &[UserEvent]) -> Vec<NewMessage> {
+/// A stored event, read with its stream enum's `from_stored` at the version its metadata names.
+fn stored_event<E>(
+    message: &RecordedMessage,
+    from_stored: impl Fn(&str, u32, &Value) -> Result<E, EventDecodeError>,
+    reading: &'static str,
+) -> Result<E, CommandError> {
+    let event = event_version(&message.metadata)
+        .and_then(|version| from_stored(&message.message_type, version, &message.data))
+        .context(reading)?;
+    Ok(event)
+}
+
+fn user_event(message: &RecordedMessage) -> Result<UserEvent, CommandError> {
+    stored_event(message, UserEvent::from_stored, "reading a user event")
+}
+
+/// An event as a message, its version in the metadata, where every reader looks for it.
+fn versioned_message(event_type: &'static str, data: Value, version: u32) -> NewMessage {
+    NewMessage::new(event_type, data).with_metadata(json!({ EVENT_VERSION_KEY: version }))
+}
+
+fn user_messages(events: &[UserEvent]) -> Vec<NewMessage> {
     events
         .iter()
-        .map(|event| {
-            NewMessage::new(event.event_type(), event.to_json())
-                .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
-        })
+        .map(|event| versioned_message(event.event_type(), event.to_json(), event.version()))
         .collect()
 }
 
 /// A login event as a message for the login stream.
 pub fn login_message(event: &LoginEvent) -> NewMessage {
-    NewMessage::new(event.event_type(), event.to_json())
-        .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
+    versioned_message(event.event_type(), event.to_json(), event.version())
+}
+
+fn expected(version: Option<StreamPosition>) -> ExpectedVersion {
+    version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
 }
 
 fn user_stream(id: UserId) -> anyhow::Result<StreamName> {
@@ -714,14 +941,38 @@ pub fn login_stream(id: UserId) -> anyhow::Result<StreamName> {
     Ok(StreamName::parse(login_stream_name(id))?)
 }
 
-/// The name of a role in the token's `roles` claim.
-pub fn role_name(role: Role) -> String {
-    match role {
-        Role::User => "user".into(),
-        Role::Admin => "admin".into(),
-    }
+fn count_login(outcome: &'static str) {
+    metrics::counter!("logins_total", "outcome" => outcome).increment(1);
 }
 
-fn record_login(outcome: &'static str) {
-    metrics::counter!("logins_total", "outcome" => outcome).increment(1);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_store() -> StoreError {
+        StoreError::Database(sqlx::Error::PoolTimedOut)
+    }
+
+    #[test]
+    fn a_store_out_of_reach_is_an_outage_whether_reading_or_appending_and_a_fault_is_not() {
+        assert!(matches!(
+            CommandError::from(unreachable_store()),
+            CommandError::StoreUnavailable(_)
+        ));
+        let append = AppendError::Store(unreachable_store());
+        assert!(matches!(
+            append_failed(append, "appending"),
+            CommandError::StoreUnavailable(_)
+        ));
+        let invalid = AppendError::Invalid("no messages".into());
+        assert!(matches!(
+            append_failed(invalid, "appending"),
+            CommandError::Internal(_)
+        ));
+        let corrupt = StoreError::Database(sqlx::Error::RowNotFound);
+        assert!(matches!(
+            CommandError::from(corrupt),
+            CommandError::Internal(_)
+        ));
+    }
 }

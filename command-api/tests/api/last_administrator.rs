@@ -7,6 +7,7 @@ use std::sync::Arc;
 use command_api::error::ApiError;
 use command_api::hashing::{Memory, hash_now};
 use command_api::reservation::{EmailReserved, email_stream};
+use command_api::service::CommandError;
 use identity::{
     AccountStatus, EVENT_VERSION_KEY, Email, Password, Role, UserDeactivated, UserEvent, UserId,
     UserRegistered, user_stream_name,
@@ -86,7 +87,7 @@ async fn the_service_refuses_to_deactivate_the_only_active_administrator() {
     let before = app.message_count().await;
     let refused = commands.set_active(id(&ann), false).await;
     assert!(
-        matches!(refused, Err(ApiError::LastAdministrator)),
+        matches!(refused, Err(CommandError::LastAdministrator)),
         "{refused:?}"
     );
     assert_eq!(app.message_count().await, before, "the store changed");
@@ -102,7 +103,7 @@ async fn the_service_refuses_to_deactivate_the_only_active_administrator() {
 
 #[test]
 fn the_refusal_is_a_409_with_its_own_code() {
-    let problem = ApiError::LastAdministrator.to_problem();
+    let problem = ApiError::from(CommandError::LastAdministrator).to_problem();
     assert_eq!(
         (problem.status().as_u16(), problem.code()),
         (409, "last_administrator")
