@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::fixtures::{append, stream};
 use crate::harness::Postgres;
 
 const FAST_WRITERS: u64 = 8;
@@ -56,9 +57,7 @@ async fn tail_while_writers_commit_out_of_order(position_offset: i64) {
         Duration::from_millis(20),
     ));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let shared_streams: Vec<StreamName> = (0..4)
-        .map(|_| StreamName::for_entity("shared", Uuid::new_v4()).unwrap())
-        .collect();
+    let shared_streams: Vec<StreamName> = (0..4).map(|_| stream("shared")).collect();
 
     let tailed = Arc::new(Mutex::new(Vec::new()));
     let reader = tokio::spawn(tail(store.clone(), tailed.clone()));
@@ -169,24 +168,18 @@ async fn fast_writer(
     shared: Vec<StreamName>,
     ledger: Arc<Mutex<Ledger>>,
 ) {
-    let own = StreamName::for_entity("own", Uuid::new_v4()).unwrap();
+    let own = stream("own");
     for n in 0..APPENDS_PER_FAST_WRITER {
         let first = NewMessage::new("Written", json!({ "writer": writer, "n": n }));
-        let mut appends = vec![];
-        if n % 10 == 0 {
-            let stream = shared[usize::try_from(n / 10).unwrap() % shared.len()].clone();
-            appends.push(StreamAppend::new(stream, ExpectedVersion::Any, vec![first]));
+        let target = if n % 10 == 0 {
+            shared[usize::try_from(n / 10).unwrap() % shared.len()].clone()
         } else {
-            appends.push(StreamAppend::new(
-                own.clone(),
-                ExpectedVersion::Any,
-                vec![first],
-            ));
-        }
+            own.clone()
+        };
+        let mut appends = vec![StreamAppend::new(target, ExpectedVersion::Any, vec![first])];
         if n % 50 == 1 {
-            let other = StreamName::for_entity("pair", Uuid::new_v4()).unwrap();
             appends.push(StreamAppend::new(
-                other,
+                stream("pair"),
                 ExpectedVersion::NoStream,
                 vec![NewMessage::new(
                     "Paired",
@@ -212,7 +205,7 @@ async fn slow_writer(
     ledger: Arc<Mutex<Ledger>>,
 ) {
     for n in 0..TRANSACTIONS_PER_SLOW_WRITER {
-        let stream = StreamName::for_entity("slow", Uuid::new_v4()).unwrap();
+        let slow = stream("slow");
         let messages = vec![
             NewMessage::new("Slow", json!({ "writer": writer, "n": n })),
             NewMessage::new("Slow", json!({ "writer": writer, "n": n, "second": true })),
@@ -221,11 +214,7 @@ async fn slow_writer(
         let appended = store
             .append_within(
                 &mut tx,
-                vec![StreamAppend::new(
-                    stream,
-                    ExpectedVersion::NoStream,
-                    messages,
-                )],
+                vec![StreamAppend::new(slow, ExpectedVersion::NoStream, messages)],
             )
             .await
             .unwrap();
@@ -254,13 +243,8 @@ async fn a_message_held_back_by_an_open_transaction_counts_for_the_last_position
         .await
         .unwrap();
 
-    let stream = StreamName::for_entity("thing", Uuid::new_v4()).unwrap();
     let appended = store
-        .append(vec![StreamAppend::new(
-            stream,
-            ExpectedVersion::Any,
-            vec![NewMessage::new("Happened", json!({}))],
-        )])
+        .append(append(&stream("thing"), ExpectedVersion::Any, 1))
         .await
         .unwrap();
 

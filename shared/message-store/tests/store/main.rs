@@ -5,6 +5,7 @@
 
 mod concurrency;
 mod faults;
+mod fixtures;
 mod harness;
 mod positions;
 mod suite;

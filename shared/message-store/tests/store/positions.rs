@@ -5,13 +5,10 @@
 
 use std::time::Duration;
 
-use message_store::{
-    AppendError, ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StoreError,
-    StreamAppend, StreamName,
-};
-use serde_json::json;
+use message_store::{AppendError, MessageStore, PostgresMessageStore, StoreError};
 use uuid::Uuid;
 
+use crate::fixtures::one_message;
 use crate::harness::{NO_POLLING, Postgres};
 
 /// Transactions between the counter and the message stored ahead of it.
@@ -35,14 +32,6 @@ async fn store_a_message_ahead_of_the_counter(harness: &Postgres) -> u64 {
     u64::try_from(position).unwrap()
 }
 
-fn one_message(stream: &StreamName) -> Vec<StreamAppend> {
-    vec![StreamAppend::new(
-        stream.clone(),
-        ExpectedVersion::NoStream,
-        vec![NewMessage::new("Written", json!({ "n": 1 }))],
-    )]
-}
-
 async fn message_count(harness: &Postgres) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&harness.pool)
@@ -63,11 +52,10 @@ async fn a_store_whose_counter_is_behind_its_positions_refuses_to_write_and_says
     let ahead = store_a_message_ahead_of_the_counter(&harness).await;
     let before = message_count(&harness).await;
 
-    let stream = StreamName::for_entity("thing", Uuid::new_v4()).unwrap();
     let mut transaction = harness.pool.begin().await.unwrap();
     let refused = harness
         .store
-        .append_within(&mut transaction, one_message(&stream))
+        .append_within(&mut transaction, one_message())
         .await;
     transaction.commit().await.unwrap();
 
@@ -89,8 +77,7 @@ async fn an_append_on_a_store_whose_counter_fell_behind_writes_above_every_store
     let harness = Postgres::new().await;
     let ahead = store_a_message_ahead_of_the_counter(&harness).await;
 
-    let stream = StreamName::for_entity("thing", Uuid::new_v4()).unwrap();
-    let appended = harness.store.append(one_message(&stream)).await.unwrap();
+    let appended = harness.store.append(one_message()).await.unwrap();
 
     let written = appended.last_global_position();
     assert!(
@@ -121,10 +108,9 @@ async fn starting_the_store_advances_its_offset_once_and_only_when_it_must() {
     assert_eq!(position_offset(&harness).await, offset, "advanced twice");
 
     let fresh = PostgresMessageStore::new(harness.pool.clone(), NO_POLLING);
-    let stream = StreamName::for_entity("thing", Uuid::new_v4()).unwrap();
     let mut transaction = harness.pool.begin().await.unwrap();
     let appended = fresh
-        .append_within(&mut transaction, one_message(&stream))
+        .append_within(&mut transaction, one_message())
         .await
         .unwrap();
     transaction.commit().await.unwrap();

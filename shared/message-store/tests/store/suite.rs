@@ -3,36 +3,43 @@
 use std::time::Duration;
 
 use message_store::{
-    AppendError, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName, Wake,
+    AppendError, Appended, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
+    StreamPosition, Wake,
 };
 use serde_json::json;
-use uuid::Uuid;
 
+use crate::fixtures::{append, message, stream, to_stream};
 use crate::harness::{Harness, Postgres};
 
-fn stream(category: &str) -> StreamName {
-    StreamName::for_entity(category, Uuid::new_v4()).unwrap()
+/// Appends messages 0 to `count - 1` to `stream`, which must succeed.
+async fn write(
+    store: &dyn MessageStore,
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    count: u64,
+) -> Appended {
+    store.append(append(stream, expected, count)).await.unwrap()
 }
 
-fn message(n: u64) -> NewMessage {
-    NewMessage::new("Something", json!({ "n": n })).with_metadata(json!({ "by": "test" }))
-}
-
-fn append(stream: &StreamName, expected: ExpectedVersion, count: u64) -> Vec<StreamAppend> {
-    vec![StreamAppend::new(
-        stream.clone(),
-        expected,
-        (0..count).map(message).collect(),
-    )]
+/// What an append refused for a version conflict names: the stream, the version the append
+/// expected and the stream's actual one.
+fn conflict(
+    outcome: Result<Appended, AppendError>,
+) -> (StreamName, ExpectedVersion, Option<StreamPosition>) {
+    match outcome {
+        Err(AppendError::WrongExpectedVersion {
+            stream,
+            expected,
+            actual,
+        }) => (stream, expected, actual),
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
 }
 
 /// Appends, then waits until global readers can see the append. On PostgreSQL they see a
 /// commit only once every transaction that started before it has ended (docs/adr/0002), and
 /// other tests run transactions on the same server meanwhile.
-async fn append_settled(
-    store: &dyn MessageStore,
-    appends: Vec<StreamAppend>,
-) -> message_store::Appended {
+async fn append_settled(store: &dyn MessageStore, appends: Vec<StreamAppend>) -> Appended {
     let appended = store.append(appends).await.unwrap();
     let target = appended.last_global_position();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -52,10 +59,7 @@ async fn all(store: &dyn MessageStore) -> Vec<message_store::RecordedMessage> {
 pub async fn the_first_message_of_a_stream_is_at_position_zero(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    let appended = store
-        .append(append(&name, ExpectedVersion::NoStream, 3))
-        .await
-        .unwrap();
+    let appended = write(store.as_ref(), &name, ExpectedVersion::NoStream, 3).await;
 
     let positions: Vec<_> = appended.messages.iter().map(|m| m.position).collect();
     assert_eq!(positions, vec![0, 1, 2]);
@@ -81,66 +85,39 @@ pub async fn appending_with_no_stream_to_an_existing_stream_is_a_conflict_naming
 ) {
     let store = harness.store();
     let name = stream("thing");
-    store
-        .append(append(&name, ExpectedVersion::NoStream, 2))
-        .await
-        .unwrap();
+    write(store.as_ref(), &name, ExpectedVersion::NoStream, 2).await;
 
-    let error = store
+    let refused = store
         .append(append(&name, ExpectedVersion::NoStream, 1))
-        .await
-        .unwrap_err();
+        .await;
 
-    match error {
-        AppendError::WrongExpectedVersion {
-            stream,
-            expected,
-            actual,
-        } => {
-            assert_eq!(stream, name);
-            assert_eq!(expected, ExpectedVersion::NoStream);
-            assert_eq!(actual, Some(1));
-        }
-        other => panic!("expected a version conflict, got {other:?}"),
-    }
+    assert_eq!(
+        conflict(refused),
+        (name.clone(), ExpectedVersion::NoStream, Some(1))
+    );
     assert_eq!(store.read_stream(&name, 0, 10).await.unwrap().len(), 2);
 }
 
 pub async fn appending_with_a_stale_exact_version_is_a_conflict(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    store
-        .append(append(&name, ExpectedVersion::NoStream, 3))
-        .await
-        .unwrap();
+    write(store.as_ref(), &name, ExpectedVersion::NoStream, 3).await;
 
-    let error = store
+    let refused = store
         .append(append(&name, ExpectedVersion::Exact(1), 1))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            AppendError::WrongExpectedVersion {
-                actual: Some(2),
-                expected: ExpectedVersion::Exact(1),
-                ..
-            }
-        ),
-        "{error:?}"
+        .await;
+    assert_eq!(
+        conflict(refused),
+        (name.clone(), ExpectedVersion::Exact(1), Some(2))
     );
 
     let missing = stream("thing");
-    let error = store
+    let refused = store
         .append(append(&missing, ExpectedVersion::Exact(0), 1))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            AppendError::WrongExpectedVersion { actual: None, .. }
-        ),
-        "{error:?}"
+        .await;
+    assert_eq!(
+        conflict(refused),
+        (missing.clone(), ExpectedVersion::Exact(0), None)
     );
     assert!(store.read_stream(&missing, 0, 10).await.unwrap().is_empty());
 }
@@ -148,15 +125,9 @@ pub async fn appending_with_a_stale_exact_version_is_a_conflict(harness: &dyn Ha
 pub async fn appending_with_the_current_exact_version_succeeds(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    store
-        .append(append(&name, ExpectedVersion::NoStream, 2))
-        .await
-        .unwrap();
+    write(store.as_ref(), &name, ExpectedVersion::NoStream, 2).await;
 
-    let appended = store
-        .append(append(&name, ExpectedVersion::Exact(1), 2))
-        .await
-        .unwrap();
+    let appended = write(store.as_ref(), &name, ExpectedVersion::Exact(1), 2).await;
 
     let positions: Vec<_> = appended.messages.iter().map(|m| m.position).collect();
     assert_eq!(positions, vec![2, 3]);
@@ -165,14 +136,8 @@ pub async fn appending_with_the_current_exact_version_succeeds(harness: &dyn Har
 pub async fn appending_with_any_version_always_succeeds(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    store
-        .append(append(&name, ExpectedVersion::Any, 1))
-        .await
-        .unwrap();
-    let appended = store
-        .append(append(&name, ExpectedVersion::Any, 1))
-        .await
-        .unwrap();
+    write(store.as_ref(), &name, ExpectedVersion::Any, 1).await;
+    let appended = write(store.as_ref(), &name, ExpectedVersion::Any, 1).await;
     assert_eq!(appended.messages[0].position, 1);
 }
 
@@ -194,58 +159,33 @@ pub async fn reusing_a_message_id_for_other_content_is_refused(harness: &dyn Har
     let store = harness.store();
     let name = stream("thing");
     let original = message(1);
+    let any = ExpectedVersion::Any;
     append_settled(
         store.as_ref(),
-        vec![StreamAppend::new(
-            name.clone(),
-            ExpectedVersion::Any,
-            vec![original.clone()],
-        )],
+        to_stream(&name, any, vec![original.clone()]),
     )
     .await;
 
     let other_data = NewMessage::new("Something", json!({ "n": 2 })).with_id(original.id);
-    let error = store
-        .append(vec![StreamAppend::new(
-            name.clone(),
-            ExpectedVersion::Any,
-            vec![other_data],
-        )])
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, AppendError::DuplicateMessageId { id } if id == original.id),
-        "{error:?}"
-    );
-
-    let other_stream = original.clone();
-    let error = store
-        .append(vec![StreamAppend::new(
-            stream("thing"),
-            ExpectedVersion::Any,
-            vec![other_stream],
-        )])
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, AppendError::DuplicateMessageId { .. }),
-        "{error:?}"
-    );
-
-    // An append mixing a stored id with new ones is not a retry of anything.
-    let mixed = vec![original.clone(), message(3)];
-    let error = store
-        .append(vec![StreamAppend::new(
-            name.clone(),
-            ExpectedVersion::Any,
-            mixed,
-        )])
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, AppendError::DuplicateMessageId { .. }),
-        "{error:?}"
-    );
+    let reuses = [
+        ("other data", to_stream(&name, any, vec![other_data])),
+        (
+            "another stream",
+            to_stream(&stream("thing"), any, vec![original.clone()]),
+        ),
+        // An append mixing a stored id with new ones is not a retry of anything.
+        (
+            "a stored id among new ones",
+            to_stream(&name, any, vec![original.clone(), message(3)]),
+        ),
+    ];
+    for (reuse, appends) in reuses {
+        let refused = store.append(appends).await;
+        assert!(
+            matches!(refused, Err(AppendError::DuplicateMessageId { id }) if id == original.id),
+            "{reuse}: {refused:?}"
+        );
+    }
 
     assert_eq!(all(store.as_ref()).await.len(), 1);
 }
@@ -310,14 +250,9 @@ pub async fn an_append_to_several_streams_writes_them_all(harness: &dyn Harness)
 pub async fn a_stream_is_read_forward_in_batches(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    store
-        .append(append(&name, ExpectedVersion::NoStream, 7))
-        .await
-        .unwrap();
-    store
-        .append(append(&stream("thing"), ExpectedVersion::NoStream, 3))
-        .await
-        .unwrap();
+    let other = stream("thing");
+    write(store.as_ref(), &name, ExpectedVersion::NoStream, 7).await;
+    write(store.as_ref(), &other, ExpectedVersion::NoStream, 3).await;
 
     let mut read = Vec::new();
     let mut from = 0;
@@ -340,10 +275,7 @@ pub async fn the_last_message_of_a_stream_is_found(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
     assert!(store.last_message(&name).await.unwrap().is_none());
-    store
-        .append(append(&name, ExpectedVersion::NoStream, 4))
-        .await
-        .unwrap();
+    write(store.as_ref(), &name, ExpectedVersion::NoStream, 4).await;
 
     let last = store.last_message(&name).await.unwrap().unwrap();
     assert_eq!(last.position, 3);
@@ -456,44 +388,37 @@ pub async fn the_head_and_last_positions_and_backlog_follow_appends(harness: &dy
 pub async fn invalid_appends_are_refused_before_writing(harness: &dyn Harness) {
     let store = harness.store();
     let name = stream("thing");
-    let empty = store.append(append(&name, ExpectedVersion::Any, 0)).await;
-    assert!(matches!(empty, Err(AppendError::Invalid(_))), "{empty:?}");
-
+    let any = ExpectedVersion::Any;
     let twice = message(1);
-    let repeated = store
-        .append(vec![StreamAppend::new(
-            name.clone(),
-            ExpectedVersion::Any,
-            vec![twice.clone(), twice],
-        )])
-        .await;
-    assert!(
-        matches!(repeated, Err(AppendError::Invalid(_))),
-        "{repeated:?}"
-    );
-
-    let same_stream_twice = store
-        .append(vec![
-            StreamAppend::new(name.clone(), ExpectedVersion::Any, vec![message(1)]),
-            StreamAppend::new(name.clone(), ExpectedVersion::Any, vec![message(2)]),
-        ])
-        .await;
-    assert!(
-        matches!(same_stream_twice, Err(AppendError::Invalid(_))),
-        "{same_stream_twice:?}"
-    );
-
-    let too_many = store
-        .append(append(
-            &name,
-            ExpectedVersion::Any,
-            message_store::MAX_MESSAGES_PER_APPEND as u64 + 1,
-        ))
-        .await;
-    assert!(
-        matches!(too_many, Err(AppendError::Invalid(_))),
-        "{too_many:?}"
-    );
+    let invalid = [
+        ("no message", append(&name, any, 0)),
+        (
+            "a message twice",
+            to_stream(&name, any, vec![twice.clone(), twice]),
+        ),
+        (
+            "a stream twice",
+            vec![
+                StreamAppend::new(name.clone(), any, vec![message(1)]),
+                StreamAppend::new(name.clone(), any, vec![message(2)]),
+            ],
+        ),
+        (
+            "too many messages",
+            append(
+                &name,
+                any,
+                message_store::MAX_MESSAGES_PER_APPEND as u64 + 1,
+            ),
+        ),
+    ];
+    for (invalid, appends) in invalid {
+        let refused = store.append(appends).await;
+        assert!(
+            matches!(refused, Err(AppendError::Invalid(_))),
+            "{invalid}: {refused:?}"
+        );
+    }
 
     assert!(StreamName::parse("-no-category").is_err());
     assert!(StreamName::parse("").is_err());
@@ -510,14 +435,9 @@ pub async fn concurrent_appends_to_one_stream_with_any_version_all_land(harness:
             let name = name.clone();
             tokio::spawn(async move {
                 for n in 0..20 {
-                    store
-                        .append(vec![StreamAppend::new(
-                            name.clone(),
-                            ExpectedVersion::Any,
-                            vec![message(writer * 100 + n)],
-                        )])
-                        .await
-                        .unwrap();
+                    let appends =
+                        to_stream(&name, ExpectedVersion::Any, vec![message(writer * 100 + n)]);
+                    store.append(appends).await.unwrap();
                 }
             })
         })
@@ -537,10 +457,7 @@ pub async fn a_subscriber_is_woken_by_an_append(harness: &dyn Harness) {
     // The first wake-up may be the listener announcing it is connected: consume it.
     let _ = tokio::time::timeout(Duration::from_millis(500), subscription.next()).await;
 
-    store
-        .append(append(&stream("thing"), ExpectedVersion::Any, 1))
-        .await
-        .unwrap();
+    write(store.as_ref(), &stream("thing"), ExpectedVersion::Any, 1).await;
 
     let wake = tokio::time::timeout(Duration::from_secs(10), subscription.next())
         .await
@@ -560,10 +477,7 @@ pub async fn a_subscriber_is_woken_after_its_connection_is_dropped(harness: &Pos
         .is_ok()
     {}
 
-    store
-        .append(append(&stream("thing"), ExpectedVersion::Any, 1))
-        .await
-        .unwrap();
+    write(store.as_ref(), &stream("thing"), ExpectedVersion::Any, 1).await;
 
     let wake = tokio::time::timeout(Duration::from_secs(10), subscription.next())
         .await
@@ -582,11 +496,7 @@ async fn append_successes_and_failures(store: &dyn MessageStore, stream: &Stream
         .collect();
     append_settled(
         store,
-        vec![StreamAppend::new(
-            stream.clone(),
-            ExpectedVersion::NoStream,
-            messages,
-        )],
+        to_stream(stream, ExpectedVersion::NoStream, messages),
     )
     .await;
 }
@@ -630,15 +540,10 @@ pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_typ
     let again = store
         .append(append(&pruned, ExpectedVersion::NoStream, 1))
         .await;
-    assert!(
-        matches!(
-            again,
-            Err(AppendError::WrongExpectedVersion {
-                actual: Some(4),
-                ..
-            })
-        ),
-        "a pruned stream must still exist: {again:?}"
+    assert_eq!(
+        conflict(again),
+        (pruned.clone(), ExpectedVersion::NoStream, Some(4)),
+        "a pruned stream must still exist"
     );
 }
 
@@ -655,15 +560,10 @@ pub async fn after_pruning_an_exact_version_holds_only_at_the_last_position(harn
         let refused = store
             .append(append(&pruned, ExpectedVersion::Exact(stale), 1))
             .await;
-        assert!(
-            matches!(
-                refused,
-                Err(AppendError::WrongExpectedVersion {
-                    actual: Some(4),
-                    ..
-                })
-            ),
-            "Exact({stale}) on a stream whose last position is 4 must be refused: {refused:?}"
+        assert_eq!(
+            conflict(refused),
+            (pruned.clone(), ExpectedVersion::Exact(stale), Some(4)),
+            "Exact({stale}) on a stream whose last position is 4 must be refused"
         );
     }
     let positions: Vec<_> = store
@@ -679,9 +579,6 @@ pub async fn after_pruning_an_exact_version_holds_only_at_the_last_position(harn
         "a refused append wrote into a hole"
     );
 
-    let appended = store
-        .append(append(&pruned, ExpectedVersion::Exact(4), 1))
-        .await
-        .unwrap();
+    let appended = write(store.as_ref(), &pruned, ExpectedVersion::Exact(4), 1).await;
     assert_eq!(appended.messages[0].position, 5);
 }
