@@ -4,22 +4,33 @@
 use std::time::Duration;
 
 use message_store::{
-    AppendError, ConnectOptions, ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore,
-    SqliteMessageStore, StreamAppend, StreamName,
+    AppendError, Appended, ConnectOptions, MessageStore, PostgresMessageStore, SqliteMessageStore,
 };
-use serde_json::json;
 use sqlx::Connection;
 use test_support::{PrivateCluster, StopMode, TestDatabase};
-use uuid::Uuid;
 
+use crate::fixtures::one_message;
 use crate::harness::{NO_POLLING, TempDirectory};
 
-fn one_message() -> Vec<StreamAppend> {
-    vec![StreamAppend::new(
-        StreamName::for_entity("thing", Uuid::new_v4()).unwrap(),
-        ExpectedVersion::NoStream,
-        vec![NewMessage::new("Written", json!({}))],
-    )]
+/// A store with a pool of `max_connections` to the database at `url`, as a deployment connects.
+async fn connect(url: &str, max_connections: u32) -> PostgresMessageStore {
+    let options = ConnectOptions {
+        max_connections,
+        poll_interval: NO_POLLING,
+    };
+    PostgresMessageStore::connect(url, &options).await.unwrap()
+}
+
+/// The append failed in the store as "unavailable, retry", not as a fault of its own.
+#[track_caller]
+fn assert_unavailable(refused: Result<Appended, AppendError>, cause: &str) {
+    let Err(AppendError::Store(error)) = refused else {
+        panic!("an append to {cause} must fail in the store: {refused:?}");
+    };
+    assert!(
+        error.is_unavailable(),
+        "{cause} must be unavailable, not a fault: {error:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,15 +38,7 @@ async fn after_a_server_restart_no_call_fails_on_a_connection_that_died_in_the_p
     let cluster = PrivateCluster::start().await;
     let url = cluster.create_database("store").await;
     let pool_size = 4;
-    let store = PostgresMessageStore::connect(
-        &url,
-        &ConnectOptions {
-            max_connections: pool_size,
-            poll_interval: NO_POLLING,
-        },
-    )
-    .await
-    .unwrap();
+    let store = connect(&url, pool_size).await;
     // Fill the pool: every connection is used at once, then goes back idle.
     let warm = (0..pool_size).map(|_| {
         let store = store.clone();
@@ -79,15 +82,7 @@ async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_
     // What a primary demoted by a failover answers (25006) to connections that stayed open to
     // it, while new connections reach the new primary.
     let database = TestDatabase::new().await;
-    let store = PostgresMessageStore::connect(
-        database.url(),
-        &ConnectOptions {
-            max_connections: 4,
-            poll_interval: NO_POLLING,
-        },
-    )
-    .await
-    .unwrap();
+    let store = connect(database.url(), 4).await;
     store.append(one_message()).await.unwrap();
     database.set_read_only(true).await;
     // The store's connections were opened before: end them, so that it reopens them read-only.
@@ -95,13 +90,7 @@ async fn a_server_turned_read_only_is_unavailable_and_the_store_reconnects_once_
 
     let refused = store.append(one_message()).await;
 
-    let Err(AppendError::Store(error)) = refused else {
-        panic!("an append to a read-only server must fail in the store: {refused:?}");
-    };
-    assert!(
-        error.is_unavailable(),
-        "a read-only server must be unavailable, not a fault: {error:?}"
-    );
+    assert_unavailable(refused, "a read-only server");
 
     // The failover completes: new connections reach a writable server, the pool's old ones
     // still reach the read-only one.
@@ -132,13 +121,7 @@ async fn an_sqlite_file_locked_by_another_writer_is_unavailable_not_a_fault() {
         .await
         .expect("the append neither wrote nor gave up");
 
-    let Err(AppendError::Store(error)) = refused else {
-        panic!("an append to a locked file must fail in the store: {refused:?}");
-    };
-    assert!(
-        error.is_unavailable(),
-        "a locked file must be unavailable, not a fault: {error:?}"
-    );
+    assert_unavailable(refused, "a locked file");
     sqlx::query("ROLLBACK")
         .execute(&mut other_writer)
         .await
@@ -149,26 +132,12 @@ async fn an_sqlite_file_locked_by_another_writer_is_unavailable_not_a_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_closed_to_connections_is_unavailable_not_a_fault() {
     let database = TestDatabase::new().await;
-    let store = PostgresMessageStore::connect(
-        database.url(),
-        &ConnectOptions {
-            max_connections: 2,
-            poll_interval: NO_POLLING,
-        },
-    )
-    .await
-    .unwrap();
+    let store = connect(database.url(), 2).await;
     database.close_to_connections(true).await;
     database.end_sessions().await;
 
     let refused = store.append(one_message()).await;
 
     database.close_to_connections(false).await;
-    let Err(AppendError::Store(error)) = refused else {
-        panic!("an append to a database closed to connections must fail: {refused:?}");
-    };
-    assert!(
-        error.is_unavailable(),
-        "a database closed to connections is an outage, not a fault: {error:?}"
-    );
+    assert_unavailable(refused, "a database closed to connections");
 }
