@@ -10,8 +10,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use identity::{Role, UserId};
+use platform::ApiJson;
+use platform::http::{bearer_token, jwks_response, readiness};
 use platform::openapi::BearerAuth;
-use platform::{ApiJson, Problem};
 use serde::{Deserialize, Serialize};
 use tokens::{Claims, TokenVerifier};
 use utoipa::{OpenApi, ToSchema};
@@ -318,12 +319,7 @@ async fn change_password(
     responses((status = 200, description = "Every public key that may verify a live token (RFC 7517 JWK set)",
         headers(("Cache-Control" = String, description = "public, max-age=300")))))]
 async fn jwks(State(state): State<AppState>) -> Response {
-    let mut response = ApiJson(state.commands.issuer.jwks()).into_response();
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
-    response
+    jwks_response(state.commands.issuer.jwks())
 }
 
 #[utoipa::path(get, path = "/readyz",
@@ -332,15 +328,7 @@ async fn jwks(State(state): State<AppState>) -> Response {
         (status = 503, description = "The message store does not answer", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.commands.store.ping().await {
-        Ok(()) => "ready".into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "the message store is not reachable");
-            Problem::unavailable()
-                .with_detail("the message store is not reachable")
-                .into_response()
-        }
-    }
+    readiness([("message store", state.commands.store.ping().await)])
 }
 
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This document")))]
@@ -371,18 +359,9 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .ok_or(ApiError::InvalidToken)?;
+        let token = bearer_token(&parts.headers).ok_or(ApiError::InvalidToken)?;
         let now = state.commands.clock.now();
-        let claims = state.verifier.verify(token.trim(), now).map_err(|error| {
+        let claims = state.verifier.verify(token, now).map_err(|error| {
             tracing::debug!(reason = %error, "a bearer token was refused");
             ApiError::InvalidToken
         })?;
