@@ -1,5 +1,6 @@
 //! The HTTP surface: handlers, the bearer-token check and the OpenAPI document.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -15,7 +16,8 @@ use platform::http::{bearer_token, jwks_response, readiness};
 use platform::openapi::BearerAuth;
 use serde::{Deserialize, Serialize};
 use tokens::{Claims, TokenVerifier};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoResponses, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -152,6 +154,66 @@ pub struct FieldErrorBody {
     message: String,
 }
 
+/// The answers to a request whose JSON body the route could not take (400, 413, 415), for the
+/// document: the same on every route that takes one.
+struct BodyRefusals;
+
+impl IntoResponses for BodyRefusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses([
+            ("400", "Malformed JSON"),
+            ("413", "Body over 16 KiB"),
+            ("415", "Not application/json"),
+        ])
+    }
+}
+
+/// The answers of an administrator's route to a caller who may not use it (401, 403) or an
+/// account it cannot find (404), for the document.
+struct AdminRefusals;
+
+impl IntoResponses for AdminRefusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses([
+            (
+                "401",
+                "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued",
+            ),
+            ("403", "The token lacks the admin role"),
+            ("404", "No such account"),
+        ])
+    }
+}
+
+/// The 503 of a command the message store was out of reach for, for the document.
+struct StoreOutOfReach;
+
+impl IntoResponses for StoreOutOfReach {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses([(
+            "503",
+            "The message store is out of reach; retry after `Retry-After`",
+        )])
+    }
+}
+
+/// Problem answers as the document describes them: a `ProblemBody` each, by status.
+fn problem_responses<const N: usize>(
+    answers: [(&str, &str); N],
+) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    let body = Ref::from_schema_name(ProblemBody::name());
+    answers
+        .into_iter()
+        .map(|(status, description)| {
+            let content = ContentBuilder::new().schema(Some(body.clone())).build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/problem+json", content);
+            (status.to_owned(), RefOr::T(response.build()))
+        })
+        .collect()
+}
+
 /// The X-Position header: the global position of the command's last event.
 fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Response {
     let mut response = (
@@ -173,13 +235,11 @@ fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Respons
     responses(
         (status = 201, description = "Registered (or the same request repeated with the same id)", body = CommandResult,
             headers(("Location" = String, description = "/users/{id}"), ("X-Position" = u64, description = "global position of the last event"))),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`email_taken`, or `id_taken` (the id is registered with another email)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 16 KiB", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Invalid email or password, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password hashes waiting", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
+        StoreOutOfReach,
     ))]
 async fn register(
     State(state): State<AppState>,
@@ -206,13 +266,11 @@ async fn register(
     responses(
         (status = 200, description = "A signed access token", body = TokenResponse,
             headers(("Cache-Control" = String, description = "no-store"), ("X-Position" = u64, description = "global position of the login event"))),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`invalid_credentials`, one body for every failure: unknown email, wrong password, inactive or locked account", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 16 KiB", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "`throttled`: too many password checks waiting; see Retry-After. Answered like a refusal, for a known and an unknown email alike", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The message store is out of reach; retry after `Retry-After`. Answered like a refusal, for a known and an unknown email alike", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
     ))]
 async fn login(
     State(state): State<AppState>,
@@ -241,10 +299,8 @@ async fn login(
     responses(
         (status = 200, description = "Active; repeating it changes nothing and answers the current position", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the account's last event"))),
-        (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+        AdminRefusals,
+        StoreOutOfReach,
     ))]
 async fn activate(
     State(state): State<AppState>,
@@ -261,11 +317,9 @@ async fn activate(
     responses(
         (status = 200, description = "Deactivated; repeating it changes nothing and answers the current position", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the account's last event"))),
-        (status = 401, description = "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the admin role", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`cannot_deactivate_self`: an administrator's own account; `last_administrator`: no other administrator is active (of two administrators deactivating each other at once, one gets it)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+        AdminRefusals,
+        StoreOutOfReach,
     ))]
 async fn deactivate(
     State(state): State<AppState>,
@@ -287,16 +341,14 @@ async fn deactivate(
     responses(
         (status = 200, description = "Changed", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the PasswordChanged event"))),
-        (status = 400, description = "Malformed JSON", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`invalid_token`, or `invalid_credentials` when the current password is wrong (counted as a failed login) or the account is locked", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token is another user's", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`account_inactive`: the account is deactivated", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 16 KiB", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "The new password breaks the policy, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password checks waiting", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The message store is out of reach; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
+        StoreOutOfReach,
     ))]
 async fn change_password(
     State(state): State<AppState>,
