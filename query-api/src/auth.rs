@@ -20,10 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
-use axum::http::header;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use identity::{Role, UserId};
+use identity::{AccountStatus, Role, UserId};
 use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
@@ -62,7 +61,7 @@ impl AuthenticatedCaller {
         let own = held.profiles.iter().find(|profile| profile.id == self.id);
         let active = match own {
             Some(profile) if state.freshness.covers(held.checkpoint, Instant::now()) => {
-                profile.status == "active"
+                profile.status == AccountStatus::Active.name()
             }
             _ => history::current_account(state.store.as_ref(), UserId::from_uuid(self.id))
                 .await?
@@ -105,27 +104,18 @@ impl FromRequestParts<AppState> for AuthenticatedCaller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                let (scheme, token) = value.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())
-            })
-            .ok_or(ApiError::Unauthenticated)?;
+        let token =
+            platform::http::bearer_token(&parts.headers).ok_or(ApiError::Unauthenticated)?;
         let claims = state
             .tokens
             .verify(&state.verifier, token, state.clock.now())
             .map_err(|error| {
-                tracing::info!(reason = ?error, "refused a bearer token");
+                tracing::debug!(reason = %error, "a bearer token was refused");
                 ApiError::Unauthenticated
             })?;
         Ok(Self {
             id: claims.sub,
-            is_admin: claims.has_role("admin"),
+            is_admin: claims.has_role(Role::Admin.name()),
         })
     }
 }

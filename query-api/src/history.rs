@@ -4,8 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use identity::{
-    Account, AccountStatus, EventDecodeError, LoginEvent, LoginState, Role, UserAccount, UserEvent,
-    UserId, event_version, login_stream_name, user_stream_name,
+    Account, EventDecodeError, LoginEvent, LoginState, UserAccount, UserEvent, UserId,
+    event_version, login_stream_name, user_stream_name,
 };
 use message_store::{MessageStore, RecordedMessage, StoreError, StreamName};
 use serde::Serialize;
@@ -199,7 +199,7 @@ pub async fn profile_as_of(
     Ok(Some(Profile {
         id: *account.id.as_uuid(),
         email: account.email.as_str().to_owned(),
-        status: status_name(account.status).to_owned(),
+        status: account.status.name().to_owned(),
         registered_at: account.registered_at,
         activated_at,
         deactivated_at,
@@ -208,22 +208,7 @@ pub async fn profile_as_of(
         roles: account
             .roles
             .iter()
-            .map(|role| role_name(*role).to_owned())
+            .map(|role| role.name().to_owned())
             .collect(),
     }))
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::User => "user",
-        Role::Admin => "admin",
-    }
-}
-
-pub fn status_name(status: AccountStatus) -> &'static str {
-    match status {
-        AccountStatus::Pending => "pending",
-        AccountStatus::Active => "active",
-        AccountStatus::Deactivated => "deactivated",
-    }
 }

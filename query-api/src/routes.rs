@@ -4,13 +4,13 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Request, State};
-use axum::http::{HeaderName, header};
+use axum::http::HeaderName;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use identity::{Email, UserId};
+use identity::{AccountStatus, Email, UserId};
 use platform::openapi::BearerAuth;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -358,18 +358,7 @@ pub async fn list(
             next_cursor: None,
         }));
     }
-    let status = match query.status.as_deref() {
-        None => StatusFilter::All,
-        Some("pending") => StatusFilter::Pending,
-        Some("active") => StatusFilter::Active,
-        Some("deactivated") => StatusFilter::Deactivated,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "status",
-                "must be pending, active or deactivated",
-            ));
-        }
-    };
+    let status = StatusFilter::parse(query.status.as_deref())?;
     let limit = page_size(
         query.limit.as_deref(),
         state.settings.default_page_size,
@@ -414,19 +403,32 @@ enum StatusFilter {
 }
 
 impl StatusFilter {
+    const EVERY: [Self; 4] = [Self::All, Self::Pending, Self::Active, Self::Deactivated];
+
+    /// The filter a `status` parameter names; all accounts without one.
+    fn parse(status: Option<&str>) -> Result<Self, ApiError> {
+        let Some(status) = status else {
+            return Ok(Self::All);
+        };
+        Self::EVERY
+            .into_iter()
+            .find(|filter| filter.name() == Some(status))
+            .ok_or_else(|| ApiError::invalid("status", "must be pending, active or deactivated"))
+    }
+
+    /// The status the users view writes for the accounts of this filter; none for all.
     fn name(self) -> Option<&'static str> {
-        match self {
-            Self::All => None,
-            Self::Pending => Some("pending"),
-            Self::Active => Some("active"),
-            Self::Deactivated => Some("deactivated"),
-        }
+        let status = match self {
+            Self::All => return None,
+            Self::Pending => AccountStatus::Pending,
+            Self::Active => AccountStatus::Active,
+            Self::Deactivated => AccountStatus::Deactivated,
+        };
+        Some(status.name())
     }
 
     fn from_tag(tag: u8) -> Option<Self> {
-        [Self::All, Self::Pending, Self::Active, Self::Deactivated]
-            .into_iter()
-            .find(|filter| *filter as u8 == tag)
+        Self::EVERY.into_iter().find(|filter| *filter as u8 == tag)
     }
 }
 
@@ -532,20 +534,20 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 /// The keys that verify tokens, for services that verify them offline.
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "keys",
     responses((status = 200, description = "a JSON Web Key Set")))]
-pub async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CACHE_CONTROL, "public, max-age=300")],
-        Json(state.verifier.jwks()),
-    )
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    platform::http::jwks_response(state.verifier.jwks())
 }
 
 /// Ready when the read model and the message store answer.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready"), (status = 503, description = "a dependency is unreachable")))]
-pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state.read_model.ping().await?;
-    state.store.ping().await?;
-    Ok("ready")
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let (read_model, store) = tokio::join!(state.read_model.ping(), state.store.ping());
+    // As text: the two fail with errors of different types, and only their message is logged.
+    platform::http::readiness([
+        ("read model", read_model.map_err(|error| error.to_string())),
+        ("message store", store.map_err(|error| error.to_string())),
+    ])
 }
 
 #[derive(OpenApi)]
@@ -559,4 +561,18 @@ pub struct ApiDoc;
 
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_filter_is_read_back_from_its_name_and_from_its_tag() {
+        for filter in StatusFilter::EVERY {
+            assert_eq!(StatusFilter::parse(filter.name()).ok(), Some(filter));
+            assert_eq!(StatusFilter::from_tag(filter as u8), Some(filter));
+        }
+        assert!(StatusFilter::parse(Some("sleeping")).is_err());
+    }
 }
