@@ -45,6 +45,15 @@ use crate::view::{Change, UserRow, apply_all};
 const COLUMNS: &str = "id, email, email_normalized, status, registered_at, activated_at, \
      deactivated_at, last_login_at, login_count, failed_logins, locked_until, roles, position";
 
+/// How an upsert of the view's rows treats a row that exists: every column takes the new value.
+const REPLACE_ON_CONFLICT: &str = "ON CONFLICT (id) DO UPDATE SET \
+     email = excluded.email, email_normalized = excluded.email_normalized, \
+     status = excluded.status, registered_at = excluded.registered_at, \
+     activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
+     last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
+     failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
+     roles = excluded.roles, position = excluded.position";
+
 /// Rows per upsert statement when a commit writes many.
 const UPSERT_ROWS: usize = 10_000;
 
@@ -487,13 +496,7 @@ async fn pg_upsert(
               AS r(id, email, email_normalized, status, registered_at, activated_at, \
                    deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
                    roles, position) \
-         ON CONFLICT (id) DO UPDATE SET \
-             email = excluded.email, email_normalized = excluded.email_normalized, \
-             status = excluded.status, registered_at = excluded.registered_at, \
-             activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
-             last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
-             failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
-             roles = excluded.roles, position = excluded.position",
+         {REPLACE_ON_CONFLICT}",
         table = target.table
     );
     sqlx::query(&sql)
@@ -548,13 +551,7 @@ async fn sqlite_upsert(
 ) -> Result<(), sqlx::Error> {
     let upsert = format!(
         "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-         ON CONFLICT (id) DO UPDATE SET \
-             email = excluded.email, email_normalized = excluded.email_normalized, \
-             status = excluded.status, registered_at = excluded.registered_at, \
-             activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
-             last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
-             failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
-             roles = excluded.roles, position = excluded.position",
+         {REPLACE_ON_CONFLICT}",
         target.table
     );
     for row in rows {
