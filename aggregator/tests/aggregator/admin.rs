@@ -4,9 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use aggregator::projector::USERS_VERSION;
+use aggregator::read_model::Checkpoint;
+use aggregator::view::UserRow;
 use aggregator::{Outcome, Projector, Target, admin};
 
-use crate::support::{Writer, concurrent_writers, drain, env, options, settle};
+use crate::support::{Env, Writer, concurrent_writers, drain, env, options, settle, wait_for_rows};
 
 #[tokio::test]
 async fn migrations_apply_twice_beside_the_message_store() {
@@ -22,22 +24,11 @@ async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
     let writer = concurrent_writers(&env.store, 3, 10, 5).await;
     let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
     drain(&mut projector, &env.read_model, writer.last()).await;
-    let live = env.read_model.rows(&Target::USERS).await.unwrap();
+    let live = env.users_view().await;
     assert_eq!(live, writer.expected_rows());
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let checkpoint = env.users_checkpoint().await;
 
-    admin::rebuild(&env.store, &env.read_model, "users", 11)
-        .await
-        .unwrap();
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), live);
-    assert_eq!(
-        env.read_model.checkpoint("users").await.unwrap().unwrap(),
-        checkpoint
-    );
-    assert_eq!(
-        env.read_model.checkpoint("users:rebuild").await.unwrap(),
-        None
-    );
+    rebuild_and_expect_the_same_view(&env, &live, checkpoint).await;
     // The indexes carry the migrations' names again.
     let indexes: Vec<String> =
         sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = 'users' ORDER BY 1")
@@ -55,25 +46,25 @@ async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
     );
 
     admin::reset(&env.read_model, "users").await.unwrap();
-    assert!(
-        env.read_model
-            .rows(&Target::USERS)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(
-        env.read_model
-            .checkpoint("users")
-            .await
-            .unwrap()
-            .unwrap()
-            .position,
-        0
-    );
+    assert!(env.users_view().await.is_empty());
+    assert_eq!(env.users_checkpoint().await.position, 0);
     // The same worker notices that its checkpoint moved and replays from zero.
     drain(&mut projector, &env.read_model, writer.last()).await;
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), live);
+    assert_eq!(env.users_view().await, live);
+}
+
+/// Rebuilds the users view while nothing is appended, and checks that the live view comes out
+/// as it went in: the same `rows` at the same `checkpoint`, and no rebuild's checkpoint left.
+async fn rebuild_and_expect_the_same_view(env: &Env, rows: &[UserRow], checkpoint: Checkpoint) {
+    admin::rebuild(&env.store, &env.read_model, "users", 11)
+        .await
+        .unwrap();
+    assert_eq!(env.users_view().await, rows);
+    assert_eq!(env.users_checkpoint().await, checkpoint);
+    assert_eq!(
+        env.read_model.checkpoint("users:rebuild").await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -102,16 +93,7 @@ async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches
     background.await.unwrap();
 
     // The rebuilt view is swapped in under the live worker, which carries on from its checkpoint.
-    let expected = writer.expected_rows();
-    let mut rows = Vec::new();
-    for _ in 0..500 {
-        rows = env.read_model.rows(&Target::USERS).await.unwrap();
-        if rows == expected {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(rows, expected);
+    wait_for_rows(&env, &writer).await;
     live_task.abort();
 }
 
@@ -131,10 +113,7 @@ async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_vi
         },
     );
     drain(&mut projector, &env.read_model, writer.last()).await;
-    assert_eq!(
-        env.read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    assert_eq!(env.users_view().await, writer.expected_rows());
 }
 
 #[tokio::test]
@@ -146,7 +125,7 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
     let mut old = Projector::users(env.store.clone(), env.read_model.clone(), options(5))
         .with_version(USERS_VERSION - 1);
     drain(&mut old, &env.read_model, writer.last()).await;
-    let before = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let before = env.users_checkpoint().await;
     assert_eq!(before.version, USERS_VERSION - 1);
 
     // This build rebuilds the view; nothing was appended meanwhile, so the rebuild ends exactly
@@ -155,8 +134,8 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
         .await
         .unwrap();
     assert_eq!(rebuilt.position, before.position);
-    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let rows = env.users_view().await;
+    let checkpoint = env.users_checkpoint().await;
     assert_eq!(checkpoint.version, USERS_VERSION);
 
     // More events: the old worker, its rows and checkpoint cached, must not fold them into the
@@ -172,19 +151,13 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
             "the old worker applied a batch: {outcome:?}"
         );
     }
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
-    assert_eq!(
-        env.read_model.checkpoint("users").await.unwrap().unwrap(),
-        checkpoint
-    );
+    assert_eq!(env.users_view().await, rows);
+    assert_eq!(env.users_checkpoint().await, checkpoint);
 
     // A worker of this build carries on.
     let mut current = Projector::users(env.store.clone(), env.read_model.clone(), options(5));
     drain(&mut current, &env.read_model, writer.last()).await;
-    assert_eq!(
-        env.read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    assert_eq!(env.users_view().await, writer.expected_rows());
 }
 
 #[tokio::test]
@@ -193,9 +166,9 @@ async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live
     let writer = concurrent_writers(&env.store, 3, 20, 6).await;
     let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
     drain(&mut live, &env.read_model, writer.last()).await;
-    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    let rows = env.users_view().await;
     assert_eq!(rows, writer.expected_rows());
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let checkpoint = env.users_checkpoint().await;
 
     // A rebuild that commits every few rows, killed once several of its commits are in.
     let rebuilding = {
@@ -241,29 +214,12 @@ async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live
     let half_built = env.read_model.rows(&Target::USERS_REBUILD).await.unwrap();
     assert!(!half_built.is_empty() && half_built.len() < rows.len());
     // The live view is untouched.
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
-    assert_eq!(
-        env.read_model.checkpoint("users").await.unwrap().unwrap(),
-        checkpoint
-    );
+    assert_eq!(env.users_view().await, rows);
+    assert_eq!(env.users_checkpoint().await, checkpoint);
 
-    admin::rebuild(&env.store, &env.read_model, "users", 11)
-        .await
-        .unwrap();
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
-    assert_eq!(
-        env.read_model.checkpoint("users").await.unwrap().unwrap(),
-        checkpoint
-    );
-    assert_eq!(
-        env.read_model.checkpoint("users:rebuild").await.unwrap(),
-        None
-    );
+    rebuild_and_expect_the_same_view(&env, &rows, checkpoint).await;
     // The live worker carries on from there.
     writer.random_history(2, 2).await;
     drain(&mut live, &env.read_model, writer.last()).await;
-    assert_eq!(
-        env.read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    assert_eq!(env.users_view().await, writer.expected_rows());
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use aggregator::read_model::Checkpoint;
 use aggregator::view::UserRow;
 use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -29,33 +30,46 @@ pub struct Env {
     pub db: TestDatabase,
 }
 
+impl Env {
+    /// The rows of the live users view.
+    pub async fn users_view(&self) -> Vec<UserRow> {
+        self.read_model.rows(&Target::USERS).await.unwrap()
+    }
+
+    /// The live users view's checkpoint, which the test expects to exist.
+    pub async fn users_checkpoint(&self) -> Checkpoint {
+        self.read_model.checkpoint("users").await.unwrap().unwrap()
+    }
+}
+
 /// The store and the read model in one database.
 pub async fn env() -> Env {
-    platform::metrics::handle();
-    let db = TestDatabase::new().await;
-    let store = connect_store(db.url()).await;
-    let read_model = read_model(db.url()).await;
-    Env {
-        store,
-        read_model,
-        read_model_url: db.url().to_owned(),
-        _read_model_db: None,
-        db,
-    }
+    env_with_read_model(ReadModelDatabase::TheStores).await
 }
 
 /// The read model in a database of its own.
 pub async fn env_apart() -> Env {
+    env_with_read_model(ReadModelDatabase::ItsOwn).await
+}
+
+enum ReadModelDatabase {
+    TheStores,
+    ItsOwn,
+}
+
+async fn env_with_read_model(database: ReadModelDatabase) -> Env {
     platform::metrics::handle();
     let db = TestDatabase::new().await;
-    let rm = db.sibling("rm").await;
-    let store = connect_store(db.url()).await;
-    let read_model = read_model(rm.url()).await;
+    let read_model_db = match database {
+        ReadModelDatabase::TheStores => None,
+        ReadModelDatabase::ItsOwn => Some(db.sibling("rm").await),
+    };
+    let read_model_url = read_model_db.as_ref().unwrap_or(&db).url().to_owned();
     Env {
-        store,
-        read_model,
-        read_model_url: rm.url().to_owned(),
-        _read_model_db: Some(rm),
+        store: connect_store(db.url()).await,
+        read_model: read_model(&read_model_url).await,
+        read_model_url,
+        _read_model_db: read_model_db,
         db,
     }
 }
@@ -122,6 +136,19 @@ pub async fn settle(store: &Arc<dyn MessageStore>, until: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("position {until} did not become readable");
+}
+
+/// Waits until the live users view holds the rows `writer` expects (a worker running beside
+/// the test brings them), and fails if it does not within ten seconds.
+pub async fn wait_for_rows(env: &Env, writer: &Writer) {
+    let expected = writer.expected_rows();
+    for _ in 0..500 {
+        if env.users_view().await == expected {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.users_view().await, expected);
 }
 
 /// The view's rows after draining a fresh projector over `store` into a fresh database: what a
@@ -195,6 +222,7 @@ impl Writer {
         appended.last_global_position() as i64
     }
 
+    /// Appends `event` to the user's stream and returns its position.
     async fn user_event(&self, id: Uuid, event: UserEvent) -> i64 {
         self.append(
             user_stream_name(UserId::from_uuid(id)),
@@ -204,13 +232,32 @@ impl Writer {
         .await
     }
 
-    async fn login_event(&self, id: Uuid, event: LoginEvent) -> i64 {
-        self.append(
-            login_stream_name(UserId::from_uuid(id)),
-            event.event_type(),
-            event.to_json(),
-        )
-        .await
+    /// Appends `event` to the user's stream, and `change`s the user's expected row with it.
+    async fn user_event_changing(
+        &self,
+        id: Uuid,
+        event: UserEvent,
+        change: impl FnOnce(&mut UserRow),
+    ) {
+        let position = self.user_event(id, event).await;
+        self.update(id, position, change);
+    }
+
+    /// Appends `event` to the user's login stream, and `change`s the user's expected row with it.
+    async fn login_event_changing(
+        &self,
+        id: Uuid,
+        event: LoginEvent,
+        change: impl FnOnce(&mut UserRow),
+    ) {
+        let position = self
+            .append(
+                login_stream_name(UserId::from_uuid(id)),
+                event.event_type(),
+                event.to_json(),
+            )
+            .await;
+        self.update(id, position, change);
     }
 
     pub async fn register(&self, id: Uuid, active: bool, t: i64) {
@@ -267,65 +314,51 @@ impl Writer {
     }
 
     pub async fn activate(&self, id: Uuid, t: i64) {
-        let position = self
-            .user_event(id, UserActivated { at: at(t) }.into())
-            .await;
-        self.update(id, position, |row| {
+        self.user_event_changing(id, UserActivated { at: at(t) }.into(), |row| {
             row.status = "active".into();
             row.activated_at = Some(at(t));
-        });
+        })
+        .await;
     }
 
     pub async fn deactivate(&self, id: Uuid, t: i64) {
-        let position = self
-            .user_event(id, UserDeactivated { at: at(t) }.into())
-            .await;
-        self.update(id, position, |row| {
+        self.user_event_changing(id, UserDeactivated { at: at(t) }.into(), |row| {
             row.status = "deactivated".into();
             row.deactivated_at = Some(at(t));
-        });
+        })
+        .await;
     }
 
     pub async fn login(&self, id: Uuid, t: i64) {
         let count = self.row(id).login_count as u64 + 1;
-        let position = self
-            .login_event(
-                id,
-                LoginSucceeded {
-                    at: at(t),
-                    login_count: count,
-                }
-                .into(),
-            )
-            .await;
-        self.update(id, position, |row| {
+        let succeeded = LoginSucceeded {
+            at: at(t),
+            login_count: count,
+        };
+        self.login_event_changing(id, succeeded.into(), |row| {
             row.last_login_at = Some(at(t));
             row.login_count = count as i64;
             row.failed_logins = 0;
             row.locked_until = None;
-        });
+        })
+        .await;
     }
 
     pub async fn fail_login(&self, id: Uuid, t: i64) {
         let before = self.row(id);
         let failed = before.failed_logins as u32 + 1;
         let locked_until = (failed >= 3).then(|| at(t + 300));
-        let position = self
-            .login_event(
-                id,
-                LoginFailed {
-                    at: at(t),
-                    failed_in_a_row: failed,
-                    locked_until,
-                    login_count: before.login_count as u64,
-                }
-                .into(),
-            )
-            .await;
-        self.update(id, position, |row| {
+        let failure = LoginFailed {
+            at: at(t),
+            failed_in_a_row: failed,
+            locked_until,
+            login_count: before.login_count as u64,
+        };
+        self.login_event_changing(id, failure.into(), |row| {
             row.failed_logins = failed as i32;
             row.locked_until = locked_until;
-        });
+        })
+        .await;
     }
 
     /// `users` new users, each followed by `ops` random events of theirs.

@@ -9,7 +9,7 @@ use test_support::FreezingProxy;
 
 use crate::support::{
     Writer, append_raw, clean_rebuild, concurrent_writers, connect_store, drain, env, env_apart,
-    http_get, options, projection_metric, read_model, settle, users_view_named,
+    http_get, options, projection_metric, read_model, settle, users_view_named, wait_for_rows,
 };
 
 #[tokio::test]
@@ -25,7 +25,7 @@ async fn concurrent_writers_committing_out_of_order_end_in_the_fold_of_every_eve
     let writer = writing.await.unwrap();
     drain(&mut projector, &env.read_model, writer.last()).await;
 
-    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    let rows = env.users_view().await;
     assert_eq!(rows.len(), 6 * 15);
     assert_eq!(rows, writer.expected_rows());
 }
@@ -52,7 +52,7 @@ async fn a_worker_killed_at_random_points_resumes_to_the_view_of_a_clean_rebuild
     let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(50));
     drain(&mut projector, &env.read_model, writer.last()).await;
 
-    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
+    let rows = env.users_view().await;
     assert_eq!(rows, writer.expected_rows());
     assert_eq!(
         rows,
@@ -71,12 +71,7 @@ async fn of_two_workers_on_one_projection_one_works_and_the_other_takes_over_whe
     let first_task = tokio::spawn(first.run(async move {
         let _ = first_stopped.await;
     }));
-    wait_until(|| {
-        first_stats
-            .holds_lock
-            .load(std::sync::atomic::Ordering::Relaxed)
-    })
-    .await;
+    wait_until(|| first_stats.holds_lock.load(Relaxed)).await;
     let second_task = tokio::spawn(second.run(std::future::pending()));
 
     writer.random_history(10, 3).await;
@@ -92,39 +87,16 @@ async fn of_two_workers_on_one_projection_one_works_and_the_other_takes_over_whe
             .starts_with("aggregator users")
     );
     assert_eq!(status[0].lag, 0);
-    assert!(
-        first_stats
-            .events_applied
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
-    assert_eq!(
-        second_stats
-            .events_applied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
-    assert!(
-        !second_stats
-            .holds_lock
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
+    assert!(first_stats.events_applied.load(Relaxed) > 0);
+    assert_eq!(second_stats.events_applied.load(Relaxed), 0);
+    assert!(!second_stats.holds_lock.load(Relaxed));
 
     stop_first.send(()).unwrap();
     first_task.await.unwrap();
     writer.random_history(10, 3).await;
     wait_for_rows(&env, &writer).await;
-    assert!(
-        second_stats
-            .holds_lock
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
-    assert!(
-        second_stats
-            .events_applied
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert!(second_stats.holds_lock.load(Relaxed));
+    assert!(second_stats.events_applied.load(Relaxed) > 0);
     second_task.abort();
 }
 
@@ -136,17 +108,6 @@ async fn wait_until(condition: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out");
-}
-
-async fn wait_for_rows(env: &crate::support::Env, writer: &Writer) {
-    let expected = writer.expected_rows();
-    for _ in 0..500 {
-        if env.read_model.rows(&Target::USERS).await.unwrap() == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), expected);
 }
 
 #[tokio::test]
@@ -282,10 +243,7 @@ async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
         "{outcome:?}"
     );
     // What came before it is applied.
-    assert_eq!(
-        env.read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    assert_eq!(env.users_view().await, writer.expected_rows());
 }
 
 #[tokio::test]
@@ -339,8 +297,8 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
     let dir = std::env::temp_dir().join(format!("aggregator-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("identity.db").display());
-    let store = crate::support::connect_store(&url).await;
-    let read_model = crate::support::read_model(&url).await;
+    let store = connect_store(&url).await;
+    let read_model = read_model(&url).await;
     let writer = Writer::new(store.clone());
     writer.random_history(5, 4).await;
     let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
@@ -404,8 +362,8 @@ async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_an
     assert!(!standby_stats.holds_lock.load(Relaxed));
 
     let applied_by_holder = holder_stats.events_applied.load(Relaxed);
-    let rows = env.read_model.rows(&Target::USERS).await.unwrap();
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let rows = env.users_view().await;
+    let checkpoint = env.users_checkpoint().await;
     standby_link.freeze();
     holder_link.freeze();
     let cut_at = Instant::now();
@@ -436,16 +394,8 @@ async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_an
     // The holder's link heals: what it held back reaches the server, and writes nothing.
     holder_link.thaw();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(env.read_model.rows(&Target::USERS).await.unwrap(), rows);
-    assert_eq!(
-        env.read_model
-            .checkpoint("users")
-            .await
-            .unwrap()
-            .unwrap()
-            .position,
-        checkpoint.position
-    );
+    assert_eq!(env.users_view().await, rows);
+    assert_eq!(env.users_checkpoint().await.position, checkpoint.position);
 
     // The standby gets the store back and projects what the holder could not.
     standby_link.thaw();
@@ -485,6 +435,6 @@ async fn a_view_ahead_of_its_store_halts_the_projection_and_says_to_rebuild() {
         reason.contains("aggregator rebuild") && reason.contains(&writer.last().to_string()),
         "{reason}"
     );
-    let checkpoint = env.read_model.checkpoint("users").await.unwrap().unwrap();
+    let checkpoint = env.users_checkpoint().await;
     assert_eq!(checkpoint.position, writer.last(), "the checkpoint moved");
 }
