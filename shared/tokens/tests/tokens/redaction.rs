@@ -1,7 +1,6 @@
 //! Keys and tokens never reach a log through `Debug` (design decision 11).
 
 use tokens::{Algorithm, KeySet, TokenIssuer};
-use uuid::Uuid;
 
 use crate::support::*;
 
@@ -48,9 +47,7 @@ fn the_debug_of_a_pem_and_of_an_issued_token_is_redacted() {
     let key = new_key(Algorithm::EdDSA);
     assert_eq!(format!("{:?}", key.to_pem().unwrap()), "[redacted]");
 
-    let issued = issuer_with(key)
-        .issue(Uuid::new_v4(), vec![], now())
-        .unwrap();
+    let issued = issue(&issuer_with(key));
     let debug = format!("{issued:?}");
     assert!(debug.contains("[redacted]"), "{debug}");
     for part in issued.token.expose_secret().split('.') {
@@ -61,7 +58,7 @@ fn the_debug_of_a_pem_and_of_an_issued_token_is_redacted() {
 #[test]
 fn a_refusal_says_why_without_quoting_the_token() {
     let issuer = issuer_with(new_key(Algorithm::ES256));
-    let issued = issuer.issue(Uuid::new_v4(), vec![], now()).unwrap();
+    let issued = issue(&issuer);
     let token = issued.token.expose_secret();
     let error = issuer
         .verifier()

@@ -23,7 +23,7 @@ fn a_rotation_keeps_every_live_token_valid_from_announcement_to_retirement() {
     let old = new_key(Algorithm::EdDSA);
     let next = new_key(Algorithm::EdDSA);
     let before = issuer_with(old.clone());
-    let old_token = before.issue(Uuid::new_v4(), vec![], now()).unwrap();
+    let old_token = issue(&before);
 
     // 1. Announce: the old key still signs, the next one is published.
     let announcing = TokenIssuer::new(
@@ -35,7 +35,7 @@ fn a_rotation_keeps_every_live_token_valid_from_announcement_to_retirement() {
         published_kids(&announced),
         BTreeSet::from([old.kid().to_owned(), next.kid().to_owned()])
     );
-    let announced_token = announcing.issue(Uuid::new_v4(), vec![], now()).unwrap();
+    let announced_token = issue(&announcing);
     assert!(announced_token.token.expose_secret().contains('.'));
 
     // 2. Switch: the next key signs, the old one stays published.
@@ -43,38 +43,18 @@ fn a_rotation_keeps_every_live_token_valid_from_announcement_to_retirement() {
         KeySet::new(next.clone(), vec![old.verification_key().clone()]).unwrap(),
         settings(),
     );
-    let new_token = switched.issue(Uuid::new_v4(), vec![], now()).unwrap();
+    let new_token = issue(&switched);
     assert_eq!(published_kids(&switched.jwks()), published_kids(&announced));
 
     // A service that fetched the JWKS during the announcement accepts tokens of both keys...
     let cached = TokenVerifier::from_jwks(&announced, settings()).unwrap();
-    assert!(
-        cached
-            .verify(new_token.token.expose_secret(), now())
-            .is_ok()
-    );
-    assert!(
-        cached
-            .verify(old_token.token.expose_secret(), now())
-            .is_ok()
-    );
+    assert!(verify_now(&cached, &new_token).is_ok());
+    assert!(verify_now(&cached, &old_token).is_ok());
     // ...and so does the issuer's own verifier after the switch.
     let verifier = switched.verifier();
-    assert!(
-        verifier
-            .verify(old_token.token.expose_secret(), now())
-            .is_ok()
-    );
-    assert!(
-        verifier
-            .verify(announced_token.token.expose_secret(), now())
-            .is_ok()
-    );
-    assert!(
-        verifier
-            .verify(new_token.token.expose_secret(), now())
-            .is_ok()
-    );
+    assert!(verify_now(&verifier, &old_token).is_ok());
+    assert!(verify_now(&verifier, &announced_token).is_ok());
+    assert!(verify_now(&verifier, &new_token).is_ok());
 
     // 3. Retire: only the next key is left, and the old key's tokens are refused.
     let retired = issuer_with(next.clone());
@@ -83,9 +63,7 @@ fn a_rotation_keeps_every_live_token_valid_from_announcement_to_retirement() {
         BTreeSet::from([next.kid().to_owned()])
     );
     assert_eq!(
-        retired
-            .verifier()
-            .verify(old_token.token.expose_secret(), now()),
+        verify_now(&retired.verifier(), &old_token),
         Err(TokenError::UnknownKey)
     );
 }
@@ -99,11 +77,7 @@ fn keys_of_both_algorithms_can_be_published_side_by_side() {
         .unwrap();
     let keys = KeySet::new(eddsa, vec![es256.verification_key().clone()]).unwrap();
     let verifier = TokenVerifier::from_jwks(&keys.jwks(), settings()).unwrap();
-    assert!(
-        verifier
-            .verify(es256_token.token.expose_secret(), now())
-            .is_ok()
-    );
+    assert!(verify_now(&verifier, &es256_token).is_ok());
 }
 
 #[test]

@@ -4,7 +4,10 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
-use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer, TokenSettings};
+use tokens::{
+    Algorithm, Claims, IssuedToken, KeySet, SigningKey, TokenError, TokenIssuer, TokenSettings,
+    TokenVerifier,
+};
 use uuid::Uuid;
 
 pub const ISSUER: &str = "https://identity.example.test";
@@ -30,6 +33,21 @@ pub fn new_key(algorithm: Algorithm) -> SigningKey {
 
 pub fn issuer_with(key: SigningKey) -> TokenIssuer {
     TokenIssuer::new(KeySet::from(key), settings())
+}
+
+/// The verifier of an issuer that signs with `key`.
+pub fn verifier_for(key: &SigningKey) -> TokenVerifier {
+    issuer_with(key.clone()).verifier()
+}
+
+/// A token for a new user with no roles, issued at [`now`].
+pub fn issue(issuer: &TokenIssuer) -> IssuedToken {
+    issuer.issue(Uuid::new_v4(), vec![], now()).unwrap()
+}
+
+/// What `verifier` makes of `issued` at [`now`].
+pub fn verify_now(verifier: &TokenVerifier, issued: &IssuedToken) -> Result<Claims, TokenError> {
+    verifier.verify(issued.token.expose_secret(), now())
 }
 
 pub fn fixture(name: &str) -> String {
