@@ -26,10 +26,9 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use message_store::{ConnectOptions, MessageStore};
-use platform::Problem;
+use platform::shutdown::Shutdown;
 use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -186,22 +185,12 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            stop.send_replace(true);
-        });
-        let wait = |mut stopped: watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|stopped| *stopped).await;
-        };
-        let router = router(Readiness {
-            store: self.store.clone(),
-            read_model: self.read_model.clone(),
-        });
+        let shutdown = Shutdown::on(shutdown);
+        let router = router_for(self.store.clone(), self.read_model.clone());
         let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(wait(stopped.clone()))
+            .with_graceful_shutdown(shutdown.stopped())
             .into_future();
-        let worker = self.projector.run(wait(stopped));
+        let worker = self.projector.run(shutdown.stopped());
         let (served, ()) = tokio::join!(server, worker);
         served.context("serving HTTP")
     }
@@ -215,31 +204,17 @@ struct Readiness {
 
 /// `/healthz` (alive), `/readyz` (both databases answer) and `/metrics`.
 pub fn router_for(store: Arc<dyn MessageStore>, read_model: ReadModelWriter) -> Router {
-    router(Readiness { store, read_model })
-}
-
-fn router(readiness: Readiness) -> Router {
     platform::http::with_common_layers(
         Router::new()
             .route("/readyz", get(ready))
-            .with_state(readiness),
+            .with_state(Readiness { store, read_model }),
     )
 }
 
 async fn ready(State(readiness): State<Readiness>) -> axum::response::Response {
     let (store, read_model) = tokio::join!(readiness.store.ping(), readiness.read_model.ping());
-    match (store, read_model) {
-        (Ok(()), Ok(())) => "ready".into_response(),
-        (store, read_model) => {
-            if let Err(error) = store {
-                tracing::warn!(%error, "readiness: the message store does not answer");
-            }
-            if let Err(error) = read_model {
-                tracing::warn!(%error, "readiness: the read model does not answer");
-            }
-            Problem::unavailable()
-                .with_detail("a database does not answer")
-                .into_response()
-        }
-    }
+    platform::http::readiness([
+        ("message store", store.map_err(|error| error.to_string())),
+        ("read model", read_model.map_err(|error| error.to_string())),
+    ])
 }
