@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{Database, Pool, Postgres, Row, Sqlite, Transaction};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,7 +23,27 @@ macro_rules! columns {
     };
 }
 
-const COLUMNS: &str = columns!();
+/// The rows the projection changed past a position, one more than wanted to tell whether
+/// there were more.
+const CHANGED_SINCE: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM users WHERE position > $1 LIMIT $2"
+);
+
+const BY_EMAIL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM users WHERE email_normalized = $1 ORDER BY id"
+);
+
+/// A page in id order, of one status or all.
+const LIST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM users WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR id > $2) \
+     ORDER BY id LIMIT $3"
+);
 
 /// Profiles with the users view's version and checkpoint, read in the same statement (one
 /// snapshot, whichever server answers it) and with one look at the checkpoint: the checkpoint
@@ -46,6 +66,22 @@ macro_rules! profiles_with_checkpoint {
 
 const PROFILE_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = $1");
 const PROFILES_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = ANY($1)");
+
+const CHECKPOINT: &str =
+    "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
+
+/// Runs `$read` on the pool the view is on, named `$pool`: written once for reads whose
+/// statements are the same on both engines, it compiles for each pool type (sqlx's pools share
+/// no trait to write them against without a page of bounds). What the engines do their own way
+/// is in [`ViewPool`] and [`UsersRow`].
+macro_rules! on_either_pool {
+    ($view:expr, |$pool:ident| $read:expr) => {
+        match $view {
+            UsersView::Postgres($pool) => $read,
+            UsersView::Sqlite($pool) => $read,
+        }
+    };
+}
 
 /// A user's profile as the users view holds it.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
@@ -195,12 +231,10 @@ impl UsersView {
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Postgres(pool) => retrying(pool, || sqlx::query("SELECT 1").execute(pool))
-                .await
-                .map(drop),
-            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
-        }
+        on_either_pool!(self, |pool| {
+            retrying(pool, || sqlx::query("SELECT 1").execute(pool)).await?;
+        });
+        Ok(())
     }
 
     /// The profiles of the accounts in `ids` that the view holds, in one round trip, each with
@@ -223,33 +257,20 @@ impl UsersView {
                     query.fetch_all(pool)
                 })
                 .await?;
-                rows.iter()
-                    .map(|row| {
-                        Ok(RowAtCheckpoint {
-                            row: pg_profile_row(row)?,
-                            version: row
-                                .try_get::<Option<i32>, _>("checkpoint_version")?
-                                .unwrap_or(0),
-                            checkpoint: to_position(row.try_get("checkpoint_position")?),
-                        })
-                    })
-                    .collect()
+                rows.iter().map(UsersRow::row_at_checkpoint).collect()
             }
+            // SQLite has no arrays: one lookup per id, each in a local file.
             Self::Sqlite(pool) => {
                 let mut found = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let row = sqlx::query(PROFILE_WITH_CHECKPOINT)
-                        .bind(id.to_string())
-                        .fetch_optional(pool)
-                        .await?;
+                    let row = retrying(pool, || {
+                        sqlx::query(PROFILE_WITH_CHECKPOINT)
+                            .bind(pool.id_parameter(*id))
+                            .fetch_optional(pool)
+                    })
+                    .await?;
                     if let Some(row) = row {
-                        found.push(RowAtCheckpoint {
-                            row: sqlite_profile_row(&row)?,
-                            version: row
-                                .try_get::<Option<i32>, _>("checkpoint_version")?
-                                .unwrap_or(0),
-                            checkpoint: to_position(row.try_get("checkpoint_position")?),
-                        });
+                        found.push(row.row_at_checkpoint()?);
                     }
                 }
                 Ok(found)
@@ -265,55 +286,28 @@ impl UsersView {
         position: u64,
         limit: usize,
     ) -> Result<ChangedRows, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE position > $1 LIMIT $2");
         let after = i64::try_from(position).unwrap_or(i64::MAX);
         let one_more = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
-        let ((version, checkpoint), rows) = match self {
-            Self::Postgres(pool) => {
-                let (checkpoint, rows) = retrying(pool, || async {
-                    let mut transaction = pool.begin().await?;
-                    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                        .execute(&mut *transaction)
-                        .await?;
-                    let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
-                        .bind(USERS_PROJECTION)
-                        .fetch_optional(&mut *transaction)
-                        .await?;
-                    let rows = sqlx::query(&sql)
-                        .bind(after)
-                        .bind(one_more)
-                        .fetch_all(&mut *transaction)
-                        .await?;
-                    transaction.commit().await?;
-                    Ok((checkpoint, rows))
-                })
-                .await?;
-                let rows = rows
-                    .iter()
-                    .map(pg_profile_row)
-                    .collect::<Result<Vec<_>, _>>()?;
-                (to_checkpoint(checkpoint), rows)
-            }
-            Self::Sqlite(pool) => {
-                // A read transaction in WAL mode is one snapshot.
-                let mut transaction = pool.begin().await?;
+        let (checkpoint, rows) = on_either_pool!(self, |pool| {
+            let (checkpoint, rows) = retrying(pool, || async {
+                let mut snapshot = pool.snapshot().await?;
                 let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
                     .bind(USERS_PROJECTION)
-                    .fetch_optional(&mut *transaction)
+                    .fetch_optional(&mut *snapshot)
                     .await?;
-                let rows = sqlx::query(&sql)
+                let rows = sqlx::query(CHANGED_SINCE)
                     .bind(after)
                     .bind(one_more)
-                    .fetch_all(&mut *transaction)
+                    .fetch_all(&mut *snapshot)
                     .await?;
-                transaction.commit().await?;
-                let rows = rows
-                    .iter()
-                    .map(sqlite_profile_row)
-                    .collect::<Result<Vec<_>, _>>()?;
-                (to_checkpoint(checkpoint), rows)
-            }
-        };
+                snapshot.commit().await?;
+                Ok((checkpoint, rows))
+            })
+            .await?;
+            let rows = rows.iter().map(UsersRow::profile_row);
+            (checkpoint, rows.collect::<Result<Vec<_>, _>>()?)
+        });
+        let (version, checkpoint) = to_checkpoint(checkpoint);
         let complete = rows.len() <= limit;
         Ok(ChangedRows {
             version,
@@ -326,18 +320,13 @@ impl UsersView {
     /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
     /// a change of address).
     pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE email_normalized = $1 ORDER BY id");
-        match self {
-            Self::Postgres(pool) => {
-                let rows =
-                    retrying(pool, || sqlx::query(&sql).bind(normalized).fetch_all(pool)).await?;
-                rows.iter().map(pg_profile).collect()
-            }
-            Self::Sqlite(pool) => {
-                let rows = sqlx::query(&sql).bind(normalized).fetch_all(pool).await?;
-                rows.iter().map(sqlite_profile).collect()
-            }
-        }
+        on_either_pool!(self, |pool| {
+            let rows = retrying(pool, || {
+                sqlx::query(BY_EMAIL).bind(normalized).fetch_all(pool)
+            })
+            .await?;
+            rows.iter().map(UsersRow::profile).collect()
+        })
     }
 
     /// Up to `limit` accounts after `after` in id order, of one status or all.
@@ -347,61 +336,39 @@ impl UsersView {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<Profile>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM users \
-             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR id > $2) \
-             ORDER BY id LIMIT $3"
-        );
-        match self {
-            Self::Postgres(pool) => {
-                let rows = retrying(pool, || {
-                    sqlx::query(&sql)
-                        .bind(status)
-                        .bind(after)
-                        .bind(i64::from(limit))
-                        .fetch_all(pool)
-                })
-                .await?;
-                rows.iter().map(pg_profile).collect()
-            }
-            Self::Sqlite(pool) => {
-                let rows = sqlx::query(&sql)
+        on_either_pool!(self, |pool| {
+            let rows = retrying(pool, || {
+                sqlx::query(LIST)
                     .bind(status)
-                    .bind(after.map(|id| id.to_string()))
+                    .bind(after.map(|id| pool.id_parameter(id)))
                     .bind(i64::from(limit))
                     .fetch_all(pool)
-                    .await?;
-                rows.iter().map(sqlite_profile).collect()
-            }
-        }
+            })
+            .await?;
+            rows.iter().map(UsersRow::profile).collect()
+        })
     }
 
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
-        let row: Option<(i32, i64)> = match self {
-            Self::Postgres(pool) => {
-                retrying(pool, || {
-                    sqlx::query_as(CHECKPOINT)
-                        .bind(USERS_PROJECTION)
-                        .fetch_optional(pool)
-                })
-                .await?
-            }
-            Self::Sqlite(pool) => {
+        let row: Option<(i32, i64)> = on_either_pool!(self, |pool| {
+            retrying(pool, || {
                 sqlx::query_as(CHECKPOINT)
                     .bind(USERS_PROJECTION)
                     .fetch_optional(pool)
-                    .await?
-            }
-        };
+            })
+            .await?
+        });
         Ok(to_checkpoint(row))
     }
 }
 
 /// Runs `read` again when its pooled connection had died in a database restart, as the
-/// message store does ([`message_store::database::retrying_lost_connections`]).
-async fn retrying<T, Reading, Fut>(pool: &PgPool, read: Reading) -> Result<T, sqlx::Error>
+/// message store does ([`message_store::database::retrying_lost_connections`]). On SQLite, a
+/// file, connections do not die that way: a read runs once, unless it fails with an I/O error.
+async fn retrying<DB, T, Reading, Fut>(pool: &Pool<DB>, read: Reading) -> Result<T, sqlx::Error>
 where
+    DB: Database,
     Reading: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
@@ -409,60 +376,212 @@ where
         .await
 }
 
-fn pg_profile(row: &PgRow) -> Result<Profile, sqlx::Error> {
-    Ok(Profile {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        status: row.try_get("status")?,
-        registered_at: row.try_get("registered_at")?,
-        activated_at: row.try_get("activated_at")?,
-        deactivated_at: row.try_get("deactivated_at")?,
-        last_login_at: row.try_get("last_login_at")?,
-        login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
-        roles: row.try_get("roles")?,
-    })
+/// What the two engines do their own way, besides decoding rows ([`UsersRow`]).
+trait ViewPool {
+    type Database: Database;
+    /// An account id as a query parameter.
+    type Id;
+
+    /// `id` as the users view stores it: a uuid on PostgreSQL, text on SQLite.
+    fn id_parameter(&self, id: Uuid) -> Self::Id;
+
+    /// A read-only transaction that sees one snapshot of the view.
+    async fn snapshot(&self) -> Result<Transaction<'static, Self::Database>, sqlx::Error>;
 }
 
-const CHECKPOINT: &str =
-    "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
+impl ViewPool for PgPool {
+    type Database = Postgres;
+    type Id = Uuid;
+
+    fn id_parameter(&self, id: Uuid) -> Uuid {
+        id
+    }
+
+    async fn snapshot(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut transaction = self.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *transaction)
+            .await?;
+        Ok(transaction)
+    }
+}
+
+impl ViewPool for SqlitePool {
+    type Database = Sqlite;
+    type Id = String;
+
+    fn id_parameter(&self, id: Uuid) -> String {
+        id.to_string()
+    }
+
+    /// A read transaction in WAL mode is one snapshot (and the pool's connections only read).
+    async fn snapshot(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.begin().await
+    }
+}
 
 fn to_checkpoint(row: Option<(i32, i64)>) -> (i32, u64) {
     row.map_or((0, 0), |(version, position)| {
-        (version, to_position(Some(position)))
+        (version, unsigned(Some(position)))
     })
 }
 
-fn to_position(position: Option<i64>) -> u64 {
-    position.map_or(0, |position| u64::try_from(position).unwrap_or(0))
+/// A position or a count, which the database stores signed; none (no checkpoint yet) is 0.
+fn unsigned(stored: Option<i64>) -> u64 {
+    stored.map_or(0, |stored| u64::try_from(stored).unwrap_or(0))
 }
 
-fn pg_profile_row(row: &PgRow) -> Result<ProfileRow, sqlx::Error> {
-    Ok(ProfileRow {
-        profile: pg_profile(row)?,
-        position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
-    })
+/// A row of the users view, on either engine.
+trait UsersRow {
+    fn profile(&self) -> Result<Profile, sqlx::Error>;
+
+    fn profile_row(&self) -> Result<ProfileRow, sqlx::Error>;
+
+    /// The row with the view's version and checkpoint, read in the same statement.
+    fn row_at_checkpoint(&self) -> Result<RowAtCheckpoint, sqlx::Error>;
 }
 
-fn sqlite_profile_row(row: &SqliteRow) -> Result<ProfileRow, sqlx::Error> {
-    Ok(ProfileRow {
-        profile: sqlite_profile(row)?,
-        position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
-    })
+/// [`UsersRow`] for one engine's rows: the columns are decoded alike on both but for the two
+/// that `id` and `roles` decode, which SQLite stores as text.
+macro_rules! impl_users_row {
+    ($row:ty, id: $id:expr, roles: $roles:expr) => {
+        impl UsersRow for $row {
+            fn profile(&self) -> Result<Profile, sqlx::Error> {
+                Ok(Profile {
+                    id: $id(self)?,
+                    email: self.try_get("email")?,
+                    status: self.try_get("status")?,
+                    registered_at: self.try_get("registered_at")?,
+                    activated_at: self.try_get("activated_at")?,
+                    deactivated_at: self.try_get("deactivated_at")?,
+                    last_login_at: self.try_get("last_login_at")?,
+                    login_count: unsigned(self.try_get("login_count")?),
+                    roles: $roles(self)?,
+                })
+            }
+
+            fn profile_row(&self) -> Result<ProfileRow, sqlx::Error> {
+                Ok(ProfileRow {
+                    profile: self.profile()?,
+                    position: unsigned(self.try_get("position")?),
+                })
+            }
+
+            fn row_at_checkpoint(&self) -> Result<RowAtCheckpoint, sqlx::Error> {
+                Ok(RowAtCheckpoint {
+                    row: self.profile_row()?,
+                    version: self
+                        .try_get::<Option<i32>, _>("checkpoint_version")?
+                        .unwrap_or(0),
+                    checkpoint: unsigned(self.try_get("checkpoint_position")?),
+                })
+            }
+        }
+    };
 }
 
-fn sqlite_profile(row: &SqliteRow) -> Result<Profile, sqlx::Error> {
+impl_users_row!(
+    PgRow,
+    id: |row: &PgRow| row.try_get("id"),
+    roles: |row: &PgRow| row.try_get("roles")
+);
+impl_users_row!(SqliteRow, id: sqlite_id, roles: sqlite_roles);
+
+fn sqlite_id(row: &SqliteRow) -> Result<Uuid, sqlx::Error> {
     let id: String = row.try_get("id")?;
+    Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+/// A JSON array in text.
+fn sqlite_roles(row: &SqliteRow) -> Result<Vec<String>, sqlx::Error> {
     let roles: String = row.try_get("roles")?;
-    Ok(Profile {
-        id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-        email: row.try_get("email")?,
-        status: row.try_get("status")?,
-        registered_at: row.try_get("registered_at")?,
-        activated_at: row.try_get("activated_at")?,
-        deactivated_at: row.try_get("deactivated_at")?,
-        last_login_at: row.try_get("last_login_at")?,
-        login_count: u64::try_from(row.try_get::<i64, _>("login_count")?).unwrap_or(0),
-        roles: serde_json::from_str(&roles)
-            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
-    })
+    serde_json::from_str(&roles).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The view on an SQLite file holding Ann's row at position 7 and the checkpoint at 9 of
+    /// projection version 2, as the aggregator writes them; and the file, to remove.
+    async fn sqlite_view(ann: Uuid) -> (UsersView, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("users-view-{}.db", Uuid::new_v4()));
+        let url = format!("sqlite://{}", path.display());
+        let writer = SqlitePool::connect(&format!("{url}?mode=rwc"))
+            .await
+            .unwrap();
+        sqlx::migrate!("../migrations/read_model/sqlite")
+            .run(&writer)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, \
+                                roles, position) \
+             VALUES ($1, 'Ann@example.com', 'ann@example.com', 'active', '2026-01-01T00:00:00Z', \
+                     3, '[\"user\"]', 7)",
+        )
+        .bind(ann.to_string())
+        .execute(&writer)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, version, position) \
+             VALUES ('users', 2, 9)",
+        )
+        .execute(&writer)
+        .await
+        .unwrap();
+        writer.close().await;
+        (UsersView::connect(&url, 2).await.unwrap(), path)
+    }
+
+    #[tokio::test]
+    async fn every_read_of_the_view_works_on_sqlite_as_on_postgresql() {
+        let ann = Uuid::new_v4();
+        let (view, path) = sqlite_view(ann).await;
+
+        view.ping().await.unwrap();
+        assert_eq!(view.checkpoint().await.unwrap(), (2, 9));
+        let read = view.read_profiles(&[ann, Uuid::new_v4()]).await.unwrap();
+        assert_eq!(read.len(), 1, "{read:?}");
+        let (row, version, checkpoint) = (&read[0].row, read[0].version, read[0].checkpoint);
+        assert_eq!((version, checkpoint, row.position), (2, 9, 7));
+        assert_eq!(
+            (
+                row.profile.id,
+                row.profile.login_count,
+                &row.profile.roles[..]
+            ),
+            (ann, 3, &["user".to_owned()][..])
+        );
+
+        let changed = view.changes_since(6, 10).await.unwrap();
+        assert_eq!((changed.version, changed.checkpoint), (2, 9));
+        assert_eq!((changed.rows, changed.complete), (vec![row.clone()], true));
+        assert!(view.changes_since(7, 10).await.unwrap().rows.is_empty());
+        let too_many = view.changes_since(0, 0).await.unwrap();
+        assert_eq!((too_many.rows.len(), too_many.complete), (0, false));
+
+        let by_email = view.by_email("ann@example.com").await.unwrap();
+        assert_eq!(by_email, [row.profile.clone()]);
+        let active = view.list(Some("active"), None, 10).await.unwrap();
+        assert_eq!(active, [row.profile.clone()]);
+        assert!(
+            view.list(Some("active"), Some(ann), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            view.list(Some("pending"), None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        drop(view);
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", path.display()));
+        }
+    }
 }
