@@ -563,9 +563,9 @@ mod tests {
         assert_eq!((too_many.rows.len(), too_many.complete), (0, false));
 
         let by_email = view.by_email("ann@example.com").await.unwrap();
-        assert_eq!(by_email, [row.profile.clone()]);
+        assert_eq!(by_email, std::slice::from_ref(&row.profile));
         let active = view.list(Some("active"), None, 10).await.unwrap();
-        assert_eq!(active, [row.profile.clone()]);
+        assert_eq!(active, std::slice::from_ref(&row.profile));
         assert!(
             view.list(Some("active"), Some(ann), 10)
                 .await
