@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::helpers::{PASSWORD, problem, spawn_app};
+use crate::helpers::{PASSWORD, position_of, problem, spawn_app};
 
 #[tokio::test]
 async fn only_administrators_may_activate_and_deactivate() {
@@ -42,13 +42,7 @@ async fn a_token_from_another_issuer_key_is_refused() {
     let other = crate::helpers::spawn_app().await;
     let foreign_admin = other.admin_token().await;
     let id = app.user("ann@example.com").await;
-    let response = app
-        .post_as(
-            &format!("/users/{id}/deactivate"),
-            &foreign_admin,
-            json!({}),
-        )
-        .await;
+    let response = app.deactivate(&id, &foreign_admin).await;
     assert_eq!(response.status(), 401);
 }
 
@@ -58,9 +52,7 @@ async fn repeating_an_activation_or_deactivation_changes_nothing_and_answers_the
     let admin = app.admin_token().await;
     let id = app.user("ann@example.com").await;
 
-    let response = app
-        .post_as(&format!("/users/{id}/activate"), &admin, json!({}))
-        .await;
+    let response = app.activate(&id, &admin).await;
     assert_eq!(
         response.status(),
         200,
@@ -68,23 +60,15 @@ async fn repeating_an_activation_or_deactivation_changes_nothing_and_answers_the
     );
     let unchanged: Value = response.json().await.unwrap();
 
-    let first = app
-        .post_as(&format!("/users/{id}/deactivate"), &admin, json!({}))
-        .await;
+    let first = app.deactivate(&id, &admin).await;
     assert_eq!(first.status(), 200);
-    let header: u64 = first.headers()["x-position"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let header = position_of(&first);
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["position"], header);
     assert!(first["position"].as_u64() > unchanged["position"].as_u64());
     let count = app.message_count().await;
 
-    let again = app
-        .post_as(&format!("/users/{id}/deactivate"), &admin, json!({}))
-        .await;
+    let again = app.deactivate(&id, &admin).await;
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again, first);
@@ -114,15 +98,11 @@ async fn a_deactivated_administrator_cannot_act_on_a_token_issued_before() {
     let second_id = app.id_of_token(&other_admin);
     let ann = app.user("ann@example.com").await;
 
-    let response = app
-        .post_as(&format!("/users/{second_id}/deactivate"), &admin, json!({}))
-        .await;
+    let response = app.deactivate(&second_id, &admin).await;
     assert_eq!(response.status(), 200);
     let before = app.message_count().await;
 
-    let response = app
-        .post_as(&format!("/users/{ann}/deactivate"), &other_admin, json!({}))
-        .await;
+    let response = app.deactivate(&ann, &other_admin).await;
     assert_eq!(response.status(), 401);
     assert_eq!(problem(response).await["code"], "invalid_token");
     assert_eq!(
@@ -139,17 +119,13 @@ async fn an_administrator_cannot_deactivate_their_own_account() {
     let own_id = app.id_of_token(&admin);
     let before = app.message_count().await;
 
-    let response = app
-        .post_as(&format!("/users/{own_id}/deactivate"), &admin, json!({}))
-        .await;
+    let response = app.deactivate(&own_id, &admin).await;
     assert_eq!(response.status(), 409);
     assert_eq!(problem(response).await["code"], "cannot_deactivate_self");
     assert_eq!(app.message_count().await, before, "the store changed");
 
     // Still an administrator who can act.
     let ann = app.user("ann@example.com").await;
-    let response = app
-        .post_as(&format!("/users/{ann}/deactivate"), &admin, json!({}))
-        .await;
+    let response = app.deactivate(&ann, &admin).await;
     assert_eq!(response.status(), 200);
 }

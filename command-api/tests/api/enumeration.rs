@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use command_api::Settings;
 use command_api::hashing::{Memory, hash_now};
 use identity::Password;
 use serde_json::{Value, json};
@@ -20,14 +21,22 @@ use crate::timing::{MAX_Z, assert_alike, rank_sum_z};
 /// scores beyond [`MAX_Z`] (`without_the_padding_the_rank_test_tells_a_wrong_password_from_an_unknown_email`).
 const SAMPLES: usize = 40;
 
+/// The refusal padding of the services measured here: generous, so that the store work of a
+/// known account stays inside it on a loaded machine.
+const PADDING_MS: u64 = 100;
+
+/// A service whose refusals are padded by [`PADDING_MS`], with `configure` on top.
+async fn spawn_padded(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_with(|settings| {
+        settings.login.refusal_padding_ms = PADDING_MS;
+        configure(settings);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_wrong_deactivated_and_locked_refusals_look_and_time_alike() {
-    let app = spawn_with(|settings| {
-        settings.login.max_failures = 3;
-        // Generous, so the store work of a known account stays inside it on a loaded machine.
-        settings.login.refusal_padding_ms = 100;
-    })
-    .await;
+    let app = spawn_padded(|settings| settings.login.max_failures = 3).await;
     let admin = app.admin_token().await;
     // A fresh account per wrong-password login, so that none of them ends up locked.
     let mut wrong = vec![];
@@ -37,14 +46,7 @@ async fn unknown_wrong_deactivated_and_locked_refusals_look_and_time_alike() {
         wrong.push(email);
     }
     let deactivated = app.user("gone@example.com").await;
-    let response = app
-        .post_as(
-            &format!("/users/{deactivated}/deactivate"),
-            &admin,
-            json!({}),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(app.deactivate(&deactivated, &admin).await.status(), 200);
     app.user("locked@example.com").await;
     for _ in 0..3 {
         app.login("locked@example.com", "not the password").await;
@@ -88,11 +90,7 @@ async fn unknown_wrong_deactivated_and_locked_refusals_look_and_time_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_on_a_hash_older_than_the_parameters_is_refused_like_an_unknown_email() {
     // Accounts registered while hashes were cheap (the test settings: 1 MiB, one pass) ...
-    let before = spawn_with(|settings| {
-        settings.login.max_failures = 1000;
-        settings.login.refusal_padding_ms = 100;
-    })
-    .await;
+    let before = spawn_padded(|settings| settings.login.max_failures = 1000).await;
     before.user("old@example.com").await;
     // ... then the parameters raised: these hashes take far longer than the old one.
     let mut raised = before.settings.clone();
@@ -123,13 +121,12 @@ async fn a_full_hash_queue_throttles_a_known_and_an_unknown_email_alike() {
     // A round takes a second for the blockers to reach the threads and about one for its
     // samples; each blocker's hash must outlast both by far, whatever this machine's speed.
     let iterations = iterations_lasting(MEMORY_KIB, Duration::from_secs(5)).await;
-    let app = spawn_with(|settings| {
+    let app = spawn_padded(|settings| {
         // No login may wait for a thread, and each hash holds one for seconds.
         settings.login.hashing_threads = Some(THREADS);
         settings.login.max_waiting_hashes = 0;
         settings.password.memory_kib = MEMORY_KIB;
         settings.password.iterations = iterations;
-        settings.login.refusal_padding_ms = 100;
     })
     .await;
     let ann = app.user("ann@example.com").await;
@@ -256,12 +253,11 @@ async fn iterations_lasting(memory_kib: u32, wanted: Duration) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_store_is_out_of_reach_a_known_and_an_unknown_email_are_answered_alike() {
-    let app = spawn_with(|settings| {
+    let app = spawn_padded(|settings| {
         // A hash long enough to cut the store while it runs.
         settings.password.memory_kib = 8 * 1024;
         settings.password.iterations = 20;
         settings.login.max_failures = 1000;
-        settings.login.refusal_padding_ms = 100;
     })
     .await;
     app.user("ann@example.com").await;
@@ -432,7 +428,7 @@ async fn wait_until_ready(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while in_a_row < 3 {
         assert!(Instant::now() < deadline, "the store did not come back");
-        let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+        let ready = app.get("/readyz").await;
         in_a_row = if ready.status() == 200 {
             in_a_row + 1
         } else {
@@ -448,7 +444,8 @@ async fn timed_login(app: &TestApp, (email, password): &(String, &str)) -> f64 {
     let response = app.login(email, password).await;
     let elapsed = started.elapsed();
     assert_eq!(response.status(), 401, "{email}");
-    assert!(elapsed >= Duration::from_millis(100), "{email}: not padded");
+    let padding = Duration::from_millis(PADDING_MS);
+    assert!(elapsed >= padding, "{email}: not padded");
     elapsed.as_secs_f64() * 1000.0
 }
 

@@ -8,6 +8,7 @@ use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
+use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery";
 
@@ -99,9 +100,27 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// The JSON body of `GET path`, whatever its status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.unwrap()
+    }
+
     pub async fn register(&self, email: &str, password: &str) -> reqwest::Response {
         self.post("/users", json!({ "email": email, "password": password }))
             .await
+    }
+
+    /// Registers with an id of the client's choosing, as a client that may retry does.
+    pub async fn register_with_id(&self, email: &str, id: Uuid) -> reqwest::Response {
+        self.post(
+            "/users",
+            json!({ "email": email, "password": PASSWORD, "id": id }),
+        )
+        .await
     }
 
     /// Registers and returns the new id.
@@ -122,6 +141,31 @@ impl TestApp {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /users/{id}/activate` with `token`.
+    pub async fn activate(&self, id: &str, token: &str) -> reqwest::Response {
+        self.post_as(&format!("/users/{id}/activate"), token, json!({}))
+            .await
+    }
+
+    /// `POST /users/{id}/deactivate` with `token`.
+    pub async fn deactivate(&self, id: &str, token: &str) -> reqwest::Response {
+        self.post_as(&format!("/users/{id}/deactivate"), token, json!({}))
+            .await
+    }
+
+    /// `POST /users/{id}/password` with `token`.
+    pub async fn change_password(
+        &self,
+        id: &str,
+        token: &str,
+        current: &str,
+        new: &str,
+    ) -> reqwest::Response {
+        let body = json!({ "current_password": current, "new_password": new });
+        self.post_as(&format!("/users/{id}/password"), token, body)
+            .await
     }
 
     /// An administrator made the way an operator makes one, and their token.
@@ -215,31 +259,25 @@ impl TestApp {
     }
 
     pub async fn login_events(&self) -> Vec<identity::LoginEvent> {
-        self.messages("userLogin")
+        self.events("userLogin", identity::LoginEvent::from_stored)
             .await
-            .iter()
-            .map(|(kind, data, metadata)| {
-                identity::LoginEvent::from_stored(
-                    kind,
-                    identity::event_version(metadata).unwrap(),
-                    data,
-                )
-                .unwrap()
-            })
-            .collect()
     }
 
     pub async fn user_events(&self) -> Vec<identity::UserEvent> {
-        self.messages("user")
+        self.events("user", identity::UserEvent::from_stored).await
+    }
+
+    /// The events of `category`, oldest first, read with their stream enum's `from_stored`.
+    async fn events<E>(
+        &self,
+        category: &str,
+        from_stored: impl Fn(&str, u32, &Value) -> Result<E, identity::EventDecodeError>,
+    ) -> Vec<E> {
+        self.messages(category)
             .await
             .iter()
             .map(|(kind, data, metadata)| {
-                identity::UserEvent::from_stored(
-                    kind,
-                    identity::event_version(metadata).unwrap(),
-                    data,
-                )
-                .unwrap()
+                from_stored(kind, identity::event_version(metadata).unwrap(), data).unwrap()
             })
             .collect()
     }
@@ -275,6 +313,15 @@ impl Write for BufferWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The `X-Position` header of a command's answer.
+pub fn position_of(response: &reqwest::Response) -> u64 {
+    response.headers()["x-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 pub async fn problem(response: reqwest::Response) -> Value {

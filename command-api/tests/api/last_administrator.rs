@@ -48,26 +48,16 @@ async fn on_a_store_written_before_the_administrators_stream_the_last_one_is_sti
     // The deactivated administrator of the old history is not counted, and activating them
     // again counts them again.
     let (ann_id, bob_id) = (app.id_of_token(&ann), app.id_of_token(&bob));
-    let response = app
-        .post_as(&format!("/users/{bob_id}/deactivate"), &ann, json!({}))
-        .await;
+    let response = app.deactivate(&bob_id, &ann).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         app.active_administrators().await,
         BTreeSet::from([ann_id.clone()])
     );
-    let response = app
-        .post_as(&format!("/users/{gone}/activate"), &ann, json!({}))
-        .await;
+    let response = app.activate(&gone, &ann).await;
     assert_eq!(response.status(), 200);
     let gone_token = app.token("gone@example.com", PASSWORD).await;
-    let response = app
-        .post_as(
-            &format!("/users/{ann_id}/deactivate"),
-            &gone_token,
-            json!({}),
-        )
-        .await;
+    let response = app.deactivate(&ann_id, &gone_token).await;
     assert_eq!(response.status(), 200);
     assert_eq!(app.active_administrators().await, BTreeSet::from([gone]));
 }
@@ -116,12 +106,8 @@ async fn race_deactivations(app: &TestApp, ann: &str, bob: &str) {
     let (ann_id, bob_id) = (app.id_of_token(ann), app.id_of_token(bob));
     let mut refusals = std::collections::BTreeMap::<String, usize>::new();
     for round in 0..ROUNDS {
-        let (bob_path, ann_path) = (
-            format!("/users/{bob_id}/deactivate"),
-            format!("/users/{ann_id}/deactivate"),
-        );
-        let ann_deactivates_bob = app.post_as(&bob_path, ann, json!({}));
-        let bob_deactivates_ann = app.post_as(&ann_path, bob, json!({}));
+        let ann_deactivates_bob = app.deactivate(&bob_id, ann);
+        let bob_deactivates_ann = app.deactivate(&ann_id, bob);
         // `join!` sends its first request first.
         let (by_ann, by_bob) = if round % 2 == 0 {
             tokio::join!(ann_deactivates_bob, bob_deactivates_ann)
@@ -144,9 +130,7 @@ async fn race_deactivations(app: &TestApp, ann: &str, bob: &str) {
             BTreeSet::from([winner.0.clone()]),
             "round {round}"
         );
-        let response = app
-            .post_as(&format!("/users/{loser}/activate"), winner.1, json!({}))
-            .await;
+        let response = app.activate(loser, winner.1).await;
         assert_eq!(response.status(), 200, "round {round}: reactivating");
     }
     assert!(

@@ -20,15 +20,7 @@ async fn login_with_the_right_password_gives_a_token_that_verifies_against_the_p
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["expires_in"], 900);
 
-    let jwks: Value = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = app.get_json("/.well-known/jwks.json").await;
     let verifier =
         TokenVerifier::from_jwks(&jwks, TokenSettings::new("https://identity.test", "tests"))
             .unwrap();
@@ -56,8 +48,7 @@ async fn every_failed_login_gets_the_same_401_body() {
     let admin = app.admin_token().await;
     app.user("ann@example.com").await;
     let bob = app.user("bob@example.com").await;
-    app.post_as(&format!("/users/{bob}/deactivate"), &admin, json!({}))
-        .await;
+    app.deactivate(&bob, &admin).await;
     let carl = app.user("carl@example.com").await;
     let _ = carl;
     // Carl gets locked.
@@ -86,8 +77,7 @@ async fn refused_logins_other_than_a_wrong_password_leave_the_store_unchanged() 
     let app = spawn_with(|settings| settings.login.max_failures = 1).await;
     let admin = app.admin_token().await;
     let bob = app.user("bob@example.com").await;
-    app.post_as(&format!("/users/{bob}/deactivate"), &admin, json!({}))
-        .await;
+    app.deactivate(&bob, &admin).await;
     app.user("carl@example.com").await;
     app.login("carl@example.com", "wrong password").await;
     let before = app.message_count().await;
@@ -138,15 +128,9 @@ async fn a_deactivated_account_cannot_log_in_until_it_is_activated_again() {
     let admin = app.admin_token().await;
     let id = app.user("ann@example.com").await;
     assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 200);
-    let response = app
-        .post_as(&format!("/users/{id}/deactivate"), &admin, json!({}))
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(app.deactivate(&id, &admin).await.status(), 200);
     assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 401);
-    let response = app
-        .post_as(&format!("/users/{id}/activate"), &admin, json!({}))
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(app.activate(&id, &admin).await.status(), 200);
     assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 200);
 }
 
@@ -267,13 +251,7 @@ async fn an_account_locked_and_still_attacked_does_not_slow_the_logins_of_others
         settings.login.hashing_threads = Some(2);
     })
     .await;
-    let (quiet, attacked) = bob_logs_in_while_ann_is_attacked(&app, 1).await;
-    let z = slowdown_z(
-        "Bob's logins while Ann is attacked",
-        &attacked,
-        &quiet,
-        ATTACK_SLOWDOWN,
-    );
+    let z = bob_slowdown_z(&app, 1, "Bob's logins while Ann is attacked").await;
     assert!(
         z < MAX_Z,
         "Bob's logins slowed more than {ATTACK_SLOWDOWN}x while Ann was locked: z = {z:.2}"
@@ -292,17 +270,18 @@ async fn an_attack_that_holds_the_hashing_thread_is_seen_to_slow_the_logins_of_o
         settings.password.iterations = 4;
     })
     .await;
-    let (quiet, attacked) = bob_logs_in_while_ann_is_attacked(&app, 24).await;
-    let z = slowdown_z(
-        "Bob's logins behind the attack",
-        &attacked,
-        &quiet,
-        ATTACK_SLOWDOWN,
-    );
+    let z = bob_slowdown_z(&app, 24, "Bob's logins behind the attack").await;
     assert!(
         z >= MAX_Z,
         "a slowdown the attack truly causes was not seen: z = {z:.2}"
     );
+}
+
+/// How far beyond [`ATTACK_SLOWDOWN`] Bob's logins slow while `attackers` clients keep
+/// guessing Ann's password (the z score of [`slowdown_z`], printed under `name`).
+async fn bob_slowdown_z(app: &TestApp, attackers: usize, name: &str) -> f64 {
+    let (quiet, attacked) = bob_logs_in_while_ann_is_attacked(app, attackers).await;
+    slowdown_z(name, &attacked, &quiet, ATTACK_SLOWDOWN)
 }
 
 /// Bob's login times (ms) while nobody attacks Ann's locked account, and while `attackers`

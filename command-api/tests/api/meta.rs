@@ -6,12 +6,7 @@ use crate::helpers::{spawn_app, spawn_with};
 #[tokio::test]
 async fn the_jwks_is_public_and_cacheable_for_five_minutes() {
     let app = spawn_app().await;
-    let response = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/.well-known/jwks.json").await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["cache-control"], "public, max-age=300");
     let jwks: Value = response.json().await.unwrap();
@@ -28,15 +23,7 @@ async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() 
     let app = spawn_with(|settings| settings.tokens.published_keys = vec![old_pem.clone()]).await;
     let admin_id = {
         app.admin_token().await;
-        let jwks: Value = app
-            .client
-            .get(app.url("/.well-known/jwks.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jwks = app.get_json("/.well-known/jwks.json").await;
         assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
         let registered = app.messages("user").await;
         registered[0].1["user_id"]
@@ -58,28 +45,14 @@ async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() 
         .issue(admin_id, vec!["admin".into()], now)
         .unwrap();
     let id = app.user("ann@example.com").await;
-    let response = app
-        .post_as(
-            &format!("/users/{id}/deactivate"),
-            token.token.expose_secret(),
-            serde_json::json!({}),
-        )
-        .await;
+    let response = app.deactivate(&id, token.token.expose_secret()).await;
     assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_its_statuses() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = app.get_json("/openapi.json").await;
     let paths = &doc["paths"];
     for path in [
         "/users",
@@ -104,7 +77,7 @@ async fn the_openapi_document_lists_every_route_and_its_statuses() {
 async fn health_readiness_and_metrics_answer() {
     let app = spawn_app().await;
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let response = app.client.get(app.url(path)).send().await.unwrap();
+        let response = app.get(path).await;
         assert_eq!(response.status(), 200, "{path}");
     }
 }
@@ -130,7 +103,7 @@ async fn readiness_is_a_503_problem_when_the_store_is_down() {
     .await
     .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    let response = app.get("/readyz").await;
     let status = response.status();
     sqlx::query(&format!(
         "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"

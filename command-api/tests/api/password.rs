@@ -13,11 +13,7 @@ async fn a_user_changes_their_own_password_and_only_the_new_one_works_afterwards
     let id = app.user("ann@example.com").await;
     let token = app.token("ann@example.com", PASSWORD).await;
     let response = app
-        .post_as(
-            &format!("/users/{id}/password"),
-            &token,
-            json!({ "current_password": PASSWORD, "new_password": "a brand new secret" }),
-        )
+        .change_password(&id, &token, PASSWORD, "a brand new secret")
         .await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().contains_key("x-position"));
@@ -40,11 +36,7 @@ async fn nobody_changes_another_users_password() {
     let before = app.message_count().await;
     for token in [&bob, &admin] {
         let response = app
-            .post_as(
-                &format!("/users/{ann}/password"),
-                token,
-                json!({ "current_password": PASSWORD, "new_password": "a brand new secret" }),
-            )
+            .change_password(&ann, token, PASSWORD, "a brand new secret")
             .await;
         assert_eq!(response.status(), 403);
     }
@@ -65,11 +57,7 @@ async fn a_wrong_current_password_is_refused_and_counts_as_a_failed_login() {
     let id = app.user("ann@example.com").await;
     let token = app.token("ann@example.com", PASSWORD).await;
     let response = app
-        .post_as(
-            &format!("/users/{id}/password"),
-            &token,
-            json!({ "current_password": "not my password", "new_password": "a brand new secret" }),
-        )
+        .change_password(&id, &token, "not my password", "a brand new secret")
         .await;
     assert_eq!(response.status(), 401);
     assert_eq!(problem(response).await["code"], "invalid_credentials");
@@ -84,13 +72,7 @@ async fn a_new_password_that_breaks_the_policy_is_a_422_naming_the_field() {
     let id = app.user("ann@example.com").await;
     let token = app.token("ann@example.com", PASSWORD).await;
     let before = app.message_count().await;
-    let response = app
-        .post_as(
-            &format!("/users/{id}/password"),
-            &token,
-            json!({ "current_password": PASSWORD, "new_password": "short" }),
-        )
-        .await;
+    let response = app.change_password(&id, &token, PASSWORD, "short").await;
     assert_eq!(response.status(), 422);
     let body = problem(response).await;
     assert_eq!(body["errors"][0]["field"], "new_password");
@@ -152,18 +134,13 @@ async fn a_password_change_racing_a_login_that_upgrades_the_old_hash_always_wins
         } else {
             (&app, "the upgrade, then the change")
         };
-        let path = format!("/users/{id}/password");
         let login = app.login(&email, PASSWORD);
         let change = async {
             while stream_length(format!("userLogin-{id}")).await == logins_before {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             changer
-                .post_as(
-                    &path,
-                    &token,
-                    json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
-                )
+                .change_password(&id, &token, PASSWORD, NEW_PASSWORD)
                 .await
         };
         let (login, change) = tokio::join!(login, change);

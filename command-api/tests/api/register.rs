@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{PASSWORD, problem, spawn_app};
+use crate::helpers::{PASSWORD, position_of, problem, spawn_app};
 
 #[tokio::test]
 async fn registering_answers_201_with_the_location_the_id_and_the_position() {
@@ -9,11 +9,7 @@ async fn registering_answers_201_with_the_location_the_id_and_the_position() {
     let response = app.register("ann@example.com", PASSWORD).await;
     assert_eq!(response.status(), 201);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
-    let position: u64 = response.headers()["x-position"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let position = position_of(&response);
     let body: Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap();
     assert_eq!(location, format!("/users/{id}"));
@@ -57,11 +53,10 @@ async fn fifty_concurrent_registrations_of_one_email_create_exactly_one_account(
 async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one_account() {
     let app = spawn_app().await;
     let id = Uuid::new_v4();
-    let request = json!({ "email": "ann@example.com", "password": PASSWORD, "id": id });
-    let first = app.post("/users", request.clone()).await;
+    let first = app.register_with_id("ann@example.com", id).await;
     assert_eq!(first.status(), 201);
     let first: Value = first.json().await.unwrap();
-    let second = app.post("/users", request).await;
+    let second = app.register_with_id("ann@example.com", id).await;
     assert_eq!(second.status(), 201);
     assert_eq!(
         second.headers()["location"],
@@ -77,20 +72,10 @@ async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one
 async fn the_same_id_with_another_email_is_refused_as_id_taken() {
     let app = spawn_app().await;
     let id = Uuid::new_v4();
-    let first = app
-        .post(
-            "/users",
-            json!({ "email": "ann@example.com", "password": PASSWORD, "id": id }),
-        )
-        .await;
+    let first = app.register_with_id("ann@example.com", id).await;
     assert_eq!(first.status(), 201);
     let before = app.message_count().await;
-    let second = app
-        .post(
-            "/users",
-            json!({ "email": "bob@example.com", "password": PASSWORD, "id": id }),
-        )
-        .await;
+    let second = app.register_with_id("bob@example.com", id).await;
     assert_eq!(second.status(), 409);
     assert_eq!(problem(second).await["code"], "id_taken");
     assert_eq!(app.message_count().await, before);
@@ -233,9 +218,6 @@ async fn accounts_start_pending_when_so_configured_and_cannot_log_in_until_activ
     let admin = app.admin_token().await;
     let id = app.user("ann@example.com").await;
     assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 401);
-    let response = app
-        .post_as(&format!("/users/{id}/activate"), &admin, json!({}))
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(app.activate(&id, &admin).await.status(), 200);
     assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 200);
 }

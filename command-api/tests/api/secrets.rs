@@ -1,4 +1,4 @@
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::helpers::{logs, spawn_app};
 
@@ -16,11 +16,7 @@ async fn no_password_hash_or_token_ever_reaches_a_log_line() {
     app.login("ann@example.com", "a-wrong-password-f00d").await;
     let token = app.token("ann@example.com", password).await;
     let response = app
-        .post_as(
-            &format!("/users/{id}/password"),
-            &token,
-            json!({ "current_password": password, "new_password": new_password }),
-        )
+        .change_password(&id, &token, password, new_password)
         .await;
     assert_eq!(response.status(), 200);
     let hashes: Vec<String> = app
