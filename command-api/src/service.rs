@@ -154,10 +154,8 @@ impl Commands {
             initial_status: status,
         };
         let command = UserCommand::Register(registration);
-        let events =
-            decide(&UserAccount::NotRegistered, command, self.clock.now()).map_err(|refusal| {
-                anyhow::anyhow!("registering a new account was refused: {refusal}")
-            })?;
+        let events = decide(&UserAccount::NotRegistered, command, self.clock.now())
+            .context("registering a new account was refused")?;
         self.append_registration(id, &email, &events).await
     }
 
@@ -397,12 +395,9 @@ impl Commands {
             Err(HashError::Busy) => return Ok(None),
             Err(error) => return Err(error.into()),
         };
-        let events = decide(
-            &loaded.account,
-            UserCommand::RehashPassword { new_password_hash },
-            self.clock.now(),
-        )
-        .map_err(|refusal| anyhow::anyhow!("rehashing was refused: {refusal}"))?;
+        let command = UserCommand::RehashPassword { new_password_hash };
+        let events =
+            decide(&loaded.account, command, self.clock.now()).context("rehashing was refused")?;
         let append = StreamAppend::new(
             user_stream(account.id)?,
             expected(loaded.version),
