@@ -75,21 +75,25 @@ fn streams(id: UserId) -> Result<(StreamName, StreamName), StoreError> {
 }
 
 fn decode_user(message: &RecordedMessage) -> Result<UserEvent, HistoryError> {
-    let undecodable = |source| HistoryError::Undecodable {
-        position: message.global_position,
-        source,
-    };
-    let version = event_version(&message.metadata).map_err(undecodable)?;
-    UserEvent::from_stored(&message.message_type, version, &message.data).map_err(undecodable)
+    decode(message, UserEvent::from_stored)
 }
 
 fn decode_login(message: &RecordedMessage) -> Result<LoginEvent, HistoryError> {
+    decode(message, LoginEvent::from_stored)
+}
+
+/// The event in `message`, read by `from_stored` of its stream's event type at the schema
+/// version its metadata names.
+fn decode<Event>(
+    message: &RecordedMessage,
+    from_stored: impl FnOnce(&str, u32, &Value) -> Result<Event, EventDecodeError>,
+) -> Result<Event, HistoryError> {
     let undecodable = |source| HistoryError::Undecodable {
         position: message.global_position,
         source,
     };
     let version = event_version(&message.metadata).map_err(undecodable)?;
-    LoginEvent::from_stored(&message.message_type, version, &message.data).map_err(undecodable)
+    from_stored(&message.message_type, version, &message.data).map_err(undecodable)
 }
 
 /// The account's events after global position `after`, oldest first, at most `limit`.
