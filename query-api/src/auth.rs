@@ -211,31 +211,27 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_remembered_token_still_expires() {
-        let settings = TokenSettings::new("https://issuer.test", "tests");
+    /// A verifier, a token it accepts, and the instant it was issued at.
+    fn token_issued_now() -> (TokenVerifier, String, DateTime<Utc>) {
         let issuer = TokenIssuer::new(
             KeySet::from(SigningKey::generate(Algorithm::EdDSA).unwrap()),
-            settings,
+            TokenSettings::new("https://issuer.test", "tests"),
         );
-        let verifier = issuer.verifier();
         let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let token = issuer.issue(Uuid::new_v4(), vec![], now).unwrap().token;
+        (issuer.verifier(), token.expose_secret().clone(), now)
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let (verifier, token, now) = token_issued_now();
         let remembered = VerifiedTokens::default();
 
-        assert!(
-            remembered
-                .verify(&verifier, token.expose_secret(), now)
-                .is_ok()
-        );
-        assert!(
-            remembered
-                .verify(&verifier, token.expose_secret(), now)
-                .is_ok()
-        );
+        assert!(remembered.verify(&verifier, &token, now).is_ok());
+        assert!(remembered.verify(&verifier, &token, now).is_ok());
         let later = now + TimeDelta::hours(1);
         assert_eq!(
-            remembered.verify(&verifier, token.expose_secret(), later),
+            remembered.verify(&verifier, &token, later),
             Err(TokenError::Expired)
         );
     }
@@ -283,20 +279,11 @@ mod tests {
 
     #[test]
     fn a_tampered_copy_of_a_remembered_token_is_checked_afresh() {
-        let settings = TokenSettings::new("https://issuer.test", "tests");
-        let issuer = TokenIssuer::new(
-            KeySet::from(SigningKey::generate(Algorithm::EdDSA).unwrap()),
-            settings,
-        );
-        let verifier = issuer.verifier();
-        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let token = issuer.issue(Uuid::new_v4(), vec![], now).unwrap().token;
+        let (verifier, token, now) = token_issued_now();
         let remembered = VerifiedTokens::default();
-        remembered
-            .verify(&verifier, token.expose_secret(), now)
-            .unwrap();
+        remembered.verify(&verifier, &token, now).unwrap();
 
-        let mut tampered = token.expose_secret().clone();
+        let mut tampered = token.clone();
         tampered.insert(tampered.len() - 3, 'x');
         assert!(remembered.verify(&verifier, &tampered, now).is_err());
     }

@@ -285,10 +285,15 @@ mod tests {
         }
     }
 
-    fn cache() -> ProfileCache {
+    /// A cache of ten that has synced to `checkpoint` of projection `version`.
+    fn synced_to(version: i32, checkpoint: u64) -> ProfileCache {
         let cache = ProfileCache::new(10, Duration::from_secs(60));
-        cache.apply(changes(1, 0, vec![]), Instant::now());
+        cache.apply(changes(version, checkpoint, vec![]), Instant::now());
         cache
+    }
+
+    fn cache() -> ProfileCache {
+        synced_to(1, 0)
     }
 
     fn held(cache: &ProfileCache, id: Uuid) -> Option<ProfileRow> {
@@ -319,10 +324,9 @@ mod tests {
 
     #[test]
     fn a_row_read_at_a_checkpoint_behind_the_synced_one_is_not_kept() {
-        let cache = cache();
         let ann = Uuid::new_v4();
         // A sync passes Ann's deactivation while her old row is on its way from the database.
-        cache.apply(changes(1, 9, vec![]), Instant::now());
+        let cache = synced_to(1, 9);
         cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 6)]);
         assert_eq!(held(&cache, ann), None);
         cache.keep(&[at_checkpoint(row(ann, "deactivated", 8), 1, 9)]);
@@ -331,9 +335,8 @@ mod tests {
 
     #[test]
     fn a_row_of_another_projection_version_is_not_kept() {
-        let cache = cache();
         let ann = Uuid::new_v4();
-        cache.apply(changes(2, 9, vec![]), Instant::now());
+        let cache = synced_to(2, 9);
         cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
         assert_eq!(held(&cache, ann), None);
     }
@@ -366,8 +369,7 @@ mod tests {
                 ..changes(1, 12, vec![])
             },
         ] {
-            let cache = cache();
-            cache.apply(changes(1, 9, vec![]), now);
+            let cache = synced_to(1, 9);
             cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
             assert!(held(&cache, ann).is_some());
             cache.apply(emptying.clone(), now);
