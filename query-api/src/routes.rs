@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use identity::{AccountStatus, Email, UserId};
 use platform::openapi::BearerAuth;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use platform::FieldError;
@@ -44,6 +44,25 @@ pub struct MinPositionHeader {
     /// before any wait.
     #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
     x_min_position: Option<u64>,
+}
+
+/// What every read of accounts may answer besides its own answers, described once for the
+/// document: a refused token or account, and a dependency out of reach or behind.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // never built: `ApiError` gives these answers; this describes them
+enum ReadRefusals {
+    #[response(
+        status = 401,
+        description = "no valid bearer token, or the account behind it is no longer active"
+    )]
+    Unauthenticated,
+    #[response(
+        status = 503,
+        description = "the read model did not reach X-Min-Position in time, or is unreachable; \
+                       or the message store is, when the answer needs it (the caller's account \
+                       status, a history, a past state)"
+    )]
+    Unavailable,
 }
 
 /// Waits, up to `query.max_wait_ms`, until the read model has reached `X-Min-Position`.
@@ -156,10 +175,9 @@ pub struct ProfileQuery {
     params(MinPositionHeader),
     responses(
         (status = 200, body = Profile),
+        ReadRefusals,
         (status = 400, description = "a bad X-Min-Position"),
-        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 404, description = "the read model does not hold the account (yet)"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn me(
@@ -181,12 +199,11 @@ pub async fn me(
     params(("id" = Uuid, Path), ProfileQuery, MinPositionHeader),
     responses(
         (status = 200, body = Profile),
+        ReadRefusals,
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account (at that instant)"),
         (status = 422, description = "a bad as_of, or one in the future"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn profile(
@@ -323,11 +340,10 @@ pub struct Page {
     params(ListQuery, MinPositionHeader),
     responses(
         (status = 200, body = Page),
+        ReadRefusals,
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "not an administrator"),
         (status = 422, description = "a bad email, status, limit or cursor; a cursor from a list of another status; email with status, limit or cursor"),
-        (status = 503, description = "the read model did not reach X-Min-Position in time, or is unreachable; or the message store is, when it must say whether the caller's account is active"),
     ),
     security(("bearer" = [])))]
 pub async fn list(
@@ -491,12 +507,11 @@ pub struct EventPage {
     params(("id" = Uuid, Path), EventsQuery, MinPositionHeader),
     responses(
         (status = 200, body = EventPage),
+        ReadRefusals,
         (status = 400, description = "a bad X-Min-Position or an unknown query parameter"),
-        (status = 401, description = "no valid bearer token, or the account behind it is no longer active"),
         (status = 403, description = "someone else's account, and not an administrator"),
         (status = 404, description = "no such account"),
         (status = 422, description = "a bad after or limit"),
-        (status = 503, description = "the message store or the read model is unreachable, or the read model did not reach X-Min-Position in time"),
     ),
     security(("bearer" = [])))]
 pub async fn events(
