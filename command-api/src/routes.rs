@@ -429,7 +429,7 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Caller(claims) = Caller::from_request_parts(parts, state).await?;
-        if !claims.has_role("admin") {
+        if !claims.has_role(Role::Admin.name()) {
             return Err(ApiError::Forbidden);
         }
         // A token outlives a deactivation by up to its lifetime; an administrator deactivated
