@@ -28,12 +28,13 @@ use anyhow::Context;
 use identity::{InitialStatus, Role};
 use message_store::{ConnectOptions, MessageStore};
 use platform::clock::Clock;
+use platform::shutdown::Shutdown;
 use tokens::TokenIssuer;
 use tokio::net::TcpListener;
 
 pub use routes::{ApiDoc, AppState, command_routes, router};
 pub use service::{Commands, Done};
-pub use settings::Settings;
+pub use settings::{LoginSettings, Settings};
 
 use crate::hashing::Hasher;
 use crate::service::CommandError;
@@ -43,8 +44,7 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     state: AppState,
-    retention: Duration,
-    prune_interval: Duration,
+    login: LoginSettings,
 }
 
 impl Application {
@@ -61,10 +61,7 @@ impl Application {
             listener,
             port,
             state,
-            retention: Duration::from_secs(
-                u64::from(settings.login.history_retention_days) * 24 * 3600,
-            ),
-            prune_interval: Duration::from_secs(settings.login.prune_interval_seconds.max(1)),
+            login: settings.login,
         })
     }
 
@@ -76,24 +73,40 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, pruning the login history meanwhile.
+    /// Serves until `shutdown` completes, running the background work meanwhile; returns once
+    /// the requests in flight are answered and the background work has stopped.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let pruning = tokio::spawn(prune_login_history(
-            self.state.commands.clone(),
-            self.retention,
-            self.prune_interval,
+        let shutdown = Shutdown::on(shutdown);
+        let background = tokio::spawn(run_background(
+            self.state.clone(),
+            self.login,
+            shutdown.clone(),
         ));
         let app = platform::http::with_common_layers(router(self.state));
         tracing::info!(port = self.port, "the command API is listening");
         let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(shutdown.stopped())
             .await;
-        pruning.abort();
+        background
+            .await
+            .context("stopping the command API's background work")?;
         served.context("serving HTTP")
     }
+}
+
+/// The command API's background work, until `shutdown`: pruning the login history. A process
+/// that serves [`command_routes`] beside other parts runs it too.
+pub async fn run_background(state: AppState, login: LoginSettings, shutdown: Shutdown) {
+    prune_login_history(
+        state.commands,
+        login.history_retention(),
+        login.prune_interval(),
+        shutdown,
+    )
+    .await;
 }
 
 /// Everything the routes need, from settings: the store, the keys, the hasher.
@@ -149,20 +162,34 @@ async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
 }
 
 /// Deletes login events older than `retention` (each account's last one stays: it is the
-/// login state), at once and then every `interval`.
-pub async fn prune_login_history(commands: Arc<Commands>, retention: Duration, interval: Duration) {
+/// login state), at once and then every `interval`, until `shutdown`.
+async fn prune_login_history(
+    commands: Arc<Commands>,
+    retention: Duration,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
+        return;
+    };
+    let stopped = shutdown.stopped();
+    tokio::pin!(stopped);
     let mut ticks = tokio::time::interval(interval);
     loop {
-        ticks.tick().await;
-        let Ok(retention) = chrono::TimeDelta::from_std(retention) else {
-            return;
-        };
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = &mut stopped => return,
+        }
         let older_than = commands.clock.now() - retention;
-        match commands
+        let pruned = commands
             .store
-            .prune_category(identity::LOGIN_CATEGORY, older_than)
-            .await
-        {
+            .prune_category(identity::LOGIN_CATEGORY, older_than);
+        // A prune cut off by the shutdown rolls back; the next start prunes again.
+        let pruned = tokio::select! {
+            pruned = pruned => pruned,
+            () = &mut stopped => return,
+        };
+        match pruned {
             Ok(deleted) => tracing::info!(deleted, "pruned the login history"),
             Err(error) => tracing::warn!(error = %error, "pruning the login history failed"),
         }

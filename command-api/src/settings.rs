@@ -120,6 +120,16 @@ impl LoginSettings {
         Duration::from_millis(self.refusal_padding_ms)
     }
 
+    /// How long login events are kept (an account's last one always stays).
+    pub fn history_retention(&self) -> Duration {
+        Duration::from_secs(u64::from(self.history_retention_days) * 24 * 3600)
+    }
+
+    /// How often old login events are pruned; at least every second.
+    pub fn prune_interval(&self) -> Duration {
+        Duration::from_secs(self.prune_interval_seconds.max(1))
+    }
+
     /// `hashing_threads`, or the cores when it is not set.
     pub fn hashing_threads(&self) -> usize {
         self.hashing_threads
