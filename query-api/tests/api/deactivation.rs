@@ -37,6 +37,17 @@ struct Accounts {
     bob_token: String,
 }
 
+/// An app whose view is live: Ann, Root and Bob registered, projected and served on every
+/// route; and the aggregator, to project what comes next, or not.
+async fn live_view() -> (TestApp, Accounts, Aggregator) {
+    let app = app().await;
+    let accounts = accounts(&app).await;
+    let mut aggregator = Aggregator::over(&app, 1000).await;
+    aggregator.catch_up(&app).await;
+    accounts.all_served(&app).await;
+    (app, accounts, aggregator)
+}
+
 async fn accounts(app: &TestApp) -> Accounts {
     let ann = app.register("ann@example.com", &["user"]).await;
     let root = app.register("root@example.com", &["admin", "user"]).await;
@@ -107,19 +118,6 @@ async fn past_the_bound(committed: Instant) {
     tokio::time::sleep_until((committed + MAX_VIEW_LAG).into()).await;
 }
 
-async fn get(
-    app: &TestApp,
-    path: &str,
-    token: &str,
-    min_position: Option<u64>,
-) -> reqwest::Response {
-    let mut request = app.client.get(app.url(path)).bearer_auth(token);
-    if let Some(position) = min_position {
-        request = request.header("X-Min-Position", position.to_string());
-    }
-    request.send().await.unwrap()
-}
-
 /// Every route answers `token` with the 401 an invalid token gets.
 async fn refused_everywhere(
     app: &TestApp,
@@ -129,7 +127,7 @@ async fn refused_everywhere(
 ) {
     let mut answers = Vec::new();
     for path in routes {
-        let response = get(app, path, token, min_position).await;
+        let response = app.get_with_min_position(path, token, min_position).await;
         let status = response.status().as_u16();
         let code = if status == 200 {
             None
@@ -148,6 +146,21 @@ async fn refused_everywhere(
     );
 }
 
+/// Ann and Root, deactivated, are refused on every route they use: Root as an administrator
+/// on others, and each on their own account.
+async fn ann_and_root_refused_everywhere(
+    app: &TestApp,
+    accounts: &Accounts,
+    min_position: Option<u64>,
+) {
+    let admin_routes = accounts.admin_routes();
+    refused_everywhere(app, &accounts.root_token, &admin_routes, min_position).await;
+    let ann_routes = accounts.user_routes(accounts.ann);
+    refused_everywhere(app, &accounts.ann_token, &ann_routes, min_position).await;
+    let root_routes = accounts.user_routes(accounts.root);
+    refused_everywhere(app, &accounts.root_token, &root_routes, min_position).await;
+}
+
 /// Bob, still active, is still served: the refusals are the deactivation's, not the state's.
 async fn bob_served(app: &TestApp, accounts: &Accounts, me: u16) {
     let response = app.get("/users/me", Some(&accounts.bob_token)).await;
@@ -159,11 +172,7 @@ async fn bob_served(app: &TestApp, accounts: &Accounts, me: u16) {
 
 #[tokio::test]
 async fn in_the_live_view_a_projected_deactivation_is_refused_on_every_route_once_read() {
-    let app = app().await;
-    let accounts = accounts(&app).await;
-    let mut aggregator = Aggregator::over(&app, 1000).await;
-    aggregator.catch_up(&app).await;
-    accounts.all_served(&app).await;
+    let (app, accounts, mut aggregator) = live_view().await;
 
     let (committed, position) = deactivate_ann_and_root(&app, &accounts).await;
     aggregator.catch_up(&app).await;
@@ -183,29 +192,12 @@ async fn in_the_live_view_a_projected_deactivation_is_refused_on_every_route_onc
 #[tokio::test]
 async fn while_the_aggregator_stands_still_a_deactivation_is_refused_on_every_route_within_the_bound()
  {
-    let app = app().await;
-    let accounts = accounts(&app).await;
-    Aggregator::over(&app, 1000).await.catch_up(&app).await;
-    accounts.all_served(&app).await;
+    let (app, accounts, _standing_still) = live_view().await;
 
     // Appended, never projected: the view keeps both as active.
     let (committed, _) = deactivate_ann_and_root(&app, &accounts).await;
     past_the_bound(committed).await;
-    refused_everywhere(&app, &accounts.root_token, &accounts.admin_routes(), None).await;
-    refused_everywhere(
-        &app,
-        &accounts.ann_token,
-        &accounts.user_routes(accounts.ann),
-        None,
-    )
-    .await;
-    refused_everywhere(
-        &app,
-        &accounts.root_token,
-        &accounts.user_routes(accounts.root),
-        None,
-    )
-    .await;
+    ann_and_root_refused_everywhere(&app, &accounts, None).await;
     bob_served(&app, &accounts, 200).await;
 }
 
@@ -239,15 +231,7 @@ async fn while_the_view_replays_after_a_reset_a_deactivated_account_is_refused_w
     let rows = aggregator.read_model.rows(&Target::USERS).await.unwrap();
     assert_eq!(rows.len(), 3);
     assert!(rows.iter().all(|row| row.status == "active"), "{rows:?}");
-    refused_everywhere(&app, &accounts.ann_token, &ann_routes, None).await;
-    refused_everywhere(&app, &accounts.root_token, &accounts.admin_routes(), None).await;
-    refused_everywhere(
-        &app,
-        &accounts.root_token,
-        &accounts.user_routes(accounts.root),
-        None,
-    )
-    .await;
+    ann_and_root_refused_everywhere(&app, &accounts, None).await;
     bob_served(&app, &accounts, 200).await;
 
     aggregator.catch_up(&app).await;
@@ -258,11 +242,7 @@ async fn while_the_view_replays_after_a_reset_a_deactivated_account_is_refused_w
 #[tokio::test]
 async fn while_the_projection_is_halted_on_a_poison_event_a_later_deactivation_is_refused_on_every_route_within_the_bound()
  {
-    let app = app().await;
-    let accounts = accounts(&app).await;
-    let mut aggregator = Aggregator::over(&app, 1000).await;
-    aggregator.catch_up(&app).await;
-    accounts.all_served(&app).await;
+    let (app, accounts, mut aggregator) = live_view().await;
 
     // A known event at a version this build cannot read, in another account's stream.
     let poison = app
@@ -284,32 +264,14 @@ async fn while_the_projection_is_halted_on_a_poison_event_a_later_deactivation_i
     assert!(aggregator.checkpoint().await < poison);
 
     past_the_bound(committed).await;
-    refused_everywhere(&app, &accounts.root_token, &accounts.admin_routes(), None).await;
-    refused_everywhere(
-        &app,
-        &accounts.ann_token,
-        &accounts.user_routes(accounts.ann),
-        None,
-    )
-    .await;
-    refused_everywhere(
-        &app,
-        &accounts.root_token,
-        &accounts.user_routes(accounts.root),
-        None,
-    )
-    .await;
+    ann_and_root_refused_everywhere(&app, &accounts, None).await;
     bob_served(&app, &accounts, 200).await;
 }
 
 #[tokio::test]
 async fn while_a_rebuild_is_under_way_a_deactivation_is_refused_on_every_route_within_the_bound_and_after_the_swap()
  {
-    let app = app().await;
-    let accounts = accounts(&app).await;
-    let mut aggregator = Aggregator::over(&app, 1000).await;
-    aggregator.catch_up(&app).await;
-    accounts.all_served(&app).await;
+    let (app, accounts, mut aggregator) = live_view().await;
 
     // The rebuild catches up beside the live view, then waits to swap: the live checkpoint is
     // held, as a live worker's commit in progress would hold it.
@@ -390,14 +352,7 @@ async fn while_a_rebuild_is_under_way_a_deactivation_is_refused_on_every_route_w
     ] {
         assert!(statuses.contains(&(id, status)), "{statuses:?}");
     }
-    refused_everywhere(&app, &accounts.ann_token, &ann_routes, Some(position)).await;
-    refused_everywhere(
-        &app,
-        &accounts.root_token,
-        &accounts.admin_routes(),
-        Some(position),
-    )
-    .await;
+    ann_and_root_refused_everywhere(&app, &accounts, Some(position)).await;
     bob_served(&app, &accounts, 200).await;
 }
 

@@ -207,12 +207,40 @@ impl TestApp {
         request.send().await.unwrap()
     }
 
+    /// `path` for `token`, answered once the read model has reached `min_position`, if given.
+    pub async fn get_with_min_position(
+        &self,
+        path: &str,
+        token: &str,
+        min_position: Option<u64>,
+    ) -> reqwest::Response {
+        let mut request = self.client.get(self.url(path)).bearer_auth(token);
+        if let Some(position) = min_position {
+            request = request.header("X-Min-Position", position.to_string());
+        }
+        request.send().await.unwrap()
+    }
+
+    /// The status and problem `path` answers `token` with (see [`problem`]).
+    pub async fn get_problem(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        problem(self.get(path, Some(token)).await).await
+    }
+
     /// An account in the store (its registration, and its deactivation when `status` says so)
     /// and its row in the users view, written as the aggregator would: at the position of its
     /// last event, with the checkpoint moved there.
     pub async fn seed_user(&self, email: &str, status: &str, roles: &[&str]) -> Seeded {
         self.seed_user_with_id(Uuid::now_v7(), email, status, roles)
             .await
+    }
+
+    /// Root, an active administrator, and a token of theirs.
+    pub async fn seed_admin(&self) -> (Seeded, String) {
+        let admin = self
+            .seed_user("root@example.com", "active", &["admin"])
+            .await;
+        let token = self.token_for(admin.id, &["admin"]);
+        (admin, token)
     }
 
     pub async fn seed_user_with_id(
@@ -288,14 +316,7 @@ impl TestApp {
     /// Makes the read model's database refuse every connection and drops the open ones, as if
     /// its server were gone; the message store's stays up.
     pub async fn take_read_model_down(&self) {
-        let name = self.read_model_database.as_ref().unwrap().name().to_owned();
-        let admin = self._database.as_ref().unwrap().pool().await;
-        sqlx::query(&format!(
-            r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS false"#
-        ))
-        .execute(&admin)
-        .await
-        .unwrap();
+        let (name, admin) = self.allow_read_model_connections(false).await;
         sqlx::query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -307,14 +328,21 @@ impl TestApp {
     }
 
     pub async fn bring_read_model_back(&self) {
+        self.allow_read_model_connections(true).await;
+    }
+
+    /// Lets the read model's database take connections, or not; returns its name, and a pool
+    /// of the store's database to administer it from.
+    async fn allow_read_model_connections(&self, allowed: bool) -> (String, PgPool) {
         let name = self.read_model_database.as_ref().unwrap().name().to_owned();
         let admin = self._database.as_ref().unwrap().pool().await;
         sqlx::query(&format!(
-            r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS true"#
+            r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}"#
         ))
         .execute(&admin)
         .await
         .unwrap();
+        (name, admin)
     }
 
     pub async fn set_checkpoint(&self, position: u64) {

@@ -3,10 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use uuid::Uuid;
+
 use crate::harness::{TestApp, problem, spawn, spawn_with};
 
 /// Changes a row and moves the checkpoint in one transaction, as the aggregator does.
-async fn project(app: &TestApp, id: uuid::Uuid, status: &str, login_count: i64, position: u64) {
+async fn project(app: &TestApp, id: Uuid, status: &str, login_count: i64, position: u64) {
     let mut transaction = app.pool.begin().await.unwrap();
     sqlx::query("UPDATE users SET status = $2, login_count = $3, position = $4 WHERE id = $1")
         .bind(id)
@@ -28,31 +30,36 @@ async fn project(app: &TestApp, id: uuid::Uuid, status: &str, login_count: i64, 
 }
 
 async fn login_count(app: &TestApp, token: &str, min_position: Option<u64>) -> u64 {
-    let mut request = app.client.get(app.url("/users/me")).bearer_auth(token);
-    if let Some(position) = min_position {
-        request = request.header("X-Min-Position", position.to_string());
-    }
-    let response = request.send().await.unwrap();
+    let response = app
+        .get_with_min_position("/users/me", token, min_position)
+        .await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     body["login_count"].as_u64().unwrap()
 }
 
+/// Ann, active, and her token, her profile read once: kept from then on, where profiles are
+/// kept.
+async fn ann_read_once(app: &TestApp) -> (Uuid, String) {
+    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let token = app.token_for(ann.id, &["user"]);
+    assert_eq!(login_count(app, &token, None).await, 3);
+    (ann.id, token)
+}
+
 #[tokio::test]
 async fn a_kept_profile_takes_each_change_the_read_model_commits() {
     let app = spawn().await;
-    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(ann.id, &["user"]);
-    assert_eq!(login_count(&app, &token, None).await, 3);
+    let (ann, token) = ann_read_once(&app).await;
 
     // With X-Min-Position the change is there at once.
     let first = app.written_position().await;
-    project(&app, ann.id, "active", 4, first).await;
+    project(&app, ann, "active", 4, first).await;
     assert_eq!(login_count(&app, &token, Some(first)).await, 4);
 
     // Without it, within the sync interval.
     let second = app.written_position().await;
-    project(&app, ann.id, "active", 5, second).await;
+    project(&app, ann, "active", 5, second).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while login_count(&app, &token, None).await != 5 {
         assert!(
@@ -66,20 +73,13 @@ async fn a_kept_profile_takes_each_change_the_read_model_commits() {
 #[tokio::test]
 async fn a_deactivation_the_read_model_commits_refuses_a_token_read_from_memory_before() {
     let app = spawn().await;
-    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(ann.id, &["user"]);
-    assert_eq!(login_count(&app, &token, None).await, 3);
+    let (ann, token) = ann_read_once(&app).await;
 
     let position = app.written_position().await;
-    project(&app, ann.id, "deactivated", 3, position).await;
+    project(&app, ann, "deactivated", 3, position).await;
     let response = app
-        .client
-        .get(app.url("/users/me"))
-        .bearer_auth(&token)
-        .header("X-Min-Position", position.to_string())
-        .send()
-        .await
-        .unwrap();
+        .get_with_min_position("/users/me", &token, Some(position))
+        .await;
     let (status, _) = problem(response).await;
     assert_eq!(status, 401);
 }
@@ -87,12 +87,10 @@ async fn a_deactivation_the_read_model_commits_refuses_a_token_read_from_memory_
 #[tokio::test]
 async fn with_no_profiles_kept_every_read_goes_to_the_read_model() {
     let app = spawn_with(|settings| settings.query.cache_profiles = 0).await;
-    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(ann.id, &["user"]);
-    assert_eq!(login_count(&app, &token, None).await, 3);
+    let (ann, token) = ann_read_once(&app).await;
     // Changed behind every checkpoint: only a read of the database can see it.
     sqlx::query("UPDATE users SET login_count = 9 WHERE id = $1")
-        .bind(ann.id)
+        .bind(ann)
         .execute(&app.pool)
         .await
         .unwrap();

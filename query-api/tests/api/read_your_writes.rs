@@ -4,42 +4,52 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{TestApp, problem, spawn, spawn_with};
 
+/// Ann, active, with a token of hers, and a position written that the read model is one short
+/// of.
+async fn ann_and_a_position_not_reached(app: &TestApp) -> (String, u64) {
+    let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let written = app.written_position().await;
+    app.set_checkpoint(written - 1).await;
+    (app.token_for(ann.id, &["user"]), written)
+}
+
+/// `/users/me` for `token`, answered once the read model has reached `position`.
+async fn me_at_position(app: &TestApp, token: &str, position: u64) -> reqwest::Response {
+    app.get_with_min_position("/users/me", token, Some(position))
+        .await
+}
+
+/// Sends `/users/me` with every value in `values` as an `X-Min-Position` header of its own.
+async fn me_at(app: &TestApp, token: &str, values: &[&str]) -> reqwest::Response {
+    let mut request = app.client.get(app.url("/users/me")).bearer_auth(token);
+    for value in values {
+        request = request.header("X-Min-Position", *value);
+    }
+    request.send().await.unwrap()
+}
+
 #[tokio::test]
 async fn a_read_at_a_reached_position_answers_at_once() {
     let app = spawn().await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let written = app.written_position().await;
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
+    // Reached before the request comes.
     app.set_checkpoint(written).await;
-    let response = app
-        .client
-        .get(app.url("/users/me"))
-        .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", written.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = me_at_position(&app, &token, written).await;
     assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
 async fn a_read_waits_until_the_read_model_reaches_the_position() {
     let app = spawn().await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let written = app.written_position().await;
-    app.set_checkpoint(written - 1).await;
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
     let started = Instant::now();
-    let request = app
-        .client
-        .get(app.url("/users/me"))
-        .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", written.to_string())
-        .send();
+    let request = me_at_position(&app, &token, written);
     let catch_up = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         app.set_checkpoint(written).await;
     };
     let (response, ()) = tokio::join!(request, catch_up);
-    assert_eq!(response.unwrap().status(), 200);
+    assert_eq!(response.status(), 200);
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "it answered before the read model caught up"
@@ -49,17 +59,8 @@ async fn a_read_waits_until_the_read_model_reaches_the_position() {
 #[tokio::test]
 async fn a_read_that_waits_too_long_gets_a_retryable_answer() {
     let app = spawn_with(|settings| settings.query.max_wait_ms = 200).await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let written = app.written_position().await;
-    app.set_checkpoint(written - 1).await;
-    let response = app
-        .client
-        .get(app.url("/users/me"))
-        .bearer_auth(app.token_for(user.id, &["user"]))
-        .header("X-Min-Position", written.to_string())
-        .send()
-        .await
-        .unwrap();
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
+    let response = me_at_position(&app, &token, written).await;
     assert_eq!(response.headers()["retry-after"], "1");
     let (status, body) = problem(response).await;
     assert_eq!(
@@ -72,16 +73,9 @@ async fn a_read_that_waits_too_long_gets_a_retryable_answer() {
 async fn a_malformed_min_position_is_a_bad_request() {
     let app = spawn().await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
+    let token = app.token_for(user.id, &["user"]);
     for value in ["-1", "soon", "1.5"] {
-        let response = app
-            .client
-            .get(app.url("/users/me"))
-            .bearer_auth(app.token_for(user.id, &["user"]))
-            .header("X-Min-Position", value)
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = problem(response).await;
+        let (status, body) = problem(me_at(&app, &token, &[value]).await).await;
         assert_eq!(
             (status, body["code"].as_str()),
             (400, Some("invalid_header")),
@@ -93,20 +87,10 @@ async fn a_malformed_min_position_is_a_bad_request() {
 #[tokio::test]
 async fn a_position_beyond_the_last_one_written_is_refused_at_once() {
     let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let written = app.written_position().await;
-    app.set_checkpoint(written - 1).await;
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
     let started = Instant::now();
     for beyond in [written + 1, u64::MAX] {
-        let response = app
-            .client
-            .get(app.url("/users/me"))
-            .bearer_auth(app.token_for(user.id, &["user"]))
-            .header("X-Min-Position", beyond.to_string())
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = problem(response).await;
+        let (status, body) = problem(me_at_position(&app, &token, beyond).await).await;
         assert_eq!(
             (status, body["code"].as_str()),
             (400, Some("unknown_position")),
@@ -152,15 +136,8 @@ async fn a_deactivated_caller_is_refused_before_it_waits() {
     app.set_checkpoint(written - 1).await;
     let started = Instant::now();
     for id in [shown.id, unseen] {
-        let response = app
-            .client
-            .get(app.url("/users/me"))
-            .bearer_auth(app.token_for(id, &["user"]))
-            .header("X-Min-Position", written.to_string())
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = problem(response).await;
+        let token = app.token_for(id, &["user"]);
+        let (status, body) = problem(me_at_position(&app, &token, written).await).await;
         assert_eq!(
             (status, body["code"].as_str()),
             (401, Some("invalid_token")),
@@ -173,23 +150,11 @@ async fn a_deactivated_caller_is_refused_before_it_waits() {
     );
 }
 
-/// Sends `/users/me` with every value in `values` as an `X-Min-Position` header of its own.
-async fn me_at(app: &TestApp, token: &str, values: &[&str]) -> reqwest::Response {
-    let mut request = app.client.get(app.url("/users/me")).bearer_auth(token);
-    for value in values {
-        request = request.header("X-Min-Position", *value);
-    }
-    request.send().await.unwrap()
-}
-
 #[tokio::test]
 async fn an_x_min_position_that_is_not_one_plain_number_is_a_bad_request_at_once() {
     let app = spawn_with(|settings| settings.query.max_wait_ms = 5_000).await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
-    let written = app.written_position().await;
     // Behind by one: any of these read as `written` would wait, then answer 503.
-    app.set_checkpoint(written - 1).await;
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
     let (plus, repeated_last) = (format!("+{written}"), written.to_string());
     let started = Instant::now();
     for values in [
@@ -222,10 +187,7 @@ async fn an_x_min_position_that_is_not_one_plain_number_is_a_bad_request_at_once
 #[tokio::test]
 async fn an_x_min_position_with_leading_zeros_or_surrounding_whitespace_is_the_same_position() {
     let app = spawn_with(|settings| settings.query.max_wait_ms = 200).await;
-    let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
-    let written = app.written_position().await;
-    app.set_checkpoint(written - 1).await;
+    let (token, written) = ann_and_a_position_not_reached(&app).await;
     let forms = [
         format!("0{written}"),
         format!("000{written}"),
