@@ -11,10 +11,7 @@ async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
     let app = spawn().await;
     let registered = now() - TimeDelta::hours(1);
     let id = app.account_with_history(registered).await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
     let as_of = |at: chrono::DateTime<chrono::Utc>| {
         let at = at
             .to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -22,42 +19,31 @@ async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
         format!("/users/{id}?as_of={at}")
     };
 
-    let (status, _) = problem(
-        app.get(&as_of(registered - TimeDelta::seconds(1)), Some(&token))
-            .await,
-    )
-    .await;
+    let (status, _) = app
+        .get_problem(&as_of(registered - TimeDelta::seconds(1)), &token)
+        .await;
     assert_eq!(status, 404, "before the registration");
 
-    let response = app
-        .get(&as_of(registered + TimeDelta::minutes(1)), Some(&token))
-        .await;
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(
-        (body["status"].as_str(), body["login_count"].as_u64()),
-        (Some("active"), Some(0))
-    );
+    let profile_at = async |at| -> Value {
+        let response = app.get(&as_of(at), Some(&token)).await;
+        response.json().await.unwrap()
+    };
+    let body = profile_at(registered + TimeDelta::minutes(1)).await;
+    assert_eq!(body["status"], "active");
+    assert_eq!(body["login_count"].as_u64(), Some(0));
     assert!(body["last_login_at"].is_null());
 
-    let response = app
-        .get(&as_of(registered + TimeDelta::minutes(15)), Some(&token))
-        .await;
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(
-        (body["status"].as_str(), body["login_count"].as_u64()),
-        (Some("deactivated"), Some(1))
-    );
+    let body = profile_at(registered + TimeDelta::minutes(15)).await;
+    assert_eq!(body["status"], "deactivated");
+    assert_eq!(body["login_count"].as_u64(), Some(1));
     assert!(body["last_login_at"].is_string());
 
-    let response = app.get(&as_of(now()), Some(&token)).await;
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body = profile_at(now()).await;
     assert_eq!(body["status"], "active");
 
-    let (status, body) = problem(
-        app.get(&format!("/users/{id}?as_of=yesterday"), Some(&token))
-            .await,
-    )
-    .await;
+    let (status, body) = app
+        .get_problem(&format!("/users/{id}?as_of=yesterday"), &token)
+        .await;
     assert_eq!(
         (status, body["errors"][0]["field"].as_str()),
         (422, Some("as_of"))
@@ -124,11 +110,9 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
     .await;
     assert_eq!(status, 403);
     for query in ["limit=0", "after=%2B1", "after="] {
-        let (status, body) = problem(
-            app.get(&format!("/users/{id}/events?{query}"), Some(&token))
-                .await,
-        )
-        .await;
+        let (status, body) = app
+            .get_problem(&format!("/users/{id}/events?{query}"), &token)
+            .await;
         assert_eq!(status, 422, "{query}: {body}");
     }
 }
@@ -149,10 +133,7 @@ async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
     // Registered, deactivated 10 minutes later, activated again 10 minutes after that.
     let registered = now() - TimeDelta::days(1);
     let id = app.account_with_history(registered).await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
 
     // Between the deactivation and the activation. Read with its offset ignored, or the
     // offset's sign reversed, the instant moves by hours: past the activation, or before the
@@ -180,7 +161,7 @@ async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
     // A `+` sent bare in a query string is a space: refused, with the field named, rather
     // than read as some other instant.
     let bare = format!("/users/{id}?as_of={}", forms[1]);
-    let (status, body) = problem(app.get(&bare, Some(&token)).await).await;
+    let (status, body) = app.get_problem(&bare, &token).await;
     assert_eq!(
         (status, body["errors"][0]["field"].as_str()),
         (422, Some("as_of")),
@@ -192,10 +173,7 @@ async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
 async fn an_as_of_in_the_future_is_refused_with_the_field_named() {
     let app = spawn().await;
     let id = app.account_with_history(now() - TimeDelta::hours(1)).await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
 
     let just_past = (now() - TimeDelta::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
     let (status, body) = status_as_of(&app, &token, id, &just_past).await;

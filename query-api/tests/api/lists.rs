@@ -5,16 +5,13 @@ use std::collections::HashSet;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::harness::{problem, spawn};
+use crate::harness::spawn;
 
 #[tokio::test]
 async fn an_administrator_finds_an_account_by_email_in_any_case_or_form() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
+    let (_, token) = app.seed_admin().await;
     let user = app.seed_user("Zoë@Example.com", "active", &["user"]).await;
-    let token = app.token_for(admin.id, &["admin"]);
 
     // "Zoë" with a combining diaeresis, upper case.
     let response = app
@@ -42,7 +39,7 @@ async fn listing_accounts_is_for_administrators_only() {
         "/users?email=ann%40example.com",
         "/users",
     ] {
-        let (status, _) = problem(app.get(path, Some(&token)).await).await;
+        let (status, _) = app.get_problem(path, &token).await;
         assert_eq!(status, 403, "{path}");
     }
 }
@@ -50,10 +47,7 @@ async fn listing_accounts_is_for_administrators_only() {
 #[tokio::test]
 async fn pages_stay_stable_while_accounts_are_added() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (admin, token) = app.seed_admin().await;
     let mut originals = HashSet::new();
     for n in 0..25 {
         originals.insert(
@@ -102,10 +96,7 @@ async fn pages_stay_stable_while_accounts_are_added() {
 #[tokio::test]
 async fn bad_paging_values_are_refused_with_the_field_named() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
     for (query, field) in [
         ("limit=0", "limit"),
         ("limit=-1", "limit"),
@@ -118,11 +109,11 @@ async fn bad_paging_values_are_refused_with_the_field_named() {
         ("status=sleeping", "status"),
         ("email=not-an-email", "email"),
     ] {
-        let (status, body) = problem(app.get(&format!("/users?{query}"), Some(&token)).await).await;
+        let (status, body) = app.get_problem(&format!("/users?{query}"), &token).await;
         assert_eq!(status, 422, "{query}");
         assert_eq!(body["errors"][0]["field"], field, "{query}");
     }
-    let (status, body) = problem(app.get("/users?page=2", Some(&token)).await).await;
+    let (status, body) = app.get_problem("/users?page=2", &token).await;
     assert_eq!(
         (status, body["code"].as_str()),
         (400, Some("invalid_query"))
@@ -143,10 +134,7 @@ async fn first_cursor(app: &crate::harness::TestApp, token: &str, query: &str) -
 #[tokio::test]
 async fn a_cursor_is_taken_only_by_the_list_it_came_from() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
     for n in 0..3 {
         for status in ["active", "deactivated"] {
             let email = format!("{status}{n}@example.com");
@@ -176,11 +164,9 @@ async fn a_cursor_is_taken_only_by_the_list_it_came_from() {
         ("status=active", &deactivated),
         ("status=active", &all),
     ] {
-        let (status, body) = problem(
-            app.get(&format!("/users?{query}&cursor={cursor}"), Some(&token))
-                .await,
-        )
-        .await;
+        let (status, body) = app
+            .get_problem(&format!("/users?{query}&cursor={cursor}"), &token)
+            .await;
         assert_eq!(
             (status, body["errors"][0]["field"].as_str()),
             (422, Some("cursor")),
@@ -192,10 +178,7 @@ async fn a_cursor_is_taken_only_by_the_list_it_came_from() {
 #[tokio::test]
 async fn a_cursor_this_api_did_not_give_out_is_refused_with_the_field_named() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
     let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
     app.seed_user("bob@example.com", "active", &["user"]).await;
     let genuine = first_cursor(&app, &token, "status=active&limit=1").await;
@@ -220,7 +203,7 @@ async fn a_cursor_this_api_did_not_give_out_is_refused_with_the_field_named() {
         ("empty", String::new()),
     ] {
         let path = format!("/users?status=active&limit=1&cursor={cursor}");
-        let (status, body) = problem(app.get(&path, Some(&token)).await).await;
+        let (status, body) = app.get_problem(&path, &token).await;
         assert_eq!(
             (status, body["errors"][0]["field"].as_str()),
             (422, Some("cursor")),
@@ -232,10 +215,7 @@ async fn a_cursor_this_api_did_not_give_out_is_refused_with_the_field_named() {
 #[tokio::test]
 async fn an_email_lookup_refuses_status_limit_and_cursor_naming_each() {
     let app = spawn().await;
-    let admin = app
-        .seed_user("root@example.com", "active", &["admin"])
-        .await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let (_, token) = app.seed_admin().await;
     app.seed_user("ann@example.com", "active", &["user"]).await;
     app.seed_user("bob@example.com", "active", &["user"]).await;
     let cursor = first_cursor(&app, &token, "limit=1").await;
@@ -254,7 +234,7 @@ async fn an_email_lookup_refuses_status_limit_and_cursor_naming_each() {
         ),
     ] {
         let path = format!("/users?email=ann%40example.com&{extra}");
-        let (status, body) = problem(app.get(&path, Some(&token)).await).await;
+        let (status, body) = app.get_problem(&path, &token).await;
         let named: Vec<&str> = body["errors"]
             .as_array()
             .unwrap()

@@ -65,13 +65,11 @@ async fn an_administrator_reads_any_profile_and_learns_of_unknown_ones() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["status"], "deactivated");
 
-    let (status, body) = problem(
-        app.get(&format!("/users/{}", Uuid::now_v7()), Some(&token))
-            .await,
-    )
-    .await;
+    let (status, body) = app
+        .get_problem(&format!("/users/{}", Uuid::now_v7()), &token)
+        .await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
-    let (status, _) = problem(app.get("/users/not-a-uuid", Some(&token)).await).await;
+    let (status, _) = app.get_problem("/users/not-a-uuid", &token).await;
     assert_eq!(status, 404);
 }
 
@@ -129,7 +127,7 @@ async fn a_deactivated_administrator_can_no_longer_list_or_read_others() {
         "/users?status=active".to_owned(),
         format!("/users/{}/events", bob.id),
     ] {
-        let (status, _) = problem(app.get(&path, Some(&token)).await).await;
+        let (status, _) = app.get_problem(&path, &token).await;
         assert_eq!(status, 401, "{path}");
     }
 }
