@@ -16,15 +16,22 @@
 //! from the same local binaries: the shared server stays up for the tests running beside it.
 //! A test that cuts a client off without closing its connection puts a [`FreezingProxy`]
 //! between them.
+//!
+//! Tests and benchmarks that run the service's binaries start, wait for and stop them through
+//! [`process`], and a whole split deployment through [`Deployment`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bulk;
 mod cluster;
+mod deployment;
 mod private;
+pub mod process;
 mod proxy;
 
+pub use deployment::{ALL_SERVICES, Deployment, Services};
 pub use private::{PrivateCluster, StopMode};
+pub use process::{Launch, Process, Signal};
 pub use proxy::FreezingProxy;
 
 use std::str::FromStr;

@@ -9,7 +9,6 @@
 //! once its log record is written, so what a test saw committed must survive an immediate stop
 //! (a crash of the server; the machine itself keeps running, so `fsync` stays off).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +18,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Executor};
 
 use crate::cluster::{self, INSTALL};
+use crate::process::free_port;
 
 /// Server settings: disposable data, enough connections for three services and a test.
 const SETTINGS: &str = "-c fsync=off -c full_page_writes=off -c max_connections=200";
@@ -269,11 +269,6 @@ impl Drop for PrivateCluster {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Stops and deletes the clusters of test runs that were killed before they could.

@@ -1,0 +1,192 @@
+//! The split deployment as a test or a benchmark runs it: the service's binaries as processes
+//! of their own against one database, each with the settings a ConfigMap and a Secret would give
+//! it, and their logs in a directory of the run's own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokens::{Algorithm, SigningKey};
+
+use crate::process::{Launch, Process, built_binary, free_port};
+
+/// The services of the split deployment, in the order they start.
+pub const ALL_SERVICES: [&str; 3] = ["command-api", "query-api", "aggregator"];
+
+/// How long an operator's command (a migration, `admin create`, a rebuild) may run.
+const OPERATOR_COMMAND_WITHIN: Duration = Duration::from_secs(120);
+
+/// One deployment's shared configuration.
+pub struct Deployment {
+    /// The message store's database.
+    pub url: String,
+    /// The read model's database, when it is not the message store's.
+    pub read_model_url: Option<String>,
+    pub signing_key: String,
+    /// Where each process writes its output: `<label>.log`.
+    pub logs: PathBuf,
+    /// Settings every process gets besides the databases and the key, as environment
+    /// variables.
+    settings: Vec<(String, String)>,
+}
+
+/// The services [`Deployment::start_services`] started, each on a port of its own.
+pub struct Services {
+    pub command_port: u16,
+    pub query_port: u16,
+    pub aggregator_port: u16,
+    /// In the order they were named.
+    pub processes: Vec<Process>,
+}
+
+impl Services {
+    /// Stops every process with SIGTERM; an error naming each that did not exit successfully.
+    pub async fn shut_down(mut self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for process in &mut self.processes {
+            if let Err(error) = process.shut_down().await {
+                failures.push(format!("{error:#}"));
+            }
+        }
+        anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
+        Ok(())
+    }
+}
+
+impl Deployment {
+    /// A deployment on the database at `url`, with a fresh signing key and its processes' logs
+    /// in a new temp directory named after `name`.
+    pub fn new(name: &str, url: &str) -> anyhow::Result<Self> {
+        let logs = std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        Ok(Self {
+            url: url.to_owned(),
+            read_model_url: None,
+            signing_key: SigningKey::generate(Algorithm::EdDSA)?
+                .to_pem()?
+                .expose_secret()
+                .clone(),
+            logs,
+            settings: Vec::new(),
+        })
+    }
+
+    /// The same deployment with its read model in the database at `url`.
+    pub fn with_read_model(mut self, url: &str) -> Self {
+        self.read_model_url = Some(url.to_owned());
+        self
+    }
+
+    /// The same deployment with `variable` set in every process it starts (unless the
+    /// settings given for one process set it too).
+    pub fn with_setting(mut self, variable: &str, value: impl Into<String>) -> Self {
+        self.settings.push((variable.to_owned(), value.into()));
+        self
+    }
+
+    /// The file a process labelled `label` writes its output to.
+    pub fn log(&self, label: &str) -> PathBuf {
+        self.logs.join(format!("{label}.log"))
+    }
+
+    /// The binary cargo built beside the running executable, with this deployment's settings,
+    /// its output in `label`'s log.
+    pub fn launch(&self, binary: &str, label: &str) -> anyhow::Result<Launch> {
+        let mut launch = Launch::new(label, built_binary(binary)?)
+            .env("IDENTITY__DATABASE__URL", &self.url)
+            .env("IDENTITY__TOKENS__SIGNING_KEY", &self.signing_key)
+            .log_to(self.log(label));
+        if let Some(url) = &self.read_model_url {
+            launch = launch.env("IDENTITY__READ_MODEL__URL", url);
+        }
+        for (variable, value) in &self.settings {
+            launch = launch.env(variable, value);
+        }
+        Ok(launch)
+    }
+
+    /// Starts `binary` with this deployment's settings and `settings` on top.
+    pub fn start(
+        &self,
+        binary: &str,
+        label: &str,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<Process> {
+        let mut launch = self.launch(binary, label)?;
+        for (variable, value) in settings {
+            launch = launch.env(variable, value);
+        }
+        launch.spawn()
+    }
+
+    /// Runs an operator's command to its end, `input` on its stdin; an error when it fails.
+    pub async fn run(
+        &self,
+        binary: &str,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let label = format!("{binary}-{}", args.join("-"));
+        self.launch(binary, &label)?
+            .args(args)
+            .run(input, OPERATOR_COMMAND_WITHIN)
+            .await
+            .with_context(|| format!("{binary} {}", args.join(" ")))
+    }
+
+    /// The migration Job: both migrations, as a release runs them before its services.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        self.run("command-api", &["migrate"], None).await?;
+        self.run("aggregator", &["migrate"], None).await
+    }
+
+    /// Starts `binary` on a free port with `settings` on top of the deployment's, and waits
+    /// until it is alive (`/healthz`) and ready (`/readyz`: its databases answer).
+    pub async fn start_service(
+        &self,
+        client: &reqwest::Client,
+        binary: &str,
+        label: &str,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<(Process, u16)> {
+        let port = free_port()?;
+        let address = if binary == "aggregator" {
+            "IDENTITY__AGGREGATOR__HTTP__ADDRESS"
+        } else {
+            "IDENTITY__HTTP__ADDRESS"
+        };
+        let mut settings = settings.to_vec();
+        settings.push((address, format!("127.0.0.1:{port}")));
+        let mut process = self.start(binary, label, &settings)?;
+        process.wait_until_serves(client, port, "/healthz").await?;
+        process.wait_until_serves(client, port, "/readyz").await?;
+        Ok((process, port))
+    }
+
+    /// Migrates, then starts the services `which` names (`command-api`, `query-api`,
+    /// `aggregator`), each labelled with its name, and waits until each is ready.
+    pub async fn start_services(
+        &self,
+        client: &reqwest::Client,
+        which: &[&str],
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<Services> {
+        self.migrate().await?;
+        let mut services = Services {
+            command_port: 0,
+            query_port: 0,
+            aggregator_port: 0,
+            processes: Vec::new(),
+        };
+        for &name in which {
+            let (process, port) = self.start_service(client, name, name, settings).await?;
+            match name {
+                "command-api" => services.command_port = port,
+                "query-api" => services.query_port = port,
+                _ => services.aggregator_port = port,
+            }
+            services.processes.push(process);
+        }
+        Ok(services)
+    }
+}
