@@ -55,6 +55,38 @@ struct Server {
 
 static SERVER: OnceCell<Server> = OnceCell::const_new();
 
+impl Server {
+    /// Creates an empty database `name`, dropped with the value returned.
+    async fn create_database(&'static self, name: String) -> TestDatabase {
+        self.execute(&format!(r#"CREATE DATABASE "{name}""#)).await;
+        let url = self
+            .admin
+            .clone()
+            .database(&name)
+            .to_url_lossy()
+            .to_string();
+        TestDatabase {
+            name,
+            url,
+            server: self,
+        }
+    }
+
+    /// Runs `sql` on the maintenance database.
+    async fn execute(&self, sql: &str) {
+        let mut admin = self
+            .admin
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        admin
+            .execute(sql)
+            .await
+            .unwrap_or_else(|error| panic!("running {sql}: {error}"));
+        admin.close().await.ok();
+    }
+}
+
 impl TestDatabase {
     /// Creates an empty database on the test server.
     pub async fn new() -> Self {
@@ -67,23 +99,7 @@ impl TestDatabase {
             .unwrap_or_default()
             .as_secs();
         let name = format!("idtest_{seconds}_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = server
-            .admin
-            .connect()
-            .await
-            .expect("connecting to the test server");
-        admin
-            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-            .await
-            .expect("creating a test database");
-        admin.close().await.ok();
-        let url = server
-            .admin
-            .clone()
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
-        Self { name, url, server }
+        server.create_database(name).await
     }
 
     /// The database's URL, for code under test that connects by itself (another process, say).
@@ -98,74 +114,42 @@ impl TestDatabase {
     /// The URL of a second database on the same server, dropped with this one. For tests that
     /// put the read model apart from the message store.
     pub async fn sibling(&self, suffix: &str) -> TestDatabase {
-        let name = format!("{}_{suffix}", self.name);
-        let mut admin = self
-            .server
-            .admin
-            .connect()
+        self.server
+            .create_database(format!("{}_{suffix}", self.name))
             .await
-            .expect("connecting to the test server");
-        admin
-            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-            .await
-            .expect("creating a test database");
-        let url = self
-            .server
-            .admin
-            .clone()
-            .database(&name)
-            .to_url_lossy()
-            .to_string();
-        TestDatabase {
-            name,
-            url,
-            server: self.server,
-        }
     }
 
     /// Makes the sessions that start from now on read-only, or writable again: what a server
     /// demoted to a standby by a failover answers (SQLSTATE 25006). Sessions already open keep
     /// what they had; [`Self::end_sessions`] ends them.
     pub async fn set_read_only(&self, read_only: bool) {
-        self.on_the_server(&format!(
-            r#"ALTER DATABASE "{}" SET default_transaction_read_only = {read_only}"#,
-            self.name
-        ))
-        .await;
+        self.server
+            .execute(&format!(
+                r#"ALTER DATABASE "{}" SET default_transaction_read_only = {read_only}"#,
+                self.name
+            ))
+            .await;
     }
 
     /// Closes the database to new connections, or opens it again: an outage of this database
     /// alone, which a client sees as a FATAL error when it connects.
     pub async fn close_to_connections(&self, closed: bool) {
-        self.on_the_server(&format!(
-            r#"ALTER DATABASE "{}" WITH ALLOW_CONNECTIONS {}"#,
-            self.name, !closed
-        ))
-        .await;
+        self.server
+            .execute(&format!(
+                r#"ALTER DATABASE "{}" WITH ALLOW_CONNECTIONS {}"#,
+                self.name, !closed
+            ))
+            .await;
     }
 
     /// Ends every session open on this database, as a server restart does to its clients.
     pub async fn end_sessions(&self) {
-        self.on_the_server(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
-            self.name
-        ))
-        .await;
-    }
-
-    /// Runs `sql` on the server's maintenance database.
-    async fn on_the_server(&self, sql: &str) {
-        let mut admin = self
-            .server
-            .admin
-            .connect()
-            .await
-            .expect("connecting to the test server");
-        admin
-            .execute(sql)
-            .await
-            .unwrap_or_else(|error| panic!("running {sql}: {error}"));
-        admin.close().await.ok();
+        self.server
+            .execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                self.name
+            ))
+            .await;
     }
 
     /// A pool on this database.
