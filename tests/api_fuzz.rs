@@ -16,14 +16,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use test_support::TestDatabase;
+use test_support::{Deployment, TestDatabase};
 
-use common::{Deployment, free_port, get_json, metrics_text, register, token, wait_until_healthy};
+use common::{
+    PASSWORD, client, get_json, metrics_text, new_deployment, register, start_all_services, token,
+};
 
 const SCHEMATHESIS_VERSION: &str = "4.32.5";
 /// Fixed, so a failure found here is found again by the next run and by `st replay`.
@@ -34,50 +34,15 @@ const ADMIN_PASSWORD: &str = "an operator's long password";
 async fn both_apis_answer_generated_requests_as_their_documents_say() {
     let st = tokio::task::spawn_blocking(schemathesis).await.unwrap();
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("api-fuzz", database.url());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let (command_port, query_port, aggregator_port) = (free_port(), free_port(), free_port());
+    let deployment = new_deployment("api-fuzz", database.url());
+    let client = client();
+    let services = start_all_services(&deployment, &client).await;
+    let (command_port, query_port) = (services.command_port, services.query_port);
 
-    deployment.run_to_completion("command-api", &["migrate"]);
-    deployment.run_to_completion("aggregator", &["migrate"]);
-    let _command_api = deployment.start(
-        "command-api",
-        "command-api",
-        &[(
-            "IDENTITY__HTTP__ADDRESS",
-            format!("127.0.0.1:{command_port}"),
-        )],
-    );
-    let _query_api = deployment.start(
-        "query-api",
-        "query-api",
-        &[("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{query_port}"))],
-    );
-    let _aggregator = deployment.start(
-        "aggregator",
-        "aggregator",
-        &[(
-            "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
-            format!("127.0.0.1:{aggregator_port}"),
-        )],
-    );
-    for port in [command_port, query_port, aggregator_port] {
-        wait_until_healthy(&client, port).await;
-    }
-
-    create_admin(&deployment, "root@example.com");
+    create_admin(&deployment, "root@example.com").await;
     let admin = token(&client, command_port, "root@example.com", ADMIN_PASSWORD).await;
     register(&client, command_port, "ann@example.com").await;
-    let user = token(
-        &client,
-        command_port,
-        "ann@example.com",
-        "correct horse battery",
-    )
-    .await;
+    let user = token(&client, command_port, "ann@example.com", PASSWORD).await;
 
     // The query API first: the command API's runs change accounts (the administrator's too:
     // wrong current passwords lock it out for a while).
@@ -205,15 +170,15 @@ async fn requests_served(client: &reqwest::Client, port: u16) -> HashMap<(String
     served
 }
 
-fn create_admin(deployment: &Deployment, email: &str) {
-    let mut create = deployment
-        .command("command-api", "admin-create", &[])
-        .args(["admin", "create", "--email", email])
-        .stdin(Stdio::piped())
-        .spawn()
+async fn create_admin(deployment: &Deployment, email: &str) {
+    deployment
+        .run(
+            "command-api",
+            &["admin", "create", "--email", email],
+            Some(ADMIN_PASSWORD),
+        )
+        .await
         .unwrap();
-    writeln!(create.stdin.take().unwrap(), "{ADMIN_PASSWORD}").unwrap();
-    assert!(create.wait().unwrap().success(), "admin create failed");
 }
 
 fn run_schemathesis(

@@ -20,15 +20,13 @@ use aggregator::view::UserRow;
 use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel, Target};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool, Row};
-use test_support::{PrivateCluster, StopMode, TestDatabase};
+use test_support::{PrivateCluster, Signal, StopMode, TestDatabase};
 use uuid::Uuid;
 
 use common::{
-    Deployment, checkpoint, client, login, register, start_services, store_head,
-    wait_for_checkpoint, wait_for_status,
+    PASSWORD, checkpoint, client, login, new_deployment, register, start_all_services,
+    start_services, store_head, wait_for_checkpoint,
 };
-
-const PASSWORD: &str = "correct horse battery";
 
 /// How long the load runs before the crash, and at least after the restart.
 const LOAD_PHASE: Duration = Duration::from_secs(3);
@@ -90,6 +88,13 @@ struct Counts {
     registrations: u64,
     logins: u64,
     reads: u64,
+}
+
+impl Counts {
+    /// Whether every kind of request has succeeded a number of times: the load is going.
+    fn all_kinds_succeeded(&self) -> bool {
+        self.registrations >= 30 && self.logins >= 15 && self.reads >= 15
+    }
 }
 
 /// What the clients were told, kept to check against the store and the read model.
@@ -284,14 +289,9 @@ async fn wait_for_ledger(
 async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_and_lose_nothing() {
     let cluster = PrivateCluster::start().await;
     let url = cluster.create_database("identity").await;
-    let deployment = Deployment::new("faults-postgres-crash", &url);
+    let deployment = new_deployment("faults-postgres-crash", &url);
     let client = client();
-    let mut services = start_services(
-        &deployment,
-        &client,
-        &["command-api", "query-api", "aggregator"],
-    )
-    .await;
+    let mut services = start_all_services(&deployment, &client).await;
     let logs = deployment.logs.clone();
 
     let load = Arc::new(Load {
@@ -315,11 +315,7 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
         Duration::from_secs(60),
         "the load did not get going",
         &logs,
-        |ledger| {
-            ledger.before_crash.registrations >= 30
-                && ledger.before_crash.logins >= 15
-                && ledger.before_crash.reads >= 15
-        },
+        |ledger| ledger.before_crash.all_kinds_succeeded(),
     )
     .await;
     tokio::time::sleep_until((loading + LOAD_PHASE).into()).await;
@@ -358,11 +354,7 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
         Duration::from_secs(90),
         "the services did not recover from the restart by themselves",
         &logs,
-        |ledger| {
-            ledger.after_restart.registrations >= 30
-                && ledger.after_restart.logins >= 15
-                && ledger.after_restart.reads >= 15
-        },
+        |ledger| ledger.after_restart.all_kinds_succeeded(),
     )
     .await;
     tokio::time::sleep_until((restarted + LOAD_PHASE).into()).await;
@@ -370,20 +362,23 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
     for worker in workers {
         worker.await.unwrap();
     }
-    for process in &mut services.processes {
-        assert!(
-            process.is_running(),
-            "{} exited during the outage; see {}",
-            process.name,
-            logs.display()
-        );
-    }
-    for port in [
+    // The processes in the order started, each with its port.
+    let ports = [
         services.command_port,
         services.query_port,
         services.aggregator_port,
-    ] {
-        wait_for_status(&client, port, "/readyz", 200, Duration::from_secs(30)).await;
+    ];
+    for (process, port) in services.processes.iter_mut().zip(ports) {
+        assert!(
+            process.is_running(),
+            "{} exited during the outage; see {}",
+            process.name(),
+            logs.display()
+        );
+        process
+            .wait_until_serves(&client, port, "/readyz")
+            .await
+            .unwrap();
     }
 
     let ledger = std::mem::take(&mut *load.ledger.lock().unwrap());
@@ -485,11 +480,7 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
     );
 
     pool.close().await;
-    for process in services.processes {
-        let name = process.name.clone();
-        let status = process.terminate();
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
-    }
+    services.shut_down().await.unwrap();
     let _ = std::fs::remove_dir_all(&logs);
 }
 
@@ -619,7 +610,7 @@ async fn register_and_log_in(client: &reqwest::Client, port: u16, email: &str) -
 async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_built() {
     let database = TestDatabase::new().await;
     let url = database.url().to_owned();
-    let deployment = Deployment::new("faults-rebuild", &url);
+    let deployment = new_deployment("faults-rebuild", &url);
     let logs = deployment.logs.clone();
     let client = client();
     let services = start_services(&deployment, &client, &["command-api", "aggregator"]).await;
@@ -648,19 +639,18 @@ async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_
 
     // A rebuild beside the live worker, killed once its log shows it well into the store.
     let label = "rebuild-killed";
-    let mut killed = deployment.start_with_args(
-        "aggregator",
-        label,
-        &["rebuild", "--projection", "users"],
-        &[
-            // RUST_LOG rather than the setting: it would override the setting if set.
-            ("RUST_LOG", "warn,sqlx::query=debug".to_owned()),
-            (
-                "IDENTITY__AGGREGATOR__BATCH_SIZE",
-                REBUILD_BATCH.to_string(),
-            ),
-        ],
-    );
+    let mut killed = deployment
+        .launch("aggregator", label)
+        .unwrap()
+        .args(["rebuild", "--projection", "users"])
+        // RUST_LOG rather than the setting: it would override the setting if set.
+        .env("RUST_LOG", "warn,sqlx::query=debug")
+        .env(
+            "IDENTITY__AGGREGATOR__BATCH_SIZE",
+            REBUILD_BATCH.to_string(),
+        )
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
     loop {
@@ -681,7 +671,7 @@ async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let status = killed.kill();
+    let status = killed.stop(Signal::Kill).await.unwrap();
     let reads = store_reads(&deployment.log(label));
     assert_eq!(
         status.signal(),
@@ -722,15 +712,16 @@ async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_
     let live_checkpoint = read_model.checkpoint("users").await.unwrap().unwrap();
 
     // Run again, to the end: the same view, the same checkpoint, nothing left over.
-    let mut rerun = deployment.start_with_args(
-        "aggregator",
-        "rebuild-rerun",
-        &["rebuild", "--projection", "users"],
-        &[],
-    );
+    let mut rerun = deployment
+        .launch("aggregator", "rebuild-rerun")
+        .unwrap()
+        .args(["rebuild", "--projection", "users"])
+        .spawn()
+        .unwrap();
     let started = Instant::now();
     let status = rerun
         .wait_for_exit(Duration::from_secs(120))
+        .await
         .expect("the rebuild did not finish within 120 s");
     assert!(
         status.success(),
@@ -761,11 +752,7 @@ async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_
     assert_eq!((row.login_count, row.status.as_str()), (1, "active"));
 
     pool.close().await;
-    for process in services.processes {
-        let name = process.name.clone();
-        let status = process.terminate();
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
-    }
+    services.shut_down().await.unwrap();
     let _ = std::fs::remove_dir_all(&logs);
 }
 
@@ -779,7 +766,7 @@ async fn an_event_committed_late_by_a_slow_transaction_is_applied_after_later_po
     // the server (docs/adr/0002), which the tests beside this one would feel.
     let cluster = PrivateCluster::start().await;
     let url = cluster.create_database("identity").await;
-    let deployment = Deployment::new("faults-slow-transaction", &url);
+    let deployment = new_deployment("faults-slow-transaction", &url);
     let logs = deployment.logs.clone();
     let client = client();
     let services = start_services(&deployment, &client, &["command-api", "aggregator"]).await;
@@ -877,18 +864,14 @@ async fn an_event_committed_late_by_a_slow_transaction_is_applied_after_later_po
         assert!(rows.iter().any(|row| row.id == *id), "{id} is missing");
     }
 
-    for process in services.processes {
-        let name = process.name.clone();
-        let status = process.terminate();
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
-    }
+    services.shut_down().await.unwrap();
     let _ = std::fs::remove_dir_all(&logs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_demoted_to_read_only_answers_503_with_retry_after_and_heals() {
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("faults-read-only", database.url());
+    let deployment = new_deployment("faults-read-only", database.url());
     let client = client();
     let services = start_services(&deployment, &client, &["command-api"]).await;
     let port = services.command_port;

@@ -8,23 +8,17 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use serde_json::Value;
 use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
 
-use common::{
-    Deployment, Process, client, free_port, get_json, register, token, wait_for_status,
-    wait_until_healthy,
-};
-
-const PASSWORD: &str = "correct horse battery";
+use common::{PASSWORD, client, get_as, get_json, new_deployment, register, token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_works_until_dropped() {
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("key-rotation", database.url());
+    let deployment = new_deployment("key-rotation", database.url());
     let old_key = deployment.signing_key.clone();
     let new_key = SigningKey::generate(Algorithm::EdDSA)
         .unwrap()
@@ -37,7 +31,7 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
         if let Some(published) = published {
             let file = deployment
                 .logs
-                .join(format!("published-{}.pem", free_port()));
+                .join(format!("published-{}.pem", uuid::Uuid::new_v4()));
             std::fs::write(&file, published).unwrap();
             settings.push((
                 "IDENTITY__TOKENS__PUBLISHED_KEYS",
@@ -47,25 +41,16 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
         settings
     };
     let client = client();
-    deployment.run_to_completion("command-api", &["migrate"]);
-    deployment.run_to_completion("aggregator", &["migrate"]);
-    let _aggregator = start(&deployment, &client, "aggregator", vec![]).await;
+    // Each process logs to a file of its own, labelled with the step it belongs to.
+    let start =
+        |binary, label, settings| deployment.start_service(&client, binary, label, settings);
+    deployment.migrate().await.unwrap();
+    let _aggregator = start("aggregator", "aggregator", &[]).await.unwrap();
 
     // 1. The next key is published everywhere; the old one still signs.
-    let (command_api, command_port) = start(
-        &deployment,
-        &client,
-        "command-api",
-        keys(&old_key, Some(&new_key)),
-    )
-    .await;
-    let (query_api, query_port) = start(
-        &deployment,
-        &client,
-        "query-api",
-        keys(&old_key, Some(&new_key)),
-    )
-    .await;
+    let both = keys(&old_key, Some(&new_key));
+    let (command_api, command_port) = start("command-api", "command-api-1", &both).await.unwrap();
+    let (query_api, query_port) = start("query-api", "query-api-1", &both).await.unwrap();
     let (_, registered) = register(&client, command_port, "ann@example.com").await;
     let signed_by_old = token(&client, command_port, "ann@example.com", PASSWORD).await;
     let jwks = key_ids(&client, command_port).await;
@@ -73,13 +58,10 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
 
     // 2. The command API signs with the next key and keeps publishing the old one.
     drop(command_api);
-    let (_command_api, command_port) = start(
-        &deployment,
-        &client,
-        "command-api",
-        keys(&new_key, Some(&old_key)),
-    )
-    .await;
+    let switched = keys(&new_key, Some(&old_key));
+    let (_command_api, command_port) = start("command-api", "command-api-2", &switched)
+        .await
+        .unwrap();
     let signed_by_new = token(&client, command_port, "ann@example.com", PASSWORD).await;
     assert_ne!(
         key_id(&signed_by_old),
@@ -98,8 +80,8 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
 
     // 3. The old key's tokens have expired: the query API drops it.
     drop(query_api);
-    let (_query_api, query_port) =
-        start(&deployment, &client, "query-api", keys(&new_key, None)).await;
+    let dropped = keys(&new_key, None);
+    let (_query_api, query_port) = start("query-api", "query-api-2", &dropped).await.unwrap();
     assert_eq!(
         profile(&client, query_port, &signed_by_new, registered).await,
         200
@@ -111,35 +93,10 @@ async fn a_rotated_in_key_signs_tokens_the_query_api_accepts_and_the_old_key_wor
     );
 }
 
-/// Starts `name` on a port of its own with `settings`, and waits until it is ready.
-async fn start(
-    deployment: &Deployment,
-    client: &reqwest::Client,
-    name: &str,
-    mut settings: Vec<(&str, String)>,
-) -> (Process, u16) {
-    let port = free_port();
-    let address = if name == "aggregator" {
-        "IDENTITY__AGGREGATOR__HTTP__ADDRESS"
-    } else {
-        "IDENTITY__HTTP__ADDRESS"
-    };
-    settings.push((address, format!("127.0.0.1:{port}")));
-    let process = deployment.start(name, &format!("{name}-{port}"), &settings);
-    wait_until_healthy(client, port).await;
-    wait_for_status(client, port, "/readyz", 200, Duration::from_secs(30)).await;
-    (process, port)
-}
-
 /// The status of `GET /users/me` with `token`, once the view has the registration.
 async fn profile(client: &reqwest::Client, port: u16, token: &str, registered: u64) -> u16 {
-    client
-        .get(format!("http://127.0.0.1:{port}/users/me"))
-        .bearer_auth(token)
-        .header("X-Min-Position", registered.to_string())
-        .send()
+    get_as(client, port, "/users/me", token, Some(registered))
         .await
-        .unwrap()
         .status()
         .as_u16()
 }

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use test_support::TestDatabase;
+use test_support::process::proc_status_kib;
 
-use common::{Deployment, free_port, register, wait_until_healthy};
+use common::{PASSWORD, new_deployment, register};
 
 const MEMORY_KIB: u64 = 19 * 1024;
 const LOGINS: usize = 600;
@@ -21,25 +22,29 @@ const LOGINS: usize = 600;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_hundred_concurrent_logins_hold_memory_to_one_hash_per_core() {
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("login-flood", database.url());
-    let port = free_port();
-    deployment.run_to_completion("command-api", &["migrate"]);
-    let command_api = deployment.start(
-        "command-api",
-        "command-api",
-        &[
-            ("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}")),
-            // The production cost, which is what an attacker would multiply.
-            ("IDENTITY__PASSWORD__MEMORY_KIB", MEMORY_KIB.to_string()),
-            ("IDENTITY__PASSWORD__ITERATIONS", "2".to_owned()),
-        ],
-    );
+    let deployment = new_deployment("login-flood", database.url());
+    deployment
+        .run("command-api", &["migrate"], None)
+        .await
+        .unwrap();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    wait_until_healthy(&client, port).await;
+    let (command_api, port) = deployment
+        .start_service(
+            &client,
+            "command-api",
+            "command-api",
+            &[
+                // The production cost, which is what an attacker would multiply.
+                ("IDENTITY__PASSWORD__MEMORY_KIB", MEMORY_KIB.to_string()),
+                ("IDENTITY__PASSWORD__ITERATIONS", "2".to_owned()),
+            ],
+        )
+        .await
+        .unwrap();
     register(&client, port, "ann@example.com").await;
     register(&client, port, "bob@example.com").await;
     let at_rest = resident_kib(command_api.id());
@@ -106,9 +111,7 @@ async fn six_hundred_concurrent_logins_hold_memory_to_one_hash_per_core() {
     // now, as it should be after so many wrong guesses).
     let response = client
         .post(format!("http://127.0.0.1:{port}/login"))
-        .json(
-            &serde_json::json!({ "email": "bob@example.com", "password": "correct horse battery" }),
-        )
+        .json(&serde_json::json!({ "email": "bob@example.com", "password": PASSWORD }))
         .send()
         .await
         .unwrap();
@@ -117,10 +120,5 @@ async fn six_hundred_concurrent_logins_hold_memory_to_one_hash_per_core() {
 
 /// VmRSS of a process, in KiB.
 fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    proc_status_kib(pid, "VmRSS").unwrap()
 }

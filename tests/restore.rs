@@ -14,14 +14,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
-use test_support::PrivateCluster;
+use test_support::{Deployment, PrivateCluster};
 
 use common::{
-    Deployment, checkpoint, client, metric, register, start_services, store_head, token,
-    wait_for_checkpoint,
+    PASSWORD, checkpoint, client, get_as, metric, new_deployment, register, start_all_services,
+    start_services, store_head, token, wait_for_checkpoint,
 };
-
-const PASSWORD: &str = "correct horse battery";
 
 /// Transactions the old cluster has run before the store is copied: far more than a young
 /// cluster runs while it is created and restored into.
@@ -30,20 +28,23 @@ const OLD_CLUSTER_TRANSACTIONS: u32 = 50_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
     let old = AgedStore::start().await;
-    let before = write_before_the_move(&Deployment::new("restore-old", &old.url), &old.url).await;
+    let before = write_before_the_move(&new_deployment("restore-old", &old.url), &old.url).await;
 
     let young = PrivateCluster::start().await;
     let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
-    let deployment = Deployment::new("restore-young", &url);
+    let deployment = new_deployment("restore-young", &url);
     goes_on_above(&deployment, &url, &url, before, "third@example.com").await;
 
     // A rebuild from zero reads the old messages and the new ones in one order, and ends in the
     // view the live worker built.
     let pool = PgPool::connect(&url).await.unwrap();
     let live = view(&pool).await;
-    deployment.run_to_completion("aggregator", &["rebuild", "--projection", "users"]);
+    deployment
+        .run("aggregator", &["rebuild", "--projection", "users"], None)
+        .await
+        .unwrap();
     assert_eq!(
         view(&pool).await,
         live,
@@ -56,14 +57,14 @@ async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_its_checkpoint() {
     let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
-    let deployment = Deployment::new("restore-old", &old.url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
     let before = write_before_the_move(&deployment, &read_model_url).await;
 
     let young = PrivateCluster::start().await;
     let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
-    let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-young", &url).with_read_model(&read_model_url);
     goes_on_above(
         &deployment,
         &url,
@@ -77,7 +78,7 @@ async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() {
     let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
-    let deployment = Deployment::new("restore-old", &old.url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
     write_before_the_move(&deployment, &read_model_url).await;
     // The backup is taken here; the old store goes on, and the read model with it.
     let young = PrivateCluster::start().await;
@@ -85,14 +86,9 @@ async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() 
     let lost = write_after_the_backup(&deployment, &read_model_url).await;
     drop(old);
 
-    let deployment = Deployment::new("restore-young", &url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-young", &url).with_read_model(&read_model_url);
     let client = client();
-    let services = start_services(
-        &deployment,
-        &client,
-        &["command-api", "aggregator", "query-api"],
-    )
-    .await;
+    let services = start_all_services(&deployment, &client).await;
     wait_for_metric(
         &client,
         services.aggregator_port,
@@ -108,7 +104,10 @@ async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() 
     );
     drop(services);
 
-    deployment.run_to_completion("aggregator", &["rebuild", "--projection", "users"]);
+    deployment
+        .run("aggregator", &["rebuild", "--projection", "users"], None)
+        .await
+        .unwrap();
     let pool = PgPool::connect(&read_model_url).await.unwrap();
     let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM users ORDER BY email")
         .fetch_all(&pool)
@@ -230,12 +229,7 @@ async fn goes_on_above(
     email: &str,
 ) {
     let client = client();
-    let services = start_services(
-        deployment,
-        &client,
-        &["command-api", "aggregator", "query-api"],
-    )
-    .await;
+    let services = start_all_services(deployment, &client).await;
     let (id, registered) = register(&client, services.command_port, email).await;
     assert!(
         registered > before,
@@ -245,13 +239,14 @@ async fn goes_on_above(
     let pool = PgPool::connect(url).await.unwrap();
     let head = store_head(&pool).await;
 
-    let response = client
-        .get(format!("http://127.0.0.1:{}/users/me", services.query_port))
-        .bearer_auth(&token)
-        .header("X-Min-Position", head.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(
+        &client,
+        services.query_port,
+        "/users/me",
+        &token,
+        Some(head),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let profile: Value = response.json().await.unwrap();
     assert_eq!(profile["id"], id.as_str());

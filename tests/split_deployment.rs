@@ -9,73 +9,34 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::PgPool;
-use test_support::TestDatabase;
+use test_support::{Process, Signal, TestDatabase};
 
 use common::{
-    Deployment, Process, checkpoint, client, free_port, login, metric, register, start_services,
-    store_head, token, wait_for_checkpoint, wait_until_healthy,
+    PASSWORD, checkpoint, client, get_as, login, metric, new_deployment, register,
+    start_all_services, store_head, token, wait_for_checkpoint,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly() {
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("split-deployment", database.url());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let (command_port, query_port) = (free_port(), free_port());
-    let (first_port, second_port) = (free_port(), free_port());
+    let deployment = new_deployment("split-deployment", database.url());
+    let client = client();
+    let start = |binary, label| deployment.start_service(&client, binary, label, &[]);
 
     // The migration Job, then the Deployments.
-    deployment.run_to_completion("command-api", &["migrate"]);
-    deployment.run_to_completion("aggregator", &["migrate"]);
-    let command_api = deployment.start(
-        "command-api",
-        "command-api",
-        &[(
-            "IDENTITY__HTTP__ADDRESS",
-            format!("127.0.0.1:{command_port}"),
-        )],
-    );
-    let query_api = deployment.start(
-        "query-api",
-        "query-api",
-        &[("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{query_port}"))],
-    );
-    let first_aggregator = deployment.start(
-        "aggregator",
-        "aggregator-1",
-        &[(
-            "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
-            format!("127.0.0.1:{first_port}"),
-        )],
-    );
-    for port in [command_port, query_port, first_port] {
-        wait_until_healthy(&client, port).await;
-    }
+    deployment.migrate().await.unwrap();
+    let (mut command_api, command_port) = start("command-api", "command-api").await.unwrap();
+    let (mut query_api, query_port) = start("query-api", "query-api").await.unwrap();
+    let (mut first_aggregator, _) = start("aggregator", "aggregator-1").await.unwrap();
 
     // Register, log in, read the profile as soon as the read model has the registration.
     let (ann, position) = register(&client, command_port, "ann@example.com").await;
-    let ann_token = token(
-        &client,
-        command_port,
-        "ann@example.com",
-        "correct horse battery",
-    )
-    .await;
-    let response = client
-        .get(format!("http://127.0.0.1:{query_port}/users/me"))
-        .bearer_auth(&ann_token)
-        .header("X-Min-Position", position.to_string())
-        .send()
-        .await
-        .unwrap();
+    let ann_token = token(&client, command_port, "ann@example.com", PASSWORD).await;
+    let response = get_as(&client, query_port, "/users/me", &ann_token, Some(position)).await;
     assert_eq!(response.status(), 200);
     let profile: Value = response.json().await.unwrap();
     assert_eq!(
@@ -84,17 +45,14 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     );
 
     // The first administrator, created by an operator; deactivating Ann refuses her login.
-    let mut create = deployment
-        .command("command-api", "admin-create", &[])
-        .args(["admin", "create", "--email", "root@example.com"])
-        .stdin(Stdio::piped())
-        .spawn()
+    deployment
+        .run(
+            "command-api",
+            &["admin", "create", "--email", "root@example.com"],
+            Some("an operator's long password"),
+        )
+        .await
         .unwrap();
-    {
-        use std::io::Write;
-        writeln!(create.stdin.take().unwrap(), "an operator's long password").unwrap();
-    }
-    assert!(create.wait().unwrap().success(), "admin create failed");
     let admin_token = token(
         &client,
         command_port,
@@ -111,27 +69,13 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let refused = login(
-        &client,
-        command_port,
-        "ann@example.com",
-        "correct horse battery",
-    )
-    .await;
+    let refused = login(&client, command_port, "ann@example.com", PASSWORD).await;
     assert_eq!(refused.status(), 401);
 
     // A standby aggregator beside the one that holds the projection.
     let pool = database.pool().await;
     wait_for_holder(&pool, &first_aggregator).await;
-    let second_aggregator = deployment.start(
-        "aggregator",
-        "aggregator-2",
-        &[(
-            "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
-            format!("127.0.0.1:{second_port}"),
-        )],
-    );
-    wait_until_healthy(&client, second_port).await;
+    let (mut second_aggregator, second_port) = start("aggregator", "aggregator-2").await.unwrap();
     // It stands by: it tries for the lock every 200 ms, and has applied nothing.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
@@ -144,7 +88,7 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     // The holder is frozen (a stalled node) in the middle of a burst of registrations, so that
     // it is surely behind when it is killed: whatever the view holds after that, the standby
     // applied it.
-    first_aggregator.signal("STOP");
+    first_aggregator.signal(Signal::Stop).unwrap();
     let burst: Vec<_> = (0..60)
         .map(|n| {
             let client = client.clone();
@@ -169,19 +113,15 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         Some(first_aggregator.id()),
         "the holder lost the projection before it was killed"
     );
-    let killed = first_aggregator.kill();
+    let killed = first_aggregator.stop(Signal::Kill).await.unwrap();
     assert_eq!(killed.signal(), Some(9), "the first aggregator: {killed}");
     for registration in burst {
         last_position = last_position.max(registration.await.unwrap().1);
     }
 
     // The query API answers whatever the aggregators do.
-    let response = client
-        .get(format!("http://127.0.0.1:{query_port}/users/{ann}"))
-        .bearer_auth(&admin_token)
-        .send()
-        .await
-        .unwrap();
+    let ann_profile = format!("/users/{ann}");
+    let response = get_as(&client, query_port, &ann_profile, &admin_token, None).await;
     assert_eq!(response.status(), 200);
 
     // The standby takes over and the read model ends complete: the standby holds the lock,
@@ -229,15 +169,14 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         missed as f64,
         "the standby applied other events than those the killed holder had not"
     );
-    let response = client
-        .get(format!(
-            "http://127.0.0.1:{query_port}/users?status=active&limit=100"
-        ))
-        .bearer_auth(&admin_token)
-        .header("X-Min-Position", last_position.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(
+        &client,
+        query_port,
+        "/users?status=active&limit=100",
+        &admin_token,
+        Some(last_position),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let page: Value = response.json().await.unwrap();
     let emails: Vec<&str> = page["items"]
@@ -264,26 +203,19 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     pool.close().await;
 
     // SIGTERM stops each process cleanly; with no aggregator left, the query API still answers.
-    let status = second_aggregator.terminate();
+    let status = second_aggregator.stop(Signal::Terminate).await.unwrap();
     assert!(
         status.success(),
         "the aggregator exited with {status} on SIGTERM"
     );
-    let response = client
-        .get(format!("http://127.0.0.1:{query_port}/users/{ann}"))
-        .bearer_auth(&admin_token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(&client, query_port, &ann_profile, &admin_token, None).await;
     assert_eq!(
         response.status(),
         200,
         "the query API stopped answering without an aggregator"
     );
-    for process in [query_api, command_api] {
-        let name = process.name.clone();
-        let status = process.terminate();
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
+    for process in [&mut query_api, &mut command_api] {
+        process.shut_down().await.unwrap();
     }
     let _ = std::fs::remove_dir_all(&deployment.logs);
 }
@@ -307,7 +239,7 @@ async fn wait_for_holder(pool: &PgPool, process: &Process) {
         assert!(
             Instant::now() < deadline,
             "{} never took the projection",
-            process.name
+            process.name()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -379,21 +311,16 @@ async fn database_contents(pool: &PgPool) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_go_on() {
     let database = TestDatabase::new().await;
-    let deployment = Deployment::new("split-migrate-again", database.url());
+    let deployment = new_deployment("split-migrate-again", database.url());
     let client = client();
     // Migrated once, as the first release's Job did, and running.
-    let services = start_services(
-        &deployment,
-        &client,
-        &["command-api", "query-api", "aggregator"],
-    )
-    .await;
+    let services = start_all_services(&deployment, &client).await;
     let (command_port, query_port) = (services.command_port, services.query_port);
     let mut tokens = Vec::new();
     for n in 0..5 {
         let email = format!("user{n}@example.com");
         register(&client, command_port, &email).await;
-        tokens.push(token(&client, command_port, &email, "correct horse battery").await);
+        tokens.push(token(&client, command_port, &email, PASSWORD).await);
     }
     let pool = database.pool().await;
     let head = store_head(&pool).await;
@@ -414,8 +341,7 @@ async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_g
 
     // The next release's Job, twice (a retried Job), while the services run.
     for _ in 0..2 {
-        deployment.run_to_completion("command-api", &["migrate"]);
-        deployment.run_to_completion("aggregator", &["migrate"]);
+        deployment.migrate().await.unwrap();
     }
     let after = database_contents(&pool).await;
     for ((what, was), (_, is)) in before.iter().zip(&after) {
@@ -430,13 +356,7 @@ async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_g
     // The services go on: a new account, its login, and the old tokens' profiles, read once
     // the view has them.
     let (id, _) = register(&client, command_port, "after@example.com").await;
-    let response = login(
-        &client,
-        command_port,
-        "after@example.com",
-        "correct horse battery",
-    )
-    .await;
+    let response = login(&client, command_port, "after@example.com", PASSWORD).await;
     assert_eq!(response.status(), 200);
     let position: u64 = response.headers()["x-position"]
         .to_str()
@@ -451,13 +371,7 @@ async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_g
         .map(|token| (token, None))
         .chain([(&fresh, Some(&id))])
     {
-        let response = client
-            .get(format!("http://127.0.0.1:{query_port}/users/me"))
-            .bearer_auth(token)
-            .header("X-Min-Position", position.to_string())
-            .send()
-            .await
-            .unwrap();
+        let response = get_as(&client, query_port, "/users/me", token, Some(position)).await;
         assert_eq!(response.status(), 200);
         let profile: Value = response.json().await.unwrap();
         assert_eq!(profile["login_count"], 1, "{profile}");
@@ -466,10 +380,6 @@ async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_g
         }
     }
     pool.close().await;
-    for process in services.processes {
-        let name = process.name.clone();
-        let status = process.terminate();
-        assert!(status.success(), "{name} exited with {status} on SIGTERM");
-    }
+    services.shut_down().await.unwrap();
     let _ = std::fs::remove_dir_all(&deployment.logs);
 }

@@ -4,178 +4,153 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::Connection;
+use test_support::process::free_port;
+use test_support::{Launch, Process, Signal};
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(directory: &Path, port: u16) -> Running {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(directory.join("service.log"))
+/// Starts the standalone process in `directory` (its data goes to `data/` there) on `port`,
+/// and waits until it is ready.
+async fn start(client: &reqwest::Client, directory: &Path, port: u16) -> Process {
+    let mut process = Launch::new(
+        "the standalone process",
+        env!("CARGO_BIN_EXE_identity-service"),
+    )
+    .current_dir(directory)
+    .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
+    .env("IDENTITY__PASSWORD__MEMORY_KIB", "1024")
+    .env("IDENTITY__PASSWORD__ITERATIONS", "1")
+    .env("IDENTITY__LOG__FILTER", "warn")
+    .env("IDENTITY__LOG__FORMAT", "json")
+    // Logs (JSON lines) beside the data, for a look when the test fails.
+    .log_to(directory.join("service.log"))
+    .spawn()
+    .unwrap();
+    process
+        .wait_until_serves(client, port, "/readyz")
+        .await
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_identity-service"))
-        .current_dir(directory)
-        .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
-        .env("IDENTITY__PASSWORD__MEMORY_KIB", "1024")
-        .env("IDENTITY__PASSWORD__ITERATIONS", "1")
-        .env("IDENTITY__LOG__FILTER", "warn")
-        .env("IDENTITY__LOG__FORMAT", "json")
-        // Logs (JSON lines) beside the data, for a look when the test fails.
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    Running(child)
+    process
 }
 
 /// A new data directory of the test's own, and a free port.
-fn data_directory_and_port() -> (std::path::PathBuf, u16) {
+fn data_directory_and_port() -> (PathBuf, u16) {
     let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&directory).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    (directory, port)
+    (directory, free_port().unwrap())
 }
 
-async fn wait_until_ready(client: &reqwest::Client, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = client
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await;
-        if answer.is_ok_and(|response| response.status() == 200) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the standalone process never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// A client that waits `seconds` for an answer.
+fn client(seconds: u64) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(seconds))
+        .build()
+        .unwrap()
 }
 
 /// Ctrl-C: SIGINT, and the process exits by itself.
-fn interrupt(mut running: Running) {
-    let status = Command::new("kill")
-        .args(["-INT", &running.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = running.0.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "the process exited with {status} on Ctrl-C"
-            );
-            return;
-        }
-        assert!(Instant::now() < deadline, "the process ignored Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+async fn interrupt(mut running: Process) {
+    let status = running.stop(Signal::Interrupt).await.unwrap();
+    assert!(
+        status.success(),
+        "the process exited with {status} on Ctrl-C"
+    );
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+/// What `POST path` on `port` with the JSON `body` answers.
+async fn post(client: &reqwest::Client, port: u16, path: &str, body: &Value) -> reqwest::Response {
+    client
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// What `GET /users/me` on `port` answers the holder of `token`, once the view holds
+/// `position` (read your own write).
+async fn own_profile(
+    client: &reqwest::Client,
+    port: u16,
+    token: &str,
+    position: u64,
+) -> reqwest::Response {
+    client
+        .get(format!("http://127.0.0.1:{port}/users/me"))
+        .bearer_auth(token)
+        .header("X-Min-Position", position.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The keys the process on `port` publishes.
+async fn jwks(client: &reqwest::Client, port: u16) -> Value {
+    client
+        .get(format!("http://127.0.0.1:{port}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The global position an answer carries in `X-Position`.
+fn x_position(response: &reqwest::Response) -> u64 {
+    response.headers()["x-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
     let (directory, port) = data_directory_and_port();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
-    let credentials = json!({ "email": "ann@example.com", "password": "correct horse battery" });
+    let client = client(30);
+    let credentials = json!({ "email": "ann@example.com", "password": PASSWORD });
 
-    let running = start(&directory, port);
-    wait_until_ready(&client, port).await;
-    let registered = client
-        .post(url("/users"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
+    let running = start(&client, &directory, port).await;
+    let registered = post(&client, port, "/users", &credentials).await;
     assert_eq!(registered.status(), 201);
-    let position = registered.headers()["x-position"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let login = client
-        .post(url("/login"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
+    let position = x_position(&registered);
+    let login = post(&client, port, "/login", &credentials).await;
     assert_eq!(login.status(), 200);
     // The login's own position: the view counts the login once it has applied this one, which
     // lies after the registration's.
-    let login_position = login.headers()["x-position"].to_str().unwrap().to_owned();
+    let login_position = x_position(&login);
     assert!(
-        login_position.parse::<u64>().unwrap() > position.parse::<u64>().unwrap(),
+        login_position > position,
         "the login's position {login_position} is not after the registration's {position}"
     );
     let login: Value = login.json().await.unwrap();
     let token = login["access_token"].as_str().unwrap().to_owned();
-    let profile = client
-        .get(url("/users/me"))
-        .bearer_auth(&token)
-        .header("X-Min-Position", &position)
-        .send()
-        .await
-        .unwrap();
+    let profile = own_profile(&client, port, &token, position).await;
     assert_eq!(
         profile.status(),
         200,
         "read your own write through X-Min-Position"
     );
-    let jwks: Value = client
-        .get(url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    interrupt(running);
+    let keys = jwks(&client, port).await;
+    interrupt(running).await;
 
     assert!(directory.join("data/identity.db").exists());
     assert!(directory.join("data/signing-key.pem").exists());
 
-    let running = start(&directory, port);
-    wait_until_ready(&client, port).await;
-    let again: Value = client
-        .get(url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(again, jwks, "the signing key changed across the restart");
-    let profile = client
-        .get(url("/users/me"))
-        .bearer_auth(&token)
-        .header("X-Min-Position", &login_position)
-        .send()
-        .await
-        .unwrap();
+    let running = start(&client, &directory, port).await;
+    assert_eq!(
+        jwks(&client, port).await,
+        keys,
+        "the signing key changed across the restart"
+    );
+    let profile = own_profile(&client, port, &token, login_position).await;
     assert_eq!(
         profile.status(),
         200,
@@ -186,40 +161,20 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
         (profile["email"].as_str(), profile["login_count"].as_u64()),
         (Some("ann@example.com"), Some(1))
     );
-    let login = client
-        .post(url("/login"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
+    let login = post(&client, port, "/login", &credentials).await;
     assert_eq!(login.status(), 200);
-    let duplicate = client
-        .post(url("/users"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
+    let duplicate = post(&client, port, "/users", &credentials).await;
     assert_eq!(duplicate.status(), 409, "the email reservation was lost");
-    interrupt(running);
+    interrupt(running).await;
     let _ = std::fs::remove_dir_all(&directory);
 }
 
 #[tokio::test]
 async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_heals() {
     let (directory, port) = data_directory_and_port();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
-    let register = |email: &str| {
-        client
-            .post(url("/users"))
-            .json(&json!({ "email": email, "password": "correct horse battery" }))
-            .send()
-    };
-    let _running = start(&directory, port);
-    wait_until_ready(&client, port).await;
+    let client = client(60);
+    let registration = json!({ "email": "locked@example.com", "password": PASSWORD });
+    let _running = start(&client, &directory, port).await;
 
     // Another program (a backup tool, a sqlite3 shell) holds the file's write lock for longer
     // than the service's busy timeout.
@@ -232,7 +187,7 @@ async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_
         .execute(&mut other)
         .await
         .unwrap();
-    let refused = register("locked@example.com").await.unwrap();
+    let refused = post(&client, port, "/users", &registration).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(
         refused.headers()["retry-after"],
@@ -243,19 +198,9 @@ async fn a_data_file_locked_by_another_program_answers_503_with_retry_after_and_
     assert_eq!(problem["code"], "unavailable");
 
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
-    let registered = register("locked@example.com").await.unwrap();
+    let registered = post(&client, port, "/users", &registration).await;
     assert_eq!(registered.status(), 201, "the service did not heal");
 }
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-const PASSWORD: &str = "correct horse battery";
 
 /// What the clients of [`drive`] were told.
 #[derive(Default)]
@@ -272,13 +217,22 @@ struct Ledger {
 
 impl Ledger {
     fn position(&mut self, response: &reqwest::Response) -> u64 {
-        let position = response.headers()["x-position"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let position = x_position(response);
         self.last_position = self.last_position.max(position);
         position
+    }
+
+    /// Every answer was the success its request should get, and `registrations` accounts were
+    /// registered; the processes' logs are in `directory`.
+    fn assert_all_succeeded(&self, registrations: usize, directory: &Path) {
+        assert!(
+            self.wrong.is_empty(),
+            "{} answers were not the success expected (logs in {}): {:#?}",
+            self.wrong.len(),
+            directory.display(),
+            self.wrong
+        );
+        assert_eq!(self.registered.len(), registrations);
     }
 }
 
@@ -292,22 +246,13 @@ async fn drive(client: &reqwest::Client, ports: &[u16], workers: usize, rounds: 
         .map(|worker| {
             let (client, ports, ledger) = (client.clone(), ports.to_vec(), ledger.clone());
             tokio::spawn(async move {
-                let url = |n: usize, path: &str| {
-                    format!(
-                        "http://127.0.0.1:{}{path}",
-                        ports[(worker + n) % ports.len()]
-                    )
-                };
+                let port = |n: usize| ports[(worker + n) % ports.len()];
                 let wrong = |what: String| ledger.lock().unwrap().wrong.push(what);
                 let mut mine: Vec<(String, String)> = Vec::new();
                 for round in 0..rounds {
                     let email = format!("w{worker}-r{round}@example.com");
-                    let response = client
-                        .post(url(round, "/users"))
-                        .json(&json!({ "email": email, "password": PASSWORD }))
-                        .send()
-                        .await
-                        .unwrap();
+                    let credentials = json!({ "email": email, "password": PASSWORD });
+                    let response = post(&client, port(round), "/users", &credentials).await;
                     if response.status() != 201 {
                         wrong(format!("registering {email}: {}", describe(response).await));
                         continue;
@@ -328,12 +273,8 @@ async fn drive(client: &reqwest::Client, ports: &[u16], workers: usize, rounds: 
                         (round + 1, mine[mine.len() - 1].clone()),
                         (round + 2, earlier),
                     ] {
-                        let response = client
-                            .post(url(n, "/login"))
-                            .json(&json!({ "email": email, "password": PASSWORD }))
-                            .send()
-                            .await
-                            .unwrap();
+                        let credentials = json!({ "email": email, "password": PASSWORD });
+                        let response = post(&client, port(n), "/login", &credentials).await;
                         if response.status() != 200 {
                             wrong(format!("logging {email} in: {}", describe(response).await));
                             continue;
@@ -350,13 +291,7 @@ async fn drive(client: &reqwest::Client, ports: &[u16], workers: usize, rounds: 
                     let Some((id, email, token, position)) = new_login else {
                         continue;
                     };
-                    let response = client
-                        .get(url(round + 2, "/users/me"))
-                        .bearer_auth(&token)
-                        .header("X-Min-Position", position.to_string())
-                        .send()
-                        .await
-                        .unwrap();
+                    let response = own_profile(&client, port(round + 2), &token, position).await;
                     if response.status() != 200 {
                         wrong(format!("reading {email}: {}", describe(response).await));
                         continue;
@@ -450,12 +385,8 @@ async fn assert_file_holds(directory: &Path, ledger: &Ledger) {
 async fn wait_for_view(client: &reqwest::Client, port: u16, ledger: &mut Ledger) {
     let (id, email) = ledger.registered.iter().next().unwrap();
     let (id, email) = (id.clone(), email.clone());
-    let response = client
-        .post(format!("http://127.0.0.1:{port}/login"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
+    let credentials = json!({ "email": email, "password": PASSWORD });
+    let response = post(client, port, "/login", &credentials).await;
     assert_eq!(response.status(), 200, "{}", describe(response).await);
     let position = ledger.position(&response);
     *ledger.logins.entry(id).or_default() += 1;
@@ -463,51 +394,31 @@ async fn wait_for_view(client: &reqwest::Client, port: u16, ledger: &mut Ledger)
         .as_str()
         .unwrap()
         .to_owned();
-    let response = client
-        .get(format!("http://127.0.0.1:{port}/users/me"))
-        .bearer_auth(token)
-        .header("X-Min-Position", position.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = own_profile(client, port, &token, position).await;
     assert_eq!(response.status(), 200, "{}", describe(response).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_and_logins_lose_nothing_while_the_projector_writes_the_same_file()
 {
-    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&directory).unwrap();
-    let port = free_port();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let running = start(&directory, port);
-    wait_until_ready(&client, port).await;
+    let (directory, port) = data_directory_and_port();
+    let client = client(60);
+    let running = start(&client, &directory, port).await;
 
     // The store's appends and the projector's commits contend for the file's one write lock
     // the whole time.
     let started = Instant::now();
-    let ledger = drive(&client, &[port], 8, 40).await;
+    let mut ledger = drive(&client, &[port], 8, 40).await;
     println!(
         "{} registrations and {} logins in {:?}",
         ledger.registered.len(),
         ledger.logins.values().sum::<i64>(),
         started.elapsed()
     );
-    assert!(
-        ledger.wrong.is_empty(),
-        "{} answers were not the success expected (logs in {}): {:#?}",
-        ledger.wrong.len(),
-        directory.display(),
-        ledger.wrong
-    );
-    assert_eq!(ledger.registered.len(), 8 * 40);
+    ledger.assert_all_succeeded(8 * 40, &directory);
 
-    let mut ledger = ledger;
     wait_for_view(&client, port, &mut ledger).await;
-    interrupt(running);
+    interrupt(running).await;
     assert_file_holds(&directory, &ledger).await;
     let _ = std::fs::remove_dir_all(&directory);
 }
@@ -524,32 +435,16 @@ async fn describe(response: reqwest::Response) -> String {
 /// each finds the other's writes by polling (`database.poll_interval_ms`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_standalone_processes_on_one_data_file_serve_it_together_and_lose_nothing() {
-    let directory = std::env::temp_dir().join(format!("standalone-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&directory).unwrap();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    let (first_port, second_port) = (free_port(), free_port());
-    let first = start(&directory, first_port);
-    wait_until_ready(&client, first_port).await;
+    let (directory, first_port) = data_directory_and_port();
+    let second_port = free_port().unwrap();
+    let client = client(60);
+    let first = start(&client, &directory, first_port).await;
     // The second finds the file and the signing key the first made.
-    let second = start(&directory, second_port);
-    wait_until_ready(&client, second_port).await;
-    let jwks = |port: u16| {
-        let client = client.clone();
-        async move {
-            client
-                .get(format!("http://127.0.0.1:{port}/.well-known/jwks.json"))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(jwks(first_port).await, jwks(second_port).await);
+    let second = start(&client, &directory, second_port).await;
+    assert_eq!(
+        jwks(&client, first_port).await,
+        jwks(&client, second_port).await
+    );
 
     // One email registered through both at once, many times over: one account.
     let contested: Vec<_> = (0..16)
@@ -557,12 +452,8 @@ async fn two_standalone_processes_on_one_data_file_serve_it_together_and_lose_no
             let client = client.clone();
             let port = [first_port, second_port][n % 2];
             tokio::spawn(async move {
-                client
-                    .post(format!("http://127.0.0.1:{port}/users"))
-                    .json(&json!({ "email": "Contested@example.com", "password": PASSWORD }))
-                    .send()
-                    .await
-                    .unwrap()
+                let credentials = json!({ "email": "Contested@example.com", "password": PASSWORD });
+                post(&client, port, "/users", &credentials).await
             })
         })
         .collect();
@@ -581,14 +472,7 @@ async fn two_standalone_processes_on_one_data_file_serve_it_together_and_lose_no
     // through the other, and read back through either at the login's position.
     let ports = [first_port, second_port];
     let mut ledger = drive(&client, &ports, 8, 20).await;
-    assert!(
-        ledger.wrong.is_empty(),
-        "{} answers were not the success expected (logs in {}): {:#?}",
-        ledger.wrong.len(),
-        directory.display(),
-        ledger.wrong
-    );
-    assert_eq!(ledger.registered.len(), 8 * 20);
+    ledger.assert_all_succeeded(8 * 20, &directory);
     ledger.registered.insert(
         winners[0]["id"].as_str().unwrap().to_owned(),
         "Contested@example.com".to_owned(),
@@ -596,8 +480,8 @@ async fn two_standalone_processes_on_one_data_file_serve_it_together_and_lose_no
     for port in ports {
         wait_for_view(&client, port, &mut ledger).await;
     }
-    interrupt(second);
-    interrupt(first);
+    interrupt(second).await;
+    interrupt(first).await;
     assert_file_holds(&directory, &ledger).await;
     let _ = std::fs::remove_dir_all(&directory);
 }
