@@ -18,8 +18,8 @@
 //! or the one `--query-api` names (to compare two builds under the same benchmark).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,11 +38,12 @@ use platform::clock::{Clock, SystemClock};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use test_support::TestDatabase;
+use test_support::process::{built_binary, free_port, proc_status_kib};
+use test_support::{Launch, Process, TestDatabase};
 use tokens::{Algorithm, KeySet, SigningKey, TokenConfig, TokenIssuer};
 use uuid::Uuid;
 
-use crate::report::{median, mib, proc_status_kib, rate};
+use crate::report::{median, mib, rate};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -142,87 +143,6 @@ impl Latencies {
             total.add(&*histogram.lock().unwrap_or_else(PoisonError::into_inner))?;
         }
         Ok(total.value_at_quantile(0.99) as f64 / 1000.0)
-    }
-}
-
-/// The query API's process, killed when this is dropped (at the end, or on an error).
-struct QueryApi {
-    child: Child,
-}
-
-impl Drop for QueryApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl QueryApi {
-    /// Starts the query API with its default settings (its log filter included: its logs are
-    /// written, to nowhere, as a deployment writes them) but for the database, the address, the
-    /// key and the ones given.
-    fn start(
-        binary: &Path,
-        database_url: &str,
-        pem: &str,
-        connections: u32,
-        query: &[(&str, String)],
-    ) -> anyhow::Result<(Self, String)> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut command = Command::new(binary);
-        // Only the settings given here: none of this shell's.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("IDENTITY__") {
-                command.env_remove(name);
-            }
-        }
-        for (name, value) in query {
-            command.env(format!("IDENTITY__QUERY__{}", name.to_uppercase()), value);
-        }
-        let child = command
-            .env_remove("RUST_LOG")
-            .env("IDENTITY__DATABASE__URL", database_url)
-            .env(
-                "IDENTITY__DATABASE__MAX_CONNECTIONS",
-                connections.to_string(),
-            )
-            .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
-            .env("IDENTITY__TOKENS__SIGNING_KEY", pem)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok((Self { child }, format!("http://127.0.0.1:{port}")))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for `/healthz` to answer, or for the process to give up.
-    async fn wait_until_healthy(
-        &mut self,
-        client: &reqwest::Client,
-        base: &str,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("query-api exited before it served /healthz: {status}");
-            }
-            if let Ok(response) = client.get(format!("{base}/healthz")).send().await
-                && response.status() == 200
-            {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "query-api did not serve /healthz within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
@@ -329,20 +249,74 @@ fn micros_each(ticks: u64, operations: u64) -> f64 {
     ticks as f64 * 10_000.0 / operations.max(1) as f64
 }
 
-/// One of the query APIs under measurement, and what its requests measured.
-struct Measured {
-    /// How it serves, for the result lines.
-    label: &'static str,
-    process: QueryApi,
-    base: String,
+/// What one party's lookups measured over the rounds: the baseline's, or a query API's.
+struct Figures {
     rates: Vec<f64>,
     latencies: Arc<Latencies>,
     count: Arc<AtomicU64>,
     cpu: Cpu,
+}
+
+impl Figures {
+    fn new(clients: usize) -> anyhow::Result<Self> {
+        Ok(Self {
+            rates: Vec::new(),
+            latencies: Arc::new(Latencies::new(clients)?),
+            count: Arc::new(AtomicU64::new(0)),
+            cpu: Cpu::default(),
+        })
+    }
+
+    /// One round: `clients` copies of `lookup` for `duration`, each timed and counted. Records
+    /// and answers the rate, and records the CPU each party spent, the process `query_api`
+    /// being the query API.
+    async fn round<F, Fut>(
+        &mut self,
+        clients: usize,
+        duration: Duration,
+        (query_api, pool): (u32, &PgPool),
+        lookup: F,
+    ) -> anyhow::Result<f64>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send,
+    {
+        let (latencies, count) = (self.latencies.clone(), self.count.clone());
+        let before = CpuSnapshot::take(query_api, pool).await?;
+        let per_second = rate(clients, duration, move |client, _| {
+            let (latencies, count) = (latencies.clone(), count.clone());
+            let lookup = lookup();
+            async move {
+                let started = Instant::now();
+                lookup.await?;
+                latencies.record(client, started.elapsed());
+                count.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .await;
+        self.cpu
+            .add(&before, &CpuSnapshot::take(query_api, pool).await?);
+        let per_second = per_second?;
+        self.rates.push(per_second);
+        Ok(per_second)
+    }
+}
+
+/// One of the query APIs under measurement, and what its requests measured.
+struct Measured {
+    /// How it serves, for the result lines.
+    label: &'static str,
+    process: Process,
+    base: String,
+    figures: Figures,
     peak_rss: Arc<AtomicU64>,
 }
 
 impl Measured {
+    /// Starts the query API with its default settings (its log filter included: its logs are
+    /// written, to nowhere, as a deployment writes them) but for the database, the address, the
+    /// key, the connections and `cache_profiles`, and waits until it serves.
     async fn start(
         label: &'static str,
         binary: &Path,
@@ -352,28 +326,71 @@ impl Measured {
         cache_profiles: u64,
         http: &reqwest::Client,
     ) -> anyhow::Result<Self> {
-        let mut query = vec![("cache_profiles", cache_profiles.to_string())];
+        let port = free_port()?;
+        let mut launch = Launch::new("query-api", binary)
+            .env("IDENTITY__DATABASE__URL", database.url())
+            .env(
+                "IDENTITY__DATABASE__MAX_CONNECTIONS",
+                options.connections.to_string(),
+            )
+            .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
+            .env("IDENTITY__TOKENS__SIGNING_KEY", pem)
+            .env(
+                "IDENTITY__QUERY__CACHE_PROFILES",
+                cache_profiles.to_string(),
+            )
+            .discard_logs();
         if let Some(lag) = options.max_view_lag_ms {
-            query.push(("max_view_lag_ms", lag.to_string()));
+            launch = launch.env("IDENTITY__QUERY__MAX_VIEW_LAG_MS", lag.to_string());
         }
-        let (mut process, base) =
-            QueryApi::start(binary, database.url(), pem, options.connections, &query)?;
-        process.wait_until_healthy(http, &base).await?;
-        let idle_rss = proc_status_kib(process.pid(), "VmRSS")?;
+        let mut process = launch.spawn()?;
+        process.wait_until_serves(http, port, "/healthz").await?;
+        let idle_rss = proc_status_kib(process.id(), "VmRSS")?;
         Ok(Self {
             label,
             process,
-            base,
-            rates: Vec::new(),
-            latencies: Arc::new(Latencies::new(options.clients)?),
-            count: Arc::new(AtomicU64::new(0)),
-            cpu: Cpu::default(),
+            base: format!("http://127.0.0.1:{port}"),
+            figures: Figures::new(options.clients)?,
             peak_rss: Arc::new(AtomicU64::new(idle_rss)),
         })
     }
 
     fn pid(&self) -> u32 {
-        self.process.pid()
+        self.process.id()
+    }
+
+    /// One round of `GET /users/{id}` by random readers, with the process's resident memory
+    /// sampled for its peak; answers the rate.
+    async fn round(
+        &mut self,
+        client: &reqwest::Client,
+        readers: &Readers,
+        pool: &PgPool,
+        clients: usize,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
+        let pid = self.pid();
+        let sampler = {
+            let peak = self.peak_rss.clone();
+            tokio::spawn(async move {
+                while let Ok(rss) = proc_status_kib(pid, "VmRSS") {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let (client, base, readers) = (client.clone(), self.base.clone(), readers.clone());
+        let rate = self
+            .figures
+            .round(clients, duration, (pid, pool), move || {
+                let client = client.clone();
+                let (id, token) = readers[fastrand::usize(..readers.len())].clone();
+                let url = format!("{base}/users/{id}");
+                async move { get_ok(&client, url, &token).await }
+            })
+            .await;
+        sampler.abort();
+        rate
     }
 }
 
@@ -415,19 +432,7 @@ async fn show_once(
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let binary = match &options.query_api {
-        Some(binary) => binary.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the bench executable has no directory")?
-            .join("query-api"),
-    };
-    anyhow::ensure!(
-        binary.is_file(),
-        "{} is missing: run `cargo build --release -p query-api` first (with the same target directory)",
-        binary.display()
-    );
-
+    let binary = query_api_binary(&options)?;
     let database = TestDatabase::new().await;
     let pool = database
         // The baseline at its best: no ping before each lookup, as the query API does.
@@ -437,13 +442,92 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 .test_before_acquire(false),
         )
         .await;
-    PostgresMessageStore::migrate(&pool).await?;
+    let (admin, ids) = seed_read_model(&pool, options.users).await?;
+
+    // The query APIs, each in its own process.
+    let key = SigningKey::generate(Algorithm::EdDSA)?;
+    let pem = key.to_pem()?.expose_secret().clone();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut measured = Vec::new();
+    for (label, cache_profiles) in [
+        ("every read from PostgreSQL", 0),
+        (
+            "from kept profiles, no database read",
+            options.cache_profiles,
+        ),
+    ] {
+        measured.push(
+            Measured::start(
+                label,
+                &binary,
+                &database,
+                &pem,
+                &options,
+                cache_profiles,
+                &client,
+            )
+            .await?,
+        );
+    }
+    let tokens = Tokens {
+        issuer: TokenIssuer::new(KeySet::from(key), TokenConfig::default().settings()),
+        admin,
+        reader: options.reader,
+        // Who reads what, the same for the baseline and both query APIs.
+        targets: Arc::new(
+            (0..READ.min(ids.len()))
+                .map(|_| ids[fastrand::usize(..ids.len())])
+                .collect(),
+        ),
+    };
+    check_one_request(&client, &measured, ids[0], &tokens).await?;
+    let baseline = run_rounds(&options, &client, &pool, &tokens, &mut measured).await?;
+    report(&options, baseline, measured)
+}
+
+/// The query API binary to measure: the one `--query-api` names, else the release build beside
+/// this one.
+fn query_api_binary(options: &Options) -> anyhow::Result<PathBuf> {
+    let binary = match &options.query_api {
+        Some(binary) => binary.clone(),
+        None => built_binary("query-api")?,
+    };
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} is missing: run `cargo build --release -p query-api` first (with the same target directory)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// Migrates the store and the read model, and fills the view as the aggregator would have
+/// built it; answers the administrator the requests are made as and the other users' ids.
+async fn seed_read_model(pool: &PgPool, users: u32) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
+    PostgresMessageStore::migrate(pool).await?;
     let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
     migrator.set_ignore_missing(true);
-    migrator.run(&pool).await?;
-
-    // The read model as the aggregator would have built it: active users with a login history.
+    migrator.run(pool).await?;
     let seeding = Instant::now();
+    seed_users(pool, users).await?;
+    let admin = seed_administrator(pool, users).await?;
+    sqlx::query("ANALYZE users").execute(pool).await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id <> $1")
+        .bind(admin)
+        .fetch_all(pool)
+        .await?;
+    anyhow::ensure!(!ids.is_empty(), "no users were seeded");
+    println!(
+        "seeded {} users in {:.1} s",
+        ids.len(),
+        seeding.elapsed().as_secs_f64()
+    );
+    Ok((admin, ids))
+}
+
+/// Active users with a login history, at positions 1 to `users`.
+async fn seed_users(pool: &PgPool, users: u32) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO users (id, email, email_normalized, status, registered_at, activated_at, \
                             last_login_at, login_count, roles, position) \
@@ -461,14 +545,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                       now() - n * interval '5 minutes' AS registered_at \
                FROM generate_series(1, $1::integer) AS n) AS seeded",
     )
-    .bind(i32::try_from(options.users)?)
-    .execute(&pool)
+    .bind(i32::try_from(users)?)
+    .execute(pool)
     .await?;
-    // The administrator the requests are made as, registered in the message store as the
-    // command API registers one (the query API checks an administrator acting on others in
-    // the account's stream) and projected into the view.
+    Ok(())
+}
+
+/// The administrator the requests are made as, registered in the message store as the command
+/// API registers one (the query API checks an administrator acting on others in the account's
+/// stream) and projected into the view beside `users` others.
+async fn seed_administrator(pool: &PgPool, users: u32) -> anyhow::Result<Uuid> {
     let admin = Uuid::now_v7();
-    let registered = register_administrator(&pool, admin).await?;
+    let registered = register_administrator(pool, admin).await?;
     sqlx::query(
         "INSERT INTO users (id, email, email_normalized, status, registered_at, activated_at, \
                             login_count, roles, position) \
@@ -477,7 +565,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )
     .bind(admin)
     .bind(i64::try_from(registered)?)
-    .execute(&pool)
+    .execute(pool)
     .await?;
     // And its checkpoint, past every row and at the store's last position, as the aggregator
     // commits it with them: the view holds everything written, so the query API trusts its
@@ -485,62 +573,60 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1)",
     )
-    .bind(i64::try_from(registered.max(u64::from(options.users) + 1))?)
-    .execute(&pool)
+    .bind(i64::try_from(registered.max(u64::from(users) + 1))?)
+    .execute(pool)
     .await?;
-    sqlx::query("ANALYZE users").execute(&pool).await?;
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id <> $1")
-        .bind(admin)
-        .fetch_all(&pool)
-        .await?;
-    anyhow::ensure!(!ids.is_empty(), "no users were seeded");
-    println!(
-        "seeded {} users in {:.1} s",
-        ids.len(),
-        seeding.elapsed().as_secs_f64()
-    );
+    Ok(admin)
+}
 
-    // The query APIs, each in its own process.
-    let key = SigningKey::generate(Algorithm::EdDSA)?;
-    let pem = key.to_pem()?.expose_secret().clone();
-    let issuer = TokenIssuer::new(KeySet::from(key), TokenConfig::default().settings());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let mut measured = [
-        Measured::start(
-            "every read from PostgreSQL",
-            &binary,
-            &database,
-            &pem,
-            &options,
-            0,
-            &client,
-        )
-        .await?,
-        Measured::start(
-            "from kept profiles, no database read",
-            &binary,
-            &database,
-            &pem,
-            &options,
-            options.cache_profiles,
-            &client,
-        )
-        .await?,
-    ];
-    let admin_token = || -> anyhow::Result<Arc<String>> {
+/// The tokens the requests are made with, issued as the command API issues them.
+struct Tokens {
+    issuer: TokenIssuer,
+    admin: Uuid,
+    reader: Reader,
+    /// The users whose profiles are read.
+    targets: Arc<Vec<Uuid>>,
+}
+
+impl Tokens {
+    fn admin(&self) -> anyhow::Result<Arc<String>> {
         let roles = vec!["user".to_owned(), "admin".to_owned()];
-        let issued = issuer.issue(admin, roles, SystemClock.now())?;
+        let issued = self.issuer.issue(self.admin, roles, SystemClock.now())?;
         Ok(Arc::new(issued.token.expose_secret().clone()))
-    };
+    }
 
-    // One request checked in full before the measuring.
-    let sample = ids[0];
-    for api in &measured {
+    /// Each target with the token that reads it: its own, or the administrator's.
+    fn readers(&self) -> anyhow::Result<Readers> {
+        Ok(Arc::new(match self.reader {
+            Reader::Admin => {
+                let token = self.admin()?;
+                self.targets.iter().map(|id| (*id, token.clone())).collect()
+            }
+            Reader::Owner => self
+                .targets
+                .iter()
+                .map(|id| {
+                    let issued =
+                        self.issuer
+                            .issue(*id, vec!["user".to_owned()], SystemClock.now())?;
+                    Ok((*id, Arc::new(issued.token.expose_secret().clone())))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        }))
+    }
+}
+
+/// One request to each query API checked in full before the measuring.
+async fn check_one_request(
+    client: &reqwest::Client,
+    measured: &[Measured],
+    sample: Uuid,
+    tokens: &Tokens,
+) -> anyhow::Result<()> {
+    for api in measured {
         let response = client
             .get(format!("{}/users/{sample}", api.base))
-            .bearer_auth(admin_token()?.as_str())
+            .bearer_auth(tokens.admin()?.as_str())
             .send()
             .await?;
         anyhow::ensure!(
@@ -554,121 +640,71 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "GET /users/{{id}} answered {body}"
         );
     }
+    Ok(())
+}
 
-    // Who reads what, the same for the baseline and both query APIs.
-    let targets: Arc<Vec<Uuid>> = Arc::new(
-        (0..READ.min(ids.len()))
-            .map(|_| ids[fastrand::usize(..ids.len())])
-            .collect(),
-    );
-    let issue_readers = || -> anyhow::Result<Readers> {
-        Ok(Arc::new(match options.reader {
-            Reader::Admin => {
-                let token = admin_token()?;
-                targets.iter().map(|id| (*id, token.clone())).collect()
-            }
-            Reader::Owner => targets
-                .iter()
-                .map(|id| {
-                    let issued = issuer.issue(*id, vec!["user".to_owned()], SystemClock.now())?;
-                    Ok((*id, Arc::new(issued.token.expose_secret().clone())))
-                })
-                .collect::<anyhow::Result<_>>()?,
-        }))
-    };
-    let mut readers = issue_readers()?;
+/// The measured rounds: in each, the baseline, then each query API; answers the baseline's
+/// figures.
+async fn run_rounds(
+    options: &Options,
+    client: &reqwest::Client,
+    pool: &PgPool,
+    tokens: &Tokens,
+    measured: &mut [Measured],
+) -> anyhow::Result<Figures> {
+    let (clients, duration) = (options.clients, Duration::from_secs(options.seconds));
+    let mut readers = tokens.readers()?;
     let mut issued = Instant::now();
-    for api in &measured {
-        show_once(&client, &api.base, &readers, options.clients).await?;
+    for api in measured.iter() {
+        show_once(client, &api.base, &readers, clients).await?;
     }
-
-    let duration = Duration::from_secs(options.seconds);
-    let clients = options.clients;
-    let plain_latencies = Arc::new(Latencies::new(clients)?);
-    let plain_count = Arc::new(AtomicU64::new(0));
-    let mut plain_cpu = Cpu::default();
-    let mut plain_rates = Vec::new();
+    let mut baseline = Figures::new(clients)?;
     for round in 1..=options.rounds {
         if issued.elapsed() > REISSUE_AFTER {
-            readers = issue_readers()?;
+            readers = tokens.readers()?;
             issued = Instant::now();
-            for api in &measured {
-                show_once(&client, &api.base, &readers, clients).await?;
+            for api in measured.iter() {
+                show_once(client, &api.base, &readers, clients).await?;
             }
         }
-        let (pool_for_round, targets_for_round) = (pool.clone(), targets.clone());
-        let latencies = plain_latencies.clone();
-        let count = plain_count.clone();
-        let before = CpuSnapshot::take(measured[0].pid(), &pool).await?;
-        let plain = rate(clients, duration, move |client, _| {
-            let (pool, latencies, count) =
-                (pool_for_round.clone(), latencies.clone(), count.clone());
-            let id = targets_for_round[fastrand::usize(..targets_for_round.len())];
-            async move {
-                let started = Instant::now();
-                let row: ProfileRow = sqlx::query_as(SELECT_PROFILE)
-                    .bind(id)
-                    .fetch_one(&pool)
-                    .await?;
-                latencies.record(client, started.elapsed());
-                anyhow::ensure!(row.0 == id && row.2 == "active", "SELECT found another row");
-                count.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-        })
-        .await?;
-        plain_cpu.add(&before, &CpuSnapshot::take(measured[0].pid(), &pool).await?);
-        plain_rates.push(plain);
-        let mut line = format!("round {round}: plain SELECT {plain:.0}/s");
-
-        for api in &mut measured {
-            let pid = api.pid();
-            let sampler = {
-                let peak = api.peak_rss.clone();
-                tokio::spawn(async move {
-                    while let Ok(rss) = proc_status_kib(pid, "VmRSS") {
-                        peak.fetch_max(rss, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-            };
-            let (client_for_round, base_for_round) = (client.clone(), api.base.clone());
-            let readers_for_round = readers.clone();
-            let (latencies, count) = (api.latencies.clone(), api.count.clone());
-            let before = CpuSnapshot::take(pid, &pool).await?;
-            let http = rate(clients, duration, move |worker, _| {
-                let (client, latencies, count) =
-                    (client_for_round.clone(), latencies.clone(), count.clone());
-                let (id, token) =
-                    readers_for_round[fastrand::usize(..readers_for_round.len())].clone();
-                let url = format!("{base_for_round}/users/{id}");
+        let (pool_for_round, targets) = (pool.clone(), tokens.targets.clone());
+        let plain = baseline
+            .round(clients, duration, (measured[0].pid(), pool), move || {
+                let pool = pool_for_round.clone();
+                let id = targets[fastrand::usize(..targets.len())];
                 async move {
-                    let started = Instant::now();
-                    get_ok(&client, url, &token).await?;
-                    latencies.record(worker, started.elapsed());
-                    count.fetch_add(1, Ordering::Relaxed);
+                    let row: ProfileRow = sqlx::query_as(SELECT_PROFILE)
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await?;
+                    anyhow::ensure!(row.0 == id && row.2 == "active", "SELECT found another row");
                     Ok(())
                 }
             })
-            .await;
-            api.cpu.add(&before, &CpuSnapshot::take(pid, &pool).await?);
-            sampler.abort();
-            let http = http?;
-            api.rates.push(http);
+            .await?;
+        let mut line = format!("round {round}: plain SELECT {plain:.0}/s");
+        for api in measured.iter_mut() {
+            let http = api.round(client, &readers, pool, clients, duration).await?;
             line.push_str(&format!(", {} {http:.0} req/s", api.label));
         }
         println!("{line}");
     }
+    Ok(baseline)
+}
 
-    let plain = median(plain_rates);
-    let plain_n = plain_count.load(Ordering::Relaxed);
+/// Prints the figures, each query API's result line last; an error when the comparison is
+/// broken.
+fn report(options: &Options, baseline: Figures, measured: Vec<Measured>) -> anyhow::Result<()> {
+    let clients = options.clients;
+    let plain = median(baseline.rates);
+    let plain_n = baseline.count.load(Ordering::Relaxed);
     println!(
         "plain SELECT: {plain:.0}/s, p99 {:.2} ms ({clients} clients, {} connections); \
          CPU per lookup: client {:.0} us, PostgreSQL {:.0} us",
-        plain_latencies.p99_ms()?,
+        baseline.latencies.p99_ms()?,
         options.connections,
-        micros_each(plain_cpu.client, plain_n),
-        micros_each(plain_cpu.postgres, plain_n),
+        micros_each(baseline.cpu.client, plain_n),
+        micros_each(baseline.cpu.postgres, plain_n),
     );
     let reader = match options.reader {
         Reader::Owner => "owner",
@@ -677,8 +713,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut ratios = Vec::new();
     for api in &measured {
-        let http = median(api.rates.clone());
-        let n = api.count.load(Ordering::Relaxed);
+        let Figures {
+            rates,
+            latencies,
+            count,
+            cpu,
+        } = &api.figures;
+        let http = median(rates.clone());
+        let n = count.load(Ordering::Relaxed);
         let hwm = proc_status_kib(api.pid(), "VmHWM")?;
         println!(
             "GET /users/{{id}} {}: {http:.0} req/s ({clients} clients over keep-alive, {} \
@@ -686,9 +728,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
              PostgreSQL {:.0} us; query-api peak RSS {:.1} MiB, VmHWM {:.1} MiB",
             api.label,
             options.connections,
-            micros_each(api.cpu.client, n),
-            micros_each(api.cpu.query_api, n),
-            micros_each(api.cpu.postgres, n),
+            micros_each(cpu.client, n),
+            micros_each(cpu.query_api, n),
+            micros_each(cpu.postgres, n),
             mib(api.peak_rss.load(Ordering::Relaxed)),
             mib(hwm),
         );
@@ -697,7 +739,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         results.push(format!(
             "query {reader}, {}: {http:.0} req/s, p99 {:.2} ms, {ratio:.2}x plain SELECT",
             api.label,
-            api.latencies.p99_ms()?,
+            latencies.p99_ms()?,
         ));
     }
     drop(measured);

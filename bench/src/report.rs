@@ -1,11 +1,9 @@
-//! Shared measuring helpers: timed rounds and rates, and the resident memory of a process.
+//! Shared measuring helpers: timed rounds and rates, their median, and memory for printing.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use anyhow::Context;
 
 /// Runs `workers` copies of `operation` in a loop for `duration` and returns operations/second.
 /// Every worker stops starting new operations when the time is up; the ones in flight finish.
@@ -45,19 +43,6 @@ where
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// A field of `/proc/<pid>/status` in kB, such as `VmRSS` or `VmHWM` (peak resident).
-pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| {
-            let value = line.strip_prefix(field)?.strip_prefix(':')?;
-            value.trim().trim_end_matches("kB").trim().parse().ok()
-        })
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// Kibibytes as mebibytes, for printing.

@@ -1,23 +1,20 @@
-//! The resident memory of the three processes, sampled through the run.
+//! The resident memory of the services' processes, sampled through the run.
 
 use super::*;
 
-/// The resident memory of the three processes, in kB.
-pub(super) fn rss(pids: [u32; 3]) -> anyhow::Result<[u64; 3]> {
-    let [a, b, c] = pids;
-    Ok([
-        proc_status_kib(a, "VmRSS")?,
-        proc_status_kib(b, "VmRSS")?,
-        proc_status_kib(c, "VmRSS")?,
-    ])
+/// The resident memory of each process, in kB.
+pub(super) fn rss(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    pids.iter()
+        .map(|pid| proc_status_kib(*pid, "VmRSS"))
+        .collect()
 }
 
 /// Resident memory per process: at rest before any traffic, at the start and the end of the
 /// measured run, its peak, and its course over the run in sixths.
 pub(super) fn print_memory(
-    services: &[Service; 3],
-    rest: [u64; 3],
-    samples: &[(Duration, [u64; 3])],
+    processes: &[Process],
+    rest: &[u64],
+    samples: &[(Duration, Vec<u64>)],
     seconds: u64,
 ) {
     let step = Duration::from_secs_f64(seconds as f64 / 6.0);
@@ -31,8 +28,8 @@ pub(super) fn print_memory(
         "growth",
         step.as_secs_f64()
     );
-    for (index, service) in services.iter().enumerate() {
-        let at = |sample: &(Duration, [u64; 3])| sample.1[index];
+    for (index, process) in processes.iter().enumerate() {
+        let at = |sample: &(Duration, Vec<u64>)| sample.1[index];
         let start = samples.first().map_or(0, at);
         let end = samples.last().map_or(0, at);
         let peak = samples.iter().map(at).max().unwrap_or(0);
@@ -47,7 +44,7 @@ pub(super) fn print_memory(
             .collect();
         println!(
             "{:<12} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>+8.1}   {}",
-            service.name,
+            process.name(),
             mib(rest[index]),
             mib(start),
             mib(end),

@@ -23,7 +23,6 @@
 //! The binaries are the release builds beside this one: `scripts/soak` builds them and runs it.
 
 mod checks;
-mod deployment;
 mod logs;
 mod memory;
 mod stats;
@@ -31,9 +30,8 @@ mod traffic;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -47,17 +45,16 @@ use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use test_support::TestDatabase;
-use tokens::{Algorithm, SigningKey};
+use test_support::process::{built_binary, proc_status_kib};
+use test_support::{ALL_SERVICES, Deployment, Process, Services, TestDatabase};
 use uuid::Uuid;
 
-use crate::report::{mib, proc_status_kib};
+use crate::report::mib;
 use checks::{catch_up, check_read_model};
-use deployment::{Deployment, Service, free_port};
 use logs::LogScan;
 use memory::{print_memory, rss};
 use stats::{Stats, lock, read, write, x_position};
-use traffic::{Account, Pacer, Route, Traffic};
+use traffic::{Account, Route, Traffic};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -118,25 +115,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
 /// Runs the soak; `false` when it found an error.
 async fn soak(options: Options) -> anyhow::Result<bool> {
-    let binaries = std::env::current_exe()?
-        .parent()
-        .context("the bench executable has no directory")?
-        .to_owned();
-    for name in ["command-api", "query-api", "aggregator"] {
+    for name in ALL_SERVICES {
+        let binary = built_binary(name)?;
         anyhow::ensure!(
-            binaries.join(name).is_file(),
+            binary.is_file(),
             "{} is missing: `scripts/soak` builds it (or `cargo build --release -p {name}` with \
              the same target directory)",
-            binaries.join(name).display()
+            binary.display()
         );
     }
-    let deployment = Deployment::new(binaries, &options).await?;
+    let database = TestDatabase::new().await;
+    let deployment = Deployment::new("identity-soak", database.url())?
+        .with_setting("IDENTITY__LOG__FILTER", &options.log_filter);
     println!(
         "database {}; the processes' logs are in {}",
-        deployment.database.name(),
+        database.name(),
         deployment.logs.display()
     );
-    let outcome = soak_deployment(&deployment, &options).await;
+    let outcome = soak_deployment(&deployment, &database, &options).await;
     match outcome {
         Ok(true) if !options.keep_logs => {
             let _ = std::fs::remove_dir_all(&deployment.logs);
@@ -148,43 +144,19 @@ async fn soak(options: Options) -> anyhow::Result<bool> {
     outcome
 }
 
-async fn soak_deployment(deployment: &Deployment, options: &Options) -> anyhow::Result<bool> {
-    // The migration Job, then the Deployments.
-    deployment.run("command-api", &["migrate"], None).await?;
-    deployment.run("aggregator", &["migrate"], None).await?;
-    let (command_port, query_port, aggregator_port) = (free_port()?, free_port()?, free_port()?);
-    let mut services = [
-        deployment.start(
-            "command-api",
-            (
-                "IDENTITY__HTTP__ADDRESS",
-                format!("127.0.0.1:{command_port}"),
-            ),
-        )?,
-        deployment.start(
-            "query-api",
-            ("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{query_port}")),
-        )?,
-        deployment.start(
-            "aggregator",
-            (
-                "IDENTITY__AGGREGATOR__HTTP__ADDRESS",
-                format!("127.0.0.1:{aggregator_port}"),
-            ),
-        )?,
-    ];
+async fn soak_deployment(
+    deployment: &Deployment,
+    database: &TestDatabase,
+    options: &Options,
+) -> anyhow::Result<bool> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    for (service, port) in services
-        .iter_mut()
-        .zip([command_port, query_port, aggregator_port])
-    {
-        service.wait_until_healthy(&client, port).await?;
-    }
-    let pids = services.each_ref().map(Service::pid);
-    let rest_rss = rss(pids)?;
-
+    // The migration Job, then the Deployments.
+    let mut services = deployment
+        .start_services(&client, &ALL_SERVICES, &[])
+        .await?;
+    let rest_rss = rss(&pids(&services.processes))?;
     // The first administrator, created by an operator, for the reads of other accounts.
     deployment
         .run(
@@ -193,30 +165,260 @@ async fn soak_deployment(deployment: &Deployment, options: &Options) -> anyhow::
             Some(ADMIN_PASSWORD),
         )
         .await?;
+    let traffic = Arc::new(Traffic::new(client, &services, options));
+    seed_and_report(&traffic, options.accounts).await?;
 
+    let warmup = Arc::new(Stats::new()?);
+    let warmup_elapsed = drive(
+        &traffic,
+        &warmup,
+        options.concurrency,
+        Duration::from_secs(options.warmup),
+    )
+    .await?;
+    for process in &mut services.processes {
+        process.ensure_running()?;
+    }
+    let measured = measure(&traffic, &mut services.processes, options).await?;
+    let view = ViewCheck::of(database, &traffic).await?;
+    // SIGTERM stops each process cleanly.
+    let mut stopped = Vec::new();
+    for process in &mut services.processes {
+        if let Err(error) = process.shut_down().await {
+            stopped.push(format!("{error:#}"));
+        }
+    }
+    let report = Report {
+        options,
+        deployment,
+        services: &services.processes,
+        traffic: &traffic,
+        rest_rss,
+        warmup: &warmup,
+        warmup_elapsed,
+        measured,
+        view,
+        stopped,
+    };
+    Ok(report.print())
+}
+
+fn pids(processes: &[Process]) -> Vec<u32> {
+    processes.iter().map(Process::id).collect()
+}
+
+/// The measured run: its requests, and the resident memory of each process sampled throughout.
+struct Measured {
+    stats: Arc<Stats>,
+    elapsed: Duration,
+    /// Since the start, kB per process.
+    samples: Vec<(Duration, Vec<u64>)>,
+    start_rss: Vec<u64>,
+    end_rss: Vec<u64>,
+    /// The processes that did not last the run.
+    exited: Vec<String>,
+}
+
+async fn measure(
+    traffic: &Arc<Traffic>,
+    processes: &mut [Process],
+    options: &Options,
+) -> anyhow::Result<Measured> {
+    let pids = pids(processes);
+    let start_rss = rss(&pids)?;
+    let samples = Arc::new(Mutex::new(vec![(Duration::ZERO, start_rss.clone())]));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (samples, sampling, pids) = (samples.clone(), sampling.clone(), pids.clone());
+        let started = Instant::now();
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                tokio::time::sleep(SAMPLE_EVERY).await;
+                match rss(&pids) {
+                    Ok(now) => lock(&samples).push((started.elapsed(), now)),
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    let stats = Arc::new(Stats::new()?);
+    let elapsed = drive(
+        traffic,
+        &stats,
+        options.concurrency,
+        Duration::from_secs(options.seconds),
+    )
+    .await?;
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await?;
+    let exited = processes
+        .iter_mut()
+        .filter_map(|process| process.ensure_running().err())
+        .map(|error| format!("during the run, {error:#}"))
+        .collect();
+    let end_rss = rss(&pids).unwrap_or_else(|_| vec![0; pids.len()]);
+    let mut samples = std::mem::take(&mut *lock(&samples));
+    samples.push((elapsed, end_rss.clone()));
+    Ok(Measured {
+        stats,
+        elapsed,
+        samples,
+        start_rss,
+        end_rss,
+        exited,
+    })
+}
+
+/// Whether the read model caught up with everything the traffic wrote, and holds it.
+struct ViewCheck {
+    /// The position caught up to, and how long it took after the traffic stopped.
+    caught_up: anyhow::Result<(u64, Duration)>,
+    problems: Vec<String>,
+}
+
+impl ViewCheck {
+    async fn of(database: &TestDatabase, traffic: &Traffic) -> anyhow::Result<Self> {
+        let pool = database
+            .pool_with(PgPoolOptions::new().max_connections(2))
+            .await;
+        let caught_up = catch_up(&pool).await;
+        let problems = match &caught_up {
+            Ok(_) => check_read_model(&pool, traffic).await?,
+            Err(error) => vec![format!("{error:#}")],
+        };
+        pool.close().await;
+        Ok(Self {
+            caught_up,
+            problems,
+        })
+    }
+}
+
+/// Everything the run found, printed at its end.
+struct Report<'a> {
+    options: &'a Options,
+    deployment: &'a Deployment,
+    services: &'a [Process],
+    traffic: &'a Traffic,
+    /// Resident memory before any traffic, kB per process.
+    rest_rss: Vec<u64>,
+    warmup: &'a Stats,
+    warmup_elapsed: Duration,
+    measured: Measured,
+    view: ViewCheck,
+    /// The processes that did not stop cleanly on SIGTERM.
+    stopped: Vec<String>,
+}
+
+impl Report<'_> {
+    /// Prints the report, the summary last; whether the run passed.
+    fn print(self) -> bool {
+        let Measured { stats, elapsed, .. } = &self.measured;
+        let warmup_totals = self.warmup.totals();
+        println!(
+            "warm-up: {} requests in {:.0} s, {} errors",
+            warmup_totals.requests,
+            self.warmup_elapsed.as_secs_f64(),
+            warmup_totals.errors
+        );
+        for (label, failed) in [("warm-up", self.warmup), ("measured", &**stats)] {
+            for failure in failed.failures() {
+                println!("{label} error: {failure}");
+            }
+        }
+        println!();
+        stats.print_table(*elapsed);
+        println!();
+        print_memory(
+            self.services,
+            &self.rest_rss,
+            &self.measured.samples,
+            self.options.seconds,
+        );
+        println!();
+        for process in self.services {
+            LogScan::of(&self.deployment.log(process.name())).print(process.name());
+        }
+        self.print_view();
+        let problems: Vec<&String> = self
+            .measured
+            .exited
+            .iter()
+            .chain(&self.view.problems)
+            .chain(&self.stopped)
+            .collect();
+        for problem in &problems {
+            println!("FAILED: {problem}");
+        }
+        let errors = stats.totals().errors + warmup_totals.errors;
+        let passed = errors == 0 && problems.is_empty();
+        if !passed || self.options.keep_logs {
+            println!("logs kept in {}", self.deployment.logs.display());
+        }
+        self.print_summary(errors, problems.len());
+        passed
+    }
+
+    fn print_view(&self) {
+        let traffic = self.traffic;
+        match &self.view.caught_up {
+            Ok((position, waited)) => println!(
+                "read model: caught up {} ms after the traffic stopped, checkpoint = head = \
+                 {position}; {} accounts and {} granted logins, {}; at most {} messages behind \
+                 at a scrape",
+                waited.as_millis(),
+                read(&traffic.accounts).len() + read(&traffic.decoys).len() + 1,
+                traffic.granted_logins.load(Ordering::Relaxed),
+                if self.view.problems.is_empty() {
+                    "each account in the view once and every login counted"
+                } else {
+                    "the view disagrees (below)"
+                },
+                traffic.max_lag.load(Ordering::Relaxed)
+            ),
+            Err(_) => println!("read model: did not catch up"),
+        }
+    }
+
+    /// The one line the run ends with.
+    fn print_summary(&self, errors: u64, failed_checks: usize) {
+        let Measured {
+            stats,
+            elapsed,
+            start_rss,
+            end_rss,
+            ..
+        } = &self.measured;
+        let warmup_errors = self.warmup.totals().errors;
+        let growth = |index: usize| mib(end_rss[index]) - mib(start_rss[index]);
+        println!(
+            "soak: {:.0} req/s over {:.0} s, {errors} errors{}, RSS growth command-api {:+.1} MiB, \
+             query-api {:+.1} MiB, aggregator {:+.1} MiB{}",
+            stats.totals().requests as f64 / elapsed.as_secs_f64(),
+            elapsed.as_secs_f64(),
+            if warmup_errors > 0 {
+                format!(" ({warmup_errors} in the warm-up)")
+            } else {
+                String::new()
+            },
+            growth(0),
+            growth(1),
+            growth(2),
+            if failed_checks == 0 {
+                String::new()
+            } else {
+                format!(", {failed_checks} failed checks")
+            }
+        );
+    }
+}
+
+/// Seeds the accounts and sessions the traffic uses, and says how many.
+async fn seed_and_report(traffic: &Arc<Traffic>, accounts: usize) -> anyhow::Result<()> {
     let setup = Arc::new(Stats::new()?);
-    let traffic = Arc::new(Traffic {
-        client,
-        command: format!("http://127.0.0.1:{command_port}"),
-        query: format!("http://127.0.0.1:{query_port}"),
-        aggregator: format!("http://127.0.0.1:{aggregator_port}"),
-        scrape_every: (options.scrape_every > 0).then(|| Duration::from_secs(options.scrape_every)),
-        max_lag: AtomicU64::new(0),
-        accounts: RwLock::default(),
-        decoys: RwLock::default(),
-        sessions: Mutex::default(),
-        admin: Mutex::new(None),
-        admin_refresh: tokio::sync::Mutex::new(()),
-        confirmed: AtomicU64::new(0),
-        cursor: Mutex::new(None),
-        next_email: AtomicU64::new(0),
-        granted_logins: AtomicU64::new(0),
-        registrations: Pacer::new(options.registrations_per_second),
-        logins: Pacer::new(options.logins_per_second),
-    });
     let seeding = Instant::now();
     traffic.admin_token(&setup).await;
-    seed(&traffic, &setup, options.accounts).await?;
+    seed(traffic, &setup, accounts).await?;
     anyhow::ensure!(
         setup.totals().errors == 0,
         "the setup's requests failed:\n{}",
@@ -229,150 +431,7 @@ async fn soak_deployment(deployment: &Deployment, options: &Options) -> anyhow::
         lock(&traffic.sessions).len(),
         seeding.elapsed().as_secs_f64()
     );
-
-    let warmup = Arc::new(Stats::new()?);
-    let warmup_elapsed = drive(
-        &traffic,
-        &warmup,
-        options.concurrency,
-        Duration::from_secs(options.warmup),
-    )
-    .await?;
-    for service in &mut services {
-        service.ensure_running()?;
-    }
-
-    // The measured run, with the resident memory sampled throughout.
-    let start_rss = rss(pids)?;
-    let samples = Arc::new(Mutex::new(vec![(Duration::ZERO, start_rss)]));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (samples, sampling) = (samples.clone(), sampling.clone());
-        let started = Instant::now();
-        tokio::spawn(async move {
-            while sampling.load(Ordering::Relaxed) {
-                tokio::time::sleep(SAMPLE_EVERY).await;
-                match rss(pids) {
-                    Ok(now) => lock(&samples).push((started.elapsed(), now)),
-                    Err(_) => break,
-                }
-            }
-        })
-    };
-    let stats = Arc::new(Stats::new()?);
-    let elapsed = drive(
-        &traffic,
-        &stats,
-        options.concurrency,
-        Duration::from_secs(options.seconds),
-    )
-    .await?;
-    sampling.store(false, Ordering::Relaxed);
-    sampler.await?;
-    let mut problems = Vec::new();
-    for service in &mut services {
-        if let Err(error) = service.ensure_running() {
-            problems.push(format!("{error:#}"));
-        }
-    }
-    let end_rss = rss(pids).unwrap_or([0; 3]);
-    lock(&samples).push((elapsed, end_rss));
-
-    // The read model must catch up with everything the traffic wrote.
-    let pool = deployment
-        .database
-        .pool_with(PgPoolOptions::new().max_connections(2))
-        .await;
-    let caught_up = catch_up(&pool).await;
-    let view_problems = match &caught_up {
-        Ok(_) => check_read_model(&pool, &traffic).await?,
-        Err(error) => vec![format!("{error:#}")],
-    };
-    let view_agrees = view_problems.is_empty();
-    problems.extend(view_problems);
-    pool.close().await;
-
-    // SIGTERM stops each process cleanly.
-    for service in &mut services {
-        match service.terminate().await {
-            Ok(status) if status.success() => {}
-            Ok(status) => {
-                problems.push(format!("{} exited with {status} on SIGTERM", service.name))
-            }
-            Err(error) => problems.push(format!("{error:#}")),
-        }
-    }
-    let log_lines = services
-        .each_ref()
-        .map(|service| LogScan::of(&deployment.logs.join(format!("{}.log", service.name))));
-
-    // The report.
-    let totals = stats.totals();
-    let warmup_totals = warmup.totals();
-    let errors = totals.errors + warmup_totals.errors;
-    println!(
-        "warm-up: {} requests in {:.0} s, {} errors",
-        warmup_totals.requests,
-        warmup_elapsed.as_secs_f64(),
-        warmup_totals.errors
-    );
-    for (label, failed) in [("warm-up", &warmup), ("measured", &stats)] {
-        for failure in failed.failures() {
-            println!("{label} error: {failure}");
-        }
-    }
-    println!();
-    stats.print_table(elapsed);
-    println!();
-    print_memory(&services, rest_rss, &lock(&samples), options.seconds);
-    println!();
-    for (service, scan) in services.iter().zip(&log_lines) {
-        scan.print(service.name);
-    }
-    match caught_up {
-        Ok((position, waited)) => println!(
-            "read model: caught up {} ms after the traffic stopped, checkpoint = head = {position}; \
-             {} accounts and {} granted logins, {}; at most {} messages behind at a scrape",
-            waited.as_millis(),
-            read(&traffic.accounts).len() + read(&traffic.decoys).len() + 1,
-            traffic.granted_logins.load(Ordering::Relaxed),
-            if view_agrees {
-                "each account in the view once and every login counted"
-            } else {
-                "the view disagrees (below)"
-            },
-            traffic.max_lag.load(Ordering::Relaxed)
-        ),
-        Err(_) => println!("read model: did not catch up"),
-    }
-    for problem in &problems {
-        println!("FAILED: {problem}");
-    }
-    let passed = errors == 0 && problems.is_empty();
-    if !passed || options.keep_logs {
-        println!("logs kept in {}", deployment.logs.display());
-    }
-    let growth = |index: usize| mib(end_rss[index]) - mib(start_rss[index]);
-    println!(
-        "soak: {:.0} req/s over {:.0} s, {errors} errors{}, RSS growth command-api {:+.1} MiB, \
-         query-api {:+.1} MiB, aggregator {:+.1} MiB{}",
-        totals.requests as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64(),
-        if warmup_totals.errors > 0 {
-            format!(" ({} in the warm-up)", warmup_totals.errors)
-        } else {
-            String::new()
-        },
-        growth(0),
-        growth(1),
-        growth(2),
-        if problems.is_empty() {
-            String::new()
-        } else {
-            format!(", {} failed checks", problems.len())
-        }
-    );
-    Ok(passed)
+    Ok(())
 }
 
 /// Registers the accounts (and the decoys, a tenth as many) and logs some in, a few at a time.

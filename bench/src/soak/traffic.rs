@@ -51,6 +51,31 @@ pub(super) struct Session {
 }
 
 impl Traffic {
+    /// The traffic of a run against `services`, paced as `options` say, knowing nothing yet.
+    pub(super) fn new(client: reqwest::Client, services: &Services, options: &Options) -> Self {
+        let base = |port: u16| format!("http://127.0.0.1:{port}");
+        Self {
+            client,
+            command: base(services.command_port),
+            query: base(services.query_port),
+            aggregator: base(services.aggregator_port),
+            scrape_every: (options.scrape_every > 0)
+                .then(|| Duration::from_secs(options.scrape_every)),
+            max_lag: AtomicU64::new(0),
+            accounts: RwLock::default(),
+            decoys: RwLock::default(),
+            sessions: Mutex::default(),
+            admin: Mutex::new(None),
+            admin_refresh: tokio::sync::Mutex::new(()),
+            confirmed: AtomicU64::new(0),
+            cursor: Mutex::new(None),
+            next_email: AtomicU64::new(0),
+            granted_logins: AtomicU64::new(0),
+            registrations: Pacer::new(options.registrations_per_second),
+            logins: Pacer::new(options.logins_per_second),
+        }
+    }
+
     /// One request of the mix (two for a login: it is followed by the profile it leads to).
     pub(super) async fn step(&self, stats: &Stats) {
         if self.registrations.take() {
@@ -200,20 +225,12 @@ impl Traffic {
         let Some(session) = self.session() else {
             return self.login_and_read(stats).await;
         };
-        let min_position = self.min_position(session.position);
         let request = self
-            .with_min_position(
-                self.client.get(format!("{}/users/me", self.query)),
-                min_position,
-            )
+            .client
+            .get(format!("{}/users/me", self.query))
             .bearer_auth(&*session.token);
-        let answered = stats
-            .exchange(Route::Me, request, |_, body| {
-                anyhow::ensure!(body["id"] == session.id.to_string(), "another account");
-                Ok(())
-            })
+        self.read_account(stats, Route::Me, request, session.id, session.position)
             .await;
-        self.confirm(answered, min_position);
     }
 
     /// The caller's own profile; one in twenty as it stood a moment ago (`as_of`).
@@ -221,13 +238,9 @@ impl Traffic {
         let Some(session) = self.session() else {
             return self.login_and_read(stats).await;
         };
-        let min_position = self.min_position(session.position);
         let mut request = self
-            .with_min_position(
-                self.client
-                    .get(format!("{}/users/{}", self.query, session.id)),
-                min_position,
-            )
+            .client
+            .get(format!("{}/users/{}", self.query, session.id))
             .bearer_auth(&*session.token);
         if fastrand::u32(..20) == 0 {
             let now = SystemClock
@@ -235,30 +248,37 @@ impl Traffic {
                 .to_rfc3339_opts(SecondsFormat::Millis, true);
             request = request.query(&[("as_of", now)]);
         }
-        let answered = stats
-            .exchange(Route::Profile, request, |_, body| {
-                anyhow::ensure!(body["id"] == session.id.to_string(), "another account");
-                Ok(())
-            })
+        self.read_account(stats, Route::Profile, request, session.id, session.position)
             .await;
-        self.confirm(answered, min_position);
     }
 
     pub(super) async fn read_profile_as_admin(&self, stats: &Stats) {
         let (Some(account), Some(admin)) = (self.account(), self.admin_token(stats).await) else {
             return;
         };
-        let min_position = self.min_position(account.position);
         let request = self
-            .with_min_position(
-                self.client
-                    .get(format!("{}/users/{}", self.query, account.id)),
-                min_position,
-            )
+            .client
+            .get(format!("{}/users/{}", self.query, account.id))
             .bearer_auth(&*admin);
+        self.read_account(stats, Route::Profile, request, account.id, account.position)
+            .await;
+    }
+
+    /// Sends `request` for the account `id`, registered at `registered`, and checks that the
+    /// answer is that account; with `X-Min-Position` when the read model may not hold it yet.
+    async fn read_account(
+        &self,
+        stats: &Stats,
+        route: Route,
+        request: RequestBuilder,
+        id: Uuid,
+        registered: u64,
+    ) {
+        let min_position = self.min_position(registered);
+        let request = self.with_min_position(request, min_position);
         let answered = stats
-            .exchange(Route::Profile, request, |_, body| {
-                anyhow::ensure!(body["id"] == account.id.to_string(), "another account");
+            .exchange(route, request, |_, body| {
+                anyhow::ensure!(body["id"] == id.to_string(), "another account");
                 Ok(())
             })
             .await;
