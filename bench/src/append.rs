@@ -8,6 +8,7 @@ use message_store::{
     StreamName,
 };
 use serde_json::json;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use test_support::TestDatabase;
 use uuid::Uuid;
@@ -28,30 +29,15 @@ pub struct Options {
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
-    let pool = database
-        .pool_with(
-            // The baseline at its best: no ping before each insert, as the store does.
-            PgPoolOptions::new()
-                .max_connections(options.writers as u32 + 2)
-                .test_before_acquire(false),
-        )
-        .await;
-    PostgresMessageStore::migrate(&pool).await?;
-    // The baseline table is the store's own, copied with every index and default.
-    sqlx::query("CREATE TABLE plain_messages (LIKE messages INCLUDING ALL)")
-        .execute(&pool)
-        .await?;
-    sqlx::query("CREATE SEQUENCE plain_positions")
-        .execute(&pool)
-        .await?;
-
+    let connections = options.writers as u32 + 2;
+    let pool = plain_table(&database, connections).await?;
     // The store as the services open it, with the subscription machinery running throughout:
     // the notifier inside the store and a listener.
     let store = Arc::new(
         PostgresMessageStore::connect(
             database.url(),
             &ConnectOptions {
-                max_connections: options.writers as u32 + 2,
+                max_connections: connections,
                 poll_interval: Duration::from_secs(1),
             },
         )
@@ -69,43 +55,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for round in 1..=options.rounds {
         let pool = pool.clone();
         let plain = rate(options.writers, duration, move |_, _| {
-            let pool = pool.clone();
-            async move {
-                let stream = format!("bench-{}", Uuid::new_v4());
-                sqlx::query(
-                    "INSERT INTO plain_messages \
-                     (global_position, id, stream_name, category, position, type, data, metadata) \
-                     VALUES (nextval('plain_positions'), $1, $2, 'bench', 0, 'Benchmarked', $3, $4)",
-                )
-                .bind(Uuid::now_v7())
-                .bind(stream)
-                .bind(json!({ "email": "someone@example.com", "status": "active" }))
-                .bind(json!({ "correlation_id": Uuid::new_v4() }))
-                .execute(&pool)
-                .await?;
-                Ok(())
-            }
+            insert_plain(pool.clone())
         })
         .await?;
-        let store_for_round = store.clone();
+        let store = store.clone();
         let appended = rate(options.writers, duration, move |_, _| {
-            let store = store_for_round.clone();
-            async move {
-                let stream = StreamName::for_entity("bench", Uuid::new_v4())?;
-                let message = NewMessage::new(
-                    "Benchmarked",
-                    json!({ "email": "someone@example.com", "status": "active" }),
-                )
-                .with_metadata(json!({ "correlation_id": Uuid::new_v4() }));
-                store
-                    .append(vec![StreamAppend::new(
-                        stream,
-                        ExpectedVersion::NoStream,
-                        vec![message],
-                    )])
-                    .await?;
-                Ok(())
-            }
+            append_to_store(store.clone())
         })
         .await?;
         println!("round {round}: plain insert {plain:.0} msg/s, store append {appended:.0} msg/s");
@@ -127,5 +82,61 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "append: {appended:.0} msg/s, {:.2}x plain insert",
         appended / plain
     );
+    Ok(())
+}
+
+/// Migrates the store and copies its table, with every index and default, for the baseline;
+/// answers a pool of `connections` for the baseline's inserts.
+async fn plain_table(database: &TestDatabase, connections: u32) -> anyhow::Result<PgPool> {
+    let pool = database
+        .pool_with(
+            // The baseline at its best: no ping before each insert, as the store does.
+            PgPoolOptions::new()
+                .max_connections(connections)
+                .test_before_acquire(false),
+        )
+        .await;
+    PostgresMessageStore::migrate(&pool).await?;
+    sqlx::query("CREATE TABLE plain_messages (LIKE messages INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("CREATE SEQUENCE plain_positions")
+        .execute(&pool)
+        .await?;
+    Ok(pool)
+}
+
+/// The baseline's operation: one message, to a stream of its own, in one INSERT.
+async fn insert_plain(pool: PgPool) -> anyhow::Result<()> {
+    let stream = format!("bench-{}", Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO plain_messages \
+         (global_position, id, stream_name, category, position, type, data, metadata) \
+         VALUES (nextval('plain_positions'), $1, $2, 'bench', 0, 'Benchmarked', $3, $4)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(stream)
+    .bind(json!({ "email": "someone@example.com", "status": "active" }))
+    .bind(json!({ "correlation_id": Uuid::new_v4() }))
+    .execute(&pool)
+    .await?;
+    Ok(())
+}
+
+/// The store's operation: the same message appended to a new stream.
+async fn append_to_store(store: Arc<PostgresMessageStore>) -> anyhow::Result<()> {
+    let stream = StreamName::for_entity("bench", Uuid::new_v4())?;
+    let message = NewMessage::new(
+        "Benchmarked",
+        json!({ "email": "someone@example.com", "status": "active" }),
+    )
+    .with_metadata(json!({ "correlation_id": Uuid::new_v4() }));
+    store
+        .append(vec![StreamAppend::new(
+            stream,
+            ExpectedVersion::NoStream,
+            vec![message],
+        )])
+        .await?;
     Ok(())
 }

@@ -11,14 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
+use command_api::hashing::Hasher;
 use command_api::service::{login_message, login_stream};
 use command_api::{Application, Settings};
 use identity::{LoginEvent, LoginSucceeded, Password, UserId};
-use message_store::{ExpectedVersion, StreamAppend};
+use message_store::{ExpectedVersion, MessageStore, StreamAppend};
 use platform::clock::{Clock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::report::{median, rate};
 
@@ -40,151 +43,21 @@ pub struct Options {
     samples: usize,
 }
 
+const PASSWORD: &str = "benchmark password";
+
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let clients = options.clients.unwrap_or(2 * cores);
     let database = TestDatabase::new().await;
-    // The defaults: OWASP's argon2id parameters (19 MiB, 2 iterations, 1 lane).
-    let mut settings = Settings::default();
-    settings.database.url = database.url().into();
-    settings.http.address = "127.0.0.1:0".into();
-    settings.login.max_waiting_hashes = clients * 2;
-    let key = SigningKey::generate(Algorithm::EdDSA)?;
-    settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
-
-    let application = Application::build(settings, Arc::new(SystemClock)).await?;
-    let base = format!("http://127.0.0.1:{}", application.port());
-    let store = application.state().commands.store.clone();
-    // The baseline's hasher: the very one the service's logins verify with.
-    let hasher = application.state().commands.hasher.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(application.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::new();
-
-    let register = |email: String| {
-        let (client, base) = (client.clone(), base.clone());
-        async move {
-            let response = client
-                .post(format!("{base}/users"))
-                .json(&json!({ "email": email, "password": "benchmark password" }))
-                .send()
-                .await?;
-            anyhow::ensure!(
-                response.status() == 201,
-                "registering: {}",
-                response.status()
-            );
-            let body: Value = response.json().await?;
-            let id: UserId = body["id"].as_str().unwrap_or_default().parse()?;
-            anyhow::Ok(id)
-        }
-    };
+    let service = CommandApi::start(&database, clients).await?;
     for worker in 0..clients {
-        register(format!("bench-{worker}@example.com")).await?;
-    }
-
-    // The baseline: verifications alone, of a hash made with the service's parameters, on the
-    // service's hashing threads.
-    let password = Password::for_verification("benchmark password".into())?;
-    let hash = hasher
-        .hash(password.clone())
-        .await
-        .map_err(|error| anyhow::anyhow!("hashing the baseline's password: {error}"))?;
-
-    let duration = Duration::from_secs(options.seconds);
-    let (mut argon_rates, mut login_rates) = (Vec::new(), Vec::new());
-    for round in 1..=options.rounds {
-        let (hasher, password, hash) = (hasher.clone(), password.clone(), hash.clone());
-        let argon = rate(clients, duration, move |_, _| {
-            let (hasher, password, hash) = (hasher.clone(), password.clone(), hash.clone());
-            async move {
-                let verified = hasher
-                    .verify(password, Some(hash))
-                    .await
-                    .map_err(|error| anyhow::anyhow!("the baseline's verification: {error}"))?;
-                anyhow::ensure!(verified.matches, "the baseline's password did not verify");
-                Ok(())
-            }
-        })
-        .await?;
-        let (client, base) = (client.clone(), base.clone());
-        let logins = rate(clients, duration, move |worker, _| {
-            let (client, base) = (client.clone(), base.clone());
-            async move {
-                let response = client
-                    .post(format!("{base}/login"))
-                    .json(&json!({
-                        "email": format!("bench-{worker}@example.com"),
-                        "password": "benchmark password",
-                    }))
-                    .send()
-                    .await?;
-                anyhow::ensure!(response.status() == 200, "login: {}", response.status());
-                Ok(())
-            }
-        })
-        .await?;
-        println!("round {round}: argon2 verify {argon:.1}/s, login over HTTP {logins:.1}/s");
-        argon_rates.push(argon);
-        login_rates.push(logins);
-    }
-
-    // Latency of sequential logins of an account with no earlier login and of one with
-    // `earlier_logins` of them, measured alternately so that drift on a shared machine falls
-    // on both alike; medians, so that one stalled login does not decide.
-    let fresh = "fresh@example.com";
-    let busy = "busy@example.com";
-    register(fresh.into()).await?;
-    let id = register(busy.into()).await?;
-    let stream = login_stream(id)?;
-    let start = SystemClock.now() - TimeDelta::hours(1);
-    let mut written = 0;
-    while written < options.earlier_logins {
-        let batch = (options.earlier_logins - written).min(1000);
-        let messages = (0..batch)
-            .map(|i| {
-                let n = (written + i) as u64;
-                login_message(&LoginEvent::from(LoginSucceeded {
-                    at: start + TimeDelta::milliseconds(n as i64),
-                    login_count: n + 1,
-                }))
-            })
-            .collect();
-        store
-            .append(vec![StreamAppend::new(
-                stream.clone(),
-                ExpectedVersion::Any,
-                messages,
-            )])
+        service
+            .register(format!("bench-{worker}@example.com"))
             .await?;
-        written += batch;
     }
-    let login_once = |email: &'static str| {
-        let (client, base) = (client.clone(), base.clone());
-        async move {
-            let started = Instant::now();
-            let response = client
-                .post(format!("{base}/login"))
-                .json(&json!({ "email": email, "password": "benchmark password" }))
-                .send()
-                .await?;
-            anyhow::ensure!(response.status() == 200, "login: {}", response.status());
-            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
-        }
-    };
-    login_once(fresh).await?;
-    login_once(busy).await?;
-    let (mut fresh_samples, mut busy_samples) = (Vec::new(), Vec::new());
-    for _ in 0..options.samples {
-        fresh_samples.push(login_once(fresh).await?);
-        busy_samples.push(login_once(busy).await?);
-    }
-    let (before, after) = (median(fresh_samples), median(busy_samples));
-
-    let _ = stop.send(());
-    server.await??;
+    let (argon_rates, login_rates) = service.measure_rates(&options, clients).await?;
+    let (before, after) = service.measure_latencies(&options).await?;
+    service.stop().await?;
 
     let (argon, logins) = (median(argon_rates), median(login_rates));
     println!("argon2 verify alone: {argon:.1}/s ({cores} cores, {clients} clients)");
@@ -204,5 +77,180 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         );
         anyhow::bail!("login ratio {ratio:.2} above 1.0: the baseline is wrong");
     }
+    Ok(())
+}
+
+/// The command API in this process, spoken to over HTTP on a port of its own, and what the
+/// benchmark takes from it: its store, and its hasher for the baseline.
+struct CommandApi {
+    base: String,
+    client: reqwest::Client,
+    store: Arc<dyn MessageStore>,
+    /// The very hasher the service's logins verify with.
+    hasher: Hasher,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl CommandApi {
+    /// Starts it with its defaults, OWASP's argon2id parameters (19 MiB, 2 iterations, 1 lane),
+    /// and room for every client's login to wait for a hashing thread.
+    async fn start(database: &TestDatabase, clients: usize) -> anyhow::Result<Self> {
+        let mut settings = Settings::default();
+        settings.database.url = database.url().into();
+        settings.http.address = "127.0.0.1:0".into();
+        settings.login.max_waiting_hashes = clients * 2;
+        let key = SigningKey::generate(Algorithm::EdDSA)?;
+        settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
+
+        let application = Application::build(settings, Arc::new(SystemClock)).await?;
+        let base = format!("http://127.0.0.1:{}", application.port());
+        let store = application.state().commands.store.clone();
+        let hasher = application.state().commands.hasher.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(application.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            client: reqwest::Client::new(),
+            store,
+            hasher,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await?
+    }
+
+    async fn register(&self, email: String) -> anyhow::Result<UserId> {
+        let response = self
+            .client
+            .post(format!("{}/users", self.base))
+            .json(&json!({ "email": email, "password": PASSWORD }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 201,
+            "registering: {}",
+            response.status()
+        );
+        let body: Value = response.json().await?;
+        Ok(body["id"].as_str().unwrap_or_default().parse()?)
+    }
+
+    /// Rounds of verifications alone and of logins over HTTP, alternately; answers the rates
+    /// of each.
+    async fn measure_rates(
+        &self,
+        options: &Options,
+        clients: usize,
+    ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+        // The baseline: verifications alone, of a hash made with the service's parameters, on
+        // the service's hashing threads.
+        let password = Password::for_verification(PASSWORD.into())?;
+        let hash = self
+            .hasher
+            .hash(password.clone())
+            .await
+            .map_err(|error| anyhow::anyhow!("hashing the baseline's password: {error}"))?;
+
+        let duration = Duration::from_secs(options.seconds);
+        let (mut argon_rates, mut login_rates) = (Vec::new(), Vec::new());
+        for round in 1..=options.rounds {
+            let (hasher, password, hash) = (self.hasher.clone(), password.clone(), hash.clone());
+            let argon = rate(clients, duration, move |_, _| {
+                let (hasher, password, hash) = (hasher.clone(), password.clone(), hash.clone());
+                async move {
+                    let verified = hasher
+                        .verify(password, Some(hash))
+                        .await
+                        .map_err(|error| anyhow::anyhow!("the baseline's verification: {error}"))?;
+                    anyhow::ensure!(verified.matches, "the baseline's password did not verify");
+                    Ok(())
+                }
+            })
+            .await?;
+            let (client, base) = (self.client.clone(), self.base.clone());
+            let logins = rate(clients, duration, move |worker, _| {
+                let (client, base) = (client.clone(), base.clone());
+                async move {
+                    log_in(&client, &base, &format!("bench-{worker}@example.com")).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            println!("round {round}: argon2 verify {argon:.1}/s, login over HTTP {logins:.1}/s");
+            argon_rates.push(argon);
+            login_rates.push(logins);
+        }
+        Ok((argon_rates, login_rates))
+    }
+
+    /// Latency of sequential logins of an account with no earlier login and of one with
+    /// `earlier_logins` of them, measured alternately so that drift on a shared machine falls
+    /// on both alike; medians, so that one stalled login does not decide.
+    async fn measure_latencies(&self, options: &Options) -> anyhow::Result<(f64, f64)> {
+        let fresh = "fresh@example.com";
+        let busy = "busy@example.com";
+        self.register(fresh.into()).await?;
+        let id = self.register(busy.into()).await?;
+        self.write_earlier_logins(id, options.earlier_logins)
+            .await?;
+        let login_once = |email: &'static str| async move {
+            let started = Instant::now();
+            log_in(&self.client, &self.base, email).await?;
+            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
+        };
+        login_once(fresh).await?;
+        login_once(busy).await?;
+        let (mut fresh_samples, mut busy_samples) = (Vec::new(), Vec::new());
+        for _ in 0..options.samples {
+            fresh_samples.push(login_once(fresh).await?);
+            busy_samples.push(login_once(busy).await?);
+        }
+        Ok((median(fresh_samples), median(busy_samples)))
+    }
+
+    /// Appends `count` successful logins of account `id` from an hour ago, a thousand at a time.
+    async fn write_earlier_logins(&self, id: UserId, count: usize) -> anyhow::Result<()> {
+        let stream = login_stream(id)?;
+        let start = SystemClock.now() - TimeDelta::hours(1);
+        let mut written = 0;
+        while written < count {
+            let batch = (count - written).min(1000);
+            let messages = (0..batch)
+                .map(|i| {
+                    let n = (written + i) as u64;
+                    login_message(&LoginEvent::from(LoginSucceeded {
+                        at: start + TimeDelta::milliseconds(n as i64),
+                        login_count: n + 1,
+                    }))
+                })
+                .collect();
+            self.store
+                .append(vec![StreamAppend::new(
+                    stream.clone(),
+                    ExpectedVersion::Any,
+                    messages,
+                )])
+                .await?;
+            written += batch;
+        }
+        Ok(())
+    }
+}
+
+/// Logs `email` in with the benchmark's password; an error unless it succeeds.
+async fn log_in(client: &reqwest::Client, base: &str, email: &str) -> anyhow::Result<()> {
+    let response = client
+        .post(format!("{base}/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == 200, "login: {}", response.status());
     Ok(())
 }

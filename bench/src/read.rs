@@ -7,8 +7,8 @@ use message_store::{
     ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
 };
 use serde_json::{Value, json};
-use sqlx::Row;
 use sqlx::types::Json;
+use sqlx::{PgPool, Row};
 use test_support::TestDatabase;
 use uuid::Uuid;
 
@@ -30,25 +30,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let pool = database.pool().await;
     PostgresMessageStore::migrate(&pool).await?;
     let store = PostgresMessageStore::new(pool.clone(), Duration::from_secs(1));
-
-    let per_append = 1_000;
-    for chunk in 0..options.messages.div_ceil(per_append) {
-        let appends = (0..per_append.min(options.messages - chunk * per_append))
-            .map(|n| {
-                let stream = StreamName::for_entity("bench", Uuid::new_v4())?;
-                let message = NewMessage::new(
-                    "Benchmarked",
-                    json!({ "n": n, "email": "someone@example.com" }),
-                );
-                Ok(StreamAppend::new(
-                    stream,
-                    ExpectedVersion::NoStream,
-                    vec![message],
-                ))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        store.append(appends).await?;
-    }
+    write_messages(&store, options.messages).await?;
     sqlx::query("VACUUM ANALYZE messages")
         .execute(&pool)
         .await?;
@@ -56,42 +38,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (mut plain_rates, mut store_rates) = (Vec::new(), Vec::new());
     for round in 1..=options.rounds {
         let started = Instant::now();
-        let mut after = 0i64;
-        let mut read = 0usize;
-        loop {
-            let rows = sqlx::query(
-                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-                 FROM messages WHERE global_position > $1 ORDER BY global_position LIMIT $2",
-            )
-            .bind(after)
-            .bind(options.batch as i64)
-            .fetch_all(&pool)
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.try_get("global_position")?;
-            for row in &rows {
-                let _: (Uuid, String, i64, String, Json<Value>, Json<Value>) = (
-                    row.try_get("id")?,
-                    row.try_get("stream_name")?,
-                    row.try_get("position")?,
-                    row.try_get("type")?,
-                    row.try_get("data")?,
-                    row.try_get("metadata")?,
-                );
-            }
-            read += rows.len();
-        }
+        let read = read_plain(&pool, options.batch).await?;
         let plain = read as f64 / started.elapsed().as_secs_f64();
 
         let started = Instant::now();
-        let mut after = 0;
-        let mut read = 0usize;
-        loop {
-            let batch = store.read_all(after, options.batch).await?;
-            let Some(last) = batch.last() else { break };
-            after = last.global_position;
-            read += batch.len();
-        }
+        let read = read_through_store(&store, options.batch).await?;
         let through_store = read as f64 / started.elapsed().as_secs_f64();
         anyhow::ensure!(
             read == options.messages,
@@ -119,4 +70,71 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         through_store / plain
     );
     Ok(())
+}
+
+/// Appends `count` messages, each to a stream of its own, a thousand per append.
+async fn write_messages(store: &PostgresMessageStore, count: usize) -> anyhow::Result<()> {
+    let per_append = 1_000;
+    for chunk in 0..count.div_ceil(per_append) {
+        let appends = (0..per_append.min(count - chunk * per_append))
+            .map(|n| {
+                let stream = StreamName::for_entity("bench", Uuid::new_v4())?;
+                let message = NewMessage::new(
+                    "Benchmarked",
+                    json!({ "n": n, "email": "someone@example.com" }),
+                );
+                Ok(StreamAppend::new(
+                    stream,
+                    ExpectedVersion::NoStream,
+                    vec![message],
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        store.append(appends).await?;
+    }
+    Ok(())
+}
+
+/// The baseline: every message, `batch` at a time, by a keyset SELECT, each row decoded into
+/// the values the store decodes; answers how many were read.
+async fn read_plain(pool: &PgPool, batch: usize) -> anyhow::Result<usize> {
+    let mut after = 0i64;
+    let mut read = 0usize;
+    loop {
+        let rows = sqlx::query(
+            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+             FROM messages WHERE global_position > $1 ORDER BY global_position LIMIT $2",
+        )
+        .bind(after)
+        .bind(batch as i64)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.try_get("global_position")?;
+        for row in &rows {
+            let _: (Uuid, String, i64, String, Json<Value>, Json<Value>) = (
+                row.try_get("id")?,
+                row.try_get("stream_name")?,
+                row.try_get("position")?,
+                row.try_get("type")?,
+                row.try_get("data")?,
+                row.try_get("metadata")?,
+            );
+        }
+        read += rows.len();
+    }
+    Ok(read)
+}
+
+/// Every message, `batch` at a time, through the store; answers how many were read.
+async fn read_through_store(store: &PostgresMessageStore, batch: usize) -> anyhow::Result<usize> {
+    let mut after = 0;
+    let mut read = 0usize;
+    loop {
+        let messages = store.read_all(after, batch).await?;
+        let Some(last) = messages.last() else { break };
+        after = last.global_position;
+        read += messages.len();
+    }
+    Ok(read)
 }
