@@ -2,12 +2,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
 use identity_service::{Application, Settings};
 use platform::clock::SystemClock;
+use platform::settings::ConfigFile;
 
 #[derive(Parser)]
 #[command(
@@ -15,15 +15,14 @@ use platform::clock::SystemClock;
     about = "The identity service in one process (command, query and projector)"
 )]
 struct Cli {
-    /// A TOML settings file; IDENTITY__... environment variables override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref())?;
+    let settings = Settings::load(cli.config.path.as_deref())?;
     platform::telemetry::init(&settings.commands.log);
     let application = Application::build(settings, Arc::new(SystemClock)).await?;
     let address = application.local_addr()?;

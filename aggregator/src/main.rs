@@ -1,20 +1,8 @@
 //! `aggregator`: the projection worker (`run`, the default) and its admin commands.
 
-use std::path::PathBuf;
-
 use aggregator::{Application, Settings, admin};
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(about = "Projects the message store's events into the read model")]
-struct Cli {
-    /// A TOML settings file; environment variables (IDENTITY__SECTION__KEY) override it.
-    #[arg(long, env = "IDENTITY_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
+use clap::Subcommand;
+use platform::cli::CommandLine;
 
 #[derive(Subcommand)]
 enum Command {
@@ -38,9 +26,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let settings: Settings =
-        platform::settings::load(cli.config.as_deref()).context("reading the settings")?;
+    let cli = CommandLine::<Command>::parse(
+        "aggregator",
+        "Projects the message store's events into the read model",
+    );
+    let settings: Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {

@@ -1,22 +1,12 @@
 //! `command-api [--config FILE] [serve | migrate | admin create --email EMAIL]`.
 
 use std::io::BufRead;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use command_api::{Application, Settings};
+use platform::cli::CommandLine;
 use platform::clock::SystemClock;
-
-#[derive(Parser)]
-#[command(about = "The identity service's command API")]
-struct Cli {
-    /// A TOML settings file; `IDENTITY__SECTION__KEY` variables override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
 
 #[derive(Subcommand)]
 enum Command {
@@ -42,8 +32,8 @@ enum AdminCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let settings: Settings = platform::settings::load(cli.config.as_deref())?;
+    let cli = CommandLine::<Command>::parse("command-api", "The identity service's command API");
+    let settings: Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {

@@ -1,20 +1,10 @@
 //! `query-api`: serves profiles, lookups and history from the read model.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
+use platform::cli::CommandLine;
 use platform::clock::SystemClock;
-
-#[derive(Parser)]
-#[command(version, about = "The identity service's read side over HTTP")]
-struct Cli {
-    /// A TOML settings file; IDENTITY__... environment variables override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
 
 #[derive(Subcommand)]
 enum Command {
@@ -24,8 +14,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let settings: query_api::Settings = platform::settings::load(cli.config.as_deref())?;
+    let cli =
+        CommandLine::<Command>::parse("query-api", "The identity service's read side over HTTP");
+    let settings: query_api::Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {

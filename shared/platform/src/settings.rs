@@ -11,6 +11,30 @@ use serde::de::DeserializeOwned;
 /// The environment variable prefix of every setting.
 pub const ENV_PREFIX: &str = "IDENTITY";
 
+/// The settings file every binary takes: `--config FILE`, or `IDENTITY_CONFIG`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigFile {
+    /// A TOML settings file; `IDENTITY__SECTION__KEY` environment variables override it.
+    #[arg(
+        long = "config",
+        value_name = "FILE",
+        env = "IDENTITY_CONFIG",
+        global = true
+    )]
+    pub path: Option<std::path::PathBuf>,
+}
+
+impl ConfigFile {
+    /// Settings of type `T`: its defaults, then this file, then the environment.
+    pub fn load<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        let path = self.path.as_deref();
+        load(path).map_err(|error| match path {
+            Some(path) => anyhow::anyhow!("reading the settings ({}): {error}", path.display()),
+            None => anyhow::anyhow!("reading the settings: {error}"),
+        })
+    }
+}
+
 /// Reads settings of type `T` from its defaults, the file (TOML) if given, and the environment.
 pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, config::ConfigError> {
     load_with_defaults(file, &[])
