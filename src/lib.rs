@@ -120,7 +120,7 @@ impl Application {
             shutdown.clone(),
         ));
 
-        let query_read_model = query_api::ReadModel::connect(
+        let query_read_model = query_api::UsersView::connect(
             queries.read_model.url_or(&queries.database).expose(),
             queries.read_model_connections(),
         )
@@ -185,7 +185,7 @@ fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result
 struct Shared {
     jwks: serde_json::Value,
     store: Arc<dyn MessageStore>,
-    read_model: query_api::ReadModel,
+    read_model: query_api::UsersView,
 }
 
 async fn jwks(State(shared): State<Shared>) -> Response {

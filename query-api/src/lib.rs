@@ -24,15 +24,12 @@ use axum::Router;
 use axum::routing::get;
 use message_store::MessageStore;
 use platform::clock::Clock;
+use platform::shutdown::Shutdown;
 use tokens::TokenVerifier;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinHandle};
 
-/// The former name of [`UsersView`], kept only until the root package's `src/lib.rs` uses the
-/// new one; the aggregator's read model is another thing.
-#[doc(hidden)]
-pub use read_model::UsersView as ReadModel;
 pub use read_model::{Profile, UsersView};
 pub use routes::ApiDoc;
 pub use settings::Settings;
@@ -69,28 +66,6 @@ pub struct Shared {
 }
 
 impl AppState {
-    /// The state over connections made elsewhere, with its background tasks started: they stop
-    /// when the process is asked to stop (SIGTERM or Ctrl-C). For a process that serves the
-    /// query routes beside others; one with a shutdown signal of its own passes it to
-    /// [`Self::start`].
-    pub fn new(
-        read_model: UsersView,
-        store: Arc<dyn MessageStore>,
-        verifier: Arc<TokenVerifier>,
-        clock: Arc<dyn Clock>,
-        settings: settings::QuerySettings,
-    ) -> Self {
-        let (state, _detached) = Self::start(
-            read_model,
-            store,
-            verifier,
-            clock,
-            settings,
-            platform::shutdown::signal(),
-        );
-        state
-    }
-
     /// The state over connections made elsewhere, and its background tasks, which run until
     /// `shutdown` completes.
     pub fn start(
@@ -142,40 +117,23 @@ impl AppState {
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> BackgroundTasks {
-        let (stop, stopped) = watch::channel(false);
-        let signalled = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                // A dropped sender stops the tasks too.
-                let _ = stopped.wait_for(|stopped| *stopped).await;
-            }
-        };
-        let mut tasks = Vec::with_capacity(3);
+        let shutdown = Shutdown::on(shutdown);
+        let mut tasks = Vec::with_capacity(2);
         if self.settings.cache_profiles > 0 {
             tasks.push(tokio::spawn({
                 let (profiles, read_model) = (self.profiles.clone(), self.read_model.clone());
                 let interval = sync_interval(&self.settings);
-                let shutdown = signalled();
-                async move { profiles.follow(read_model, interval, shutdown).await }
+                let stopped = shutdown.stopped();
+                async move { profiles.follow(read_model, interval, stopped).await }
             }));
         }
         if self.settings.max_view_lag_ms > 0 {
             tasks.push(tokio::spawn({
                 let (freshness, store) = (self.freshness.clone(), self.store.clone());
-                let shutdown = signalled();
-                async move { freshness.follow(store, shutdown).await }
+                let stopped = shutdown.stopped();
+                async move { freshness.follow(store, stopped).await }
             }));
         }
-        // Passes the signal on, and ends with the tasks if they end first (a runtime
-        // shutting down).
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown => {
-                    stop.send_replace(true);
-                }
-                () = stop.closed() => {}
-            }
-        }));
         BackgroundTasks(tasks)
     }
 
