@@ -8,7 +8,9 @@ use serde::Serialize;
 use sqlx::{Executor, Row};
 
 use crate::projector::{LOCK_KEY_SQL, Outcome, Projector, ProjectorOptions, USERS_VERSION};
-use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply, to_i64, to_u64};
+use read_model_schema::signed;
+
+use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};
 use crate::view::prepare;
 
 /// The projections this build knows.
@@ -220,17 +222,12 @@ async fn replay_the_last_stretch(
     fresh: &Target,
     batch_size: usize,
 ) -> anyhow::Result<(u64, Checkpoint)> {
-    let (version, position, epoch): (i32, i64, i64) = sqlx::query_as(
-        "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1",
-    )
-    .bind(fresh.checkpoint)
-    .fetch_one(&mut *tx)
-    .await?;
-    let mut checkpoint = Checkpoint {
-        version,
-        position: to_u64(position),
-        epoch,
-    };
+    let mut checkpoint = Checkpoint::from_stored(
+        sqlx::query_as(Checkpoint::READ)
+            .bind(fresh.checkpoint)
+            .fetch_one(&mut *tx)
+            .await?,
+    );
     let mut events = 0;
     loop {
         let messages = store.read_all(checkpoint.position, batch_size).await?;
@@ -299,7 +296,7 @@ async fn swap_in(
     )
     .bind(live.checkpoint)
     .bind(USERS_VERSION)
-    .bind(to_i64(position))
+    .bind(signed(position))
     .execute(&mut *tx)
     .await?;
     sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")

@@ -40,6 +40,11 @@ use sqlx::sqlite::{Sqlite, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{PgConnection, Row, SqliteConnection, Transaction, ValueRef};
 use uuid::Uuid;
 
+pub use read_model_schema::Checkpoint;
+use read_model_schema::{
+    StoredCheckpoint, USERS_PROJECTION, postgres_migrations, signed, sqlite_migrations,
+};
+
 use crate::view::{Change, UserRow, apply_all};
 
 const COLUMNS: &str = "id, email, email_normalized, status, registered_at, activated_at, \
@@ -77,7 +82,7 @@ pub struct Target {
 impl Target {
     /// The live users view.
     pub const USERS: Target = Target {
-        checkpoint: "users",
+        checkpoint: USERS_PROJECTION,
         table: "users",
     };
     /// The users view being rebuilt beside the live one.
@@ -85,22 +90,6 @@ impl Target {
         checkpoint: "users:rebuild",
         table: "users_rebuild",
     };
-}
-
-/// A projection's stored checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checkpoint {
-    pub version: i32,
-    pub position: u64,
-    /// Bumped by every worker that takes the projection's lock; never by `reset` or `rebuild`.
-    pub epoch: i64,
-}
-
-impl Checkpoint {
-    /// The same checkpoint, moved to `position`.
-    pub fn at(self, position: u64) -> Self {
-        Self { position, ..self }
-    }
 }
 
 /// What became of a batch commit.
@@ -178,12 +167,10 @@ impl ReadModelWriter {
 
     /// Creates or updates the read model's tables; applying them again changes nothing.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        let mut migrator = match self {
-            Self::Postgres(_) => sqlx::migrate!("../migrations/read_model/postgres"),
-            Self::Sqlite(_) => sqlx::migrate!("../migrations/read_model/sqlite"),
+        let migrator = match self {
+            Self::Postgres(_) => postgres_migrations(),
+            Self::Sqlite(_) => sqlite_migrations(),
         };
-        // The message store may share this database and its migrations table.
-        migrator.set_ignore_missing(true);
         on_pool!(self, pool => migrator.run(pool).await)
     }
 
@@ -213,19 +200,13 @@ impl ReadModelWriter {
     }
 
     pub async fn checkpoint(&self, projection: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
-        let query =
-            "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1";
-        let row: Option<(i32, i64, i64)> = on_pool!(self, pool => {
-            sqlx::query_as(query)
+        let row: Option<StoredCheckpoint> = on_pool!(self, pool => {
+            sqlx::query_as(Checkpoint::READ)
                 .bind(projection)
                 .fetch_optional(pool)
                 .await?
         });
-        Ok(row.map(|(version, position, epoch)| Checkpoint {
-            version,
-            position: to_u64(position),
-            epoch,
-        }))
+        Ok(row.map(Checkpoint::from_stored))
     }
 
     /// The stored rows among `ids`, read in one statement together with the projection's
@@ -412,8 +393,8 @@ async fn pg_move_checkpoint(
              THEN set_config('idle_in_transaction_session_timeout', $6::text, true) END",
     )
     .bind(target.checkpoint)
-    .bind(to_i64(from.position))
-    .bind(to_i64(to))
+    .bind(signed(from.position))
+    .bind(signed(to))
     .bind(from.version)
     .bind(from.epoch)
     .bind(idle_limit.map_or(0, |limit| {
@@ -434,7 +415,7 @@ pub(crate) async fn pg_take_over(
     projection: &str,
     version: i32,
 ) -> Result<Checkpoint, sqlx::Error> {
-    let (version, position, epoch): (i32, i64, i64) = sqlx::query_as(
+    let taken: StoredCheckpoint = sqlx::query_as(
         "INSERT INTO projection_checkpoints (projection, version, position, epoch) \
          VALUES ($1, $2, 0, 1) ON CONFLICT (projection) DO UPDATE \
          SET epoch = projection_checkpoints.epoch + 1 \
@@ -444,11 +425,7 @@ pub(crate) async fn pg_take_over(
     .bind(version)
     .fetch_one(connection)
     .await?;
-    Ok(Checkpoint {
-        version,
-        position: to_u64(position),
-        epoch,
-    })
+    Ok(Checkpoint::from_stored(taken))
 }
 
 /// What a [`ReadModelWriter::load_rows`] statement returned: the checkpoint, read on every
@@ -464,11 +441,11 @@ where
     let mut checkpoint = None;
     let mut rows = Vec::with_capacity(loaded.len());
     for row in loaded {
-        checkpoint = Some(Checkpoint {
-            version: row.try_get("checkpoint_version")?,
-            position: to_u64(row.try_get("checkpoint")?),
-            epoch: row.try_get("checkpoint_epoch")?,
-        });
+        checkpoint = Some(Checkpoint::from_stored((
+            row.try_get("checkpoint_version")?,
+            row.try_get("checkpoint")?,
+            row.try_get("checkpoint_epoch")?,
+        )));
         if !row.try_get_raw("id")?.is_null() {
             rows.push(row.user_row()?);
         }
@@ -535,8 +512,8 @@ async fn sqlite_move_checkpoint(
          WHERE projection = $1 AND position = $2 AND version = $4 AND epoch = $5",
     )
     .bind(target.checkpoint)
-    .bind(to_i64(from.position))
-    .bind(to_i64(to))
+    .bind(signed(from.position))
+    .bind(signed(to))
     .bind(from.version)
     .bind(from.epoch)
     .execute(&mut *connection)
@@ -638,14 +615,6 @@ fn parse_sqlite_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, sqlx
             .map_err(|error| sqlx::Error::Decode(Box::new(error)))
     })
     .transpose()
-}
-
-pub(crate) fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -506,9 +506,7 @@ fn query_api_binary(options: &Options) -> anyhow::Result<PathBuf> {
 /// built it; answers the administrator the requests are made as and the other users' ids.
 async fn seed_read_model(pool: &PgPool, users: u32) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
     PostgresMessageStore::migrate(pool).await?;
-    let mut migrator = sqlx::migrate!("../migrations/read_model/postgres");
-    migrator.set_ignore_missing(true);
-    migrator.run(pool).await?;
+    read_model_schema::postgres_migrations().run(pool).await?;
     let seeding = Instant::now();
     seed_users(pool, users).await?;
     let admin = seed_administrator(pool, users).await?;

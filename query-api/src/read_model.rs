@@ -12,8 +12,7 @@ use sqlx::{Database, Pool, Postgres, Row, Sqlite, Transaction};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// The projection whose checkpoint tells how far the users view has got.
-pub const USERS_PROJECTION: &str = "users";
+use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION};
 
 /// The columns of a profile and the row's position.
 macro_rules! columns {
@@ -66,9 +65,6 @@ macro_rules! profiles_with_checkpoint {
 
 const PROFILE_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = $1");
 const PROFILES_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = ANY($1)");
-
-const CHECKPOINT: &str =
-    "SELECT version, position FROM projection_checkpoints WHERE projection = $1";
 
 /// Runs `$read` on the pool the view is on, named `$pool`: written once for reads whose
 /// statements are the same on both engines, it compiles for each pool type (sqlx's pools share
@@ -291,7 +287,7 @@ impl UsersView {
         let (checkpoint, rows) = on_either_pool!(self, |pool| {
             let (checkpoint, rows) = retrying(pool, || async {
                 let mut snapshot = pool.snapshot().await?;
-                let checkpoint: Option<(i32, i64)> = sqlx::query_as(CHECKPOINT)
+                let checkpoint: Option<StoredCheckpoint> = sqlx::query_as(Checkpoint::READ)
                     .bind(USERS_PROJECTION)
                     .fetch_optional(&mut *snapshot)
                     .await?;
@@ -351,9 +347,9 @@ impl UsersView {
 
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
-        let row: Option<(i32, i64)> = on_either_pool!(self, |pool| {
+        let row: Option<StoredCheckpoint> = on_either_pool!(self, |pool| {
             retrying(pool, || {
-                sqlx::query_as(CHECKPOINT)
+                sqlx::query_as(Checkpoint::READ)
                     .bind(USERS_PROJECTION)
                     .fetch_optional(pool)
             })
@@ -420,15 +416,17 @@ impl ViewPool for SqlitePool {
     }
 }
 
-fn to_checkpoint(row: Option<(i32, i64)>) -> (i32, u64) {
-    row.map_or((0, 0), |(version, position)| {
-        (version, unsigned(Some(position)))
-    })
+/// The users view's version and checkpoint; 0 and 0 before it has any.
+fn to_checkpoint(row: Option<StoredCheckpoint>) -> (i32, u64) {
+    row.map(Checkpoint::from_stored)
+        .map_or((0, 0), |checkpoint| {
+            (checkpoint.version, checkpoint.position)
+        })
 }
 
 /// A position or a count, which the database stores signed; none (no checkpoint yet) is 0.
 fn unsigned(stored: Option<i64>) -> u64 {
-    stored.map_or(0, |stored| u64::try_from(stored).unwrap_or(0))
+    stored.map_or(0, read_model_schema::unsigned)
 }
 
 /// A row of the users view, on either engine.
@@ -510,7 +508,7 @@ mod tests {
         let writer = SqlitePool::connect(&format!("{url}?mode=rwc"))
             .await
             .unwrap();
-        sqlx::migrate!("../migrations/read_model/sqlite")
+        read_model_schema::sqlite_migrations()
             .run(&writer)
             .await
             .unwrap();

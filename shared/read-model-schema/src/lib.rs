@@ -1,0 +1,94 @@
+//! The read model's schema, written once for the process that writes it (the aggregator) and
+//! the one that reads it (the query API): its migrations, the name of the users projection,
+//! and how a projection's checkpoint is read and decoded. Each side keeps its own pool and its
+//! own statements over the views; what both must agree on about the schema lives here.
+
+#![forbid(unsafe_code)]
+
+use sqlx::migrate::Migrator;
+
+/// The projection that keeps the `users` view; its checkpoint says how far the view has got.
+pub const USERS_PROJECTION: &str = "users";
+
+/// The read model's migrations on PostgreSQL (`migrations/read_model/postgres`).
+pub fn postgres_migrations() -> Migrator {
+    sharing_the_database(sqlx::migrate!("../../migrations/read_model/postgres"))
+}
+
+/// The read model's migrations on SQLite (`migrations/read_model/sqlite`).
+pub fn sqlite_migrations() -> Migrator {
+    sharing_the_database(sqlx::migrate!("../../migrations/read_model/sqlite"))
+}
+
+/// The message store may share the read model's database, and with it the migrations table:
+/// its migrations are applied there too, and are no error here.
+fn sharing_the_database(mut migrator: Migrator) -> Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// A projection's stored checkpoint: every event up to `position` is in its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The version of the projection that folded the view.
+    pub version: i32,
+    pub position: u64,
+    /// Bumped by every worker that takes the projection's lock; never by `reset` or `rebuild`
+    /// (docs/adr/0008).
+    pub epoch: i64,
+}
+
+/// The columns of a checkpoint as stored: version, position and epoch.
+pub type StoredCheckpoint = (i32, i64, i64);
+
+impl Checkpoint {
+    /// Reads the checkpoint of the projection named `$1`, on either engine, as a
+    /// [`StoredCheckpoint`].
+    pub const READ: &'static str =
+        "SELECT version, position, epoch FROM projection_checkpoints WHERE projection = $1";
+
+    /// The checkpoint from its stored columns (the database's integers are signed).
+    pub fn from_stored((version, position, epoch): StoredCheckpoint) -> Self {
+        Self {
+            version,
+            position: unsigned(position),
+            epoch,
+        }
+    }
+
+    /// The same checkpoint, moved to `position`.
+    pub fn at(self, position: u64) -> Self {
+        Self { position, ..self }
+    }
+}
+
+/// A position or a count as the database stores it (signed), read back; never negative.
+pub fn unsigned(stored: i64) -> u64 {
+    u64::try_from(stored).unwrap_or(0)
+}
+
+/// A position or a count as the database stores it (signed).
+pub fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_checkpoint_decodes_with_its_position_unsigned() {
+        let checkpoint = Checkpoint::from_stored((2, 9, 3));
+        assert_eq!(
+            checkpoint,
+            Checkpoint {
+                version: 2,
+                position: 9,
+                epoch: 3
+            }
+        );
+        assert_eq!(checkpoint.at(12).position, 12);
+        assert_eq!(unsigned(-1), 0);
+        assert_eq!(signed(u64::MAX), i64::MAX);
+    }
+}
