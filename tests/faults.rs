@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aggregator::view::UserRow;
-use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel, Target};
+use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use test_support::{PrivateCluster, Signal, StopMode, TestDatabase};
@@ -421,7 +421,7 @@ async fn after_a_postgres_crash_under_load_the_services_recover_by_themselves_an
     // the fold of its events gives it: no event lost, none applied twice.
     let head = store_head(&pool).await;
     wait_for_checkpoint(&url, head, Duration::from_secs(60), &logs).await;
-    let read_model = ReadModel::connect(&url, 2).await.unwrap();
+    let read_model = ReadModelWriter::connect(&url, 2).await.unwrap();
     let rows = read_model.rows(&Target::USERS).await.unwrap();
     let ids: HashSet<Uuid> = rows.iter().map(|row| row.id).collect();
     assert_eq!(
@@ -507,7 +507,7 @@ async fn clean_projection(cluster: &PrivateCluster, store_url: &str, until: u64)
     let store = message_store::connect(store_url, message_store::ConnectOptions::default())
         .await
         .unwrap();
-    let read_model = ReadModel::connect(&url, 2).await.unwrap();
+    let read_model = ReadModelWriter::connect(&url, 2).await.unwrap();
     read_model.migrate().await.unwrap();
     let mut projector = Projector::users(
         store,
@@ -632,7 +632,7 @@ async fn a_rebuild_killed_midway_and_run_again_ends_in_the_view_the_live_worker_
     let head = store_head(&pool).await;
     wait_for_checkpoint(&url, head, Duration::from_secs(120), &logs).await;
     println!("the live worker caught up in {:?}", started.elapsed());
-    let read_model = ReadModel::connect(&url, 2).await.unwrap();
+    let read_model = ReadModelWriter::connect(&url, 2).await.unwrap();
     let live = read_model.rows(&Target::USERS).await.unwrap();
     assert_eq!(live.len(), usize::try_from(BULK_USERS).unwrap() + 5);
     let live_checkpoint = read_model.checkpoint("users").await.unwrap().unwrap();
@@ -842,7 +842,7 @@ async fn an_event_committed_late_by_a_slow_transaction_is_applied_after_later_po
     // Once it commits, the aggregator goes on through the slow writer's events, then the
     // later ones: nothing skipped.
     wait_for_checkpoint(&url, last, Duration::from_secs(60), &logs).await;
-    let read_model = ReadModel::connect(&url, 2).await.unwrap();
+    let read_model = ReadModelWriter::connect(&url, 2).await.unwrap();
     let rows = read_model.rows(&Target::USERS).await.unwrap();
     assert_eq!(rows.len(), 2 + registered.len());
     let slow_row = rows

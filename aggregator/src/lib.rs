@@ -28,18 +28,14 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use message_store::{ConnectOptions, MessageStore};
-use platform::shutdown::Shutdown;
 use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
+use platform::shutdown::Shutdown;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
 pub use read_model::{ReadModelWriter, Target};
-/// The former name of [`ReadModelWriter`], kept only until `bench` and the root package's
-/// `tests/faults.rs` use the new one; the query API's `ReadModel` is another thing.
-#[doc(hidden)]
-pub use read_model::ReadModelWriter as ReadModel;
 
 /// Every setting of the aggregator. Environment variables override them as
 /// `IDENTITY__SECTION__KEY`, for example `IDENTITY__READ_MODEL__URL`.

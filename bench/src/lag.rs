@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aggregator::{Projector, ProjectorOptions, ReadModel};
+use aggregator::{Projector, ProjectorOptions, ReadModelWriter};
 use message_store::{ConnectOptions, ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use serde_json::{Value, json};
 use sqlx::postgres::PgListener;
@@ -39,7 +39,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let read_model = ReadModel::connect(database.url(), 4).await?;
+    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
     read_model.migrate().await?;
     let projector = Projector::users(store.clone(), read_model, ProjectorOptions::default());
     // The committed checkpoint: an event's row is visible once the checkpoint passes it.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use aggregator::{ReadModel, admin};
+use aggregator::{ReadModelWriter, admin};
 use message_store::{ConnectOptions, PostgresMessageStore};
 use sqlx::PgPool;
 use test_support::TestDatabase;
@@ -40,7 +40,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     println!("wrote {events} events ({} users)", options.users);
 
     let store = message_store::connect(database.url(), ConnectOptions::default()).await?;
-    let read_model = ReadModel::connect(database.url(), 4).await?;
+    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
     read_model.migrate().await?;
 
     let started = Instant::now();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::{Outcome, Projector, ProjectorOptions, ReadModel};
+use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use identity::{
@@ -478,13 +478,15 @@ pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
 
 /// The real projection worker over the app's store and read model.
 pub struct Aggregator {
-    pub read_model: ReadModel,
+    pub read_model: ReadModelWriter,
     pub projector: Projector,
 }
 
 impl Aggregator {
     pub async fn over(app: &TestApp, batch_size: usize) -> Self {
-        let read_model = ReadModel::connect(&app.read_model_url, 4).await.unwrap();
+        let read_model = ReadModelWriter::connect(&app.read_model_url, 4)
+            .await
+            .unwrap();
         let projector = Projector::users(
             app.store.clone(),
             read_model.clone(),
