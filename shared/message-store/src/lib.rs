@@ -13,6 +13,19 @@
 
 #![forbid(unsafe_code)]
 
+/// A query for whole messages: the columns [`RecordedMessage`] is read from, then `$rest` (the
+/// conditions and order). Both adapters read the same columns; building the text at compile time
+/// keeps each query one static string.
+macro_rules! select_messages {
+    ($rest:literal) => {
+        concat!(
+            "SELECT global_position, id, stream_name, position, type, data, metadata, time \
+             FROM messages ",
+            $rest
+        )
+    };
+}
+
 pub mod database;
 mod message;
 pub mod postgres;

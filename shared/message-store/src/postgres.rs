@@ -610,11 +610,9 @@ impl MessageStore for PostgresMessageStore {
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
         self.fetch(|| {
-            sqlx::query(
-                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-                 FROM messages WHERE stream_name = $1 AND position >= $2 \
-                 ORDER BY position LIMIT $3",
-            )
+            sqlx::query(select_messages!(
+                "WHERE stream_name = $1 AND position >= $2 ORDER BY position LIMIT $3"
+            ))
             .bind(stream.as_str())
             .bind(to_i64(from))
             .bind(to_i64(max as u64))
@@ -627,10 +625,9 @@ impl MessageStore for PostgresMessageStore {
         stream: &StreamName,
     ) -> Result<Option<RecordedMessage>, StoreError> {
         self.retrying(|| async {
-            let row = sqlx::query(
-                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-                 FROM messages WHERE stream_name = $1 ORDER BY position DESC LIMIT 1",
-            )
+            let row = sqlx::query(select_messages!(
+                "WHERE stream_name = $1 ORDER BY position DESC LIMIT 1"
+            ))
             .bind(stream.as_str())
             .fetch_optional(&self.inner.pool)
             .await?;
@@ -646,13 +643,11 @@ impl MessageStore for PostgresMessageStore {
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
         self.fetch(|| {
-            sqlx::query(
-                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-                 FROM messages \
-                 WHERE category = $1 AND global_position > $2 \
+            sqlx::query(select_messages!(
+                "WHERE category = $1 AND global_position > $2 \
                    AND global_position < message_store_horizon() \
-                 ORDER BY global_position LIMIT $3",
-            )
+                 ORDER BY global_position LIMIT $3"
+            ))
             .bind(category)
             .bind(to_i64(after))
             .bind(to_i64(max as u64))
@@ -666,12 +661,10 @@ impl MessageStore for PostgresMessageStore {
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
         self.fetch(|| {
-            sqlx::query(
-                "SELECT global_position, id, stream_name, position, type, data, metadata, time \
-                 FROM messages \
-                 WHERE global_position > $1 AND global_position < message_store_horizon() \
-                 ORDER BY global_position LIMIT $2",
-            )
+            sqlx::query(select_messages!(
+                "WHERE global_position > $1 AND global_position < message_store_horizon() \
+                 ORDER BY global_position LIMIT $2"
+            ))
             .bind(to_i64(after))
             .bind(to_i64(max as u64))
         })

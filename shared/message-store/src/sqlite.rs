@@ -25,8 +25,6 @@ use crate::{
     StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
 };
 
-const COLUMNS: &str = "global_position, id, stream_name, position, type, data, metadata, time";
-
 /// The message store in an SQLite file.
 #[derive(Clone)]
 pub struct SqliteMessageStore {
@@ -164,7 +162,7 @@ async fn answer_from_stored_ids(
     for append in appends {
         for message in &append.messages {
             count += 1;
-            let row = sqlx::query(&format!("SELECT {COLUMNS} FROM messages WHERE id = ?"))
+            let row = sqlx::query(select_messages!("WHERE id = ?"))
                 .bind(message.id.to_string())
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -267,11 +265,9 @@ impl MessageStore for SqliteMessageStore {
         from: StreamPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM messages WHERE stream_name = ? AND position >= ? \
-             ORDER BY position LIMIT ?"
-        );
-        self.fetch(&sql, |query| {
+        let sql =
+            select_messages!("WHERE stream_name = ? AND position >= ? ORDER BY position LIMIT ?");
+        self.fetch(sql, |query| {
             query
                 .bind(stream.to_string())
                 .bind(to_i64(from))
@@ -284,11 +280,9 @@ impl MessageStore for SqliteMessageStore {
         &self,
         stream: &StreamName,
     ) -> Result<Option<RecordedMessage>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM messages WHERE stream_name = ? ORDER BY position DESC LIMIT 1"
-        );
+        let sql = select_messages!("WHERE stream_name = ? ORDER BY position DESC LIMIT 1");
         Ok(self
-            .fetch(&sql, |query| query.bind(stream.to_string()))
+            .fetch(sql, |query| query.bind(stream.to_string()))
             .await?
             .pop())
     }
@@ -299,11 +293,10 @@ impl MessageStore for SqliteMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM messages WHERE category = ? AND global_position > ? \
-             ORDER BY global_position LIMIT ?"
+        let sql = select_messages!(
+            "WHERE category = ? AND global_position > ? ORDER BY global_position LIMIT ?"
         );
-        self.fetch(&sql, |query| {
+        self.fetch(sql, |query| {
             query
                 .bind(category.to_owned())
                 .bind(to_i64(after))
@@ -317,11 +310,8 @@ impl MessageStore for SqliteMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM messages WHERE global_position > ? \
-             ORDER BY global_position LIMIT ?"
-        );
-        self.fetch(&sql, |query| {
+        let sql = select_messages!("WHERE global_position > ? ORDER BY global_position LIMIT ?");
+        self.fetch(sql, |query| {
             query.bind(to_i64(after)).bind(to_i64(max as u64))
         })
         .await
