@@ -10,7 +10,6 @@ use message_store::{
     ExpectedVersion, MessageStore, NewMessage, RecordedMessage, StreamAppend, StreamName,
 };
 use serde_json::json;
-use sqlx::PgPool;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -75,7 +74,6 @@ async fn tail_while_writers_commit_out_of_order(position_offset: i64) {
         writers.push(tokio::spawn(slow_writer(
             writer,
             store.clone(),
-            pool.clone(),
             ledger.clone(),
         )));
     }
@@ -201,7 +199,6 @@ async fn fast_writer(
 async fn slow_writer(
     writer: u64,
     store: Arc<message_store::PostgresMessageStore>,
-    pool: PgPool,
     ledger: Arc<Mutex<Ledger>>,
 ) {
     for n in 0..TRANSACTIONS_PER_SLOW_WRITER {
@@ -210,7 +207,7 @@ async fn slow_writer(
             NewMessage::new("Slow", json!({ "writer": writer, "n": n })),
             NewMessage::new("Slow", json!({ "writer": writer, "n": n, "second": true })),
         ];
-        let mut tx = pool.begin().await.unwrap();
+        let mut tx = store.pool().begin().await.unwrap();
         let appended = store
             .append_within(
                 &mut tx,

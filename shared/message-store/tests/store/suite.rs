@@ -52,6 +52,17 @@ async fn append_settled(store: &dyn MessageStore, appends: Vec<StreamAppend>) ->
     appended
 }
 
+/// Appends messages 0 to `count - 1` to `stream` (see [`write`]), then waits until global
+/// readers can see them (see [`append_settled`]).
+async fn write_settled(
+    store: &dyn MessageStore,
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    count: u64,
+) -> Appended {
+    append_settled(store, append(stream, expected, count)).await
+}
+
 async fn all(store: &dyn MessageStore) -> Vec<message_store::RecordedMessage> {
     store.read_all(0, 100_000).await.unwrap()
 }
@@ -194,7 +205,7 @@ pub async fn an_append_to_several_streams_is_all_or_nothing(harness: &dyn Harnes
     let store = harness.store();
     let fresh = stream("thing");
     let taken = stream("other");
-    append_settled(store.as_ref(), append(&taken, ExpectedVersion::Any, 1)).await;
+    write_settled(store.as_ref(), &taken, ExpectedVersion::Any, 1).await;
 
     let error = store
         .append(vec![
@@ -286,11 +297,8 @@ pub async fn all_messages_are_read_in_batches_in_global_order(harness: &dyn Harn
     let store = harness.store();
     let mut written = Vec::new();
     for _ in 0..5 {
-        let appended = append_settled(
-            store.as_ref(),
-            append(&stream("thing"), ExpectedVersion::NoStream, 3),
-        )
-        .await;
+        let thing = stream("thing");
+        let appended = write_settled(store.as_ref(), &thing, ExpectedVersion::NoStream, 3).await;
         written.extend(appended.messages.into_iter().map(|m| m.id));
     }
 
@@ -317,22 +325,12 @@ pub async fn a_category_read_returns_only_that_category(harness: &dyn Harness) {
     let store = harness.store();
     let mut things = Vec::new();
     for n in 0..4 {
-        let appended = append_settled(
-            store.as_ref(),
-            append(&stream("thing"), ExpectedVersion::Any, 1),
-        )
-        .await;
+        let appended =
+            write_settled(store.as_ref(), &stream("thing"), ExpectedVersion::Any, 1).await;
         things.push(appended.messages[0].id);
-        append_settled(
-            store.as_ref(),
-            append(&stream(&format!("other{n}")), ExpectedVersion::Any, 1),
-        )
-        .await;
-        append_settled(
-            store.as_ref(),
-            append(&stream("thingamajig"), ExpectedVersion::Any, 1),
-        )
-        .await;
+        for other in [format!("other{n}"), "thingamajig".to_owned()] {
+            write_settled(store.as_ref(), &stream(&other), ExpectedVersion::Any, 1).await;
+        }
     }
 
     let first = store.read_category("thing", 0, 3).await.unwrap();
@@ -356,16 +354,8 @@ pub async fn the_head_and_last_positions_and_backlog_follow_appends(harness: &dy
     assert_eq!(store.last_position().await.unwrap(), 0);
     assert_eq!(store.count_after(0).await.unwrap(), 0);
 
-    let first = append_settled(
-        store.as_ref(),
-        append(&stream("thing"), ExpectedVersion::Any, 2),
-    )
-    .await;
-    let second = append_settled(
-        store.as_ref(),
-        append(&stream("thing"), ExpectedVersion::Any, 3),
-    )
-    .await;
+    let first = write_settled(store.as_ref(), &stream("thing"), ExpectedVersion::Any, 2).await;
+    let second = write_settled(store.as_ref(), &stream("thing"), ExpectedVersion::Any, 3).await;
 
     assert_eq!(
         store.head_position().await.unwrap(),
@@ -509,8 +499,8 @@ pub async fn pruning_a_category_keeps_the_first_message_and_the_last_of_each_typ
     let other = stream("audit");
     let kept = stream("thing");
     append_successes_and_failures(store.as_ref(), &pruned).await;
-    append_settled(store.as_ref(), append(&other, ExpectedVersion::NoStream, 1)).await;
-    append_settled(store.as_ref(), append(&kept, ExpectedVersion::NoStream, 3)).await;
+    write_settled(store.as_ref(), &other, ExpectedVersion::NoStream, 1).await;
+    write_settled(store.as_ref(), &kept, ExpectedVersion::NoStream, 3).await;
 
     let before_any =
         store.read_stream(&pruned, 0, 1).await.unwrap()[0].time - chrono::Duration::seconds(1);
