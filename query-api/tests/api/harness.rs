@@ -1,6 +1,7 @@
 //! A query API on port 0 with its own database, a signing key, and helpers to seed the read
 //! model and the message store, or to run the real aggregator over it.
 
+use std::fmt::Display;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use identity::{
 use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
 use platform::clock::{Clock, SystemClock};
 use query_api::Settings;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use test_support::{PrivateCluster, TestDatabase};
 use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer};
@@ -474,6 +475,33 @@ pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
         .unwrap_or_default();
     assert_eq!(content_type, "application/problem+json", "status {status}");
     (status, response.json().await.unwrap())
+}
+
+/// Asserts that `answer` (see [`problem`]) is a `status` with the problem code `code`; `case`
+/// names the input in a failure.
+pub fn assert_refused(answer: &(u16, Value), status: u16, code: &str, case: impl Display) {
+    let (actual, body) = answer;
+    assert_eq!(
+        (*actual, body["code"].as_str()),
+        (status, Some(code)),
+        "{case}: {body}"
+    );
+}
+
+/// Asserts that `answer` is a 422 whose first error names `field`; `case` names the input in a
+/// failure.
+pub fn assert_field_refused(answer: &(u16, Value), field: &str, case: impl Display) {
+    let (status, body) = answer;
+    assert_eq!(
+        (*status, body["errors"][0]["field"].as_str()),
+        (422, Some(field)),
+        "{case}: {body}"
+    );
+}
+
+/// `read` of each element of the JSON array `list`, such as a page's `items`.
+pub fn each<'a, T>(list: &'a Value, read: impl FnMut(&'a Value) -> T) -> Vec<T> {
+    list.as_array().unwrap().iter().map(read).collect()
 }
 
 /// The real projection worker over the app's store and read model.

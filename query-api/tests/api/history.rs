@@ -1,18 +1,25 @@
 //! History and time travel, read from the message store.
 
-use chrono::{FixedOffset, SecondsFormat, TimeDelta};
+use chrono::{DateTime, FixedOffset, SecondsFormat, TimeDelta, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, now, problem, spawn};
+use crate::harness::{TestApp, assert_field_refused, each, now, problem, spawn};
+
+/// An account whose history began at `registered` (see [`TestApp::account_with_history`]),
+/// and an administrator's token to read it with.
+async fn an_account_and_an_admin(registered: DateTime<Utc>) -> (TestApp, Uuid, String) {
+    let app = spawn().await;
+    let id = app.account_with_history(registered).await;
+    let (_, token) = app.seed_admin().await;
+    (app, id, token)
+}
 
 #[tokio::test]
 async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
-    let app = spawn().await;
     let registered = now() - TimeDelta::hours(1);
-    let id = app.account_with_history(registered).await;
-    let (_, token) = app.seed_admin().await;
-    let as_of = |at: chrono::DateTime<chrono::Utc>| {
+    let (app, id, token) = an_account_and_an_admin(registered).await;
+    let as_of = |at: DateTime<Utc>| {
         let at = at
             .to_rfc3339_opts(SecondsFormat::Millis, true)
             .replace('+', "%2B");
@@ -41,12 +48,11 @@ async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
     let body = profile_at(now()).await;
     assert_eq!(body["status"], "active");
 
-    let (status, body) = app
-        .get_problem(&format!("/users/{id}?as_of=yesterday"), &token)
-        .await;
-    assert_eq!(
-        (status, body["errors"][0]["field"].as_str()),
-        (422, Some("as_of"))
+    let yesterday = format!("/users/{id}?as_of=yesterday");
+    assert_field_refused(
+        &app.get_problem(&yesterday, &token).await,
+        "as_of",
+        yesterday,
     );
 }
 
@@ -61,12 +67,7 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
     let text = response.text().await.unwrap();
     assert!(!text.contains("argon2"), "a password hash leaked: {text}");
     let body: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let types: Vec<_> = body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_owned())
-        .collect();
+    let types = each(&body["items"], |e| e["type"].as_str().unwrap());
     assert_eq!(
         types,
         [
@@ -76,12 +77,7 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
             "UserActivated"
         ]
     );
-    let positions: Vec<u64> = body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["position"].as_u64().unwrap())
-        .collect();
+    let positions = each(&body["items"], |e| e["position"].as_u64().unwrap());
     assert!(positions.windows(2).all(|pair| pair[0] < pair[1]));
 
     let response = app
@@ -91,12 +87,7 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
         )
         .await;
     let body: serde_json::Value = response.json().await.unwrap();
-    let page: Vec<u64> = body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["position"].as_u64().unwrap())
-        .collect();
+    let page = each(&body["items"], |e| e["position"].as_u64().unwrap());
     assert_eq!(page, positions[1..3]);
 
     let other = app.seed_user("bob@example.com", "active", &["user"]).await;
@@ -129,11 +120,9 @@ async fn status_as_of(app: &TestApp, token: &str, id: Uuid, at: &str) -> (u16, V
 
 #[tokio::test]
 async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
-    let app = spawn().await;
     // Registered, deactivated 10 minutes later, activated again 10 minutes after that.
     let registered = now() - TimeDelta::days(1);
-    let id = app.account_with_history(registered).await;
-    let (_, token) = app.seed_admin().await;
+    let (app, id, token) = an_account_and_an_admin(registered).await;
 
     // Between the deactivation and the activation. Read with its offset ignored, or the
     // offset's sign reversed, the instant moves by hours: past the activation, or before the
@@ -161,19 +150,12 @@ async fn an_as_of_with_an_offset_is_the_same_instant_as_its_utc_form() {
     // A `+` sent bare in a query string is a space: refused, with the field named, rather
     // than read as some other instant.
     let bare = format!("/users/{id}?as_of={}", forms[1]);
-    let (status, body) = app.get_problem(&bare, &token).await;
-    assert_eq!(
-        (status, body["errors"][0]["field"].as_str()),
-        (422, Some("as_of")),
-        "{bare}"
-    );
+    assert_field_refused(&app.get_problem(&bare, &token).await, "as_of", bare);
 }
 
 #[tokio::test]
 async fn an_as_of_in_the_future_is_refused_with_the_field_named() {
-    let app = spawn().await;
-    let id = app.account_with_history(now() - TimeDelta::hours(1)).await;
-    let (_, token) = app.seed_admin().await;
+    let (app, id, token) = an_account_and_an_admin(now() - TimeDelta::hours(1)).await;
 
     let just_past = (now() - TimeDelta::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
     let (status, body) = status_as_of(&app, &token, id, &just_past).await;
@@ -187,11 +169,7 @@ async fn an_as_of_in_the_future_is_refused_with_the_field_named() {
             .to_rfc3339_opts(SecondsFormat::Millis, false),
         "9999-12-31T23:59:59Z".to_owned(),
     ] {
-        let (status, body) = status_as_of(&app, &token, id, &future).await;
-        assert_eq!(
-            (status, body["errors"][0]["field"].as_str()),
-            (422, Some("as_of")),
-            "as_of={future}: {body}"
-        );
+        let answer = status_as_of(&app, &token, id, &future).await;
+        assert_field_refused(&answer, "as_of", format!("as_of={future}"));
     }
 }

@@ -7,8 +7,10 @@ use uuid::Uuid;
 
 use crate::harness::{TestApp, problem, spawn, spawn_with};
 
-/// Changes a row and moves the checkpoint in one transaction, as the aggregator does.
-async fn project(app: &TestApp, id: Uuid, status: &str, login_count: i64, position: u64) {
+/// Changes a row and moves the checkpoint in one transaction, as the aggregator does, to a
+/// position just written to the store: returned, for a read to ask for.
+async fn project(app: &TestApp, id: Uuid, status: &str, login_count: i64) -> u64 {
+    let position = app.written_position().await;
     let mut transaction = app.pool.begin().await.unwrap();
     sqlx::query("UPDATE users SET status = $2, login_count = $3, position = $4 WHERE id = $1")
         .bind(id)
@@ -27,6 +29,7 @@ async fn project(app: &TestApp, id: Uuid, status: &str, login_count: i64, positi
     .await
     .unwrap();
     transaction.commit().await.unwrap();
+    position
 }
 
 async fn login_count(app: &TestApp, token: &str, min_position: Option<u64>) -> u64 {
@@ -53,13 +56,11 @@ async fn a_kept_profile_takes_each_change_the_read_model_commits() {
     let (ann, token) = ann_read_once(&app).await;
 
     // With X-Min-Position the change is there at once.
-    let first = app.written_position().await;
-    project(&app, ann, "active", 4, first).await;
+    let first = project(&app, ann, "active", 4).await;
     assert_eq!(login_count(&app, &token, Some(first)).await, 4);
 
     // Without it, within the sync interval.
-    let second = app.written_position().await;
-    project(&app, ann, "active", 5, second).await;
+    project(&app, ann, "active", 5).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while login_count(&app, &token, None).await != 5 {
         assert!(
@@ -75,8 +76,7 @@ async fn a_deactivation_the_read_model_commits_refuses_a_token_read_from_memory_
     let app = spawn().await;
     let (ann, token) = ann_read_once(&app).await;
 
-    let position = app.written_position().await;
-    project(&app, ann, "deactivated", 3, position).await;
+    let position = project(&app, ann, "deactivated", 3).await;
     let response = app
         .get_with_min_position("/users/me", &token, Some(position))
         .await;

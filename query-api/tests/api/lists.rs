@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::harness::spawn;
+use crate::harness::{assert_field_refused, assert_refused, each, spawn};
 
 #[tokio::test]
 async fn an_administrator_finds_an_account_by_email_in_any_case_or_form() {
@@ -109,15 +109,11 @@ async fn bad_paging_values_are_refused_with_the_field_named() {
         ("status=sleeping", "status"),
         ("email=not-an-email", "email"),
     ] {
-        let (status, body) = app.get_problem(&format!("/users?{query}"), &token).await;
-        assert_eq!(status, 422, "{query}");
-        assert_eq!(body["errors"][0]["field"], field, "{query}");
+        let answer = app.get_problem(&format!("/users?{query}"), &token).await;
+        assert_field_refused(&answer, field, query);
     }
-    let (status, body) = app.get_problem("/users?page=2", &token).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (400, Some("invalid_query"))
-    );
+    let answer = app.get_problem("/users?page=2", &token).await;
+    assert_refused(&answer, 400, "invalid_query", "page=2");
 }
 
 /// The first page of `query` and the cursor to its next one.
@@ -164,14 +160,11 @@ async fn a_cursor_is_taken_only_by_the_list_it_came_from() {
         ("status=active", &deactivated),
         ("status=active", &all),
     ] {
-        let (status, body) = app
+        let answer = app
             .get_problem(&format!("/users?{query}&cursor={cursor}"), &token)
             .await;
-        assert_eq!(
-            (status, body["errors"][0]["field"].as_str()),
-            (422, Some("cursor")),
-            "{query} with a cursor of another list: {body}"
-        );
+        let case = format!("{query} with a cursor of another list");
+        assert_field_refused(&answer, "cursor", case);
     }
 }
 
@@ -203,12 +196,7 @@ async fn a_cursor_this_api_did_not_give_out_is_refused_with_the_field_named() {
         ("empty", String::new()),
     ] {
         let path = format!("/users?status=active&limit=1&cursor={cursor}");
-        let (status, body) = app.get_problem(&path, &token).await;
-        assert_eq!(
-            (status, body["errors"][0]["field"].as_str()),
-            (422, Some("cursor")),
-            "{case}: {body}"
-        );
+        assert_field_refused(&app.get_problem(&path, &token).await, "cursor", case);
     }
 }
 
@@ -235,12 +223,7 @@ async fn an_email_lookup_refuses_status_limit_and_cursor_naming_each() {
     ] {
         let path = format!("/users?email=ann%40example.com&{extra}");
         let (status, body) = app.get_problem(&path, &token).await;
-        let named: Vec<&str> = body["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|error| error["field"].as_str().unwrap())
-            .collect();
+        let named = each(&body["errors"], |error| error["field"].as_str().unwrap());
         assert_eq!((status, named), (422, fields), "{extra}: {body}");
     }
 }
