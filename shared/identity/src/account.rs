@@ -218,7 +218,7 @@ mod tests {
     use chrono::TimeDelta;
 
     use super::*;
-    use crate::given::{given, hash, registered, registration, t0, user};
+    use crate::given::{deactivated, given, hash, registered, registration, t0, user};
 
     fn change_password(hash_name: &str) -> UserCommand {
         UserCommand::ChangePassword {
@@ -329,22 +329,16 @@ mod tests {
 
     #[test]
     fn deactivating_a_deactivated_account_changes_nothing() {
-        given([
-            registered(AccountStatus::Active),
-            UserDeactivated { at: t0() }.into(),
-        ])
-        .when(UserCommand::Deactivate, t0())
-        .then([]);
+        given(deactivated())
+            .when(UserCommand::Deactivate, t0())
+            .then([]);
     }
 
     #[test]
     fn a_deactivated_account_can_be_activated_again() {
-        given([
-            registered(AccountStatus::Active),
-            UserDeactivated { at: t0() }.into(),
-        ])
-        .when(UserCommand::Activate, t0())
-        .then([UserActivated { at: t0() }.into()]);
+        given(deactivated())
+            .when(UserCommand::Activate, t0())
+            .then([UserActivated { at: t0() }.into()]);
     }
 
     #[test]
@@ -360,12 +354,9 @@ mod tests {
 
     #[test]
     fn changing_the_password_of_a_deactivated_account_is_refused() {
-        given([
-            registered(AccountStatus::Active),
-            UserDeactivated { at: t0() }.into(),
-        ])
-        .when(change_password("second"), t0())
-        .then_refused(Refusal::AccountInactive);
+        given(deactivated())
+            .when(change_password("second"), t0())
+            .then_refused(Refusal::AccountInactive);
     }
 
     #[test]

@@ -208,25 +208,34 @@ mod tests {
     fn malformed_addresses_are_rejected_with_the_reason() {
         let long_local = format!("{}@example.com", "a".repeat(65));
         let long_address = format!("a@{}.com", "b".repeat(250));
-        let cases: &[(&str, EmailError)] = &[
-            ("", EmailError::Empty),
-            ("   ", EmailError::Empty),
-            (&long_address, EmailError::TooLong),
-            ("ann lee@example.com", EmailError::InvalidCharacter),
-            ("ann\u{0}@example.com", EmailError::InvalidCharacter),
-            ("ann@exam\tple.com", EmailError::InvalidCharacter),
-            ("ann.example.com", EmailError::NotExactlyOneAt),
-            ("ann@lee@example.com", EmailError::NotExactlyOneAt),
-            ("@example.com", EmailError::EmptyLocalPart),
-            ("ann@", EmailError::EmptyDomain),
-            (&long_local, EmailError::LocalPartTooLong),
-            ("ann@localhost", EmailError::DomainWithoutDot),
-            ("ann@example..com", EmailError::EmptyDomainLabel),
-            ("ann@.example.com", EmailError::EmptyDomainLabel),
-            ("ann@example.com.", EmailError::EmptyDomainLabel),
+        let cases: &[(EmailError, &[&str])] = &[
+            (EmailError::Empty, &["", "   "]),
+            (EmailError::TooLong, &[&long_address]),
+            (
+                EmailError::InvalidCharacter,
+                &[
+                    "ann lee@example.com",
+                    "ann\u{0}@example.com",
+                    "ann@exam\tple.com",
+                ],
+            ),
+            (
+                EmailError::NotExactlyOneAt,
+                &["ann.example.com", "ann@lee@example.com"],
+            ),
+            (EmailError::EmptyLocalPart, &["@example.com"]),
+            (EmailError::EmptyDomain, &["ann@"]),
+            (EmailError::LocalPartTooLong, &[&long_local]),
+            (EmailError::DomainWithoutDot, &["ann@localhost"]),
+            (
+                EmailError::EmptyDomainLabel,
+                &["ann@example..com", "ann@.example.com", "ann@example.com."],
+            ),
         ];
-        for (input, expected) in cases {
-            assert_eq!(Email::parse(input).as_ref(), Err(expected), "{input:?}");
+        for (expected, inputs) in cases {
+            for input in *inputs {
+                assert_eq!(Email::parse(input).as_ref(), Err(expected), "{input:?}");
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::account::{Refusal, Register, UserAccount, UserCommand, decide};
 use crate::email::Email;
-use crate::events::{UserEvent, UserRegistered};
+use crate::events::{UserDeactivated, UserEvent, UserRegistered};
 use crate::password::PasswordHash;
 use crate::values::{AccountStatus, InitialStatus, Role, UserId};
 
@@ -92,4 +92,13 @@ pub fn registered(status: AccountStatus) -> UserEvent {
         registered_at: t0(),
     }
     .into()
+}
+
+/// The history of the test user's account once it is deactivated: registered active, then
+/// deactivated, both at [`t0`].
+pub fn deactivated() -> [UserEvent; 2] {
+    [
+        registered(AccountStatus::Active),
+        UserDeactivated { at: t0() }.into(),
+    ]
 }

@@ -253,9 +253,13 @@ mod tests {
             .collect()
     }
 
-    /// The attempts that lock the account until `t0() + 30 s` under the default policy.
-    fn five_wrong_passwords_at_t0() -> Vec<(bool, DateTime<Utc>)> {
-        vec![(false, t0()); 5]
+    /// Plays five wrong passwords at `t0()`, which lock the account until `t0() + 30 s` under
+    /// the default policy, then `attempts` (see [`play`]). Returns every decision, the lock's
+    /// five first.
+    fn play_after_a_lock(attempts: &[(bool, DateTime<Utc>)]) -> Vec<LoginDecision> {
+        let mut all = vec![(false, t0()); 5];
+        all.extend_from_slice(attempts);
+        play(&all)
     }
 
     fn failed(
@@ -333,10 +337,7 @@ mod tests {
 
     #[test]
     fn a_locked_account_refuses_even_the_right_password_and_records_nothing() {
-        let mut attempts = five_wrong_passwords_at_t0();
-        attempts.push((true, t0() + secs(29)));
-        attempts.push((false, t0() + secs(29)));
-        let decisions = play(&attempts);
+        let decisions = play_after_a_lock(&[(true, t0() + secs(29)), (false, t0() + secs(29))]);
         for decision in &decisions[5..] {
             assert_eq!(
                 decision,
@@ -349,10 +350,10 @@ mod tests {
 
     #[test]
     fn each_failure_after_a_lock_expires_doubles_the_lockout() {
-        let mut attempts = five_wrong_passwords_at_t0();
-        attempts.push((false, t0() + secs(30))); // the 30 s lock has just expired
-        attempts.push((false, t0() + secs(90))); // and the 60 s one
-        let decisions = play(&attempts);
+        let decisions = play_after_a_lock(&[
+            (false, t0() + secs(30)), // the 30 s lock has just expired
+            (false, t0() + secs(90)), // and the 60 s one
+        ]);
         assert_eq!(
             decisions[5].event(),
             Some(&failed(t0() + secs(30), 6, Some(t0() + secs(90))))
@@ -378,10 +379,7 @@ mod tests {
 
     #[test]
     fn a_successful_login_after_a_lock_expires_clears_the_failures() {
-        let mut attempts = five_wrong_passwords_at_t0();
-        attempts.push((true, t0() + secs(30)));
-        attempts.push((false, t0() + secs(31)));
-        let decisions = play(&attempts);
+        let decisions = play_after_a_lock(&[(true, t0() + secs(30)), (false, t0() + secs(31))]);
         assert!(decisions[5].is_granted());
         assert_eq!(
             decisions[6].event(),
