@@ -6,8 +6,7 @@ use crate::helpers::{PASSWORD, position_of, problem, spawn_app};
 async fn only_administrators_may_activate_and_deactivate() {
     let app = spawn_app().await;
     let admin = app.admin_token().await;
-    let id = app.user("ann@example.com").await;
-    let user = app.token("ann@example.com", PASSWORD).await;
+    let (id, user) = app.signed_in("ann@example.com").await;
     let unknown = "00000000-0000-0000-0000-000000000001";
 
     for action in ["activate", "deactivate"] {

@@ -1,6 +1,5 @@
 //! Spawning the application on a database of its own, and talking to it.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use command_api::{Application, Settings};
@@ -8,6 +7,7 @@ use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
+use tracing_subscriber::fmt::MakeWriter;
 use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery";
@@ -141,6 +141,12 @@ impl TestApp {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers `email` with [`PASSWORD`] and logs in: the account's id and its access token.
+    pub async fn signed_in(&self, email: &str) -> (String, String) {
+        let id = self.user(email).await;
+        (id, self.token(email, PASSWORD).await)
     }
 
     /// `POST /users/{id}/activate` with `token`.
@@ -285,34 +291,20 @@ impl TestApp {
 
 /// Every log line of this test binary, at TRACE, for the test that looks for secrets in it.
 pub fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.get_or_init(Default::default).lock().unwrap()).into_owned()
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
 }
 
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
 fn capture_logs() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let buffer = LOGS.get_or_init(Default::default).clone();
         let _ = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
-            .with_writer(move || BufferWriter(buffer.clone()))
+            .with_writer(|| LOGS.make_writer())
             .try_init();
     });
-}
-
-struct BufferWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for BufferWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The `X-Position` header of a command's answer.

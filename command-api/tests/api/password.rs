@@ -10,8 +10,7 @@ use crate::helpers::{PASSWORD, problem, spawn_app, spawn_on};
 #[tokio::test]
 async fn a_user_changes_their_own_password_and_only_the_new_one_works_afterwards() {
     let app = spawn_app().await;
-    let id = app.user("ann@example.com").await;
-    let token = app.token("ann@example.com", PASSWORD).await;
+    let (id, token) = app.signed_in("ann@example.com").await;
     let response = app
         .change_password(&id, &token, PASSWORD, "a brand new secret")
         .await;
@@ -54,8 +53,7 @@ async fn nobody_changes_another_users_password() {
 #[tokio::test]
 async fn a_wrong_current_password_is_refused_and_counts_as_a_failed_login() {
     let app = spawn_app().await;
-    let id = app.user("ann@example.com").await;
-    let token = app.token("ann@example.com", PASSWORD).await;
+    let (id, token) = app.signed_in("ann@example.com").await;
     let response = app
         .change_password(&id, &token, "not my password", "a brand new secret")
         .await;
@@ -69,8 +67,7 @@ async fn a_wrong_current_password_is_refused_and_counts_as_a_failed_login() {
 #[tokio::test]
 async fn a_new_password_that_breaks_the_policy_is_a_422_naming_the_field() {
     let app = spawn_app().await;
-    let id = app.user("ann@example.com").await;
-    let token = app.token("ann@example.com", PASSWORD).await;
+    let (id, token) = app.signed_in("ann@example.com").await;
     let before = app.message_count().await;
     let response = app.change_password(&id, &token, PASSWORD, "short").await;
     assert_eq!(response.status(), 422);

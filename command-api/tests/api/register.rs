@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{PASSWORD, position_of, problem, spawn_app};
+use crate::helpers::{PASSWORD, TestApp, position_of, problem, spawn_app};
 
 #[tokio::test]
 async fn registering_answers_201_with_the_location_the_id_and_the_position() {
@@ -49,13 +49,20 @@ async fn fifty_concurrent_registrations_of_one_email_create_exactly_one_account(
     assert_eq!(app.messages("userEmail").await.len(), 1);
 }
 
-#[tokio::test]
-async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one_account() {
+/// Ann registered with an id of her choosing: the application, the id, and the body of its
+/// 201.
+async fn ann_registered_with_her_own_id() -> (TestApp, Uuid, Value) {
     let app = spawn_app().await;
     let id = Uuid::new_v4();
     let first = app.register_with_id("ann@example.com", id).await;
     assert_eq!(first.status(), 201);
-    let first: Value = first.json().await.unwrap();
+    let body = first.json().await.unwrap();
+    (app, id, body)
+}
+
+#[tokio::test]
+async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one_account() {
+    let (app, id, first) = ann_registered_with_her_own_id().await;
     let second = app.register_with_id("ann@example.com", id).await;
     assert_eq!(second.status(), 201);
     assert_eq!(
@@ -70,10 +77,7 @@ async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one
 
 #[tokio::test]
 async fn the_same_id_with_another_email_is_refused_as_id_taken() {
-    let app = spawn_app().await;
-    let id = Uuid::new_v4();
-    let first = app.register_with_id("ann@example.com", id).await;
-    assert_eq!(first.status(), 201);
+    let (app, id, _) = ann_registered_with_her_own_id().await;
     let before = app.message_count().await;
     let second = app.register_with_id("bob@example.com", id).await;
     assert_eq!(second.status(), 409);
