@@ -53,6 +53,19 @@ DELETE FROM messages
 
 const PRUNE_CHUNK_ROWS: i64 = 5_000;
 
+/// A stream's messages from position `$2` on, at most `$3`
+/// (see [`PostgresMessageStore::read_page`]).
+const READ_STREAM: &str =
+    select_messages!("WHERE stream_name = $1 AND position >= $2 ORDER BY position LIMIT $3");
+
+/// A category's messages after global position `$2`, at most `$3`, stopping at the transaction
+/// horizon (docs/adr/0002).
+const READ_CATEGORY: &str = select_messages!(
+    "WHERE category = $1 AND global_position > $2 \
+       AND global_position < message_store_horizon() \
+     ORDER BY global_position LIMIT $3"
+);
+
 /// How often an append that keeps losing races on a stream position is tried again under the
 /// stream lock before the store gives up. Writers that do not take the lock (the first,
 /// lock-free attempt of other appends) are the only ones that can still win such a race.
@@ -299,6 +312,24 @@ impl PostgresMessageStore {
         self.retrying(|| async {
             let rows = build().fetch_all(&self.inner.pool).await?;
             rows.iter().map(recorded).collect()
+        })
+        .await
+    }
+
+    /// Up to `max` messages of [`READ_STREAM`] or [`READ_CATEGORY`]: a query that takes a stream or
+    /// category name, a position and the limit, in that order.
+    async fn read_page(
+        &self,
+        sql: &'static str,
+        name: &str,
+        position: u64,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        self.fetch(|| {
+            sqlx::query(sql)
+                .bind(name)
+                .bind(to_i64(position))
+                .bind(to_i64(max as u64))
         })
         .await
     }
@@ -609,15 +640,8 @@ impl MessageStore for PostgresMessageStore {
         from: StreamPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        self.fetch(|| {
-            sqlx::query(select_messages!(
-                "WHERE stream_name = $1 AND position >= $2 ORDER BY position LIMIT $3"
-            ))
-            .bind(stream.as_str())
-            .bind(to_i64(from))
-            .bind(to_i64(max as u64))
-        })
-        .await
+        self.read_page(READ_STREAM, stream.as_str(), from, max)
+            .await
     }
 
     async fn last_message(
@@ -642,17 +666,7 @@ impl MessageStore for PostgresMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        self.fetch(|| {
-            sqlx::query(select_messages!(
-                "WHERE category = $1 AND global_position > $2 \
-                   AND global_position < message_store_horizon() \
-                 ORDER BY global_position LIMIT $3"
-            ))
-            .bind(category)
-            .bind(to_i64(after))
-            .bind(to_i64(max as u64))
-        })
-        .await
+        self.read_page(READ_CATEGORY, category, after, max).await
     }
 
     async fn read_all(

@@ -25,6 +25,15 @@ use crate::{
     StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
 };
 
+/// A stream's messages from a position on, at most a limit
+/// (see [`SqliteMessageStore::read_page`]).
+const READ_STREAM: &str =
+    select_messages!("WHERE stream_name = ? AND position >= ? ORDER BY position LIMIT ?");
+
+/// A category's messages after a global position, at most a limit.
+const READ_CATEGORY: &str =
+    select_messages!("WHERE category = ? AND global_position > ? ORDER BY global_position LIMIT ?");
+
 /// The message store in an SQLite file.
 #[derive(Clone)]
 pub struct SqliteMessageStore {
@@ -149,6 +158,24 @@ impl SqliteMessageStore {
             .await?;
         rows.iter().map(recorded).collect()
     }
+
+    /// Up to `max` messages of [`READ_STREAM`] or [`READ_CATEGORY`]: a query that takes a stream or
+    /// category name, a position and the limit, in that order.
+    async fn read_page(
+        &self,
+        sql: &'static str,
+        name: &str,
+        position: u64,
+        max: usize,
+    ) -> Result<Vec<RecordedMessage>, StoreError> {
+        self.fetch(sql, |query| {
+            query
+                .bind(name.to_owned())
+                .bind(to_i64(position))
+                .bind(to_i64(max as u64))
+        })
+        .await
+    }
 }
 
 /// What the messages already stored under the append's ids say: the positions of an identical
@@ -265,15 +292,8 @@ impl MessageStore for SqliteMessageStore {
         from: StreamPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let sql =
-            select_messages!("WHERE stream_name = ? AND position >= ? ORDER BY position LIMIT ?");
-        self.fetch(sql, |query| {
-            query
-                .bind(stream.to_string())
-                .bind(to_i64(from))
-                .bind(to_i64(max as u64))
-        })
-        .await
+        self.read_page(READ_STREAM, stream.as_str(), from, max)
+            .await
     }
 
     async fn last_message(
@@ -293,16 +313,7 @@ impl MessageStore for SqliteMessageStore {
         after: GlobalPosition,
         max: usize,
     ) -> Result<Vec<RecordedMessage>, StoreError> {
-        let sql = select_messages!(
-            "WHERE category = ? AND global_position > ? ORDER BY global_position LIMIT ?"
-        );
-        self.fetch(sql, |query| {
-            query
-                .bind(category.to_owned())
-                .bind(to_i64(after))
-                .bind(to_i64(max as u64))
-        })
-        .await
+        self.read_page(READ_CATEGORY, category, after, max).await
     }
 
     async fn read_all(
