@@ -103,12 +103,8 @@ async fn profile(client: &reqwest::Client, port: u16, token: &str, registered: u
 
 async fn key_ids(client: &reqwest::Client, port: u16) -> HashSet<String> {
     let jwks = get_json(client, port, "/.well-known/jwks.json").await;
-    jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|key| key["kid"].as_str().unwrap().to_owned())
-        .collect()
+    let kids = tokens::published_kids(&jwks).expect("a JWKS whose every key has a kid");
+    kids.into_iter().map(str::to_owned).collect()
 }
 
 /// The `kid` in a token's header.

@@ -324,6 +324,18 @@ impl VerificationKey {
     }
 }
 
+/// The `kid` of every key a JWKS (`{"keys": [...]}`) publishes, in order, as written: unlike
+/// [`VerificationKey::from_jwks`], no key is parsed and none is given its thumbprint, so this
+/// shows what a verifier fetching the set is offered. `None` when the value is not a JWKS or a
+/// key has no `kid`.
+pub fn published_kids(jwks: &Value) -> Option<Vec<&str>> {
+    jwks.get("keys")?
+        .as_array()?
+        .iter()
+        .map(|key| key.get("kid")?.as_str())
+        .collect()
+}
+
 /// Two keys are equal when they have the same `kid` and the same public key.
 impl PartialEq for VerificationKey {
     fn eq(&self, other: &Self) -> bool {

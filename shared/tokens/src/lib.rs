@@ -56,7 +56,7 @@ pub use claims::{Claims, TokenSettings};
 pub use config::{KeyConfigError, TokenConfig};
 pub use issuer::{IssueError, IssuedToken, TokenIssuer};
 pub use key_set::KeySet;
-pub use keys::{KeyError, SigningKey, VerificationKey};
+pub use keys::{KeyError, SigningKey, VerificationKey, published_kids};
 pub use secret::Secret;
 pub use verifier::{MAX_TOKEN_BYTES, TokenError, TokenVerifier};
 

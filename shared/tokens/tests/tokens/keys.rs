@@ -1,6 +1,6 @@
 //! Keys: generated or read from PEM, published as JWKs, identified by their thumbprint.
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokens::{Algorithm, KeyError, SigningKey, VerificationKey};
 
 use crate::support::*;
@@ -145,14 +145,16 @@ fn an_es256_jwk_has_exactly_the_published_members() {
     );
 }
 
+/// Whether reading `jwk` fails because it is not a JWK this crate accepts.
+fn is_refused_as_invalid(jwk: &Value) -> bool {
+    matches!(VerificationKey::from_jwk(jwk), Err(KeyError::InvalidJwk(_)))
+}
+
 #[test]
 fn a_jwk_with_a_private_part_is_refused() {
     let mut jwk = new_key(Algorithm::EdDSA).verification_key().to_jwk();
     jwk["d"] = json!("nhbSHFbiaeAuBXy3CUZ_RAwN8-Lh3a8HmhlQjYrcpDM");
-    assert!(matches!(
-        VerificationKey::from_jwk(&jwk),
-        Err(KeyError::InvalidJwk(_))
-    ));
+    assert!(is_refused_as_invalid(&jwk));
 }
 
 #[test]
@@ -166,13 +168,7 @@ fn a_jwk_for_encryption_or_with_a_contradicting_alg_is_refused() {
     ] {
         let mut changed = jwk.clone();
         changed[member] = json!(value);
-        assert!(
-            matches!(
-                VerificationKey::from_jwk(&changed),
-                Err(KeyError::InvalidJwk(_))
-            ),
-            "{member}: {value}"
-        );
+        assert!(is_refused_as_invalid(&changed), "{member}: {value}");
     }
 }
 
@@ -195,13 +191,7 @@ fn a_jwk_with_coordinates_of_the_wrong_length_is_refused_without_panicking() {
         json!({ "kty": "EC", "crv": "P-256", "x": "AAAA", "y": "AAAA" }),
         json!({ "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo=" }),
     ] {
-        assert!(
-            matches!(
-                VerificationKey::from_jwk(&jwk),
-                Err(KeyError::InvalidJwk(_))
-            ),
-            "{jwk}"
-        );
+        assert!(is_refused_as_invalid(&jwk), "{jwk}");
     }
 }
 
@@ -235,4 +225,21 @@ fn a_jwks_loads_its_supported_keys_and_skips_the_others() {
         VerificationKey::from_jwks(&json!([])),
         Err(KeyError::InvalidJwk(_))
     ));
+}
+
+#[test]
+fn the_kids_a_jwks_publishes_are_read_as_written() {
+    let key = new_key(Algorithm::ES256);
+    let jwks = json!({ "keys": [
+        { "kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "rsa", "alg": "RS256" },
+        key.verification_key().to_jwk(),
+    ]});
+    assert_eq!(tokens::published_kids(&jwks), Some(vec!["rsa", key.kid()]));
+    let mut without_kid = key.verification_key().to_jwk();
+    without_kid.as_object_mut().unwrap().remove("kid");
+    assert_eq!(
+        tokens::published_kids(&json!({ "keys": [without_kid] })),
+        None
+    );
+    assert_eq!(tokens::published_kids(&json!([])), None);
 }

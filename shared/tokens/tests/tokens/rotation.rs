@@ -10,12 +10,8 @@ use uuid::Uuid;
 use crate::support::*;
 
 fn published_kids(jwks: &serde_json::Value) -> BTreeSet<String> {
-    jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|key| key["kid"].as_str().unwrap().to_owned())
-        .collect()
+    let kids = tokens::published_kids(jwks).expect("a JWKS whose every key has a kid");
+    kids.into_iter().map(str::to_owned).collect()
 }
 
 #[test]
