@@ -40,6 +40,13 @@ pub fn verifier_for(key: &SigningKey) -> TokenVerifier {
     issuer_with(key.clone()).verifier()
 }
 
+/// A new key of `algorithm`, and the verifier of an issuer that signs with it.
+pub fn key_and_verifier(algorithm: Algorithm) -> (SigningKey, TokenVerifier) {
+    let key = new_key(algorithm);
+    let verifier = verifier_for(&key);
+    (key, verifier)
+}
+
 /// A token for a new user with no roles, issued at [`now`].
 pub fn issue(issuer: &TokenIssuer) -> IssuedToken {
     issuer.issue(Uuid::new_v4(), vec![], now()).unwrap()
