@@ -18,15 +18,27 @@ async fn migrations_apply_twice_beside_the_message_store() {
     message_store::migrate(env.db.url()).await.unwrap();
 }
 
+/// What `writers` writers wrote at once (`users` accounts, `ops` changes each), projected by a
+/// live worker: the writer, the worker, the view it built (all that was written) and its
+/// checkpoint.
+async fn projected_live(
+    env: &Env,
+    writers: usize,
+    users: usize,
+    ops: usize,
+) -> (Writer, Projector, Vec<UserRow>, Checkpoint) {
+    let writer = concurrent_writers(&env.store, writers, users, ops).await;
+    let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
+    drain(&mut live, &env.read_model, writer.last()).await;
+    let rows = env.users_view().await;
+    assert_eq!(rows, writer.expected_rows());
+    (writer, live, rows, env.users_checkpoint().await)
+}
+
 #[tokio::test]
 async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
     let env = env().await;
-    let writer = concurrent_writers(&env.store, 3, 10, 5).await;
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
-    drain(&mut projector, &env.read_model, writer.last()).await;
-    let live = env.users_view().await;
-    assert_eq!(live, writer.expected_rows());
-    let checkpoint = env.users_checkpoint().await;
+    let (writer, mut projector, live, checkpoint) = projected_live(&env, 3, 10, 5).await;
 
     rebuild_and_expect_the_same_view(&env, &live, checkpoint).await;
     // The indexes carry the migrations' names again.
@@ -70,8 +82,7 @@ async fn rebuild_and_expect_the_same_view(env: &Env, rows: &[UserRow], checkpoin
 #[tokio::test]
 async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches_up() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(20, 3).await;
+    let writer = Writer::with_random_history(env.store.clone(), 20, 3).await;
     let live = Projector::users(env.store.clone(), env.read_model.clone(), options(25));
     let live_task = tokio::spawn(live.run(std::future::pending()));
 
@@ -119,8 +130,7 @@ async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_vi
 #[tokio::test]
 async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_newer_one() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(8, 3).await;
+    let writer = Writer::with_random_history(env.store.clone(), 8, 3).await;
     // A replica of the previous build keeps the live view.
     let mut old = Projector::users(env.store.clone(), env.read_model.clone(), options(5))
         .with_version(USERS_VERSION - 1);
@@ -163,12 +173,7 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
 #[tokio::test]
 async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live_view() {
     let env = env().await;
-    let writer = concurrent_writers(&env.store, 3, 20, 6).await;
-    let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
-    drain(&mut live, &env.read_model, writer.last()).await;
-    let rows = env.users_view().await;
-    assert_eq!(rows, writer.expected_rows());
-    let checkpoint = env.users_checkpoint().await;
+    let (writer, mut live, rows, checkpoint) = projected_live(&env, 3, 20, 6).await;
 
     // A rebuild that commits every few rows, killed once several of its commits are in.
     let rebuilding = {

@@ -170,10 +170,7 @@ fn at(seconds: i64) -> DateTime<Utc> {
 }
 
 fn hash() -> PasswordHash {
-    PasswordHash::parse(
-        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG",
-    )
-    .unwrap()
+    PasswordHash::parse(test_support::bulk::PASSWORD_HASH).unwrap()
 }
 
 /// Appends events for users it owns and folds them, independently of the aggregator's code,
@@ -192,6 +189,17 @@ impl Writer {
             expected: Arc::default(),
             last: Arc::default(),
         }
+    }
+
+    /// A writer that has written a [`random_history`](Self::random_history) already.
+    pub async fn with_random_history(
+        store: Arc<dyn MessageStore>,
+        users: usize,
+        ops: usize,
+    ) -> Self {
+        let writer = Self::new(store);
+        writer.random_history(users, ops).await;
+        writer
     }
 
     /// The highest global position this writer (and its clones) appended.
@@ -418,6 +426,19 @@ pub async fn append_raw(
         .await
         .unwrap()
         .last_global_position()
+}
+
+/// A raw event of `message_type` at `schema_version` in account `id`'s stream, for types and
+/// versions this build does not know.
+pub async fn append_to_user(
+    store: &Arc<dyn MessageStore>,
+    id: Uuid,
+    message_type: &str,
+    schema_version: u32,
+    data: serde_json::Value,
+) -> u64 {
+    let metadata = json!({ "schemaVersion": schema_version });
+    append_raw(store, &format!("user-{id}"), message_type, data, metadata).await
 }
 
 /// A minimal HTTP/1.1 GET: status code and body.

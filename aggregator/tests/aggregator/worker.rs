@@ -8,8 +8,9 @@ use serde_json::json;
 use test_support::FreezingProxy;
 
 use crate::support::{
-    Writer, append_raw, clean_rebuild, concurrent_writers, connect_store, drain, env, env_apart,
-    http_get, options, projection_metric, read_model, settle, users_view_named, wait_for_rows,
+    Writer, append_raw, append_to_user, clean_rebuild, concurrent_writers, connect_store, drain,
+    env, env_apart, http_get, options, projection_metric, read_model, settle, users_view_named,
+    wait_for_rows,
 };
 
 #[tokio::test]
@@ -113,17 +114,9 @@ async fn wait_until(condition: impl Fn() -> bool) {
 #[tokio::test]
 async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_unnoticed() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(2, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), 2, 2).await;
     let id = writer.expected_rows()[0].id;
-    append_raw(
-        &env.store,
-        &format!("user-{id}"),
-        "UserRenamed",
-        json!({"name": "x"}),
-        json!({"schemaVersion": 1}),
-    )
-    .await;
+    append_to_user(&env.store, id, "UserRenamed", 1, json!({ "name": "x" })).await;
     let last = append_raw(
         &env.store,
         "userEmail-5f2b",
@@ -162,17 +155,16 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
 #[tokio::test]
 async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_there() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(3, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), 3, 2).await;
     let id = writer.expected_rows()[0].id;
     let before = env.store.head_position().await.unwrap();
     // A known type at a version this build cannot read.
-    let poison = append_raw(
+    let poison = append_to_user(
         &env.store,
-        &format!("user-{id}"),
+        id,
         "UserActivated",
+        2,
         json!({ "at": "2026-01-01T00:00:00Z" }),
-        json!({ "schemaVersion": 2 }),
     )
     .await;
     let after = writer.expected_rows();
@@ -224,8 +216,7 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
 #[tokio::test]
 async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(2, 1).await;
+    let writer = Writer::with_random_history(env.store.clone(), 2, 1).await;
     let stranger = uuid::Uuid::now_v7();
     let poison = append_raw(
         &env.store,
@@ -262,8 +253,7 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
         let _ = stopped.await;
     }));
 
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(5, 4).await;
+    let writer = Writer::with_random_history(env.store.clone(), 5, 4).await;
     wait_for_rows(&env, &writer).await;
     // Nothing of the view is in the store's database.
     let in_store: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
@@ -299,8 +289,7 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
     let url = format!("sqlite://{}", dir.join("identity.db").display());
     let store = connect_store(&url).await;
     let read_model = read_model(&url).await;
-    let writer = Writer::new(store.clone());
-    writer.random_history(5, 4).await;
+    let writer = Writer::with_random_history(store.clone(), 5, 4).await;
     let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
     drain(&mut projector, &read_model, writer.last()).await;
     assert_eq!(
@@ -324,8 +313,7 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
 async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_and_writes_nothing_after()
  {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(6, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), 6, 2).await;
     let lease = Duration::from_millis(1000);
     let lock_retry = Duration::from_millis(50);
     let options = ProjectorOptions {
@@ -412,8 +400,7 @@ async fn a_view_ahead_of_its_store_halts_the_projection_and_says_to_rebuild() {
     // A read model on a server of its own, and a store restored from a point before its last
     // messages: the view holds events the store no longer has.
     let env = env_apart().await;
-    let writer = Writer::new(env.store.clone());
-    writer.random_history(3, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), 3, 2).await;
     settle(&env.store, writer.last()).await;
     let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
     drain(&mut projector, &env.read_model, writer.last()).await;
