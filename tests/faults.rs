@@ -20,6 +20,7 @@ use aggregator::view::UserRow;
 use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool, Row};
+use test_support::bulk::PASSWORD_HASH;
 use test_support::{PrivateCluster, Signal, StopMode, TestDatabase};
 use uuid::Uuid;
 
@@ -545,8 +546,6 @@ const BULK_LOGINS: i64 = 4;
 const REBUILD_BATCH: usize = 500;
 const KILL_AFTER_READS: usize = 20;
 
-const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
-
 /// Registrations, then rounds of logins, written straight into the store: enough events that a
 /// rebuild takes a while. Returns how many messages the store holds.
 async fn write_bulk_events(pool: &PgPool) -> i64 {
@@ -557,7 +556,7 @@ async fn write_bulk_events(pool: &PgPool) -> i64 {
             users: BULK_USERS,
             login_rounds: BULK_LOGINS,
             uneven_logins: true,
-            password_hash: HASH,
+            password_hash: PASSWORD_HASH,
         },
     )
     .await
@@ -799,7 +798,7 @@ async fn an_event_committed_late_by_a_slow_transaction_is_applied_after_later_po
     )
     .bind(slow_id)
     .bind(ann)
-    .bind(HASH)
+    .bind(PASSWORD_HASH)
     .fetch_all(&mut *transaction)
     .await
     .unwrap();

@@ -16,6 +16,7 @@ use message_store::{ConnectOptions, ExpectedVersion, NewMessage, StreamAppend, S
 use serde_json::{Value, json};
 use sqlx::postgres::PgListener;
 use test_support::TestDatabase;
+use test_support::bulk::PASSWORD_HASH;
 use uuid::Uuid;
 
 #[derive(clap::Args)]
@@ -26,8 +27,6 @@ pub struct Options {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
 }
-
-const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
@@ -61,7 +60,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     json!({
                         "user_id": id, "email": format!("lag{n}@example.com"),
                         "email_normalized": format!("lag{n}@example.com"),
-                        "password_hash": HASH, "status": "active", "roles": ["user"],
+                        "password_hash": PASSWORD_HASH, "status": "active", "roles": ["user"],
                         "registered_at": "2026-01-01T00:00:00Z",
                     }),
                 )
@@ -172,7 +171,7 @@ async fn baseline(database: &TestDatabase, options: &Options) -> anyhow::Result<
         let id = Uuid::now_v7();
         let data: Value = json!({
             "user_id": id, "email": format!("lag{n}@example.com"),
-            "password_hash": HASH, "status": "active", "roles": ["user"],
+            "password_hash": PASSWORD_HASH, "status": "active", "roles": ["user"],
         });
         let mut transaction = pool.begin().await?;
         sqlx::query("INSERT INTO baseline_events (id, data) VALUES ($1, $2)")

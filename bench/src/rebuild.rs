@@ -4,9 +4,11 @@
 use std::time::Instant;
 
 use aggregator::{ReadModelWriter, admin};
-use message_store::{ConnectOptions, PostgresMessageStore};
+use message_store::ConnectOptions;
 use sqlx::PgPool;
-use test_support::TestDatabase;
+use test_support::bulk::PASSWORD_HASH;
+
+use crate::setup::store_database;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -20,12 +22,8 @@ pub struct Options {
     batch_size: usize,
 }
 
-const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
-
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let database = TestDatabase::new().await;
-    let pool = database.pool().await;
-    PostgresMessageStore::migrate(&pool).await?;
+    let (database, pool) = store_database().await?;
     let events = test_support::bulk::write_user_events(
         &pool,
         &test_support::bulk::BulkUsers {
@@ -33,7 +31,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             users: options.users,
             login_rounds: options.logins,
             uneven_logins: false,
-            password_hash: HASH,
+            password_hash: PASSWORD_HASH,
         },
     )
     .await?;

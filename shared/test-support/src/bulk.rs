@@ -27,6 +27,11 @@ SELECT message_store_position_base() + r.ordinal - 1, gen_random_uuid(), r.strea
   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[])
        WITH ORDINALITY AS r(stream, category, position, type, data, metadata, ordinal)";
 
+/// A well-formed Argon2id hash of a password nobody logs in with: for accounts that are only
+/// written, projected and read, never logged in to.
+pub const PASSWORD_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
+
 /// What [`write_user_events`] writes.
 pub struct BulkUsers<'a> {
     /// Makes these accounts' emails differ from other runs' (their ids are new every time).
