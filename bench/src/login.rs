@@ -17,13 +17,14 @@ use command_api::{Application, Settings};
 use identity::{LoginEvent, LoginSucceeded, Password, UserId};
 use message_store::{ExpectedVersion, MessageStore, StreamAppend};
 use platform::clock::{Clock, SystemClock};
-use serde_json::{Value, json};
+use serde_json::json;
 use test_support::TestDatabase;
 use tokens::{Algorithm, SigningKey};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::report::{median, rate};
+use crate::setup::expect_json;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -127,18 +128,11 @@ impl CommandApi {
     }
 
     async fn register(&self, email: String) -> anyhow::Result<UserId> {
-        let response = self
+        let request = self
             .client
             .post(format!("{}/users", self.base))
-            .json(&json!({ "email": email, "password": PASSWORD }))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status() == 201,
-            "registering: {}",
-            response.status()
-        );
-        let body: Value = response.json().await?;
+            .json(&json!({ "email": email, "password": PASSWORD }));
+        let body = expect_json(request, 201, "registering").await?;
         Ok(body["id"].as_str().unwrap_or_default().parse()?)
     }
 

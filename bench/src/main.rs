@@ -16,6 +16,7 @@ mod query;
 mod read;
 mod rebuild;
 mod report;
+mod setup;
 mod soak;
 
 use clap::{Parser, Subcommand};

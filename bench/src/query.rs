@@ -35,7 +35,7 @@ use message_store::{
     ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
 };
 use platform::clock::{Clock, SystemClock};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use test_support::process::{built_binary, free_port, proc_status_kib};
@@ -44,6 +44,7 @@ use tokens::{Algorithm, KeySet, SigningKey, TokenConfig, TokenIssuer};
 use uuid::Uuid;
 
 use crate::report::{median, mib, rate};
+use crate::setup::expect_json;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -622,17 +623,10 @@ async fn check_one_request(
     tokens: &Tokens,
 ) -> anyhow::Result<()> {
     for api in measured {
-        let response = client
+        let request = client
             .get(format!("{}/users/{sample}", api.base))
-            .bearer_auth(tokens.admin()?.as_str())
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status() == 200,
-            "GET /users/{{id}}: {}",
-            response.status()
-        );
-        let body: Value = response.json().await?;
+            .bearer_auth(tokens.admin()?.as_str());
+        let body = expect_json(request, 200, "GET /users/{id}").await?;
         anyhow::ensure!(
             body["id"] == sample.to_string() && body["status"] == "active",
             "GET /users/{{id}} answered {body}"

@@ -9,10 +9,10 @@ use message_store::{
 use serde_json::{Value, json};
 use sqlx::types::Json;
 use sqlx::{PgPool, Row};
-use test_support::TestDatabase;
 use uuid::Uuid;
 
 use crate::report::median;
+use crate::setup::store_database;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -26,9 +26,7 @@ pub struct Options {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let database = TestDatabase::new().await;
-    let pool = database.pool().await;
-    PostgresMessageStore::migrate(&pool).await?;
+    let (_database, pool) = store_database().await?;
     let store = PostgresMessageStore::new(pool.clone(), Duration::from_secs(1));
     write_messages(&store, options.messages).await?;
     sqlx::query("VACUUM ANALYZE messages")

@@ -98,6 +98,18 @@ impl Traffic {
         }
     }
 
+    /// A `POST` of `body` to the command API's `path`.
+    fn post_command(&self, path: &str, body: Value) -> RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.command))
+            .json(&body)
+    }
+
+    /// `POST /login` with `email` and `password`.
+    fn login_request(&self, email: &str, password: &str) -> RequestBuilder {
+        self.post_command("/login", json!({ "email": email, "password": password }))
+    }
+
     pub(super) async fn register(&self, stats: &Stats, decoy: bool) {
         let n = self.next_email.fetch_add(1, Ordering::Relaxed);
         let email = if decoy {
@@ -105,10 +117,7 @@ impl Traffic {
         } else {
             format!("user-{n}@soak.example.com")
         };
-        let request = self
-            .client
-            .post(format!("{}/users", self.command))
-            .json(&json!({ "email": email, "password": PASSWORD }));
+        let request = self.post_command("/users", json!({ "email": email, "password": PASSWORD }));
         let registered = stats
             .exchange(Route::Register, request, |headers, body| {
                 let id = body["id"].as_str().context("no id")?.parse()?;
@@ -135,10 +144,7 @@ impl Traffic {
 
     /// A login with the right password: a session and the login's position.
     pub(super) async fn log_in(&self, stats: &Stats, account: &Account) -> Option<(Session, u64)> {
-        let request = self
-            .client
-            .post(format!("{}/login", self.command))
-            .json(&json!({ "email": account.email, "password": PASSWORD }));
+        let request = self.login_request(&account.email, PASSWORD);
         let (token, position) = stats
             .exchange(Route::Login, request, |headers, body| {
                 anyhow::ensure!(body["token_type"] == "Bearer", "token_type is not Bearer");
@@ -209,10 +215,7 @@ impl Traffic {
                 self.next_email.fetch_add(1, Ordering::Relaxed)
             )
         });
-        let request = self
-            .client
-            .post(format!("{}/login", self.command))
-            .json(&json!({ "email": email, "password": "not the password" }));
+        let request = self.login_request(&email, "not the password");
         stats
             .exchange(Route::LoginRefused, request, |_, body| {
                 anyhow::ensure!(body["code"] == "invalid_credentials", "another code");
@@ -415,10 +418,7 @@ impl Traffic {
         if let Some(token) = self.fresh_admin_token() {
             return Some(token);
         }
-        let request = self
-            .client
-            .post(format!("{}/login", self.command))
-            .json(&json!({ "email": ADMIN_EMAIL, "password": ADMIN_PASSWORD }));
+        let request = self.login_request(ADMIN_EMAIL, ADMIN_PASSWORD);
         let token = stats
             .exchange(Route::Login, request, |_, body| {
                 Ok(Arc::<str>::from(
