@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use test_support::{Process, Signal, TestDatabase};
 
 use common::{
-    PASSWORD, checkpoint, client, get_as, login, metric, new_deployment, register,
+    PASSWORD, checkpoint, client, get_as, get_json_as, login, metric, new_deployment, register,
     start_all_services, store_head, token, wait_for_checkpoint,
 };
 
@@ -36,9 +36,7 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     // Register, log in, read the profile as soon as the read model has the registration.
     let (ann, position) = register(&client, command_port, "ann@example.com").await;
     let ann_token = token(&client, command_port, "ann@example.com", PASSWORD).await;
-    let response = get_as(&client, query_port, "/users/me", &ann_token, Some(position)).await;
-    assert_eq!(response.status(), 200);
-    let profile: Value = response.json().await.unwrap();
+    let profile = get_json_as(&client, query_port, "/users/me", &ann_token, Some(position)).await;
     assert_eq!(
         (profile["id"].as_str(), profile["status"].as_str()),
         (Some(ann.as_str()), Some("active"))
@@ -169,7 +167,7 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         missed as f64,
         "the standby applied other events than those the killed holder had not"
     );
-    let response = get_as(
+    let page = get_json_as(
         &client,
         query_port,
         "/users?status=active&limit=100",
@@ -177,8 +175,6 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         Some(last_position),
     )
     .await;
-    assert_eq!(response.status(), 200);
-    let page: Value = response.json().await.unwrap();
     let emails: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -371,9 +367,7 @@ async fn migrating_a_database_with_data_again_changes_nothing_and_the_services_g
         .map(|token| (token, None))
         .chain([(&fresh, Some(&id))])
     {
-        let response = get_as(&client, query_port, "/users/me", token, Some(position)).await;
-        assert_eq!(response.status(), 200);
-        let profile: Value = response.json().await.unwrap();
+        let profile = get_json_as(&client, query_port, "/users/me", token, Some(position)).await;
         assert_eq!(profile["login_count"], 1, "{profile}");
         if let Some(id) = expected {
             assert_eq!(profile["id"].as_str(), Some(id.as_str()));

@@ -162,6 +162,19 @@ pub async fn get_as(
     request.send().await.unwrap()
 }
 
+/// The JSON body of `GET path` on `port` as [`get_as`] sends it, which must answer 200.
+pub async fn get_json_as(
+    client: &reqwest::Client,
+    port: u16,
+    path: &str,
+    token: &str,
+    min_position: Option<u64>,
+) -> Value {
+    let response = get_as(client, port, path, token, min_position).await;
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.json().await.unwrap()
+}
+
 /// The JSON body of `GET path` on `port`.
 pub async fn get_json(client: &reqwest::Client, port: u16, path: &str) -> Value {
     get(client, port, path).await.json().await.unwrap()
