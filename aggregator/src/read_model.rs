@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 pub use read_model_schema::Checkpoint;
 use read_model_schema::{
-    StoredCheckpoint, USERS_PROJECTION, postgres_migrations, signed, sqlite_migrations,
+    StoredCheckpoint, USERS_PROJECTION, on_either_pool, postgres_migrations, signed,
+    sqlite_migrations,
 };
 
 use crate::view::{Change, UserRow, apply_all};
@@ -114,19 +115,6 @@ pub enum ReadModelWriter {
     Sqlite(SqlitePool),
 }
 
-/// `$body`, written once, run on whichever database `$read_model` is, with `$pool` bound to its
-/// pool. sqlx types a statement by its database, so the same statement on both needs a `match`
-/// with two arms; this writes the arms. It expands to exactly that `match`: the statements and
-/// round trips are those of `$body`.
-macro_rules! on_pool {
-    ($read_model:expr, $pool:ident => $body:expr) => {
-        match $read_model {
-            ReadModelWriter::Postgres($pool) => $body,
-            ReadModelWriter::Sqlite($pool) => $body,
-        }
-    };
-}
-
 /// `$body`, written once, run in a transaction `$tx` that writes to whichever database
 /// `$read_model` is: see [`begin_writing`] for how it begins on SQLite.
 macro_rules! in_write_transaction {
@@ -171,11 +159,14 @@ impl ReadModelWriter {
             Self::Postgres(_) => postgres_migrations(),
             Self::Sqlite(_) => sqlite_migrations(),
         };
-        on_pool!(self, pool => migrator.run(pool).await)
+        on_either_pool!(ReadModelWriter, self, |pool| migrator.run(pool).await)
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
+        on_either_pool!(ReadModelWriter, self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))
     }
 
     /// The projection's checkpoint, created at position 0 if it has none.
@@ -186,7 +177,7 @@ impl ReadModelWriter {
     ) -> Result<Checkpoint, sqlx::Error> {
         let insert = "INSERT INTO projection_checkpoints (projection, version, position) \
                       VALUES ($1, $2, 0) ON CONFLICT (projection) DO NOTHING";
-        on_pool!(self, pool => {
+        on_either_pool!(ReadModelWriter, self, |pool| {
             sqlx::query(insert)
                 .bind(projection)
                 .bind(version)
@@ -200,7 +191,7 @@ impl ReadModelWriter {
     }
 
     pub async fn checkpoint(&self, projection: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
-        let row: Option<StoredCheckpoint> = on_pool!(self, pool => {
+        let row: Option<StoredCheckpoint> = on_either_pool!(ReadModelWriter, self, |pool| {
             sqlx::query_as(Checkpoint::READ)
                 .bind(projection)
                 .fetch_optional(pool)
@@ -293,7 +284,7 @@ impl ReadModelWriter {
     /// Every row of `table`, ordered by id: for comparisons and tests.
     pub async fn rows(&self, target: &Target) -> Result<Vec<UserRow>, sqlx::Error> {
         let query = format!("SELECT {COLUMNS} FROM {} ORDER BY id", target.table);
-        on_pool!(self, pool => {
+        on_either_pool!(ReadModelWriter, self, |pool| {
             let rows = sqlx::query(&query).fetch_all(pool).await?;
             rows.iter().map(StoredRow::user_row).collect()
         })

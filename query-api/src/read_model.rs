@@ -12,7 +12,7 @@ use sqlx::{Database, Pool, Postgres, Row, Sqlite, Transaction};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION};
+use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION, on_either_pool};
 
 /// The columns of a profile and the row's position.
 macro_rules! columns {
@@ -65,19 +65,6 @@ macro_rules! profiles_with_checkpoint {
 
 const PROFILE_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = $1");
 const PROFILES_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = ANY($1)");
-
-/// Runs `$read` on the pool the view is on, named `$pool`: written once for reads whose
-/// statements are the same on both engines, it compiles for each pool type (sqlx's pools share
-/// no trait to write them against without a page of bounds). What the engines do their own way
-/// is in [`ViewPool`] and [`UsersRow`].
-macro_rules! on_either_pool {
-    ($view:expr, |$pool:ident| $read:expr) => {
-        match $view {
-            UsersView::Postgres($pool) => $read,
-            UsersView::Sqlite($pool) => $read,
-        }
-    };
-}
 
 /// A user's profile as the users view holds it.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
@@ -227,7 +214,7 @@ impl UsersView {
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        on_either_pool!(self, |pool| {
+        on_either_pool!(UsersView, self, |pool| {
             retrying(pool, || sqlx::query("SELECT 1").execute(pool)).await?;
         });
         Ok(())
@@ -284,7 +271,7 @@ impl UsersView {
     ) -> Result<ChangedRows, sqlx::Error> {
         let after = i64::try_from(position).unwrap_or(i64::MAX);
         let one_more = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
-        let (checkpoint, rows) = on_either_pool!(self, |pool| {
+        let (checkpoint, rows) = on_either_pool!(UsersView, self, |pool| {
             let (checkpoint, rows) = retrying(pool, || async {
                 let mut snapshot = pool.snapshot().await?;
                 let checkpoint: Option<StoredCheckpoint> = sqlx::query_as(Checkpoint::READ)
@@ -316,7 +303,7 @@ impl UsersView {
     /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
     /// a change of address).
     pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {
-        on_either_pool!(self, |pool| {
+        on_either_pool!(UsersView, self, |pool| {
             let rows = retrying(pool, || {
                 sqlx::query(BY_EMAIL).bind(normalized).fetch_all(pool)
             })
@@ -332,7 +319,7 @@ impl UsersView {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<Profile>, sqlx::Error> {
-        on_either_pool!(self, |pool| {
+        on_either_pool!(UsersView, self, |pool| {
             let rows = retrying(pool, || {
                 sqlx::query(LIST)
                     .bind(status)
@@ -347,7 +334,7 @@ impl UsersView {
 
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
-        let row: Option<StoredCheckpoint> = on_either_pool!(self, |pool| {
+        let row: Option<StoredCheckpoint> = on_either_pool!(UsersView, self, |pool| {
             retrying(pool, || {
                 sqlx::query_as(Checkpoint::READ)
                     .bind(USERS_PROJECTION)

@@ -7,6 +7,21 @@
 
 use sqlx::migrate::Migrator;
 
+/// Runs `$body` on the pool of `$value`, a value of the enum `$engines` whose variants
+/// `Postgres` and `Sqlite` each hold that engine's pool, bound to `$pool`: a statement both
+/// engines run alike is written once and compiles for each pool type (sqlx's pools share no
+/// trait to write it against without a page of bounds). The read model's writer and reader
+/// each have such an enum.
+#[macro_export]
+macro_rules! on_either_pool {
+    ($engines:ident, $value:expr, |$pool:ident| $body:expr) => {
+        match $value {
+            $engines::Postgres($pool) => $body,
+            $engines::Sqlite($pool) => $body,
+        }
+    };
+}
+
 /// The projection that keeps the `users` view; its checkpoint says how far the view has got.
 pub const USERS_PROJECTION: &str = "users";
 
