@@ -1,6 +1,16 @@
 //! The checks at the end: the read model caught up, and holds every account and login once.
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::locks::read;
+use super::scenario::CATCH_UP;
+use super::traffic::Traffic;
 
 /// Waits until the aggregator's checkpoint has reached the last message in the store; answers
 /// that position and how long it took.

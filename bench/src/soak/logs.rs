@@ -1,6 +1,8 @@
 //! What each process logged at WARN and ERROR.
 
-use super::*;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 /// The log lines of a process at WARN and ERROR, with the first few of them.
 pub(super) struct LogScan {

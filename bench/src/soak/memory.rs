@@ -1,6 +1,11 @@
 //! The resident memory of the services' processes, sampled through the run.
 
-use super::*;
+use std::time::Duration;
+
+use test_support::Process;
+use test_support::process::proc_status_kib;
+
+use crate::report::mib;
 
 /// The resident memory of each process, in kB.
 pub(super) fn rss(pids: &[u32]) -> anyhow::Result<Vec<u64>> {

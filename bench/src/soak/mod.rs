@@ -23,85 +23,32 @@
 //! The binaries are the release builds beside this one: `scripts/soak` builds them and runs it.
 
 mod checks;
+mod locks;
 mod logs;
 mod memory;
+mod routes;
+mod scenario;
 mod stats;
 mod traffic;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use chrono::SecondsFormat;
-use hdrhistogram::Histogram;
-use platform::clock::{Clock, SystemClock};
-use reqwest::header::HeaderMap;
-use reqwest::{RequestBuilder, StatusCode};
-use serde_json::{Value, json};
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use test_support::process::{built_binary, proc_status_kib};
-use test_support::{ALL_SERVICES, Deployment, Process, Services, TestDatabase};
-use uuid::Uuid;
+use test_support::process::built_binary;
+use test_support::{ALL_SERVICES, Deployment, Process, TestDatabase};
 
 use crate::report::mib;
 use checks::{catch_up, check_read_model};
+use locks::{lock, read};
 use logs::LogScan;
 use memory::{print_memory, rss};
-use stats::{Stats, lock, read, write, x_position};
-use traffic::{Account, Route, Traffic};
+use scenario::{ADMIN_EMAIL, ADMIN_PASSWORD, SAMPLE_EVERY};
+use stats::Stats;
+use traffic::{Account, Traffic};
 
-#[derive(clap::Args)]
-pub struct Options {
-    /// Seconds of measured traffic, after the warm-up.
-    #[arg(long, default_value_t = 180)]
-    seconds: u64,
-    /// Concurrent clients, each with one request in flight at a time.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Logins per second; one in five with a wrong password or an unknown email.
-    #[arg(long, default_value_t = 10.0)]
-    logins_per_second: f64,
-    /// Registrations per second.
-    #[arg(long, default_value_t = 4.0)]
-    registrations_per_second: f64,
-    /// Accounts registered before the traffic starts, for the logins and reads to use (and a
-    /// tenth as many more that only ever get wrong passwords).
-    #[arg(long, default_value_t = 500)]
-    accounts: usize,
-    /// Seconds of the same traffic before the measuring starts, so that pools, caches and
-    /// allocators have settled when the resident memory at the start is read.
-    #[arg(long, default_value_t = 15)]
-    warmup: u64,
-    /// The processes' log filter. Their logs go to files; the default, the deployment's, logs
-    /// every request.
-    #[arg(long, default_value = "info,sqlx=warn")]
-    log_filter: String,
-    /// Seconds between scrapes of each process's `/metrics`, as the Prometheus the manifests
-    /// ask for would do; 0 leaves them unscraped.
-    #[arg(long, default_value_t = 15)]
-    scrape_every: u64,
-    /// Keep the processes' logs after a run that passed (a failed run always keeps them).
-    #[arg(long)]
-    keep_logs: bool,
-}
-
-/// The password of every account that logs in successfully.
-const PASSWORD: &str = "a soak test's password";
-const ADMIN_EMAIL: &str = "root@soak.example.com";
-const ADMIN_PASSWORD: &str = "the soak administrator's password";
-/// Sessions (tokens from logins) the reads draw from; the oldest is replaced by each new one.
-const SESSIONS: usize = 500;
-/// A token is used no longer than this; the default lifetime is 15 minutes.
-const TOKEN_USE: Duration = Duration::from_secs(600);
-/// How long the read model may take to catch up once the traffic stops.
-const CATCH_UP: Duration = Duration::from_secs(60);
-const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+pub use scenario::Options;
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     anyhow::ensure!(options.concurrency > 0, "--concurrency must be at least 1");

@@ -1,6 +1,16 @@
 //! Counts, latencies and failures per route, and the report printed at the end.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use reqwest::RequestBuilder;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+use super::locks::lock;
+use super::routes::Route;
 
 /// Counts and latencies per route, and what went wrong.
 pub(super) struct Stats {
@@ -207,10 +217,6 @@ pub(super) fn millis(micros: u64) -> f64 {
     micros as f64 / 1000.0
 }
 
-pub(super) fn x_position(headers: &HeaderMap) -> Option<u64> {
-    headers.get("x-position")?.to_str().ok()?.parse().ok()
-}
-
 /// The start of a body, for the report of a failure.
 pub(super) fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
@@ -231,16 +237,4 @@ pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-pub(super) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-pub(super) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(PoisonError::into_inner)
 }

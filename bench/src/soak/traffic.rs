@@ -1,7 +1,24 @@
 //! The soak's clients: the accounts and sessions they keep, the requests they send, and what
 //! each answer must be.
 
-use super::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::SecondsFormat;
+use platform::clock::{Clock, SystemClock};
+use reqwest::RequestBuilder;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use test_support::Services;
+use uuid::Uuid;
+
+use super::locks::{lock, read, write};
+use super::routes::Route;
+use super::scenario::{ADMIN_EMAIL, ADMIN_PASSWORD, Options, PASSWORD, SESSIONS, TOKEN_USE};
+use super::stats::Stats;
 
 /// What the traffic knows of the deployment: the accounts it registered, the tokens it got,
 /// and how far the read model is known to have come.
@@ -496,48 +513,6 @@ impl Pacer {
     }
 }
 
-/// The rows of the report: a route template and the status every request to it should get.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Route {
-    Register,
-    Login,
-    LoginRefused,
-    Me,
-    Profile,
-    Events,
-    List,
-    Metrics,
-}
-
-impl Route {
-    pub(super) const ALL: [Route; 8] = [
-        Route::Register,
-        Route::Login,
-        Route::LoginRefused,
-        Route::Me,
-        Route::Profile,
-        Route::Events,
-        Route::List,
-        Route::Metrics,
-    ];
-
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Route::Register => "POST /users",
-            Route::Login | Route::LoginRefused => "POST /login",
-            Route::Me => "GET /users/me",
-            Route::Profile => "GET /users/{id}",
-            Route::Events => "GET /users/{id}/events",
-            Route::List => "GET /users",
-            Route::Metrics => "GET /metrics",
-        }
-    }
-
-    pub(super) fn expected(self) -> StatusCode {
-        match self {
-            Route::Register => StatusCode::CREATED,
-            Route::LoginRefused => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::OK,
-        }
-    }
+fn x_position(headers: &HeaderMap) -> Option<u64> {
+    headers.get("x-position")?.to_str().ok()?.parse().ok()
 }
