@@ -1,10 +1,10 @@
-//! The events of the user, login and administrators' streams: a public contract that every later
-//! build must read.
+//! The events of the user, login, administrators' and session streams: a public contract that
+//! every later build must read.
 //!
 //! Each event is a struct with a stable type name and a version ([`EventData`]); the stream
-//! enums [`UserEvent`], [`LoginEvent`] and [`AdministratorsEvent`] wrap them. The store keeps
-//! the type name, the version (in the metadata, see [`crate::streams`]) and the JSON of the
-//! struct, untagged.
+//! enums [`UserEvent`], [`LoginEvent`], [`AdministratorsEvent`] and [`SessionEvent`] wrap them.
+//! The store keeps the type name, the version (in the metadata, see [`crate::streams`]) and the
+//! JSON of the struct, untagged.
 //!
 //! Changing an event: never edit what a version means. Bump `VERSION`, keep the old struct
 //! (in a `v1` module, say) with a conversion to the new one, and add an `upcast` line to the
@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::email::Email;
 use crate::password::PasswordHash;
-use crate::values::{AccountStatus, Role, UserId};
+use crate::session::{RefreshNonce, SessionEndReason, UserAgent};
+use crate::values::{AccountStatus, Role, SessionId, UserId};
 
 /// The data of one kind of event: its stored type name and its current version.
 pub trait EventData: Serialize + DeserializeOwned {
@@ -288,6 +289,108 @@ stream_event! {
     // Older versions are upcast here, as in `UserEvent`.
 }
 
+// ---------------------------------------------------------------------------------------------
+// The session stream, `session-<id>` (see `crate::session`).
+//
+// Every session event carries the whole session state after it, so deciding a refresh needs
+// the stream's last message only (see `SessionState::from_last`): its cost does not grow with
+// the number of refreshes before it. A stream is one `SessionStarted`, then one
+// `SessionRefreshed` per rotation, and at most one `SessionEnded`, last; so the event that
+// issued generation g is the stream's message at position g (counting from 0).
+
+/// A login opened a session: the refresh token of generation 0 is derived from `nonce`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStarted {
+    pub session_id: SessionId,
+    pub user_id: UserId,
+    pub started_at: DateTime<Utc>,
+    /// The absolute limit: no refresh at or after it, however active the session.
+    pub expires_at: DateTime<Utc>,
+    /// No refresh at or after it; each refresh moves it.
+    pub idle_expires_at: DateTime<Utc>,
+    pub user_agent: Option<UserAgent>,
+    /// Always 0.
+    pub generation: u64,
+    pub nonce: RefreshNonce,
+}
+
+impl EventData for SessionStarted {
+    const TYPE: &'static str = "SessionStarted";
+    const VERSION: u32 = 1;
+}
+
+/// The refresh token of the current generation was presented and replaced by the next one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRefreshed {
+    pub session_id: SessionId,
+    pub user_id: UserId,
+    pub started_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// `rotated_at` plus the idle limit.
+    pub idle_expires_at: DateTime<Utc>,
+    pub user_agent: Option<UserAgent>,
+    /// The generation issued now: the one presented, plus one.
+    pub generation: u64,
+    pub nonce: RefreshNonce,
+    pub rotated_at: DateTime<Utc>,
+    /// The nonce of the generation just replaced, kept so that a racing duplicate of its token
+    /// can still be told from a forgery and answered with the current one.
+    pub previous_nonce: RefreshNonce,
+}
+
+impl EventData for SessionRefreshed {
+    const TYPE: &'static str = "SessionRefreshed";
+    const VERSION: u32 = 1;
+}
+
+/// The session is over: no refresh token of it is accepted any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEnded {
+    pub session_id: SessionId,
+    pub user_id: UserId,
+    pub ended_at: DateTime<Utc>,
+    pub reason: SessionEndReason,
+}
+
+impl EventData for SessionEnded {
+    const TYPE: &'static str = "SessionEnded";
+    const VERSION: u32 = 1;
+}
+
+stream_event! {
+    /// Everything that can happen in a session stream.
+    SessionEvent: SessionStarted, SessionRefreshed, SessionEnded;
+    // Older versions are upcast here, as in `UserEvent`.
+}
+
+impl SessionEvent {
+    /// When it happened, by the clock of the command that decided it.
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::SessionStarted(e) => e.started_at,
+            Self::SessionRefreshed(e) => e.rotated_at,
+            Self::SessionEnded(e) => e.ended_at,
+        }
+    }
+
+    pub fn session_id(&self) -> SessionId {
+        match self {
+            Self::SessionStarted(e) => e.session_id,
+            Self::SessionRefreshed(e) => e.session_id,
+            Self::SessionEnded(e) => e.session_id,
+        }
+    }
+
+    /// Whose session it is, so that a view can list a user's sessions and end them all.
+    pub fn user_id(&self) -> UserId {
+        match self {
+            Self::SessionStarted(e) => e.user_id,
+            Self::SessionRefreshed(e) => e.user_id,
+            Self::SessionEnded(e) => e.user_id,
+        }
+    }
+}
+
 fn encode<T: EventData>(event: &T) -> Value {
     match serde_json::to_value(event) {
         Ok(value) => value,
@@ -392,6 +495,73 @@ mod tests {
             }
             .into(),
         ]
+    }
+
+    /// One of each session event, with the match that makes a new variant fail to compile here.
+    fn session_samples() -> Vec<SessionEvent> {
+        let session_id = SessionId::from_uuid(Uuid::from_u128(2));
+        let user_id = UserId::from_uuid(Uuid::from_u128(1));
+        let nonce = |byte| RefreshNonce::from_bytes([byte; RefreshNonce::LEN]);
+        let samples = vec![
+            SessionEvent::from(SessionStarted {
+                session_id,
+                user_id,
+                started_at: at(),
+                expires_at: at(),
+                idle_expires_at: at(),
+                user_agent: Some(UserAgent::new("curl/8.5")),
+                generation: 0,
+                nonce: nonce(1),
+            }),
+            SessionRefreshed {
+                session_id,
+                user_id,
+                started_at: at(),
+                expires_at: at(),
+                idle_expires_at: at(),
+                user_agent: None,
+                generation: 1,
+                nonce: nonce(2),
+                rotated_at: at(),
+                previous_nonce: nonce(1),
+            }
+            .into(),
+            SessionEnded {
+                session_id,
+                user_id,
+                ended_at: at(),
+                reason: SessionEndReason::RefreshTokenReused,
+            }
+            .into(),
+        ];
+        for sample in &samples {
+            match sample {
+                SessionEvent::SessionStarted(_)
+                | SessionEvent::SessionRefreshed(_)
+                | SessionEvent::SessionEnded(_) => {}
+            }
+            assert_eq!(
+                (sample.session_id(), sample.user_id(), sample.occurred_at()),
+                (session_id, user_id, at())
+            );
+        }
+        samples
+    }
+
+    #[test]
+    fn every_session_event_round_trips_and_names_its_session_user_and_time() {
+        let samples = session_samples();
+        let types: Vec<_> = samples.iter().map(SessionEvent::event_type).collect();
+        assert_eq!(types, SessionEvent::TYPES);
+        for event in samples {
+            let decoded =
+                SessionEvent::from_stored(event.event_type(), event.version(), &event.to_json());
+            assert_eq!(decoded, Ok(event));
+        }
+        assert!(matches!(
+            SessionEvent::from_stored("LoginSucceeded", 1, &json!({})),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! given([registered(Active)]).when(UserCommand::Deactivate, t0()).then([UserDeactivated { .. }])
+//! given_session([started]).when(SessionCommand::End { .. }, t0()).then(SessionDecision::Ended(..))
 //! ```
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -9,9 +10,13 @@ use uuid::Uuid;
 
 use crate::account::{Refusal, Register, UserAccount, UserCommand, decide};
 use crate::email::Email;
-use crate::events::{UserDeactivated, UserEvent, UserRegistered};
+use crate::events::{SessionEvent, UserDeactivated, UserEvent, UserRegistered};
 use crate::password::PasswordHash;
-use crate::values::{AccountStatus, InitialStatus, Role, UserId};
+use crate::session::{
+    RefreshNonce, SessionCommand, SessionDecision, SessionPolicy, SessionRefusal, SessionState,
+    decide_session,
+};
+use crate::values::{AccountStatus, InitialStatus, Role, SessionId, UserId};
 
 /// The history the rule is tested against, oldest first.
 pub fn given(history: impl IntoIterator<Item = UserEvent>) -> Given {
@@ -53,9 +58,65 @@ impl When {
     }
 }
 
+/// A session stream's history, oldest first. As in the command API, only its last event counts.
+pub fn given_session(history: impl IntoIterator<Item = SessionEvent>) -> GivenSession {
+    let last = history.into_iter().last();
+    GivenSession {
+        state: SessionState::from_last(last.as_ref()),
+    }
+}
+
+pub struct GivenSession {
+    state: SessionState,
+}
+
+impl GivenSession {
+    /// Decides under the default [`SessionPolicy`].
+    pub fn when(self, command: SessionCommand, now: DateTime<Utc>) -> WhenSession {
+        WhenSession {
+            outcome: decide_session(&self.state, command.clone(), now, &SessionPolicy::default()),
+            command,
+        }
+    }
+}
+
+pub struct WhenSession {
+    command: SessionCommand,
+    outcome: Result<SessionDecision, SessionRefusal>,
+}
+
+impl WhenSession {
+    #[track_caller]
+    pub fn then(self, expected: SessionDecision) {
+        assert_eq!(self.outcome, Ok(expected), "when {:?}", self.command);
+    }
+
+    #[track_caller]
+    pub fn then_refused(self, refusal: SessionRefusal) {
+        assert_eq!(self.outcome, Err(refusal), "when {:?}", self.command);
+    }
+
+    /// The outcome itself, to feed its event back as the next `given`.
+    pub fn decision(self) -> Result<SessionDecision, SessionRefusal> {
+        self.outcome
+    }
+}
+
 /// The test user.
 pub fn user() -> UserId {
     UserId::from_uuid(Uuid::from_u128(0x0190_f1aa_0000_7000_8000_0000_0000_0001))
+}
+
+/// The test user's session.
+pub fn session() -> SessionId {
+    SessionId::from_uuid(Uuid::from_u128(0x0190_f1aa_0000_7000_8000_0000_0000_0051))
+}
+
+/// A nonce told apart by `n`, so that a test can name each generation's as `nonce(generation)`.
+pub fn nonce(n: u64) -> RefreshNonce {
+    let mut bytes = [0x5e; RefreshNonce::LEN];
+    bytes[RefreshNonce::LEN - 8..].copy_from_slice(&n.to_be_bytes());
+    RefreshNonce::from_bytes(bytes)
 }
 
 /// A fixed instant; tests move from it with `TimeDelta`.

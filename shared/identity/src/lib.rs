@@ -1,9 +1,10 @@
-//! The identity domain: accounts, logins and their events, as pure decisions.
+//! The identity domain: accounts, logins, sessions and their events, as pure decisions.
 //!
 //! No I/O, no async, no clock and no randomness: a command, the current state (folded from past
 //! events) and `now` go in; new events or a typed refusal come out. The command API stores what
-//! comes out, the aggregator projects it, and both read events back through
-//! [`UserEvent::from_stored`] and [`LoginEvent::from_stored`].
+//! comes out, the aggregator projects it, and both read events back through the stream enums'
+//! `from_stored` ([`UserEvent::from_stored`], [`LoginEvent::from_stored`],
+//! [`SessionEvent::from_stored`]).
 //!
 //! - [`values`], [`email`], [`password`]: value objects that are valid once they exist.
 //! - [`events`]: the stored contract, with versions and upcasting.
@@ -11,6 +12,8 @@
 //! - [`account`]: the user aggregate, [`decide`] and [`evolve`].
 //! - [`login`]: deciding a login from the last login event, with lockout.
 //! - [`administrators`]: the set of active administrators, which never becomes empty.
+//! - [`session`]: deciding on a session from its last event: started, refreshed with rotation
+//!   and reuse detection, ended.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +23,9 @@ pub mod email;
 pub mod events;
 pub mod login;
 pub mod password;
+pub mod session;
 pub mod streams;
+mod time;
 pub mod values;
 
 #[cfg(test)]
@@ -34,13 +39,18 @@ pub use administrators::{
 pub use email::{Email, EmailError};
 pub use events::{
     AdministratorsChanged, AdministratorsEvent, EventData, EventDecodeError, LoginEvent,
-    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, UserActivated, UserDeactivated,
-    UserEvent, UserRegistered,
+    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, SessionEnded, SessionEvent,
+    SessionRefreshed, SessionStarted, UserActivated, UserDeactivated, UserEvent, UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
-pub use streams::{
-    ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, USER_CATEGORY, event_version,
-    login_stream_name, user_id_of_stream, user_stream_name,
+pub use session::{
+    EndedSession, InvalidRefreshNonce, LiveSession, PreviousGeneration, RefreshNonce,
+    SessionCommand, SessionDecision, SessionEndReason, SessionPolicy, SessionRefusal, SessionState,
+    UserAgent, decide_session,
 };
-pub use values::{AccountStatus, InitialStatus, Role, UserId};
+pub use streams::{
+    ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, SESSION_CATEGORY, USER_CATEGORY,
+    event_version, login_stream_name, session_stream_name, user_id_of_stream, user_stream_name,
+};
+pub use values::{AccountStatus, InitialStatus, Role, SessionId, UserId};

@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::account::UserAccount;
 use crate::events::{LoginEvent, LoginFailed, LoginSucceeded};
+use crate::time::add_saturating;
 
 /// When repeated wrong passwords lock an account, and for how long.
 ///
@@ -193,16 +194,10 @@ pub fn decide_login(
     }
 }
 
-/// `now + duration`, or the end of time when a misconfigured policy would overflow.
-fn add_saturating(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
-    TimeDelta::from_std(duration)
-        .ok()
-        .and_then(|delta| now.checked_add_signed(delta))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
 #[cfg(test)]
 mod tests {
+    use chrono::TimeDelta;
+
     use super::*;
     use crate::given::{registered, t0};
     use crate::values::AccountStatus;

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use crate::events::EventDecodeError;
-use crate::values::UserId;
+use crate::values::{SessionId, UserId};
 
 /// The category of the user streams, `user-<id>`: registration, status and password changes.
 pub const USER_CATEGORY: &str = "user";
@@ -17,6 +17,12 @@ pub const USER_CATEGORY: &str = "user";
 /// decision on an account costs the same after 10,000 logins as after none, and login history
 /// can be trimmed without touching the account's history.
 pub const LOGIN_CATEGORY: &str = "userLogin";
+
+/// The category of the session streams, `session-<session id>` (see [`crate::session`]).
+///
+/// A stream per session rather than per user, so that refreshing one session never conflicts
+/// with another's, and deciding a refresh reads one short stream's last message.
+pub const SESSION_CATEGORY: &str = "session";
 
 /// The one stream of the active administrators (see [`crate::administrators`]). Its category
 /// is neither of the above, so nothing that projects users reads it.
@@ -36,6 +42,11 @@ pub fn user_stream_name(id: UserId) -> String {
 /// `userLogin-<id>`.
 pub fn login_stream_name(id: UserId) -> String {
     format!("{LOGIN_CATEGORY}-{id}")
+}
+
+/// `session-<session id>`.
+pub fn session_stream_name(id: SessionId) -> String {
+    format!("{SESSION_CATEGORY}-{id}")
 }
 
 /// The user id in a `user-<id>` or `userLogin-<id>` stream name. Login events do not repeat the
@@ -88,6 +99,14 @@ mod tests {
             None
         );
         assert_eq!(user_id_of_stream("user-not-a-uuid"), None);
+        assert_eq!(
+            session_stream_name(SessionId::from_uuid(Uuid::from_u128(7))),
+            "session-00000000-0000-0000-0000-000000000007"
+        );
+        assert_eq!(
+            user_id_of_stream(&session_stream_name(SessionId::from_uuid(*id.as_uuid()))),
+            None
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Small value objects of the identity domain: the user's id, their roles and account status.
+//! Small value objects of the identity domain: the ids of users and sessions, their roles and
+//! account status.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,49 +7,69 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The identity of an account, and the id part of its streams (`user-<id>`, `userLogin-<id>`).
-///
-/// The domain never generates one: randomness, like time, comes from the caller, so that a
-/// client-chosen id makes a retried registration safe and tests are deterministic.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct UserId(Uuid);
+/// Declares an id made of a UUID: its stored form is the bare hyphenated string, it parses from
+/// that string (a URL path, the id part of a stream name) and prints as it. Written once so that
+/// every id reads and writes alike.
+macro_rules! uuid_id {
+    ($(#[$attribute:meta])* $id:ident) => {
+        $(#[$attribute])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $id(Uuid);
 
-impl UserId {
-    pub const fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
+        impl $id {
+            pub const fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
 
-    pub const fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
+            pub const fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl From<Uuid> for $id {
+            fn from(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
+        }
+
+        /// Parses the hyphenated form, as found in a URL path or after the category in a
+        /// stream name.
+        impl FromStr for $id {
+            type Err = uuid::Error;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self)
+            }
+        }
+
+        impl fmt::Display for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0.hyphenated(), f)
+            }
+        }
+
+        impl fmt::Debug for $id {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($id), self.0.hyphenated())
+            }
+        }
+    };
 }
 
-impl From<Uuid> for UserId {
-    fn from(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
+uuid_id! {
+    /// The identity of an account, and the id part of its streams (`user-<id>`, `userLogin-<id>`).
+    ///
+    /// The domain never generates one: randomness, like time, comes from the caller, so that a
+    /// client-chosen id makes a retried registration safe and tests are deterministic.
+    UserId
 }
 
-/// Parses the hyphenated form, as found in a URL path or after the category in a stream name.
-impl FromStr for UserId {
-    type Err = uuid::Error;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self)
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
-    }
-}
-
-impl fmt::Debug for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UserId({})", self.0.hyphenated())
-    }
+uuid_id! {
+    /// The identity of a session, the id part of its stream (`session-<id>`) and the first part
+    /// of its refresh tokens (see [`crate::session`]). Chosen by the caller, at random: knowing
+    /// it must not be enough to do anything with the session.
+    SessionId
 }
 
 /// What a user may do; carried into the token's `roles` claim.
@@ -121,6 +142,19 @@ mod tests {
         assert_eq!(json, "0190f1aa-0000-7000-8000-000000000001");
         assert_eq!(serde_json::from_value::<UserId>(json).unwrap(), id);
         assert_eq!(id.to_string().parse::<UserId>().unwrap(), id);
+    }
+
+    #[test]
+    fn a_session_id_reads_and_writes_like_a_user_id() {
+        let id = SessionId::from_uuid(Uuid::from_u128(7));
+        let json = serde_json::to_value(id).unwrap();
+        assert_eq!(json, "00000000-0000-0000-0000-000000000007");
+        assert_eq!(serde_json::from_value::<SessionId>(json).unwrap(), id);
+        assert_eq!(id.to_string().parse::<SessionId>().unwrap(), id);
+        assert_eq!(
+            format!("{id:?}"),
+            "SessionId(00000000-0000-0000-0000-000000000007)"
+        );
     }
 
     #[test]

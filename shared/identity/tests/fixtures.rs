@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 
-use identity::{AdministratorsEvent, EventDecodeError, LoginEvent, UserEvent};
+use identity::{AdministratorsEvent, EventDecodeError, LoginEvent, SessionEvent, UserEvent};
 use serde_json::Value;
 
 struct Fixture {
@@ -26,6 +26,7 @@ enum Decoded {
     User(UserEvent),
     Login(LoginEvent),
     Administrators(AdministratorsEvent),
+    Session(SessionEvent),
 }
 
 impl Decoded {
@@ -34,6 +35,7 @@ impl Decoded {
             Self::User(event) => event.event_type(),
             Self::Login(event) => event.event_type(),
             Self::Administrators(event) => event.event_type(),
+            Self::Session(event) => event.event_type(),
         }
     }
 
@@ -42,6 +44,7 @@ impl Decoded {
             Self::User(event) => event.version(),
             Self::Login(event) => event.version(),
             Self::Administrators(event) => event.version(),
+            Self::Session(event) => event.version(),
         }
     }
 
@@ -50,6 +53,7 @@ impl Decoded {
             Self::User(event) => event.to_json(),
             Self::Login(event) => event.to_json(),
             Self::Administrators(event) => event.to_json(),
+            Self::Session(event) => event.to_json(),
         }
     }
 }
@@ -95,7 +99,12 @@ fn decode(fixture: &Fixture) -> Result<Decoded, EventDecodeError> {
     if !unknown(&login) {
         return login;
     }
-    AdministratorsEvent::from_stored(event_type, version, data).map(Decoded::Administrators)
+    let administrators =
+        AdministratorsEvent::from_stored(event_type, version, data).map(Decoded::Administrators);
+    if !unknown(&administrators) {
+        return administrators;
+    }
+    SessionEvent::from_stored(event_type, version, data).map(Decoded::Session)
 }
 
 #[test]
@@ -120,7 +129,8 @@ fn every_event_type_has_a_fixture_of_its_current_version() {
     let every_type = UserEvent::TYPES
         .iter()
         .chain(LoginEvent::TYPES)
-        .chain(AdministratorsEvent::TYPES);
+        .chain(AdministratorsEvent::TYPES)
+        .chain(SessionEvent::TYPES);
     for event_type in every_type {
         assert!(
             covered.contains(event_type),
