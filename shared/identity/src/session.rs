@@ -67,7 +67,7 @@ impl Default for SessionPolicy {
 /// hexadecimal digits.
 ///
 /// Not a secret on its own (the secret needs the command API's key too), so it may be stored
-/// and printed. Hexadecimal is written here rather than with a crate: 20 lines, one spelling.
+/// and printed.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RefreshNonce([u8; RefreshNonce::LEN]);
 
@@ -90,37 +90,25 @@ impl RefreshNonce {
 
     /// Reads the stored form, and only it: 64 lowercase hexadecimal digits.
     pub fn from_hex(hex: &str) -> Result<Self, InvalidRefreshNonce> {
-        let digits = hex.as_bytes();
-        if digits.len() != 2 * Self::LEN {
+        // The `hex` crate reads upper case too; the stored form has one spelling.
+        if hex.bytes().any(|digit| digit.is_ascii_uppercase()) {
             return Err(InvalidRefreshNonce);
         }
         let mut bytes = [0; Self::LEN];
-        for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
-            for &digit in pair {
-                *byte = (*byte << 4) | hex_value(digit).ok_or(InvalidRefreshNonce)?;
-            }
-        }
+        hex::decode_to_slice(hex, &mut bytes).map_err(|_| InvalidRefreshNonce)?;
         Ok(Self(bytes))
     }
 
     /// The stored form.
     pub fn to_hex(&self) -> String {
-        self.to_string()
-    }
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
+        hex::encode(self.0)
     }
 }
 
 /// The stored form: 64 lowercase hexadecimal digits.
 impl fmt::Display for RefreshNonce {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+        f.write_str(&self.to_hex())
     }
 }
 
