@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 
 use crate::email::Email;
 use crate::events::{
-    PasswordChanged, PasswordRehashed, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+    PasswordChanged, PasswordRehashed, SessionsEnded, UserActivated, UserDeactivated, UserEvent,
+    UserRegistered,
 };
 use crate::password::PasswordHash;
 use crate::values::{AccountStatus, InitialStatus, Role, UserId};
@@ -32,6 +33,12 @@ pub struct Account {
     /// password made against the older hash still stands, and a password change decided on
     /// such a proof must not be refused because a login upgraded the hash meanwhile.
     pub password_changes: u64,
+    /// How many times every session of the account was ended at once: by a deactivation, a
+    /// password change, or an administrator ([`SessionsEnded`]). A session remembers the epoch
+    /// it started in, and is over once the account has moved past it. One number rather than a
+    /// list of sessions to end, so that ending them costs the same however many there are, and
+    /// a login racing the change cannot leave a session behind it.
+    pub session_epoch: u64,
     pub status: AccountStatus,
     pub roles: Vec<Role>,
     pub registered_at: DateTime<Utc>,
@@ -74,6 +81,7 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
                 email_normalized: registered.email_normalized.clone(),
                 password_hash: registered.password_hash.clone(),
                 password_changes: 0,
+                session_epoch: 0,
                 status: registered.status,
                 roles: registered.roles.clone(),
                 registered_at: registered.registered_at,
@@ -85,11 +93,16 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
     match event {
         UserEvent::UserRegistered(_) => {}
         UserEvent::UserActivated(_) => account.status = AccountStatus::Active,
-        UserEvent::UserDeactivated(_) => account.status = AccountStatus::Deactivated,
+        UserEvent::UserDeactivated(_) => {
+            account.status = AccountStatus::Deactivated;
+            account.session_epoch += 1;
+        }
         UserEvent::PasswordChanged(PasswordChanged { password_hash, .. }) => {
             account.password_hash = password_hash.clone();
             account.password_changes += 1;
+            account.session_epoch += 1;
         }
+        UserEvent::SessionsEnded(_) => account.session_epoch += 1,
         UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
             account.password_hash = password_hash.clone();
         }
@@ -112,6 +125,8 @@ pub enum UserCommand {
     RehashPassword {
         new_password_hash: PasswordHash,
     },
+    /// End every session of the account (an administrator's decision).
+    EndAllSessions,
 }
 
 /// Create an account. The caller chose the id (a client-chosen id makes retries safe), hashed
@@ -188,6 +203,9 @@ pub fn decide(
             }
             .into(),
         ]),
+        // Recorded even when no session is live: the command side keeps no list of sessions,
+        // and one event more in a rare administrator's action costs nothing.
+        UserCommand::EndAllSessions => Ok(vec![SessionsEnded { at: now }.into()]),
     }
 }
 
@@ -435,6 +453,55 @@ mod tests {
             ]),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_deactivation_a_password_change_and_an_end_of_all_sessions_each_move_the_session_epoch() {
+        let epoch = |history: Vec<UserEvent>| {
+            UserAccount::fold(&history)
+                .account()
+                .map(|account| account.session_epoch)
+        };
+        let start = registered(AccountStatus::Active);
+        assert_eq!(epoch(vec![start.clone()]), Some(0));
+        let rehashed = PasswordRehashed {
+            password_hash: hash("stronger"),
+            at: t0(),
+        };
+        assert_eq!(
+            epoch(vec![
+                start.clone(),
+                rehashed.into(),
+                UserActivated { at: t0() }.into()
+            ]),
+            Some(0)
+        );
+        let changed = PasswordChanged {
+            password_hash: hash("second"),
+            at: t0(),
+        };
+        assert_eq!(
+            epoch(vec![
+                start,
+                UserDeactivated { at: t0() }.into(),
+                UserActivated { at: t0() }.into(),
+                changed.into(),
+                SessionsEnded { at: t0() }.into(),
+            ]),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn ending_all_sessions_is_recorded_whatever_the_status_and_refused_for_no_account() {
+        for status in [AccountStatus::Active, AccountStatus::Deactivated] {
+            given([registered(status)])
+                .when(UserCommand::EndAllSessions, t0())
+                .then([SessionsEnded { at: t0() }.into()]);
+        }
+        given([])
+            .when(UserCommand::EndAllSessions, t0())
+            .then_refused(Refusal::NotFound);
     }
 
     #[test]

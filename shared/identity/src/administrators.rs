@@ -117,7 +117,8 @@ impl AdministratorsFromAccounts {
             UserEvent::UserActivated(_)
             | UserEvent::UserDeactivated(_)
             | UserEvent::PasswordChanged(_)
-            | UserEvent::PasswordRehashed(_) => {
+            | UserEvent::PasswordRehashed(_)
+            | UserEvent::SessionsEnded(_) => {
                 if let Some(account) = self.accounts.get_mut(&user) {
                     *account = evolve(std::mem::take(account), event);
                 }

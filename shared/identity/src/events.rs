@@ -192,9 +192,23 @@ impl EventData for PasswordRehashed {
     const VERSION: u32 = 1;
 }
 
+/// An administrator ended every session of the account at once. Like a deactivation and a
+/// password change, it moves the account to its next session epoch (see
+/// [`crate::account::Account::session_epoch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsEnded {
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for SessionsEnded {
+    const TYPE: &'static str = "SessionsEnded";
+    const VERSION: u32 = 1;
+}
+
 stream_event! {
     /// Everything that can happen in a user stream.
-    UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed;
+    UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed,
+        SessionsEnded;
     // Older versions are upcast here, one line per type and old version. For example, once
     // `UserRegistered::VERSION` is 2:
     // upcast UserRegistered from v1::UserRegistered, version 1;
@@ -209,6 +223,7 @@ impl UserEvent {
             Self::UserDeactivated(e) => e.at,
             Self::PasswordChanged(e) => e.at,
             Self::PasswordRehashed(e) => e.at,
+            Self::SessionsEnded(e) => e.at,
         }
     }
 }
@@ -303,6 +318,10 @@ stream_event! {
 pub struct SessionStarted {
     pub session_id: SessionId,
     pub user_id: UserId,
+    /// The account's session epoch when the session started
+    /// ([`crate::account::Account::session_epoch`]): once the account has moved past it, the
+    /// session is over.
+    pub session_epoch: u64,
     pub started_at: DateTime<Utc>,
     /// The absolute limit: no refresh at or after it, however active the session.
     pub expires_at: DateTime<Utc>,
@@ -324,6 +343,7 @@ impl EventData for SessionStarted {
 pub struct SessionRefreshed {
     pub session_id: SessionId,
     pub user_id: UserId,
+    pub session_epoch: u64,
     pub started_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// `rotated_at` plus the idle limit.
@@ -467,6 +487,7 @@ mod tests {
                 at: at(),
             }
             .into(),
+            SessionsEnded { at: at() }.into(),
         ];
         for sample in &samples {
             match sample {
@@ -474,7 +495,8 @@ mod tests {
                 | UserEvent::UserActivated(_)
                 | UserEvent::UserDeactivated(_)
                 | UserEvent::PasswordChanged(_)
-                | UserEvent::PasswordRehashed(_) => {}
+                | UserEvent::PasswordRehashed(_)
+                | UserEvent::SessionsEnded(_) => {}
             }
         }
         samples
@@ -506,6 +528,7 @@ mod tests {
             SessionEvent::from(SessionStarted {
                 session_id,
                 user_id,
+                session_epoch: 1,
                 started_at: at(),
                 expires_at: at(),
                 idle_expires_at: at(),
@@ -516,6 +539,7 @@ mod tests {
             SessionRefreshed {
                 session_id,
                 user_id,
+                session_epoch: 1,
                 started_at: at(),
                 expires_at: at(),
                 idle_expires_at: at(),

@@ -40,14 +40,15 @@ pub use email::{Email, EmailError};
 pub use events::{
     AdministratorsChanged, AdministratorsEvent, EventData, EventDecodeError, LoginEvent,
     LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, SessionEnded, SessionEvent,
-    SessionRefreshed, SessionStarted, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+    SessionRefreshed, SessionStarted, SessionsEnded, UserActivated, UserDeactivated, UserEvent,
+    UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
 pub use session::{
     EndedSession, InvalidRefreshNonce, LiveSession, PreviousGeneration, RefreshNonce,
-    SessionCommand, SessionDecision, SessionEndReason, SessionPolicy, SessionRefusal, SessionState,
-    UserAgent, decide_session,
+    SessionAccount, SessionCommand, SessionDecision, SessionEndReason, SessionPolicy,
+    SessionRefusal, SessionState, UserAgent, decide_session,
 };
 pub use streams::{
     ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, SESSION_CATEGORY, USER_CATEGORY,

@@ -27,8 +27,12 @@
 //! as after none. Expiry records nothing: a session past its limits refuses to refresh, and a
 //! view tells it from a live one by its limits.
 //!
-//! Whether the account may still have sessions (it is active) is the caller's to check before
-//! starting or refreshing one: a session knows only whose it is.
+//! A session belongs to one account and to one of its session epochs
+//! ([`crate::account::Account::session_epoch`]). A deactivation, a password change or an
+//! administrator ending them all moves the account to its next epoch, and every session of an
+//! earlier one is over at once, with nothing appended to the sessions themselves: a refresh
+//! shows the account's standing ([`SessionAccount`], read from its stream) and is refused if the
+//! account is not active or has moved on.
 
 use std::fmt;
 use std::time::Duration;
@@ -36,6 +40,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::account::Account;
 use crate::events::{SessionEnded, SessionEvent, SessionRefreshed, SessionStarted};
 use crate::time::add_saturating;
 use crate::values::{SessionId, UserId};
@@ -164,7 +169,7 @@ pub enum SessionEndReason {
     RefreshTokenReused,
     /// The account was deactivated, which ends all its sessions.
     AccountDeactivated,
-    /// The password was changed, which ends the account's other sessions.
+    /// The password was changed, which ends all the account's sessions.
     PasswordChanged,
 }
 
@@ -198,6 +203,7 @@ pub enum SessionState {
 pub struct LiveSession {
     pub session_id: SessionId,
     pub user_id: UserId,
+    pub session_epoch: u64,
     pub started_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub idle_expires_at: DateTime<Utc>,
@@ -234,6 +240,7 @@ impl SessionState {
             Some(SessionEvent::SessionStarted(started)) => Self::Live(LiveSession {
                 session_id: started.session_id,
                 user_id: started.user_id,
+                session_epoch: started.session_epoch,
                 started_at: started.started_at,
                 expires_at: started.expires_at,
                 idle_expires_at: started.idle_expires_at,
@@ -245,6 +252,7 @@ impl SessionState {
             Some(SessionEvent::SessionRefreshed(refreshed)) => Self::Live(LiveSession {
                 session_id: refreshed.session_id,
                 user_id: refreshed.user_id,
+                session_epoch: refreshed.session_epoch,
                 started_at: refreshed.started_at,
                 expires_at: refreshed.expires_at,
                 idle_expires_at: refreshed.idle_expires_at,
@@ -284,6 +292,12 @@ impl LiveSession {
         now >= self.usable_until()
     }
 
+    /// Whether the account's standing ends the session: it is no longer active, or it has
+    /// moved past the session's epoch.
+    pub fn is_ended_by(&self, account: SessionAccount) -> bool {
+        !account.active || account.session_epoch != self.session_epoch
+    }
+
     /// The nonce the refresh token of `generation` was derived from, when the state holds it:
     /// the current generation's and the previous one's. An older one is in the event that
     /// issued it (see the module's docs).
@@ -306,6 +320,22 @@ impl LiveSession {
     }
 }
 
+/// What a session needs to know of its account, read from the account's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionAccount {
+    pub active: bool,
+    pub session_epoch: u64,
+}
+
+impl From<&Account> for SessionAccount {
+    fn from(account: &Account) -> Self {
+        Self {
+            active: account.is_active(),
+            session_epoch: account.session_epoch,
+        }
+    }
+}
+
 /// What can be asked of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionCommand {
@@ -313,6 +343,8 @@ pub enum SessionCommand {
     Start {
         session_id: SessionId,
         user_id: UserId,
+        /// The account's session epoch, read with the login.
+        session_epoch: u64,
         user_agent: Option<UserAgent>,
         nonce: RefreshNonce,
     },
@@ -321,6 +353,7 @@ pub enum SessionCommand {
     Refresh {
         presented_generation: u64,
         new_nonce: RefreshNonce,
+        account: SessionAccount,
     },
     End {
         reason: SessionEndReason,
@@ -370,6 +403,9 @@ pub enum SessionRefusal {
     NotLive,
     #[error("the session has expired")]
     Expired,
+    /// The account was deactivated, or all its sessions were ended, since the session started.
+    #[error("the session ended with the account's sessions")]
+    EndedWithAccount,
 }
 
 /// Decides a command against the session's state, read from its last event; `now` stamps the
@@ -384,12 +420,14 @@ pub fn decide_session(
         SessionCommand::Start {
             session_id,
             user_id,
+            session_epoch,
             user_agent,
             nonce,
         } => match state {
             SessionState::Unknown => Ok(SessionDecision::Started(SessionStarted {
                 session_id,
                 user_id,
+                session_epoch,
                 started_at: now,
                 expires_at: add_saturating(now, policy.max),
                 idle_expires_at: add_saturating(now, policy.idle),
@@ -402,7 +440,11 @@ pub fn decide_session(
         SessionCommand::Refresh {
             presented_generation,
             new_nonce,
+            account,
         } => match state {
+            SessionState::Live(session) if session.is_ended_by(account) => {
+                Err(SessionRefusal::EndedWithAccount)
+            }
             SessionState::Live(session) => {
                 refresh(session, presented_generation, new_nonce, now, policy)
             }
@@ -439,6 +481,7 @@ fn refresh(
         return Ok(SessionDecision::Rotated(SessionRefreshed {
             session_id: session.session_id,
             user_id: session.user_id,
+            session_epoch: session.session_epoch,
             started_at: session.started_at,
             expires_at: session.expires_at,
             idle_expires_at: add_saturating(now, policy.idle),
@@ -484,16 +527,30 @@ mod tests {
         SessionCommand::Start {
             session_id: session(),
             user_id: user(),
+            session_epoch: 2,
             user_agent: Some(UserAgent::new("Firefox/140.0")),
             nonce: nonce(0),
         }
     }
 
+    /// The account of the test session, active and still in the session's epoch.
+    fn account() -> SessionAccount {
+        SessionAccount {
+            active: true,
+            session_epoch: 2,
+        }
+    }
+
     /// Presents the token of `generation`; a rotation would use `nonce(generation + 1)`.
     fn refresh(generation: u64) -> SessionCommand {
+        refresh_with(generation, account())
+    }
+
+    fn refresh_with(generation: u64, account: SessionAccount) -> SessionCommand {
         SessionCommand::Refresh {
             presented_generation: generation,
             new_nonce: nonce(generation + 1),
+            account,
         }
     }
 
@@ -506,6 +563,7 @@ mod tests {
         SessionStarted {
             session_id: session(),
             user_id: user(),
+            session_epoch: 2,
             started_at: t0(),
             expires_at: t0() + days(90),
             idle_expires_at: t0() + days(14),
@@ -520,6 +578,7 @@ mod tests {
         SessionRefreshed {
             session_id: session(),
             user_id: user(),
+            session_epoch: 2,
             started_at: t0(),
             expires_at: t0() + days(90),
             idle_expires_at: at + days(14),
@@ -665,6 +724,27 @@ mod tests {
         ])
         .when(refresh(0), t0() + secs(6))
         .then_refused(SessionRefusal::NotLive);
+    }
+
+    #[test]
+    fn a_session_of_an_account_deactivated_or_moved_to_a_later_epoch_refuses_to_refresh() {
+        let deactivated = SessionAccount {
+            active: false,
+            ..account()
+        };
+        let moved_on = SessionAccount {
+            session_epoch: 3,
+            ..account()
+        };
+        for standing in [deactivated, moved_on] {
+            given_session([refreshed(2, t0()).into()])
+                .when(refresh_with(2, standing), t0() + secs(1))
+                .then_refused(SessionRefusal::EndedWithAccount);
+            // Even a replaced token, which would otherwise end the session as a reuse.
+            given_session([refreshed(2, t0()).into()])
+                .when(refresh_with(0, standing), t0() + secs(1))
+                .then_refused(SessionRefusal::EndedWithAccount);
+        }
     }
 
     #[test]

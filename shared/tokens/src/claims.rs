@@ -25,6 +25,9 @@ pub struct Claims {
     /// A unique id per token, so a token can be told apart in audit logs (and denied if a
     /// deny-list is ever needed).
     pub jti: Uuid,
+    /// The session the token was issued in (OpenID Connect's `sid`): a verifier that follows
+    /// sessions refuses the token once its session has ended. Every access token has one.
+    pub sid: Uuid,
     pub roles: Vec<String>,
 }
 

@@ -43,11 +43,12 @@ impl TokenIssuer {
         TokenIssuer { keys, settings }
     }
 
-    /// Signs a token for `subject` (the user id) with `roles`, valid from `now` for the
+    /// Signs a token for `subject` (the user id) in `session` with `roles`, valid from `now` for the
     /// configured lifetime. `now` is a parameter so tests and callers decide what time it is.
     pub fn issue(
         &self,
         subject: Uuid,
+        session: Uuid,
         roles: Vec<String>,
         now: DateTime<Utc>,
     ) -> Result<IssuedToken, IssueError> {
@@ -68,6 +69,7 @@ impl TokenIssuer {
             iat: issued_at,
             nbf: issued_at,
             jti: Uuid::new_v4(),
+            sid: session,
             roles,
         };
 

@@ -26,13 +26,14 @@
 //! let settings = TokenSettings::new("https://identity.example", "family-services");
 //! let issuer = TokenIssuer::new(KeySet::from(SigningKey::generate(Algorithm::EdDSA)?), settings.clone());
 //! let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-//! let user = uuid::Uuid::new_v4();
-//! let issued = issuer.issue(user, vec!["administrator".to_owned()], now)?;
+//! let (user, session) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+//! let issued = issuer.issue(user, session, vec!["administrator".to_owned()], now)?;
 //!
 //! // Another service, holding nothing but the published JWKS:
 //! let verifier = TokenVerifier::from_jwks(&issuer.jwks(), settings)?;
 //! let claims = verifier.verify(issued.token.expose_secret(), now)?;
 //! assert_eq!(claims.sub, user);
+//! assert_eq!(claims.sid, session);
 //! assert!(claims.has_role("administrator"));
 //! # Ok(())
 //! # }

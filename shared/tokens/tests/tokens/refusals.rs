@@ -202,7 +202,7 @@ fn a_token_whose_payload_was_tampered_with_is_refused() {
     for algorithm in ALGORITHMS {
         let issuer = issuer_with(new_key(algorithm));
         let issued = issuer
-            .issue(Uuid::new_v4(), vec!["user".into()], now())
+            .issue(Uuid::new_v4(), Uuid::new_v4(), vec!["user".into()], now())
             .unwrap();
         let parts: Vec<&str> = issued.token.expose_secret().split('.').collect();
 
@@ -287,7 +287,9 @@ fn a_signed_token_whose_subject_is_an_email_is_malformed() {
 #[test]
 fn a_signed_token_missing_a_claim_is_malformed() {
     let (key, verifier) = key_and_verifier(Algorithm::EdDSA);
-    for claim in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "roles"] {
+    for claim in [
+        "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "sid", "roles",
+    ] {
         let mut claims = valid_claims();
         claims.as_object_mut().unwrap().remove(claim);
         let token = sign_as(&key, &header_for(&key), &claims);

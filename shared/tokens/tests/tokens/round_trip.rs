@@ -19,9 +19,10 @@ fn a_token_verifies_and_carries_the_claims_it_was_issued_with_for_each_algorithm
     for algorithm in ALGORITHMS {
         let issuer = issuer_with(new_key(algorithm));
         let user = Uuid::new_v4();
+        let session = Uuid::new_v4();
         let roles = vec!["user".to_owned(), "administrator".to_owned()];
 
-        let issued = issuer.issue(user, roles.clone(), now()).unwrap();
+        let issued = issuer.issue(user, session, roles.clone(), now()).unwrap();
         let claims = verify_now(&issuer.verifier(), &issued).unwrap();
 
         assert_eq!(claims.iss, ISSUER);
@@ -31,6 +32,7 @@ fn a_token_verifies_and_carries_the_claims_it_was_issued_with_for_each_algorithm
         assert_eq!(claims.nbf, now().timestamp());
         assert_eq!(claims.exp, now().timestamp() + 15 * 60);
         assert_eq!(claims.jti, issued.jti);
+        assert_eq!(claims.sid, session);
         assert_eq!(claims.roles, roles);
         assert!(claims.has_role("administrator"));
         assert_eq!(issued.expires_in, 15 * 60);
@@ -55,9 +57,9 @@ fn the_header_names_the_algorithm_the_key_id_and_the_access_token_type() {
 #[test]
 fn every_token_gets_its_own_jti() {
     let issuer = issuer_with(new_key(tokens::Algorithm::EdDSA));
-    let user = Uuid::new_v4();
-    let first = issuer.issue(user, vec![], now()).unwrap();
-    let second = issuer.issue(user, vec![], now()).unwrap();
+    let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = issuer.issue(user, session, vec![], now()).unwrap();
+    let second = issuer.issue(user, session, vec![], now()).unwrap();
     assert_ne!(first.jti, second.jti);
 }
 

@@ -49,7 +49,9 @@ pub fn key_and_verifier(algorithm: Algorithm) -> (SigningKey, TokenVerifier) {
 
 /// A token for a new user with no roles, issued at [`now`].
 pub fn issue(issuer: &TokenIssuer) -> IssuedToken {
-    issuer.issue(Uuid::new_v4(), vec![], now()).unwrap()
+    issuer
+        .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], now())
+        .unwrap()
 }
 
 /// What `verifier` makes of `issued` at [`now`].
@@ -78,6 +80,7 @@ pub fn valid_claims() -> Value {
         "iat": now,
         "nbf": now,
         "jti": Uuid::new_v4(),
+        "sid": Uuid::new_v4(),
         "roles": ["user"],
     })
 }
