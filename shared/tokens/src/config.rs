@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::{
-    Algorithm, KeyError, KeySet, SigningKey, TokenSettings, TokenVerifier, VerificationKey,
+    Algorithm, KeyError, KeySet, RefreshTokenKey, Secret, SigningKey, TokenSettings, TokenVerifier,
+    VerificationKey,
 };
 
 /// How tokens are signed and verified, and with which keys.
@@ -33,7 +34,15 @@ pub struct TokenConfig {
     /// previous one after it): each a PEM text or the path of a PEM file. A side that only
     /// verifies may be given its keys here alone, public halves only.
     pub published_keys: Vec<String>,
-    /// Create `signing_key_file` when it does not exist (the standalone mode's first start).
+    /// The key refresh tokens are derived with (docs/adr/0010): at least 32 bytes as
+    /// hexadecimal digits (`openssl rand -hex 32`), say from a Kubernetes Secret in an
+    /// environment variable; wins over `refresh_token_key_file`. Only the side that logs users
+    /// in needs it. A new key ends every session at its next refresh.
+    pub refresh_token_key: Option<String>,
+    /// A file holding the refresh token key as hexadecimal digits.
+    pub refresh_token_key_file: Option<PathBuf>,
+    /// Create `signing_key_file` and `refresh_token_key_file` when they do not exist (the
+    /// standalone mode's first start).
     pub create_key_if_missing: bool,
 }
 
@@ -47,6 +56,8 @@ impl Default for TokenConfig {
             signing_key_file: None,
             signing_key: None,
             published_keys: Vec::new(),
+            refresh_token_key: None,
+            refresh_token_key_file: None,
             create_key_if_missing: false,
         }
     }
@@ -65,6 +76,11 @@ impl fmt::Debug for TokenConfig {
                 &self.signing_key.as_ref().map(|_| "[redacted]"),
             )
             .field("published_keys", &self.published_keys.len())
+            .field(
+                "refresh_token_key",
+                &self.refresh_token_key.as_ref().map(|_| "[redacted]"),
+            )
+            .field("refresh_token_key_file", &self.refresh_token_key_file)
             .field("create_key_if_missing", &self.create_key_if_missing)
             .finish()
     }
@@ -79,6 +95,11 @@ pub enum KeyConfigError {
         "no key to verify tokens with: set tokens.signing_key, tokens.signing_key_file or tokens.published_keys"
     )]
     NoVerificationKey,
+    #[error(
+        "no refresh token key: set tokens.refresh_token_key (64 or more hexadecimal digits) or \
+         tokens.refresh_token_key_file"
+    )]
+    NoRefreshTokenKey,
     #[error("tokens.algorithm must be EdDSA or ES256")]
     UnsupportedAlgorithm,
     #[error("reading {what} at {path}")]
@@ -124,6 +145,25 @@ impl TokenConfig {
         }
         TokenVerifier::new(keys, self.settings()).map_err(|source| KeyConfigError::Key {
             what: "the verification keys",
+            source,
+        })
+    }
+
+    /// The refresh token key: the hexadecimal text, else the file (created if allowed).
+    pub fn refresh_token_key(&self) -> Result<RefreshTokenKey, KeyConfigError> {
+        let key = match (&self.refresh_token_key, &self.refresh_token_key_file) {
+            (Some(hex), _) => RefreshTokenKey::from_hex(hex),
+            (None, Some(path)) if self.create_key_if_missing => {
+                RefreshTokenKey::load_or_create(path)
+            }
+            (None, Some(path)) => {
+                let hex = Secret::new(read(path, "the refresh token key")?);
+                RefreshTokenKey::from_hex(hex.expose_secret())
+            }
+            (None, None) => return Err(KeyConfigError::NoRefreshTokenKey),
+        };
+        key.map_err(|source| KeyConfigError::Key {
+            what: "tokens.refresh_token_key",
             source,
         })
     }
@@ -204,11 +244,84 @@ mod tests {
     }
 
     #[test]
-    fn the_debug_output_hides_the_signing_key() {
+    fn the_debug_output_hides_the_signing_key_and_the_refresh_token_key() {
         let config = TokenConfig {
             signing_key: Some("-----BEGIN PRIVATE KEY----- secret".into()),
+            refresh_token_key: Some("5ec12e7".repeat(10)),
             ..TokenConfig::default()
         };
-        assert!(!format!("{config:?}").contains("secret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("secret"), "{debug}");
+        assert!(!debug.contains("5ec12e7"), "{debug}");
+        assert!(debug.contains("refresh_token_key"), "{debug}");
+    }
+
+    #[test]
+    fn no_refresh_token_key_is_an_error_naming_both_settings() {
+        let error = TokenConfig::default().refresh_token_key().unwrap_err();
+        assert!(matches!(error, KeyConfigError::NoRefreshTokenKey));
+        let message = error.to_string();
+        assert!(message.contains("tokens.refresh_token_key "), "{message}");
+        assert!(
+            message.contains("tokens.refresh_token_key_file"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_refresh_token_key_text_wins_over_its_file() {
+        let key = RefreshTokenKey::generate().unwrap();
+        let config = TokenConfig {
+            refresh_token_key: Some(key.to_hex().expose_secret().clone()),
+            refresh_token_key_file: Some("/nonexistent/refresh.key".into()),
+            ..TokenConfig::default()
+        };
+        let loaded = config.refresh_token_key().unwrap();
+        assert_eq!(
+            loaded.to_hex().expose_secret(),
+            key.to_hex().expose_secret()
+        );
+    }
+
+    #[test]
+    fn a_missing_refresh_token_key_file_is_an_error_unless_it_may_be_created() {
+        let directory =
+            std::env::temp_dir().join(format!("tokens-config-{}", uuid::Uuid::new_v4()));
+        let path = directory.join("keys/refresh.key");
+        let config = TokenConfig {
+            refresh_token_key_file: Some(path.clone()),
+            ..TokenConfig::default()
+        };
+        assert!(matches!(
+            config.refresh_token_key(),
+            Err(KeyConfigError::Read { .. })
+        ));
+        let creating = TokenConfig {
+            create_key_if_missing: true,
+            ..config.clone()
+        };
+        let created = creating.refresh_token_key().unwrap();
+        // Now it is there, both settings read the same key.
+        let read = config.refresh_token_key().unwrap();
+        assert_eq!(
+            read.to_hex().expose_secret(),
+            created.to_hex().expose_secret()
+        );
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn a_refresh_token_key_too_short_is_refused() {
+        let config = TokenConfig {
+            refresh_token_key: Some("ab".repeat(16)),
+            ..TokenConfig::default()
+        };
+        assert!(matches!(
+            config.refresh_token_key(),
+            Err(KeyConfigError::Key {
+                source: KeyError::InvalidRefreshTokenKey,
+                ..
+            })
+        ));
     }
 }

@@ -1,4 +1,5 @@
-//! The standalone mode's key file: made on first start, read on every later one.
+//! The standalone mode's key files, for the signing key and the refresh token key: made on
+//! first start, read on every later one.
 
 use std::fs;
 use std::io::{self, Write};
@@ -6,6 +7,27 @@ use std::path::Path;
 
 use crate::algorithm::Algorithm;
 use crate::keys::{KeyError, SigningKey};
+use crate::refresh::RefreshTokenKey;
+use crate::secret::Secret;
+
+/// What the errors about one kind of key file say it was doing.
+struct KeyFile {
+    reading: &'static str,
+    making_directory: &'static str,
+    writing: &'static str,
+}
+
+const SIGNING_KEY: KeyFile = KeyFile {
+    reading: "reading the signing key at",
+    making_directory: "creating the directory of the signing key",
+    writing: "writing the signing key to",
+};
+
+const REFRESH_TOKEN_KEY: KeyFile = KeyFile {
+    reading: "reading the refresh token key at",
+    making_directory: "creating the directory of the refresh token key",
+    writing: "writing the refresh token key to",
+};
 
 impl SigningKey {
     /// Reads the PKCS#8 PEM at `path`, or, if there is no file, generates a key and writes it
@@ -16,43 +38,79 @@ impl SigningKey {
     /// complete or not at all (written aside, then linked into place), and if two processes
     /// start at once both end up with the key that was linked first.
     pub fn load_or_create(path: &Path, algorithm: Algorithm) -> Result<SigningKey, KeyError> {
-        match read_key(path) {
-            Err(KeyError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-            found => return found,
-        }
-        let key = SigningKey::generate(algorithm)?;
-        let pem = key.to_pem()?;
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            create_private_dir(parent).map_err(|source| KeyError::Io {
-                action: "creating the directory of the signing key",
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
-        match write_new(path, pem.expose_secret().as_bytes()) {
-            Ok(()) => Ok(key),
-            // Another process made the key first: use that one, as every replica must.
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => read_key(path),
-            Err(source) => Err(KeyError::Io {
-                action: "writing the signing key to",
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+        load_or_create(path, &SIGNING_KEY, SigningKey::from_pem, || {
+            let key = SigningKey::generate(algorithm)?;
+            let pem = key.to_pem()?;
+            Ok((key, pem))
+        })
     }
 }
 
-fn read_key(path: &Path) -> Result<SigningKey, KeyError> {
-    let pem = fs::read_to_string(path).map_err(|source| KeyError::Io {
-        action: "reading the signing key at",
+impl RefreshTokenKey {
+    /// Reads the hexadecimal key at `path`, or, if there is no file, generates one and writes
+    /// it there, as [`SigningKey::load_or_create`] does (owner only, complete or not at all,
+    /// the first of two racing processes wins).
+    pub fn load_or_create(path: &Path) -> Result<RefreshTokenKey, KeyError> {
+        load_or_create(path, &REFRESH_TOKEN_KEY, RefreshTokenKey::from_hex, || {
+            let key = RefreshTokenKey::generate()?;
+            let hex = key.to_hex();
+            Ok((key, hex))
+        })
+    }
+
+    /// Reads the hexadecimal key at `path`.
+    pub fn from_file(path: &Path) -> Result<RefreshTokenKey, KeyError> {
+        read_key(path, &REFRESH_TOKEN_KEY, RefreshTokenKey::from_hex)
+    }
+}
+
+/// The key at `path` read with `parse`, or a new one from `create` (the key and its file's
+/// text) written there.
+fn load_or_create<K>(
+    path: &Path,
+    file: &KeyFile,
+    parse: impl Fn(&str) -> Result<K, KeyError>,
+    create: impl FnOnce() -> Result<(K, Secret<String>), KeyError>,
+) -> Result<K, KeyError> {
+    match read_key(path, file, &parse) {
+        Err(KeyError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+        found => return found,
+    }
+    let (key, text) = create()?;
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        create_private_dir(parent).map_err(|source| KeyError::Io {
+            action: file.making_directory,
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    match write_new(path, text.expose_secret().as_bytes()) {
+        Ok(()) => Ok(key),
+        // Another process made the key first: use that one, as every replica must.
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => read_key(path, file, parse),
+        Err(source) => Err(KeyError::Io {
+            action: file.writing,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn read_key<K>(
+    path: &Path,
+    file: &KeyFile,
+    parse: impl Fn(&str) -> Result<K, KeyError>,
+) -> Result<K, KeyError> {
+    let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+        action: file.reading,
         path: path.to_path_buf(),
         source,
     })?;
-    let pem = crate::Secret::new(pem);
-    SigningKey::from_pem(pem.expose_secret())
+    let text = Secret::new(text);
+    parse(text.expose_secret())
 }
 
 /// Writes `contents` to a fresh file beside `path`, then hard-links it to `path`, which fails

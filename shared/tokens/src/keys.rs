@@ -41,6 +41,11 @@ pub enum KeyError {
     DuplicateKeyId(String),
     #[error("no verification key was given")]
     NoKeys,
+    #[error(
+        "a refresh token key is at least 32 bytes written as hexadecimal digits (64 or more); \
+         `openssl rand -hex 32` makes one"
+    )]
+    InvalidRefreshTokenKey,
     #[error("the operating system's random number source failed")]
     Randomness(#[source] std::io::Error),
     #[error("{action} {}", path.display())]
@@ -483,7 +488,7 @@ fn key_algorithm(
     }
 }
 
-fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
+pub(crate) fn fill_random(buffer: &mut [u8]) -> Result<(), KeyError> {
     OsRng
         .try_fill_bytes(buffer)
         .map_err(|error| KeyError::Randomness(error.into()))

@@ -1,5 +1,6 @@
 //! Access tokens (JWT) that other services verify offline: signing keys, the JWKS that
-//! publishes them, issuing, and verification (design decision 7).
+//! publishes them, issuing, and verification (design decision 7); and the form of refresh
+//! tokens with the key their secrets are derived with ([`RefreshToken`], docs/adr/0010).
 //!
 //! The side that logs users in holds a [`KeySet`] and a [`TokenIssuer`]; every other side holds
 //! a [`TokenVerifier`], which needs public keys only (from the [`KeySet`], a JWKS or public
@@ -49,6 +50,7 @@ mod issuer;
 mod key_file;
 mod key_set;
 mod keys;
+mod refresh;
 mod secret;
 mod verifier;
 
@@ -58,6 +60,7 @@ pub use config::{KeyConfigError, TokenConfig};
 pub use issuer::{IssueError, IssuedToken, TokenIssuer};
 pub use key_set::KeySet;
 pub use keys::{KeyError, SigningKey, VerificationKey, published_kids};
+pub use refresh::{InvalidRefreshToken, NONCE_LEN, RefreshToken, RefreshTokenKey, random_nonce};
 pub use secret::Secret;
 pub use verifier::{MAX_TOKEN_BYTES, TokenError, TokenVerifier};
 
@@ -73,5 +76,7 @@ mod tests {
         shareable::<super::TokenError>();
         shareable::<super::KeyError>();
         shareable::<super::IssueError>();
+        shareable::<super::RefreshTokenKey>();
+        shareable::<super::RefreshToken>();
     }
 }

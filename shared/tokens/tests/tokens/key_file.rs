@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use tokens::{Algorithm, KeyError, SigningKey};
+use tokens::{Algorithm, KeyError, RefreshToken, RefreshTokenKey, SigningKey};
 use uuid::Uuid;
 
 /// A fresh directory under the system's temporary directory, removed when dropped.
@@ -85,4 +85,46 @@ fn an_unreadable_key_path_names_the_path_in_its_error() {
     let error = SigningKey::load_or_create(&path, Algorithm::EdDSA).unwrap_err();
     assert!(matches!(error, KeyError::Io { .. }));
     assert!(error.to_string().contains("signing.pem"), "{error}");
+}
+
+#[test]
+fn the_first_start_creates_a_refresh_token_key_file_that_only_its_owner_can_read() {
+    let directory = TemporaryDirectory::new();
+    let path = directory.path().join("state/keys/refresh.key");
+
+    let key = RefreshTokenKey::load_or_create(&path).unwrap();
+
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&directory.path().join("state/keys")), 0o700);
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(written.len(), 64);
+    assert!(written.bytes().all(|b| b.is_ascii_hexdigit()));
+    // A later start, and a reader of the file, hold the same key.
+    let nonce = [3; 32];
+    let token = RefreshToken::issue(&key, Uuid::new_v4(), 0, &nonce).unwrap();
+    for again in [
+        RefreshTokenKey::load_or_create(&path).unwrap(),
+        RefreshTokenKey::from_file(&path).unwrap(),
+    ] {
+        assert!(token.authenticates_with(&again, &nonce));
+    }
+    let entries = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+    assert_eq!(entries, 1);
+}
+
+#[test]
+fn a_corrupt_refresh_token_key_file_is_an_error_and_is_left_alone() {
+    let directory = TemporaryDirectory::new();
+    let path = directory.path().join("refresh.key");
+    std::fs::write(&path, "not a key").unwrap();
+
+    assert!(matches!(
+        RefreshTokenKey::load_or_create(&path),
+        Err(KeyError::InvalidRefreshTokenKey)
+    ));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a key");
+    let missing = directory.path().join("missing.key");
+    let error = RefreshTokenKey::from_file(&missing).unwrap_err();
+    assert!(error.to_string().contains("refresh token key"), "{error}");
+    assert!(error.to_string().contains("missing.key"), "{error}");
 }
