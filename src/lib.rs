@@ -29,6 +29,7 @@ const STANDALONE_DEFAULTS: &[(&str, &str)] = &[
     ("http.address", "127.0.0.1:8080"),
     ("log.format", "pretty"),
     ("tokens.signing_key_file", "data/signing-key.pem"),
+    ("tokens.refresh_token_key_file", "data/refresh-token-key"),
     ("tokens.create_key_if_missing", "true"),
 ];
 
@@ -166,11 +167,14 @@ impl Application {
     }
 }
 
-/// The SQLite file and the signing key live in a directory that may not exist yet.
+/// The SQLite file and the keys live in a directory that may not exist yet.
 fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result<()> {
     let database = settings.database.url.sqlite_file().map(PathBuf::from);
-    let key = settings.tokens.signing_key_file.clone();
-    for file in database.into_iter().chain(key) {
+    let keys = [
+        settings.tokens.signing_key_file.clone(),
+        settings.tokens.refresh_token_key_file.clone(),
+    ];
+    for file in database.into_iter().chain(keys.into_iter().flatten()) {
         if let Some(directory) = file.parent().filter(|parent| *parent != Path::new("")) {
             std::fs::create_dir_all(directory)
                 .with_context(|| format!("creating {}", directory.display()))?;

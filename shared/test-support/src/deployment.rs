@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokens::{Algorithm, SigningKey};
+use tokens::{Algorithm, RefreshTokenKey, SigningKey};
 
 use crate::process::{Launch, Process, built_binary, free_port};
 
@@ -23,6 +23,8 @@ pub struct Deployment {
     /// The read model's database, when it is not the message store's.
     pub read_model_url: Option<String>,
     pub signing_key: String,
+    /// The command API's refresh token key, in hexadecimal.
+    pub refresh_token_key: String,
     /// Where each process writes its output: `<label>.log`.
     pub logs: PathBuf,
     /// Settings every process gets besides the databases and the key, as environment
@@ -54,7 +56,7 @@ impl Services {
 }
 
 impl Deployment {
-    /// A deployment on the database at `url`, with a fresh signing key and its processes' logs
+    /// A deployment on the database at `url`, with fresh keys and its processes' logs
     /// in a new temp directory named after `name`.
     pub fn new(name: &str, url: &str) -> anyhow::Result<Self> {
         let logs = std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::new_v4()));
@@ -66,6 +68,7 @@ impl Deployment {
                 .to_pem()?
                 .expose_secret()
                 .clone(),
+            refresh_token_key: RefreshTokenKey::generate()?.to_hex().expose_secret().clone(),
             logs,
             settings: Vec::new(),
         })
@@ -95,6 +98,7 @@ impl Deployment {
         let mut launch = Launch::new(label, built_binary(binary)?)
             .env("IDENTITY__DATABASE__URL", &self.url)
             .env("IDENTITY__TOKENS__SIGNING_KEY", &self.signing_key)
+            .env("IDENTITY__TOKENS__REFRESH_TOKEN_KEY", &self.refresh_token_key)
             .log_to(self.log(label));
         if let Some(url) = &self.read_model_url {
             launch = launch.env("IDENTITY__READ_MODEL__URL", url);
