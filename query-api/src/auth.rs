@@ -1,6 +1,7 @@
 //! Who is asking: the bearer token, verified offline with the configured keys (RFC 8725
-//! checks live in the `tokens` crate), and whether the account behind it is still active: a
-//! token outlives a deactivation by up to its lifetime.
+//! checks live in the `tokens` crate), whether the account behind it is still active, and
+//! whether the session the token was issued in is still live: a token outlives both a
+//! deactivation and the end of its session by up to its lifetime.
 //!
 //! - A caller reading their own account is checked against their row in the users view, read
 //!   with the request's own read (from memory, usually), as long as that view is known to hold
@@ -14,6 +15,15 @@
 //!   administrator's requests cost a store read each that long, not each one; a deactivation
 //!   committed before a check began is always seen by it, so one is refused on these routes
 //!   within that bound of its commit, whatever state the view is in.
+//! - Every token names its session (`sid`), and the session is checked in the message store,
+//!   never in the view (ADR 11): its stream's last message must show it live (started, not
+//!   ended, not past its limits by this API's clock) and of the account's current session epoch,
+//!   taken where the account's status is taken above (the trusted row, the remembered
+//!   administrator, or the same read of the account's stream). A session found live is
+//!   remembered for `query.max_view_lag_ms` from an instant taken before its stream was read
+//!   ([`VerifiedSessions`]), so a logout is refused within that bound of its commit, and an end
+//!   by the account's epoch (a deactivation, a password change, an administrator ending them
+//!   all) within the bound a deactivation has; the view is on neither path.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +32,9 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
-use identity::{AccountStatus, Role, UserId};
+use identity::{
+    Account, AccountStatus, LiveSession, Role, SessionAccount, SessionId, SessionState, UserId,
+};
 use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
@@ -31,12 +43,15 @@ use crate::cache::ProfilesAtCheckpoint;
 use crate::error::ApiError;
 use crate::history;
 
-/// A caller whose bearer token verified: who they are, and whether the token says they are an
-/// administrator. Not yet whether their account is still active, which a token outlives:
-/// routes ask that of [`Self::ensure_active`] or [`Self::ensure_admin`].
+/// A caller whose bearer token verified: who they are, the session the token was issued in,
+/// and whether the token says they are an administrator. Not yet whether their account is
+/// still active or their session still live, which a token outlives: routes ask that of
+/// [`Self::ensure_active`] or [`Self::ensure_admin`].
 #[derive(Debug, Clone)]
 pub struct AuthenticatedCaller {
     pub id: Uuid,
+    /// The token's `sid`.
+    pub session: Uuid,
     /// The token carries the admin role; the account's stream has the last word.
     pub is_admin: bool,
 }
@@ -50,46 +65,113 @@ impl AuthenticatedCaller {
         }
     }
 
-    /// Refuses a caller whose account is not active. `held` is what the users view holds for
-    /// the caller: their row decides if the view it was read at is recent enough; without a
-    /// row, or with one that may predate a deactivation, the account's stream decides.
+    /// Refuses a caller whose account is not active or whose session is over. `held` is what
+    /// the users view holds for the caller: their row decides the account's status and session
+    /// epoch if the view it was read at is recent enough; without a row, or with one that may
+    /// predate a change, the account's stream decides (read beside the session's, when that
+    /// one is not remembered).
     pub async fn ensure_active(
         &self,
         state: &AppState,
         held: &ProfilesAtCheckpoint,
     ) -> Result<(), ApiError> {
-        let own = held.profiles.iter().find(|profile| profile.id == self.id);
-        let active = match own {
-            Some(profile) if state.freshness.covers(held.checkpoint, Instant::now()) => {
-                profile.status == AccountStatus::Active.name()
+        let own = held.rows.iter().find(|row| row.profile.id == self.id);
+        let vouched = own
+            .filter(|_| state.freshness.covers(held.checkpoint, Instant::now()))
+            .map(|row| SessionAccount {
+                active: row.profile.status == AccountStatus::Active.name(),
+                session_epoch: row.session_epoch,
+            });
+        let (standing, session) = match vouched {
+            Some(standing) if !standing.active => return Err(ApiError::Unauthenticated),
+            Some(standing) => (Some(standing), self.live_session(state).await?),
+            None => {
+                let (account, session) =
+                    tokio::try_join!(self.account(state), self.live_session(state))?;
+                (account.as_ref().map(SessionAccount::from), session)
             }
-            _ => history::current_account(state.store.as_ref(), UserId::from_uuid(self.id))
-                .await?
-                .is_some_and(|account| account.is_active()),
         };
-        if active {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthenticated)
-        }
+        self.admit(state, standing, session.as_deref())
     }
 
     /// Lets a caller act as an administrator: the token must carry the role (else 403), and
     /// the account's stream must say it is active and an administrator (else 401), read from
     /// the message store as the command API does, never from a row that may be missing or
     /// stale; a stream that said so less than `query.max_view_lag_ms` ago is taken at its
-    /// word ([`VerifiedAdministrators`]). While the store is out of reach this is a 503 once
-    /// that has passed.
+    /// word ([`VerifiedAdministrators`]), its session epoch with it. The token's session must
+    /// be live in that epoch (else 401). While the store is out of reach this is a 503 once
+    /// what was remembered is that old.
     pub async fn ensure_admin(&self, state: &AppState) -> Result<(), ApiError> {
         self.require_admin()?;
-        let now = Instant::now();
-        if state.administrators.vouch_for(self.id, now) {
-            return Ok(());
+        let asked = Instant::now();
+        let (standing, session) = match state.administrators.vouch_for(self.id, asked) {
+            Some(session_epoch) => {
+                let standing = SessionAccount {
+                    active: true,
+                    session_epoch,
+                };
+                (Some(standing), self.live_session(state).await?)
+            }
+            None => {
+                let (account, session) =
+                    tokio::try_join!(self.account(state), self.live_session(state))?;
+                let administrator =
+                    account.filter(|account| account.is_active() && account.has_role(Role::Admin));
+                if let Some(administrator) = &administrator {
+                    let epoch = administrator.session_epoch;
+                    state.administrators.remember(self.id, epoch, asked);
+                }
+                (administrator.as_ref().map(SessionAccount::from), session)
+            }
+        };
+        self.admit(state, standing, session.as_deref())
+    }
+
+    /// The caller's account as its stream says now.
+    async fn account(&self, state: &AppState) -> Result<Option<Account>, ApiError> {
+        let id = UserId::from_uuid(self.id);
+        Ok(history::current_account(state.store.as_ref(), id).await?)
+    }
+
+    /// The token's session if its stream said it is live: remembered, or read from the store
+    /// (and then remembered). An ended or unknown session is `None`, and never remembered.
+    async fn live_session(&self, state: &AppState) -> Result<Option<Arc<LiveSession>>, ApiError> {
+        let asked = Instant::now();
+        if let Some(session) = state
+            .sessions
+            .vouch_for(self.session, asked, state.clock.now())
+        {
+            return Ok(Some(session));
         }
-        let account =
-            history::current_account(state.store.as_ref(), UserId::from_uuid(self.id)).await?;
-        if account.is_some_and(|account| account.is_active() && account.has_role(Role::Admin)) {
-            state.administrators.remember(self.id, now);
+        let id = SessionId::from_uuid(self.session);
+        match history::current_session(state.store.as_ref(), id).await? {
+            SessionState::Live(session) => {
+                let session = Arc::new(session);
+                let now = state.clock.now();
+                state
+                    .sessions
+                    .remember(self.session, session.clone(), asked, now);
+                Ok(Some(session))
+            }
+            SessionState::Unknown | SessionState::Ended(_) => Ok(None),
+        }
+    }
+
+    /// Admits the caller if their account is active and their session is theirs, live in the
+    /// account's current epoch and not past its limits; every refusal is the same 401.
+    fn admit(
+        &self,
+        state: &AppState,
+        standing: Option<SessionAccount>,
+        session: Option<&LiveSession>,
+    ) -> Result<(), ApiError> {
+        let admitted = standing.zip(session).is_some_and(|(standing, session)| {
+            standing.active
+                && *session.user_id.as_uuid() == self.id
+                && !session.is_ended_by(standing)
+                && !session.is_expired_at(state.clock.now())
+        });
+        if admitted {
             Ok(())
         } else {
             Err(ApiError::Unauthenticated)
@@ -115,6 +197,7 @@ impl FromRequestParts<AppState> for AuthenticatedCaller {
             })?;
         Ok(Self {
             id: claims.sub,
+            session: claims.sid,
             is_admin: claims.has_role(Role::Admin.name()),
         })
     }
@@ -160,13 +243,14 @@ impl VerifiedTokens {
 }
 
 /// Administrators whose account stream said, at an instant, that they are active and hold the
-/// role: for `max_age` after that instant (taken before the stream was read, so that every
-/// event committed before it was in what the read saw) their requests on others need no store
-/// read of their own. A deactivation is then refused within `max_age` of its commit; 0
-/// remembers nothing. Only what the stream vouched for is remembered, never a refusal.
-/// Bounded: when full, it starts over.
+/// role, with the account's session epoch it said: for `max_age` after that instant (taken
+/// before the stream was read, so that every event committed before it was in what the read
+/// saw) their requests on others need no store read of their own. A deactivation, or a change
+/// of epoch, is then seen within `max_age` of its commit; 0 remembers nothing. Only what the
+/// stream vouched for is remembered, never a refusal. Bounded: when full, it starts over.
 pub struct VerifiedAdministrators {
-    verified: Mutex<HashMap<Uuid, Instant>>,
+    /// When the stream was asked, and the session epoch it answered.
+    verified: Mutex<HashMap<Uuid, (Instant, u64)>>,
     max_age: Duration,
 }
 
@@ -180,18 +264,20 @@ impl VerifiedAdministrators {
         }
     }
 
-    /// Whether `id`'s stream said they were an active administrator less than `max_age`
-    /// before `now`.
-    pub fn vouch_for(&self, id: Uuid, now: Instant) -> bool {
+    /// The session epoch of `id`'s account, if its stream said they were an active
+    /// administrator less than `max_age` before `now`.
+    pub fn vouch_for(&self, id: Uuid, now: Instant) -> Option<u64> {
         self.verified
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
-            .is_some_and(|asked| now.saturating_duration_since(*asked) < self.max_age)
+            .filter(|(asked, _)| now.saturating_duration_since(*asked) < self.max_age)
+            .map(|(_, session_epoch)| *session_epoch)
     }
 
-    /// Remembers that `id`'s stream, read after `asked`, said they are an active administrator.
-    pub fn remember(&self, id: Uuid, asked: Instant) {
+    /// Remembers that `id`'s stream, read after `asked`, said they are an active administrator
+    /// in `session_epoch`.
+    pub fn remember(&self, id: Uuid, session_epoch: u64, asked: Instant) {
         if self.max_age.is_zero() {
             return;
         }
@@ -199,8 +285,93 @@ impl VerifiedAdministrators {
         if verified.len() >= Self::CAPACITY && !verified.contains_key(&id) {
             verified.clear();
         }
-        let kept = verified.entry(id).or_insert(asked);
-        *kept = (*kept).max(asked);
+        let kept = verified.entry(id).or_insert((asked, session_epoch));
+        // An older answer arriving late never replaces a newer one.
+        if kept.0 < asked {
+            *kept = (asked, session_epoch);
+        }
+    }
+}
+
+/// Sessions whose stream said, at an instant, that they are live: for `max_age` after that
+/// instant (taken before the stream was read, so a logout committed before it was seen), and
+/// never past the session's own limits, a request in the session reads nothing from the store
+/// for it. A logout is then refused within `max_age` of its commit; 0 remembers nothing. The
+/// session's epoch is remembered with it, and compared on every request with the account's
+/// current one, so an end by the epoch does not wait for this to expire. Ended and unknown
+/// sessions are never remembered.
+///
+/// Bounded: when full, the entries past either limit are dropped, and if that frees nothing it
+/// starts over.
+pub struct VerifiedSessions {
+    verified: Mutex<HashMap<Uuid, RememberedSession>>,
+    max_age: Duration,
+}
+
+struct RememberedSession {
+    /// When its stream was asked.
+    asked: Instant,
+    session: Arc<LiveSession>,
+}
+
+impl RememberedSession {
+    fn vouches_at(&self, now: Instant, clock: DateTime<Utc>, max_age: Duration) -> bool {
+        now.saturating_duration_since(self.asked) < max_age && !self.session.is_expired_at(clock)
+    }
+}
+
+impl VerifiedSessions {
+    const CAPACITY: usize = 10_000;
+
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            verified: Mutex::default(),
+            max_age,
+        }
+    }
+
+    /// The session `id`, if its stream said it was live less than `max_age` before `now` and
+    /// it is not past its limits at `clock` (this API's clock). An entry that no longer
+    /// vouches is dropped.
+    pub fn vouch_for(
+        &self,
+        id: Uuid,
+        now: Instant,
+        clock: DateTime<Utc>,
+    ) -> Option<Arc<LiveSession>> {
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        let remembered = verified.get(&id)?;
+        if remembered.vouches_at(now, clock, self.max_age) {
+            return Some(remembered.session.clone());
+        }
+        verified.remove(&id);
+        None
+    }
+
+    /// Remembers that session `id`'s stream, read after `asked`, showed it live as `session`;
+    /// `clock` is this API's time then. One already past its limits is not remembered.
+    pub fn remember(
+        &self,
+        id: Uuid,
+        session: Arc<LiveSession>,
+        asked: Instant,
+        clock: DateTime<Utc>,
+    ) {
+        if self.max_age.is_zero() || session.is_expired_at(clock) {
+            return;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= Self::CAPACITY && !verified.contains_key(&id) {
+            let max_age = self.max_age;
+            verified.retain(|_, kept| kept.vouches_at(asked, clock, max_age));
+            if verified.len() >= Self::CAPACITY {
+                verified.clear();
+            }
+        }
+        // An older answer arriving late never replaces a newer one.
+        if verified.get(&id).is_none_or(|kept| kept.asked < asked) {
+            verified.insert(id, RememberedSession { asked, session });
+        }
     }
 }
 
@@ -218,7 +389,10 @@ mod tests {
             TokenSettings::new("https://issuer.test", "tests"),
         );
         let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let token = issuer.issue(Uuid::new_v4(), vec![], now).unwrap().token;
+        let token = issuer
+            .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], now)
+            .unwrap()
+            .token;
         (issuer.verifier(), token.expose_secret().clone(), now)
     }
 
@@ -241,25 +415,33 @@ mod tests {
         let administrators = VerifiedAdministrators::new(Duration::from_millis(1_000));
         let (root, other) = (Uuid::new_v4(), Uuid::new_v4());
         let asked = Instant::now();
-        assert!(!administrators.vouch_for(root, asked), "nobody asked yet");
+        assert_eq!(
+            administrators.vouch_for(root, asked),
+            None,
+            "nobody asked yet"
+        );
 
-        administrators.remember(root, asked);
-        assert!(administrators.vouch_for(root, asked + Duration::from_millis(999)));
-        assert!(!administrators.vouch_for(root, asked + Duration::from_millis(1_000)));
-        assert!(!administrators.vouch_for(other, asked));
-        // An older answer arriving late does not push back a newer one's expiry.
+        administrators.remember(root, 3, asked);
+        let just_within = asked + Duration::from_millis(999);
+        assert_eq!(administrators.vouch_for(root, just_within), Some(3));
+        let at_the_bound = asked + Duration::from_millis(1_000);
+        assert_eq!(administrators.vouch_for(root, at_the_bound), None);
+        assert_eq!(administrators.vouch_for(other, asked), None);
+        // An older answer arriving late does not push back a newer one's expiry, nor bring
+        // back the epoch it saw.
         let later = asked + Duration::from_millis(500);
-        administrators.remember(root, later);
-        administrators.remember(root, asked);
-        assert!(administrators.vouch_for(root, later + Duration::from_millis(999)));
+        administrators.remember(root, 4, later);
+        administrators.remember(root, 3, asked);
+        let within_the_later = later + Duration::from_millis(999);
+        assert_eq!(administrators.vouch_for(root, within_the_later), Some(4));
     }
 
     #[test]
     fn with_no_bound_no_administrator_is_remembered() {
         let administrators = VerifiedAdministrators::new(Duration::ZERO);
         let (root, asked) = (Uuid::new_v4(), Instant::now());
-        administrators.remember(root, asked);
-        assert!(!administrators.vouch_for(root, asked));
+        administrators.remember(root, 0, asked);
+        assert_eq!(administrators.vouch_for(root, asked), None);
     }
 
     #[test]
@@ -267,7 +449,7 @@ mod tests {
         let administrators = VerifiedAdministrators::new(Duration::from_secs(60));
         let asked = Instant::now();
         for _ in 0..=VerifiedAdministrators::CAPACITY {
-            administrators.remember(Uuid::new_v4(), asked);
+            administrators.remember(Uuid::new_v4(), 0, asked);
         }
         let held = administrators
             .verified
@@ -275,6 +457,123 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .len();
         assert!(held <= VerifiedAdministrators::CAPACITY, "{held}");
+    }
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap()
+    }
+
+    /// A session started at [`t0`] in epoch 2 whose idle limit comes after an hour (its
+    /// absolute one after a day).
+    fn live_session() -> Arc<LiveSession> {
+        Arc::new(LiveSession {
+            session_id: SessionId::from_uuid(Uuid::new_v4()),
+            user_id: UserId::from_uuid(Uuid::new_v4()),
+            session_epoch: 2,
+            started_at: t0(),
+            expires_at: t0() + TimeDelta::days(1),
+            idle_expires_at: t0() + TimeDelta::hours(1),
+            user_agent: None,
+            generation: 0,
+            nonce: identity::RefreshNonce::from_bytes([7; 32]),
+            previous: None,
+        })
+    }
+
+    fn held(sessions: &VerifiedSessions) -> usize {
+        sessions
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    #[test]
+    fn a_session_is_vouched_for_only_within_the_bound_after_its_stream_was_asked() {
+        let sessions = VerifiedSessions::new(Duration::from_millis(1_000));
+        let (id, session) = (Uuid::new_v4(), live_session());
+        let asked = Instant::now();
+        assert!(
+            sessions.vouch_for(id, asked, t0()).is_none(),
+            "nobody asked yet"
+        );
+
+        sessions.remember(id, session.clone(), asked, t0());
+        let just_within = asked + Duration::from_millis(999);
+        assert_eq!(
+            sessions.vouch_for(id, just_within, t0()),
+            Some(session.clone())
+        );
+        assert!(sessions.vouch_for(Uuid::new_v4(), asked, t0()).is_none());
+        let at_the_bound = asked + Duration::from_millis(1_000);
+        assert!(sessions.vouch_for(id, at_the_bound, t0()).is_none());
+        assert_eq!(
+            held(&sessions),
+            0,
+            "an entry that no longer vouches is dropped"
+        );
+
+        // An older answer arriving late does not push back a newer one's expiry.
+        let later = asked + Duration::from_millis(500);
+        sessions.remember(id, session.clone(), later, t0());
+        sessions.remember(id, session.clone(), asked, t0());
+        let within_the_later = later + Duration::from_millis(999);
+        assert!(sessions.vouch_for(id, within_the_later, t0()).is_some());
+    }
+
+    #[test]
+    fn a_session_is_never_vouched_for_past_its_limits() {
+        let sessions = VerifiedSessions::new(Duration::from_secs(3_600));
+        let (id, session) = (Uuid::new_v4(), live_session());
+        let asked = Instant::now();
+        let idle_limit = session.idle_expires_at;
+        sessions.remember(id, session, asked, t0());
+
+        let before = idle_limit - TimeDelta::milliseconds(1);
+        assert!(sessions.vouch_for(id, asked, before).is_some());
+        assert!(sessions.vouch_for(id, asked, idle_limit).is_none());
+
+        sessions.remember(id, live_session(), asked, idle_limit);
+        assert_eq!(
+            held(&sessions),
+            0,
+            "a session past its limits is not remembered"
+        );
+    }
+
+    #[test]
+    fn with_no_bound_no_session_is_remembered() {
+        let sessions = VerifiedSessions::new(Duration::ZERO);
+        let (id, asked) = (Uuid::new_v4(), Instant::now());
+        sessions.remember(id, live_session(), asked, t0());
+        assert!(sessions.vouch_for(id, asked, t0()).is_none());
+        assert_eq!(held(&sessions), 0);
+    }
+
+    #[test]
+    fn the_sessions_remembered_are_bounded_and_the_expired_ones_go_first() {
+        let sessions = VerifiedSessions::new(Duration::from_secs(60));
+        let asked = Instant::now();
+        for _ in 0..VerifiedSessions::CAPACITY - 1 {
+            sessions.remember(Uuid::new_v4(), live_session(), asked, t0());
+        }
+        // Past the bound of all those, a new one makes room by dropping them.
+        let (recent, later) = (Uuid::new_v4(), asked + Duration::from_secs(61));
+        sessions.remember(recent, live_session(), later, t0());
+        let last = Uuid::new_v4();
+        sessions.remember(last, live_session(), later, t0());
+        assert_eq!(held(&sessions), 2);
+        assert!(sessions.vouch_for(recent, later, t0()).is_some());
+
+        // All of them current: it starts over rather than grow.
+        for _ in 0..=VerifiedSessions::CAPACITY {
+            sessions.remember(Uuid::new_v4(), live_session(), later, t0());
+        }
+        assert!(
+            held(&sessions) <= VerifiedSessions::CAPACITY,
+            "{}",
+            held(&sessions)
+        );
     }
 
     #[test]

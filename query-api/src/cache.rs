@@ -1,7 +1,7 @@
 //! Profiles the query API has read, kept in memory and as fresh as the read model (ADR 6).
 //!
 //! A profile read is the hot path: each request reads the caller's row (is the account still
-//! active?) and usually nothing else. Going to PostgreSQL for it costs more CPU than the rest of
+//! active, and in which session epoch?) and usually nothing else. Going to PostgreSQL for it costs more CPU than the rest of
 //! the request, so rows once read are kept here, and a follower keeps them current: whenever the
 //! users view's checkpoint moves, it reads, in one snapshot, the checkpoint and the rows whose
 //! `position` (the last event applied to the row) is past the one it had synced to, and updates
@@ -24,14 +24,15 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::read_model::{ChangedRows, Profile, ProfileRow, RowAtCheckpoint, UsersView};
+use crate::read_model::{ChangedRows, ProfileRow, RowAtCheckpoint, UsersView};
 
-/// Profiles as the users view holds them, and the view's checkpoint they are all current at
-/// (the lowest, when some come from memory and some from the database): what
-/// [`crate::freshness`] needs to tell whether they can say an account is still active.
+/// Rows of the users view (profiles, with each account's session epoch), and the view's
+/// checkpoint they are all current at (the lowest, when some come from memory and some from the
+/// database): what [`crate::freshness`] needs to tell whether they can say an account is still
+/// active, and which of its sessions are over.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfilesAtCheckpoint {
-    pub profiles: Vec<Profile>,
+    pub rows: Vec<ProfileRow>,
     pub checkpoint: u64,
 }
 
@@ -95,12 +96,12 @@ impl ProfileCache {
             self.keep(&rows);
         }
         for read in rows {
-            found.checkpoint = if found.profiles.is_empty() {
+            found.checkpoint = if found.rows.is_empty() {
                 read.checkpoint
             } else {
                 found.checkpoint.min(read.checkpoint)
             };
-            found.profiles.push(read.row.profile);
+            found.rows.push(read.row);
         }
         Ok(found)
     }
@@ -113,13 +114,13 @@ impl ProfileCache {
             .last_sync
             .is_some_and(|at| at.elapsed() <= self.max_staleness);
         let mut found = ProfilesAtCheckpoint {
-            profiles: Vec::with_capacity(ids.len()),
+            rows: Vec::with_capacity(ids.len()),
             checkpoint: state.synced,
         };
         let mut missing = Vec::new();
         for id in ids {
             match state.rows.get(id).filter(|_| fresh) {
-                Some(held) => found.profiles.push(held.profile.clone()),
+                Some(held) => found.rows.push(held.clone()),
                 None => missing.push(*id),
             }
         }
@@ -250,9 +251,11 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
+    use crate::read_model::Profile;
 
     fn row(id: Uuid, status: &str, position: u64) -> ProfileRow {
         ProfileRow {
+            session_epoch: 0,
             profile: Profile {
                 id,
                 email: "ann@example.com".into(),
@@ -382,7 +385,7 @@ mod tests {
         let ann = Uuid::new_v4();
         let cache = cache();
         cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
-        assert_eq!(cache.lookup(&[ann]).0.profiles.len(), 1);
+        assert_eq!(cache.lookup(&[ann]).0.rows.len(), 1);
 
         let stale = ProfileCache::new(10, Duration::ZERO);
         stale.apply(changes(1, 9, vec![]), Instant::now());

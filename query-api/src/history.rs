@@ -1,11 +1,13 @@
 //! An account's past and present, read from the message store rather than the read model: its
-//! events, its profile as it stood at any instant (the fold of its streams up to then), and the
-//! account as its stream says now, for when the read model cannot be trusted to.
+//! events, its profile as it stood at any instant (the fold of its streams up to then), the
+//! account as its stream says now, for when the read model cannot be trusted to, and a session
+//! as its stream says now, which the read model is never trusted to (ADR 11).
 
 use chrono::{DateTime, Utc};
 use identity::{
-    Account, EventDecodeError, LoginEvent, LoginState, UserAccount, UserEvent, UserId,
-    event_version, login_stream_name, user_stream_name,
+    Account, EventDecodeError, LoginEvent, LoginState, SessionEvent, SessionId, SessionState,
+    UserAccount, UserEvent, UserId, event_version, login_stream_name, session_stream_name,
+    user_stream_name,
 };
 use message_store::{MessageStore, RecordedMessage, StoreError, StreamName};
 use serde::Serialize;
@@ -159,6 +161,26 @@ pub async fn current_account(
         UserAccount::Registered(account) => Some(account),
         UserAccount::NotRegistered => None,
     })
+}
+
+/// The session as its stream says now: its last message carries the whole session (ADR 10), so
+/// this reads one message however often it was refreshed. An empty stream is
+/// [`SessionState::Unknown`].
+pub async fn current_session(
+    store: &dyn MessageStore,
+    id: SessionId,
+) -> Result<SessionState, HistoryError> {
+    let stream =
+        StreamName::parse(session_stream_name(id)).map_err(|error| StoreError::Corrupt {
+            id: id.to_string(),
+            reason: error.to_string(),
+        })?;
+    let last = store
+        .last_message(&stream)
+        .await?
+        .map(|message| decode(&message, SessionEvent::from_stored))
+        .transpose()?;
+    Ok(SessionState::from_last(last.as_ref()))
 }
 
 /// The profile as it stood at `at`: `None` if the account did not exist yet.

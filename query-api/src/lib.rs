@@ -1,5 +1,6 @@
-//! The query API: profiles, lookups and history over HTTP, served from the read model the
-//! aggregator builds, with the message store behind history and time travel.
+//! The query API: profiles, lookups, history and the caller's sessions over HTTP, served from
+//! the read model the aggregator builds, with the message store behind history, time travel and
+//! the check that a token's session is still live.
 //!
 //! It never writes. It verifies tokens offline with public keys, and answers a request that
 //! carries `X-Min-Position` only once the read model has applied that position (read your
@@ -14,6 +15,7 @@ pub mod freshness;
 mod history;
 pub mod read_model;
 mod routes;
+mod sessions;
 pub mod settings;
 
 use std::sync::Arc;
@@ -24,15 +26,26 @@ use axum::Router;
 use axum::routing::get;
 use message_store::MessageStore;
 use platform::clock::Clock;
+use platform::openapi::BearerAuth;
 use platform::shutdown::Shutdown;
 use tokens::TokenVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinHandle};
+use utoipa::OpenApi;
 
 pub use read_model::{Profile, UsersView};
-pub use routes::ApiDoc;
 pub use settings::Settings;
+
+/// The query API's OpenAPI document, from its handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Identity query API", description = "Profiles, lookups, history and the caller's sessions, served from the read model."),
+    paths(routes::me, routes::profile, routes::list, routes::events, sessions::own_sessions, routes::jwks, routes::readyz),
+    components(schemas(Profile, routes::Page, history::HistoryEntry, routes::EventPage, sessions::OwnSession)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
 
 /// What every handler shares, behind one reference count: the router clones it for every
 /// request (the state extractor, the read-your-writes middleware).
@@ -61,6 +74,8 @@ pub struct Shared {
     pub tokens: Arc<auth::VerifiedTokens>,
     /// Administrators the message store said are active, for at most `max_view_lag_ms`.
     pub administrators: Arc<auth::VerifiedAdministrators>,
+    /// Sessions the message store said are live, for at most `max_view_lag_ms`.
+    pub sessions: Arc<auth::VerifiedSessions>,
     pub clock: Arc<dyn Clock>,
     pub settings: settings::QuerySettings,
 }
@@ -104,6 +119,7 @@ impl AppState {
             verifier,
             tokens: Arc::default(),
             administrators: Arc::new(auth::VerifiedAdministrators::new(max_view_lag)),
+            sessions: Arc::new(auth::VerifiedSessions::new(max_view_lag)),
             clock,
             settings,
         }))
@@ -213,6 +229,7 @@ pub fn router(state: AppState) -> Router {
 pub fn query_routes(state: AppState) -> Router {
     Router::new()
         .route("/users/me", get(routes::me))
+        .route("/users/me/sessions", get(sessions::own_sessions))
         .route("/users", get(routes::list))
         .route("/users/{id}", get(routes::profile))
         .route("/users/{id}/events", get(routes::events))

@@ -1,5 +1,6 @@
-//! Reads of the read model the aggregator builds: the `users` view and the projections'
-//! checkpoints (schema in migrations/read_model). The query side never writes here.
+//! Reads of the read model the aggregator builds: the `users` view, the `sessions` view kept by
+//! the same projection, and the projections' checkpoints (schema in migrations/read_model). The
+//! query side never writes here.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,11 +15,11 @@ use uuid::Uuid;
 
 use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION, on_either_pool};
 
-/// The columns of a profile and the row's position.
+/// The columns of a profile, the account's session epoch and the row's position.
 macro_rules! columns {
     () => {
         "id, email, status, registered_at, activated_at, deactivated_at, last_login_at, \
-         login_count, roles, position"
+         login_count, roles, session_epoch, position"
     };
 }
 
@@ -66,6 +67,41 @@ macro_rules! profiles_with_checkpoint {
 const PROFILE_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = $1");
 const PROFILES_WITH_CHECKPOINT: &str = profiles_with_checkpoint!("id = ANY($1)");
 
+/// A user's live sessions, newest first, at most `$3` (ADR 11): not ended, `$2` before both
+/// limits, and of the session epoch the user's row holds. The epoch is compared in the join, so
+/// that a change of epoch (a deactivation, a password change, an administrator ending them all)
+/// is one row written, not one per session. The row and the sessions come from one statement,
+/// under the one checkpoint they share.
+macro_rules! live_sessions_sql {
+    ($after_now:literal, $newest_first:literal) => {
+        concat!(
+            "SELECT s.id, s.started_at, s.last_refreshed_at, s.expires_at, s.idle_expires_at, \
+                    s.user_agent \
+             FROM sessions AS s \
+             JOIN users AS u ON u.id = s.user_id AND u.session_epoch = s.session_epoch \
+             WHERE s.user_id = $1 AND s.ended_at IS NULL AND ",
+            $after_now,
+            " ORDER BY ",
+            $newest_first,
+            " DESC, s.id DESC LIMIT $3"
+        )
+    };
+}
+
+/// The sessions index (user, started) gives them newest first.
+const LIVE_SESSIONS_POSTGRES: &str = live_sessions_sql!(
+    "s.expires_at > $2 AND s.idle_expires_at > $2",
+    "s.started_at"
+);
+
+/// SQLite stores times as text: they are compared as instants (`julianday`), never as strings,
+/// which would misorder two spellings of RFC 3339 (`Z` and `+00:00`, or fractions of different
+/// lengths).
+const LIVE_SESSIONS_SQLITE: &str = live_sessions_sql!(
+    "julianday(s.expires_at) > julianday($2) AND julianday(s.idle_expires_at) > julianday($2)",
+    "julianday(s.started_at)"
+);
+
 /// A user's profile as the users view holds it.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
 pub struct Profile {
@@ -85,12 +121,29 @@ pub struct Profile {
     pub roles: Vec<String>,
 }
 
-/// A row of the users view: a profile and the position of the last event applied to it, which
-/// the projection writes with the row, so that whatever changes the row later has a larger one.
+/// A row of the users view: a profile, the account's session epoch, and the position of the
+/// last event applied to it, which the projection writes with the row, so that whatever changes
+/// the row later has a larger one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfileRow {
     pub profile: Profile,
+    /// The account's session epoch (`identity::Account::session_epoch`): a session of another
+    /// epoch is over. Not part of the profile a client reads.
+    pub session_epoch: u64,
     pub position: u64,
+}
+
+/// A live session of a user, as the sessions view lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub id: Uuid,
+    pub started_at: DateTime<Utc>,
+    /// Its last refresh; none before the first.
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    /// The earlier of its two limits (absolute and idle): it cannot be refreshed from then on.
+    pub expires_at: DateTime<Utc>,
+    /// The `User-Agent` it started with.
+    pub user_agent: Option<String>,
 }
 
 /// A row read with the view's projection version and checkpoint in the same snapshot: the
@@ -332,6 +385,27 @@ impl UsersView {
         })
     }
 
+    /// The live sessions of `user` at `now`, newest first, at most `limit` (see
+    /// [`LIVE_SESSIONS_POSTGRES`]).
+    pub async fn live_sessions(
+        &self,
+        user: Uuid,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<SessionRow>, sqlx::Error> {
+        on_either_pool!(UsersView, self, |pool| {
+            let rows = retrying(pool, || {
+                sqlx::query(pool.live_sessions())
+                    .bind(pool.id_parameter(user))
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+            })
+            .await?;
+            rows.iter().map(SessionsRow::session).collect()
+        })
+    }
+
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
         let row: Option<StoredCheckpoint> = on_either_pool!(UsersView, self, |pool| {
@@ -368,6 +442,9 @@ trait ViewPool {
     /// `id` as the users view stores it: a uuid on PostgreSQL, text on SQLite.
     fn id_parameter(&self, id: Uuid) -> Self::Id;
 
+    /// The statement that lists a user's live sessions, which compares times each its own way.
+    fn live_sessions(&self) -> &'static str;
+
     /// A read-only transaction that sees one snapshot of the view.
     async fn snapshot(&self) -> Result<Transaction<'static, Self::Database>, sqlx::Error>;
 }
@@ -378,6 +455,10 @@ impl ViewPool for PgPool {
 
     fn id_parameter(&self, id: Uuid) -> Uuid {
         id
+    }
+
+    fn live_sessions(&self) -> &'static str {
+        LIVE_SESSIONS_POSTGRES
     }
 
     async fn snapshot(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
@@ -395,6 +476,10 @@ impl ViewPool for SqlitePool {
 
     fn id_parameter(&self, id: Uuid) -> String {
         id.to_string()
+    }
+
+    fn live_sessions(&self) -> &'static str {
+        LIVE_SESSIONS_SQLITE
     }
 
     /// A read transaction in WAL mode is one snapshot (and the pool's connections only read).
@@ -448,6 +533,7 @@ macro_rules! impl_users_row {
             fn profile_row(&self) -> Result<ProfileRow, sqlx::Error> {
                 Ok(ProfileRow {
                     profile: self.profile()?,
+                    session_epoch: unsigned(self.try_get("session_epoch")?),
                     position: unsigned(self.try_get("position")?),
                 })
             }
@@ -472,6 +558,33 @@ impl_users_row!(
 );
 impl_users_row!(SqliteRow, id: sqlite_id, roles: sqlite_roles);
 
+/// A row of the live sessions, on either engine.
+trait SessionsRow {
+    fn session(&self) -> Result<SessionRow, sqlx::Error>;
+}
+
+/// [`SessionsRow`] for one engine's rows, whose `id` decodes its own way.
+macro_rules! impl_sessions_row {
+    ($row:ty, id: $id:expr) => {
+        impl SessionsRow for $row {
+            fn session(&self) -> Result<SessionRow, sqlx::Error> {
+                let expires_at: DateTime<Utc> = self.try_get("expires_at")?;
+                let idle_expires_at: DateTime<Utc> = self.try_get("idle_expires_at")?;
+                Ok(SessionRow {
+                    id: $id(self)?,
+                    started_at: self.try_get("started_at")?,
+                    last_refreshed_at: self.try_get("last_refreshed_at")?,
+                    expires_at: expires_at.min(idle_expires_at),
+                    user_agent: self.try_get("user_agent")?,
+                })
+            }
+        }
+    };
+}
+
+impl_sessions_row!(PgRow, id: |row: &PgRow| row.try_get("id"));
+impl_sessions_row!(SqliteRow, id: sqlite_id);
+
 fn sqlite_id(row: &SqliteRow) -> Result<Uuid, sqlx::Error> {
     let id: String = row.try_get("id")?;
     Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))
@@ -485,6 +598,8 @@ fn sqlite_roles(row: &SqliteRow) -> Result<Vec<String>, sqlx::Error> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
 
     /// The view on an SQLite file holding Ann's row at position 7 and the checkpoint at 9 of
@@ -518,6 +633,100 @@ mod tests {
         .unwrap();
         writer.close().await;
         (UsersView::connect(&url, 2).await.unwrap(), path)
+    }
+
+    /// Writes a session row of `user` into the SQLite view at `path`, its times as given (text).
+    async fn sqlite_session(
+        path: &std::path::Path,
+        user: Uuid,
+        epoch: i64,
+        [started_at, expires_at, idle_expires_at]: [&str; 3],
+        ended_at: Option<&str>,
+    ) -> Uuid {
+        let id = Uuid::new_v4();
+        let writer = SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, session_epoch, started_at, expires_at, \
+                                   idle_expires_at, user_agent, generation, ended_at, position) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'curl/8', 0, $7, 1)",
+        )
+        .bind(id.to_string())
+        .bind(user.to_string())
+        .bind(epoch)
+        .bind(started_at)
+        .bind(expires_at)
+        .bind(idle_expires_at)
+        .bind(ended_at)
+        .execute(&writer)
+        .await
+        .unwrap();
+        writer.close().await;
+        id
+    }
+
+    #[tokio::test]
+    async fn live_sessions_are_listed_on_sqlite_by_instant_whatever_the_spelling_of_their_times() {
+        let ann = Uuid::new_v4();
+        let (view, path) = sqlite_view(ann).await;
+        let later = "2027-01-01T00:00:00Z";
+        // Both spellings of RFC 3339 the writer might use, which as text sort the wrong way:
+        // 10:00:00.5+00:00 is after 10:00:00Z, and "." sorts before "Z".
+        let plain = sqlite_session(
+            &path,
+            ann,
+            0,
+            ["2026-12-01T10:00:00Z", later, "2026-12-15T10:00:00Z"],
+            None,
+        )
+        .await;
+        let newer = sqlite_session(
+            &path,
+            ann,
+            0,
+            ["2026-12-01T10:00:00.5+00:00", later, later],
+            None,
+        )
+        .await;
+        // Ended; of an earlier epoch than the account's (0); past its idle limit; another's.
+        let ended = "2026-12-01T11:00:00Z";
+        let times = ["2026-12-01T09:00:00Z", later, later];
+        sqlite_session(&path, ann, 0, times, Some(ended)).await;
+        sqlite_session(&path, ann, 1, times, None).await;
+        let idle = [
+            "2026-11-01T09:00:00Z",
+            later,
+            "2026-12-01T11:59:59.999+00:00",
+        ];
+        sqlite_session(&path, ann, 0, idle, None).await;
+        sqlite_session(&path, Uuid::new_v4(), 0, times, None).await;
+        let now = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+
+        let live = view.live_sessions(ann, now, 10).await.unwrap();
+        let ids: Vec<Uuid> = live.iter().map(|session| session.id).collect();
+        assert_eq!(ids, [newer, plain]);
+        let first = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
+        assert_eq!(
+            live[1],
+            SessionRow {
+                id: plain,
+                started_at: first,
+                last_refreshed_at: None,
+                expires_at: Utc.with_ymd_and_hms(2026, 12, 15, 10, 0, 0).unwrap(),
+                user_agent: Some("curl/8".to_owned()),
+            }
+        );
+        let newest = view.live_sessions(ann, now, 1).await.unwrap();
+        assert_eq!(
+            newest.iter().map(|session| session.id).collect::<Vec<_>>(),
+            [newer]
+        );
+
+        drop(view);
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", path.display()));
+        }
     }
 
     #[tokio::test]

@@ -11,9 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use identity::{AccountStatus, Email, UserId};
-use platform::openapi::BearerAuth;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, OpenApi as _, ToSchema};
 use uuid::Uuid;
 
 use platform::FieldError;
@@ -40,8 +39,8 @@ pub struct MinPositionHeader {
     /// once; leading zeros are allowed (`05` is 5) and whitespace around the value is not part
     /// of it (RFC 9110). An empty value, a sign, anything but digits, a number above
     /// 18446744073709551615, or the header sent twice is a 400 at once, as is a position
-    /// beyond the last one written; a caller whose account is not active is refused (401)
-    /// before any wait.
+    /// beyond the last one written; a caller whose account is not active, or whose session is
+    /// over, is refused (401) before any wait.
     #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
     x_min_position: Option<u64>,
 }
@@ -50,10 +49,11 @@ pub struct MinPositionHeader {
 /// document: a refused token or account, and a dependency out of reach or behind.
 #[derive(IntoResponses)]
 #[allow(dead_code)] // never built: `ApiError` gives these answers; this describes them
-enum ReadRefusals {
+pub enum ReadRefusals {
     #[response(
         status = 401,
-        description = "no valid bearer token, or the account behind it is no longer active"
+        description = "no valid bearer token, or the account behind it is no longer active, or \
+                       the session it was issued in has ended or expired"
     )]
     Unauthenticated,
     #[response(
@@ -68,8 +68,9 @@ enum ReadRefusals {
 /// Waits, up to `query.max_wait_ms`, until the read model has reached `X-Min-Position`.
 ///
 /// Only a caller who may be served holds a connection while waiting: one with a valid token,
-/// whose account is not known to be inactive, asking for a position that was written. The
-/// account is checked as the caller's own routes check it
+/// whose account is not known to be inactive and whose session is live, asking for a position
+/// that was written. The account and the session are checked as the caller's own routes check
+/// them
 /// ([`AuthenticatedCaller::ensure_active`]), and only when there is something to wait for: from
 /// memory while the view can vouch for the caller's row, else in the account's stream.
 pub async fn wait_for_min_position(
@@ -186,10 +187,10 @@ pub async fn me(
 ) -> Result<Json<Profile>, ApiError> {
     let own = own_profile(&state, &caller).await?;
     caller.ensure_active(&state, &own).await?;
-    own.profiles
+    own.rows
         .into_iter()
         .next()
-        .map(Json)
+        .map(|row| Json(row.profile))
         .ok_or(ApiError::NotFound)
 }
 
@@ -222,15 +223,16 @@ pub async fn profile(
             history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
         }
         None => match own {
-            Some(own) => own.profiles.into_iter().next(),
+            Some(own) => own.rows.into_iter().next(),
             None => state
                 .profiles
                 .profiles(&state.read_model, &[id])
                 .await?
-                .profiles
+                .rows
                 .into_iter()
                 .next(),
-        },
+        }
+        .map(|row| row.profile),
     };
     profile.map(Json).ok_or(ApiError::NotFound)
 }
@@ -290,8 +292,9 @@ async fn authorize_admin(state: &AppState, caller: &AuthenticatedCaller) -> Resu
     Err(ApiError::Forbidden)
 }
 
-/// Refuses a caller whose account is not active, by the rule of their own routes.
-async fn ensure_own_account_active(
+/// Refuses a caller whose account is not active or whose session is over, by the rule of
+/// their own routes.
+pub async fn ensure_own_account_active(
     state: &AppState,
     caller: &AuthenticatedCaller,
 ) -> Result<(), ApiError> {
@@ -565,17 +568,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     ])
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Identity query API", description = "Profiles, lookups and history, served from the read model."),
-    paths(me, profile, list, events, jwks, readyz),
-    components(schemas(Profile, Page, HistoryEntry, EventPage)),
-    modifiers(&BearerAuth),
-)]
-pub struct ApiDoc;
-
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(crate::ApiDoc::openapi())
 }
 
 #[cfg(test)]

@@ -44,13 +44,15 @@ pub struct QuerySettings {
     pub cache_profiles: usize,
     /// How often the kept profiles are brought up to the read model.
     pub cache_sync_ms: u64,
-    /// The longest a deactivation takes to reach every route, whatever state the users view is
-    /// in: a caller's own row says whether their account is active only while the view holds
-    /// everything written this long ago; otherwise (the aggregator stopped or slow, a replay
-    /// after a reset, a projection halted on a poison event, the read model or the message
-    /// store out of reach) the account's stream in the message store decides. Administrators
-    /// acting on others are always checked in the store, an answer that they are active taken
-    /// at its word for this long. 0 reads the store on every request.
+    /// The longest a deactivation, or the end of a session, takes to reach every route,
+    /// whatever state the users view is in: a caller's own row says whether their account is
+    /// active (and in which session epoch) only while the view holds everything written this
+    /// long ago; otherwise (the aggregator stopped or slow, a replay after a reset, a projection
+    /// halted on a poison event, the read model or the message store out of reach) the
+    /// account's stream in the message store decides. Administrators acting on others are
+    /// always checked in the store, an answer that they are active taken at its word for this
+    /// long; so is a session's stream saying it is live (ADR 11). 0 reads the store on every
+    /// request.
     pub max_view_lag_ms: u64,
 }
 

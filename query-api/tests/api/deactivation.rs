@@ -15,7 +15,9 @@ use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::{Aggregator, TestApp, now, problem, spawn_apart, spawn_with};
+use crate::harness::{
+    Aggregator, TestApp, now, problem, refused_everywhere, spawn_apart, spawn_with,
+};
 
 const MAX_VIEW_LAG: Duration = Duration::from_millis(300);
 
@@ -56,9 +58,9 @@ async fn accounts(app: &TestApp) -> Accounts {
         ann,
         root,
         bob,
-        ann_token: app.token_for(ann, &["user"]),
-        root_token: app.token_for(root, &["admin", "user"]),
-        bob_token: app.token_for(bob, &["user"]),
+        ann_token: app.token_for(ann, &["user"]).await,
+        root_token: app.token_for(root, &["admin", "user"]).await,
+        bob_token: app.token_for(bob, &["user"]).await,
     }
 }
 
@@ -116,34 +118,6 @@ async fn deactivate_ann_and_root(app: &TestApp, accounts: &Accounts) -> (Instant
 
 async fn past_the_bound(committed: Instant) {
     tokio::time::sleep_until((committed + MAX_VIEW_LAG).into()).await;
-}
-
-/// Every route answers `token` with the 401 an invalid token gets.
-async fn refused_everywhere(
-    app: &TestApp,
-    token: &str,
-    routes: &[String],
-    min_position: Option<u64>,
-) {
-    let mut answers = Vec::new();
-    for path in routes {
-        let response = app.get_with_min_position(path, token, min_position).await;
-        let status = response.status().as_u16();
-        let code = if status == 200 {
-            None
-        } else {
-            problem(response).await.1["code"]
-                .as_str()
-                .map(str::to_owned)
-        };
-        answers.push((path.as_str(), status, code));
-    }
-    assert!(
-        answers
-            .iter()
-            .all(|(_, status, code)| *status == 401 && code.as_deref() == Some("invalid_token")),
-        "not every route refused a deactivated account: {answers:?}"
-    );
 }
 
 /// Ann and Root, deactivated, are refused on every route they use: Root as an administrator

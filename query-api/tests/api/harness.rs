@@ -1,5 +1,7 @@
 //! A query API on port 0 with its own database, a signing key, and helpers to seed the read
-//! model and the message store, or to run the real aggregator over it.
+//! model and the message store, or to run the real aggregator over it. Every token it issues
+//! belongs to a session started in the message store, as a login starts one: the query API
+//! refuses a token whose session its stream does not show live.
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -9,8 +11,10 @@ use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use identity::{
-    AccountStatus, Email, LoginEvent, LoginSucceeded, PasswordHash, Role, UserActivated,
-    UserDeactivated, UserEvent, UserId, UserRegistered, login_stream_name, user_stream_name,
+    AccountStatus, Email, LoginEvent, LoginSucceeded, PasswordHash, RefreshNonce, Role,
+    SessionEndReason, SessionEnded, SessionEvent, SessionId, SessionPolicy, SessionStarted,
+    UserAccount, UserActivated, UserAgent, UserDeactivated, UserEvent, UserId, UserRegistered,
+    event_version, login_stream_name, session_stream_name, user_stream_name,
 };
 use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
 use platform::clock::{Clock, SystemClock};
@@ -186,18 +190,85 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
-    pub fn token_for(&self, id: Uuid, roles: &[&str]) -> String {
-        self.token_at(id, roles, now())
+    /// A token for `id`, in a session of its own started now.
+    pub async fn token_for(&self, id: Uuid, roles: &[&str]) -> String {
+        self.token_at(id, roles, now()).await
     }
 
-    pub fn token_at(&self, id: Uuid, roles: &[&str], at: DateTime<Utc>) -> String {
+    /// A token for `id` issued at `at`, in a session of its own started then.
+    pub async fn token_at(&self, id: Uuid, roles: &[&str], at: DateTime<Utc>) -> String {
+        let session = self.start_session(id, at).await;
+        self.token_in(id, session, roles, at)
+    }
+
+    /// A token for `id` in `session`, issued at `at`; nothing is appended.
+    pub fn token_in(&self, id: Uuid, session: Uuid, roles: &[&str], at: DateTime<Utc>) -> String {
         let roles = roles.iter().map(|role| (*role).to_owned()).collect();
         self.issuer
-            .issue(id, roles, at)
+            .issue(id, session, roles, at)
             .unwrap()
             .token
             .expose_secret()
             .clone()
+    }
+
+    /// Starts a session of `id` at `at` with the default limits, as a login does, in the
+    /// account's current session epoch (0 for an account the store does not hold), and returns
+    /// its id.
+    pub async fn start_session(&self, id: Uuid, at: DateTime<Utc>) -> Uuid {
+        let started = self.session_started(id, at).await;
+        let session = *started.session_id.as_uuid();
+        self.append_session_event(SessionEvent::SessionStarted(started))
+            .await;
+        session
+    }
+
+    /// The event a login appends to start a session of `id` at `at` (the default limits, the
+    /// account's current epoch, a user agent naming these tests), for a test to change before
+    /// appending it.
+    pub async fn session_started(&self, id: Uuid, at: DateTime<Utc>) -> SessionStarted {
+        let policy = SessionPolicy::default();
+        SessionStarted {
+            session_id: SessionId::from_uuid(Uuid::now_v7()),
+            user_id: UserId::from_uuid(id),
+            session_epoch: self.session_epoch(id).await,
+            started_at: at,
+            expires_at: at + TimeDelta::from_std(policy.max).unwrap(),
+            idle_expires_at: at + TimeDelta::from_std(policy.idle).unwrap(),
+            user_agent: Some(UserAgent::new("query-api tests")),
+            generation: 0,
+            nonce: RefreshNonce::from_bytes([7; RefreshNonce::LEN]),
+        }
+    }
+
+    /// Ends `session` of `user` now, as a logout does, and returns the event's position.
+    pub async fn end_session(&self, user: Uuid, session: Uuid) -> u64 {
+        self.append_session_event(SessionEvent::SessionEnded(SessionEnded {
+            session_id: SessionId::from_uuid(session),
+            user_id: UserId::from_uuid(user),
+            ended_at: now(),
+            reason: SessionEndReason::LoggedOut,
+        }))
+        .await
+    }
+
+    /// The account's session epoch, as its stream in the message store says (0 without one).
+    pub async fn session_epoch(&self, id: Uuid) -> u64 {
+        let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();
+        let events: Vec<UserEvent> = self
+            .store
+            .read_stream(&stream, 0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|message| {
+                let version = event_version(&message.metadata).unwrap();
+                UserEvent::from_stored(&message.message_type, version, &message.data).unwrap()
+            })
+            .collect();
+        UserAccount::fold(&events)
+            .account()
+            .map_or(0, |account| account.session_epoch)
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
@@ -240,7 +311,7 @@ impl TestApp {
         let admin = self
             .seed_user("root@example.com", "active", &["admin"])
             .await;
-        let token = self.token_for(admin.id, &["admin"]);
+        let token = self.token_for(admin.id, &["admin"]).await;
         (admin, token)
     }
 
@@ -262,12 +333,14 @@ impl TestApp {
         if status == "deactivated" {
             position = self.deactivate(id).await;
         }
+        let session_epoch = i64::try_from(self.session_epoch(id).await).unwrap();
         let roles: Vec<String> = roles.iter().map(|role| (*role).to_owned()).collect();
         let position = i64::try_from(position).unwrap();
         let mut transaction = self.pool.begin().await.unwrap();
         sqlx::query(
-            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, roles, position) \
-             VALUES ($1, $2, $3, $4, $5, 3, $6, $7)",
+            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, roles, \
+                                session_epoch, position) \
+             VALUES ($1, $2, $3, $4, $5, 3, $6, $7, $8)",
         )
         .bind(id)
         .bind(parsed.as_str())
@@ -275,6 +348,7 @@ impl TestApp {
         .bind(status)
         .bind(now())
         .bind(&roles)
+        .bind(session_epoch)
         .bind(position)
         .execute(&mut *transaction)
         .await
@@ -312,6 +386,35 @@ impl TestApp {
             UserEvent::UserDeactivated(UserDeactivated { at: now() }),
         )
         .await
+    }
+
+    /// The row of the session `started` in the sessions view, as the aggregator writes it: with
+    /// its last refresh and its end, when given.
+    pub async fn seed_session_row(
+        &self,
+        started: &SessionStarted,
+        last_refreshed_at: Option<DateTime<Utc>>,
+        ended_at: Option<DateTime<Utc>>,
+    ) {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, session_epoch, started_at, last_refreshed_at, \
+                                   expires_at, idle_expires_at, user_agent, generation, ended_at, \
+                                   end_reason, position) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, 1)",
+        )
+        .bind(started.session_id.as_uuid())
+        .bind(started.user_id.as_uuid())
+        .bind(i64::try_from(started.session_epoch).unwrap())
+        .bind(started.started_at)
+        .bind(last_refreshed_at)
+        .bind(started.expires_at)
+        .bind(started.idle_expires_at)
+        .bind(started.user_agent.as_ref().map(UserAgent::as_str))
+        .bind(ended_at)
+        .bind(ended_at.map(|_| SessionEndReason::LoggedOut.name()))
+        .execute(&self.pool)
+        .await
+        .unwrap();
     }
 
     /// Makes the read model's database refuse every connection and drops the open ones, as if
@@ -367,6 +470,13 @@ impl TestApp {
     /// Appends one user event to the message store, as the command API would.
     pub async fn append_user_event(&self, id: Uuid, event: UserEvent) -> u64 {
         let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();
+        self.append(stream, event.event_type(), event.version(), event.to_json())
+            .await
+    }
+
+    /// Appends one session event to its session's stream, as the command API would.
+    pub async fn append_session_event(&self, event: SessionEvent) -> u64 {
+        let stream = StreamName::parse(session_stream_name(event.session_id())).unwrap();
         self.append(stream, event.event_type(), event.version(), event.to_json())
             .await
     }
@@ -450,10 +560,7 @@ pub fn registration(
         user_id: UserId::from_uuid(id),
         email_normalized: email.normalized().to_owned(),
         email,
-        password_hash: PasswordHash::parse(
-            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-        )
-        .unwrap(),
+        password_hash: a_password_hash(),
         status,
         roles: roles
             .iter()
@@ -464,6 +571,12 @@ pub fn registration(
             .collect(),
         registered_at: at,
     })
+}
+
+/// A password hash as the command API stores one (of no password anyone knows).
+pub fn a_password_hash() -> PasswordHash {
+    PasswordHash::parse("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA")
+        .unwrap()
 }
 
 pub async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
@@ -485,6 +598,35 @@ pub fn assert_refused(answer: &(u16, Value), status: u16, code: &str, case: impl
         (*actual, body["code"].as_str()),
         (status, Some(code)),
         "{case}: {body}"
+    );
+}
+
+/// Asserts that every route of `routes` answers `token` (with `X-Min-Position` when given) with
+/// the 401 an invalid token gets.
+pub async fn refused_everywhere(
+    app: &TestApp,
+    token: &str,
+    routes: &[String],
+    min_position: Option<u64>,
+) {
+    let mut answers = Vec::new();
+    for path in routes {
+        let response = app.get_with_min_position(path, token, min_position).await;
+        let status = response.status().as_u16();
+        let code = if status == 200 {
+            None
+        } else {
+            problem(response).await.1["code"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        answers.push((path.as_str(), status, code));
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|(_, status, code)| *status == 401 && code.as_deref() == Some("invalid_token")),
+        "not every route refused the token: {answers:?}"
     );
 }
 

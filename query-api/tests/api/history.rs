@@ -60,7 +60,7 @@ async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
 async fn the_history_lists_every_event_in_order_without_secrets() {
     let app = spawn().await;
     let id = app.account_with_history(now() - TimeDelta::hours(1)).await;
-    let token = app.token_for(id, &["user"]);
+    let token = app.token_for(id, &["user"]).await;
 
     let response = app.get(&format!("/users/{id}/events"), Some(&token)).await;
     assert_eq!(response.status(), 200);
@@ -94,7 +94,7 @@ async fn the_history_lists_every_event_in_order_without_secrets() {
     let (status, _) = problem(
         app.get(
             &format!("/users/{id}/events"),
-            Some(&app.token_for(other.id, &["user"])),
+            Some(&app.token_for(other.id, &["user"]).await),
         )
         .await,
     )

@@ -45,7 +45,7 @@ async fn login_count(app: &TestApp, token: &str, min_position: Option<u64>) -> u
 /// kept.
 async fn ann_read_once(app: &TestApp) -> (Uuid, String) {
     let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(ann.id, &["user"]);
+    let token = app.token_for(ann.id, &["user"]).await;
     assert_eq!(login_count(app, &token, None).await, 3);
     (ann.id, token)
 }

@@ -33,7 +33,7 @@ async fn an_administrator_finds_an_account_by_email_in_any_case_or_form() {
 async fn listing_accounts_is_for_administrators_only() {
     let app = spawn().await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
+    let token = app.token_for(user.id, &["user"]).await;
     for path in [
         "/users?status=active",
         "/users?email=ann%40example.com",

@@ -9,7 +9,7 @@ use crate::harness::{now, problem, spawn};
 async fn a_user_reads_their_own_profile_by_id_and_as_me() {
     let app = spawn().await;
     let user = app.seed_user("Ann@Example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
+    let token = app.token_for(user.id, &["user"]).await;
 
     for path in [format!("/users/{}", user.id), "/users/me".to_owned()] {
         let response = app.get(&path, Some(&token)).await;
@@ -33,7 +33,7 @@ async fn reading_someone_elses_profile_is_forbidden() {
     let response = app
         .get(
             &format!("/users/{}", bob.id),
-            Some(&app.token_for(ann.id, &["user"])),
+            Some(&app.token_for(ann.id, &["user"]).await),
         )
         .await;
     let (status, body) = problem(response).await;
@@ -43,7 +43,7 @@ async fn reading_someone_elses_profile_is_forbidden() {
     let response = app
         .get(
             &format!("/users/{}", Uuid::now_v7()),
-            Some(&app.token_for(ann.id, &["user"])),
+            Some(&app.token_for(ann.id, &["user"]).await),
         )
         .await;
     assert_eq!(response.status(), 403);
@@ -58,7 +58,7 @@ async fn an_administrator_reads_any_profile_and_learns_of_unknown_ones() {
     let bob = app
         .seed_user("bob@example.com", "deactivated", &["user"])
         .await;
-    let token = app.token_for(admin.id, &["admin", "user"]);
+    let token = app.token_for(admin.id, &["admin", "user"]).await;
 
     let response = app.get(&format!("/users/{}", bob.id), Some(&token)).await;
     assert_eq!(response.status(), 200);
@@ -84,13 +84,15 @@ async fn requests_without_a_valid_token_are_refused_alike() {
         app.issuer.settings().clone(),
     );
     let unknown_key = stranger
-        .issue(user.id, vec![], now())
+        .issue(user.id, Uuid::new_v4(), vec![], now())
         .unwrap()
         .token
         .expose_secret()
         .clone();
-    let expired = app.token_at(user.id, &["user"], now() - TimeDelta::hours(2));
-    let mut tampered = app.token_for(user.id, &["user"]);
+    let expired = app
+        .token_at(user.id, &["user"], now() - TimeDelta::hours(2))
+        .await;
+    let mut tampered = app.token_for(user.id, &["user"]).await;
     tampered.insert(tampered.len() - 3, 'x');
 
     let cases: [(&str, Option<&str>); 5] = [
@@ -121,7 +123,7 @@ async fn a_deactivated_administrator_can_no_longer_list_or_read_others() {
         .seed_user("root@example.com", "deactivated", &["admin"])
         .await;
     let bob = app.seed_user("bob@example.com", "active", &["user"]).await;
-    let token = app.token_for(admin.id, &["admin"]);
+    let token = app.token_for(admin.id, &["admin"]).await;
     for path in [
         format!("/users/{}", bob.id),
         "/users?status=active".to_owned(),

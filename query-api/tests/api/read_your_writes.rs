@@ -8,9 +8,11 @@ use crate::harness::{TestApp, assert_refused, problem, spawn, spawn_with};
 /// of.
 async fn ann_and_a_position_not_reached(app: &TestApp) -> (String, u64) {
     let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
+    // Before the position: her session is written too, and `written` must stay the last.
+    let token = app.token_for(ann.id, &["user"]).await;
     let written = app.written_position().await;
     app.set_checkpoint(written - 1).await;
-    (app.token_for(ann.id, &["user"]), written)
+    (token, written)
 }
 
 /// `/users/me` for `token`, answered once the read model has reached `position`.
@@ -113,7 +115,7 @@ async fn a_deactivated_caller_is_refused_before_it_waits() {
     app.set_checkpoint(written - 1).await;
     let started = Instant::now();
     for id in [shown.id, unseen] {
-        let token = app.token_for(id, &["user"]);
+        let token = app.token_for(id, &["user"]).await;
         let answer = problem(me_at_position(&app, &token, written).await).await;
         assert_refused(&answer, 401, "invalid_token", id);
     }
@@ -124,7 +126,7 @@ async fn a_deactivated_caller_is_refused_before_it_waits() {
 async fn a_malformed_min_position_is_a_bad_request() {
     let app = spawn().await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
+    let token = app.token_for(user.id, &["user"]).await;
     for value in ["-1", "soon", "1.5"] {
         let answer = problem(me_at(&app, &token, &[value]).await).await;
         assert_refused(&answer, 400, "invalid_header", value);

@@ -22,10 +22,10 @@ async fn after_a_database_restart_no_request_fails_on_a_connection_that_died_in_
         .seed_user("root@example.com", "active", &["admin", "user"])
         .await;
     let requests = [
-        ("/users/me", app.token_for(ann.id, &["user"])),
+        ("/users/me", app.token_for(ann.id, &["user"]).await),
         (
             "/users?status=active",
-            app.token_for(root.id, &["admin", "user"]),
+            app.token_for(root.id, &["admin", "user"]).await,
         ),
     ];
     for (path, token) in &requests {

@@ -21,6 +21,7 @@ async fn the_openapi_document_describes_every_route() {
     let document: serde_json::Value = app.get("/openapi.json", None).await.json().await.unwrap();
     for path in [
         "/users/me",
+        "/users/me/sessions",
         "/users/{id}",
         "/users",
         "/users/{id}/events",

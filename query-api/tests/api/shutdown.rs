@@ -13,7 +13,7 @@ use crate::harness::spawn_with;
 async fn once_stopped_the_query_api_runs_no_task_and_holds_no_connection() {
     let mut app = spawn_with(|settings| settings.query.max_view_lag_ms = 100).await;
     let user = app.seed_user("ann@example.com", "active", &["user"]).await;
-    let token = app.token_for(user.id, &["user"]);
+    let token = app.token_for(user.id, &["user"]).await;
     // Served, so its background tasks run: the kept profiles sync, the store is sampled.
     assert_eq!(app.get("/users/me", Some(&token)).await.status(), 200);
     assert!(app.open_connections().await > 0);

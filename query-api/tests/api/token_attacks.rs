@@ -31,8 +31,8 @@ fn header(app: &TestApp) -> Value {
     json!({ "alg": "EdDSA", "kid": app.signing_key.kid(), "typ": "at+jwt" })
 }
 
-/// Claims the query API accepts for `id`, now.
-fn claims(app: &TestApp, id: Uuid) -> Value {
+/// Claims the query API accepts for `id` in `session`, now.
+fn claims(app: &TestApp, id: Uuid, session: Uuid) -> Value {
     let settings = app.issuer.settings();
     let now = now().timestamp();
     json!({
@@ -43,6 +43,7 @@ fn claims(app: &TestApp, id: Uuid) -> Value {
         "iat": now,
         "nbf": now,
         "jti": Uuid::new_v4(),
+        "sid": session,
         "roles": ["user"],
     })
 }
@@ -57,7 +58,8 @@ async fn forged_and_misused_tokens_are_refused_alike() {
     let app = spawn().await;
     let ann = app.seed_user("ann@example.com", "active", &["user"]).await;
     let path = format!("/users/{}", ann.id);
-    let (good_header, good_claims) = (header(&app), claims(&app, ann.id));
+    let session = app.start_session(ann.id, now()).await;
+    let (good_header, good_claims) = (header(&app), claims(&app, ann.id, session));
     let in_an_hour = now().timestamp() + 3600;
     let an_hour_ago = now().timestamp() - 3600;
 
@@ -162,7 +164,7 @@ async fn a_valid_token_of_an_account_deactivated_since_is_refused() {
     aggregator.catch_up(&app).await;
     let registered = aggregator.checkpoint().await;
     // Issued while the account is active, and still within its lifetime afterwards.
-    let token = app.token_for(ann, &["user"]);
+    let token = app.token_for(ann, &["user"]).await;
     let paths = [
         "/users/me".to_owned(),
         format!("/users/{ann}"),
