@@ -2,7 +2,8 @@
 //!
 //! The read model's rows are written here the way the aggregator writes them (its own tests
 //! prove the projection), or by the real aggregator where the view's states matter
-//! (`deactivation.rs`); history and time travel read real events from the message store.
+//! (`deactivation.rs`, `sessions.rs`); history and time travel read real events from the message
+//! store. Every token belongs to a session started in the message store (`harness.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
@@ -15,5 +16,6 @@ mod profiles;
 mod read_your_writes;
 mod restart;
 mod service;
+mod sessions;
 mod shutdown;
 mod token_attacks;
