@@ -15,8 +15,9 @@ use crate::service::CommandError;
 pub enum ApiError {
     #[error(transparent)]
     Command(#[from] CommandError),
-    /// No bearer token, one that does not verify, or an administrator's issued before they
-    /// were deactivated.
+    /// No bearer token, one that does not verify, or one whose session is no longer live (logged
+    /// out, ended, expired, or ended with the account: deactivated, password changed, all its
+    /// sessions ended).
     #[error("missing or invalid token")]
     InvalidToken,
     #[error("forbidden")]
@@ -42,7 +43,15 @@ impl ApiError {
                     .with_detail(
                         "the email or the password is wrong, or the account cannot log in",
                     ),
+                CommandError::InvalidRefreshToken => {
+                    Problem::unauthorized("invalid_refresh_token").with_detail(
+                        "the refresh token is not valid, or its session has ended or expired: log in again",
+                    )
+                }
                 CommandError::NotFound => Problem::not_found().with_detail("no such account"),
+                CommandError::SessionNotFound => {
+                    Problem::not_found().with_detail("no such session")
+                }
                 CommandError::AccountInactive => {
                     conflict("account_inactive", "the account is deactivated")
                 }
@@ -123,7 +132,13 @@ mod tests {
                 401,
                 "invalid_credentials",
             ),
+            (
+                command(CommandError::InvalidRefreshToken),
+                401,
+                "invalid_refresh_token",
+            ),
             (command(CommandError::NotFound), 404, "not_found"),
+            (command(CommandError::SessionNotFound), 404, "not_found"),
             (
                 command(CommandError::AccountInactive),
                 409,
@@ -171,6 +186,7 @@ mod tests {
     fn a_401_challenges_for_a_bearer_token() {
         for error in [
             command(CommandError::InvalidCredentials),
+            command(CommandError::InvalidRefreshToken),
             ApiError::InvalidToken,
         ] {
             let response = error.into_response();

@@ -1,11 +1,13 @@
 //! The command API: the write side of the identity service over HTTP.
 //!
-//! Registration, login with a signed JWT, activation, deactivation and password change. Each
-//! command reads the streams it needs from the message store, lets the pure domain
-//! (`identity`) decide, and appends what it decided; nothing here reads the read model.
+//! Registration, login with a signed JWT and a session, refresh, logout, ending sessions,
+//! activation, deactivation and password change. Each command reads the streams it needs from
+//! the message store, lets the pure domain (`identity`) decide, and appends what it decided;
+//! nothing here reads the read model.
 //!
 //! - [`settings`]: what can be configured, with defaults.
 //! - [`service`]: the commands without HTTP.
+//! - [`sessions`]: the session commands without HTTP, and the check of a bearer token's session.
 //! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
 //! - [`hashing`]: argon2id off the runtime, on a bounded set of threads (one per core).
 //! - [`reservation`]: email uniqueness through reservation streams.
@@ -18,6 +20,7 @@ pub mod hashing;
 pub mod reservation;
 pub mod routes;
 pub mod service;
+pub mod sessions;
 pub mod settings;
 
 use std::future::Future;
@@ -34,7 +37,7 @@ use tokio::net::TcpListener;
 
 pub use routes::{ApiDoc, AppState, command_routes, router};
 pub use service::{Commands, Done};
-pub use settings::{LoginSettings, Settings};
+pub use settings::{LoginSettings, SessionSettings, Settings};
 
 use crate::hashing::Hasher;
 use crate::service::CommandError;
@@ -127,6 +130,10 @@ pub fn state_with_store(
         .key_set()
         .context("loading the signing keys")?;
     let issuer = TokenIssuer::new(keys, settings.tokens.settings());
+    let refresh_key = settings
+        .tokens
+        .refresh_token_key()
+        .context("loading the refresh token key")?;
     let verifier = Arc::new(issuer.verifier());
     let hasher = Hasher::new(
         &settings.password,
@@ -137,6 +144,8 @@ pub fn state_with_store(
         store,
         hasher,
         issuer,
+        refresh_key,
+        session_policy: settings.sessions.policy(),
         clock,
         password_policy: settings.password.policy(),
         lockout: settings.login.lockout_policy(),

@@ -1,16 +1,17 @@
-//! The HTTP surface: handlers, the bearer-token check and the OpenAPI document.
+//! The HTTP surface: handlers, the bearer-token checks (a verified token, and a verified token
+//! whose session is live) and the OpenAPI document.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use identity::{Role, UserId};
+use axum::routing::{delete, get, post};
+use identity::{Role, SessionId, UserAgent, UserId};
 use platform::ApiJson;
 use platform::http::{bearer_token, jwks_response, readiness};
 use platform::openapi::BearerAuth;
@@ -22,6 +23,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::service::{CommandError, Commands, Done};
+use crate::sessions::SessionTokens;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -51,6 +53,10 @@ pub fn command_routes(state: AppState) -> Router {
         .route("/users/{id}/activate", post(activate))
         .route("/users/{id}/deactivate", post(deactivate))
         .route("/users/{id}/password", post(change_password))
+        .route("/token/refresh", post(refresh))
+        .route("/logout", post(logout))
+        .route("/users/me/sessions/{id}", delete(end_own_session))
+        .route("/users/{id}/sessions", delete(end_all_sessions))
         .with_state(state)
 }
 
@@ -116,6 +122,36 @@ impl fmt::Debug for ChangePasswordRequest {
     }
 }
 
+/// `POST /token/refresh`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token of the last login or refresh: `<session id>.<generation>.<secret>`.
+    #[schema(max_length = 101)]
+    refresh_token: String,
+}
+
+impl fmt::Debug for RefreshRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RefreshRequest { refresh_token: [redacted] }")
+    }
+}
+
+/// `POST /logout` without an access token: the session's refresh token instead.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogoutRequest {
+    /// A refresh token of the session to end.
+    #[schema(max_length = 101)]
+    refresh_token: String,
+}
+
+impl fmt::Debug for LogoutRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LogoutRequest { refresh_token: [redacted] }")
+    }
+}
+
 /// A command's result: the account and the global position of its last event.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CommandResult {
@@ -123,14 +159,54 @@ pub struct CommandResult {
     position: u64,
 }
 
-/// An OAuth 2 style token response.
+/// An OAuth 2 style token response, for a login and a refresh alike.
 #[derive(Serialize, ToSchema)]
 pub struct TokenResponse {
     access_token: String,
     /// Always `Bearer`.
     token_type: &'static str,
-    /// Seconds until the token expires.
+    /// Seconds until the access token expires.
     expires_in: u64,
+    /// Exchanged at `POST /token/refresh` for a new pair; each refresh replaces it. Shown once:
+    /// the service keeps no copy.
+    refresh_token: String,
+    /// Seconds until the session can no longer be refreshed (its idle or its absolute limit,
+    /// whichever comes first); a refresh moves the idle one.
+    refresh_expires_in: u64,
+    /// The session, also in the access token's `sid` claim.
+    session_id: Uuid,
+}
+
+impl fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"[redacted]")
+            .field("expires_in", &self.expires_in)
+            .field("refresh_token", &"[redacted]")
+            .field("refresh_expires_in", &self.refresh_expires_in)
+            .field("session_id", &self.session_id)
+            .finish()
+    }
+}
+
+impl TokenResponse {
+    /// The answer, with `Cache-Control: no-store` (it holds credentials) and the position of
+    /// the session's last event.
+    fn answer(tokens: SessionTokens) -> Response {
+        let body = TokenResponse {
+            access_token: tokens.access.token.expose_secret().clone(),
+            token_type: "Bearer",
+            expires_in: tokens.access.expires_in,
+            refresh_token: tokens.refresh.text().expose_secret().clone(),
+            refresh_expires_in: tokens.refresh_expires_in,
+            session_id: *tokens.session_id.as_uuid(),
+        };
+        let mut response = ApiJson(body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert("x-position", HeaderValue::from(tokens.position));
+        response
+    }
 }
 
 /// The problem+json shape of every error (RFC 9457).
@@ -177,11 +253,24 @@ impl IntoResponses for AdminRefusals {
         problem_responses([
             (
                 "401",
-                "`invalid_token`: no or an invalid bearer token, or an administrator deactivated since it was issued",
+                "`invalid_token`: no or an invalid bearer token, its session no longer live, or an administrator deactivated since it was issued",
             ),
             ("403", "The token lacks the admin role"),
             ("404", "No such account"),
         ])
+    }
+}
+
+/// The answers of a route that takes a bearer token to a caller without a usable one, for the
+/// document.
+struct BearerRefusals;
+
+impl IntoResponses for BearerRefusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        problem_responses([(
+            "401",
+            "`invalid_token`: no or an invalid bearer token, or its session is no longer live (logged out, ended, expired, or ended with the account)",
+        )])
     }
 }
 
@@ -263,9 +352,10 @@ async fn register(
 }
 
 #[utoipa::path(post, path = "/login", request_body = LoginRequest,
+    params(("User-Agent" = Option<String>, Header, description = "Kept with the session (its first 256 characters), so that its owner can tell their sessions apart")),
     responses(
-        (status = 200, description = "A signed access token", body = TokenResponse,
-            headers(("Cache-Control" = String, description = "no-store"), ("X-Position" = u64, description = "global position of the login event"))),
+        (status = 200, description = "A signed access token and the refresh token of the session the login started", body = TokenResponse,
+            headers(("Cache-Control" = String, description = "no-store"), ("X-Position" = u64, description = "global position of the login event and the session's start"))),
         (status = 401, description = "`invalid_credentials`, one body for every failure: unknown email, wrong password, inactive or locked account", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "`throttled`: too many password checks waiting; see Retry-After. Answered like a refusal, for a known and an unknown email alike", body = ProblemBody, content_type = "application/problem+json"),
@@ -274,22 +364,122 @@ async fn register(
     ))]
 async fn login(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
-    let logged_in = state
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .map(|value| UserAgent::new(&String::from_utf8_lossy(value.as_bytes())));
+    let tokens = state
         .commands
-        .login(&request.email, request.password)
+        .login(&request.email, request.password, user_agent)
         .await?;
-    let token = logged_in.token;
-    let mut response = ApiJson(TokenResponse {
-        access_token: token.token.expose_secret().clone(),
-        token_type: "Bearer",
-        expires_in: token.expires_in,
-    })
-    .into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert("x-position", HeaderValue::from(logged_in.position));
+    Ok(TokenResponse::answer(tokens))
+}
+
+#[utoipa::path(post, path = "/token/refresh", request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A fresh access token and the session's next refresh token, which replaces the one sent. The token replaced last, sent again within `sessions.reuse_grace_seconds` of its replacement (a lost answer, a double click), gets the same current refresh token again", body = TokenResponse,
+            headers(("Cache-Control" = String, description = "no-store"), ("X-Position" = u64, description = "global position of the session's last event"))),
+        (status = 401, description = "`invalid_refresh_token`, one body for every failure: malformed, forged, unknown, ended or expired session, account deactivated or its sessions ended. A token that had been replaced (a reuse) ends its session too", body = ProblemBody, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "Bearer"))),
+        (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
+        StoreOutOfReach,
+    ))]
+async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RefreshRequest>,
+) -> Result<Response, ApiError> {
+    let tokens = state.commands.refresh(&request.refresh_token).await?;
+    Ok(TokenResponse::answer(tokens))
+}
+
+#[utoipa::path(post, path = "/logout", request_body = Option<LogoutRequest>,
+    security((), ("bearer" = [])),
+    responses(
+        (status = 204, description = "The session is over: the access token's (`sid`), or, without one, the refresh token's. Ending a session that is already over is a 204 too"),
+        (status = 401, description = "`invalid_token`: an invalid bearer token, or neither a bearer token nor a body; `invalid_refresh_token`: a refresh token that is not valid", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
+        StoreOutOfReach,
+    ))]
+async fn logout(State(state): State<AppState>, request: Request) -> Result<StatusCode, Response> {
+    let commands = &state.commands;
+    let headers = request.headers();
+    if bearer_token(headers).is_some() {
+        let (mut parts, _) = request.into_parts();
+        let Bearer(claims) = Bearer::from_request_parts(&mut parts, &state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let (user, session) = (
+            UserId::from_uuid(claims.sub),
+            SessionId::from_uuid(claims.sid),
+        );
+        commands.log_out(user, session).await.map_err(refused)?;
+    } else if headers.contains_key(header::CONTENT_TYPE) {
+        // The body's own refusals (400, 413, 415, 422) as every route answers them.
+        let ApiJson(body) = ApiJson::<LogoutRequest>::from_request(request, &state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        commands
+            .log_out_with_refresh_token(&body.refresh_token)
+            .await
+            .map_err(refused)?;
+    } else {
+        return Err(ApiError::InvalidToken.into_response());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A command's error as its answer, for a handler that answers other refusals too.
+fn refused(error: CommandError) -> Response {
+    ApiError::from(error).into_response()
+}
+
+#[utoipa::path(delete, path = "/users/me/sessions/{id}",
+    params(("id" = Uuid, Path, description = "One of the caller's sessions")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The session is over (or already was)"),
+        (status = 404, description = "No session of the caller has this id: unknown and another person's alike", body = ProblemBody, content_type = "application/problem+json"),
+        BearerRefusals,
+        StoreOutOfReach,
+    ))]
+async fn end_own_session(
+    State(state): State<AppState>,
+    Caller(claims): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let session = id
+        .parse::<Uuid>()
+        .map_err(|_| CommandError::SessionNotFound)?;
+    state
+        .commands
+        .end_own_session(UserId::from_uuid(claims.sub), SessionId::from_uuid(session))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(delete, path = "/users/{id}/sessions",
+    params(("id" = Uuid, Path, description = "The account")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Every session of the account is over, its administrator's own included when it is theirs",
+            headers(("X-Position" = u64, description = "global position of the SessionsEnded event"))),
+        AdminRefusals,
+        StoreOutOfReach,
+    ))]
+async fn end_all_sessions(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let done = state.commands.end_all_sessions(parse_id(&id)?).await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert("x-position", HeaderValue::from(done.position));
     Ok(response)
 }
 
@@ -339,9 +529,9 @@ async fn deactivate(
     params(("id" = Uuid, Path, description = "The account: the token's own subject")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Changed", body = CommandResult,
+        (status = 200, description = "Changed. Every session of the account is over, the caller's own included: log in again with the new password", body = CommandResult,
             headers(("X-Position" = u64, description = "global position of the PasswordChanged event"))),
-        (status = 401, description = "`invalid_token`, or `invalid_credentials` when the current password is wrong (counted as a failed login) or the account is locked", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`invalid_token` (its session no longer live included), or `invalid_credentials` when the current password is wrong (counted as a failed login) or the account is locked", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "The token is another user's", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`account_inactive`: the account is deactivated", body = ProblemBody, content_type = "application/problem+json"),
@@ -391,9 +581,9 @@ async fn openapi() -> Response {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "identity command API", description = "Registration, login, activation and password change."),
-    paths(register, login, activate, deactivate, change_password, jwks, readyz, openapi),
-    components(schemas(RegisterRequest, LoginRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody)),
+    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation and password change."),
+    paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password, jwks, readyz, openapi),
+    components(schemas(RegisterRequest, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -404,10 +594,11 @@ fn parse_id(id: &str) -> Result<UserId, ApiError> {
     Ok(UserId::from_uuid(id))
 }
 
-/// The verified claims of the request's bearer token.
-pub struct Caller(pub Claims);
+/// The verified claims of the request's bearer token, whatever its session's state: for
+/// logging out, which ending a session twice does no harm to.
+pub struct Bearer(pub Claims);
 
-impl FromRequestParts<AppState> for Caller {
+impl FromRequestParts<AppState> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -421,24 +612,43 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// A caller whose token carries the admin role.
+/// The verified claims of the request's bearer token, whose session is live.
+///
+/// A token outlives its session by up to its lifetime (a logout, a detected reuse, an
+/// administrator ending it, a deactivation, a password change); the command side checks the
+/// session in the store on every use, so such a token changes nothing (ADR 11).
+pub struct Caller(pub Claims);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Bearer(claims) = Bearer::from_request_parts(parts, state).await?;
+        let user = UserId::from_uuid(claims.sub);
+        let session = SessionId::from_uuid(claims.sid);
+        if !state.commands.session_is_live(user, session).await? {
+            tracing::debug!("a bearer token of a session no longer live was refused");
+            return Err(ApiError::InvalidToken);
+        }
+        Ok(Self(claims))
+    }
+}
+
+/// A caller whose token carries the admin role, in a live session. The session's check covers
+/// an administrator deactivated since the token was issued: that ends their sessions.
 pub struct Admin(pub Claims);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Caller(claims) = Caller::from_request_parts(parts, state).await?;
+        let Bearer(claims) = Bearer::from_request_parts(parts, state).await?;
         if !claims.has_role(Role::Admin.name()) {
             return Err(ApiError::Forbidden);
         }
-        // A token outlives a deactivation by up to its lifetime; an administrator deactivated
-        // meanwhile must not act on its strength.
-        if !state
-            .commands
-            .is_active(UserId::from_uuid(claims.sub))
-            .await?
-        {
+        let user = UserId::from_uuid(claims.sub);
+        let session = SessionId::from_uuid(claims.sid);
+        if !state.commands.session_is_live(user, session).await? {
             return Err(ApiError::InvalidToken);
         }
         Ok(Self(claims))

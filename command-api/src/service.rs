@@ -12,9 +12,9 @@ use identity::{
     ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
     EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus, LOGIN_CATEGORY, LockoutPolicy,
     LoginDecision, LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy,
-    Register, Role, USER_CATEGORY, UserAccount, UserCommand, UserEvent, UserId, change_of, decide,
-    decide_administrators, decide_login, event_version, login_stream_name, user_id_of_stream,
-    user_stream_name,
+    Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount, UserAgent,
+    UserCommand, UserEvent, UserId, change_of, decide, decide_administrators, decide_login,
+    event_version, login_stream_name, user_id_of_stream, user_stream_name,
 };
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
@@ -23,14 +23,15 @@ use message_store::{
 use platform::FieldError;
 use platform::clock::Clock;
 use serde_json::{Value, json};
-use tokens::{IssuedToken, TokenIssuer};
+use tokens::{RefreshTokenKey, TokenIssuer};
 use uuid::Uuid;
 
 use crate::hashing::{HashError, Hasher};
 use crate::reservation::{EmailReserved, email_stream};
+use crate::sessions::SessionTokens;
 
 /// How often a read-decide-append is tried again when another writer got there first.
-const MAX_ATTEMPTS: usize = 10;
+pub(crate) const MAX_ATTEMPTS: usize = 10;
 
 /// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,14 @@ pub enum CommandError {
     /// a locked account): one error, so that nobody learns which.
     #[error("invalid credentials")]
     InvalidCredentials,
+    /// Any refresh token that does not refresh (malformed, forged, of an unknown, ended or
+    /// expired session, of an account deactivated or whose sessions were all ended, or reused):
+    /// one error, so that nobody learns which.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// No session of this id belongs to the caller: unknown, or another person's, alike.
+    #[error("no such session")]
+    SessionNotFound,
     #[error("no such account")]
     NotFound,
     #[error("the account is deactivated")]
@@ -101,6 +110,9 @@ pub struct Commands {
     pub store: Arc<dyn MessageStore>,
     pub hasher: Hasher,
     pub issuer: TokenIssuer,
+    /// Derives refresh token secrets (ADR 10).
+    pub refresh_key: RefreshTokenKey,
+    pub session_policy: SessionPolicy,
     pub clock: Arc<dyn Clock>,
     pub password_policy: PasswordPolicy,
     pub lockout: LockoutPolicy,
@@ -116,15 +128,9 @@ pub struct Done {
     pub position: GlobalPosition,
 }
 
-/// A granted login.
-pub struct LoggedIn {
-    pub token: IssuedToken,
-    pub position: GlobalPosition,
-}
-
 /// A user stream folded, with where it ends.
-struct Loaded {
-    account: UserAccount,
+pub(crate) struct Loaded {
+    pub(crate) account: UserAccount,
     version: Option<StreamPosition>,
     last_global: GlobalPosition,
     first_global: GlobalPosition,
@@ -256,7 +262,15 @@ impl Commands {
     /// `refusal_padding` after the password check ends, or after the start when there was none:
     /// the store work only a known account costs happens within it, so neither the answer nor
     /// its timing tells a known email from an unknown one.
-    pub async fn login(&self, email: &str, password: String) -> Result<LoggedIn, CommandError> {
+    ///
+    /// A granted login starts a session (with the client's `user_agent`, so that its owner can
+    /// tell it from their others), recorded in the same atomic append as the login's event.
+    pub async fn login(
+        &self,
+        email: &str,
+        password: String,
+        user_agent: Option<UserAgent>,
+    ) -> Result<SessionTokens, CommandError> {
         let (Ok(email), Ok(password)) = (Email::parse(email), Password::for_verification(password))
         else {
             count_login("malformed");
@@ -264,7 +278,7 @@ impl Commands {
         };
         let started = Instant::now();
         let mut check = PasswordCheck::new(password);
-        match self.try_login(&email, &mut check).await {
+        match self.try_login(&email, &mut check, user_agent).await {
             Ok(logged_in) => {
                 count_login("granted");
                 Ok(logged_in)
@@ -279,23 +293,30 @@ impl Commands {
     }
 
     /// [`Self::login`] without the padding: find the account, decide on the password and the
-    /// last login, record the decision and, for a granted login, issue the token. Decided again
-    /// when another login to the same account recorded itself first.
+    /// last login, record the decision (with the session a granted login starts) and, for a
+    /// granted login, issue the tokens. Decided again when another login to the same account
+    /// recorded itself first.
     async fn try_login(
         &self,
         email: &Email,
         check: &mut PasswordCheck,
-    ) -> Result<LoggedIn, Failed> {
+        user_agent: Option<UserAgent>,
+    ) -> Result<SessionTokens, Failed> {
         let streams = LoginStreams::of(self.find_user(email).await?)?;
         for _ in 0..MAX_ATTEMPTS {
             let attempt = self.decide_login_attempt(&streams, check).await?;
-            let Some(position) = self.record_login_attempt(&streams, &attempt).await? else {
+            let session = self.session_of(&attempt, user_agent.clone())?;
+            let recorded = self.record_login_attempt(&streams, &attempt, session.as_ref());
+            let Some(position) = recorded.await? else {
                 continue;
             };
             if let Some(outcome) = refusal_outcome(&attempt.decision) {
                 return Err(Failed::refused(outcome));
             }
-            return self.grant(&attempt, check, position).await;
+            let Some(session) = session else {
+                return Err(Failed::refused("unknown_account"));
+            };
+            return self.grant(&attempt, &session, check, position).await;
         }
         Err(Failed::contended(check))
     }
@@ -335,47 +356,67 @@ impl Commands {
         })
     }
 
+    /// The session a granted attempt starts; none for a refusal.
+    fn session_of(
+        &self,
+        attempt: &LoginAttempt,
+        user_agent: Option<UserAgent>,
+    ) -> Result<Option<SessionStarted>, CommandError> {
+        match attempt.loaded.account.account() {
+            Some(account) if attempt.decision.is_granted() => self
+                .start_session(account, user_agent, attempt.now)
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Appends the attempt's login event at the version of the login stream it was decided on,
-    /// if it has one (a refusal of a locked or inactive account leaves no trace): the position
-    /// the answer reports, or `None` when another login to the account recorded itself first
-    /// and the attempt must be decided again.
+    /// if it has one (a refusal of a locked or inactive account leaves no trace), and the start
+    /// of the session a granted login opens, in one atomic append: the position the answer
+    /// reports, or `None` when another login to the account recorded itself first and the
+    /// attempt must be decided again.
     async fn record_login_attempt(
         &self,
         streams: &LoginStreams,
         attempt: &LoginAttempt,
+        session: Option<&SessionStarted>,
     ) -> Result<Option<GlobalPosition>, CommandError> {
         let Some(event) = attempt.decision.event() else {
             return Ok(Some(attempt.loaded.last_global));
         };
-        self.append_login_event(&streams.login, attempt.login_version, event)
+        let mut appends = vec![StreamAppend::new(
+            streams.login.clone(),
+            expected(attempt.login_version),
+            vec![login_message(event)],
+        )];
+        if let Some(started) = session {
+            appends.push(Self::session_start_append(started)?);
+        }
+        self.append_if_current(appends, "appending a login event")
             .await
     }
 
-    /// The token of a granted login. An account whose hash is older than the parameters gets a
-    /// stronger one now, while the password is at hand; the answer's position covers it, so
-    /// that the client can read its own write.
+    /// The tokens of a granted login, in the session it started. An account whose hash is
+    /// older than the parameters gets a stronger one now, while the password is at hand; the
+    /// answer's position covers it, so that the client can read its own write.
     async fn grant(
         &self,
         attempt: &LoginAttempt,
+        session: &SessionStarted,
         check: &PasswordCheck,
         position: GlobalPosition,
-    ) -> Result<LoggedIn, Failed> {
+    ) -> Result<SessionTokens, Failed> {
         let loaded = &attempt.loaded;
         let Some(account) = loaded.account.account() else {
             return Err(Failed::refused("unknown_account"));
         };
-        let roles = account.roles.iter().map(|role| role.name().to_owned());
-        let token = self
-            .issuer
-            .issue(*account.id.as_uuid(), roles.collect(), attempt.now)
-            .context("issuing a token")?;
-        let mut position = position;
+        let mut tokens = self.started_session_tokens(account, session, position)?;
         if self.hasher.needs_rehash(&account.password_hash)
             && let Some(rehashed) = self.rehash(loaded, check.password.clone()).await?
         {
-            position = position.max(rehashed);
+            tokens.position = tokens.position.max(rehashed);
         }
-        Ok(LoggedIn { token, position })
+        Ok(tokens)
     }
 
     /// Stores a stronger hash of the password just verified. It is appended at the version the
@@ -489,7 +530,7 @@ impl Commands {
     }
 
     /// Read, decide, append to the user stream; again when another writer got there first.
-    async fn update(
+    pub(crate) async fn update(
         &self,
         id: UserId,
         command: impl Fn() -> UserCommand,
@@ -551,7 +592,7 @@ impl Commands {
 
     /// Appends, provided every stream is still at the version the decision read: the position
     /// of the last message, or `None` when another writer got there first.
-    async fn append_if_current(
+    pub(crate) async fn append_if_current(
         &self,
         appends: Vec<StreamAppend>,
         appending: &'static str,
@@ -654,20 +695,9 @@ impl Commands {
             .map(|r| r.user_id))
     }
 
-    /// Whether the account `id` exists and is active, from its own stream (strongly
-    /// consistent): for commands whose caller's token may outlive a deactivation.
-    pub async fn is_active(&self, id: UserId) -> Result<bool, CommandError> {
-        Ok(self
-            .load(id)
-            .await?
-            .account
-            .account()
-            .is_some_and(|account| account.is_active()))
-    }
-
     /// Folds a user stream. It holds registration, status and password changes only (never
     /// logins), so it stays short.
-    async fn load(&self, id: UserId) -> Result<Loaded, CommandError> {
+    pub(crate) async fn load(&self, id: UserId) -> Result<Loaded, CommandError> {
         self.load_stream(&user_stream(id)?).await
     }
 
@@ -882,12 +912,12 @@ fn append_failed(error: AppendError, appending: &'static str) -> CommandError {
 }
 
 /// A read-decide-append that lost every attempt to other writers of the same streams.
-fn lost_every_race(doing: &str) -> CommandError {
+pub(crate) fn lost_every_race(doing: &str) -> CommandError {
     anyhow::anyhow!("{doing} lost the race {MAX_ATTEMPTS} times").into()
 }
 
 /// A stored event, read with its stream enum's `from_stored` at the version its metadata names.
-fn stored_event<E>(
+pub(crate) fn stored_event<E>(
     message: &RecordedMessage,
     from_stored: impl Fn(&str, u32, &Value) -> Result<E, EventDecodeError>,
     reading: &'static str,
@@ -903,7 +933,7 @@ fn user_event(message: &RecordedMessage) -> Result<UserEvent, CommandError> {
 }
 
 /// An event as a message, its version in the metadata, where every reader looks for it.
-fn versioned_message(event_type: &'static str, data: Value, version: u32) -> NewMessage {
+pub(crate) fn versioned_message(event_type: &'static str, data: Value, version: u32) -> NewMessage {
     NewMessage::new(event_type, data).with_metadata(json!({ EVENT_VERSION_KEY: version }))
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use identity::{InitialStatus, LockoutPolicy, PasswordPolicy};
+use identity::{InitialStatus, LockoutPolicy, PasswordPolicy, SessionPolicy};
 use platform::settings::{DatabaseSettings, HttpSettings, LogSettings};
 use serde::Deserialize;
 
@@ -18,6 +18,7 @@ pub struct Settings {
     pub password: PasswordSettings,
     pub login: LoginSettings,
     pub registration: RegistrationSettings,
+    pub sessions: SessionSettings,
 }
 
 impl Default for Settings {
@@ -30,6 +31,7 @@ impl Default for Settings {
             password: PasswordSettings::default(),
             login: LoginSettings::default(),
             registration: RegistrationSettings::default(),
+            sessions: SessionSettings::default(),
         }
     }
 }
@@ -137,6 +139,41 @@ impl LoginSettings {
     }
 }
 
+/// How long sessions last, and how long a replaced refresh token is still answered (ADR 10).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct SessionSettings {
+    /// A session not refreshed for this long expires.
+    pub idle_seconds: u64,
+    /// No session lasts longer than this after its login, however often it is refreshed.
+    pub max_seconds: u64,
+    /// How long after a refresh the token it replaced, presented again, is taken for a racing
+    /// duplicate (and answered with the current pair) rather than a reuse (which ends the
+    /// session). Short: whoever holds the replaced token gets the current one within it.
+    pub reuse_grace_seconds: u64,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        let policy = SessionPolicy::default();
+        Self {
+            idle_seconds: policy.idle.as_secs(),
+            max_seconds: policy.max.as_secs(),
+            reuse_grace_seconds: policy.reuse_grace.as_secs(),
+        }
+    }
+}
+
+impl SessionSettings {
+    pub fn policy(&self) -> SessionPolicy {
+        SessionPolicy {
+            idle: Duration::from_secs(self.idle_seconds),
+            max: Duration::from_secs(self.max_seconds),
+            reuse_grace: Duration::from_secs(self.reuse_grace_seconds),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(default)]
 pub struct RegistrationSettings {
@@ -176,5 +213,22 @@ mod tests {
         assert_eq!(settings.http.address, "0.0.0.0:8080");
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(settings.login.hashing_threads(), cores);
+    }
+
+    #[test]
+    fn sessions_last_14_days_idle_90_days_at_most_and_a_replaced_token_10_seconds() {
+        let sessions = Settings::default().sessions;
+        assert_eq!(sessions.idle_seconds, 14 * 24 * 3600);
+        assert_eq!(sessions.max_seconds, 90 * 24 * 3600);
+        assert_eq!(sessions.reuse_grace_seconds, 10);
+        let policy = SessionSettings {
+            idle_seconds: 60,
+            max_seconds: 3600,
+            reuse_grace_seconds: 2,
+        }
+        .policy();
+        assert_eq!(policy.idle, Duration::from_secs(60));
+        assert_eq!(policy.max, Duration::from_secs(3600));
+        assert_eq!(policy.reuse_grace, Duration::from_secs(2));
     }
 }

@@ -6,7 +6,7 @@ use command_api::{Application, Settings};
 use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
-use tokens::{Algorithm, SigningKey};
+use tokens::{Algorithm, RefreshTokenKey, SigningKey};
 use tracing_subscriber::fmt::MakeWriter;
 use uuid::Uuid;
 
@@ -21,7 +21,7 @@ pub struct TestApp {
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Cheap argon2 parameters (the tests about parameters set their own), a fresh key.
+/// Cheap argon2 parameters (the tests about parameters set their own), fresh keys.
 pub fn test_settings(database: &TestDatabase) -> Settings {
     let mut settings = Settings::default();
     settings.database.url = database.url().into();
@@ -29,6 +29,8 @@ pub fn test_settings(database: &TestDatabase) -> Settings {
     settings.http.address = "127.0.0.1:0".into();
     let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
+    let refresh_key = RefreshTokenKey::generate().unwrap();
+    settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
     settings.tokens.issuer = "https://identity.test".into();
     settings.tokens.audience = "tests".into();
     settings.password.memory_kib = 1024;

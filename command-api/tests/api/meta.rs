@@ -32,6 +32,12 @@ async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() 
             .parse()
             .unwrap()
     };
+    // The session the administrator's login started (the command API checks it is live).
+    let session = app.messages("session").await[0].1["session_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     // A token the old key signed before the switch, still live.
     let old_issuer = TokenIssuer::new(
         old.into(),
@@ -42,7 +48,7 @@ async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() 
         app.clock.now()
     };
     let token = old_issuer
-        .issue(admin_id, vec!["admin".into()], now)
+        .issue(admin_id, session, vec!["admin".into()], now)
         .unwrap();
     let id = app.user("ann@example.com").await;
     let response = app.deactivate(&id, token.token.expose_secret()).await;
