@@ -15,7 +15,8 @@ mod helpers;
 use helpers::{PASSWORD, TestApp, spawn_app};
 
 #[tokio::test]
-async fn every_login_is_counted_once_under_its_outcome_and_every_password_check_is_timed() {
+async fn every_login_and_refresh_is_counted_once_under_its_outcome_and_every_password_check_is_timed()
+ {
     let app = spawn_app().await;
     app.user("ann@example.com").await;
     let before = metrics(&app).await;
@@ -31,13 +32,25 @@ async fn every_login_is_counted_once_under_its_outcome_and_every_password_check_
         401
     );
     assert_eq!(app.login("not an email", PASSWORD).await.status(), 401);
+    // Refreshes: a rotation, its repeat within the grace, a malformed and a forged token, and
+    // the first token again after the grace, a reuse.
+    let login = app.login_body("ann@example.com", PASSWORD).await;
+    let first = login["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.refresh(&first).await.status(), 200);
+    assert_eq!(app.refresh(&first).await.status(), 200);
+    assert_eq!(app.refresh("malformed").await.status(), 401);
+    let session = login["session_id"].as_str().unwrap();
+    let forged = format!("{session}.1.{}", "A".repeat(43));
+    assert_eq!(app.refresh(&forged).await.status(), 401);
+    app.clock.advance(chrono::TimeDelta::seconds(11));
+    assert_eq!(app.refresh(&first).await.status(), 401);
     let after = metrics(&app).await;
 
     let added = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
     };
     for (outcome, logins) in [
-        ("granted", 3.0),
+        ("granted", 4.0),
         ("wrong_password", 2.0),
         ("unknown_account", 1.0),
         ("malformed", 1.0),
@@ -50,9 +63,24 @@ async fn every_login_is_counted_once_under_its_outcome_and_every_password_check_
             "logins_total{{outcome=\"{outcome}\"}}\n{after}"
         );
     }
-    // One check per login with a well-formed email; the malformed one costs none.
-    assert_eq!(added("password_hash_seconds_count", &[]), 6.0, "{after}");
-    for (status, requests) in [("200", 3.0), ("401", 4.0)] {
+    for (outcome, refreshes) in [
+        ("rotated", 1.0),
+        ("repeated", 1.0),
+        ("malformed", 1.0),
+        ("refused", 2.0),
+        ("error", 0.0),
+    ] {
+        assert_eq!(
+            added("refreshes_total", &[("outcome", outcome)]),
+            refreshes,
+            "refreshes_total{{outcome=\"{outcome}\"}}\n{after}"
+        );
+    }
+    assert_eq!(added("refresh_token_reuses_total", &[]), 1.0, "{after}");
+    // One check per login with a well-formed email; the malformed one costs none; refreshes
+    // cost none.
+    assert_eq!(added("password_hash_seconds_count", &[]), 7.0, "{after}");
+    for (status, requests) in [("200", 4.0), ("401", 4.0)] {
         assert_eq!(
             added(
                 "http_requests_total",

@@ -102,6 +102,15 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn delete_as(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.unwrap()
     }
@@ -143,6 +152,19 @@ impl TestApp {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The body of a granted login: both tokens and the session.
+    pub async fn login_body(&self, email: &str, password: &str) -> Value {
+        let response = self.login(email, password).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// `POST /token/refresh` with `refresh_token`.
+    pub async fn refresh(&self, refresh_token: &str) -> reqwest::Response {
+        self.post("/token/refresh", json!({ "refresh_token": refresh_token }))
+            .await
     }
 
     /// Registers `email` with [`PASSWORD`] and logs in: the account's id and its access token.
@@ -196,15 +218,7 @@ impl TestApp {
 
     /// The account id (`sub`) a token of this server names, read without verifying it.
     pub fn id_of_token(&self, token: &str) -> String {
-        use base64::Engine;
-        let payload = token.split('.').nth(1).unwrap();
-        let claims: Value = serde_json::from_slice(
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(payload)
-                .unwrap(),
-        )
-        .unwrap();
-        claims["sub"].as_str().unwrap().to_owned()
+        claims_of(token)["sub"].as_str().unwrap().to_owned()
     }
 
     /// Every message in the store, counted in SQL: the store's readers see a message only
@@ -266,6 +280,23 @@ impl TestApp {
             .collect()
     }
 
+    /// The global position of the last message in the store (0 for none), in SQL for the
+    /// reason given at [`Self::message_count`].
+    pub async fn last_position(&self) -> i64 {
+        let pool = self.database.pool().await;
+        let position = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        position
+    }
+
+    pub async fn session_events(&self) -> Vec<identity::SessionEvent> {
+        self.events("session", identity::SessionEvent::from_stored)
+            .await
+    }
+
     pub async fn login_events(&self) -> Vec<identity::LoginEvent> {
         self.events("userLogin", identity::LoginEvent::from_stored)
             .await
@@ -289,6 +320,18 @@ impl TestApp {
             })
             .collect()
     }
+}
+
+/// The claims of an access token of this server, read without verifying it.
+pub fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 /// Every log line of this test binary, at TRACE, for the test that looks for secrets in it.

@@ -11,4 +11,5 @@ mod meta;
 mod password;
 mod register;
 mod secrets;
+mod sessions;
 mod timing;
