@@ -14,11 +14,27 @@ async fn no_password_hash_or_token_ever_reaches_a_log_line() {
         .unwrap()
         .to_owned();
     app.login("ann@example.com", "a-wrong-password-f00d").await;
-    let token = app.token("ann@example.com", password).await;
+    let login = app.login_body("ann@example.com", password).await;
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    // Refresh tokens, sent in a refresh, a repeat, a malformed shape and (below) a logout.
+    let first_refresh = login["refresh_token"].as_str().unwrap().to_owned();
+    let refreshed: Value = app.refresh(&first_refresh).await.json().await.unwrap();
+    let second_refresh = refreshed["refresh_token"].as_str().unwrap().to_owned();
+    app.refresh(&first_refresh).await;
+    app.refresh(&format!("{second_refresh}.")).await;
+    let refresh_secrets = [&first_refresh, &second_refresh]
+        .map(|refresh| refresh.rsplit('.').next().unwrap().to_owned());
     let response = app
         .change_password(&id, &token, password, new_password)
         .await;
     assert_eq!(response.status(), 200);
+    let response = app
+        .post(
+            "/logout",
+            serde_json::json!({ "refresh_token": second_refresh }),
+        )
+        .await;
+    assert_eq!(response.status(), 204);
     let hashes: Vec<String> = app
         .messages("user")
         .await
@@ -40,6 +56,7 @@ async fn no_password_hash_or_token_ever_reaches_a_log_line() {
         token.as_str(),
     ]
     .into_iter()
+    .chain(refresh_secrets.iter().map(String::as_str))
     .chain(hashes.iter().map(String::as_str))
     {
         assert!(!logs.contains(secret), "a secret reached the log");
