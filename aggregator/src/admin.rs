@@ -92,7 +92,8 @@ pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Resul
     }))
 }
 
-/// Empties the view and its checkpoint in one transaction; the worker replays from zero.
+/// Empties the views (users and sessions) and their checkpoint in one transaction; the worker
+/// replays from zero.
 pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Result<()> {
     let target = target(projection)?;
     read_model
@@ -113,9 +114,10 @@ pub struct Rebuilt {
     pub position: GlobalPosition,
 }
 
-/// Replays every event into a fresh table beside the live one, then swaps the two in one
-/// transaction together with the checkpoint. Readers see the old view until the swap commits
-/// and the new one after it, never a half-built one.
+/// Replays every event into fresh tables beside the live ones (`users_rebuild` and
+/// `sessions_rebuild`), then swaps each pair in one transaction together with the checkpoint.
+/// Readers see the old views until the swap commits and the new ones after it, never a
+/// half-built one.
 ///
 /// The swap transaction locks the live checkpoint row (so the live worker's next commit waits,
 /// then finds its checkpoint moved and reloads it), replays what the store's readers can see
@@ -256,7 +258,7 @@ async fn replay_the_last_stretch(
     }
 }
 
-/// Replaces the live table with the fresh one and moves the live checkpoint to `position`, in
+/// Replaces the live tables with the fresh ones and moves the live checkpoint to `position`, in
 /// the caller's transaction.
 async fn swap_in(
     tx: &mut sqlx::PgConnection,
@@ -264,24 +266,21 @@ async fn swap_in(
     fresh: &Target,
     position: GlobalPosition,
 ) -> anyhow::Result<()> {
-    // Several statements in one round trip: they take no parameters (`Target` fixes the names).
-    let replace = format!(
-        "DROP TABLE {live}; ALTER TABLE {fresh} RENAME TO {live}",
-        live = live.table,
-        fresh = fresh.table
-    );
-    tx.execute(sqlx::raw_sql(&replace)).await?;
-    // Give the indexes the names the migrations gave the live ones.
-    let indexes: Vec<String> =
-        sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = $1")
-            .bind(live.table)
+    for (live, fresh) in live.tables().into_iter().zip(fresh.tables()) {
+        // The names the migrations gave the live indexes, for the fresh indexes built alike
+        // (`LIKE ... INCLUDING ALL` names them after their columns instead).
+        let names: Vec<(String, String)> = sqlx::query_as(INDEXES_BUILT_ALIKE)
+            .bind(fresh)
+            .bind(live)
             .fetch_all(&mut *tx)
             .await?;
-    for index in indexes {
-        if let Some(rest) = index.strip_prefix(fresh.table) {
+        // Several statements in one round trip: they take no parameters (`Target` fixes the
+        // names).
+        let replace = format!("DROP TABLE {live}; ALTER TABLE {fresh} RENAME TO {live}");
+        tx.execute(sqlx::raw_sql(&replace)).await?;
+        for (fresh_index, live_index) in names {
             sqlx::query(&format!(
-                "ALTER INDEX \"{index}\" RENAME TO \"{}{rest}\"",
-                live.table
+                "ALTER INDEX \"{fresh_index}\" RENAME TO \"{live_index}\""
             ))
             .execute(&mut *tx)
             .await?;
@@ -306,19 +305,29 @@ async fn swap_in(
     Ok(())
 }
 
+/// The indexes of table `$1` paired with those of table `$2` that have the same definition but
+/// for their names and tables: (`$1`'s index, `$2`'s index).
+const INDEXES_BUILT_ALIKE: &str = r"
+    SELECT f.indexname::text, l.indexname::text
+    FROM pg_indexes f JOIN pg_indexes l
+      ON l.schemaname = f.schemaname
+     AND regexp_replace(l.indexdef, '^(CREATE (UNIQUE )?INDEX )\S+ ON \S+', '\1')
+       = regexp_replace(f.indexdef, '^(CREATE (UNIQUE )?INDEX )\S+ ON \S+', '\1')
+    WHERE f.tablename = $1 AND l.tablename = $2";
+
 async fn prepare_fresh_table(
     pool: &sqlx::PgPool,
     live: &Target,
     fresh: &Target,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    // Several statements in one round trip, as in `swap_in`.
-    let create = format!(
-        "DROP TABLE IF EXISTS {fresh}; CREATE TABLE {fresh} (LIKE {live} INCLUDING ALL)",
-        live = live.table,
-        fresh = fresh.table
-    );
-    tx.execute(sqlx::raw_sql(&create)).await?;
+    for (live, fresh) in live.tables().into_iter().zip(fresh.tables()) {
+        // Several statements in one round trip, as in `swap_in`.
+        let create = format!(
+            "DROP TABLE IF EXISTS {fresh}; CREATE TABLE {fresh} (LIKE {live} INCLUDING ALL)"
+        );
+        tx.execute(sqlx::raw_sql(&create)).await?;
+    }
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, version, position) VALUES ($1, $2, 0) \
          ON CONFLICT (projection) DO UPDATE SET version = excluded.version, position = 0",

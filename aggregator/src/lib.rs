@@ -1,7 +1,7 @@
 //! The aggregator: the worker that projects the message store's events into the read model,
 //! and the operator's commands around it (`migrate`, `status`, `reset`, `rebuild`).
 //!
-//! - [`view`]: the users view as values and how each event changes it (pure).
+//! - [`view`]: the users and sessions views as values and how each event changes them (pure).
 //! - [`read_model`]: the read model's database (PostgreSQL or SQLite), its schema, and the
 //!   one-transaction batch commit with the checkpoint.
 //! - [`projector`]: the worker, one batch at a time or as a loop with takeover between replicas.

@@ -23,19 +23,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError, Subscription};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_take_over};
-use crate::view::{Change, UserRow, apply, prepare};
+use crate::view::{Change, RowId, Rows, apply, prepare};
 
 /// The version of the users projection. Bump it when what it writes changes, and rebuild.
-pub const USERS_VERSION: i32 = 1;
+///
+/// 2: the sessions view and `users.session_epoch` (ADR 11). A view of version 1 has neither
+/// (its worker passed over session events and `SessionsEnded`), so it must be folded again.
+pub const USERS_VERSION: i32 = 2;
 
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +140,7 @@ pub struct Projector {
     stats: Arc<ProjectorStats>,
     position: watch::Sender<GlobalPosition>,
     lag_measured_at: Option<Instant>,
-    cache: HashMap<Uuid, UserRow>,
+    cache: Rows,
     prefetch: Option<Prefetch>,
 }
 
@@ -159,7 +161,7 @@ struct Fold {
     /// Why the event after `to` cannot be applied, when one cannot.
     poison: Option<String>,
     /// The rows the fold changed.
-    dirty: HashSet<Uuid>,
+    dirty: HashSet<RowId>,
 }
 
 /// A read of the next batch, started while the current one is folded and committed.
@@ -195,7 +197,7 @@ impl Projector {
             stats: Arc::default(),
             position: watch::channel(0).0,
             lag_measured_at: None,
-            cache: HashMap::new(),
+            cache: Rows::default(),
             prefetch: None,
         }
     }
@@ -326,13 +328,37 @@ impl Projector {
             return Ok(checkpoint);
         }
         self.cache.clear();
-        let checkpoint = self
+        let mut checkpoint = self
             .read_model
             .ensure_checkpoint(self.target.checkpoint, self.version)
             .await?;
+        if checkpoint.version < self.version
+            && matches!(self.read_model, ReadModelWriter::Sqlite(_))
+        {
+            checkpoint = self.replay_older_view(checkpoint).await?;
+        }
         self.may_write_after(&checkpoint)?;
         self.checkpoint = Some(checkpoint);
         Ok(checkpoint)
+    }
+
+    /// Empties a view an older version of the projection folded, so that this worker replays
+    /// it from the start. Only on SQLite, the standalone mode: one process, one worker, no
+    /// replica of the older build still serving the view, and no `rebuild` (docs/adr/0008 says
+    /// how PostgreSQL deployments switch versions: the newer build's `rebuild`).
+    async fn replay_older_view(&self, older: Checkpoint) -> Result<Checkpoint, ProjectorError> {
+        tracing::warn!(
+            projection = self.name(),
+            stored = older.version,
+            ours = self.version,
+            "the view was folded by an older version of the projection; replaying it from the \
+             start"
+        );
+        self.read_model.reset(&self.target, self.version).await?;
+        Ok(self
+            .read_model
+            .ensure_checkpoint(self.target.checkpoint, self.version)
+            .await?)
     }
 
     /// Reads, decodes and folds batches into the cached rows until enough rows wait to be
@@ -374,7 +400,7 @@ impl Projector {
                 match apply(&mut self.cache, change) {
                     Ok(changed) => {
                         if changed {
-                            fold.dirty.insert(change.user_id);
+                            fold.dirty.insert(change.row());
                         }
                         fold.events += 1;
                     }
@@ -405,10 +431,10 @@ impl Projector {
         checkpoint: &Checkpoint,
         changes: &[Change],
     ) -> Result<bool, ProjectorError> {
-        let mut missing: Vec<Uuid> = changes
+        let mut missing: Vec<RowId> = changes
             .iter()
-            .map(|change| change.user_id)
-            .filter(|id| !self.cache.contains_key(id))
+            .map(Change::row)
+            .filter(|id| !self.cache.contains(*id))
             .collect();
         if missing.is_empty() {
             return Ok(true);
@@ -422,7 +448,7 @@ impl Projector {
         else {
             return Ok(false);
         };
-        self.cache.extend(rows.into_iter().map(|row| (row.id, row)));
+        self.cache.extend(rows);
         Ok(true)
     }
 
@@ -449,9 +475,9 @@ impl Projector {
         checkpoint: &Checkpoint,
         fold: &Fold,
     ) -> Result<bool, ProjectorError> {
-        let mut ids: Vec<Uuid> = fold.dirty.iter().copied().collect();
+        let mut ids: Vec<RowId> = fold.dirty.iter().copied().collect();
         ids.sort_unstable();
-        let rows: Vec<&UserRow> = ids.iter().filter_map(|id| self.cache.get(id)).collect();
+        let rows = self.cache.select(&ids);
         let idle_limit = Some(self.options.lock_lease);
         let committed = self
             .read_model

@@ -1,6 +1,6 @@
-//! The read model's database: the users view and the projections' checkpoints, on PostgreSQL
-//! (deployments) or SQLite (the standalone mode). One enum, [`ReadModelWriter`], so the worker
-//! is written once.
+//! The read model's database: the users and sessions views and the projections' checkpoints,
+//! on PostgreSQL (deployments) or SQLite (the standalone mode). One enum, [`ReadModelWriter`],
+//! so the worker is written once.
 //!
 //! # Schema (migrations/read_model/)
 //!
@@ -20,6 +20,26 @@
 //! | `failed_logins` | integer | integer | failed logins since the last success |
 //! | `locked_until` | timestamptz null | text null | set by the failure that locked the account |
 //! | `roles` | text[] | JSON array text | `user`, `admin` |
+//! | `session_epoch` | bigint, default 0 | integer, default 0 | the account's session epoch: moved by a deactivation, a password change and `SessionsEnded` |
+//! | `position` | bigint | integer | global position of the last event applied to the row |
+//!
+//! `sessions`: one row per session (ADR 11), kept by the same projection as `users`, in the same
+//! transactions, under the same checkpoint. A session is live while `ended_at` is null, it is
+//! before both limits, and its `session_epoch` is its account's: the query API joins the two.
+//!
+//! | column | PostgreSQL | SQLite | meaning |
+//! |---|---|---|---|
+//! | `id` | uuid, primary key | text | the session id |
+//! | `user_id` | uuid, indexed with `started_at` | text | whose session |
+//! | `session_epoch` | bigint | integer | the account's session epoch it started in |
+//! | `started_at` | timestamptz | RFC 3339 text | |
+//! | `last_refreshed_at` | timestamptz null | text null | the last rotation of its refresh token |
+//! | `expires_at` | timestamptz | text | the absolute limit |
+//! | `idle_expires_at` | timestamptz | text | the idle limit, moved by each refresh |
+//! | `user_agent` | text null | text null | as the login sent it |
+//! | `generation` | bigint | integer | the generation of its current refresh token |
+//! | `ended_at` | timestamptz null | text null | its (first) end |
+//! | `end_reason` | text null | text null | `logged_out`, `ended_by_owner`, `ended_by_administrator`, `refresh_token_reused`, ... |
 //! | `position` | bigint | integer | global position of the last event applied to the row |
 //!
 //! `projection_checkpoints (projection pk, version, position, epoch, updated_at)`: per
@@ -46,51 +66,115 @@ use read_model_schema::{
     sqlite_migrations,
 };
 
-use crate::view::{Change, UserRow, apply_all};
-
-const COLUMNS: &str = "id, email, email_normalized, status, registered_at, activated_at, \
-     deactivated_at, last_login_at, login_count, failed_logins, locked_until, roles, position";
-
-/// How an upsert of the view's rows treats a row that exists: every column takes the new value.
-const REPLACE_ON_CONFLICT: &str = "ON CONFLICT (id) DO UPDATE SET \
-     email = excluded.email, email_normalized = excluded.email_normalized, \
-     status = excluded.status, registered_at = excluded.registered_at, \
-     activated_at = excluded.activated_at, deactivated_at = excluded.deactivated_at, \
-     last_login_at = excluded.last_login_at, login_count = excluded.login_count, \
-     failed_logins = excluded.failed_logins, locked_until = excluded.locked_until, \
-     roles = excluded.roles, position = excluded.position";
+use crate::view::{Change, Changed, RowId, Rows, SessionRow, UserRow, apply_all};
 
 /// Rows per upsert statement when a commit writes many.
 const UPSERT_ROWS: usize = 10_000;
 
-/// [`COLUMNS`], each qualified with `alias`.
-fn prefixed_columns(alias: &str) -> String {
-    COLUMNS
+/// A row of one of the projection's views: its table and columns, and how each database's row
+/// decodes into it. Lets a read of either view be written once.
+trait ViewRow: Sized {
+    /// The columns, primary key first, in the order the upserts bind them.
+    const COLUMNS: &'static str;
+    fn table(target: &Target) -> &'static str;
+    /// The primary key.
+    fn id(&self) -> Uuid;
+    fn decode<R: StoredRow>(row: &R) -> Result<Self, sqlx::Error>;
+}
+
+impl ViewRow for UserRow {
+    const COLUMNS: &'static str = "id, email, email_normalized, status, registered_at, \
+         activated_at, deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
+         roles, session_epoch, position";
+
+    fn table(target: &Target) -> &'static str {
+        target.users
+    }
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn decode<R: StoredRow>(row: &R) -> Result<Self, sqlx::Error> {
+        row.user_row()
+    }
+}
+
+impl ViewRow for SessionRow {
+    const COLUMNS: &'static str = "id, user_id, session_epoch, started_at, last_refreshed_at, \
+         expires_at, idle_expires_at, user_agent, generation, ended_at, end_reason, position";
+
+    fn table(target: &Target) -> &'static str {
+        target.sessions
+    }
+
+    fn id(&self) -> Uuid {
+        self.id
+    }
+
+    fn decode<R: StoredRow>(row: &R) -> Result<Self, sqlx::Error> {
+        row.session_row()
+    }
+}
+
+/// The columns of `T`, each qualified with `alias`.
+fn prefixed_columns<T: ViewRow>(alias: &str) -> String {
+    T::COLUMNS
         .split(", ")
         .map(|column| format!("{alias}.{column}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// Where a projection writes: its checkpoint row and its table. Table names are fixed here,
+/// How an upsert of `T`'s rows treats a row that exists: every column takes the new value.
+fn replace_on_conflict<T: ViewRow>() -> String {
+    let set: Vec<String> = T::COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|column| format!("{column} = excluded.{column}"))
+        .collect();
+    format!("ON CONFLICT (id) DO UPDATE SET {}", set.join(", "))
+}
+
+/// `INSERT INTO <T's table> (<T's columns>) <rows> <replace on conflict>`.
+fn upsert<T: ViewRow>(target: &Target, rows: &str) -> String {
+    format!(
+        "INSERT INTO {} ({}) {rows} {}",
+        T::table(target),
+        T::COLUMNS,
+        replace_on_conflict::<T>()
+    )
+}
+
+/// Where a projection writes: its checkpoint row and its tables. Table names are fixed here,
 /// never taken from input, since they are formatted into SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub checkpoint: &'static str,
-    pub table: &'static str,
+    /// The users view.
+    pub users: &'static str,
+    /// The sessions view, kept under the same checkpoint (ADR 11).
+    pub sessions: &'static str,
 }
 
 impl Target {
-    /// The live users view.
+    /// The live views.
     pub const USERS: Target = Target {
         checkpoint: USERS_PROJECTION,
-        table: "users",
+        users: "users",
+        sessions: "sessions",
     };
-    /// The users view being rebuilt beside the live one.
+    /// The views being rebuilt beside the live ones.
     pub const USERS_REBUILD: Target = Target {
         checkpoint: "users:rebuild",
-        table: "users_rebuild",
+        users: "users_rebuild",
+        sessions: "sessions_rebuild",
     };
+
+    /// Both tables, users first.
+    pub fn tables(&self) -> [&'static str; 2] {
+        [self.users, self.sessions]
+    }
 }
 
 /// What became of a batch commit.
@@ -200,30 +284,65 @@ impl ReadModelWriter {
         Ok(row.map(Checkpoint::from_stored))
     }
 
-    /// The stored rows among `ids`, read in one statement together with the projection's
-    /// checkpoint, so they are exactly the rows as of that checkpoint. `None` when the
+    /// The stored rows among `ids`, as of the projection's checkpoint. `None` when the
     /// checkpoint is no longer `at` (position, version and epoch): another worker, a reset or a
     /// rebuild moved it.
+    ///
+    /// One statement per view that `ids` name (none when they name none), each reading the
+    /// checkpoint together with its rows, so each view's rows are exactly those as of `at`.
+    /// Rows are a function of the events up to the checkpoint, and every write of either view
+    /// moves the checkpoint, so two statements that both find it at `at` read one state.
     ///
     /// Reads only: it takes no transaction id, so it never holds back the store's horizon.
     pub async fn load_rows(
         &self,
         target: &Target,
         at: &Checkpoint,
+        ids: &[RowId],
+    ) -> Result<Option<Rows>, sqlx::Error> {
+        let (mut users, mut sessions) = (Vec::new(), Vec::new());
+        for id in ids {
+            match id {
+                RowId::User(id) => users.push(*id),
+                RowId::Session(id) => sessions.push(*id),
+            }
+        }
+        let mut rows = Rows::default();
+        if !users.is_empty() {
+            let Some(loaded) = self.load::<UserRow>(target, at, &users).await? else {
+                return Ok(None);
+            };
+            rows.users = loaded.into_iter().map(|row| (row.id, row)).collect();
+        }
+        if !sessions.is_empty() {
+            let Some(loaded) = self.load::<SessionRow>(target, at, &sessions).await? else {
+                return Ok(None);
+            };
+            rows.sessions = loaded.into_iter().map(|row| (row.id, row)).collect();
+        }
+        Ok(Some(rows))
+    }
+
+    /// The stored rows of `T`'s view among `ids`, read in one statement with the checkpoint;
+    /// `None` when the checkpoint is no longer `at`.
+    async fn load<T: ViewRow>(
+        &self,
+        target: &Target,
+        at: &Checkpoint,
         ids: &[Uuid],
-    ) -> Result<Option<Vec<UserRow>>, sqlx::Error> {
-        let select = |users_of_ids: &str| {
+    ) -> Result<Option<Vec<T>>, sqlx::Error> {
+        let select = |rows_of_ids: &str| {
             format!(
                 "SELECT c.version AS checkpoint_version, c.position AS checkpoint, \
                  c.epoch AS checkpoint_epoch, {} FROM projection_checkpoints c \
-                 LEFT JOIN {} u ON {users_of_ids} WHERE c.projection = $1",
-                prefixed_columns("u"),
-                target.table
+                 LEFT JOIN {} r ON {rows_of_ids} WHERE c.projection = $1",
+                prefixed_columns::<T>("r"),
+                T::table(target)
             )
         };
         let (checkpoint, rows) = match self {
             Self::Postgres(pool) => {
-                let loaded = sqlx::query(&select("u.id = ANY($2)"))
+                let loaded = sqlx::query(&select("r.id = ANY($2)"))
                     .bind(target.checkpoint)
                     .bind(ids)
                     .fetch_all(pool)
@@ -231,10 +350,9 @@ impl ReadModelWriter {
                 rows_beside_checkpoint(&loaded)?
             }
             Self::Sqlite(pool) => {
-                let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
-                let loaded = sqlx::query(&select("u.id IN (SELECT value FROM json_each($2))"))
+                let loaded = sqlx::query(&select("r.id IN (SELECT value FROM json_each($2))"))
                     .bind(target.checkpoint)
-                    .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+                    .bind(sqlite_ids(ids))
                     .fetch_all(pool)
                     .await?;
                 rows_beside_checkpoint(&loaded)?
@@ -255,7 +373,7 @@ impl ReadModelWriter {
         target: &Target,
         from: &Checkpoint,
         to: u64,
-        rows: &[&UserRow],
+        rows: &Changed<'_>,
         idle_limit: Option<Duration>,
     ) -> Result<Committed, sqlx::Error> {
         match self {
@@ -264,9 +382,7 @@ impl ReadModelWriter {
                 if !pg_move_checkpoint(&mut tx, target, from, to, idle_limit).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
-                for piece in rows.chunks(UPSERT_ROWS) {
-                    pg_upsert(&mut tx, target, piece).await?;
-                }
+                pg_upsert(&mut tx, target, rows).await?;
                 tx.commit().await?;
             }
             Self::Sqlite(pool) => {
@@ -274,23 +390,37 @@ impl ReadModelWriter {
                 if !sqlite_move_checkpoint(&mut tx, target, from, to).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
-                sqlite_upsert(&mut tx, target, rows).await?;
+                sqlite_upsert_users(&mut tx, target, &rows.users).await?;
+                sqlite_upsert_sessions(&mut tx, target, &rows.sessions).await?;
                 tx.commit().await?;
             }
         }
         Ok(Committed::Written { rows: rows.len() })
     }
 
-    /// Every row of `table`, ordered by id: for comparisons and tests.
+    /// Every row of the users view, ordered by id: for comparisons and tests.
     pub async fn rows(&self, target: &Target) -> Result<Vec<UserRow>, sqlx::Error> {
-        let query = format!("SELECT {COLUMNS} FROM {} ORDER BY id", target.table);
+        self.all_rows(target).await
+    }
+
+    /// Every row of the sessions view, ordered by id: for comparisons and tests.
+    pub async fn sessions(&self, target: &Target) -> Result<Vec<SessionRow>, sqlx::Error> {
+        self.all_rows(target).await
+    }
+
+    async fn all_rows<T: ViewRow>(&self, target: &Target) -> Result<Vec<T>, sqlx::Error> {
+        let query = format!(
+            "SELECT {} FROM {} ORDER BY id",
+            T::COLUMNS,
+            T::table(target)
+        );
         on_either_pool!(ReadModelWriter, self, |pool| {
             let rows = sqlx::query(&query).fetch_all(pool).await?;
-            rows.iter().map(StoredRow::user_row).collect()
+            rows.iter().map(T::decode).collect()
         })
     }
 
-    /// Empties the view and sets its checkpoint to 0 at `version`, in one transaction: the
+    /// Empties the views and sets their checkpoint to 0 at `version`, in one transaction: the
     /// worker replays. The epoch stays: the worker holding the projection carries on.
     pub async fn reset(&self, target: &Target, version: i32) -> Result<(), sqlx::Error> {
         // The checkpoint row is locked first, as every batch commit does, so a batch in flight
@@ -298,14 +428,17 @@ impl ReadModelWriter {
         let upsert = "INSERT INTO projection_checkpoints (projection, version, position) \
                       VALUES ($1, $2, 0) ON CONFLICT (projection) DO UPDATE \
                       SET version = excluded.version, position = 0";
-        let delete = format!("DELETE FROM {}", target.table);
         in_write_transaction!(self, tx => {
             sqlx::query(upsert)
                 .bind(target.checkpoint)
                 .bind(version)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(&delete).execute(&mut *tx).await?;
+            for table in target.tables() {
+                sqlx::query(&format!("DELETE FROM {table}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await
         })
     }
@@ -324,6 +457,12 @@ async fn begin_writing(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 
+/// Ids as SQLite stores them, in a JSON array for `json_each`.
+fn sqlite_ids(ids: &[Uuid]) -> String {
+    let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+    serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())
+}
+
 /// Loads the rows `changes` touch, folds the changes into them and writes back what changed,
 /// after moving the checkpoint by compare-and-set. Runs inside the caller's transaction.
 pub(crate) async fn pg_apply(
@@ -333,7 +472,7 @@ pub(crate) async fn pg_apply(
     to: u64,
     changes: &[Change],
 ) -> Result<Committed, sqlx::Error> {
-    // First, so that this transaction holds the checkpoint row before it touches the view:
+    // First, so that this transaction holds the checkpoint row before it touches the views:
     // reset and rebuild lock the same row first, and nothing waits in the other order.
     if !pg_move_checkpoint(connection, target, from, to, None).await? {
         return Ok(Committed::CheckpointMoved);
@@ -341,28 +480,52 @@ pub(crate) async fn pg_apply(
     if changes.is_empty() {
         return Ok(Committed::Written { rows: 0 });
     }
-    let mut ids: Vec<Uuid> = changes.iter().map(|change| change.user_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let loaded = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM {} WHERE id = ANY($1)",
-        target.table
-    ))
-    .bind(&ids)
-    .fetch_all(&mut *connection)
-    .await?;
-    let mut rows = HashMap::with_capacity(ids.len());
-    for row in &loaded {
-        let row = row.user_row()?;
-        rows.insert(row.id, row);
+    let (mut users, mut sessions) = (Vec::new(), Vec::new());
+    for change in changes {
+        match change.row() {
+            RowId::User(id) => users.push(id),
+            RowId::Session(id) => sessions.push(id),
+        }
     }
+    let mut rows = Rows {
+        users: pg_load_in(connection, target, users).await?,
+        sessions: pg_load_in(connection, target, sessions).await?,
+    };
     let changed = match apply_all(&mut rows, changes) {
         Ok(changed) => changed,
         Err((index, reason)) => return Ok(Committed::Poison { index, reason }),
     };
-    let rows: Vec<&UserRow> = changed.iter().filter_map(|id| rows.get(id)).collect();
-    pg_upsert(connection, target, &rows).await?;
-    Ok(Committed::Written { rows: rows.len() })
+    let changed = rows.select(&changed);
+    pg_upsert(connection, target, &changed).await?;
+    Ok(Committed::Written {
+        rows: changed.len(),
+    })
+}
+
+/// The stored rows of `T`'s view among `ids`, read on `connection` (in the caller's
+/// transaction), by id.
+async fn pg_load_in<T: ViewRow>(
+    connection: &mut PgConnection,
+    target: &Target,
+    mut ids: Vec<Uuid>,
+) -> Result<HashMap<Uuid, T>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let loaded = sqlx::query(&format!(
+        "SELECT {} FROM {} WHERE id = ANY($1)",
+        T::COLUMNS,
+        T::table(target)
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    loaded
+        .iter()
+        .map(|row| T::decode(row).map(|row| (row.id(), row)))
+        .collect()
 }
 
 /// Moves a projection's checkpoint to `to` if it is still `from` (position, version and
@@ -420,10 +583,10 @@ pub(crate) async fn pg_take_over(
 }
 
 /// What a [`ReadModelWriter::load_rows`] statement returned: the checkpoint, read on every
-/// row, and the users found beside it (none when its one row has null user columns).
-fn rows_beside_checkpoint<'r, R: StoredRow>(
+/// row, and the rows found beside it (none when its one row has null row columns).
+fn rows_beside_checkpoint<'r, R: StoredRow, T: ViewRow>(
     loaded: &'r [R],
-) -> Result<(Option<Checkpoint>, Vec<UserRow>), sqlx::Error>
+) -> Result<(Option<Checkpoint>, Vec<T>), sqlx::Error>
 where
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -438,14 +601,29 @@ where
             row.try_get("checkpoint_epoch")?,
         )));
         if !row.try_get_raw("id")?.is_null() {
-            rows.push(row.user_row()?);
+            rows.push(T::decode(row)?);
         }
     }
     Ok((checkpoint, rows))
 }
 
-/// One multi-row upsert from parallel arrays: one round trip however large the batch.
+/// Both views' changed rows, in multi-row upserts of [`UPSERT_ROWS`] each.
 async fn pg_upsert(
+    connection: &mut PgConnection,
+    target: &Target,
+    rows: &Changed<'_>,
+) -> Result<(), sqlx::Error> {
+    for piece in rows.users.chunks(UPSERT_ROWS) {
+        pg_upsert_users(connection, target, piece).await?;
+    }
+    for piece in rows.sessions.chunks(UPSERT_ROWS) {
+        pg_upsert_sessions(connection, target, piece).await?;
+    }
+    Ok(())
+}
+
+/// One multi-row upsert from parallel arrays: one round trip however large the batch.
+async fn pg_upsert_users(
     connection: &mut PgConnection,
     target: &Target,
     rows: &[&UserRow],
@@ -453,19 +631,17 @@ async fn pg_upsert(
     if rows.is_empty() {
         return Ok(());
     }
-    let sql = format!(
-        "INSERT INTO {table} ({COLUMNS}) \
-         SELECT r.id, r.email, r.email_normalized, r.status, r.registered_at, r.activated_at, \
+    let sql = upsert::<UserRow>(
+        target,
+        "SELECT r.id, r.email, r.email_normalized, r.status, r.registered_at, r.activated_at, \
                 r.deactivated_at, r.last_login_at, r.login_count, r.failed_logins, \
-                r.locked_until, string_to_array(r.roles, ','), r.position \
+                r.locked_until, string_to_array(r.roles, ','), r.session_epoch, r.position \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
                      $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], \
-                     $10::int[], $11::timestamptz[], $12::text[], $13::bigint[]) \
+                     $10::int[], $11::timestamptz[], $12::text[], $13::bigint[], $14::bigint[]) \
               AS r(id, email, email_normalized, status, registered_at, activated_at, \
                    deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
-                   roles, position) \
-         {REPLACE_ON_CONFLICT}",
-        table = target.table
+                   roles, session_epoch, position)",
     );
     sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -485,6 +661,50 @@ async fn pg_upsert(
         .bind(rows.iter().map(|r| r.locked_until).collect::<Vec<_>>())
         // Role names are lower-case words, so a comma list is a safe flat encoding.
         .bind(rows.iter().map(|r| r.roles.join(",")).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.session_epoch).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// The sessions' upsert, as the users': one statement from parallel arrays. A refresh or an end
+/// replaces its one row.
+async fn pg_upsert_sessions(
+    connection: &mut PgConnection,
+    target: &Target,
+    rows: &[&SessionRow],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = upsert::<SessionRow>(
+        target,
+        "SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[], \
+                              $5::timestamptz[], $6::timestamptz[], $7::timestamptz[], \
+                              $8::text[], $9::bigint[], $10::timestamptz[], $11::text[], \
+                              $12::bigint[])",
+    );
+    sqlx::query(&sql)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.session_epoch).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.last_refreshed_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.expires_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.idle_expires_at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.user_agent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.generation).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.ended_at).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.end_reason.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
         .execute(connection)
         .await?;
@@ -512,15 +732,14 @@ async fn sqlite_move_checkpoint(
     Ok(moved.rows_affected() == 1)
 }
 
-async fn sqlite_upsert(
+async fn sqlite_upsert_users(
     connection: &mut SqliteConnection,
     target: &Target,
     rows: &[&UserRow],
 ) -> Result<(), sqlx::Error> {
-    let upsert = format!(
-        "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-         {REPLACE_ON_CONFLICT}",
-        target.table
+    let upsert = upsert::<UserRow>(
+        target,
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     );
     for row in rows {
         sqlx::query(&upsert)
@@ -536,6 +755,7 @@ async fn sqlite_upsert(
             .bind(row.failed_logins)
             .bind(row.locked_until.map(sqlite_time))
             .bind(serde_json::to_string(&row.roles).unwrap_or_else(|_| "[]".into()))
+            .bind(row.session_epoch)
             .bind(row.position)
             .execute(&mut *connection)
             .await?;
@@ -543,10 +763,40 @@ async fn sqlite_upsert(
     Ok(())
 }
 
-/// A row of the users view as a database stores it, decoded into the view's values, so that a
-/// read of the view is written once for both databases.
+async fn sqlite_upsert_sessions(
+    connection: &mut SqliteConnection,
+    target: &Target,
+    rows: &[&SessionRow],
+) -> Result<(), sqlx::Error> {
+    let upsert = upsert::<SessionRow>(
+        target,
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    );
+    for row in rows {
+        sqlx::query(&upsert)
+            .bind(row.id.hyphenated().to_string())
+            .bind(row.user_id.hyphenated().to_string())
+            .bind(row.session_epoch)
+            .bind(sqlite_time(row.started_at))
+            .bind(row.last_refreshed_at.map(sqlite_time))
+            .bind(sqlite_time(row.expires_at))
+            .bind(sqlite_time(row.idle_expires_at))
+            .bind(&row.user_agent)
+            .bind(row.generation)
+            .bind(row.ended_at.map(sqlite_time))
+            .bind(&row.end_reason)
+            .bind(row.position)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A row of either view as a database stores it, decoded into the view's values, so that a
+/// read of the views is written once for both databases.
 trait StoredRow: Row {
     fn user_row(&self) -> Result<UserRow, sqlx::Error>;
+    fn session_row(&self) -> Result<SessionRow, sqlx::Error>;
 }
 
 impl StoredRow for PgRow {
@@ -564,6 +814,24 @@ impl StoredRow for PgRow {
             failed_logins: self.try_get("failed_logins")?,
             locked_until: self.try_get("locked_until")?,
             roles: self.try_get("roles")?,
+            session_epoch: self.try_get("session_epoch")?,
+            position: self.try_get("position")?,
+        })
+    }
+
+    fn session_row(&self) -> Result<SessionRow, sqlx::Error> {
+        Ok(SessionRow {
+            id: self.try_get("id")?,
+            user_id: self.try_get("user_id")?,
+            session_epoch: self.try_get("session_epoch")?,
+            started_at: self.try_get("started_at")?,
+            last_refreshed_at: self.try_get("last_refreshed_at")?,
+            expires_at: self.try_get("expires_at")?,
+            idle_expires_at: self.try_get("idle_expires_at")?,
+            user_agent: self.try_get("user_agent")?,
+            generation: self.try_get("generation")?,
+            ended_at: self.try_get("ended_at")?,
+            end_reason: self.try_get("end_reason")?,
             position: self.try_get("position")?,
         })
     }
@@ -572,26 +840,46 @@ impl StoredRow for PgRow {
 /// Ids, times and roles are text in SQLite.
 impl StoredRow for SqliteRow {
     fn user_row(&self) -> Result<UserRow, sqlx::Error> {
-        let id: String = self.try_get("id")?;
         let roles: String = self.try_get("roles")?;
         Ok(UserRow {
-            id: Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+            id: parse_sqlite_id(self.try_get("id")?)?,
             email: self.try_get("email")?,
             email_normalized: self.try_get("email_normalized")?,
             status: self.try_get("status")?,
-            registered_at: parse_sqlite_time(Some(self.try_get("registered_at")?))?
-                .ok_or(sqlx::Error::RowNotFound)?,
-            activated_at: parse_sqlite_time(self.try_get("activated_at")?)?,
-            deactivated_at: parse_sqlite_time(self.try_get("deactivated_at")?)?,
-            last_login_at: parse_sqlite_time(self.try_get("last_login_at")?)?,
+            registered_at: parse_sqlite_time(self.try_get("registered_at")?)?,
+            activated_at: parse_optional_sqlite_time(self.try_get("activated_at")?)?,
+            deactivated_at: parse_optional_sqlite_time(self.try_get("deactivated_at")?)?,
+            last_login_at: parse_optional_sqlite_time(self.try_get("last_login_at")?)?,
             login_count: self.try_get("login_count")?,
             failed_logins: self.try_get("failed_logins")?,
-            locked_until: parse_sqlite_time(self.try_get("locked_until")?)?,
+            locked_until: parse_optional_sqlite_time(self.try_get("locked_until")?)?,
             roles: serde_json::from_str(&roles)
                 .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
+            session_epoch: self.try_get("session_epoch")?,
             position: self.try_get("position")?,
         })
     }
+
+    fn session_row(&self) -> Result<SessionRow, sqlx::Error> {
+        Ok(SessionRow {
+            id: parse_sqlite_id(self.try_get("id")?)?,
+            user_id: parse_sqlite_id(self.try_get("user_id")?)?,
+            session_epoch: self.try_get("session_epoch")?,
+            started_at: parse_sqlite_time(self.try_get("started_at")?)?,
+            last_refreshed_at: parse_optional_sqlite_time(self.try_get("last_refreshed_at")?)?,
+            expires_at: parse_sqlite_time(self.try_get("expires_at")?)?,
+            idle_expires_at: parse_sqlite_time(self.try_get("idle_expires_at")?)?,
+            user_agent: self.try_get("user_agent")?,
+            generation: self.try_get("generation")?,
+            ended_at: parse_optional_sqlite_time(self.try_get("ended_at")?)?,
+            end_reason: self.try_get("end_reason")?,
+            position: self.try_get("position")?,
+        })
+    }
+}
+
+fn parse_sqlite_id(text: String) -> Result<Uuid, sqlx::Error> {
+    Uuid::parse_str(&text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
 /// Times in SQLite are RFC 3339 text with microseconds, so they sort as text.
@@ -599,13 +887,14 @@ fn sqlite_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn parse_sqlite_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    text.map(|text| {
-        DateTime::parse_from_rfc3339(&text)
-            .map(|time| time.with_timezone(&Utc))
-            .map_err(|error| sqlx::Error::Decode(Box::new(error)))
-    })
-    .transpose()
+fn parse_sqlite_time(text: String) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+fn parse_optional_sqlite_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    text.map(parse_sqlite_time).transpose()
 }
 
 #[cfg(test)]

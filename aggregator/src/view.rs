@@ -1,16 +1,19 @@
-//! The users view as plain values, and how events change it. Pure: no I/O.
+//! The users view and the sessions view as plain values, and how events change them. Pure: no
+//! I/O.
 //!
 //! The read-model adapters load the rows a batch touches, fold the batch into them here, and
 //! write back the rows that changed, so the rules live in one place for PostgreSQL and SQLite.
+//! Both views belong to one projection (ADR 11): one checkpoint, one transaction per commit.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use identity::{
-    AccountStatus, EventDecodeError, LOGIN_CATEGORY, LoginEvent, USER_CATEGORY, UserEvent,
-    UserRegistered, event_version, user_id_of_stream,
+    AccountStatus, EventDecodeError, LOGIN_CATEGORY, LoginEvent, SESSION_CATEGORY, SessionEvent,
+    SessionStarted, USER_CATEGORY, UserEvent, UserRegistered, event_version, user_id_of_stream,
 };
 use message_store::{GlobalPosition, RecordedMessage};
+use read_model_schema::signed;
 use uuid::Uuid;
 
 /// One row of the users view. See the schema in [`crate::read_model`].
@@ -31,25 +34,148 @@ pub struct UserRow {
     pub locked_until: Option<DateTime<Utc>>,
     /// `user`, `admin`.
     pub roles: Vec<String>,
+    /// The account's session epoch (`identity::Account::session_epoch`): a session is live only
+    /// while its own epoch is this one.
+    pub session_epoch: i64,
     /// The global position of the last event applied to this row.
     pub position: i64,
 }
 
-/// An event of a projected category, read and attributed to its user.
+/// One row of the sessions view. See the schema in [`crate::read_model`].
+///
+/// Whether the session is live is not here: its account's epoch and status decide that too,
+/// and the query API joins the two views (ADR 11). A change of epoch writes one users row, never
+/// one row per session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// The account's session epoch the session started in.
+    pub session_epoch: i64,
+    pub started_at: DateTime<Utc>,
+    /// The last rotation of its refresh token; `None` until the first.
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    pub expires_at: DateTime<Utc>,
+    pub idle_expires_at: DateTime<Utc>,
+    pub user_agent: Option<String>,
+    /// The generation of its current refresh token.
+    pub generation: i64,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `identity::SessionEndReason::name`.
+    pub end_reason: Option<String>,
+    /// The global position of the last event applied to this row.
+    pub position: i64,
+}
+
+/// Which row of which view an event changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RowId {
+    /// A users row, by user id: user and login events.
+    User(Uuid),
+    /// A sessions row, by session id: session events.
+    Session(Uuid),
+}
+
+/// The rows of both views that a worker holds: loaded for a batch, or kept between batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rows {
+    pub users: HashMap<Uuid, UserRow>,
+    pub sessions: HashMap<Uuid, SessionRow>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.users.len() + self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.users.clear();
+        self.sessions.clear();
+    }
+
+    pub fn contains(&self, id: RowId) -> bool {
+        match id {
+            RowId::User(id) => self.users.contains_key(&id),
+            RowId::Session(id) => self.sessions.contains_key(&id),
+        }
+    }
+
+    /// Adds `loaded` rows to these, keeping the ones held already.
+    pub fn extend(&mut self, loaded: Rows) {
+        for (id, row) in loaded.users {
+            self.users.entry(id).or_insert(row);
+        }
+        for (id, row) in loaded.sessions {
+            self.sessions.entry(id).or_insert(row);
+        }
+    }
+
+    /// The rows named by `ids` that these hold, users and sessions apart, each in the order of
+    /// `ids`: what a commit writes.
+    pub fn select<'a>(&self, ids: impl IntoIterator<Item = &'a RowId>) -> Changed<'_> {
+        let mut changed = Changed::default();
+        for id in ids {
+            match id {
+                RowId::User(id) => changed.users.extend(self.users.get(id)),
+                RowId::Session(id) => changed.sessions.extend(self.sessions.get(id)),
+            }
+        }
+        changed
+    }
+}
+
+/// The rows a commit writes, by view.
+#[derive(Debug, Default)]
+pub struct Changed<'a> {
+    pub users: Vec<&'a UserRow>,
+    pub sessions: Vec<&'a SessionRow>,
+}
+
+impl Changed<'_> {
+    pub fn len(&self) -> usize {
+        self.users.len() + self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An event of a projected category, read and attributed to the row it changes.
 #[derive(Debug, Clone)]
 pub struct Change {
     pub position: GlobalPosition,
-    pub user_id: Uuid,
     pub event: ProjectedEvent,
 }
 
 #[derive(Debug, Clone)]
 pub enum ProjectedEvent {
-    User(UserEvent),
-    Login(LoginEvent),
+    /// An event of the user's stream, `user-<id>`: the stream names the user.
+    User { user_id: Uuid, event: UserEvent },
+    /// An event of the user's login stream, `userLogin-<id>`: the stream names the user.
+    Login { user_id: Uuid, event: LoginEvent },
+    /// An event of a session stream: it names its session (and its user) itself.
+    Session(SessionEvent),
 }
 
-/// A batch of messages sorted into what the view applies, what it skips, and where it must stop.
+impl Change {
+    /// The row the event changes.
+    pub fn row(&self) -> RowId {
+        match &self.event {
+            ProjectedEvent::User { user_id, .. } | ProjectedEvent::Login { user_id, .. } => {
+                RowId::User(*user_id)
+            }
+            ProjectedEvent::Session(event) => RowId::Session(*event.session_id().as_uuid()),
+        }
+    }
+}
+
+/// A batch of messages sorted into what the views apply, what they skip, and where they must
+/// stop.
 #[derive(Debug, Default)]
 pub struct Prepared {
     /// The changes before the first poison message (all of them when there is none).
@@ -60,13 +186,17 @@ pub struct Prepared {
     pub poison: Option<(GlobalPosition, String)>,
 }
 
-/// Sorts a batch (in global order). Categories other than `user` and `userLogin` (for example
-/// the command side's email reservations) are not projected and pass silently.
+/// Whether the projection reads messages of `category`: the user, login and session streams.
+/// Others (for example the command side's email reservations) pass silently.
+pub fn is_projected(category: &str) -> bool {
+    [USER_CATEGORY, LOGIN_CATEGORY, SESSION_CATEGORY].contains(&category)
+}
+
+/// Sorts a batch (in global order).
 pub fn prepare(messages: &[RecordedMessage]) -> Prepared {
     let mut prepared = Prepared::default();
     for message in messages {
-        let category = message.stream.category();
-        if category != USER_CATEGORY && category != LOGIN_CATEGORY {
+        if !is_projected(message.stream.category()) {
             continue;
         }
         match decode(message) {
@@ -89,77 +219,111 @@ pub fn prepare(messages: &[RecordedMessage]) -> Prepared {
 
 fn decode(message: &RecordedMessage) -> Result<Change, EventDecodeError> {
     let version = event_version(&message.metadata)?;
+    let (type_, data) = (message.message_type.as_str(), &message.data);
+    let category = message.stream.category();
+    if category == SESSION_CATEGORY {
+        // A session event names its session (and its user) in its data.
+        return Ok(Change {
+            position: message.global_position,
+            event: ProjectedEvent::Session(SessionEvent::from_stored(type_, version, data)?),
+        });
+    }
+    // Login events do not name their user: the stream does, and so for user events.
     let user_id =
         user_id_of_stream(message.stream.as_str()).ok_or_else(|| EventDecodeError::Malformed {
             event_type: message.message_type.clone(),
             version,
             reason: format!("stream {} does not name a user id", message.stream),
         })?;
-    let event = if message.stream.category() == USER_CATEGORY {
-        ProjectedEvent::User(UserEvent::from_stored(
-            &message.message_type,
-            version,
-            &message.data,
-        )?)
+    let user_id = *user_id.as_uuid();
+    let event = if category == USER_CATEGORY {
+        ProjectedEvent::User {
+            user_id,
+            event: UserEvent::from_stored(type_, version, data)?,
+        }
     } else {
-        ProjectedEvent::Login(LoginEvent::from_stored(
-            &message.message_type,
-            version,
-            &message.data,
-        )?)
+        ProjectedEvent::Login {
+            user_id,
+            event: LoginEvent::from_stored(type_, version, data)?,
+        }
     };
     Ok(Change {
         position: message.global_position,
-        user_id: *user_id.as_uuid(),
         event,
     })
 }
 
-/// Applies one change to the rows loaded for a batch. Returns whether the row changed, or why
-/// the change cannot be applied (a poison event: the projection stops).
+/// Applies one change to the rows loaded for a batch. Returns whether a row changed, or why the
+/// change cannot be applied (a poison event: the projection stops).
 ///
-/// A change at or below the row's position was applied before and is passed over: the
+/// A change at or below its row's position was applied before and is passed over: the
 /// checkpoint already prevents that, this is the second guard.
-pub fn apply(rows: &mut HashMap<Uuid, UserRow>, change: &Change) -> Result<bool, String> {
-    let position = i64::try_from(change.position).unwrap_or(i64::MAX);
-    if let ProjectedEvent::User(UserEvent::UserRegistered(registered)) = &change.event {
-        return insert_registered(rows, change, registered, position);
+pub fn apply(rows: &mut Rows, change: &Change) -> Result<bool, String> {
+    let position = signed(change.position);
+    match &change.event {
+        ProjectedEvent::User {
+            user_id,
+            event: UserEvent::UserRegistered(registered),
+        } => insert_registered(&mut rows.users, *user_id, change, registered, position),
+        ProjectedEvent::User { user_id, event } => {
+            let Some(row) = user_row_after(&mut rows.users, *user_id, change, position)? else {
+                return Ok(false);
+            };
+            update_user(row, event);
+            row.position = position;
+            Ok(true)
+        }
+        ProjectedEvent::Login { user_id, event } => {
+            let Some(row) = user_row_after(&mut rows.users, *user_id, change, position)? else {
+                return Ok(false);
+            };
+            update_logins(row, event);
+            row.position = position;
+            Ok(true)
+        }
+        ProjectedEvent::Session(event) => apply_to_session(&mut rows.sessions, event, change),
     }
-    let Some(row) = rows.get_mut(&change.user_id) else {
+}
+
+/// The users row an event after the registration changes: `None` when the row is already past
+/// the event, an error when the view has no such user.
+fn user_row_after<'r>(
+    users: &'r mut HashMap<Uuid, UserRow>,
+    user_id: Uuid,
+    change: &Change,
+    position: i64,
+) -> Result<Option<&'r mut UserRow>, String> {
+    let Some(row) = users.get_mut(&user_id) else {
         return Err(format!(
-            "an event for user {} at global position {} but the view has no such user",
-            change.user_id, change.position
+            "an event for user {user_id} at global position {} but the view has no such user",
+            change.position
         ));
     };
-    if row.position >= position {
-        return Ok(false);
-    }
-    update_row(row, &change.event);
-    row.position = position;
-    Ok(true)
+    Ok((row.position < position).then_some(row))
 }
 
 /// A registration creates its user's row. One for a user the view already has is poison,
 /// unless it lies at or below the row's position (it was applied before).
 fn insert_registered(
-    rows: &mut HashMap<Uuid, UserRow>,
+    users: &mut HashMap<Uuid, UserRow>,
+    user_id: Uuid,
     change: &Change,
     registered: &UserRegistered,
     position: i64,
 ) -> Result<bool, String> {
-    if let Some(existing) = rows.get(&change.user_id) {
+    if let Some(existing) = users.get(&user_id) {
         if existing.position >= position {
             return Ok(false);
         }
         return Err(format!(
-            "a second UserRegistered for user {} at global position {}",
-            change.user_id, change.position
+            "a second UserRegistered for user {user_id} at global position {}",
+            change.position
         ));
     }
-    rows.insert(
-        change.user_id,
+    users.insert(
+        user_id,
         UserRow {
-            id: change.user_id,
+            id: user_id,
             email: registered.email.as_str().to_owned(),
             email_normalized: registered.email_normalized.clone(),
             status: registered.status.name().to_owned(),
@@ -176,53 +340,153 @@ fn insert_registered(
                 .iter()
                 .map(|role| role.name().to_owned())
                 .collect(),
+            session_epoch: 0,
             position,
         },
     );
     Ok(true)
 }
 
-/// What an event after the registration changes in its user's row (all but the position).
-fn update_row(row: &mut UserRow, event: &ProjectedEvent) {
+/// What an event of the user stream after the registration changes in its row (all but the
+/// position). The session epoch moves as `identity::evolve` moves the account's.
+fn update_user(row: &mut UserRow, event: &UserEvent) {
     match event {
-        ProjectedEvent::User(event) => match event {
-            UserEvent::UserRegistered(_) => {}
-            UserEvent::UserActivated(e) => {
-                row.status = AccountStatus::Active.name().to_owned();
-                row.activated_at = Some(e.at);
-            }
-            UserEvent::UserDeactivated(e) => {
-                row.status = AccountStatus::Deactivated.name().to_owned();
-                row.deactivated_at = Some(e.at);
-            }
-            // Nothing of a password is in the view; the row's position still moves.
-            UserEvent::PasswordChanged(_) | UserEvent::PasswordRehashed(_) => {}
-        },
-        // Login events carry the running state: the view copies it, it never counts.
-        ProjectedEvent::Login(LoginEvent::LoginSucceeded(e)) => {
+        UserEvent::UserRegistered(_) => {}
+        UserEvent::UserActivated(e) => {
+            row.status = AccountStatus::Active.name().to_owned();
+            row.activated_at = Some(e.at);
+        }
+        UserEvent::UserDeactivated(e) => {
+            row.status = AccountStatus::Deactivated.name().to_owned();
+            row.deactivated_at = Some(e.at);
+            row.session_epoch += 1;
+        }
+        // Nothing of a password is in the view, but a change ends every session.
+        UserEvent::PasswordChanged(_) | UserEvent::SessionsEnded(_) => row.session_epoch += 1,
+        // The row's position still moves.
+        UserEvent::PasswordRehashed(_) => {}
+    }
+}
+
+/// Login events carry the running state: the view copies it, it never counts.
+fn update_logins(row: &mut UserRow, event: &LoginEvent) {
+    match event {
+        LoginEvent::LoginSucceeded(e) => {
             row.last_login_at = Some(e.at);
-            row.login_count = i64::try_from(e.login_count).unwrap_or(i64::MAX);
+            row.login_count = signed(e.login_count);
             row.failed_logins = 0;
             row.locked_until = None;
         }
-        ProjectedEvent::Login(LoginEvent::LoginFailed(e)) => {
-            row.login_count = i64::try_from(e.login_count).unwrap_or(i64::MAX);
+        LoginEvent::LoginFailed(e) => {
+            row.login_count = signed(e.login_count);
             row.failed_logins = i32::try_from(e.failed_in_a_row).unwrap_or(i32::MAX);
             row.locked_until = e.locked_until;
         }
     }
 }
 
-/// Folds `changes` into `rows` and returns the ids of the rows that changed, or the index of
-/// the first change that cannot be applied and why.
-pub fn apply_all(
-    rows: &mut HashMap<Uuid, UserRow>,
-    changes: &[Change],
-) -> Result<Vec<Uuid>, (usize, String)> {
+/// A session event: a start creates the row, a refresh moves its token and idle limit, an end
+/// closes it. Only the first end counts: a session ends once.
+fn apply_to_session(
+    sessions: &mut HashMap<Uuid, SessionRow>,
+    event: &SessionEvent,
+    change: &Change,
+) -> Result<bool, String> {
+    let position = signed(change.position);
+    let id = *event.session_id().as_uuid();
+    match event {
+        SessionEvent::SessionStarted(started) => {
+            insert_started(sessions, id, change, started, position)
+        }
+        SessionEvent::SessionRefreshed(refreshed) => {
+            let Some(row) = session_row_after(sessions, id, change, position)? else {
+                return Ok(false);
+            };
+            row.last_refreshed_at = Some(refreshed.rotated_at);
+            row.idle_expires_at = refreshed.idle_expires_at;
+            row.generation = signed(refreshed.generation);
+            row.position = position;
+            Ok(true)
+        }
+        SessionEvent::SessionEnded(ended) => {
+            let Some(row) = session_row_after(sessions, id, change, position)?
+                .filter(|row| row.ended_at.is_none())
+            else {
+                return Ok(false);
+            };
+            row.ended_at = Some(ended.ended_at);
+            row.end_reason = Some(ended.reason.name().to_owned());
+            row.position = position;
+            Ok(true)
+        }
+    }
+}
+
+/// The sessions row an event after the start changes: `None` when the row is already past the
+/// event, an error when the view has no such session.
+fn session_row_after<'r>(
+    sessions: &'r mut HashMap<Uuid, SessionRow>,
+    id: Uuid,
+    change: &Change,
+    position: i64,
+) -> Result<Option<&'r mut SessionRow>, String> {
+    let Some(row) = sessions.get_mut(&id) else {
+        return Err(format!(
+            "an event for session {id} at global position {} but the view has no such session",
+            change.position
+        ));
+    };
+    Ok((row.position < position).then_some(row))
+}
+
+/// A start creates its session's row. One for a session the view already has is poison, unless
+/// it lies at or below the row's position (it was applied before).
+fn insert_started(
+    sessions: &mut HashMap<Uuid, SessionRow>,
+    id: Uuid,
+    change: &Change,
+    started: &SessionStarted,
+    position: i64,
+) -> Result<bool, String> {
+    if let Some(existing) = sessions.get(&id) {
+        if existing.position >= position {
+            return Ok(false);
+        }
+        return Err(format!(
+            "a second SessionStarted for session {id} at global position {}",
+            change.position
+        ));
+    }
+    sessions.insert(
+        id,
+        SessionRow {
+            id,
+            user_id: *started.user_id.as_uuid(),
+            session_epoch: signed(started.session_epoch),
+            started_at: started.started_at,
+            last_refreshed_at: None,
+            expires_at: started.expires_at,
+            idle_expires_at: started.idle_expires_at,
+            user_agent: started
+                .user_agent
+                .as_ref()
+                .map(|agent| agent.as_str().to_owned()),
+            generation: signed(started.generation),
+            ended_at: None,
+            end_reason: None,
+            position,
+        },
+    );
+    Ok(true)
+}
+
+/// Folds `changes` into `rows` and returns the rows that changed, or the index of the first
+/// change that cannot be applied and why.
+pub fn apply_all(rows: &mut Rows, changes: &[Change]) -> Result<Vec<RowId>, (usize, String)> {
     let mut changed = Vec::new();
     for (index, change) in changes.iter().enumerate() {
         if apply(rows, change).map_err(|reason| (index, reason))? {
-            changed.push(change.user_id);
+            changed.push(change.row());
         }
     }
     changed.sort_unstable();
@@ -233,7 +497,11 @@ pub fn apply_all(
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use identity::{Email, LoginSucceeded, PasswordHash, Role, UserActivated, UserId};
+    use identity::{
+        Email, LoginSucceeded, PasswordChanged, PasswordHash, PasswordRehashed, RefreshNonce, Role,
+        SessionEndReason, SessionEnded, SessionId, SessionRefreshed, SessionsEnded, UserActivated,
+        UserAgent, UserDeactivated, UserId,
+    };
 
     use super::*;
 
@@ -245,71 +513,212 @@ mod tests {
         Uuid::from_u128(7)
     }
 
-    fn registered(position: u64) -> Change {
+    fn session() -> Uuid {
+        Uuid::from_u128(8)
+    }
+
+    fn user_event(position: u64, event: impl Into<UserEvent>) -> Change {
         Change {
             position,
-            user_id: id(),
-            event: ProjectedEvent::User(
-                UserRegistered {
-                    user_id: UserId::from_uuid(id()),
-                    email: Email::parse("Ann@Example.com").unwrap(),
-                    email_normalized: "ann@example.com".into(),
-                    password_hash: PasswordHash::parse("$argon2id$v=19$x").unwrap(),
-                    status: AccountStatus::Pending,
-                    roles: vec![Role::User, Role::Admin],
-                    registered_at: at(0),
-                }
-                .into(),
-            ),
+            event: ProjectedEvent::User {
+                user_id: id(),
+                event: event.into(),
+            },
         }
+    }
+
+    fn registered(position: u64) -> Change {
+        user_event(
+            position,
+            UserRegistered {
+                user_id: UserId::from_uuid(id()),
+                email: Email::parse("Ann@Example.com").unwrap(),
+                email_normalized: "ann@example.com".into(),
+                password_hash: PasswordHash::parse("$argon2id$v=19$x").unwrap(),
+                status: AccountStatus::Pending,
+                roles: vec![Role::User, Role::Admin],
+                registered_at: at(0),
+            },
+        )
     }
 
     fn login(position: u64, count: u64) -> Change {
         Change {
             position,
-            user_id: id(),
-            event: ProjectedEvent::Login(
-                LoginSucceeded {
+            event: ProjectedEvent::Login {
+                user_id: id(),
+                event: LoginSucceeded {
                     at: at(position as i64),
                     login_count: count,
                 }
                 .into(),
-            ),
+            },
         }
+    }
+
+    fn session_event(position: u64, event: impl Into<SessionEvent>) -> Change {
+        Change {
+            position,
+            event: ProjectedEvent::Session(event.into()),
+        }
+    }
+
+    fn started(position: u64) -> Change {
+        session_event(
+            position,
+            SessionStarted {
+                session_id: SessionId::from_uuid(session()),
+                user_id: UserId::from_uuid(id()),
+                session_epoch: 2,
+                started_at: at(100),
+                expires_at: at(10_000),
+                idle_expires_at: at(1_000),
+                user_agent: Some(UserAgent::new("curl/8.5")),
+                generation: 0,
+                nonce: RefreshNonce::from_bytes([1; RefreshNonce::LEN]),
+            },
+        )
+    }
+
+    fn refreshed(position: u64, generation: u64) -> Change {
+        let rotated_at = at(100 + position as i64);
+        session_event(
+            position,
+            SessionRefreshed {
+                session_id: SessionId::from_uuid(session()),
+                user_id: UserId::from_uuid(id()),
+                session_epoch: 2,
+                started_at: at(100),
+                expires_at: at(10_000),
+                idle_expires_at: rotated_at + chrono::Duration::seconds(900),
+                user_agent: Some(UserAgent::new("curl/8.5")),
+                generation,
+                nonce: RefreshNonce::from_bytes([2; RefreshNonce::LEN]),
+                rotated_at,
+                previous_nonce: RefreshNonce::from_bytes([1; RefreshNonce::LEN]),
+            },
+        )
+    }
+
+    fn ended(position: u64, reason: SessionEndReason) -> Change {
+        session_event(
+            position,
+            SessionEnded {
+                session_id: SessionId::from_uuid(session()),
+                user_id: UserId::from_uuid(id()),
+                ended_at: at(position as i64),
+                reason,
+            },
+        )
     }
 
     #[test]
     fn a_registration_creates_the_row_and_later_events_change_it() {
-        let mut rows = HashMap::new();
-        let activated = Change {
-            position: 20,
-            user_id: id(),
-            event: ProjectedEvent::User(UserActivated { at: at(5) }.into()),
-        };
+        let mut rows = Rows::default();
+        let activated = user_event(20, UserActivated { at: at(5) });
         let changed = apply_all(&mut rows, &[registered(10), activated, login(30, 4)]).unwrap();
-        assert_eq!(changed, vec![id()]);
-        let row = &rows[&id()];
+        assert_eq!(changed, vec![RowId::User(id())]);
+        let row = &rows.users[&id()];
         assert_eq!(row.status, "active");
         assert_eq!(row.activated_at, Some(at(5)));
         assert_eq!(row.login_count, 4);
         assert_eq!(row.roles, ["user", "admin"]);
+        assert_eq!(row.session_epoch, 0);
         assert_eq!(row.position, 30);
     }
 
     #[test]
     fn an_event_at_or_below_the_rows_position_is_not_applied_again() {
-        let mut rows = HashMap::new();
-        apply_all(&mut rows, &[registered(10), login(30, 4)]).unwrap();
+        let mut rows = Rows::default();
+        apply_all(&mut rows, &[registered(10), login(30, 4), started(40)]).unwrap();
         assert_eq!(apply(&mut rows, &registered(10)), Ok(false));
         assert_eq!(apply(&mut rows, &login(20, 3)), Ok(false));
-        assert_eq!(rows[&id()].login_count, 4);
+        assert_eq!(apply(&mut rows, &started(40)), Ok(false));
+        assert_eq!(rows.users[&id()].login_count, 4);
     }
 
     #[test]
     fn an_event_for_a_user_the_view_does_not_have_cannot_be_applied() {
-        let mut rows = HashMap::new();
+        let mut rows = Rows::default();
         let error = apply_all(&mut rows, &[login(30, 1)]).unwrap_err();
         assert_eq!(error.0, 0);
         assert!(error.1.contains("no such user"));
+    }
+
+    #[test]
+    fn a_deactivation_a_password_change_and_an_end_of_all_sessions_move_the_session_epoch() {
+        let mut rows = Rows::default();
+        let hash = PasswordHash::parse("$argon2id$v=19$y").unwrap();
+        let history = [
+            registered(10),
+            user_event(11, UserActivated { at: at(1) }),
+            user_event(12, UserDeactivated { at: at(2) }),
+            user_event(13, UserActivated { at: at(3) }),
+            user_event(
+                14,
+                PasswordChanged {
+                    password_hash: hash.clone(),
+                    at: at(4),
+                },
+            ),
+            user_event(
+                15,
+                PasswordRehashed {
+                    password_hash: hash,
+                    at: at(5),
+                },
+            ),
+            user_event(16, SessionsEnded { at: at(6) }),
+        ];
+        apply_all(&mut rows, &history).unwrap();
+        assert_eq!(rows.users[&id()].session_epoch, 3);
+        assert_eq!(rows.users[&id()].position, 16);
+    }
+
+    #[test]
+    fn a_session_is_started_refreshed_and_ended_once() {
+        let mut rows = Rows::default();
+        let changed = apply_all(
+            &mut rows,
+            &[
+                registered(10),
+                started(20),
+                refreshed(21, 1),
+                refreshed(22, 2),
+                ended(23, SessionEndReason::LoggedOut),
+                ended(24, SessionEndReason::RefreshTokenReused),
+            ],
+        )
+        .unwrap();
+        assert_eq!(changed, vec![RowId::User(id()), RowId::Session(session())]);
+        assert_eq!(
+            rows.sessions[&session()],
+            SessionRow {
+                id: session(),
+                user_id: id(),
+                session_epoch: 2,
+                started_at: at(100),
+                last_refreshed_at: Some(at(122)),
+                expires_at: at(10_000),
+                idle_expires_at: at(1_022),
+                user_agent: Some("curl/8.5".into()),
+                generation: 2,
+                ended_at: Some(at(23)),
+                end_reason: Some("logged_out".into()),
+                position: 23,
+            }
+        );
+        // Session events leave the users row alone.
+        assert_eq!(rows.users[&id()].position, 10);
+    }
+
+    #[test]
+    fn a_session_event_before_its_start_or_a_second_start_cannot_be_applied() {
+        let mut rows = Rows::default();
+        let error = apply_all(&mut rows, &[refreshed(21, 1)]).unwrap_err();
+        assert!(error.1.contains("no such session"), "{}", error.1);
+        let error = apply_all(&mut rows, &[started(20), started(25)]).unwrap_err();
+        assert_eq!(error.0, 1);
+        assert!(error.1.contains("second SessionStarted"), "{}", error.1);
     }
 }

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use aggregator::projector::USERS_VERSION;
 use aggregator::read_model::Checkpoint;
-use aggregator::view::UserRow;
 use aggregator::{Outcome, Projector, Target, admin};
 
-use crate::support::{Env, Writer, concurrent_writers, drain, env, options, settle, wait_for_rows};
+use crate::support::{
+    Env, Views, Writer, concurrent_writers, drain, env, options, settle, wait_for_rows,
+};
 
 #[tokio::test]
 async fn migrations_apply_twice_beside_the_message_store() {
@@ -19,36 +20,44 @@ async fn migrations_apply_twice_beside_the_message_store() {
 }
 
 /// What `writers` writers wrote at once (`users` accounts, `ops` changes each), projected by a
-/// live worker: the writer, the worker, the view it built (all that was written) and its
+/// live worker: the writer, the worker, the views it built (all that was written) and its
 /// checkpoint.
 async fn projected_live(
     env: &Env,
     writers: usize,
     users: usize,
     ops: usize,
-) -> (Writer, Projector, Vec<UserRow>, Checkpoint) {
+) -> (Writer, Projector, Views, Checkpoint) {
     let writer = concurrent_writers(&env.store, writers, users, ops).await;
     let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
     drain(&mut live, &env.read_model, writer.last()).await;
-    let rows = env.users_view().await;
-    assert_eq!(rows, writer.expected_rows());
-    (writer, live, rows, env.users_checkpoint().await)
+    let views = env.views().await;
+    assert_eq!(views, writer.expected_views());
+    assert!(!views.sessions.is_empty(), "the history has sessions");
+    (writer, live, views, env.users_checkpoint().await)
 }
 
 #[tokio::test]
-async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
+async fn reset_and_rebuild_give_the_users_and_sessions_the_live_worker_built() {
     let env = env().await;
     let (writer, mut projector, live, checkpoint) = projected_live(&env, 3, 10, 5).await;
 
     rebuild_and_expect_the_same_view(&env, &live, checkpoint).await;
     // The indexes carry the migrations' names again.
-    let indexes: Vec<String> =
-        sqlx::query_scalar("SELECT indexname FROM pg_indexes WHERE tablename = 'users' ORDER BY 1")
-            .fetch_all(env.read_model.as_postgres().unwrap())
+    let indexes = |table: &'static str| {
+        let pool = env.read_model.as_postgres().unwrap().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT indexname FROM pg_indexes WHERE tablename = $1 ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&pool)
             .await
-            .unwrap();
+            .unwrap()
+        }
+    };
     assert_eq!(
-        indexes,
+        indexes("users").await,
         [
             "users_email_normalized_idx",
             "users_pkey",
@@ -56,23 +65,36 @@ async fn reset_and_rebuild_give_the_view_the_live_worker_built() {
             "users_status_id_idx"
         ]
     );
+    assert_eq!(
+        indexes("sessions").await,
+        ["sessions_pkey", "sessions_user_started_idx"]
+    );
 
     admin::reset(&env.read_model, "users").await.unwrap();
-    assert!(env.users_view().await.is_empty());
+    let emptied = env.views().await;
+    assert!(emptied.users.is_empty() && emptied.sessions.is_empty());
     assert_eq!(env.users_checkpoint().await.position, 0);
     // The same worker notices that its checkpoint moved and replays from zero.
     drain(&mut projector, &env.read_model, writer.last()).await;
-    assert_eq!(env.users_view().await, live);
+    assert_eq!(env.views().await, live);
 }
 
-/// Rebuilds the users view while nothing is appended, and checks that the live view comes out
-/// as it went in: the same `rows` at the same `checkpoint`, and no rebuild's checkpoint left.
-async fn rebuild_and_expect_the_same_view(env: &Env, rows: &[UserRow], checkpoint: Checkpoint) {
+/// Rebuilds the views while nothing is appended, and checks that the live views come out as
+/// they went in: the same rows of users and sessions at the same `checkpoint`, and no
+/// rebuild's checkpoint or table left.
+async fn rebuild_and_expect_the_same_view(env: &Env, rows: &Views, checkpoint: Checkpoint) {
     admin::rebuild(&env.store, &env.read_model, "users", 11)
         .await
         .unwrap();
-    assert_eq!(env.users_view().await, rows);
+    assert_eq!(&env.views().await, rows);
     assert_eq!(env.users_checkpoint().await, checkpoint);
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE tablename LIKE '%rebuild%'",
+    )
+    .fetch_all(env.read_model.as_postgres().unwrap())
+    .await
+    .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     assert_eq!(
         env.read_model.checkpoint("users:rebuild").await.unwrap(),
         None
@@ -124,7 +146,7 @@ async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_vi
         },
     );
     drain(&mut projector, &env.read_model, writer.last()).await;
-    assert_eq!(env.users_view().await, writer.expected_rows());
+    assert_eq!(env.views().await, writer.expected_views());
 }
 
 #[tokio::test]
@@ -144,7 +166,7 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
         .await
         .unwrap();
     assert_eq!(rebuilt.position, before.position);
-    let rows = env.users_view().await;
+    let rows = env.views().await;
     let checkpoint = env.users_checkpoint().await;
     assert_eq!(checkpoint.version, USERS_VERSION);
 
@@ -161,13 +183,13 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
             "the old worker applied a batch: {outcome:?}"
         );
     }
-    assert_eq!(env.users_view().await, rows);
+    assert_eq!(env.views().await, rows);
     assert_eq!(env.users_checkpoint().await, checkpoint);
 
     // A worker of this build carries on.
     let mut current = Projector::users(env.store.clone(), env.read_model.clone(), options(5));
     drain(&mut current, &env.read_model, writer.last()).await;
-    assert_eq!(env.users_view().await, writer.expected_rows());
+    assert_eq!(env.views().await, writer.expected_views());
 }
 
 #[tokio::test]
@@ -217,14 +239,14 @@ async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live
         .unwrap();
     assert!(left.position > 0 && left.position < checkpoint.position);
     let half_built = env.read_model.rows(&Target::USERS_REBUILD).await.unwrap();
-    assert!(!half_built.is_empty() && half_built.len() < rows.len());
-    // The live view is untouched.
-    assert_eq!(env.users_view().await, rows);
+    assert!(!half_built.is_empty() && half_built.len() < rows.users.len());
+    // The live views are untouched.
+    assert_eq!(env.views().await, rows);
     assert_eq!(env.users_checkpoint().await, checkpoint);
 
     rebuild_and_expect_the_same_view(&env, &rows, checkpoint).await;
     // The live worker carries on from there.
     writer.random_history(2, 2).await;
     drain(&mut live, &env.read_model, writer.last()).await;
-    assert_eq!(env.users_view().await, writer.expected_rows());
+    assert_eq!(env.views().await, writer.expected_views());
 }

@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod sessions;
 mod support;
 mod worker;

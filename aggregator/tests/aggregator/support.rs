@@ -1,18 +1,19 @@
 //! Writers that append real domain events through the message store and keep, beside them,
-//! the rows the users view must end with: the fold of every event they appended.
+//! the rows the users and sessions views must end with: the fold of every event they appended.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aggregator::read_model::Checkpoint;
-use aggregator::view::UserRow;
+use aggregator::view::{SessionRow, UserRow};
 use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use identity::{
-    AccountStatus, Email, LoginEvent, LoginFailed, LoginSucceeded, PasswordHash, Role,
-    UserActivated, UserDeactivated, UserEvent, UserId, UserRegistered, login_stream_name,
-    user_stream_name,
+    AccountStatus, Email, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged, PasswordHash,
+    PasswordRehashed, RefreshNonce, Role, SessionEndReason, SessionEnded, SessionEvent, SessionId,
+    SessionRefreshed, SessionStarted, SessionsEnded, UserActivated, UserAgent, UserDeactivated,
+    UserEvent, UserId, UserRegistered, login_stream_name, session_stream_name, user_stream_name,
 };
 use message_store::{
     ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
@@ -34,6 +35,11 @@ impl Env {
     /// The rows of the live users view.
     pub async fn users_view(&self) -> Vec<UserRow> {
         self.read_model.rows(&Target::USERS).await.unwrap()
+    }
+
+    /// Both live views: what the live path built, to compare with a rebuild's or a replay's.
+    pub async fn views(&self) -> Views {
+        views(&self.read_model, &Target::USERS).await
     }
 
     /// The live users view's checkpoint, which the test expects to exist.
@@ -74,6 +80,77 @@ async fn env_with_read_model(database: ReadModelDatabase) -> Env {
     }
 }
 
+/// A message store and a read model on one engine, for tests that run on both.
+pub struct Stores {
+    pub store: Arc<dyn MessageStore>,
+    pub read_model: ReadModelWriter,
+    _keep: Keep,
+}
+
+/// What holds a [`Stores`]' data, removed when the test ends.
+enum Keep {
+    Postgres { _db: TestDatabase },
+    Sqlite(std::path::PathBuf),
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if let Keep::Sqlite(dir) = self {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Stores {
+    /// Both in a fresh PostgreSQL database.
+    pub async fn postgres() -> Self {
+        platform::metrics::handle();
+        let db = TestDatabase::new().await;
+        Self {
+            store: connect_store(db.url()).await,
+            read_model: read_model(db.url()).await,
+            _keep: Keep::Postgres { _db: db },
+        }
+    }
+
+    /// Both in a fresh SQLite file, as the standalone mode keeps them.
+    pub async fn sqlite() -> Self {
+        platform::metrics::handle();
+        let dir = std::env::temp_dir().join(format!("aggregator-{}", Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("identity.db").display());
+        Self {
+            store: connect_store(&url).await,
+            read_model: read_model(&url).await,
+            _keep: Keep::Sqlite(dir),
+        }
+    }
+
+    /// The live users projection's worker, one batch at a time.
+    pub fn projector(&self) -> Projector {
+        Projector::users(self.store.clone(), self.read_model.clone(), options(1000))
+    }
+
+    /// Steps `projector` until it has applied everything `writer` appended.
+    pub async fn drain(&self, projector: &mut Projector, writer: &Writer) {
+        drain(projector, &self.read_model, writer.last()).await;
+    }
+
+    pub async fn views(&self) -> Views {
+        views(&self.read_model, &Target::USERS).await
+    }
+
+    /// Runs `sql`, the same on both engines, on the read model: for a test that changes the
+    /// view behind the worker's back.
+    pub async fn execute(&self, sql: &str) {
+        match &self.read_model {
+            ReadModelWriter::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            ReadModelWriter::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        }
+        .unwrap();
+    }
+}
+
 pub async fn connect_store(url: &str) -> Arc<dyn MessageStore> {
     message_store::connect(
         url,
@@ -90,6 +167,20 @@ pub async fn read_model(url: &str) -> ReadModelWriter {
     let read_model = ReadModelWriter::connect(url, 8).await.unwrap();
     read_model.migrate().await.unwrap();
     read_model
+}
+
+/// Every row of both views of a projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Views {
+    pub users: Vec<UserRow>,
+    pub sessions: Vec<SessionRow>,
+}
+
+pub async fn views(read_model: &ReadModelWriter, target: &Target) -> Views {
+    Views {
+        users: read_model.rows(target).await.unwrap(),
+        sessions: read_model.sessions(target).await.unwrap(),
+    }
 }
 
 pub fn options(batch_size: usize) -> ProjectorOptions {
@@ -138,34 +229,30 @@ pub async fn settle(store: &Arc<dyn MessageStore>, until: u64) {
     panic!("position {until} did not become readable");
 }
 
-/// Waits until the live users view holds the rows `writer` expects (a worker running beside
-/// the test brings them), and fails if it does not within ten seconds.
+/// Waits until the live views hold the rows `writer` expects (a worker running beside the test
+/// brings them), and fails if they do not within ten seconds.
 pub async fn wait_for_rows(env: &Env, writer: &Writer) {
-    let expected = writer.expected_rows();
+    let expected = writer.expected_views();
     for _ in 0..500 {
-        if env.users_view().await == expected {
+        if env.views().await == expected {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(env.users_view().await, expected);
+    assert_eq!(env.views().await, expected);
 }
 
-/// The view's rows after draining a fresh projector over `store` into a fresh database: what a
+/// The views' rows after draining a fresh projector over `store` into a fresh database: what a
 /// clean rebuild gives.
-pub async fn clean_rebuild(
-    db: &TestDatabase,
-    store: &Arc<dyn MessageStore>,
-    until: u64,
-) -> Vec<UserRow> {
+pub async fn clean_rebuild(db: &TestDatabase, store: &Arc<dyn MessageStore>, until: u64) -> Views {
     let fresh = db.sibling(&format!("clean{}", fastrand::u32(..))).await;
     let read_model = read_model(fresh.url()).await;
     let mut projector = Projector::users(store.clone(), read_model.clone(), options(97));
     drain(&mut projector, &read_model, until).await;
-    read_model.rows(&Target::USERS).await.unwrap()
+    views(&read_model, &Target::USERS).await
 }
 
-fn at(seconds: i64) -> DateTime<Utc> {
+pub fn at(seconds: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::seconds(seconds)
 }
 
@@ -173,12 +260,17 @@ fn hash() -> PasswordHash {
     PasswordHash::parse(test_support::bulk::PASSWORD_HASH).unwrap()
 }
 
+/// How long a test session lasts: its absolute and idle limits after its start or refresh.
+const SESSION_MAX: Duration = Duration::days(90);
+const SESSION_IDLE: Duration = Duration::days(14);
+
 /// Appends events for users it owns and folds them, independently of the aggregator's code,
-/// into the rows the view must hold.
+/// into the rows the views must hold.
 #[derive(Clone)]
 pub struct Writer {
     store: Arc<dyn MessageStore>,
     pub expected: Arc<Mutex<HashMap<Uuid, UserRow>>>,
+    pub expected_sessions: Arc<Mutex<HashMap<Uuid, SessionRow>>>,
     last: Arc<AtomicU64>,
 }
 
@@ -187,6 +279,7 @@ impl Writer {
         Self {
             store,
             expected: Arc::default(),
+            expected_sessions: Arc::default(),
             last: Arc::default(),
         }
     }
@@ -211,6 +304,25 @@ impl Writer {
         let mut rows: Vec<_> = self.expected.lock().unwrap().values().cloned().collect();
         rows.sort_by_key(|row| row.id);
         rows
+    }
+
+    pub fn expected_sessions(&self) -> Vec<SessionRow> {
+        let mut rows: Vec<_> = self
+            .expected_sessions
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        rows.sort_by_key(|row| row.id);
+        rows
+    }
+
+    pub fn expected_views(&self) -> Views {
+        Views {
+            users: self.expected_rows(),
+            sessions: self.expected_sessions(),
+        }
     }
 
     async fn append(&self, stream: String, message_type: &str, data: serde_json::Value) -> i64 {
@@ -305,6 +417,7 @@ impl Writer {
                 failed_logins: 0,
                 locked_until: None,
                 roles: vec!["user".into()],
+                session_epoch: 0,
                 position,
             },
         );
@@ -333,8 +446,142 @@ impl Writer {
         self.user_event_changing(id, UserDeactivated { at: at(t) }.into(), |row| {
             row.status = "deactivated".into();
             row.deactivated_at = Some(at(t));
+            row.session_epoch += 1;
         })
         .await;
+    }
+
+    pub async fn change_password(&self, id: Uuid, t: i64) {
+        let changed = PasswordChanged {
+            password_hash: hash(),
+            at: at(t),
+        };
+        self.user_event_changing(id, changed.into(), |row| row.session_epoch += 1)
+            .await;
+    }
+
+    pub async fn rehash_password(&self, id: Uuid, t: i64) {
+        let rehashed = PasswordRehashed {
+            password_hash: hash(),
+            at: at(t),
+        };
+        self.user_event_changing(id, rehashed.into(), |_| {}).await;
+    }
+
+    /// An administrator ends every session of the account.
+    pub async fn end_all_sessions(&self, id: Uuid, t: i64) {
+        self.user_event_changing(id, SessionsEnded { at: at(t) }.into(), |row| {
+            row.session_epoch += 1;
+        })
+        .await;
+    }
+
+    /// Appends `event` to its session's stream and returns its position.
+    async fn session_event(&self, event: SessionEvent) -> i64 {
+        self.append(
+            session_stream_name(event.session_id()),
+            event.event_type(),
+            event.to_json(),
+        )
+        .await
+    }
+
+    /// Starts a session of user `id` in the account's current epoch; returns its id.
+    pub async fn start_session(&self, id: Uuid, t: i64) -> Uuid {
+        let session = Uuid::now_v7();
+        let epoch = self.row(id).session_epoch;
+        let user_agent = format!("agent {}", fastrand::u16(..));
+        let started = SessionStarted {
+            session_id: SessionId::from_uuid(session),
+            user_id: UserId::from_uuid(id),
+            session_epoch: epoch as u64,
+            started_at: at(t),
+            expires_at: at(t) + SESSION_MAX,
+            idle_expires_at: at(t) + SESSION_IDLE,
+            user_agent: Some(UserAgent::new(&user_agent)),
+            generation: 0,
+            nonce: nonce(0),
+        };
+        let position = self.session_event(started.into()).await;
+        self.expected_sessions.lock().unwrap().insert(
+            session,
+            SessionRow {
+                id: session,
+                user_id: id,
+                session_epoch: epoch,
+                started_at: at(t),
+                last_refreshed_at: None,
+                expires_at: at(t) + SESSION_MAX,
+                idle_expires_at: at(t) + SESSION_IDLE,
+                user_agent: Some(user_agent),
+                generation: 0,
+                ended_at: None,
+                end_reason: None,
+                position,
+            },
+        );
+        session
+    }
+
+    fn session(&self, session: Uuid) -> SessionRow {
+        self.expected_sessions.lock().unwrap()[&session].clone()
+    }
+
+    /// Rotates the session's refresh token at `t`.
+    pub async fn refresh_session(&self, session: Uuid, t: i64) {
+        let before = self.session(session);
+        let generation = before.generation as u64 + 1;
+        let refreshed = SessionRefreshed {
+            session_id: SessionId::from_uuid(session),
+            user_id: UserId::from_uuid(before.user_id),
+            session_epoch: before.session_epoch as u64,
+            started_at: before.started_at,
+            expires_at: before.expires_at,
+            idle_expires_at: at(t) + SESSION_IDLE,
+            user_agent: before.user_agent.as_deref().map(UserAgent::new),
+            generation,
+            nonce: nonce(generation),
+            rotated_at: at(t),
+            previous_nonce: nonce(generation - 1),
+        };
+        let position = self.session_event(refreshed.into()).await;
+        let mut sessions = self.expected_sessions.lock().unwrap();
+        let row = sessions.get_mut(&session).unwrap();
+        row.last_refreshed_at = Some(at(t));
+        row.idle_expires_at = at(t) + SESSION_IDLE;
+        row.generation = generation as i64;
+        row.position = position;
+    }
+
+    /// Ends the session at `t`; an end after the first changes nothing in the view.
+    pub async fn end_session(&self, session: Uuid, reason: SessionEndReason, t: i64) {
+        let user_id = self.session(session).user_id;
+        let ended = SessionEnded {
+            session_id: SessionId::from_uuid(session),
+            user_id: UserId::from_uuid(user_id),
+            ended_at: at(t),
+            reason,
+        };
+        let position = self.session_event(ended.into()).await;
+        let mut sessions = self.expected_sessions.lock().unwrap();
+        let row = sessions.get_mut(&session).unwrap();
+        if row.ended_at.is_none() {
+            row.ended_at = Some(at(t));
+            row.end_reason = Some(reason.name().into());
+            row.position = position;
+        }
+    }
+
+    /// The sessions of user `id` this writer started.
+    fn sessions_of(&self, id: Uuid) -> Vec<Uuid> {
+        let sessions = self.expected_sessions.lock().unwrap();
+        let mut of: Vec<Uuid> = sessions
+            .values()
+            .filter(|row| row.user_id == id)
+            .map(|row| row.id)
+            .collect();
+        of.sort_unstable();
+        of
     }
 
     pub async fn login(&self, id: Uuid, t: i64) {
@@ -369,7 +616,8 @@ impl Writer {
         .await;
     }
 
-    /// `users` new users, each followed by `ops` random events of theirs.
+    /// `users` new users, each followed by `ops` random events of theirs: status and password
+    /// changes, logins, and sessions started, refreshed and ended (some ended twice).
     pub async fn random_history(&self, users: usize, ops: usize) {
         let ids: Vec<Uuid> = (0..users).map(|_| Uuid::now_v7()).collect();
         for (n, id) in ids.iter().enumerate() {
@@ -378,14 +626,42 @@ impl Writer {
         for t in 0..ops * users {
             let id = ids[fastrand::usize(..ids.len())];
             let t = 1000 + t as i64;
-            match fastrand::u8(..5) {
-                0 => self.activate(id, t).await,
-                1 => self.deactivate(id, t).await,
-                2 | 3 => self.login(id, t).await,
-                _ => self.fail_login(id, t).await,
+            let sessions = self.sessions_of(id);
+            let session =
+                (!sessions.is_empty()).then(|| sessions[fastrand::usize(..sessions.len())]);
+            match (fastrand::u8(..12), session) {
+                (0, _) => self.activate(id, t).await,
+                (1, _) => self.deactivate(id, t).await,
+                (2 | 3, _) => self.login(id, t).await,
+                (4, _) => self.fail_login(id, t).await,
+                (5, _) => self.change_password(id, t).await,
+                (6, _) => self.rehash_password(id, t).await,
+                (7, _) => self.end_all_sessions(id, t).await,
+                (8, Some(session)) => {
+                    let reason = if fastrand::bool() {
+                        SessionEndReason::LoggedOut
+                    } else {
+                        SessionEndReason::RefreshTokenReused
+                    };
+                    self.end_session(session, reason, t).await;
+                }
+                // The domain refreshes only a session that has not ended.
+                (9 | 10, Some(session)) if self.session(session).ended_at.is_none() => {
+                    self.refresh_session(session, t).await;
+                }
+                _ => {
+                    self.start_session(id, t).await;
+                }
             }
         }
     }
+}
+
+/// The refresh nonce of a test session's `generation`.
+fn nonce(generation: u64) -> RefreshNonce {
+    let mut bytes = [0; RefreshNonce::LEN];
+    bytes[..8].copy_from_slice(&generation.to_be_bytes());
+    RefreshNonce::from_bytes(bytes)
 }
 
 /// Runs `writers` concurrent writers, each with its own users; returns one writer whose
@@ -476,7 +752,7 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
 pub fn users_view_named(projection: &'static str) -> Target {
     Target {
         checkpoint: projection,
-        table: Target::USERS.table,
+        ..Target::USERS
     }
 }
 

@@ -10,7 +10,7 @@ use test_support::FreezingProxy;
 use crate::support::{
     Writer, append_raw, append_to_user, clean_rebuild, concurrent_writers, connect_store, drain,
     env, env_apart, http_get, options, projection_metric, read_model, settle, users_view_named,
-    wait_for_rows,
+    views, wait_for_rows,
 };
 
 #[tokio::test]
@@ -26,9 +26,10 @@ async fn concurrent_writers_committing_out_of_order_end_in_the_fold_of_every_eve
     let writer = writing.await.unwrap();
     drain(&mut projector, &env.read_model, writer.last()).await;
 
-    let rows = env.users_view().await;
-    assert_eq!(rows.len(), 6 * 15);
-    assert_eq!(rows, writer.expected_rows());
+    let views = env.views().await;
+    assert_eq!(views.users.len(), 6 * 15);
+    assert!(!views.sessions.is_empty());
+    assert_eq!(views, writer.expected_views());
 }
 
 #[tokio::test]
@@ -53,10 +54,10 @@ async fn a_worker_killed_at_random_points_resumes_to_the_view_of_a_clean_rebuild
     let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(50));
     drain(&mut projector, &env.read_model, writer.last()).await;
 
-    let rows = env.users_view().await;
-    assert_eq!(rows, writer.expected_rows());
+    let views = env.views().await;
+    assert_eq!(views, writer.expected_views());
     assert_eq!(
-        rows,
+        views,
         clean_rebuild(&env.db, &env.store, writer.last()).await
     );
 }
@@ -142,8 +143,8 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
     );
     assert_eq!(projector.process_next_batch().await.unwrap(), Outcome::Idle);
     assert_eq!(
-        env.read_model.rows(&target).await.unwrap(),
-        writer.expected_rows()
+        views(&env.read_model, &target).await,
+        writer.expected_views()
     );
     assert_eq!(
         skipped().map(|after| after - before),
@@ -167,7 +168,7 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
         json!({ "at": "2026-01-01T00:00:00Z" }),
     )
     .await;
-    let after = writer.expected_rows();
+    let after = writer.expected_views();
     writer.random_history(1, 1).await;
     settle(&env.store, writer.last()).await;
 
@@ -190,7 +191,7 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
         .unwrap()
         .unwrap();
     assert!(checkpoint.position >= before && checkpoint.position < poison);
-    assert_eq!(env.read_model.rows(&target).await.unwrap(), after);
+    assert_eq!(views(&env.read_model, &target).await, after);
 
     // Halted stays halted, and a fresh worker halts at the same place.
     assert!(matches!(
@@ -234,7 +235,7 @@ async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
         "{outcome:?}"
     );
     // What came before it is applied.
-    assert_eq!(env.users_view().await, writer.expected_rows());
+    assert_eq!(env.views().await, writer.expected_views());
 }
 
 #[tokio::test]
@@ -292,20 +293,17 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
     let writer = Writer::with_random_history(store.clone(), 5, 4).await;
     let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
     drain(&mut projector, &read_model, writer.last()).await;
-    assert_eq!(
-        read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    let live = views(&read_model, &Target::USERS).await;
+    assert_eq!(live, writer.expected_views());
+    assert!(!live.sessions.is_empty());
 
     aggregator::admin::reset(&read_model, "users")
         .await
         .unwrap();
-    assert!(read_model.rows(&Target::USERS).await.unwrap().is_empty());
+    let emptied = views(&read_model, &Target::USERS).await;
+    assert!(emptied.users.is_empty() && emptied.sessions.is_empty());
     drain(&mut projector, &read_model, writer.last()).await;
-    assert_eq!(
-        read_model.rows(&Target::USERS).await.unwrap(),
-        writer.expected_rows()
-    );
+    assert_eq!(views(&read_model, &Target::USERS).await, live);
     let _ = std::fs::remove_dir_all(dir);
 }
 
