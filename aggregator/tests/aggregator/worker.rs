@@ -3,14 +3,14 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use aggregator::{Application, Outcome, Projector, ProjectorOptions, Settings, Target};
+use aggregator::{Application, Outcome, Projector, ProjectorOptions, Settings};
 use serde_json::json;
 use test_support::FreezingProxy;
 
 use crate::support::{
-    Writer, append_raw, append_to_user, clean_rebuild, concurrent_writers, connect_store, drain,
-    env, env_apart, http_get, options, projection_metric, read_model, settle, users_view_named,
-    views, wait_for_rows,
+    Stores, Writer, append_raw, append_to_user, clean_rebuild, concurrent_writers, connect_store,
+    drain, env, env_apart, http_get, options, projection_metric, read_model, settle,
+    users_view_named, views, wait_for_rows,
 };
 
 #[tokio::test]
@@ -285,26 +285,24 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
 
 #[tokio::test]
 async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
-    let dir = std::env::temp_dir().join(format!("aggregator-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("identity.db").display());
-    let store = connect_store(&url).await;
-    let read_model = read_model(&url).await;
+    let stores = Stores::sqlite().await;
+    let (store, read_model) = (&stores.store, &stores.read_model);
     let writer = Writer::with_random_history(store.clone(), 5, 4).await;
+    // A session whatever the random history holds.
+    let session = writer
+        .start_session(writer.expected_rows()[0].id, 50_000)
+        .await;
+    writer.refresh_session(session, 50_001).await;
     let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
-    drain(&mut projector, &read_model, writer.last()).await;
-    let live = views(&read_model, &Target::USERS).await;
+    drain(&mut projector, read_model, writer.last()).await;
+    let live = stores.views().await;
     assert_eq!(live, writer.expected_views());
-    assert!(!live.sessions.is_empty());
 
-    aggregator::admin::reset(&read_model, "users")
-        .await
-        .unwrap();
-    let emptied = views(&read_model, &Target::USERS).await;
+    aggregator::admin::reset(read_model, "users").await.unwrap();
+    let emptied = stores.views().await;
     assert!(emptied.users.is_empty() && emptied.sessions.is_empty());
-    drain(&mut projector, &read_model, writer.last()).await;
-    assert_eq!(views(&read_model, &Target::USERS).await, live);
-    let _ = std::fs::remove_dir_all(dir);
+    drain(&mut projector, read_model, writer.last()).await;
+    assert_eq!(stores.views().await, live);
 }
 
 #[tokio::test]
