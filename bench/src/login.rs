@@ -19,7 +19,7 @@ use message_store::{ExpectedVersion, MessageStore, StreamAppend};
 use platform::clock::{Clock, SystemClock};
 use serde_json::json;
 use test_support::TestDatabase;
-use tokens::{Algorithm, SigningKey};
+use tokens::{Algorithm, RefreshTokenKey, SigningKey};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -103,6 +103,12 @@ impl CommandApi {
         settings.login.max_waiting_hashes = clients * 2;
         let key = SigningKey::generate(Algorithm::EdDSA)?;
         settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
+        settings.tokens.refresh_token_key = Some(
+            RefreshTokenKey::generate()?
+                .to_hex()
+                .expose_secret()
+                .clone(),
+        );
 
         let application = Application::build(settings, Arc::new(SystemClock)).await?;
         let base = format!("http://127.0.0.1:{}", application.port());

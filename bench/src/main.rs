@@ -15,6 +15,7 @@ mod login;
 mod query;
 mod read;
 mod rebuild;
+mod refresh;
 mod report;
 mod setup;
 mod soak;
@@ -41,6 +42,9 @@ enum Scenario {
     /// Time from an append returning to its row being visible in the read model, against a
     /// plain LISTEN client copying the same events into a table.
     Lag(lag::Options),
+    /// Refresh-token rotations over HTTP from 8 clients, against single-message appends with an
+    /// expected version from 8 writers to the same store.
+    Refresh(refresh::Options),
     /// `GET /users/{id}` from the query API in its own process, against a plain prepared SELECT.
     Query(query::Options),
     /// The split deployment (three release binaries) under minutes of mixed traffic: errors,
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Login(options) => login::run(options).await,
         Scenario::Rebuild(options) => rebuild::run(options).await,
         Scenario::Lag(options) => lag::run(options).await,
+        Scenario::Refresh(options) => refresh::run(options).await,
         Scenario::Query(options) => query::run(options).await,
         Scenario::Soak(options) => soak::run(options).await,
     }

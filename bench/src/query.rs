@@ -25,11 +25,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use hdrhistogram::Histogram;
 use identity::{
-    AccountStatus, EVENT_VERSION_KEY, Email, PasswordHash, Role, UserEvent, UserId, UserRegistered,
-    user_stream_name,
+    AccountStatus, EVENT_VERSION_KEY, Email, PasswordHash, RefreshNonce, Role, SessionEvent,
+    SessionId, SessionPolicy, SessionStarted, UserAgent, UserEvent, UserId, UserRegistered,
+    session_stream_name, user_stream_name,
 };
 use message_store::{
     ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
@@ -483,7 +484,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 .collect(),
         ),
     };
-    check_one_request(&client, &measured, ids[0], &tokens).await?;
+    check_one_request(&client, &measured, ids[0], &tokens, &pool).await?;
     let baseline = run_rounds(&options, &client, &pool, &tokens, &mut measured).await?;
     report(&options, baseline, measured)
 }
@@ -588,31 +589,125 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn admin(&self) -> anyhow::Result<Arc<String>> {
+    async fn admin(&self, pool: &PgPool) -> anyhow::Result<Arc<String>> {
+        let mut sessions = Vec::new();
         let roles = vec!["user".to_owned(), "admin".to_owned()];
-        let issued = self.issuer.issue(self.admin, roles, SystemClock.now())?;
-        Ok(Arc::new(issued.token.expose_secret().clone()))
+        let token = self.issue(self.admin, roles, &mut sessions)?;
+        start_sessions(pool, sessions).await?;
+        Ok(token)
     }
 
     /// Each target with the token that reads it: its own, or the administrator's.
-    fn readers(&self) -> anyhow::Result<Readers> {
-        Ok(Arc::new(match self.reader {
+    async fn readers(&self, pool: &PgPool) -> anyhow::Result<Readers> {
+        let readers = match self.reader {
             Reader::Admin => {
-                let token = self.admin()?;
+                let token = self.admin(pool).await?;
                 self.targets.iter().map(|id| (*id, token.clone())).collect()
             }
-            Reader::Owner => self
-                .targets
-                .iter()
-                .map(|id| {
-                    let issued =
-                        self.issuer
-                            .issue(*id, vec!["user".to_owned()], SystemClock.now())?;
-                    Ok((*id, Arc::new(issued.token.expose_secret().clone())))
-                })
-                .collect::<anyhow::Result<_>>()?,
-        }))
+            Reader::Owner => {
+                let mut sessions = Vec::with_capacity(self.targets.len());
+                let readers = self
+                    .targets
+                    .iter()
+                    .map(|id| {
+                        Ok((
+                            *id,
+                            self.issue(*id, vec!["user".to_owned()], &mut sessions)?,
+                        ))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                start_sessions(pool, sessions).await?;
+                readers
+            }
+        };
+        Ok(Arc::new(readers))
     }
+
+    /// A token for `user`, in a session of its own whose start is added to `sessions`, as a
+    /// login issues one.
+    fn issue(
+        &self,
+        user: Uuid,
+        roles: Vec<String>,
+        sessions: &mut Vec<SessionStarted>,
+    ) -> anyhow::Result<Arc<String>> {
+        let now = SystemClock.now();
+        let policy = SessionPolicy::default();
+        let session = Uuid::now_v7();
+        sessions.push(SessionStarted {
+            session_id: SessionId::from_uuid(session),
+            user_id: UserId::from_uuid(user),
+            session_epoch: 0,
+            started_at: now,
+            expires_at: now + TimeDelta::from_std(policy.max)?,
+            idle_expires_at: now + TimeDelta::from_std(policy.idle)?,
+            user_agent: Some(UserAgent::new("bench")),
+            generation: 0,
+            nonce: RefreshNonce::from_bytes(std::array::from_fn(|_| fastrand::u8(..))),
+        });
+        let issued = self.issuer.issue(user, session, roles, now)?;
+        Ok(Arc::new(issued.token.expose_secret().clone()))
+    }
+}
+
+/// Appends each session's start to the message store, as a login does, and projects them as
+/// the aggregator would: a row each in `sessions`, and the users projection's checkpoint moved
+/// to the store's last position, so the view still holds everything written and the query API
+/// trusts its rows (`query.max_view_lag_ms`).
+async fn start_sessions(pool: &PgPool, sessions: Vec<SessionStarted>) -> anyhow::Result<()> {
+    let store = PostgresMessageStore::new(pool.clone(), Duration::from_secs(1));
+    for chunk in sessions.chunks(1000) {
+        let appends = chunk
+            .iter()
+            .map(|started| {
+                let event = SessionEvent::from(started.clone());
+                let message = NewMessage::new(event.event_type(), event.to_json())
+                    .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }));
+                Ok(StreamAppend::new(
+                    StreamName::parse(session_stream_name(started.session_id))?,
+                    ExpectedVersion::NoStream,
+                    vec![message],
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let appended = store
+            .append(appends)
+            .await
+            .context("starting the readers' sessions in the message store")?;
+        let ids: Vec<Uuid> = chunk.iter().map(|s| *s.session_id.as_uuid()).collect();
+        let users: Vec<Uuid> = chunk.iter().map(|s| *s.user_id.as_uuid()).collect();
+        let started: Vec<DateTime<Utc>> = chunk.iter().map(|s| s.started_at).collect();
+        let expires: Vec<DateTime<Utc>> = chunk.iter().map(|s| s.expires_at).collect();
+        let idle: Vec<DateTime<Utc>> = chunk.iter().map(|s| s.idle_expires_at).collect();
+        let positions = appended
+            .messages
+            .iter()
+            .map(|message| i64::try_from(message.global_position))
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, session_epoch, started_at, expires_at, \
+                                   idle_expires_at, user_agent, generation, position) \
+             SELECT id, user_id, 0, started_at, expires_at, idle_expires_at, 'bench', 0, position \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::timestamptz[], $6::bigint[]) \
+                  AS started(id, user_id, started_at, expires_at, idle_expires_at, position)",
+        )
+        .bind(ids)
+        .bind(users)
+        .bind(started)
+        .bind(expires)
+        .bind(idle)
+        .bind(positions)
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE projection_checkpoints \
+         SET position = (SELECT max(global_position) FROM messages) WHERE projection = 'users'",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// One request to each query API checked in full before the measuring.
@@ -621,11 +716,12 @@ async fn check_one_request(
     measured: &[Measured],
     sample: Uuid,
     tokens: &Tokens,
+    pool: &PgPool,
 ) -> anyhow::Result<()> {
     for api in measured {
         let request = client
             .get(format!("{}/users/{sample}", api.base))
-            .bearer_auth(tokens.admin()?.as_str());
+            .bearer_auth(tokens.admin(pool).await?.as_str());
         let body = expect_json(request, 200, "GET /users/{id}").await?;
         anyhow::ensure!(
             body["id"] == sample.to_string() && body["status"] == "active",
@@ -645,7 +741,7 @@ async fn run_rounds(
     measured: &mut [Measured],
 ) -> anyhow::Result<Figures> {
     let (clients, duration) = (options.clients, Duration::from_secs(options.seconds));
-    let mut readers = tokens.readers()?;
+    let mut readers = tokens.readers(pool).await?;
     let mut issued = Instant::now();
     for api in measured.iter() {
         show_once(client, &api.base, &readers, clients).await?;
@@ -653,7 +749,7 @@ async fn run_rounds(
     let mut baseline = Figures::new(clients)?;
     for round in 1..=options.rounds {
         if issued.elapsed() > REISSUE_AFTER {
-            readers = tokens.readers()?;
+            readers = tokens.readers(pool).await?;
             issued = Instant::now();
             for api in measured.iter() {
                 show_once(client, &api.base, &readers, clients).await?;
