@@ -68,7 +68,10 @@ impl Deployment {
                 .to_pem()?
                 .expose_secret()
                 .clone(),
-            refresh_token_key: RefreshTokenKey::generate()?.to_hex().expose_secret().clone(),
+            refresh_token_key: RefreshTokenKey::generate()?
+                .to_hex()
+                .expose_secret()
+                .clone(),
             logs,
             settings: Vec::new(),
         })
@@ -98,7 +101,10 @@ impl Deployment {
         let mut launch = Launch::new(label, built_binary(binary)?)
             .env("IDENTITY__DATABASE__URL", &self.url)
             .env("IDENTITY__TOKENS__SIGNING_KEY", &self.signing_key)
-            .env("IDENTITY__TOKENS__REFRESH_TOKEN_KEY", &self.refresh_token_key)
+            .env(
+                "IDENTITY__TOKENS__REFRESH_TOKEN_KEY",
+                &self.refresh_token_key,
+            )
             .log_to(self.log(label));
         if let Some(url) = &self.read_model_url {
             launch = launch.env("IDENTITY__READ_MODEL__URL", url);
