@@ -366,6 +366,10 @@ expectations = {
     "/users/3f1c/password": "command-api", "/.well-known/jwks.json": "command-api",
     "/users/me": "query-api", "/users/3f1c": "query-api", "/users/3f1c/events": "query-api",
     "/openapi.json": "query-api", "/healthz": "query-api", "/metrics": "denied",
+    "/token/refresh": "command-api", "/logout": "command-api",
+    "/users/me/sessions": "query-api",
+    "/users/me/sessions/0192f1b2-7a41-7c3e-8d15-6b2e9f0a4c17": "command-api",
+    "/users/0192f1aa-3c5e-7d21-9b7a-2f4c8e1d6a03/sessions": "command-api",
 }
 wrong = {p: route(p) for p, want in expectations.items() if route(p) != want}
 if wrong:
