@@ -15,6 +15,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use test_support::{Process, Signal, TestDatabase};
 
+use common::sessions::{REVOCATION_BOUND, walk_a_session_through_its_life};
 use common::{
     PASSWORD, checkpoint, client, get_as, get_json_as, login, metric, new_deployment, register,
     start_all_services, store_head, token, wait_for_checkpoint,
@@ -69,6 +70,18 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
     assert_eq!(response.status(), 200);
     let refused = login(&client, command_port, "ann@example.com", PASSWORD).await;
     assert_eq!(refused.status(), 401);
+    // The deactivation ended her sessions: her access token is refused by the query API
+    // within the bound, and its session is refused by the command API at once.
+    tokio::time::sleep(REVOCATION_BOUND).await;
+    let own = get_as(&client, query_port, "/users/me", &ann_token, None).await;
+    assert_eq!(
+        own.status(),
+        401,
+        "a deactivated account's session is still served"
+    );
+
+    // Sessions: a login opens one, a refresh rotates it, a logout ends it everywhere.
+    walk_a_session_through_its_life(&client, command_port, query_port, "cleo@example.com").await;
 
     // A standby aggregator beside the one that holds the projection.
     let pool = database.pool().await;

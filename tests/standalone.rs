@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,9 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 use test_support::process::free_port;
 use test_support::{Launch, Process, Signal};
+
+use common::PASSWORD;
+use common::sessions::walk_a_session_through_its_life;
 
 /// Starts the standalone process in `directory` (its data goes to `data/` there) on `port`,
 /// and waits until it is ready.
@@ -60,8 +65,6 @@ async fn interrupt(mut running: Process) {
         "the process exited with {status} on Ctrl-C"
     );
 }
-
-const PASSWORD: &str = "correct horse battery";
 
 /// What `POST path` on `port` with the JSON `body` answers.
 async fn post(client: &reqwest::Client, port: u16, path: &str, body: &Value) -> reqwest::Response {
@@ -165,6 +168,36 @@ async fn a_restart_after_ctrl_c_keeps_accounts_keys_and_the_read_model() {
     assert_eq!(login.status(), 200);
     let duplicate = post(&client, port, "/users", &credentials).await;
     assert_eq!(duplicate.status(), 409, "the email reservation was lost");
+    interrupt(running).await;
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[tokio::test]
+async fn a_session_lives_rotates_and_ends_through_the_one_port_and_a_restart_keeps_its_key() {
+    let (directory, port) = data_directory_and_port();
+    let client = client(30);
+    let running = start(&client, &directory, port).await;
+    walk_a_session_through_its_life(&client, port, port, "ann@example.com").await;
+
+    // The refresh token key is kept beside the signing key: a session outlives a restart.
+    let credentials = json!({ "email": "ann@example.com", "password": PASSWORD });
+    let login: Value = post(&client, port, "/login", &credentials)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let refresh_token = login["refresh_token"].as_str().unwrap().to_owned();
+    interrupt(running).await;
+    assert!(directory.join("data/refresh-token-key").exists());
+    let running = start(&client, &directory, port).await;
+    let refreshed = post(
+        &client,
+        port,
+        "/token/refresh",
+        &json!({ "refresh_token": refresh_token }),
+    )
+    .await;
+    assert_eq!(refreshed.status(), 200, "a session from before the restart");
     interrupt(running).await;
     let _ = std::fs::remove_dir_all(&directory);
 }

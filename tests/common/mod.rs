@@ -8,6 +8,8 @@
 // Each test binary that includes this module uses a part of it.
 #![allow(dead_code)]
 
+pub mod sessions;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
