@@ -206,8 +206,8 @@ async fn the_three_binaries_serve_survive_a_killed_aggregator_and_stop_cleanly()
         .await
         .unwrap();
     assert_eq!(
-        rows, 62,
-        "every account once: Ann, the administrator and the burst"
+        rows, 63,
+        "every account once: Ann, Cleo, the administrator and the burst"
     );
     pool.close().await;
 
