@@ -418,10 +418,14 @@ async fn logout(State(state): State<AppState>, request: Request) -> Result<Statu
         );
         commands.log_out(user, session).await.map_err(refused)?;
     } else if headers.contains_key(header::CONTENT_TYPE) {
-        // The body's own refusals (400, 413, 415, 422) as every route answers them.
-        let ApiJson(body) = ApiJson::<LogoutRequest>::from_request(request, &state)
+        // The body's own refusals (400, 413, 415, 422) as every route answers them. A JSON
+        // `null` is no body, as the document's optional body says.
+        let ApiJson(body) = ApiJson::<Option<LogoutRequest>>::from_request(request, &state)
             .await
             .map_err(IntoResponse::into_response)?;
+        let Some(body) = body else {
+            return Err(ApiError::InvalidToken.into_response());
+        };
         commands
             .log_out_with_refresh_token(&body.refresh_token)
             .await

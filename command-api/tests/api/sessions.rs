@@ -301,10 +301,20 @@ async fn logging_out_with_the_refresh_token_ends_its_session_and_again_is_fine()
     let response = logout_with_refresh_token(&app, &forged).await;
     assert_eq!(response.status(), 401);
     assert_eq!(problem(response).await["code"], "invalid_refresh_token");
-    // No credentials at all.
+    // No credentials at all: no body, or a JSON null (the document's body is optional).
     let response = app.client.post(app.url("/logout")).send().await.unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let response = app
+        .client
+        .post(app.url("/logout"))
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(problem(response).await["code"], "invalid_token");
     assert_eq!(app.last_position().await, before);
 }
 
