@@ -7,24 +7,18 @@
 //! on other threads, would be slower than the service and put logins above the hardware's limit;
 //! a ratio above 1.0 therefore means the baseline is wrong, and the run fails saying so.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
-use command_api::hashing::Hasher;
 use command_api::service::{login_message, login_stream};
-use command_api::{Application, Settings};
 use identity::{LoginEvent, LoginSucceeded, Password, UserId};
-use message_store::{ExpectedVersion, MessageStore, StreamAppend};
+use message_store::{ExpectedVersion, StreamAppend};
 use platform::clock::{Clock, SystemClock};
 use serde_json::json;
 use test_support::TestDatabase;
-use tokens::{Algorithm, RefreshTokenKey, SigningKey};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::report::{median, rate};
-use crate::setup::expect_json;
+use crate::setup::{CommandApi, expect_json};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -50,7 +44,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let clients = options.clients.unwrap_or(2 * cores);
     let database = TestDatabase::new().await;
-    let service = CommandApi::start(&database, clients).await?;
+    // Room for every client's login to wait for a hashing thread.
+    let service = CommandApi::start(&database, |settings| {
+        settings.login.max_waiting_hashes = clients * 2;
+    })
+    .await?;
     for worker in 0..clients {
         service
             .register(format!("bench-{worker}@example.com"))
@@ -81,58 +79,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The command API in this process, spoken to over HTTP on a port of its own, and what the
-/// benchmark takes from it: its store, and its hasher for the baseline.
-struct CommandApi {
-    base: String,
-    client: reqwest::Client,
-    store: Arc<dyn MessageStore>,
-    /// The very hasher the service's logins verify with.
-    hasher: Hasher,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<anyhow::Result<()>>,
-}
-
+/// What the login benchmark does with the command API: accounts, and the two measurements.
 impl CommandApi {
-    /// Starts it with its defaults, OWASP's argon2id parameters (19 MiB, 2 iterations, 1 lane),
-    /// and room for every client's login to wait for a hashing thread.
-    async fn start(database: &TestDatabase, clients: usize) -> anyhow::Result<Self> {
-        let mut settings = Settings::default();
-        settings.database.url = database.url().into();
-        settings.http.address = "127.0.0.1:0".into();
-        settings.login.max_waiting_hashes = clients * 2;
-        let key = SigningKey::generate(Algorithm::EdDSA)?;
-        settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
-        settings.tokens.refresh_token_key = Some(
-            RefreshTokenKey::generate()?
-                .to_hex()
-                .expose_secret()
-                .clone(),
-        );
-
-        let application = Application::build(settings, Arc::new(SystemClock)).await?;
-        let base = format!("http://127.0.0.1:{}", application.port());
-        let store = application.state().commands.store.clone();
-        let hasher = application.state().commands.hasher.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(application.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            base,
-            client: reqwest::Client::new(),
-            store,
-            hasher,
-            stop,
-            server,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.server.await?
-    }
-
     async fn register(&self, email: String) -> anyhow::Result<UserId> {
         let request = self
             .client

@@ -11,18 +11,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use command_api::{Application, Settings};
 use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
-use platform::clock::SystemClock;
 use serde_json::{Value, json};
 use test_support::TestDatabase;
-use tokens::{Algorithm, RefreshTokenKey, SigningKey};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::report::{median, rate};
-use crate::setup::expect_json;
+use crate::setup::{CommandApi, expect_json};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -40,7 +35,11 @@ const PASSWORD: &str = "benchmark password";
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
-    let service = CommandApi::start(&database, options.clients).await?;
+    let connections = u32::try_from(options.clients)? + 2;
+    let service = CommandApi::start(&database, |settings| {
+        settings.database.max_connections = connections;
+    })
+    .await?;
     let sessions = service.log_in_clients(options.clients).await?;
     let writers = Writers::new(options.clients)?;
 
@@ -87,51 +86,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The command API in this process, on a port of its own, and its store for the baseline.
-struct CommandApi {
-    base: String,
-    client: reqwest::Client,
-    store: Arc<dyn MessageStore>,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<anyhow::Result<()>>,
-}
-
+/// What the refresh benchmark does with the command API before it measures.
 impl CommandApi {
-    async fn start(database: &TestDatabase, clients: usize) -> anyhow::Result<Self> {
-        let mut settings = Settings::default();
-        settings.database.url = database.url().into();
-        settings.database.max_connections = u32::try_from(clients)? + 2;
-        settings.http.address = "127.0.0.1:0".into();
-        let key = SigningKey::generate(Algorithm::EdDSA)?;
-        settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
-        settings.tokens.refresh_token_key = Some(
-            RefreshTokenKey::generate()?
-                .to_hex()
-                .expose_secret()
-                .clone(),
-        );
-
-        let application = Application::build(settings, Arc::new(SystemClock)).await?;
-        let base = format!("http://127.0.0.1:{}", application.port());
-        let store = application.state().commands.store.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(application.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            base,
-            client: reqwest::Client::new(),
-            store,
-            stop,
-            server,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.server.await?
-    }
-
     /// Registers one account per client and logs each in: each client's refresh token.
     async fn log_in_clients(&self, clients: usize) -> anyhow::Result<HeldTokens> {
         let mut tokens = Vec::with_capacity(clients);

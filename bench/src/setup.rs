@@ -1,11 +1,19 @@
-//! Setting up a benchmark's subject before it measures: a fresh store, and requests whose
-//! answer must be what the benchmark expects.
+//! Setting up a benchmark's subject before it measures: a fresh store, the command API in this
+//! process, and requests whose answer must be what the benchmark expects.
 
-use message_store::PostgresMessageStore;
+use std::sync::Arc;
+
+use command_api::hashing::Hasher;
+use command_api::{Application, Settings};
+use message_store::{MessageStore, PostgresMessageStore};
+use platform::clock::SystemClock;
 use reqwest::RequestBuilder;
 use serde_json::Value;
 use sqlx::PgPool;
 use test_support::TestDatabase;
+use tokens::{Algorithm, RefreshTokenKey, SigningKey};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// A fresh database with the message store's tables, and a pool of it; the database is
 /// dropped with the returned handle.
@@ -26,4 +34,56 @@ pub async fn expect_json(
     let response = request.send().await?;
     anyhow::ensure!(response.status() == status, "{what}: {}", response.status());
     Ok(response.json().await?)
+}
+
+/// The command API in this process, spoken to over HTTP on a port of its own, and what a
+/// benchmark takes from it for its baseline: its store and its hasher.
+pub struct CommandApi {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn MessageStore>,
+    /// The very hasher the service's logins verify with.
+    pub hasher: Hasher,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl CommandApi {
+    /// Starts it on `database` with its defaults (OWASP's argon2id parameters among them) and
+    /// fresh keys, after `configure` has changed the settings it wants.
+    pub async fn start(
+        database: &TestDatabase,
+        configure: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Self> {
+        let mut settings = Settings::default();
+        settings.database.url = database.url().into();
+        settings.http.address = "127.0.0.1:0".into();
+        let key = SigningKey::generate(Algorithm::EdDSA)?;
+        settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
+        let refresh_key = RefreshTokenKey::generate()?;
+        settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
+        configure(&mut settings);
+
+        let application = Application::build(settings, Arc::new(SystemClock)).await?;
+        let base = format!("http://127.0.0.1:{}", application.port());
+        let store = application.state().commands.store.clone();
+        let hasher = application.state().commands.hasher.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(application.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            base,
+            client: reqwest::Client::new(),
+            store,
+            hasher,
+            stop,
+            server,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await?
+    }
 }
