@@ -20,10 +20,11 @@
 //!   ended, not past its limits by this API's clock) and of the account's current session epoch,
 //!   taken where the account's status is taken above (the trusted row, the remembered
 //!   administrator, or the same read of the account's stream). A session found live is
-//!   remembered for `query.max_view_lag_ms` from an instant taken before its stream was read
-//!   ([`VerifiedSessions`]), so a logout is refused within that bound of its commit, and an end
-//!   by the account's epoch (a deactivation, a password change, an administrator ending them
-//!   all) within the bound a deactivation has; the view is on neither path.
+//!   remembered ([`crate::session_ends`]): for `query.max_view_lag_ms` from an instant taken
+//!   before its stream was read, or for as long as the follower of session ends is current, so
+//!   a logout is refused within that bound of its commit, and an end by the account's epoch (a
+//!   deactivation, a password change, an administrator ending them all) within the bound a
+//!   deactivation has; the view is on neither path.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -293,88 +294,6 @@ impl VerifiedAdministrators {
     }
 }
 
-/// Sessions whose stream said, at an instant, that they are live: for `max_age` after that
-/// instant (taken before the stream was read, so a logout committed before it was seen), and
-/// never past the session's own limits, a request in the session reads nothing from the store
-/// for it. A logout is then refused within `max_age` of its commit; 0 remembers nothing. The
-/// session's epoch is remembered with it, and compared on every request with the account's
-/// current one, so an end by the epoch does not wait for this to expire. Ended and unknown
-/// sessions are never remembered.
-///
-/// Bounded: when full, the entries past either limit are dropped, and if that frees nothing it
-/// starts over.
-pub struct VerifiedSessions {
-    verified: Mutex<HashMap<Uuid, RememberedSession>>,
-    max_age: Duration,
-}
-
-struct RememberedSession {
-    /// When its stream was asked.
-    asked: Instant,
-    session: Arc<LiveSession>,
-}
-
-impl RememberedSession {
-    fn vouches_at(&self, now: Instant, clock: DateTime<Utc>, max_age: Duration) -> bool {
-        now.saturating_duration_since(self.asked) < max_age && !self.session.is_expired_at(clock)
-    }
-}
-
-impl VerifiedSessions {
-    const CAPACITY: usize = 10_000;
-
-    pub fn new(max_age: Duration) -> Self {
-        Self {
-            verified: Mutex::default(),
-            max_age,
-        }
-    }
-
-    /// The session `id`, if its stream said it was live less than `max_age` before `now` and
-    /// it is not past its limits at `clock` (this API's clock). An entry that no longer
-    /// vouches is dropped.
-    pub fn vouch_for(
-        &self,
-        id: Uuid,
-        now: Instant,
-        clock: DateTime<Utc>,
-    ) -> Option<Arc<LiveSession>> {
-        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        let remembered = verified.get(&id)?;
-        if remembered.vouches_at(now, clock, self.max_age) {
-            return Some(remembered.session.clone());
-        }
-        verified.remove(&id);
-        None
-    }
-
-    /// Remembers that session `id`'s stream, read after `asked`, showed it live as `session`;
-    /// `clock` is this API's time then. One already past its limits is not remembered.
-    pub fn remember(
-        &self,
-        id: Uuid,
-        session: Arc<LiveSession>,
-        asked: Instant,
-        clock: DateTime<Utc>,
-    ) {
-        if self.max_age.is_zero() || session.is_expired_at(clock) {
-            return;
-        }
-        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-        if verified.len() >= Self::CAPACITY && !verified.contains_key(&id) {
-            let max_age = self.max_age;
-            verified.retain(|_, kept| kept.vouches_at(asked, clock, max_age));
-            if verified.len() >= Self::CAPACITY {
-                verified.clear();
-            }
-        }
-        // An older answer arriving late never replaces a newer one.
-        if verified.get(&id).is_none_or(|kept| kept.asked < asked) {
-            verified.insert(id, RememberedSession { asked, session });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::{TimeDelta, TimeZone};
@@ -457,123 +376,6 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .len();
         assert!(held <= VerifiedAdministrators::CAPACITY, "{held}");
-    }
-
-    fn t0() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap()
-    }
-
-    /// A session started at [`t0`] in epoch 2 whose idle limit comes after an hour (its
-    /// absolute one after a day).
-    fn live_session() -> Arc<LiveSession> {
-        Arc::new(LiveSession {
-            session_id: SessionId::from_uuid(Uuid::new_v4()),
-            user_id: UserId::from_uuid(Uuid::new_v4()),
-            session_epoch: 2,
-            started_at: t0(),
-            expires_at: t0() + TimeDelta::days(1),
-            idle_expires_at: t0() + TimeDelta::hours(1),
-            user_agent: None,
-            generation: 0,
-            nonce: identity::RefreshNonce::from_bytes([7; 32]),
-            previous: None,
-        })
-    }
-
-    fn held(sessions: &VerifiedSessions) -> usize {
-        sessions
-            .verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    #[test]
-    fn a_session_is_vouched_for_only_within_the_bound_after_its_stream_was_asked() {
-        let sessions = VerifiedSessions::new(Duration::from_millis(1_000));
-        let (id, session) = (Uuid::new_v4(), live_session());
-        let asked = Instant::now();
-        assert!(
-            sessions.vouch_for(id, asked, t0()).is_none(),
-            "nobody asked yet"
-        );
-
-        sessions.remember(id, session.clone(), asked, t0());
-        let just_within = asked + Duration::from_millis(999);
-        assert_eq!(
-            sessions.vouch_for(id, just_within, t0()),
-            Some(session.clone())
-        );
-        assert!(sessions.vouch_for(Uuid::new_v4(), asked, t0()).is_none());
-        let at_the_bound = asked + Duration::from_millis(1_000);
-        assert!(sessions.vouch_for(id, at_the_bound, t0()).is_none());
-        assert_eq!(
-            held(&sessions),
-            0,
-            "an entry that no longer vouches is dropped"
-        );
-
-        // An older answer arriving late does not push back a newer one's expiry.
-        let later = asked + Duration::from_millis(500);
-        sessions.remember(id, session.clone(), later, t0());
-        sessions.remember(id, session.clone(), asked, t0());
-        let within_the_later = later + Duration::from_millis(999);
-        assert!(sessions.vouch_for(id, within_the_later, t0()).is_some());
-    }
-
-    #[test]
-    fn a_session_is_never_vouched_for_past_its_limits() {
-        let sessions = VerifiedSessions::new(Duration::from_secs(3_600));
-        let (id, session) = (Uuid::new_v4(), live_session());
-        let asked = Instant::now();
-        let idle_limit = session.idle_expires_at;
-        sessions.remember(id, session, asked, t0());
-
-        let before = idle_limit - TimeDelta::milliseconds(1);
-        assert!(sessions.vouch_for(id, asked, before).is_some());
-        assert!(sessions.vouch_for(id, asked, idle_limit).is_none());
-
-        sessions.remember(id, live_session(), asked, idle_limit);
-        assert_eq!(
-            held(&sessions),
-            0,
-            "a session past its limits is not remembered"
-        );
-    }
-
-    #[test]
-    fn with_no_bound_no_session_is_remembered() {
-        let sessions = VerifiedSessions::new(Duration::ZERO);
-        let (id, asked) = (Uuid::new_v4(), Instant::now());
-        sessions.remember(id, live_session(), asked, t0());
-        assert!(sessions.vouch_for(id, asked, t0()).is_none());
-        assert_eq!(held(&sessions), 0);
-    }
-
-    #[test]
-    fn the_sessions_remembered_are_bounded_and_the_expired_ones_go_first() {
-        let sessions = VerifiedSessions::new(Duration::from_secs(60));
-        let asked = Instant::now();
-        for _ in 0..VerifiedSessions::CAPACITY - 1 {
-            sessions.remember(Uuid::new_v4(), live_session(), asked, t0());
-        }
-        // Past the bound of all those, a new one makes room by dropping them.
-        let (recent, later) = (Uuid::new_v4(), asked + Duration::from_secs(61));
-        sessions.remember(recent, live_session(), later, t0());
-        let last = Uuid::new_v4();
-        sessions.remember(last, live_session(), later, t0());
-        assert_eq!(held(&sessions), 2);
-        assert!(sessions.vouch_for(recent, later, t0()).is_some());
-
-        // All of them current: it starts over rather than grow.
-        for _ in 0..=VerifiedSessions::CAPACITY {
-            sessions.remember(Uuid::new_v4(), live_session(), later, t0());
-        }
-        assert!(
-            held(&sessions) <= VerifiedSessions::CAPACITY,
-            "{}",
-            held(&sessions)
-        );
     }
 
     #[test]

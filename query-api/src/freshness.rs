@@ -67,6 +67,12 @@ impl ViewFreshness {
             .is_some_and(|sample| sample.last_position <= checkpoint)
     }
 
+    /// Records that the store's last position was `last_position` at `at`, as a sample would.
+    #[cfg(test)]
+    pub(crate) fn sampled(&self, at: Instant, last_position: u64) {
+        self.record(Sample { at, last_position });
+    }
+
     fn record(&self, sample: Sample) {
         let mut samples = self.samples.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(oldest) = sample.at.checked_sub(self.max_lag) {

@@ -15,6 +15,7 @@ pub mod freshness;
 mod history;
 pub mod read_model;
 mod routes;
+pub mod session_ends;
 mod sessions;
 pub mod settings;
 
@@ -74,8 +75,9 @@ pub struct Shared {
     pub tokens: Arc<auth::VerifiedTokens>,
     /// Administrators the message store said are active, for at most `max_view_lag_ms`.
     pub administrators: Arc<auth::VerifiedAdministrators>,
-    /// Sessions the message store said are live, for at most `max_view_lag_ms`.
-    pub sessions: Arc<auth::VerifiedSessions>,
+    /// Sessions the message store said are live: for `max_view_lag_ms`, or for as long as
+    /// the follower of session ends is current.
+    pub sessions: Arc<session_ends::VerifiedSessions>,
     pub clock: Arc<dyn Clock>,
     pub settings: settings::QuerySettings,
 }
@@ -111,6 +113,10 @@ impl AppState {
         ));
         let max_view_lag = Duration::from_millis(settings.max_view_lag_ms);
         let freshness = Arc::new(freshness::ViewFreshness::new(max_view_lag));
+        let sessions = Arc::new(session_ends::VerifiedSessions::new(
+            max_view_lag,
+            freshness.clone(),
+        ));
         Self(Arc::new(Shared {
             read_model,
             profiles,
@@ -119,7 +125,7 @@ impl AppState {
             verifier,
             tokens: Arc::default(),
             administrators: Arc::new(auth::VerifiedAdministrators::new(max_view_lag)),
-            sessions: Arc::new(auth::VerifiedSessions::new(max_view_lag)),
+            sessions,
             clock,
             settings,
         }))
@@ -127,14 +133,15 @@ impl AppState {
 
     /// Starts what keeps the state current: the follower of the read model for the kept
     /// profiles (unless `cache_profiles` is 0: with nothing kept, it would read the checkpoint
-    /// every `cache_sync_ms` for nothing), and the sampler of the store's position (unless
-    /// `max_view_lag_ms` is 0, which trusts no row). Each stops once `shutdown` completes.
+    /// every `cache_sync_ms` for nothing), and the sampler of the store's position and the
+    /// follower of session ends (unless `max_view_lag_ms` is 0, which trusts no row and
+    /// remembers no session). Each stops once `shutdown` completes.
     pub fn spawn_background(
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> BackgroundTasks {
         let shutdown = Shutdown::on(shutdown);
-        let mut tasks = Vec::with_capacity(2);
+        let mut tasks = Vec::with_capacity(3);
         if self.settings.cache_profiles > 0 {
             tasks.push(tokio::spawn({
                 let (profiles, read_model) = (self.profiles.clone(), self.read_model.clone());
@@ -148,6 +155,15 @@ impl AppState {
                 let (freshness, store) = (self.freshness.clone(), self.store.clone());
                 let stopped = shutdown.stopped();
                 async move { freshness.follow(store, stopped).await }
+            }));
+            tasks.push(tokio::spawn({
+                let follower = session_ends::SessionEndsFollower::new(
+                    self.sessions.clone(),
+                    self.store.clone(),
+                );
+                let interval = self.freshness.interval();
+                let stopped = shutdown.stopped();
+                async move { follower.follow(interval, stopped).await }
             }));
         }
         BackgroundTasks(tasks)

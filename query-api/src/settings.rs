@@ -51,8 +51,9 @@ pub struct QuerySettings {
     /// halted on a poison event, the read model or the message store out of reach) the
     /// account's stream in the message store decides. Administrators acting on others are
     /// always checked in the store, an answer that they are active taken at its word for this
-    /// long; so is a session's stream saying it is live (ADR 11). 0 reads the store on every
-    /// request.
+    /// long; a session's stream saying it is live is taken at its word for this long too, or
+    /// for as long as the query API's follower of session ends is current (ADR 11). 0 reads the
+    /// store on every request.
     pub max_view_lag_ms: u64,
 }
 

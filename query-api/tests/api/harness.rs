@@ -21,7 +21,7 @@ use platform::clock::{Clock, SystemClock};
 use query_api::Settings;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use test_support::{PrivateCluster, TestDatabase};
+use test_support::{FreezingProxy, PrivateCluster, TestDatabase};
 use tokens::{Algorithm, KeySet, SigningKey, TokenIssuer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -64,6 +64,30 @@ pub async fn spawn_apart(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let database = TestDatabase::new().await;
     let read_model = database.sibling("rm").await;
     spawn_on(database, Some(read_model), configure).await
+}
+
+/// The query API with its message store behind a proxy the test can freeze (a network cut, as
+/// the server sees it); its read model, and the test's own connections, reach the server
+/// directly.
+pub async fn spawn_with_store_behind_proxy(
+    configure: impl FnOnce(&mut Settings),
+) -> (TestApp, FreezingProxy) {
+    let database = TestDatabase::new().await;
+    let proxy = FreezingProxy::start(database.url()).await;
+    let (direct, proxied) = (database.url().to_owned(), proxy.url().to_owned());
+    let app = spawn_on(database, None, |settings| {
+        // The URL the query API was given, with its parameters, through the proxy.
+        let given = settings.database.url.expose().to_owned();
+        let parameters = given.strip_prefix(&direct).unwrap();
+        let parameters = match parameters.strip_prefix('?') {
+            Some(rest) if proxied.contains('?') => format!("&{rest}"),
+            _ => parameters.to_owned(),
+        };
+        settings.database.url = format!("{proxied}{parameters}").into();
+        configure(settings);
+    })
+    .await;
+    (app, proxy)
 }
 
 /// Store and read model in one database of `cluster`, a server the test may stop and restart;

@@ -16,6 +16,7 @@ mod profiles;
 mod read_your_writes;
 mod restart;
 mod service;
+mod session_ends;
 mod sessions;
 mod shutdown;
 mod token_attacks;

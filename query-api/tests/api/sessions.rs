@@ -364,8 +364,11 @@ async fn a_remembered_session_is_refused_once_it_expires() {
     assert_eq!(status, 401, "served past the session's idle limit");
 }
 
+/// Remembered a moment before its logout, within the time rule's bound: refused once the
+/// bound has passed, whether the follower of session ends has dropped it by then or not
+/// (`session_ends.rs` has the follower's part).
 #[tokio::test]
-async fn a_live_session_is_remembered_for_the_bound_and_a_logout_refused_once_it_has_passed() {
+async fn a_session_remembered_just_before_its_logout_is_refused_once_the_bound_has_passed() {
     let bound = Duration::from_secs(2);
     let app = app_with_lag(bound).await;
     let ann = app
@@ -378,8 +381,6 @@ async fn a_live_session_is_remembered_for_the_bound_and_a_logout_refused_once_it
 
     app.end_session(ann, session).await;
     let committed = Instant::now();
-    // Within the bound the session's stream is not read again: what it said stands.
-    assert_eq!(app.get("/users/me", Some(&token)).await.status(), 200);
     tokio::time::sleep_until((committed + bound).into()).await;
     let routes = ["/users/me".to_owned(), "/users/me/sessions".to_owned()];
     refused_everywhere(&app, &token, &routes, None).await;
