@@ -4,8 +4,9 @@
 //! schema-invalid data refused, authentication not ignored.
 //!
 //! Schemathesis is a Python tool. The test installs a pinned version into a virtual environment
-//! under the target directory on first use (`SCHEMATHESIS=<path to st>` uses another one), so
-//! the only thing a machine needs is `python3` with `venv`. Settings: `tests/schemathesis.toml`.
+//! under the target directory on first use, through `test_support::python_tool`
+//! (`SCHEMATHESIS=<path to st>` uses another one), so the only thing a machine needs is
+//! `python3` with `venv`. Settings: `tests/schemathesis.toml`.
 //!
 //! Whatever program runs, each run must have reached the service: its `/metrics` must show
 //! hundreds of requests served during the run and at least one to every operation the document
@@ -220,46 +221,5 @@ fn run_schemathesis(
 /// The `st` executable: `SCHEMATHESIS` when set, else the pinned version in a virtual
 /// environment under the target directory, installed on first use.
 fn schemathesis() -> PathBuf {
-    if let Some(path) = std::env::var_os("SCHEMATHESIS") {
-        return PathBuf::from(path);
-    }
-    // target/<profile>/deps/<this test> → target/tools/
-    let target = std::env::current_exe()
-        .unwrap()
-        .ancestors()
-        .nth(3)
-        .unwrap()
-        .to_owned();
-    let venv = target
-        .join("tools")
-        .join(format!("schemathesis-{SCHEMATHESIS_VERSION}"));
-    let st = venv.join("bin").join("st");
-    // Written last: an interrupted installation is started over, not used half done.
-    let installed = venv.join("installed");
-    if installed.exists() {
-        return st;
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status();
-    assert!(
-        created.is_ok_and(|status| status.success()),
-        "the API fuzzing test needs Python 3 with venv and pip to install Schemathesis \
-         (Debian/Ubuntu: apt install python3-venv), or SCHEMATHESIS=<path to st>"
-    );
-    let output = Command::new(venv.join("bin").join("pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "installing Schemathesis {SCHEMATHESIS_VERSION} with pip failed (it needs the Python \
-         package index):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    std::fs::write(installed, SCHEMATHESIS_VERSION).unwrap();
-    st
+    test_support::python_tool::installed("schemathesis", SCHEMATHESIS_VERSION, "st")
 }

@@ -19,6 +19,9 @@
 //!
 //! Tests and benchmarks that run the service's binaries start, wait for and stop them through
 //! [`process`], and a whole split deployment through [`Deployment`].
+//!
+//! Python programs the tests drive, such as the API fuzzer, are installed under the target
+//! directory by [`python_tool`], so a machine needs only `python3` with `venv` for them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,6 +31,7 @@ mod deployment;
 mod private;
 pub mod process;
 mod proxy;
+pub mod python_tool;
 
 pub use deployment::{ALL_SERVICES, Deployment, Services};
 pub use private::{PrivateCluster, StopMode};
