@@ -20,8 +20,9 @@
 //! Tests and benchmarks that run the service's binaries start, wait for and stop them through
 //! [`process`], and a whole split deployment through [`Deployment`].
 //!
-//! Python programs the tests drive, such as the API fuzzer, are installed under the target
-//! directory by [`python_tool`], so a machine needs only `python3` with `venv` for them.
+//! Tests of code that sends mail send it to a real SMTP server, an [`SmtpCatcher`]; it and the
+//! API fuzzer are Python programs that [`python_tool`] installs under the target directory, so
+//! a machine needs only `python3` with `venv` for them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,11 +33,13 @@ mod private;
 pub mod process;
 mod proxy;
 pub mod python_tool;
+pub mod smtp;
 
 pub use deployment::{ALL_SERVICES, Deployment, Services};
 pub use private::{PrivateCluster, StopMode};
 pub use process::{Launch, Process, Signal};
 pub use proxy::FreezingProxy;
+pub use smtp::{ReceivedMail, SmtpCatcher};
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
