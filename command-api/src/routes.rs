@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use identity::{Role, SessionId, UserAgent, UserId};
+use message_store::GlobalPosition;
 use platform::ApiJson;
 use platform::http::{bearer_token, jwks_response, readiness};
 use platform::openapi::BearerAuth;
@@ -204,8 +205,7 @@ impl TokenResponse {
         let mut response = ApiJson(body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert("x-position", HeaderValue::from(tokens.position));
-        response
+        with_position(response, tokens.position)
     }
 }
 
@@ -303,7 +303,7 @@ fn problem_responses<const N: usize>(
         .collect()
 }
 
-/// The X-Position header: the global position of the command's last event.
+/// A command's answer with its body and `extra` headers, and the X-Position of its last event.
 fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Response {
     let mut response = (
         status,
@@ -314,9 +314,15 @@ fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Respons
     )
         .into_response();
     response.headers_mut().extend(extra);
+    with_position(response, done.position)
+}
+
+/// `response` with the X-Position header: the global position a client sends back as the query
+/// API's `X-Min-Position` to read what the command did (DESIGN decision 8).
+fn with_position(mut response: Response, position: GlobalPosition) -> Response {
     response
         .headers_mut()
-        .insert("x-position", HeaderValue::from(done.position));
+        .insert("x-position", HeaderValue::from(position));
     response
 }
 
@@ -398,16 +404,17 @@ async fn refresh(
 #[utoipa::path(post, path = "/logout", request_body = Option<LogoutRequest>,
     security((), ("bearer" = [])),
     responses(
-        (status = 204, description = "The session is over: the access token's (`sid`), or, without one, the refresh token's. Ending a session that is already over is a 204 too"),
+        (status = 204, description = "The session is over: the access token's (`sid`), or, without one, the refresh token's. Ending a session that is already over is a 204 too, with the same position",
+            headers(("X-Position" = u64, description = "global position of the SessionEnded event, or, for a session already over, of the session's last event"))),
         (status = 401, description = "`invalid_token`: an invalid bearer token, or neither a bearer token nor a body; `invalid_refresh_token`: a refresh token that is not valid", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing fields", body = ProblemBody, content_type = "application/problem+json"),
         BodyRefusals,
         StoreOutOfReach,
     ))]
-async fn logout(State(state): State<AppState>, request: Request) -> Result<StatusCode, Response> {
+async fn logout(State(state): State<AppState>, request: Request) -> Result<Response, Response> {
     let commands = &state.commands;
     let headers = request.headers();
-    if bearer_token(headers).is_some() {
+    let position = if bearer_token(headers).is_some() {
         let (mut parts, _) = request.into_parts();
         let Bearer(claims) = Bearer::from_request_parts(&mut parts, &state)
             .await
@@ -416,7 +423,7 @@ async fn logout(State(state): State<AppState>, request: Request) -> Result<Statu
             UserId::from_uuid(claims.sub),
             SessionId::from_uuid(claims.sid),
         );
-        commands.log_out(user, session).await.map_err(refused)?;
+        commands.log_out(user, session).await.map_err(refused)?
     } else if headers.contains_key(header::CONTENT_TYPE) {
         // The body's own refusals (400, 413, 415, 422) as every route answers them. A JSON
         // `null` is no body, as the document's optional body says.
@@ -429,11 +436,14 @@ async fn logout(State(state): State<AppState>, request: Request) -> Result<Statu
         commands
             .log_out_with_refresh_token(&body.refresh_token)
             .await
-            .map_err(refused)?;
+            .map_err(refused)?
     } else {
         return Err(ApiError::InvalidToken.into_response());
-    }
-    Ok(StatusCode::NO_CONTENT)
+    };
+    Ok(with_position(
+        StatusCode::NO_CONTENT.into_response(),
+        position,
+    ))
 }
 
 /// A command's error as its answer, for a handler that answers other refusals too.
@@ -445,7 +455,8 @@ fn refused(error: CommandError) -> Response {
     params(("id" = Uuid, Path, description = "One of the caller's sessions")),
     security(("bearer" = [])),
     responses(
-        (status = 204, description = "The session is over (or already was)"),
+        (status = 204, description = "The session is over (or already was: the same position again)",
+            headers(("X-Position" = u64, description = "global position of the SessionEnded event, or, for a session already over, of the session's last event"))),
         (status = 404, description = "No session of the caller has this id: unknown and another person's alike", body = ProblemBody, content_type = "application/problem+json"),
         BearerRefusals,
         StoreOutOfReach,
@@ -458,11 +469,14 @@ async fn end_own_session(
     let session = id
         .parse::<Uuid>()
         .map_err(|_| CommandError::SessionNotFound)?;
-    state
+    let position = state
         .commands
         .end_own_session(UserId::from_uuid(claims.sub), SessionId::from_uuid(session))
         .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(with_position(
+        StatusCode::NO_CONTENT.into_response(),
+        position,
+    ))
 }
 
 #[utoipa::path(delete, path = "/users/{id}/sessions",
@@ -480,11 +494,10 @@ async fn end_all_sessions(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let done = state.commands.end_all_sessions(parse_id(&id)?).await?;
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    response
-        .headers_mut()
-        .insert("x-position", HeaderValue::from(done.position));
-    Ok(response)
+    Ok(with_position(
+        StatusCode::NO_CONTENT.into_response(),
+        done.position,
+    ))
 }
 
 #[utoipa::path(post, path = "/users/{id}/activate",

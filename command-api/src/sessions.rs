@@ -60,8 +60,10 @@ impl ReadSession {
 
 /// What ending one session came to.
 enum Ending {
-    /// Ended now, or already over (ended, or expired): nothing more to do.
-    Done,
+    /// Ended now, or already over (ended, or expired): nothing more to do. The global position
+    /// of the `SessionEnded` appended, or, when nothing was, of the stream's last message: what
+    /// a view must reach to show the session as it is.
+    Done(GlobalPosition),
     /// No session of this id belongs to the account.
     NotTheirs,
 }
@@ -217,10 +219,14 @@ impl Commands {
         Err(lost_every_race("refreshing a session"))
     }
 
-    /// Ends the session of a refresh token (a logout by a client whose access token expired).
-    /// A session already over is fine: logging out twice succeeds twice. A token that does not
+    /// Ends the session of a refresh token (a logout by a client whose access token expired),
+    /// and answers the position a view must reach to show it over. A session already over is
+    /// fine: logging out twice succeeds twice, with the same position. A token that does not
     /// authenticate is [`CommandError::InvalidRefreshToken`].
-    pub async fn log_out_with_refresh_token(&self, presented: &str) -> Result<(), CommandError> {
+    pub async fn log_out_with_refresh_token(
+        &self,
+        presented: &str,
+    ) -> Result<GlobalPosition, CommandError> {
         let token =
             RefreshToken::parse(presented).map_err(|_| CommandError::InvalidRefreshToken)?;
         let session_id = SessionId::from_uuid(token.session());
@@ -231,33 +237,48 @@ impl Commands {
         let Some(owner) = owner_of(&read.state) else {
             return Err(CommandError::InvalidRefreshToken);
         };
-        self.end_session(session_id, owner, SessionEndReason::LoggedOut)
-            .await
-            .map(|_| ())
+        match self
+            .end_session(session_id, owner, SessionEndReason::LoggedOut)
+            .await?
+        {
+            Ending::Done(position) => Ok(position),
+            // A session's owner never changes: the stream read above is theirs.
+            Ending::NotTheirs => Err(CommandError::InvalidRefreshToken),
+        }
     }
 
-    /// Ends the session of a verified access token (`sid`) of `user`. A session already over
-    /// is fine: logging out twice succeeds twice.
-    pub async fn log_out(&self, user: UserId, session: SessionId) -> Result<(), CommandError> {
-        // A verified token's session is the user's; if it is not found, there is nothing to
-        // end either.
-        self.end_session(session, user, SessionEndReason::LoggedOut)
-            .await
-            .map(|_| ())
+    /// Ends the session of a verified access token (`sid`) of `user`, and answers the position
+    /// a view must reach to show it over. A session already over is fine: logging out twice
+    /// succeeds twice, with the same position.
+    pub async fn log_out(
+        &self,
+        user: UserId,
+        session: SessionId,
+    ) -> Result<GlobalPosition, CommandError> {
+        match self
+            .end_session(session, user, SessionEndReason::LoggedOut)
+            .await?
+        {
+            Ending::Done(position) => Ok(position),
+            // A verified token's session is the user's; if it is not found, there is nothing
+            // to end, and nothing for a view to wait for.
+            Ending::NotTheirs => Ok(0),
+        }
     }
 
-    /// Ends one of `user`'s own sessions. Another person's session, or an unknown one, is
+    /// Ends one of `user`'s own sessions, and answers the position a view must reach to show
+    /// it over. Another person's session, or an unknown one, is
     /// [`CommandError::SessionNotFound`], alike, so that nobody learns which ids exist.
     pub async fn end_own_session(
         &self,
         user: UserId,
         session: SessionId,
-    ) -> Result<(), CommandError> {
+    ) -> Result<GlobalPosition, CommandError> {
         match self
             .end_session(session, user, SessionEndReason::EndedByOwner)
             .await?
         {
-            Ending::Done => Ok(()),
+            Ending::Done(position) => Ok(position),
             Ending::NotTheirs => Err(CommandError::SessionNotFound),
         }
     }
@@ -308,10 +329,10 @@ impl Commands {
             let decision = decide_session(&read.state, command, now, &self.session_policy)
                 .context("ending a session was refused")?;
             let Some(event) = decision.into_event() else {
-                return Ok(Ending::Done);
+                return Ok(Ending::Done(read.last_global));
             };
-            if self.append_session_event(&read, event).await?.is_some() {
-                return Ok(Ending::Done);
+            if let Some(position) = self.append_session_event(&read, event).await? {
+                return Ok(Ending::Done(position));
             }
         }
         Err(lost_every_race("ending a session"))

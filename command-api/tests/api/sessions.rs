@@ -70,6 +70,37 @@ async fn end_of(app: &TestApp, session: &str) -> Option<SessionEndReason> {
     }
 }
 
+/// The type and global position of each message of the session's stream, oldest first, read
+/// in the store.
+async fn stream_of(app: &TestApp, session: &str) -> Vec<(String, u64)> {
+    let pool = app.database.pool().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT type, global_position FROM messages WHERE stream_name = $1 ORDER BY position",
+    )
+    .bind(format!("session-{session}"))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows.into_iter()
+        .map(|(kind, position)| (kind, u64::try_from(position).unwrap()))
+        .collect()
+}
+
+/// The global position of the session's one `SessionEnded`, read in the store.
+async fn ended_at(app: &TestApp, session: &str) -> u64 {
+    let ends: Vec<u64> = stream_of(app, session)
+        .await
+        .into_iter()
+        .filter(|(kind, _)| kind == "SessionEnded")
+        .map(|(_, position)| position)
+        .collect();
+    let [position] = ends[..] else {
+        panic!("the session's ends: {ends:?}");
+    };
+    position
+}
+
 async fn logout_with_access_token(app: &TestApp, access: &str) -> reqwest::Response {
     app.client
         .post(app.url("/logout"))
@@ -262,19 +293,22 @@ async fn logging_out_with_the_access_token_ends_its_session_and_again_is_fine() 
         end_of(&app, &pair.session).await,
         Some(SessionEndReason::LoggedOut)
     );
+    // The position a read of the sessions waits for to see it gone.
+    let ended = ended_at(&app, &pair.session).await;
+    assert_eq!(position_of(&response), ended);
     assert_refresh_refused(&app, &pair.refresh).await;
 
     let before = app.last_position().await;
-    assert_eq!(
-        logout_with_access_token(&app, &pair.access).await.status(),
-        204
-    );
+    let again = logout_with_access_token(&app, &pair.access).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(position_of(&again), ended);
     assert_eq!(app.last_position().await, before);
     // The account's other session is untouched.
     refreshed(&app, &other.refresh).await;
-    // A token that does not verify is refused.
+    // A token that does not verify is refused, with no position.
     let response = logout_with_access_token(&app, "not.a.token").await;
     assert_eq!(response.status(), 401);
+    assert!(!response.headers().contains_key("x-position"));
     assert_eq!(problem(response).await["code"], "invalid_token");
 }
 
@@ -292,14 +326,18 @@ async fn logging_out_with_the_refresh_token_ends_its_session_and_again_is_fine()
         end_of(&app, &second.session).await,
         Some(SessionEndReason::LoggedOut)
     );
+    let ended = ended_at(&app, &second.session).await;
+    assert_eq!(position_of(&response), ended);
     assert_refresh_refused(&app, &second.refresh).await;
     let before = app.last_position().await;
     let again = logout_with_refresh_token(&app, &second.refresh).await;
     assert_eq!(again.status(), 204);
+    assert_eq!(position_of(&again), ended);
     // A token that does not authenticate is refused, even for a session that has ended.
     let forged = format!("{}.1.{}", second.session, "A".repeat(43));
     let response = logout_with_refresh_token(&app, &forged).await;
     assert_eq!(response.status(), 401);
+    assert!(!response.headers().contains_key("x-position"));
     assert_eq!(problem(response).await["code"], "invalid_refresh_token");
     // No credentials at all: no body, or a JSON null (the document's body is optional).
     let response = app.client.post(app.url("/logout")).send().await.unwrap();
@@ -360,6 +398,8 @@ async fn a_user_ends_one_of_their_own_sessions_from_another() {
         end_of(&app, &phone.session).await,
         Some(SessionEndReason::EndedByOwner)
     );
+    let ended = ended_at(&app, &phone.session).await;
+    assert_eq!(position_of(&response), ended);
     assert_refresh_refused(&app, &phone.refresh).await;
     let response = app.delete_as(&path, &phone.access).await;
     assert_eq!(
@@ -367,8 +407,13 @@ async fn a_user_ends_one_of_their_own_sessions_from_another() {
         401,
         "the ended session's token still acts"
     );
-    // Again: it is over already.
-    assert_eq!(app.delete_as(&path, &laptop.access).await.status(), 204);
+    assert!(!response.headers().contains_key("x-position"));
+    // Again: it is over already, at the same position.
+    let before = app.last_position().await;
+    let again = app.delete_as(&path, &laptop.access).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(position_of(&again), ended);
+    assert_eq!(app.last_position().await, before);
     refreshed(&app, &laptop.refresh).await;
 }
 
@@ -389,6 +434,7 @@ async fn another_persons_session_is_a_404_like_an_unknown_one_and_stays_live() {
             .delete_as(&format!("/users/me/sessions/{session}"), &bob.access)
             .await;
         assert_eq!(response.status(), 404, "{session}");
+        assert!(!response.headers().contains_key("x-position"));
         bodies.push(problem(response).await);
     }
     assert_eq!(bodies[0], bodies[1]);
@@ -506,6 +552,13 @@ async fn a_session_not_refreshed_for_the_idle_limit_expires_and_its_access_token
     // The access token itself lives 15 minutes, but its session is over.
     let path = format!("/users/me/sessions/{}", second.session);
     assert_eq!(app.delete_as(&path, &second.access).await.status(), 401);
+    // Logging out of it appends nothing, and answers the position of its last event: the view
+    // shows it expired from there.
+    let response = logout_with_refresh_token(&app, &second.refresh).await;
+    assert_eq!(response.status(), 204);
+    let stream = stream_of(&app, &second.session).await;
+    assert_eq!(stream.last().unwrap().0, "SessionRefreshed");
+    assert_eq!(position_of(&response), stream.last().unwrap().1);
     assert_eq!(app.last_position().await, before);
     assert_eq!(end_of(&app, &second.session).await, None);
 }
@@ -661,6 +714,18 @@ async fn the_openapi_document_lists_the_session_routes() {
                 "{method} {path} {status} missing"
             );
         }
+    }
+    // Ending a session answers the position to read it with, as every command does.
+    for (path, method) in [
+        ("/logout", "post"),
+        ("/users/me/sessions/{id}", "delete"),
+        ("/users/{id}/sessions", "delete"),
+    ] {
+        let headers = &paths[path][method]["responses"]["204"]["headers"];
+        assert!(
+            headers.get("X-Position").is_some(),
+            "{method} {path} 204 without X-Position"
+        );
     }
     let login = &paths["/login"]["post"]["responses"]["200"]["content"]["application/json"];
     assert_eq!(
