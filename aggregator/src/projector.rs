@@ -26,18 +26,13 @@ use std::time::{Duration, Instant};
 use std::collections::HashSet;
 
 use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError, Subscription};
+use read_model_schema::USERS_VERSION;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_take_over};
 use crate::view::{Change, RowId, Rows, apply, prepare};
-
-/// The version of the users projection. Bump it when what it writes changes, and rebuild.
-///
-/// 2: the sessions view and `users.session_epoch` (ADR 11). A view of version 1 has neither
-/// (its worker passed over session events and `SessionsEnded`), so it must be folded again.
-pub const USERS_VERSION: i32 = 2;
 
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq)]

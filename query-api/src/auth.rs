@@ -19,7 +19,11 @@
 //!   never in the view (ADR 11): its stream's last message must show it live (started, not
 //!   ended, not past its limits by this API's clock) and of the account's current session epoch,
 //!   taken where the account's status is taken above (the trusted row, the remembered
-//!   administrator, or the same read of the account's stream). A session found live is
+//!   administrator, or the same read of the account's stream). A row gives the epoch only when
+//!   its view is of this build's projection version
+//!   ([`read_model_schema::USERS_VERSION`]): during an upgrade older aggregators may keep a
+//!   view of version 1 fresh, whose every epoch is 0, and then the stream decides the epoch,
+//!   as it does when the row is not trusted. A session found live is
 //!   remembered ([`crate::session_ends`]): for `query.max_view_lag_ms` from an instant taken
 //!   before its stream was read, or for as long as the follower of session ends is current, so
 //!   a logout is refused within that bound of its commit, and an end by the account's epoch (a
@@ -36,6 +40,7 @@ use chrono::{DateTime, Utc};
 use identity::{
     Account, AccountStatus, LiveSession, Role, SessionAccount, SessionId, SessionState, UserId,
 };
+use read_model_schema::USERS_VERSION;
 use tokens::{Claims, TokenError, TokenVerifier};
 use uuid::Uuid;
 
@@ -70,21 +75,27 @@ impl AuthenticatedCaller {
     /// the users view holds for the caller: their row decides the account's status and session
     /// epoch if the view it was read at is recent enough; without a row, or with one that may
     /// predate a change, the account's stream decides (read beside the session's, when that
-    /// one is not remembered).
+    /// one is not remembered). Every projection version keeps the status, so a recent row of
+    /// an inactive account is refused at once; only [`USERS_VERSION`] keeps the epoch, so a
+    /// recent row of another version says nothing of it, and the stream decides both.
     pub async fn ensure_active(
         &self,
         state: &AppState,
         held: &ProfilesAtCheckpoint,
     ) -> Result<(), ApiError> {
         let own = held.rows.iter().find(|row| row.profile.id == self.id);
-        let vouched = own
-            .filter(|_| state.freshness.covers(held.checkpoint, Instant::now()))
-            .map(|row| SessionAccount {
-                active: row.profile.status == AccountStatus::Active.name(),
+        let recent = own.filter(|_| state.freshness.covers(held.checkpoint, Instant::now()));
+        let vouched = match recent {
+            Some(row) if row.profile.status != AccountStatus::Active.name() => {
+                return Err(ApiError::Unauthenticated);
+            }
+            Some(row) if held.version == USERS_VERSION => Some(SessionAccount {
+                active: true,
                 session_epoch: row.session_epoch,
-            });
+            }),
+            Some(_) | None => None,
+        };
         let (standing, session) = match vouched {
-            Some(standing) if !standing.active => return Err(ApiError::Unauthenticated),
             Some(standing) => (Some(standing), self.live_session(state).await?),
             None => {
                 let (account, session) =

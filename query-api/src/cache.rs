@@ -11,7 +11,9 @@
 //! read model, and none is given once syncs have failed for a while; a request with
 //! `X-Min-Position` syncs first, so read-your-writes holds. Each answer carries the checkpoint
 //! it is current at, so that whether it may say a caller is still active is judged against the
-//! message store ([`crate::freshness`]), not assumed from the read model.
+//! message store ([`crate::freshness`]), not assumed from the read model; and the projection
+//! version that folded it, so that a column an older version never kept is not read as if it
+//! had.
 //!
 //! What makes a row safe to keep: it is read in the same statement as the view's version and
 //! checkpoint, and kept only if that version is the one held and that checkpoint is not behind
@@ -34,6 +36,31 @@ use crate::read_model::{ChangedRows, ProfileRow, RowAtCheckpoint, UsersView};
 pub struct ProfilesAtCheckpoint {
     pub rows: Vec<ProfileRow>,
     pub checkpoint: u64,
+    /// The projection version that folded every row ([`Self::MIXED`] when they came from views
+    /// of different versions): a row says only what its version kept, and a view of version 1,
+    /// which older aggregators may keep fresh during an upgrade, never kept the session epoch.
+    pub version: i32,
+}
+
+impl ProfilesAtCheckpoint {
+    /// The version of rows that no single version folded: no projection's (versions start at 1,
+    /// and a view without a checkpoint reads as 0 too).
+    pub const MIXED: i32 = 0;
+
+    /// Adds a row read from the database: the checkpoint becomes the lower one, and the version
+    /// [`Self::MIXED`] unless the row's is the one the others have.
+    fn push(&mut self, read: RowAtCheckpoint) {
+        if self.rows.is_empty() {
+            self.checkpoint = read.checkpoint;
+            self.version = read.version;
+        } else {
+            self.checkpoint = self.checkpoint.min(read.checkpoint);
+            if self.version != read.version {
+                self.version = Self::MIXED;
+            }
+        }
+        self.rows.push(read.row);
+    }
 }
 
 pub struct ProfileCache {
@@ -96,12 +123,7 @@ impl ProfileCache {
             self.keep(&rows);
         }
         for read in rows {
-            found.checkpoint = if found.rows.is_empty() {
-                read.checkpoint
-            } else {
-                found.checkpoint.min(read.checkpoint)
-            };
-            found.rows.push(read.row);
+            found.push(read);
         }
         Ok(found)
     }
@@ -116,6 +138,7 @@ impl ProfileCache {
         let mut found = ProfilesAtCheckpoint {
             rows: Vec::with_capacity(ids.len()),
             checkpoint: state.synced,
+            version: state.version,
         };
         let mut missing = Vec::new();
         for id in ids {
@@ -392,6 +415,30 @@ mod tests {
         stale.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(stale.lookup(&[ann]).1, [ann], "the last sync is too old");
+    }
+
+    #[test]
+    fn rows_read_from_views_of_different_versions_are_of_no_one_version() {
+        let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let cache = synced_to(1, 9);
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 9)]);
+        let (mut found, missing) = cache.lookup(&[ann, bob]);
+        assert_eq!((found.version, found.checkpoint), (1, 9), "as kept");
+        assert_eq!(missing, [bob]);
+
+        // Bob's row comes from the database, where a rebuild swapped in version 2.
+        found.push(at_checkpoint(row(bob, "active", 11), 2, 12));
+        assert_eq!(
+            (found.version, found.checkpoint),
+            (ProfilesAtCheckpoint::MIXED, 9)
+        );
+
+        // Read from the database alone, rows take their view's version.
+        let (mut read, _) = synced_to(1, 9).lookup(&[bob]);
+        read.push(at_checkpoint(row(bob, "active", 11), 2, 12));
+        assert_eq!((read.version, read.checkpoint), (2, 12));
+        read.push(at_checkpoint(row(ann, "active", 5), 2, 12));
+        assert_eq!(read.version, 2);
     }
 
     #[test]

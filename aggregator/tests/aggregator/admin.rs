@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aggregator::projector::USERS_VERSION;
 use aggregator::read_model::Checkpoint;
 use aggregator::{Outcome, Projector, Target, admin};
+use read_model_schema::USERS_VERSION;
 
 use crate::support::{
     Env, Views, Writer, concurrent_writers, drain, env, options, settle, wait_for_rows,

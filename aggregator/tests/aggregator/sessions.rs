@@ -1,10 +1,11 @@
 //! The sessions view and the account's session epoch, kept by the users projection under its
 //! checkpoint (ADR 11), on PostgreSQL and on SQLite alike.
 
-use aggregator::projector::{ProjectorError, USERS_VERSION};
+use aggregator::projector::ProjectorError;
 use aggregator::{Outcome, admin};
 use chrono::Duration;
 use identity::SessionEndReason;
+use read_model_schema::USERS_VERSION;
 use uuid::Uuid;
 
 use crate::support::{Stores, Writer, at};

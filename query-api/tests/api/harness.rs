@@ -19,6 +19,7 @@ use identity::{
 use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
 use platform::clock::{Clock, SystemClock};
 use query_api::Settings;
+use read_model_schema::USERS_VERSION;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use test_support::{FreezingProxy, PrivateCluster, TestDatabase};
@@ -378,11 +379,12 @@ impl TestApp {
         .await
         .unwrap();
         sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1) \
+            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', $2, $1) \
              ON CONFLICT (projection) DO UPDATE \
              SET position = greatest(projection_checkpoints.position, excluded.position)",
         )
         .bind(position)
+        .bind(USERS_VERSION)
         .execute(&mut *transaction)
         .await
         .unwrap();
@@ -473,15 +475,29 @@ impl TestApp {
         (name, admin)
     }
 
+    /// Moves the users view's checkpoint to `position`, at the version it has (this build's
+    /// when it has none yet).
     pub async fn set_checkpoint(&self, position: u64) {
         sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1) \
+            "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', $2, $1) \
              ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
         )
         .bind(i64::try_from(position).unwrap())
+        .bind(USERS_VERSION)
         .execute(&self.pool)
         .await
         .unwrap();
+    }
+
+    /// Marks the users view as folded by `version` of the projection, as a view an older
+    /// build's aggregators keep folding during an upgrade until a rebuild swaps in this
+    /// build's (ADR 8); the rows stay as they are.
+    pub async fn set_checkpoint_version(&self, version: i32) {
+        sqlx::query("UPDATE projection_checkpoints SET version = $1 WHERE projection = 'users'")
+            .bind(version)
+            .execute(&self.pool)
+            .await
+            .unwrap();
     }
 
     /// Appends a message of no interest to the read model and returns its position: a position

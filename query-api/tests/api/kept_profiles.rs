@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use read_model_schema::USERS_VERSION;
 use uuid::Uuid;
 
 use crate::harness::{TestApp, problem, spawn, spawn_with};
@@ -21,10 +22,11 @@ async fn project(app: &TestApp, id: Uuid, status: &str, login_count: i64) -> u64
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1) \
+        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', $2, $1) \
          ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
     )
     .bind(i64::try_from(position).unwrap())
+    .bind(USERS_VERSION)
     .execute(&mut *transaction)
     .await
     .unwrap();

@@ -15,6 +15,7 @@ use chrono::{DateTime, SecondsFormat, SubsecRound, TimeDelta, Utc};
 use identity::{
     PasswordChanged, SessionEvent, SessionId, SessionStarted, SessionsEnded, UserEvent,
 };
+use read_model_schema::USERS_VERSION;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -278,6 +279,78 @@ async fn bob_and_a_new_session_of_ann_served(
     ] {
         let response = app.get(&path, Some(token)).await;
         assert_eq!(response.status(), 200, "{path} in a live session");
+    }
+}
+
+/// During an upgrade, aggregators of the older build may keep folding a view of version 1 of
+/// the projection, fresh, until a rebuild swaps in this build's (ADR 8). Version 1 never wrote
+/// `users.session_epoch`: every row says 0, whatever the account's stream says. Ann changed her
+/// password after her first session started (epoch 1): that session is refused on her own
+/// routes within the bound, and one she starts after the change is served.
+#[tokio::test]
+async fn while_older_aggregators_keep_a_view_of_version_1_fresh_the_accounts_stream_decides_which_sessions_are_over()
+ {
+    let app = app().await;
+    let ann = app
+        .seed_user("ann@example.com", "active", &["user"])
+        .await
+        .id;
+    let bob = app
+        .seed_user("bob@example.com", "active", &["user"])
+        .await
+        .id;
+    app.set_checkpoint_version(USERS_VERSION - 1).await;
+    let before = app.token_for(ann, &["user"]).await;
+    assert_eq!(app.get("/users/me", Some(&before)).await.status(), 200);
+
+    let changed = UserEvent::PasswordChanged(PasswordChanged {
+        password_hash: a_password_hash(),
+        at: now(),
+    });
+    app.append_user_event(ann, changed).await;
+    let committed = Instant::now();
+    let after = app.token_for(ann, &["user"]).await;
+    assert_eq!(app.session_epoch(ann).await, 1);
+    // The older aggregators keep up: the checkpoint holds everything written, Ann's row still
+    // holds the epoch it always had.
+    let last = app.store.last_position().await.unwrap();
+    app.set_checkpoint(last).await;
+    let (version, epoch): (i32, i64) = sqlx::query_as(
+        "SELECT version, session_epoch FROM projection_checkpoints, users \
+         WHERE projection = 'users' AND id = $1",
+    )
+    .bind(ann)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((version, epoch), (USERS_VERSION - 1, 0));
+
+    past_the_bound(committed).await;
+    let as_of = now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    // Each of Ann's routes, and what it answers her while she is served (lists and others'
+    // accounts are an administrator's).
+    let own_routes = [
+        ("/users/me".to_owned(), 200),
+        ("/users/me/sessions".to_owned(), 200),
+        (format!("/users/{ann}"), 200),
+        (format!("/users/{ann}?as_of={as_of}"), 200),
+        (format!("/users/{ann}/events"), 200),
+        ("/users?status=active".to_owned(), 403),
+        (format!("/users/{bob}"), 403),
+    ];
+    let paths: Vec<String> = own_routes.iter().map(|(path, _)| path.clone()).collect();
+    // With the checkpoint's position the view is known to be fresh: its row is what would be
+    // trusted, were its version this build's.
+    for min_position in [Some(last), None] {
+        refused_everywhere(&app, &before, &paths, min_position).await;
+        for (path, served) in &own_routes {
+            let response = app.get_with_min_position(path, &after, min_position).await;
+            assert_eq!(
+                response.status(),
+                *served,
+                "{path} in the session after the change"
+            );
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The read model's schema, written once for the process that writes it (the aggregator) and
-//! the one that reads it (the query API): its migrations, the name of the users projection,
-//! and how a projection's checkpoint is read and decoded. Each side keeps its own pool and its
-//! own statements over the views; what both must agree on about the schema lives here.
+//! the one that reads it (the query API): its migrations, the name and version of the users
+//! projection, and how a projection's checkpoint is read and decoded. Each side keeps its own
+//! pool and its own statements over the views; what both must agree on about the schema lives
+//! here.
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,19 @@ macro_rules! on_either_pool {
 
 /// The projection that keeps the `users` view; its checkpoint says how far the view has got.
 pub const USERS_PROJECTION: &str = "users";
+
+/// The version of the users projection that this build's aggregator folds and its query API
+/// reads, as the view's checkpoint records it. Bump it when what the projection writes
+/// changes, and rebuild. During an upgrade a view of another version can be live for a while
+/// (older aggregators keep folding it until `aggregator rebuild` swaps a new one in, ADR 8):
+/// the aggregator writes nothing into it, and the query API takes from it only what that
+/// version kept.
+///
+/// 2: the sessions view and `users.session_epoch` (ADR 11). A view of version 1 has neither:
+/// its worker passed over session events and `SessionsEnded`, and left every account's epoch at
+/// the column's default, 0, whatever its stream says; so it must be folded again, and until
+/// then its epochs are not the accounts'.
+pub const USERS_VERSION: i32 = 2;
 
 /// The read model's migrations on PostgreSQL (`migrations/read_model/postgres`).
 pub fn postgres_migrations() -> Migrator {
