@@ -16,7 +16,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::harness::{
-    Aggregator, TestApp, now, problem, refused_everywhere, spawn_apart, spawn_with,
+    Aggregator, TestApp, admin_routes_on, now, problem, refused_everywhere, spawn_apart, spawn_with,
 };
 
 const MAX_VIEW_LAG: Duration = Duration::from_millis(300);
@@ -82,14 +82,7 @@ impl Accounts {
 
     /// Every route an administrator uses on others.
     fn admin_routes(&self) -> Vec<String> {
-        let as_of = now().to_rfc3339_opts(SecondsFormat::Millis, true);
-        vec![
-            "/users?status=active".to_owned(),
-            "/users?email=bob%40example.com".to_owned(),
-            format!("/users/{}", self.bob),
-            format!("/users/{}?as_of={as_of}", self.bob),
-            format!("/users/{}/events", self.bob),
-        ]
+        admin_routes_on(self.bob)
     }
 
     /// Before anything changes, every route serves them: a refusal later is the deactivation's.

@@ -641,6 +641,19 @@ pub fn assert_refused(answer: &(u16, Value), status: u16, code: &str, case: impl
     );
 }
 
+/// Every route an administrator takes on others, each reading `bob`, an account with the
+/// email `bob@example.com`.
+pub fn admin_routes_on(bob: Uuid) -> Vec<String> {
+    let as_of = now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    vec![
+        "/users?status=active".to_owned(),
+        "/users?email=bob%40example.com".to_owned(),
+        format!("/users/{bob}"),
+        format!("/users/{bob}?as_of={as_of}"),
+        format!("/users/{bob}/events"),
+    ]
+}
+
 /// Asserts that every route of `routes` answers `token` (with `X-Min-Position` when given) with
 /// the 401 an invalid token gets.
 pub async fn refused_everywhere(

@@ -20,7 +20,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::harness::{
-    Aggregator, TestApp, a_password_hash, each, now, problem, refused_everywhere, spawn_with,
+    Aggregator, TestApp, a_password_hash, admin_routes_on, each, now, problem, refused_everywhere,
+    spawn_with,
 };
 
 const MAX_VIEW_LAG: Duration = Duration::from_millis(300);
@@ -96,14 +97,7 @@ impl People {
 
     /// Every route an administrator takes on others.
     fn admin_routes(&self) -> Vec<String> {
-        let as_of = now().to_rfc3339_opts(SecondsFormat::Millis, true);
-        vec![
-            "/users?status=active".to_owned(),
-            "/users?email=bob%40example.com".to_owned(),
-            format!("/users/{}", self.bob),
-            format!("/users/{}?as_of={as_of}", self.bob),
-            format!("/users/{}/events", self.bob),
-        ]
+        admin_routes_on(self.bob)
     }
 
     /// Before anything ends, every route serves them: a refusal later is the session's end.
