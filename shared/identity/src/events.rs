@@ -1,8 +1,9 @@
-//! The events of the user, login, administrators' and session streams: a public contract that
-//! every later build must read.
+//! The events of the user, login, administrators', session and recovery streams: a public
+//! contract that every later build must read.
 //!
 //! Each event is a struct with a stable type name and a version ([`EventData`]); the stream
-//! enums [`UserEvent`], [`LoginEvent`], [`AdministratorsEvent`] and [`SessionEvent`] wrap them.
+//! enums [`UserEvent`], [`LoginEvent`], [`AdministratorsEvent`], [`SessionEvent`] and
+//! [`RecoveryEvent`] wrap them.
 //! The store keeps the type name, the version (in the metadata, see [`crate::streams`]) and the
 //! JSON of the struct, untagged.
 //!
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 use crate::email::Email;
 use crate::password::PasswordHash;
+use crate::recovery::{RecoveryKind, RecoveryNonce, RecoveryState};
 use crate::session::{RefreshNonce, SessionEndReason, UserAgent};
 use crate::values::{AccountStatus, Role, SessionId, UserId};
 
@@ -411,6 +413,96 @@ impl SessionEvent {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The recovery stream, `userRecovery-<id>` (see `crate::recovery`).
+//
+// Every recovery event carries the whole recovery state after it, so deciding a request or a
+// confirmation needs the stream's last message only (see `RecoveryState::from_last`), however
+// many requests came before. The mailer reads the events that call for a mail
+// (`RecoveryRequested`, `RegistrationAttempted`); the account id is in the stream name.
+
+/// A link mail to send: a request of `kind` is pending, and the link's secret is derived from
+/// `nonce`. It replaces any earlier pending request of the same kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRequested {
+    pub kind: RecoveryKind,
+    /// The address the mail goes to: for a change of email, the new one.
+    pub to: Email,
+    /// The address the account moves to once the link is confirmed: set for a change of email
+    /// only.
+    pub new_email: Option<Email>,
+    pub nonce: RecoveryNonce,
+    pub requested_at: DateTime<Utc>,
+    /// The link is refused at or after it.
+    pub expires_at: DateTime<Utc>,
+    /// The recovery state after this request.
+    pub state: RecoveryState,
+}
+
+impl EventData for RecoveryRequested {
+    const TYPE: &'static str = "RecoveryRequested";
+    const VERSION: u32 = 1;
+}
+
+/// A notice to send to the owner of `to`: someone tried to register with their address. It
+/// has no link, and counts toward the account's hourly limit of mails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationAttempted {
+    pub to: Email,
+    pub at: DateTime<Utc>,
+    /// The recovery state after this notice.
+    pub state: RecoveryState,
+}
+
+impl EventData for RegistrationAttempted {
+    const TYPE: &'static str = "RegistrationAttempted";
+    const VERSION: u32 = 1;
+}
+
+/// The pending request of `kind` was confirmed through its link, and is consumed: its link is
+/// refused from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryCompleted {
+    pub kind: RecoveryKind,
+    /// For a change of email, the address the account moves to (the request's), so that the
+    /// caller can move the email reservation with the same append.
+    pub new_email: Option<Email>,
+    pub at: DateTime<Utc>,
+    /// The recovery state after this confirmation.
+    pub state: RecoveryState,
+}
+
+impl EventData for RecoveryCompleted {
+    const TYPE: &'static str = "RecoveryCompleted";
+    const VERSION: u32 = 1;
+}
+
+stream_event! {
+    /// Everything that can happen in a recovery stream.
+    RecoveryEvent: RecoveryRequested, RegistrationAttempted, RecoveryCompleted;
+    // Older versions are upcast here, as in `UserEvent`.
+}
+
+impl RecoveryEvent {
+    /// When it happened, by the clock of the command that decided it.
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::RecoveryRequested(e) => e.requested_at,
+            Self::RegistrationAttempted(e) => e.at,
+            Self::RecoveryCompleted(e) => e.at,
+        }
+    }
+
+    /// The recovery state after the event.
+    pub fn state(&self) -> &RecoveryState {
+        match self {
+            Self::RecoveryRequested(e) => &e.state,
+            Self::RegistrationAttempted(e) => &e.state,
+            Self::RecoveryCompleted(e) => &e.state,
+        }
+    }
+}
+
 fn encode<T: EventData>(event: &T) -> Value {
     match serde_json::to_value(event) {
         Ok(value) => value,
@@ -584,6 +676,71 @@ mod tests {
         }
         assert!(matches!(
             SessionEvent::from_stored("LoginSucceeded", 1, &json!({})),
+            Err(EventDecodeError::UnknownType { .. })
+        ));
+    }
+
+    /// One of each recovery event, with the match that makes a new variant fail to compile here.
+    fn recovery_samples() -> Vec<RecoveryEvent> {
+        let email = Email::parse("ann@example.com").unwrap();
+        let nonce = RecoveryNonce::from_bytes([3; RecoveryNonce::LEN]);
+        let state = RecoveryState {
+            reset_password: Some(crate::recovery::PendingRecovery {
+                nonce,
+                requested_at: at(),
+                expires_at: at(),
+                new_email: None,
+            }),
+            recent_mails: vec![at()],
+            ..RecoveryState::default()
+        };
+        let samples = vec![
+            RecoveryEvent::from(RecoveryRequested {
+                kind: RecoveryKind::ResetPassword,
+                to: email.clone(),
+                new_email: None,
+                nonce,
+                requested_at: at(),
+                expires_at: at(),
+                state: state.clone(),
+            }),
+            RegistrationAttempted {
+                to: email.clone(),
+                at: at(),
+                state: state.clone(),
+            }
+            .into(),
+            RecoveryCompleted {
+                kind: RecoveryKind::ChangeEmail,
+                new_email: Some(email),
+                at: at(),
+                state: state.clone(),
+            }
+            .into(),
+        ];
+        for sample in &samples {
+            match sample {
+                RecoveryEvent::RecoveryRequested(_)
+                | RecoveryEvent::RegistrationAttempted(_)
+                | RecoveryEvent::RecoveryCompleted(_) => {}
+            }
+            assert_eq!((sample.occurred_at(), sample.state()), (at(), &state));
+        }
+        samples
+    }
+
+    #[test]
+    fn every_recovery_event_round_trips_and_carries_its_time_and_state() {
+        let samples = recovery_samples();
+        let types: Vec<_> = samples.iter().map(RecoveryEvent::event_type).collect();
+        assert_eq!(types, RecoveryEvent::TYPES);
+        for event in samples {
+            let decoded =
+                RecoveryEvent::from_stored(event.event_type(), event.version(), &event.to_json());
+            assert_eq!(decoded, Ok(event));
+        }
+        assert!(matches!(
+            RecoveryEvent::from_stored("UserActivated", 1, &json!({})),
             Err(EventDecodeError::UnknownType { .. })
         ));
     }

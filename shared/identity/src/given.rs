@@ -3,6 +3,7 @@
 //! ```text
 //! given([registered(Active)]).when(UserCommand::Deactivate, t0()).then([UserDeactivated { .. }])
 //! given_session([started]).when(SessionCommand::End { .. }, t0()).then(SessionDecision::Ended(..))
+//! given_recovery([requested]).when(RecoveryCommand::Complete { .. }, t0()).then_refused(..)
 //! ```
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -10,8 +11,12 @@ use uuid::Uuid;
 
 use crate::account::{Refusal, Register, UserAccount, UserCommand, decide};
 use crate::email::Email;
-use crate::events::{SessionEvent, UserDeactivated, UserEvent, UserRegistered};
+use crate::events::{RecoveryEvent, SessionEvent, UserDeactivated, UserEvent, UserRegistered};
 use crate::password::PasswordHash;
+use crate::recovery::{
+    RecoveryCommand, RecoveryDecision, RecoveryNonce, RecoveryPolicy, RecoveryRefusal,
+    RecoveryState, decide_recovery,
+};
 use crate::session::{
     RefreshNonce, SessionCommand, SessionDecision, SessionPolicy, SessionRefusal, SessionState,
     decide_session,
@@ -100,6 +105,63 @@ impl WhenSession {
     pub fn decision(self) -> Result<SessionDecision, SessionRefusal> {
         self.outcome
     }
+}
+
+/// A recovery stream's history, oldest first. As in the command API, only its last event counts.
+pub fn given_recovery(history: impl IntoIterator<Item = RecoveryEvent>) -> GivenRecovery {
+    let last = history.into_iter().last();
+    GivenRecovery {
+        state: RecoveryState::from_last(last.as_ref()),
+    }
+}
+
+pub struct GivenRecovery {
+    state: RecoveryState,
+}
+
+impl GivenRecovery {
+    /// Decides under the default [`RecoveryPolicy`].
+    pub fn when(self, command: RecoveryCommand, now: DateTime<Utc>) -> WhenRecovery {
+        WhenRecovery {
+            outcome: decide_recovery(
+                &self.state,
+                command.clone(),
+                now,
+                &RecoveryPolicy::default(),
+            ),
+            command,
+        }
+    }
+}
+
+pub struct WhenRecovery {
+    command: RecoveryCommand,
+    outcome: Result<RecoveryDecision, RecoveryRefusal>,
+}
+
+impl WhenRecovery {
+    #[track_caller]
+    pub fn then(self, expected: RecoveryDecision) {
+        assert_eq!(self.outcome, Ok(expected), "when {:?}", self.command);
+    }
+
+    #[track_caller]
+    pub fn then_refused(self, refusal: RecoveryRefusal) {
+        assert_eq!(self.outcome, Err(refusal), "when {:?}", self.command);
+    }
+
+    /// The outcome itself, to feed its event back as the next `given`.
+    pub fn decision(self) -> Result<RecoveryDecision, RecoveryRefusal> {
+        self.outcome
+    }
+}
+
+/// A recovery nonce told apart by `n`, so that a test can name each request's as
+/// `recovery_nonce(n)`.
+pub fn recovery_nonce(n: u64) -> RecoveryNonce {
+    let mut bytes = [0x7c; RecoveryNonce::LEN];
+    bytes[RecoveryNonce::LEN - 8..].copy_from_slice(&n.to_be_bytes());
+    RecoveryNonce::from_bytes(bytes)
 }
 
 /// The test user.

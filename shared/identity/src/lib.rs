@@ -4,7 +4,7 @@
 //! events) and `now` go in; new events or a typed refusal come out. The command API stores what
 //! comes out, the aggregator projects it, and both read events back through the stream enums'
 //! `from_stored` ([`UserEvent::from_stored`], [`LoginEvent::from_stored`],
-//! [`SessionEvent::from_stored`]).
+//! [`SessionEvent::from_stored`], [`RecoveryEvent::from_stored`]).
 //!
 //! - [`values`], [`email`], [`password`]: value objects that are valid once they exist.
 //! - [`events`]: the stored contract, with versions and upcasting.
@@ -14,6 +14,8 @@
 //! - [`administrators`]: the set of active administrators, which never becomes empty.
 //! - [`session`]: deciding on a session from its last event: started, refreshed with rotation
 //!   and reuse detection, ended.
+//! - [`recovery`]: deciding on an account's email links (verify, reset, change) from the last
+//!   recovery event: requested with an hourly limit, used once, expired, replaced.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +25,7 @@ pub mod email;
 pub mod events;
 pub mod login;
 pub mod password;
+pub mod recovery;
 pub mod session;
 pub mod streams;
 mod time;
@@ -39,19 +42,25 @@ pub use administrators::{
 pub use email::{Email, EmailError};
 pub use events::{
     AdministratorsChanged, AdministratorsEvent, EventData, EventDecodeError, LoginEvent,
-    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, SessionEnded, SessionEvent,
+    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, RecoveryCompleted,
+    RecoveryEvent, RecoveryRequested, RegistrationAttempted, SessionEnded, SessionEvent,
     SessionRefreshed, SessionStarted, SessionsEnded, UserActivated, UserDeactivated, UserEvent,
     UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
+pub use recovery::{
+    InvalidRecoveryNonce, PendingRecovery, RecoveryCommand, RecoveryDecision, RecoveryKind,
+    RecoveryNonce, RecoveryPolicy, RecoveryRefusal, RecoveryState, decide_recovery,
+};
 pub use session::{
     EndedSession, InvalidRefreshNonce, LiveSession, PreviousGeneration, RefreshNonce,
     SessionAccount, SessionCommand, SessionDecision, SessionEndReason, SessionPolicy,
     SessionRefusal, SessionState, UserAgent, decide_session,
 };
 pub use streams::{
-    ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, SESSION_CATEGORY, USER_CATEGORY,
-    event_version, login_stream_name, session_stream_name, user_id_of_stream, user_stream_name,
+    ADMINISTRATORS_STREAM, EVENT_VERSION_KEY, LOGIN_CATEGORY, RECOVERY_CATEGORY, SESSION_CATEGORY,
+    USER_CATEGORY, event_version, login_stream_name, recovery_stream_name, session_stream_name,
+    user_id_of_stream, user_stream_name,
 };
 pub use values::{AccountStatus, InitialStatus, Role, SessionId, UserId};

@@ -24,6 +24,13 @@ pub const LOGIN_CATEGORY: &str = "userLogin";
 /// with another's, and deciding a refresh reads one short stream's last message.
 pub const SESSION_CATEGORY: &str = "session";
 
+/// The category of the recovery streams, `userRecovery-<id>` (see [`crate::recovery`]): the
+/// email links an account asked for, and the mails of the last hour.
+///
+/// Kept apart from the user stream for the same reason as logins: anyone can ask for a reset of
+/// any address, and the user stream, read at every login, must not grow with those requests.
+pub const RECOVERY_CATEGORY: &str = "userRecovery";
+
 /// The one stream of the active administrators (see [`crate::administrators`]). Its category
 /// is neither of the above, so nothing that projects users reads it.
 pub const ADMINISTRATORS_STREAM: &str = "administrators-active";
@@ -44,16 +51,21 @@ pub fn login_stream_name(id: UserId) -> String {
     format!("{LOGIN_CATEGORY}-{id}")
 }
 
+/// `userRecovery-<id>`.
+pub fn recovery_stream_name(id: UserId) -> String {
+    format!("{RECOVERY_CATEGORY}-{id}")
+}
+
 /// `session-<session id>`.
 pub fn session_stream_name(id: SessionId) -> String {
     format!("{SESSION_CATEGORY}-{id}")
 }
 
-/// The user id in a `user-<id>` or `userLogin-<id>` stream name. Login events do not repeat the
-/// id in their data: the stream says whose they are.
+/// The user id in a `user-<id>`, `userLogin-<id>` or `userRecovery-<id>` stream name. Login and
+/// recovery events do not repeat the id in their data: the stream says whose they are.
 pub fn user_id_of_stream(stream_name: &str) -> Option<UserId> {
     let (category, id) = stream_name.split_once('-')?;
-    if category == USER_CATEGORY || category == LOGIN_CATEGORY {
+    if [USER_CATEGORY, LOGIN_CATEGORY, RECOVERY_CATEGORY].contains(&category) {
         id.parse().ok()
     } else {
         None
@@ -94,6 +106,11 @@ mod tests {
         );
         assert_eq!(user_id_of_stream(&user_stream_name(id)), Some(id));
         assert_eq!(user_id_of_stream(&login_stream_name(id)), Some(id));
+        assert_eq!(
+            recovery_stream_name(id),
+            "userRecovery-00000000-0000-0000-0000-000000000007"
+        );
+        assert_eq!(user_id_of_stream(&recovery_stream_name(id)), Some(id));
         assert_eq!(
             user_id_of_stream("other-00000000-0000-0000-0000-000000000007"),
             None

@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
 
-use identity::{AdministratorsEvent, EventDecodeError, LoginEvent, SessionEvent, UserEvent};
+use identity::{
+    AdministratorsEvent, EventDecodeError, LoginEvent, RecoveryEvent, SessionEvent, UserEvent,
+};
 use serde_json::Value;
 
 struct Fixture {
@@ -27,6 +29,8 @@ enum Decoded {
     Login(LoginEvent),
     Administrators(AdministratorsEvent),
     Session(SessionEvent),
+    // Boxed: its every event carries the whole recovery state, and is much larger than the others.
+    Recovery(Box<RecoveryEvent>),
 }
 
 impl Decoded {
@@ -36,6 +40,7 @@ impl Decoded {
             Self::Login(event) => event.event_type(),
             Self::Administrators(event) => event.event_type(),
             Self::Session(event) => event.event_type(),
+            Self::Recovery(event) => event.event_type(),
         }
     }
 
@@ -45,6 +50,7 @@ impl Decoded {
             Self::Login(event) => event.version(),
             Self::Administrators(event) => event.version(),
             Self::Session(event) => event.version(),
+            Self::Recovery(event) => event.version(),
         }
     }
 
@@ -54,6 +60,7 @@ impl Decoded {
             Self::Login(event) => event.to_json(),
             Self::Administrators(event) => event.to_json(),
             Self::Session(event) => event.to_json(),
+            Self::Recovery(event) => event.to_json(),
         }
     }
 }
@@ -104,7 +111,12 @@ fn decode(fixture: &Fixture) -> Result<Decoded, EventDecodeError> {
     if !unknown(&administrators) {
         return administrators;
     }
-    SessionEvent::from_stored(event_type, version, data).map(Decoded::Session)
+    let session = SessionEvent::from_stored(event_type, version, data).map(Decoded::Session);
+    if !unknown(&session) {
+        return session;
+    }
+    RecoveryEvent::from_stored(event_type, version, data)
+        .map(|event| Decoded::Recovery(Box::new(event)))
 }
 
 #[test]
@@ -130,7 +142,8 @@ fn every_event_type_has_a_fixture_of_its_current_version() {
         .iter()
         .chain(LoginEvent::TYPES)
         .chain(AdministratorsEvent::TYPES)
-        .chain(SessionEvent::TYPES);
+        .chain(SessionEvent::TYPES)
+        .chain(RecoveryEvent::TYPES);
     for event_type in every_type {
         assert!(
             covered.contains(event_type),
