@@ -31,15 +31,15 @@
 //!   effect (a new password, a verified address, the moved email reservation), each stream at
 //!   the version it read (ADR 12, decision 3): a link is used once, or not at all.
 
-use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::email::Email;
 use crate::events::{RecoveryCompleted, RecoveryEvent, RecoveryRequested, RegistrationAttempted};
 use crate::time::add_saturating;
+use crate::values::hex_nonce;
 
 /// What a link mail is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -86,72 +86,13 @@ impl Default for RecoveryPolicy {
     }
 }
 
-/// The random input of one request's link secret: 32 bytes, stored as 64 lowercase hexadecimal
-/// digits, made as [`crate::session::RefreshNonce`] is.
-///
-/// Not a secret on its own (the secret needs the mail token key too), so it may be stored and
-/// printed.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RecoveryNonce([u8; RecoveryNonce::LEN]);
-
-/// A recovery nonce that is not 64 lowercase hexadecimal digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a recovery nonce is 64 lowercase hexadecimal digits (32 bytes)")]
-pub struct InvalidRecoveryNonce;
-
-impl RecoveryNonce {
-    /// Its length in bytes.
-    pub const LEN: usize = 32;
-
-    pub const fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
-        Self(bytes)
-    }
-
-    pub const fn as_bytes(&self) -> &[u8; Self::LEN] {
-        &self.0
-    }
-
-    /// Reads the stored form, and only it: 64 lowercase hexadecimal digits.
-    pub fn from_hex(hex: &str) -> Result<Self, InvalidRecoveryNonce> {
-        // The `hex` crate reads upper case too; the stored form has one spelling.
-        if hex.bytes().any(|digit| digit.is_ascii_uppercase()) {
-            return Err(InvalidRecoveryNonce);
-        }
-        let mut bytes = [0; Self::LEN];
-        hex::decode_to_slice(hex, &mut bytes).map_err(|_| InvalidRecoveryNonce)?;
-        Ok(Self(bytes))
-    }
-
-    /// The stored form.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-/// The stored form: 64 lowercase hexadecimal digits.
-impl fmt::Display for RecoveryNonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for RecoveryNonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecoveryNonce({self})")
-    }
-}
-
-impl Serialize for RecoveryNonce {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for RecoveryNonce {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let hex = String::deserialize(deserializer)?;
-        Self::from_hex(&hex).map_err(serde::de::Error::custom)
-    }
+hex_nonce! {
+    /// The random input of one request's link secret: 32 bytes, stored as 64 lowercase hexadecimal
+    /// digits, made as [`crate::session::RefreshNonce`] is.
+    ///
+    /// Not a secret on its own (the secret needs the mail token key too), so it may be stored and
+    /// printed.
+    RecoveryNonce, InvalidRecoveryNonce, "recovery nonce"
 }
 
 /// A request whose link has not been used yet. It may have expired meanwhile

@@ -34,16 +34,15 @@
 //! shows the account's standing ([`SessionAccount`], read from its stream) and is refused if the
 //! account is not active or has moved on.
 
-use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::account::Account;
 use crate::events::{SessionEnded, SessionEvent, SessionRefreshed, SessionStarted};
 use crate::time::add_saturating;
-use crate::values::{SessionId, UserId};
+use crate::values::{SessionId, UserId, hex_nonce};
 
 /// How long a session lasts, and how long the token it replaced last is still answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,72 +67,13 @@ impl Default for SessionPolicy {
     }
 }
 
-/// The random input of one generation's refresh token secret: 32 bytes, stored as 64 lowercase
-/// hexadecimal digits.
-///
-/// Not a secret on its own (the secret needs the command API's key too), so it may be stored
-/// and printed.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RefreshNonce([u8; RefreshNonce::LEN]);
-
-/// A refresh nonce that is not 64 lowercase hexadecimal digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a refresh nonce is 64 lowercase hexadecimal digits (32 bytes)")]
-pub struct InvalidRefreshNonce;
-
-impl RefreshNonce {
-    /// Its length in bytes.
-    pub const LEN: usize = 32;
-
-    pub const fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
-        Self(bytes)
-    }
-
-    pub const fn as_bytes(&self) -> &[u8; Self::LEN] {
-        &self.0
-    }
-
-    /// Reads the stored form, and only it: 64 lowercase hexadecimal digits.
-    pub fn from_hex(hex: &str) -> Result<Self, InvalidRefreshNonce> {
-        // The `hex` crate reads upper case too; the stored form has one spelling.
-        if hex.bytes().any(|digit| digit.is_ascii_uppercase()) {
-            return Err(InvalidRefreshNonce);
-        }
-        let mut bytes = [0; Self::LEN];
-        hex::decode_to_slice(hex, &mut bytes).map_err(|_| InvalidRefreshNonce)?;
-        Ok(Self(bytes))
-    }
-
-    /// The stored form.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-/// The stored form: 64 lowercase hexadecimal digits.
-impl fmt::Display for RefreshNonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for RefreshNonce {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RefreshNonce({self})")
-    }
-}
-
-impl Serialize for RefreshNonce {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for RefreshNonce {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let hex = String::deserialize(deserializer)?;
-        Self::from_hex(&hex).map_err(serde::de::Error::custom)
-    }
+hex_nonce! {
+    /// The random input of one generation's refresh token secret: 32 bytes, stored as 64 lowercase
+    /// hexadecimal digits.
+    ///
+    /// Not a secret on its own (the secret needs the command API's key too), so it may be stored
+    /// and printed.
+    RefreshNonce, InvalidRefreshNonce, "refresh nonce"
 }
 
 /// The client's `User-Agent`, so that a user can tell their sessions apart, cut to

@@ -7,6 +7,86 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A value type for 32 random bytes kept in an event and stored as 64 lowercase hexadecimal
+/// digits (the nonces that link and refresh token secrets are derived from), with its error.
+/// One definition, so that every such nonce has the same one spelling.
+macro_rules! hex_nonce {
+    ($(#[$attribute:meta])* $nonce:ident, $error:ident, $what:literal) => {
+        $(#[$attribute])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $nonce([u8; $nonce::LEN]);
+
+        #[doc = concat!("A ", $what, " that is not 64 lowercase hexadecimal digits.")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $error;
+
+        impl std::fmt::Display for $error {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(concat!("a ", $what, " is 64 lowercase hexadecimal digits (32 bytes)"))
+            }
+        }
+
+        impl std::error::Error for $error {}
+
+        impl $nonce {
+            /// Its length in bytes.
+            pub const LEN: usize = 32;
+
+            pub const fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
+                Self(bytes)
+            }
+
+            pub const fn as_bytes(&self) -> &[u8; Self::LEN] {
+                &self.0
+            }
+
+            /// Reads the stored form, and only it: 64 lowercase hexadecimal digits.
+            pub fn from_hex(hex: &str) -> Result<Self, $error> {
+                // The `hex` crate reads upper case too; the stored form has one spelling.
+                if hex.bytes().any(|digit| digit.is_ascii_uppercase()) {
+                    return Err($error);
+                }
+                let mut bytes = [0; Self::LEN];
+                hex::decode_to_slice(hex, &mut bytes).map_err(|_| $error)?;
+                Ok(Self(bytes))
+            }
+
+            /// The stored form.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+        }
+
+        /// The stored form: 64 lowercase hexadecimal digits.
+        impl std::fmt::Display for $nonce {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl std::fmt::Debug for $nonce {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!(stringify!($nonce), "({})"), self)
+            }
+        }
+
+        impl serde::Serialize for $nonce {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $nonce {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let hex = <String as serde::Deserialize>::deserialize(deserializer)?;
+                Self::from_hex(&hex).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+pub(crate) use hex_nonce;
+
 /// Declares an id made of a UUID: its stored form is the bare hyphenated string, it parses from
 /// that string (a URL path, the id part of a stream name) and prints as it. Written once so that
 /// every id reads and writes alike.
