@@ -426,7 +426,8 @@ impl SessionEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryRequested {
     pub kind: RecoveryKind,
-    /// The address the mail goes to: for a change of email, the new one.
+    /// The account's address when the request was made. The link goes there, except for a
+    /// change of email, whose link goes to `new_email` and which sends this address a notice.
     pub to: Email,
     /// The address the account moves to once the link is confirmed: set for a change of email
     /// only.

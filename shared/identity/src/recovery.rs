@@ -65,6 +65,18 @@ impl RecoveryKind {
             Self::ChangeEmail => "change_email",
         }
     }
+
+    /// Every kind's name, in the order of [`Self::ALL`]: the kinds a link token may name.
+    pub const NAMES: [&'static str; 3] = [
+        Self::VerifyEmail.name(),
+        Self::ResetPassword.name(),
+        Self::ChangeEmail.name(),
+    ];
+
+    /// The kind named `name` ([`Self::name`]), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
 }
 
 /// How long a link lasts, and how many mails an account gets in an hour.
@@ -186,9 +198,9 @@ impl RecoveryState {
 /// What can be asked of an account's recovery stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryCommand {
-    /// Mail a link of `kind` to `to`. The caller chose `nonce` at random. A change of email
-    /// names the address it moves to in `new_email` (the link goes there too); the other kinds
-    /// leave it `None`.
+    /// Mail a link of `kind` to the account's address `to`. The caller chose `nonce` at
+    /// random. A change of email names the address it moves to in `new_email`: its link goes
+    /// there, and `to` gets a notice; the other kinds leave it `None`.
     Request {
         kind: RecoveryKind,
         to: Email,
@@ -346,7 +358,7 @@ mod tests {
     fn change(n: u64) -> RecoveryCommand {
         RecoveryCommand::Request {
             kind: RecoveryKind::ChangeEmail,
-            to: ann_new(),
+            to: ann(),
             new_email: Some(ann_new()),
             nonce: recovery_nonce(n),
         }
@@ -603,7 +615,7 @@ mod tests {
         };
         assert_eq!(
             (&request.to, &request.new_email),
-            (&ann_new(), &Some(ann_new()))
+            (&ann(), &Some(ann_new()))
         );
         assert_eq!(
             requested

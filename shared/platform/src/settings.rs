@@ -3,7 +3,7 @@
 //! `IDENTITY__DATABASE__URL`), so a Kubernetes ConfigMap or Secret can set any of them.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -78,13 +78,14 @@ fn load_from<T: DeserializeOwned>(
         .try_deserialize()
 }
 
-/// A database URL, which may carry a password: it shows only redacted (`Debug`, `Display`), so
-/// no settings dump or error message can leak it; [`DatabaseUrl::expose`] is for connecting.
+/// A URL that may carry a password (a database's, an SMTP server's): it shows only redacted
+/// (`Debug`, `Display`), so no settings dump or error message can leak it;
+/// [`RedactedUrl::expose`] is for connecting.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct DatabaseUrl(String);
+pub struct RedactedUrl(String);
 
-impl DatabaseUrl {
+impl RedactedUrl {
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
     }
@@ -105,27 +106,27 @@ impl DatabaseUrl {
     }
 }
 
-impl From<&str> for DatabaseUrl {
+impl From<&str> for RedactedUrl {
     fn from(url: &str) -> Self {
         Self::new(url)
     }
 }
 
-impl From<String> for DatabaseUrl {
+impl From<String> for RedactedUrl {
     fn from(url: String) -> Self {
         Self(url)
     }
 }
 
-impl fmt::Display for DatabaseUrl {
+impl fmt::Display for RedactedUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redact_url(&self.0))
     }
 }
 
-impl fmt::Debug for DatabaseUrl {
+impl fmt::Debug for RedactedUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DatabaseUrl({self})")
+        write!(f, "RedactedUrl({self})")
     }
 }
 
@@ -134,7 +135,7 @@ impl fmt::Debug for DatabaseUrl {
 #[serde(default)]
 pub struct DatabaseSettings {
     /// `postgres://...` or `sqlite://path`.
-    pub url: DatabaseUrl,
+    pub url: RedactedUrl,
     pub max_connections: u32,
     /// How often consumers look for new messages when no wake-up came.
     pub poll_interval_ms: u64,
@@ -143,7 +144,7 @@ pub struct DatabaseSettings {
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
-            url: DatabaseUrl::new("sqlite://data/identity.db"),
+            url: RedactedUrl::new("sqlite://data/identity.db"),
             max_connections: 16,
             poll_interval_ms: 500,
         }
@@ -162,14 +163,14 @@ impl DatabaseSettings {
 #[serde(default)]
 pub struct ReadModelSettings {
     /// `postgres://...` or `sqlite://path`; unset or empty means `database.url`.
-    pub url: Option<DatabaseUrl>,
+    pub url: Option<RedactedUrl>,
     /// The pool size; unset, each process's own default.
     pub max_connections: Option<u32>,
 }
 
 impl ReadModelSettings {
     /// The read model's URL: its own, else the message store's.
-    pub fn url_or<'a>(&'a self, database: &'a DatabaseSettings) -> &'a DatabaseUrl {
+    pub fn url_or<'a>(&'a self, database: &'a DatabaseSettings) -> &'a RedactedUrl {
         self.url
             .as_ref()
             .filter(|url| !url.is_empty())
@@ -193,7 +194,7 @@ impl HttpSettings {
     }
 }
 
-/// A database URL with its password replaced, fit for a log line.
+/// A URL with its password replaced, fit for a log line.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
@@ -204,6 +205,89 @@ pub fn redact_url(url: &str) -> String {
             format!("{scheme}://{user}:[redacted]@{host}")
         }
         None => url.to_owned(),
+    }
+}
+
+/// Mail: the links in recovery mails and where the mailer sends them (ADR 12). Read by the
+/// command API (which makes requests and checks links) and by the aggregator (whose mailer
+/// writes and sends the mails); both need the same `token_key`.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct MailSettings {
+    /// `smtp://host:port` (STARTTLS when offered), `smtps://host:port` (TLS from the start), or
+    /// `smtp://host:port?tls=required`; a user and password may be given in the URL or below.
+    /// Unset: each mail is written as an `.eml` file under `outbox_dir` (the standalone default).
+    pub smtp_url: Option<RedactedUrl>,
+    pub smtp_username: Option<String>,
+    /// Say from a Kubernetes Secret in `IDENTITY__MAIL__SMTP_PASSWORD`.
+    pub smtp_password: Option<String>,
+    /// Where mails go when there is no `smtp_url`.
+    pub outbox_dir: PathBuf,
+    /// The `From` of every mail.
+    pub from: String,
+    /// Links in mails are this base, a path per kind, and the token as `?token=`.
+    pub link_base_url: String,
+    /// A link is refused from this long after it was requested.
+    pub token_seconds: u64,
+    /// Reset, verification and change mails (notices included) an account gets in an hour.
+    pub max_per_account_per_hour: u32,
+    /// `POST /password-reset` and a `verify`-mode registration answer this long after they
+    /// began, whatever the address, so that the timing tells nobody whether it has an account.
+    pub answer_after_ms: u64,
+    /// The key link secrets are derived with: 64 or more hexadecimal digits
+    /// (`openssl rand -hex 32`), say from a Kubernetes Secret; wins over `token_key_file`.
+    pub token_key: Option<String>,
+    pub token_key_file: Option<PathBuf>,
+    /// Create `token_key_file` when it does not exist (the standalone mode's first start).
+    pub create_key_if_missing: bool,
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        Self {
+            smtp_url: None,
+            smtp_username: None,
+            smtp_password: None,
+            outbox_dir: PathBuf::from("data/mail"),
+            from: "Identity <no-reply@localhost>".into(),
+            link_base_url: "http://localhost:8080".into(),
+            token_seconds: 30 * 60,
+            max_per_account_per_hour: 5,
+            answer_after_ms: 400,
+            token_key: None,
+            token_key_file: None,
+            create_key_if_missing: false,
+        }
+    }
+}
+
+impl MailSettings {
+    pub fn token_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.token_seconds)
+    }
+
+    pub fn answer_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.answer_after_ms)
+    }
+}
+
+impl fmt::Debug for MailSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "[redacted]");
+        f.debug_struct("MailSettings")
+            .field("smtp_url", &self.smtp_url)
+            .field("smtp_username", &self.smtp_username)
+            .field("smtp_password", &redacted(&self.smtp_password))
+            .field("outbox_dir", &self.outbox_dir)
+            .field("from", &self.from)
+            .field("link_base_url", &self.link_base_url)
+            .field("token_seconds", &self.token_seconds)
+            .field("max_per_account_per_hour", &self.max_per_account_per_hour)
+            .field("answer_after_ms", &self.answer_after_ms)
+            .field("token_key", &redacted(&self.token_key))
+            .field("token_key_file", &self.token_key_file)
+            .field("create_key_if_missing", &self.create_key_if_missing)
+            .finish()
     }
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::{
-    Algorithm, KeyError, KeySet, RefreshTokenKey, Secret, SigningKey, TokenSettings, TokenVerifier,
-    VerificationKey,
+    Algorithm, DerivationKey, KeyError, KeyPurpose, KeySet, RefreshTokenKey, Secret, SigningKey,
+    TokenSettings, TokenVerifier, VerificationKey,
 };
 
 /// How tokens are signed and verified, and with which keys.
@@ -151,21 +151,13 @@ impl TokenConfig {
 
     /// The refresh token key: the hexadecimal text, else the file (created if allowed).
     pub fn refresh_token_key(&self) -> Result<RefreshTokenKey, KeyConfigError> {
-        let key = match (&self.refresh_token_key, &self.refresh_token_key_file) {
-            (Some(hex), _) => RefreshTokenKey::from_hex(hex),
-            (None, Some(path)) if self.create_key_if_missing => {
-                RefreshTokenKey::load_or_create(path)
-            }
-            (None, Some(path)) => {
-                let hex = Secret::new(read(path, "the refresh token key")?);
-                RefreshTokenKey::from_hex(hex.expose_secret())
-            }
-            (None, None) => return Err(KeyConfigError::NoRefreshTokenKey),
-        };
-        key.map_err(|source| KeyConfigError::Key {
-            what: "tokens.refresh_token_key",
-            source,
-        })
+        configured_key(
+            self.refresh_token_key.as_deref(),
+            self.refresh_token_key_file.as_deref(),
+            self.create_key_if_missing,
+            "tokens.refresh_token_key",
+        )?
+        .ok_or(KeyConfigError::NoRefreshTokenKey)
     }
 
     fn signing_key(&self) -> Result<Option<SigningKey>, KeyConfigError> {
@@ -203,6 +195,27 @@ impl TokenConfig {
             })
             .collect()
     }
+}
+
+/// A key secrets are derived with, from its hexadecimal `text`, else its `file` (created if
+/// `create` allows); `None` when neither is set. `what` names the setting in errors.
+pub fn configured_key<P: KeyPurpose>(
+    text: Option<&str>,
+    file: Option<&Path>,
+    create: bool,
+    what: &'static str,
+) -> Result<Option<DerivationKey<P>>, KeyConfigError> {
+    let key = match (text, file) {
+        (Some(hex), _) => DerivationKey::from_hex(hex),
+        (None, Some(path)) if create => DerivationKey::load_or_create(path),
+        (None, Some(path)) => {
+            let hex = Secret::new(read(path, what)?);
+            DerivationKey::from_hex(hex.expose_secret())
+        }
+        (None, None) => return Ok(None),
+    };
+    key.map(Some)
+        .map_err(|source| KeyConfigError::Key { what, source })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<String, KeyConfigError> {
@@ -319,7 +332,7 @@ mod tests {
         assert!(matches!(
             config.refresh_token_key(),
             Err(KeyConfigError::Key {
-                source: KeyError::InvalidRefreshTokenKey,
+                source: KeyError::InvalidDerivationKey(_),
                 ..
             })
         ));

@@ -1,4 +1,4 @@
-//! The standalone mode's key files, for the signing key and the refresh token key: made on
+//! The standalone mode's key files, for the signing key and the keys secrets are derived with: made on
 //! first start, read on every later one.
 
 use std::fs;
@@ -6,8 +6,8 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use crate::algorithm::Algorithm;
+use crate::derivation_key::{DerivationKey, KeyPurpose};
 use crate::keys::{KeyError, SigningKey};
-use crate::refresh::RefreshTokenKey;
 use crate::secret::Secret;
 
 /// What the errors about one kind of key file say it was doing.
@@ -21,12 +21,6 @@ const SIGNING_KEY: KeyFile = KeyFile {
     reading: "reading the signing key at",
     making_directory: "creating the directory of the signing key",
     writing: "writing the signing key to",
-};
-
-const REFRESH_TOKEN_KEY: KeyFile = KeyFile {
-    reading: "reading the refresh token key at",
-    making_directory: "creating the directory of the refresh token key",
-    writing: "writing the refresh token key to",
 };
 
 impl SigningKey {
@@ -46,21 +40,28 @@ impl SigningKey {
     }
 }
 
-impl RefreshTokenKey {
+impl<P: KeyPurpose> DerivationKey<P> {
+    /// The messages of this key's file errors.
+    const FILE: KeyFile = KeyFile {
+        reading: P::READING,
+        making_directory: P::MAKING_DIRECTORY,
+        writing: P::WRITING,
+    };
+
     /// Reads the hexadecimal key at `path`, or, if there is no file, generates one and writes
     /// it there, as [`SigningKey::load_or_create`] does (owner only, complete or not at all,
     /// the first of two racing processes wins).
-    pub fn load_or_create(path: &Path) -> Result<RefreshTokenKey, KeyError> {
-        load_or_create(path, &REFRESH_TOKEN_KEY, RefreshTokenKey::from_hex, || {
-            let key = RefreshTokenKey::generate()?;
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        load_or_create(path, &Self::FILE, Self::from_hex, || {
+            let key = Self::generate()?;
             let hex = key.to_hex();
             Ok((key, hex))
         })
     }
 
     /// Reads the hexadecimal key at `path`.
-    pub fn from_file(path: &Path) -> Result<RefreshTokenKey, KeyError> {
-        read_key(path, &REFRESH_TOKEN_KEY, RefreshTokenKey::from_hex)
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        read_key(path, &Self::FILE, Self::from_hex)
     }
 }
 

@@ -42,10 +42,10 @@ pub enum KeyError {
     #[error("no verification key was given")]
     NoKeys,
     #[error(
-        "a refresh token key is at least 32 bytes written as hexadecimal digits (64 or more); \
-         `openssl rand -hex 32` makes one"
+        "a {0} is at least 32 bytes written as hexadecimal digits (64 or more); `openssl rand \
+         -hex 32` makes one"
     )]
-    InvalidRefreshTokenKey,
+    InvalidDerivationKey(&'static str),
     #[error("the operating system's random number source failed")]
     Randomness(#[source] std::io::Error),
     #[error("{action} {}", path.display())]

@@ -46,21 +46,27 @@
 mod algorithm;
 mod claims;
 mod config;
+mod derivation_key;
 mod issuer;
 mod key_file;
 mod key_set;
 mod keys;
+mod link;
 mod refresh;
 mod secret;
 mod verifier;
 
 pub use algorithm::{Algorithm, UnsupportedAlgorithm};
 pub use claims::{Claims, TokenSettings};
-pub use config::{KeyConfigError, TokenConfig};
+pub use config::{KeyConfigError, TokenConfig, configured_key};
+pub use derivation_key::{DerivationKey, KeyPurpose};
 pub use issuer::{IssueError, IssuedToken, TokenIssuer};
 pub use key_set::KeySet;
 pub use keys::{KeyError, SigningKey, VerificationKey, published_kids};
-pub use refresh::{InvalidRefreshToken, NONCE_LEN, RefreshToken, RefreshTokenKey, random_nonce};
+pub use link::{InvalidLinkToken, LinkToken, MailLinks, MailTokenKey};
+pub use refresh::{
+    InvalidRefreshToken, NONCE_LEN, RefreshToken, RefreshTokenKey, RefreshTokens, random_nonce,
+};
 pub use secret::Secret;
 pub use verifier::{MAX_TOKEN_BYTES, TokenError, TokenVerifier};
 

@@ -16,11 +16,11 @@ use std::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::derivation_key::{DerivationKey, HmacSha256, KeyPurpose};
 use crate::keys::{KeyError, fill_random};
 use crate::secret::Secret;
 
@@ -28,23 +28,29 @@ use crate::secret::Secret;
 pub const NONCE_LEN: usize = 32;
 
 /// The length of a token's secret, in bytes: an HMAC-SHA-256.
-const SECRET_LEN: usize = 32;
+pub(crate) const SECRET_LEN: usize = 32;
 
 /// A secret in base64url without padding: `ceil(32 * 4 / 3)` characters.
-const SECRET_CHARS: usize = 43;
+pub(crate) const SECRET_CHARS: usize = 43;
 
-/// A session id in its hyphenated form.
-const SESSION_ID_CHARS: usize = 36;
+/// A UUID in its hyphenated form.
+pub(crate) const UUID_CHARS: usize = 36;
 
 /// `u64::MAX` has 20 decimal digits.
 const MAX_GENERATION_DIGITS: usize = 20;
 
-/// Put in front of every MAC input, so that a MAC made under the same key for another purpose
-/// can never pass for a refresh token's secret. The fields after it all have a fixed width, so
-/// the input is unambiguous.
-const DOMAIN: &[u8] = b"identity-service refresh token v1\0";
+/// Refresh token keys' purpose: the fields after its domain string all have a fixed width, so
+/// the MAC input is unambiguous.
+pub enum RefreshTokens {}
 
-type HmacSha256 = Hmac<Sha256>;
+impl KeyPurpose for RefreshTokens {
+    const NAME: &'static str = "refresh token key";
+    const TYPE_NAME: &'static str = "RefreshTokenKey";
+    const DOMAIN: &'static [u8] = b"identity-service refresh token v1\0";
+    const READING: &'static str = "reading the refresh token key at";
+    const MAKING_DIRECTORY: &'static str = "creating the directory of the refresh token key";
+    const WRITING: &'static str = "writing the refresh token key to";
+}
 
 /// Draws a generation's nonce from the operating system's random source.
 pub fn random_nonce() -> Result<[u8; NONCE_LEN], KeyError> {
@@ -54,41 +60,9 @@ pub fn random_nonce() -> Result<[u8; NONCE_LEN], KeyError> {
 }
 
 /// The key refresh token secrets are derived with: a secret of the command API alone.
-///
-/// At least [`Self::MIN_BYTES`] random bytes, written as hexadecimal digits in the
-/// configuration or in a key file. `Debug` prints `[redacted]` and the bytes are wiped from
-/// memory when dropped.
-#[derive(Clone)]
-pub struct RefreshTokenKey(Secret<Vec<u8>>);
+pub type RefreshTokenKey = DerivationKey<RefreshTokens>;
 
 impl RefreshTokenKey {
-    /// 256 bits: as many as the secrets it derives.
-    pub const MIN_BYTES: usize = 32;
-
-    /// A fresh key of [`Self::MIN_BYTES`] random bytes, for the standalone mode's first start
-    /// and for tests.
-    pub fn generate() -> Result<Self, KeyError> {
-        let mut bytes = vec![0; Self::MIN_BYTES];
-        fill_random(&mut bytes)?;
-        Ok(Self(Secret::new(bytes)))
-    }
-
-    /// Reads the key from hexadecimal digits (either case), surrounding whitespace ignored, as
-    /// found in a setting or a key file.
-    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
-        let bytes =
-            Secret::new(hex::decode(text.trim()).map_err(|_| KeyError::InvalidRefreshTokenKey)?);
-        if bytes.expose_secret().len() < Self::MIN_BYTES {
-            return Err(KeyError::InvalidRefreshTokenKey);
-        }
-        Ok(Self(bytes))
-    }
-
-    /// The key as lowercase hexadecimal digits, as [`Self::from_hex`] reads them.
-    pub fn to_hex(&self) -> Secret<String> {
-        Secret::new(hex::encode(self.0.expose_secret()))
-    }
-
     /// The secret of the token of `session` at `generation`, derived from that generation's
     /// `nonce`.
     pub fn derive(
@@ -98,34 +72,24 @@ impl RefreshTokenKey {
         nonce: &[u8; NONCE_LEN],
     ) -> Result<Secret<[u8; SECRET_LEN]>, KeyError> {
         let bytes = self
-            .mac(session, generation, nonce)?
+            .refresh_mac(session, generation, nonce)?
             .finalize()
             .into_bytes();
         Ok(Secret::new(bytes.into()))
     }
 
     /// The MAC over the token's fields, ready to be finished or compared.
-    fn mac(
+    fn refresh_mac(
         &self,
         session: Uuid,
         generation: u64,
         nonce: &[u8; NONCE_LEN],
     ) -> Result<HmacSha256, KeyError> {
-        // HMAC takes a key of any length: this never fails, but the library's signature says it
-        // could, and a refusal is better than a panic.
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.0.expose_secret())
-            .map_err(|_| KeyError::InvalidRefreshTokenKey)?;
-        mac.update(DOMAIN);
+        let mut mac = self.mac()?;
         mac.update(session.as_bytes());
         mac.update(&generation.to_be_bytes());
         mac.update(nonce);
         Ok(mac)
-    }
-}
-
-impl fmt::Debug for RefreshTokenKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RefreshTokenKey([redacted])")
     }
 }
 
@@ -149,7 +113,7 @@ pub struct InvalidRefreshToken;
 
 impl RefreshToken {
     /// The longest token there can be; anything longer is refused before it is looked at.
-    pub const MAX_CHARS: usize = SESSION_ID_CHARS + 1 + MAX_GENERATION_DIGITS + 1 + SECRET_CHARS;
+    pub const MAX_CHARS: usize = UUID_CHARS + 1 + MAX_GENERATION_DIGITS + 1 + SECRET_CHARS;
 
     /// The token of `session` at `generation`, derived with `key` from that generation's
     /// `nonce`.
@@ -179,9 +143,9 @@ impl RefreshToken {
             return Err(InvalidRefreshToken);
         };
         Ok(Self {
-            session: parse_session(session)?,
+            session: parse_uuid(session).ok_or(InvalidRefreshToken)?,
             generation: parse_generation(generation)?,
-            secret: parse_secret(secret)?,
+            secret: parse_secret(secret).ok_or(InvalidRefreshToken)?,
         })
     }
 
@@ -196,7 +160,7 @@ impl RefreshToken {
     /// Whether the token's secret is the one `key` derives from its session, its generation
     /// and `nonce`, compared in constant time.
     pub fn authenticates_with(&self, key: &RefreshTokenKey, nonce: &[u8; NONCE_LEN]) -> bool {
-        key.mac(self.session, self.generation, nonce)
+        key.refresh_mac(self.session, self.generation, nonce)
             .is_ok_and(|mac| mac.verify_slice(self.secret.expose_secret()).is_ok())
     }
 
@@ -204,15 +168,11 @@ impl RefreshToken {
     /// A method rather than `Display`, so that it cannot reach a log by a stray `{}`.
     pub fn text(&self) -> Secret<String> {
         let mut text = String::with_capacity(Self::MAX_CHARS);
-        text.push_str(
-            self.session
-                .hyphenated()
-                .encode_lower(&mut Uuid::encode_buffer()),
-        );
+        write_uuid(self.session, &mut text);
         text.push('.');
         text.push_str(&self.generation.to_string());
         text.push('.');
-        URL_SAFE_NO_PAD.encode_string(self.secret.expose_secret(), &mut text);
+        write_secret(&self.secret, &mut text);
         Secret::new(text)
     }
 }
@@ -227,19 +187,27 @@ impl fmt::Debug for RefreshToken {
     }
 }
 
-/// The session id in lowercase hyphenated form only: `Uuid::parse_str` also reads upper case,
-/// braces, `urn:uuid:` and the simple form, and a token has one spelling.
-fn parse_session(text: &str) -> Result<Uuid, InvalidRefreshToken> {
-    if text.len() != SESSION_ID_CHARS {
-        return Err(InvalidRefreshToken);
+/// A UUID in lowercase hyphenated form only: `Uuid::parse_str` also reads upper case, braces,
+/// `urn:uuid:` and the simple form, and a token has one spelling.
+pub(crate) fn parse_uuid(text: &str) -> Option<Uuid> {
+    if text.len() != UUID_CHARS {
+        return None;
     }
-    let session = Uuid::try_parse(text).map_err(|_| InvalidRefreshToken)?;
-    let canonical = session
-        .hyphenated()
-        .encode_lower(&mut Uuid::encode_buffer())
-        .as_bytes()
-        == text.as_bytes();
-    canonical.then_some(session).ok_or(InvalidRefreshToken)
+    let id = Uuid::try_parse(text).ok()?;
+    let canonical = write_uuid(id, &mut String::new()) == text;
+    canonical.then_some(id)
+}
+
+/// Appends `id` in lowercase hyphenated form to `text`, and returns what it appended.
+pub(crate) fn write_uuid(id: Uuid, text: &mut String) -> &str {
+    let start = text.len();
+    text.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+    &text[start..]
+}
+
+/// Appends `secret` in base64url without padding to `text`.
+pub(crate) fn write_secret(secret: &Secret<[u8; SECRET_LEN]>, text: &mut String) {
+    URL_SAFE_NO_PAD.encode_string(secret.expose_secret(), text);
 }
 
 /// Decimal digits without a sign or a leading zero (`0` itself aside), within `u64`.
@@ -255,14 +223,14 @@ fn parse_generation(text: &str) -> Result<u64, InvalidRefreshToken> {
 
 /// 43 characters of base64url without padding, whose unused last bits are zero (the engine
 /// refuses others), so that one secret has one spelling.
-fn parse_secret(text: &str) -> Result<Secret<[u8; SECRET_LEN]>, InvalidRefreshToken> {
+pub(crate) fn parse_secret(text: &str) -> Option<Secret<[u8; SECRET_LEN]>> {
     if text.len() != SECRET_CHARS {
-        return Err(InvalidRefreshToken);
+        return None;
     }
     let mut secret = Zeroizing::new([0; SECRET_LEN]);
     match URL_SAFE_NO_PAD.decode_slice(text, secret.as_mut()) {
-        Ok(SECRET_LEN) => Ok(Secret::new(*secret)),
-        _ => Err(InvalidRefreshToken),
+        Ok(SECRET_LEN) => Some(Secret::new(*secret)),
+        _ => None,
     }
 }
 
@@ -558,7 +526,7 @@ mod tests {
             assert!(
                 matches!(
                     RefreshTokenKey::from_hex(&bad),
-                    Err(KeyError::InvalidRefreshTokenKey)
+                    Err(KeyError::InvalidDerivationKey("refresh token key"))
                 ),
                 "{bad}"
             );

@@ -120,7 +120,7 @@ fn a_corrupt_refresh_token_key_file_is_an_error_and_is_left_alone() {
 
     assert!(matches!(
         RefreshTokenKey::load_or_create(&path),
-        Err(KeyError::InvalidRefreshTokenKey)
+        Err(KeyError::InvalidDerivationKey("refresh token key"))
     ));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a key");
     let missing = directory.path().join("missing.key");
