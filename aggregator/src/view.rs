@@ -361,10 +361,16 @@ fn update_user(row: &mut UserRow, event: &UserEvent) {
             row.deactivated_at = Some(e.at);
             row.session_epoch += 1;
         }
-        // Nothing of a password is in the view, but a change ends every session.
-        UserEvent::PasswordChanged(_) | UserEvent::SessionsEnded(_) => row.session_epoch += 1,
+        // Nothing of a password is in the view, but a change or a reset ends every session.
+        UserEvent::PasswordChanged(_)
+        | UserEvent::PasswordReset(_)
+        | UserEvent::SessionsEnded(_) => row.session_epoch += 1,
+        UserEvent::EmailChanged(e) => {
+            row.email = e.email.as_str().to_owned();
+            row.email_normalized = e.email_normalized.clone();
+        }
         // The row's position still moves.
-        UserEvent::PasswordRehashed(_) => {}
+        UserEvent::PasswordRehashed(_) | UserEvent::EmailVerified(_) => {}
     }
 }
 
@@ -381,6 +387,11 @@ fn update_logins(row: &mut UserRow, event: &LoginEvent) {
             row.login_count = signed(e.login_count);
             row.failed_logins = i32::try_from(e.failed_in_a_row).unwrap_or(i32::MAX);
             row.locked_until = e.locked_until;
+        }
+        LoginEvent::LockoutLifted(e) => {
+            row.login_count = signed(e.login_count);
+            row.failed_logins = 0;
+            row.locked_until = None;
         }
     }
 }

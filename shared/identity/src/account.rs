@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 
 use crate::email::Email;
 use crate::events::{
-    PasswordChanged, PasswordRehashed, SessionsEnded, UserActivated, UserDeactivated, UserEvent,
-    UserRegistered,
+    EmailChanged, EmailVerified, PasswordChanged, PasswordRehashed, PasswordReset, SessionsEnded,
+    UserActivated, UserDeactivated, UserEvent, UserRegistered,
 };
 use crate::password::PasswordHash;
 use crate::values::{AccountStatus, InitialStatus, Role, UserId};
@@ -27,6 +27,9 @@ pub struct Account {
     pub id: UserId,
     pub email: Email,
     pub email_normalized: String,
+    /// Whether the owner proved control of `email` through a mailed link (a verification, or
+    /// the change of email that moved the account to it).
+    pub email_verified: bool,
     pub password_hash: PasswordHash,
     /// How many times the user has chosen a new password since registering. A rehash (the
     /// same password, hashed again with stronger parameters) leaves it as it is: a proof of the
@@ -79,6 +82,7 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
                 id: registered.user_id,
                 email: registered.email.clone(),
                 email_normalized: registered.email_normalized.clone(),
+                email_verified: false,
                 password_hash: registered.password_hash.clone(),
                 password_changes: 0,
                 session_epoch: 0,
@@ -97,10 +101,21 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
             account.status = AccountStatus::Deactivated;
             account.session_epoch += 1;
         }
-        UserEvent::PasswordChanged(PasswordChanged { password_hash, .. }) => {
+        UserEvent::PasswordChanged(PasswordChanged { password_hash, .. })
+        | UserEvent::PasswordReset(PasswordReset { password_hash, .. }) => {
             account.password_hash = password_hash.clone();
             account.password_changes += 1;
             account.session_epoch += 1;
+        }
+        UserEvent::EmailVerified(_) => account.email_verified = true,
+        UserEvent::EmailChanged(EmailChanged {
+            email,
+            email_normalized,
+            ..
+        }) => {
+            account.email = email.clone();
+            account.email_normalized = email_normalized.clone();
+            account.email_verified = true;
         }
         UserEvent::SessionsEnded(_) => account.session_epoch += 1,
         UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
@@ -127,6 +142,21 @@ pub enum UserCommand {
     },
     /// End every session of the account (an administrator's decision).
     EndAllSessions,
+    /// The owner confirmed a verification link. `activate_pending` says whether a pending
+    /// account becomes active by it (the `verify` registration mode) or stays for an
+    /// administrator (`approval`).
+    VerifyEmail {
+        activate_pending: bool,
+    },
+    /// A new password set through a reset link: the link stands for the old password.
+    ResetPassword {
+        new_password_hash: PasswordHash,
+    },
+    /// The owner confirmed the link mailed to the new address. The caller moves the email
+    /// reservation in the same append.
+    ChangeEmail {
+        new_email: Email,
+    },
 }
 
 /// Create an account. The caller chose the id (a client-chosen id makes retries safe), hashed
@@ -206,6 +236,38 @@ pub fn decide(
         // Recorded even when no session is live: the command side keeps no list of sessions,
         // and one event more in a rare administrator's action costs nothing.
         UserCommand::EndAllSessions => Ok(vec![SessionsEnded { at: now }.into()]),
+        UserCommand::VerifyEmail { activate_pending } => {
+            let mut events = Vec::new();
+            if !account.email_verified {
+                events.push(EmailVerified { at: now }.into());
+            }
+            if activate_pending && status == AccountStatus::Pending {
+                events.push(UserActivated { at: now }.into());
+            }
+            Ok(events)
+        }
+        // A reset or a change of email is offered to active accounts only (the mail is sent to
+        // no other), and a link made before a deactivation must not work after it.
+        UserCommand::ResetPassword { .. } | UserCommand::ChangeEmail { .. }
+            if status != AccountStatus::Active =>
+        {
+            Err(Refusal::AccountInactive)
+        }
+        UserCommand::ResetPassword { new_password_hash } => Ok(vec![
+            PasswordReset {
+                password_hash: new_password_hash,
+                at: now,
+            }
+            .into(),
+        ]),
+        UserCommand::ChangeEmail { new_email } => Ok(vec![
+            EmailChanged {
+                email_normalized: new_email.normalized().to_owned(),
+                email: new_email,
+                at: now,
+            }
+            .into(),
+        ]),
     }
 }
 
@@ -522,5 +584,116 @@ mod tests {
         let once = UserAccount::fold(&[registered(AccountStatus::Pending)]);
         let twice = evolve(once.clone(), &registered(AccountStatus::Active));
         assert_eq!(twice, once);
+    }
+
+    fn verify(activate_pending: bool) -> UserCommand {
+        UserCommand::VerifyEmail { activate_pending }
+    }
+
+    fn ann_new() -> Email {
+        Email::parse("Ann@Example.org").unwrap()
+    }
+
+    #[test]
+    fn a_verification_records_the_address_verified_once() {
+        given([registered(AccountStatus::Active)])
+            .when(verify(true), t0())
+            .then([EmailVerified { at: t0() }.into()]);
+        given([
+            registered(AccountStatus::Active),
+            EmailVerified { at: t0() }.into(),
+        ])
+        .when(verify(true), t0())
+        .then([]);
+    }
+
+    #[test]
+    fn a_verification_activates_a_pending_account_only_when_the_mode_says_so() {
+        given([registered(AccountStatus::Pending)])
+            .when(verify(true), t0())
+            .then([
+                EmailVerified { at: t0() }.into(),
+                UserActivated { at: t0() }.into(),
+            ]);
+        given([registered(AccountStatus::Pending)])
+            .when(verify(false), t0())
+            .then([EmailVerified { at: t0() }.into()]);
+        // A deactivation is an operator's decision: proving the address does not undo it.
+        given(deactivated())
+            .when(verify(true), t0())
+            .then([EmailVerified { at: t0() }.into()]);
+    }
+
+    #[test]
+    fn a_reset_sets_the_password_and_ends_every_session_like_a_change() {
+        let history = [registered(AccountStatus::Active)];
+        given(history.clone())
+            .when(
+                UserCommand::ResetPassword {
+                    new_password_hash: hash("reset"),
+                },
+                t0(),
+            )
+            .then([PasswordReset {
+                password_hash: hash("reset"),
+                at: t0(),
+            }
+            .into()]);
+        let before = UserAccount::fold(&history);
+        let after = evolve(
+            before.clone(),
+            &PasswordReset {
+                password_hash: hash("reset"),
+                at: t0(),
+            }
+            .into(),
+        );
+        let (before, after) = (before.account().unwrap(), after.account().unwrap());
+        assert_eq!(after.password_hash, hash("reset"));
+        assert_eq!(after.session_epoch, before.session_epoch + 1);
+        assert_eq!(after.password_changes, before.password_changes + 1);
+    }
+
+    #[test]
+    fn a_change_of_email_moves_the_account_to_a_verified_new_address() {
+        let changed = EmailChanged {
+            email: ann_new(),
+            email_normalized: "ann@example.org".into(),
+            at: t0(),
+        };
+        given([registered(AccountStatus::Active)])
+            .when(
+                UserCommand::ChangeEmail {
+                    new_email: ann_new(),
+                },
+                t0(),
+            )
+            .then([changed.clone().into()]);
+        let account = UserAccount::fold(&[registered(AccountStatus::Active), changed.into()]);
+        let account = account.account().unwrap();
+        assert_eq!(account.email, ann_new());
+        assert_eq!(account.email_normalized, "ann@example.org");
+        assert!(account.email_verified);
+    }
+
+    #[test]
+    fn neither_a_reset_nor_a_change_of_email_is_taken_for_an_account_that_is_not_active() {
+        for history in [
+            vec![registered(AccountStatus::Pending)],
+            deactivated().to_vec(),
+        ] {
+            for command in [
+                UserCommand::ResetPassword {
+                    new_password_hash: hash("reset"),
+                },
+                UserCommand::ChangeEmail {
+                    new_email: ann_new(),
+                },
+            ] {
+                given(history.clone())
+                    .when(command, t0())
+                    .then_refused(Refusal::AccountInactive);
+            }
+        }
     }
 }

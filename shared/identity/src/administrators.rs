@@ -118,7 +118,10 @@ impl AdministratorsFromAccounts {
             | UserEvent::UserDeactivated(_)
             | UserEvent::PasswordChanged(_)
             | UserEvent::PasswordRehashed(_)
-            | UserEvent::SessionsEnded(_) => {
+            | UserEvent::SessionsEnded(_)
+            | UserEvent::EmailVerified(_)
+            | UserEvent::PasswordReset(_)
+            | UserEvent::EmailChanged(_) => {
                 if let Some(account) = self.accounts.get_mut(&user) {
                     *account = evolve(std::mem::take(account), event);
                 }

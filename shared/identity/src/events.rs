@@ -207,10 +207,50 @@ impl EventData for SessionsEnded {
     const VERSION: u32 = 1;
 }
 
+/// The owner proved control of the account's address, through the link mailed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailVerified {
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for EmailVerified {
+    const TYPE: &'static str = "EmailVerified";
+    const VERSION: u32 = 1;
+}
+
+/// A new password set through a reset link, without the old one. Separate from
+/// [`PasswordChanged`] because the history should say which way it was done; like it, it ends
+/// every session of the account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordReset {
+    pub password_hash: PasswordHash,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for PasswordReset {
+    const TYPE: &'static str = "PasswordReset";
+    const VERSION: u32 = 1;
+}
+
+/// The account moved to a new address, proven through the link mailed to it (so the new address
+/// is verified). Its reservation moved in the same append: the old address is free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailChanged {
+    pub email: Email,
+    /// The key the new address is reserved under, as in [`UserRegistered`].
+    pub email_normalized: String,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for EmailChanged {
+    const TYPE: &'static str = "EmailChanged";
+    const VERSION: u32 = 1;
+}
+
 stream_event! {
     /// Everything that can happen in a user stream.
     UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed,
-        SessionsEnded;
+        SessionsEnded, EmailVerified, PasswordReset, EmailChanged;
     // Older versions are upcast here, one line per type and old version. For example, once
     // `UserRegistered::VERSION` is 2:
     // upcast UserRegistered from v1::UserRegistered, version 1;
@@ -226,6 +266,9 @@ impl UserEvent {
             Self::PasswordChanged(e) => e.at,
             Self::PasswordRehashed(e) => e.at,
             Self::SessionsEnded(e) => e.at,
+            Self::EmailVerified(e) => e.at,
+            Self::PasswordReset(e) => e.at,
+            Self::EmailChanged(e) => e.at,
         }
     }
 }
@@ -266,9 +309,23 @@ impl EventData for LoginFailed {
     const VERSION: u32 = 1;
 }
 
+/// The failures counted toward a lockout were forgotten and any lockout lifted, because the
+/// password was reset: whoever guessed at the old one no longer holds the new owner out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockoutLifted {
+    pub at: DateTime<Utc>,
+    /// Successful logins so far (unchanged).
+    pub login_count: u64,
+}
+
+impl EventData for LockoutLifted {
+    const TYPE: &'static str = "LockoutLifted";
+    const VERSION: u32 = 1;
+}
+
 stream_event! {
     /// Everything that can happen in a login stream.
-    LoginEvent: LoginSucceeded, LoginFailed;
+    LoginEvent: LoginSucceeded, LoginFailed, LockoutLifted;
     // Older versions are upcast here, as in `UserEvent`.
 }
 
@@ -277,6 +334,7 @@ impl LoginEvent {
         match self {
             Self::LoginSucceeded(e) => e.at,
             Self::LoginFailed(e) => e.at,
+            Self::LockoutLifted(e) => e.at,
         }
     }
 }
@@ -581,6 +639,18 @@ mod tests {
             }
             .into(),
             SessionsEnded { at: at() }.into(),
+            EmailVerified { at: at() }.into(),
+            PasswordReset {
+                password_hash: hash(),
+                at: at(),
+            }
+            .into(),
+            EmailChanged {
+                email: Email::parse("Ann@Example.org").unwrap(),
+                email_normalized: "ann@example.org".into(),
+                at: at(),
+            }
+            .into(),
         ];
         for sample in &samples {
             match sample {
@@ -589,7 +659,10 @@ mod tests {
                 | UserEvent::UserDeactivated(_)
                 | UserEvent::PasswordChanged(_)
                 | UserEvent::PasswordRehashed(_)
-                | UserEvent::SessionsEnded(_) => {}
+                | UserEvent::SessionsEnded(_)
+                | UserEvent::EmailVerified(_)
+                | UserEvent::PasswordReset(_)
+                | UserEvent::EmailChanged(_) => {}
             }
         }
         samples
@@ -606,6 +679,11 @@ mod tests {
                 at: at(),
                 failed_in_a_row: 5,
                 locked_until: Some(at()),
+                login_count: 3,
+            }
+            .into(),
+            LockoutLifted {
+                at: at(),
                 login_count: 3,
             }
             .into(),

@@ -41,11 +41,11 @@ pub use administrators::{
 };
 pub use email::{Email, EmailError};
 pub use events::{
-    AdministratorsChanged, AdministratorsEvent, EventData, EventDecodeError, LoginEvent,
-    LoginFailed, LoginSucceeded, PasswordChanged, PasswordRehashed, RecoveryCompleted,
-    RecoveryEvent, RecoveryRequested, RegistrationAttempted, SessionEnded, SessionEvent,
-    SessionRefreshed, SessionStarted, SessionsEnded, UserActivated, UserDeactivated, UserEvent,
-    UserRegistered,
+    AdministratorsChanged, AdministratorsEvent, EmailChanged, EmailVerified, EventData,
+    EventDecodeError, LockoutLifted, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged,
+    PasswordRehashed, PasswordReset, RecoveryCompleted, RecoveryEvent, RecoveryRequested,
+    RegistrationAttempted, SessionEnded, SessionEvent, SessionRefreshed, SessionStarted,
+    SessionsEnded, UserActivated, UserDeactivated, UserEvent, UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};

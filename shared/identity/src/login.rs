@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::account::UserAccount;
-use crate::events::{LoginEvent, LoginFailed, LoginSucceeded};
+use crate::events::{LockoutLifted, LoginEvent, LoginFailed, LoginSucceeded};
 use crate::time::add_saturating;
 
 /// When repeated wrong passwords lock an account, and for how long.
@@ -75,7 +75,21 @@ impl LoginState {
                 failed_in_a_row: failed.failed_in_a_row,
                 locked_until: failed.locked_until,
             },
+            Some(LoginEvent::LockoutLifted(lifted)) => Self {
+                login_count: lifted.login_count,
+                failed_in_a_row: 0,
+                locked_until: None,
+            },
         }
+    }
+
+    /// The event that forgets the failures and lifts any lockout, after a password reset; `None`
+    /// when there is nothing to lift.
+    pub fn lift_lockout(&self, now: DateTime<Utc>) -> Option<LockoutLifted> {
+        (self.failed_in_a_row > 0 || self.locked_until.is_some()).then_some(LockoutLifted {
+            at: now,
+            login_count: self.login_count,
+        })
     }
 
     pub fn login_count(&self) -> u64 {
@@ -429,5 +443,21 @@ mod tests {
         assert_eq!(state.login_count(), 10_000);
         assert_eq!(state.failed_in_a_row(), 0);
         assert_eq!(state.locked_until(t0()), None);
+    }
+
+    #[test]
+    fn a_reset_lifts_a_lockout_and_forgets_the_failures_but_not_the_logins() {
+        let locked = LoginState::from_last(Some(&failed(t0(), 5, Some(t0() + secs(30)))));
+        let lifted = locked.lift_lockout(t0() + secs(1)).unwrap();
+        let after = LoginState::from_last(Some(&lifted.clone().into()));
+        assert_eq!(after.locked_until(t0() + secs(1)), None);
+        assert_eq!(after.failed_in_a_row(), 0);
+        assert_eq!(after.login_count(), locked.login_count());
+
+        let failed_once = LoginState::from_last(Some(&failed(t0(), 1, None)));
+        assert!(failed_once.lift_lockout(t0()).is_some());
+        let clean = LoginState::from_last(Some(&lifted.into()));
+        assert_eq!(clean.lift_lockout(t0()), None);
+        assert_eq!(LoginState::default().lift_lockout(t0()), None);
     }
 }
