@@ -645,7 +645,7 @@ impl Tokens {
             generation: 0,
             nonce: RefreshNonce::from_bytes(std::array::from_fn(|_| fastrand::u8(..))),
         });
-        let issued = self.issuer.issue(user, session, roles, now)?;
+        let issued = self.issuer.issue(user, session, roles, false, now)?;
         Ok(Arc::new(issued.token.expose_secret().clone()))
     }
 }

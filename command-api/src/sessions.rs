@@ -448,6 +448,7 @@ impl Commands {
                 *account.id.as_uuid(),
                 *session.as_uuid(),
                 roles.collect(),
+                account.email_verified,
                 now,
             )
             .context("issuing an access token")?;

@@ -320,7 +320,7 @@ mod tests {
         );
         let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let token = issuer
-            .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], now)
+            .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], false, now)
             .unwrap()
             .token;
         (issuer.verifier(), token.expose_secret().clone(), now)

@@ -48,7 +48,7 @@ async fn after_a_rotation_a_token_signed_with_the_previous_key_still_verifies() 
         app.clock.now()
     };
     let token = old_issuer
-        .issue(admin_id, session, vec!["admin".into()], now)
+        .issue(admin_id, session, vec!["admin".into()], false, now)
         .unwrap();
     let id = app.user("ann@example.com").await;
     let response = app.deactivate(&id, token.token.expose_secret()).await;

@@ -230,7 +230,7 @@ impl TestApp {
     pub fn token_in(&self, id: Uuid, session: Uuid, roles: &[&str], at: DateTime<Utc>) -> String {
         let roles = roles.iter().map(|role| (*role).to_owned()).collect();
         self.issuer
-            .issue(id, session, roles, at)
+            .issue(id, session, roles, false, at)
             .unwrap()
             .token
             .expose_secret()

@@ -84,7 +84,7 @@ async fn requests_without_a_valid_token_are_refused_alike() {
         app.issuer.settings().clone(),
     );
     let unknown_key = stranger
-        .issue(user.id, Uuid::new_v4(), vec![], now())
+        .issue(user.id, Uuid::new_v4(), vec![], false, now())
         .unwrap()
         .token
         .expose_secret()

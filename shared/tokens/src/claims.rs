@@ -29,6 +29,11 @@ pub struct Claims {
     /// sessions refuses the token once its session has ended. Every access token has one.
     pub sid: Uuid,
     pub roles: Vec<String>,
+    /// Whether the owner had proved control of the account's address when the token was issued
+    /// (OpenID Connect's claim of the same name). A token without it, issued before the claim
+    /// existed, reads as `false`.
+    #[serde(default)]
+    pub email_verified: bool,
 }
 
 impl Claims {

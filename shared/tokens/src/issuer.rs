@@ -43,13 +43,15 @@ impl TokenIssuer {
         TokenIssuer { keys, settings }
     }
 
-    /// Signs a token for `subject` (the user id) in `session` with `roles`, valid from `now` for the
-    /// configured lifetime. `now` is a parameter so tests and callers decide what time it is.
+    /// Signs a token for `subject` (the user id) in `session` with `roles`, saying whether the
+    /// account's address is verified, valid from `now` for the configured lifetime. `now` is a
+    /// parameter so tests and callers decide what time it is.
     pub fn issue(
         &self,
         subject: Uuid,
         session: Uuid,
         roles: Vec<String>,
+        email_verified: bool,
         now: DateTime<Utc>,
     ) -> Result<IssuedToken, IssueError> {
         let issued_at = now.timestamp();
@@ -71,6 +73,7 @@ impl TokenIssuer {
             jti: Uuid::new_v4(),
             sid: session,
             roles,
+            email_verified,
         };
 
         let key = self.keys.current();

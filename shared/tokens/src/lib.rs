@@ -28,7 +28,7 @@
 //! let issuer = TokenIssuer::new(KeySet::from(SigningKey::generate(Algorithm::EdDSA)?), settings.clone());
 //! let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
 //! let (user, session) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-//! let issued = issuer.issue(user, session, vec!["administrator".to_owned()], now)?;
+//! let issued = issuer.issue(user, session, vec!["administrator".to_owned()], false, now)?;
 //!
 //! // Another service, holding nothing but the published JWKS:
 //! let verifier = TokenVerifier::from_jwks(&issuer.jwks(), settings)?;

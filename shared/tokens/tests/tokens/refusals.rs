@@ -202,7 +202,13 @@ fn a_token_whose_payload_was_tampered_with_is_refused() {
     for algorithm in ALGORITHMS {
         let issuer = issuer_with(new_key(algorithm));
         let issued = issuer
-            .issue(Uuid::new_v4(), Uuid::new_v4(), vec!["user".into()], now())
+            .issue(
+                Uuid::new_v4(),
+                Uuid::new_v4(),
+                vec!["user".into()],
+                false,
+                now(),
+            )
             .unwrap();
         let parts: Vec<&str> = issued.token.expose_secret().split('.').collect();
 

@@ -69,7 +69,7 @@ fn keys_of_both_algorithms_can_be_published_side_by_side() {
     let eddsa = new_key(Algorithm::EdDSA);
     let es256 = new_key(Algorithm::ES256);
     let es256_token = issuer_with(es256.clone())
-        .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], now())
+        .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], false, now())
         .unwrap();
     let keys = KeySet::new(eddsa, vec![es256.verification_key().clone()]).unwrap();
     let verifier = TokenVerifier::from_jwks(&keys.jwks(), settings()).unwrap();

@@ -22,8 +22,17 @@ fn a_token_verifies_and_carries_the_claims_it_was_issued_with_for_each_algorithm
         let session = Uuid::new_v4();
         let roles = vec!["user".to_owned(), "administrator".to_owned()];
 
-        let issued = issuer.issue(user, session, roles.clone(), now()).unwrap();
+        let issued = issuer
+            .issue(user, session, roles.clone(), true, now())
+            .unwrap();
         let claims = verify_now(&issuer.verifier(), &issued).unwrap();
+        assert!(claims.email_verified);
+        let unverified = issuer.issue(user, session, vec![], false, now()).unwrap();
+        assert!(
+            !verify_now(&issuer.verifier(), &unverified)
+                .unwrap()
+                .email_verified
+        );
 
         assert_eq!(claims.iss, ISSUER);
         assert_eq!(claims.sub, user);
@@ -58,8 +67,8 @@ fn the_header_names_the_algorithm_the_key_id_and_the_access_token_type() {
 fn every_token_gets_its_own_jti() {
     let issuer = issuer_with(new_key(tokens::Algorithm::EdDSA));
     let (user, session) = (Uuid::new_v4(), Uuid::new_v4());
-    let first = issuer.issue(user, session, vec![], now()).unwrap();
-    let second = issuer.issue(user, session, vec![], now()).unwrap();
+    let first = issuer.issue(user, session, vec![], false, now()).unwrap();
+    let second = issuer.issue(user, session, vec![], false, now()).unwrap();
     assert_ne!(first.jti, second.jti);
 }
 

@@ -50,7 +50,7 @@ pub fn key_and_verifier(algorithm: Algorithm) -> (SigningKey, TokenVerifier) {
 /// A token for a new user with no roles, issued at [`now`].
 pub fn issue(issuer: &TokenIssuer) -> IssuedToken {
     issuer
-        .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], now())
+        .issue(Uuid::new_v4(), Uuid::new_v4(), vec![], false, now())
         .unwrap()
 }
 
