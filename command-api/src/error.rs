@@ -48,6 +48,11 @@ impl ApiError {
                         "the refresh token is not valid, or its session has ended or expired: log in again",
                     )
                 }
+                CommandError::InvalidLink => {
+                    Problem::new(StatusCode::BAD_REQUEST, "invalid_link").with_detail(
+                        "the link is not valid, was used already, was replaced by a newer one or has expired: ask for a new one",
+                    )
+                }
                 CommandError::NotFound => Problem::not_found().with_detail("no such account"),
                 CommandError::SessionNotFound => {
                     Problem::not_found().with_detail("no such session")
@@ -137,6 +142,7 @@ mod tests {
                 401,
                 "invalid_refresh_token",
             ),
+            (command(CommandError::InvalidLink), 400, "invalid_link"),
             (command(CommandError::NotFound), 404, "not_found"),
             (command(CommandError::SessionNotFound), 404, "not_found"),
             (

@@ -17,6 +17,8 @@
 
 pub mod error;
 pub mod hashing;
+pub mod recovery;
+mod recovery_routes;
 pub mod reservation;
 pub mod routes;
 pub mod service;
@@ -134,6 +136,17 @@ pub fn state_with_store(
         .tokens
         .refresh_token_key()
         .context("loading the refresh token key")?;
+    let mail = &settings.mail;
+    let mail_key = tokens::configured_key(
+        mail.token_key.as_deref(),
+        mail.token_key_file.as_deref(),
+        mail.create_key_if_missing,
+        "mail.token_key",
+    )
+    .context("loading the mail token key")?
+    .context(
+        "no mail token key: set mail.token_key (64 or more hexadecimal digits, `openssl rand -hex 32`) or mail.token_key_file",
+    )?;
     let verifier = Arc::new(issuer.verifier());
     let hasher = Hasher::new(
         &settings.password,
@@ -150,7 +163,10 @@ pub fn state_with_store(
         password_policy: settings.password.policy(),
         lockout: settings.login.lockout_policy(),
         refusal_padding: settings.login.refusal_padding(),
-        initial_status: settings.registration.initial_status.into(),
+        registration_mode: settings.registration.mode,
+        mail_key,
+        recovery_policy: settings::recovery_policy(&settings.mail),
+        answer_after: settings.mail.answer_after(),
     });
     Ok(AppState { commands, verifier })
 }

@@ -6,13 +6,19 @@
 //! (DESIGN decision 5). Logging in finds the account through the same stream, so it is strongly
 //! consistent and never reads the read model.
 //!
-//! The message is the command side's bookkeeping rather than a fact about the account (the
+//! A change of email moves the reservation (ADR 12): [`EmailReleased`] ends the old address's,
+//! and the new address's stream gets an [`EmailReserved`], each at the exact version read, in
+//! the same append as the `EmailChanged` event. A released address is free again: whoever
+//! reserves it next appends at the release's version, so of a registration and a change racing
+//! for it exactly one wins.
+//!
+//! The messages are the command side's bookkeeping rather than a fact about the account (the
 //! account's email is in `UserRegistered`), so it lives here and not in the domain crate. The
 //! stream is named after a hash so the address never appears in a stream name, which reaches
 //! logs and metrics.
 
 use identity::{EVENT_VERSION_KEY, Email, UserId};
-use message_store::{NewMessage, RecordedMessage, StreamName};
+use message_store::{ExpectedVersion, GlobalPosition, NewMessage, RecordedMessage, StreamName};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -40,6 +46,69 @@ impl EmailReserved {
         (message.message_type == Self::TYPE)
             .then(|| serde_json::from_value(message.data.clone()).ok())
             .flatten()
+    }
+}
+
+/// The email of the stream is no longer `user_id`'s: the account moved to another address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailReleased {
+    pub user_id: UserId,
+}
+
+impl EmailReleased {
+    pub const TYPE: &'static str = "EmailReleased";
+    pub const VERSION: u32 = 1;
+
+    pub fn to_message(&self) -> NewMessage {
+        NewMessage::new(Self::TYPE, json!({ "user_id": self.user_id }))
+            .with_metadata(json!({ EVENT_VERSION_KEY: Self::VERSION }))
+    }
+}
+
+/// Who holds an address, from the last message of its reservation stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Nobody: never reserved, or released. Reserving it appends at `expected`.
+    Free { expected: ExpectedVersion },
+    /// The account `user_id`, since the message at `global_position`, the last of the stream
+    /// at `expected`.
+    HeldBy {
+        user_id: UserId,
+        expected: ExpectedVersion,
+        global_position: GlobalPosition,
+    },
+}
+
+impl Reservation {
+    pub fn from_last(last: Option<&RecordedMessage>) -> Self {
+        let Some(last) = last else {
+            return Self::Free {
+                expected: ExpectedVersion::NoStream,
+            };
+        };
+        let expected = ExpectedVersion::Exact(last.position);
+        match EmailReserved::from_message(last) {
+            Some(reserved) => Self::HeldBy {
+                user_id: reserved.user_id,
+                expected,
+                global_position: last.global_position,
+            },
+            None => Self::Free { expected },
+        }
+    }
+
+    pub fn holder(&self) -> Option<UserId> {
+        match self {
+            Self::Free { .. } => None,
+            Self::HeldBy { user_id, .. } => Some(*user_id),
+        }
+    }
+
+    /// The version the stream is at, for an append that must find it unchanged.
+    pub fn expected(&self) -> ExpectedVersion {
+        match self {
+            Self::Free { expected } | Self::HeldBy { expected, .. } => *expected,
+        }
     }
 }
 

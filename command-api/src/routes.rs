@@ -23,6 +23,8 @@ use utoipa::{IntoResponses, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::recovery::SignUp;
+use crate::recovery_routes;
 use crate::service::{CommandError, Commands, Done};
 use crate::sessions::SessionTokens;
 
@@ -58,6 +60,7 @@ pub fn command_routes(state: AppState) -> Router {
         .route("/logout", post(logout))
         .route("/users/me/sessions/{id}", delete(end_own_session))
         .route("/users/{id}/sessions", delete(end_all_sessions))
+        .merge(recovery_routes::routes())
         .with_state(state)
 }
 
@@ -153,6 +156,18 @@ impl fmt::Debug for LogoutRequest {
     }
 }
 
+/// A `verify`-mode registration's answer: the same for a free and a taken address.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignUpAccepted {
+    /// The account's id if the registration created one (the one sent, or one chosen).
+    id: Uuid,
+    detail: &'static str,
+}
+
+impl SignUpAccepted {
+    const DETAIL: &'static str = "check your mailbox: confirm the link in it to activate the account";
+}
+
 /// A command's result: the account and the global position of its last event.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CommandResult {
@@ -232,7 +247,7 @@ pub struct FieldErrorBody {
 
 /// The answers to a request whose JSON body the route could not take (400, 413, 415), for the
 /// document: the same on every route that takes one.
-struct BodyRefusals;
+pub(crate) struct BodyRefusals;
 
 impl IntoResponses for BodyRefusals {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
@@ -263,7 +278,7 @@ impl IntoResponses for AdminRefusals {
 
 /// The answers of a route that takes a bearer token to a caller without a usable one, for the
 /// document.
-struct BearerRefusals;
+pub(crate) struct BearerRefusals;
 
 impl IntoResponses for BearerRefusals {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
@@ -275,7 +290,7 @@ impl IntoResponses for BearerRefusals {
 }
 
 /// The 503 of a command the message store was out of reach for, for the document.
-struct StoreOutOfReach;
+pub(crate) struct StoreOutOfReach;
 
 impl IntoResponses for StoreOutOfReach {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
@@ -304,7 +319,7 @@ fn problem_responses<const N: usize>(
 }
 
 /// A command's answer with its body and `extra` headers, and the X-Position of its last event.
-fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Response {
+pub(crate) fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Response {
     let mut response = (
         status,
         ApiJson(CommandResult {
@@ -319,7 +334,7 @@ fn command_response(status: StatusCode, done: Done, extra: HeaderMap) -> Respons
 
 /// `response` with the X-Position header: the global position a client sends back as the query
 /// API's `X-Min-Position` to read what the command did (DESIGN decision 8).
-fn with_position(mut response: Response, position: GlobalPosition) -> Response {
+pub(crate) fn with_position(mut response: Response, position: GlobalPosition) -> Response {
     response
         .headers_mut()
         .insert("x-position", HeaderValue::from(position));
@@ -328,9 +343,10 @@ fn with_position(mut response: Response, position: GlobalPosition) -> Response {
 
 #[utoipa::path(post, path = "/users", request_body = RegisterRequest,
     responses(
-        (status = 201, description = "Registered (or the same request repeated with the same id)", body = CommandResult,
+        (status = 201, description = "Registered (or the same request repeated with the same id), in the `open` and `approval` modes; a mail with a link that verifies the address is on its way", body = CommandResult,
             headers(("Location" = String, description = "/users/{id}"), ("X-Position" = u64, description = "global position of the last event"))),
-        (status = 409, description = "`email_taken`, or `id_taken` (the id is registered with another email)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 202, description = "`verify` mode: the same answer, after the same delay, whether the address was free or taken. A free one gets a link that activates the account; the owner of a taken one is told someone tried", body = SignUpAccepted),
+        (status = 409, description = "`email_taken` (not in `verify` mode), or `id_taken` (the id is registered with another email)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Invalid email or password, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password hashes waiting", body = ProblemBody, content_type = "application/problem+json"),
         BodyRefusals,
@@ -340,16 +356,20 @@ async fn register(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<Response, ApiError> {
-    let commands = &state.commands;
-    let done = commands
-        .register(
-            &request.email,
-            request.password,
-            request.id,
-            vec![Role::User],
-            commands.initial_status,
-        )
+    let signed_up = state
+        .commands
+        .sign_up(&request.email, request.password, request.id)
         .await?;
+    let done = match signed_up {
+        SignUp::Registered(done) => done,
+        SignUp::Accepted { id } => {
+            let body = SignUpAccepted {
+                id: *id.as_uuid(),
+                detail: SignUpAccepted::DETAIL,
+            };
+            return Ok((StatusCode::ACCEPTED, ApiJson(body)).into_response());
+        }
+    };
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/users/{}", done.id)) {
         headers.insert(header::LOCATION, location);
@@ -599,8 +619,11 @@ async fn openapi() -> Response {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation and password change."),
-    paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password, jwks, readyz, openapi),
-    components(schemas(RegisterRequest, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody)),
+    paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password,
+        recovery_routes::verify_email, recovery_routes::request_password_reset, recovery_routes::reset_password,
+        recovery_routes::request_email_change, recovery_routes::confirm_email_change, jwks, readyz, openapi),
+    components(schemas(RegisterRequest, SignUpAccepted, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody,
+        recovery_routes::LinkRequest, recovery_routes::PasswordResetRequest, recovery_routes::NewPasswordRequest, recovery_routes::EmailChangeRequest, recovery_routes::Accepted)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;

@@ -12,7 +12,7 @@ use identity::{
     ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
     EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus, LOGIN_CATEGORY, LockoutPolicy,
     LoginDecision, LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy,
-    Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount, UserAgent,
+    RecoveryPolicy, Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount, UserAgent,
     UserCommand, UserEvent, UserId, change_of, decide, decide_administrators, decide_login,
     event_version, login_stream_name, user_id_of_stream, user_stream_name,
 };
@@ -23,11 +23,12 @@ use message_store::{
 use platform::FieldError;
 use platform::clock::Clock;
 use serde_json::{Value, json};
-use tokens::{RefreshTokenKey, TokenIssuer};
+use tokens::{MailTokenKey, RefreshTokenKey, TokenIssuer};
 use uuid::Uuid;
 
 use crate::hashing::{HashError, Hasher};
-use crate::reservation::{EmailReserved, email_stream};
+use crate::reservation::{EmailReserved, Reservation, email_stream};
+use crate::settings::RegistrationMode;
 use crate::sessions::SessionTokens;
 
 /// How often a read-decide-append is tried again when another writer got there first.
@@ -53,6 +54,11 @@ pub enum CommandError {
     /// one error, so that nobody learns which.
     #[error("invalid refresh token")]
     InvalidRefreshToken,
+    /// Any link token that does not confirm (malformed, forged, used, replaced by a newer one,
+    /// expired, or of an account that can no longer use it): one error, so that nobody learns
+    /// which.
+    #[error("invalid or expired link")]
+    InvalidLink,
     /// No session of this id belongs to the caller: unknown, or another person's, alike.
     #[error("no such session")]
     SessionNotFound,
@@ -118,7 +124,12 @@ pub struct Commands {
     pub lockout: LockoutPolicy,
     /// See `login.refusal_padding_ms`.
     pub refusal_padding: Duration,
-    pub initial_status: InitialStatus,
+    pub registration_mode: RegistrationMode,
+    /// Authenticates the links of recovery mails (ADR 12).
+    pub mail_key: MailTokenKey,
+    pub recovery_policy: RecoveryPolicy,
+    /// See `mail.answer_after_ms`.
+    pub answer_after: Duration,
 }
 
 /// A successful command: the account and the global position of its last event.
@@ -131,13 +142,13 @@ pub struct Done {
 /// A user stream folded, with where it ends.
 pub(crate) struct Loaded {
     pub(crate) account: UserAccount,
-    version: Option<StreamPosition>,
-    last_global: GlobalPosition,
+    pub(crate) version: Option<StreamPosition>,
+    pub(crate) last_global: GlobalPosition,
     first_global: GlobalPosition,
 }
 
 impl Commands {
-    /// Registers an account; `id` makes a retry safe.
+    /// Registers an account (an operator's, from the command line); `id` makes a retry safe.
     pub async fn register(
         &self,
         email: &str,
@@ -148,8 +159,23 @@ impl Commands {
     ) -> Result<Done, CommandError> {
         let (email, password) = self.registration_fields(email, password)?;
         let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
+        self.register_valid(id, &email, password, roles, status, |_, _| Ok(vec![]))
+            .await
+    }
+
+    /// Registers `id` with fields already checked, appending what `also` makes of the new
+    /// account and the instant in the same atomic append (the request of a verification mail).
+    pub(crate) async fn register_valid(
+        &self,
+        id: UserId,
+        email: &Email,
+        password: Password,
+        roles: Vec<Role>,
+        status: InitialStatus,
+        also: impl Fn(UserId, DateTime<Utc>) -> Result<Vec<StreamAppend>, CommandError>,
+    ) -> Result<Done, CommandError> {
         // A retry with the same id is answered without hashing again.
-        if let Some(done) = self.existing_registration(id, &email).await? {
+        if let Some(done) = self.existing_registration(id, email).await? {
             return Ok(done);
         }
         let registration = Register {
@@ -160,14 +186,16 @@ impl Commands {
             initial_status: status,
         };
         let command = UserCommand::Register(registration);
-        let events = decide(&UserAccount::NotRegistered, command, self.clock.now())
+        let now = self.clock.now();
+        let events = decide(&UserAccount::NotRegistered, command, now)
             .context("registering a new account was refused")?;
-        self.append_registration(id, &email, &events).await
+        self.append_registration(id, email, &events, also(id, now)?)
+            .await
     }
 
     /// The email and the password of a registration; or what is wrong with either, both at
     /// once, so that a client can correct them in one go.
-    fn registration_fields(
+    pub(crate) fn registration_fields(
         &self,
         email: &str,
         password: String,
@@ -183,15 +211,20 @@ impl Commands {
         }
     }
 
-    /// Appends a registration and its email's reservation, both on "no stream", in one atomic
-    /// append, so that of two registrations of one email exactly one succeeds; again when the
-    /// administrators changed meanwhile.
+    /// Appends a registration, its email's reservation and `also`, in one atomic append: the
+    /// account's stream on "no stream", the reservation on "no stream" or, for an address
+    /// released by a change of email, at the release; so that of two registrations of one
+    /// email exactly one succeeds. Again when the administrators changed meanwhile.
     async fn append_registration(
         &self,
         id: UserId,
         email: &Email,
         events: &[UserEvent],
+        also: Vec<StreamAppend>,
     ) -> Result<Done, CommandError> {
+        let reservation = email_stream(email)?;
+        // Most addresses were never reserved: the first attempt expects nothing, with no read.
+        let mut reservation_expected = ExpectedVersion::NoStream;
         for _ in 0..MAX_ATTEMPTS {
             // An active administrator joins the administrators in the same append. It goes
             // first, so that the email reservation stays the last message, as a repeated
@@ -204,9 +237,10 @@ impl Commands {
                 ExpectedVersion::NoStream,
                 user_messages(events),
             ));
+            appends.extend(also.iter().cloned());
             appends.push(StreamAppend::new(
-                email_stream(email)?,
-                ExpectedVersion::NoStream,
+                reservation.clone(),
+                reservation_expected,
                 vec![EmailReserved { user_id: id }.to_message()],
             ));
             return match self.store.append(appends).await {
@@ -218,6 +252,18 @@ impl Commands {
                     if stream.as_str() == ADMINISTRATORS_STREAM =>
                 {
                     continue;
+                }
+                Err(AppendError::WrongExpectedVersion { stream, .. }) if stream == reservation => {
+                    match self.reservation(email).await? {
+                        Reservation::Free { expected } if expected != reservation_expected => {
+                            reservation_expected = expected;
+                            continue;
+                        }
+                        _ => self
+                            .existing_registration(id, email)
+                            .await?
+                            .ok_or(CommandError::EmailTaken),
+                    }
                 }
                 // The account or the email exists: this registration again, or another one.
                 Err(AppendError::WrongExpectedVersion { .. }) => self
@@ -232,7 +278,7 @@ impl Commands {
 
     /// The answer to a repeated registration of `id` with `email`, if `id` is registered:
     /// the first answer again for the same email, `IdTaken` for another.
-    async fn existing_registration(
+    pub(crate) async fn existing_registration(
         &self,
         id: UserId,
         email: &Email,
@@ -500,7 +546,7 @@ impl Commands {
     /// Lets a password proof stand if it `matches` and the account is not locked. A wrong
     /// password is recorded as a failed login, as a login's would be, so that guessing through
     /// a password change meets the same lockout.
-    async fn confirm_proof(
+    pub(crate) async fn confirm_proof(
         &self,
         id: UserId,
         account: &UserAccount,
@@ -607,7 +653,7 @@ impl Commands {
     /// The append to the administrators' stream that `events`, decided on `before`, call for:
     /// none when they leave the set of active administrators as it is, else the new set with
     /// the exact version it was decided on, or the refusal to let the last one go.
-    async fn administrators_append(
+    pub(crate) async fn administrators_append(
         &self,
         before: &UserAccount,
         events: &[UserEvent],
@@ -687,12 +733,14 @@ impl Commands {
     }
 
     /// The account an email is reserved for, read from the reservation stream.
-    async fn find_user(&self, email: &Email) -> Result<Option<UserId>, CommandError> {
+    pub(crate) async fn find_user(&self, email: &Email) -> Result<Option<UserId>, CommandError> {
+        Ok(self.reservation(email).await?.holder())
+    }
+
+    /// Who holds `email`, from the last message of its reservation stream.
+    pub(crate) async fn reservation(&self, email: &Email) -> Result<Reservation, CommandError> {
         let last = self.store.last_message(&email_stream(email)?).await?;
-        Ok(last
-            .as_ref()
-            .and_then(EmailReserved::from_message)
-            .map(|r| r.user_id))
+        Ok(Reservation::from_last(last.as_ref()))
     }
 
     /// Folds a user stream. It holds registration, status and password changes only (never
@@ -726,7 +774,7 @@ impl Commands {
     }
 
     /// The login state and the login stream's version, from its last message only.
-    async fn login_state(
+    pub(crate) async fn login_state(
         &self,
         stream: &StreamName,
     ) -> Result<(LoginState, Option<StreamPosition>), CommandError> {
@@ -937,7 +985,7 @@ pub(crate) fn versioned_message(event_type: &'static str, data: Value, version: 
     NewMessage::new(event_type, data).with_metadata(json!({ EVENT_VERSION_KEY: version }))
 }
 
-fn user_messages(events: &[UserEvent]) -> Vec<NewMessage> {
+pub(crate) fn user_messages(events: &[UserEvent]) -> Vec<NewMessage> {
     events
         .iter()
         .map(|event| versioned_message(event.event_type(), event.to_json(), event.version()))
@@ -949,11 +997,11 @@ pub fn login_message(event: &LoginEvent) -> NewMessage {
     versioned_message(event.event_type(), event.to_json(), event.version())
 }
 
-fn expected(version: Option<StreamPosition>) -> ExpectedVersion {
+pub(crate) fn expected(version: Option<StreamPosition>) -> ExpectedVersion {
     version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
 }
 
-fn user_stream(id: UserId) -> anyhow::Result<StreamName> {
+pub(crate) fn user_stream(id: UserId) -> anyhow::Result<StreamName> {
     Ok(StreamName::parse(user_stream_name(id))?)
 }
 

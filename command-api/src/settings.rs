@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use identity::{InitialStatus, LockoutPolicy, PasswordPolicy, SessionPolicy};
-use platform::settings::{DatabaseSettings, HttpSettings, LogSettings};
+use identity::{InitialStatus, LockoutPolicy, PasswordPolicy, RecoveryPolicy, SessionPolicy};
+use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, MailSettings};
 use serde::Deserialize;
 
 /// Everything the command API can be told. Every field has a default, so an empty file works
@@ -19,6 +19,7 @@ pub struct Settings {
     pub login: LoginSettings,
     pub registration: RegistrationSettings,
     pub sessions: SessionSettings,
+    pub mail: MailSettings,
 }
 
 impl Default for Settings {
@@ -32,6 +33,7 @@ impl Default for Settings {
             login: LoginSettings::default(),
             registration: RegistrationSettings::default(),
             sessions: SessionSettings::default(),
+            mail: MailSettings::default(),
         }
     }
 }
@@ -177,24 +179,41 @@ impl SessionSettings {
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(default)]
 pub struct RegistrationSettings {
-    pub initial_status: StartStatus,
+    pub mode: RegistrationMode,
 }
 
-/// The status of a newly registered account.
+/// How `POST /users` treats a new account (ADR 12). Every mode mails a link that verifies the
+/// address.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum StartStatus {
+pub enum RegistrationMode {
+    /// Active at once; a taken email is a 409.
     #[default]
-    Active,
-    Pending,
+    Open,
+    /// Pending until the link in the mail is confirmed. Every registration is answered 202 with
+    /// one body, after one delay, whether the address was taken or not; the owner of a taken
+    /// address is mailed that someone tried. For public sign-up: nobody learns who has an
+    /// account.
+    Verify,
+    /// Pending until an administrator activates it; a taken email is a 409.
+    Approval,
 }
 
-impl From<StartStatus> for InitialStatus {
-    fn from(status: StartStatus) -> Self {
-        match status {
-            StartStatus::Active => InitialStatus::Active,
-            StartStatus::Pending => InitialStatus::Pending,
+impl RegistrationMode {
+    /// The status an account registered in this mode starts with.
+    pub fn initial_status(self) -> InitialStatus {
+        match self {
+            Self::Open => InitialStatus::Active,
+            Self::Verify | Self::Approval => InitialStatus::Pending,
         }
+    }
+}
+
+/// The links' lifetime and the hourly limit of mails, from the `mail` section.
+pub fn recovery_policy(mail: &MailSettings) -> RecoveryPolicy {
+    RecoveryPolicy {
+        token_lifetime: mail.token_lifetime(),
+        max_mails_per_hour: mail.max_per_account_per_hour,
     }
 }
 
@@ -209,7 +228,9 @@ mod tests {
         assert_eq!(settings.password.iterations, 2);
         assert_eq!(settings.password.parallelism, 1);
         assert_eq!(settings.tokens.lifetime_seconds, 900);
-        assert_eq!(settings.registration.initial_status, StartStatus::Active);
+        assert_eq!(settings.registration.mode, RegistrationMode::Open);
+        assert_eq!(settings.mail.token_seconds, 30 * 60);
+        assert_eq!(settings.mail.max_per_account_per_hour, 5);
         assert_eq!(settings.http.address, "0.0.0.0:8080");
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(settings.login.hashing_threads(), cores);

@@ -6,7 +6,7 @@ use command_api::{Application, Settings};
 use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
-use tokens::{Algorithm, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
 use tracing_subscriber::fmt::MakeWriter;
 use uuid::Uuid;
 
@@ -31,6 +31,8 @@ pub fn test_settings(database: &TestDatabase) -> Settings {
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     let refresh_key = RefreshTokenKey::generate().unwrap();
     settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
+    let mail_key = MailTokenKey::generate().unwrap();
+    settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
     settings.tokens.issuer = "https://identity.test".into();
     settings.tokens.audience = "tests".into();
     settings.password.memory_kib = 1024;

@@ -15,8 +15,9 @@ async fn registering_answers_201_with_the_location_the_id_and_the_position() {
     assert_eq!(location, format!("/users/{id}"));
     assert_eq!(body["position"], position);
     assert!(position > 0);
-    // The user event and the email reservation, in one append.
-    assert_eq!(app.message_count().await, 2);
+    // The user event, the request of its verification mail and the email reservation, in one
+    // append.
+    assert_eq!(app.message_count().await, 3);
 }
 
 #[tokio::test]
@@ -72,7 +73,7 @@ async fn repeating_a_registration_with_the_same_id_gives_the_same_answer_and_one
     let second: Value = second.json().await.unwrap();
     assert_eq!(first, second);
     assert_eq!(first["id"], id.to_string());
-    assert_eq!(app.message_count().await, 2);
+    assert_eq!(app.message_count().await, 3);
 }
 
 #[tokio::test]
@@ -216,7 +217,7 @@ async fn malformed_json_is_400_a_wrong_content_type_415_and_an_oversized_body_41
 #[tokio::test]
 async fn accounts_start_pending_when_so_configured_and_cannot_log_in_until_activated() {
     let app = crate::helpers::spawn_with(|settings| {
-        settings.registration.initial_status = command_api::settings::StartStatus::Pending;
+        settings.registration.mode = command_api::settings::RegistrationMode::Approval;
     })
     .await;
     let admin = app.admin_token().await;
