@@ -11,7 +11,7 @@ use reqwest::RequestBuilder;
 use serde_json::Value;
 use sqlx::PgPool;
 use test_support::TestDatabase;
-use tokens::{Algorithm, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -62,6 +62,8 @@ impl CommandApi {
         settings.tokens.signing_key = Some(key.to_pem()?.expose_secret().clone());
         let refresh_key = RefreshTokenKey::generate()?;
         settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
+        let mail_key = MailTokenKey::generate()?;
+        settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
         configure(&mut settings);
 
         let application = Application::build(settings, Arc::new(SystemClock)).await?;

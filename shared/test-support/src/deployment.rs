@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokens::{Algorithm, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
 
 use crate::process::{Launch, Process, built_binary, free_port};
 
@@ -25,6 +25,8 @@ pub struct Deployment {
     pub signing_key: String,
     /// The command API's refresh token key, in hexadecimal.
     pub refresh_token_key: String,
+    /// The mail token key of the command API and the aggregator's mailer, in hexadecimal.
+    pub mail_token_key: String,
     /// Where each process writes its output: `<label>.log`.
     pub logs: PathBuf,
     /// Settings every process gets besides the databases and the key, as environment
@@ -72,6 +74,7 @@ impl Deployment {
                 .to_hex()
                 .expose_secret()
                 .clone(),
+            mail_token_key: MailTokenKey::generate()?.to_hex().expose_secret().clone(),
             logs,
             settings: Vec::new(),
         })
@@ -105,6 +108,7 @@ impl Deployment {
                 "IDENTITY__TOKENS__REFRESH_TOKEN_KEY",
                 &self.refresh_token_key,
             )
+            .env("IDENTITY__MAIL__TOKEN_KEY", &self.mail_token_key)
             .log_to(self.log(label));
         if let Some(url) = &self.read_model_url {
             launch = launch.env("IDENTITY__READ_MODEL__URL", url);
