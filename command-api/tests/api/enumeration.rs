@@ -357,7 +357,7 @@ async fn timed(app: &TestApp, (email, password): (&str, &str)) -> (u16, Value, f
 
 /// Appends `events` rehashes of the same password to an account's stream, as if its password
 /// had been hashed again that often: a history a login reads whole.
-async fn lengthen_history(app: &TestApp, id: &str, events: usize) {
+pub async fn lengthen_history(app: &TestApp, id: &str, events: usize) {
     use identity::{EVENT_VERSION_KEY, PasswordRehashed, UserEvent};
     use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
     let Some(UserEvent::UserRegistered(registered)) = app.user_events().await.into_iter().next()

@@ -9,6 +9,8 @@ mod last_administrator;
 mod login;
 mod meta;
 mod password;
+mod recovery;
+mod recovery_enumeration;
 mod register;
 mod secrets;
 mod sessions;
