@@ -20,9 +20,9 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use identity::{
-    Email, Password, RecoveryCommand, RecoveryCompleted, RecoveryDecision,
-    RecoveryEvent, RecoveryKind, RecoveryNonce, RecoveryState, Role, UserAccount, UserCommand,
-    UserId, decide, decide_recovery, recovery_stream_name,
+    Email, Password, RecoveryCommand, RecoveryCompleted, RecoveryDecision, RecoveryEvent,
+    RecoveryKind, RecoveryNonce, RecoveryState, Role, UserAccount, UserCommand, UserId, decide,
+    decide_recovery, recovery_stream_name,
 };
 use message_store::{ExpectedVersion, GlobalPosition, StreamAppend, StreamName, StreamPosition};
 use platform::FieldError;
@@ -123,7 +123,12 @@ impl Commands {
             new_email: None,
             nonce: new_nonce()?,
         };
-        let decided = decide_recovery(&RecoveryState::default(), command, now, &self.recovery_policy);
+        let decided = decide_recovery(
+            &RecoveryState::default(),
+            command,
+            now,
+            &self.recovery_policy,
+        );
         let Some(event) = decided.map_err(refused)?.into_event() else {
             return Ok(vec![]);
         };
@@ -254,7 +259,11 @@ impl Commands {
             if !events.is_empty() {
                 appends.push(self.user_append(&confirmed.loaded, &events)?);
             }
-            appends.push(confirmed.recovery.append(&confirmed.completed.clone().into()));
+            appends.push(
+                confirmed
+                    .recovery
+                    .append(&confirmed.completed.clone().into()),
+            );
             if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
                 return Ok(done);
             }
@@ -264,7 +273,11 @@ impl Commands {
 
     /// `POST /password-reset/confirm`: the new password replaces the old one, every session of
     /// the account ends (a new session epoch) and a lockout is lifted.
-    pub async fn reset_password(&self, token: &str, password: String) -> Result<Done, CommandError> {
+    pub async fn reset_password(
+        &self,
+        token: &str,
+        password: String,
+    ) -> Result<Done, CommandError> {
         let token = parse_link(token, RecoveryKind::ResetPassword)?;
         let password = Password::new(password, &self.password_policy)
             .map_err(|error| CommandError::Validation(vec![FieldError::new("password", error)]))?;
@@ -281,7 +294,11 @@ impl Commands {
             let events = decide(&confirmed.loaded.account, command, now)
                 .map_err(|_| CommandError::InvalidLink)?;
             let mut appends = vec![self.user_append(&confirmed.loaded, &events)?];
-            appends.push(confirmed.recovery.append(&confirmed.completed.clone().into()));
+            appends.push(
+                confirmed
+                    .recovery
+                    .append(&confirmed.completed.clone().into()),
+            );
             appends.extend(self.lockout_lift(id, now).await?);
             if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
                 return Ok(done);
@@ -326,7 +343,9 @@ impl Commands {
                     moving_in,
                     vec![EmailReserved { user_id: id }.to_message()],
                 ),
-                confirmed.recovery.append(&confirmed.completed.clone().into()),
+                confirmed
+                    .recovery
+                    .append(&confirmed.completed.clone().into()),
                 self.user_append(&confirmed.loaded, &events)?,
             ];
             if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
@@ -338,7 +357,11 @@ impl Commands {
 
     /// Reads the recovery stream of the token's account and confirms the token against its
     /// pending request of `kind`; then loads the account.
-    async fn confirm(&self, token: &LinkToken, kind: RecoveryKind) -> Result<Confirmed, CommandError> {
+    async fn confirm(
+        &self,
+        token: &LinkToken,
+        kind: RecoveryKind,
+    ) -> Result<Confirmed, CommandError> {
         let id = UserId::from_uuid(token.account());
         let recovery = self.read_recovery(id).await?;
         let pending = recovery
@@ -352,8 +375,13 @@ impl Commands {
             kind,
             nonce: pending.nonce,
         };
-        let decision = decide_recovery(&recovery.state, command, self.clock.now(), &self.recovery_policy)
-            .map_err(|_| CommandError::InvalidLink)?;
+        let decision = decide_recovery(
+            &recovery.state,
+            command,
+            self.clock.now(),
+            &self.recovery_policy,
+        )
+        .map_err(|_| CommandError::InvalidLink)?;
         let RecoveryDecision::Completed(completed) = decision else {
             return Err(lost_every_race("completing a recovery request"));
         };
@@ -430,15 +458,22 @@ impl Commands {
     ) -> Result<Option<GlobalPosition>, CommandError> {
         for _ in 0..MAX_ATTEMPTS {
             let recovery = self.read_recovery(id).await?;
-            let decision =
-                decide_recovery(&recovery.state, command()?, self.clock.now(), &self.recovery_policy)
-                    .map_err(refused)?;
+            let decision = decide_recovery(
+                &recovery.state,
+                command()?,
+                self.clock.now(),
+                &self.recovery_policy,
+            )
+            .map_err(refused)?;
             let Some(event) = decision.into_event() else {
                 count_mail_request("over_limit");
                 return Ok(None);
             };
             let appended = self
-                .append_if_current(vec![recovery.append(&event)], "appending a recovery request")
+                .append_if_current(
+                    vec![recovery.append(&event)],
+                    "appending a recovery request",
+                )
                 .await?;
             if let Some(position) = appended {
                 count_mail_request(event.event_type());
@@ -457,7 +492,11 @@ impl Commands {
                 version: None,
             });
         };
-        let event = stored_event(&last, RecoveryEvent::from_stored, "reading a recovery event")?;
+        let event = stored_event(
+            &last,
+            RecoveryEvent::from_stored,
+            "reading a recovery event",
+        )?;
         Ok(ReadRecovery {
             stream,
             state: RecoveryState::from_last(Some(&event)),
@@ -474,7 +513,9 @@ impl Commands {
     ) -> Result<(), CommandError> {
         let password =
             Password::for_verification(password).map_err(|_| CommandError::InvalidCredentials)?;
-        let stored = account.account().map(|account| account.password_hash.clone());
+        let stored = account
+            .account()
+            .map(|account| account.password_hash.clone());
         let matches = self.hasher.verify(password, stored).await?.matches;
         self.confirm_proof(id, account, matches).await
     }

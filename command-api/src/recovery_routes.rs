@@ -16,8 +16,8 @@ use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::routes::{
-    AppState, BearerRefusals, BodyRefusals, Caller, ProblemBody, StoreOutOfReach,
-    command_response, with_position,
+    AppState, BearerRefusals, BodyRefusals, Caller, ProblemBody, StoreOutOfReach, command_response,
+    with_position,
 };
 
 /// The recovery routes, merged into the command routes.
@@ -178,7 +178,11 @@ pub(crate) async fn request_email_change(
         .commands
         .request_email_change(id, &request.email, request.password)
         .await?;
-    Ok(command_response(StatusCode::ACCEPTED, done, HeaderMap::new()))
+    Ok(command_response(
+        StatusCode::ACCEPTED,
+        done,
+        HeaderMap::new(),
+    ))
 }
 
 #[utoipa::path(post, path = "/email-change/confirm", request_body = LinkRequest,

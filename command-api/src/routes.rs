@@ -165,7 +165,8 @@ pub struct SignUpAccepted {
 }
 
 impl SignUpAccepted {
-    const DETAIL: &'static str = "check your mailbox: confirm the link in it to activate the account";
+    const DETAIL: &'static str =
+        "check your mailbox: confirm the link in it to activate the account";
 }
 
 /// A command's result: the account and the global position of its last event.

@@ -12,9 +12,9 @@ use identity::{
     ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
     EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus, LOGIN_CATEGORY, LockoutPolicy,
     LoginDecision, LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy,
-    RecoveryPolicy, Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount, UserAgent,
-    UserCommand, UserEvent, UserId, change_of, decide, decide_administrators, decide_login,
-    event_version, login_stream_name, user_id_of_stream, user_stream_name,
+    RecoveryPolicy, Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount,
+    UserAgent, UserCommand, UserEvent, UserId, change_of, decide, decide_administrators,
+    decide_login, event_version, login_stream_name, user_id_of_stream, user_stream_name,
 };
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use crate::hashing::{HashError, Hasher};
 use crate::reservation::{EmailReserved, Reservation, email_stream};
-use crate::settings::RegistrationMode;
 use crate::sessions::SessionTokens;
+use crate::settings::RegistrationMode;
 
 /// How often a read-decide-append is tried again when another writer got there first.
 pub(crate) const MAX_ATTEMPTS: usize = 10;
