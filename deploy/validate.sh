@@ -11,10 +11,12 @@
 #   4. cross-references and policy the schemas cannot see: Service selectors and target
 #      ports, Ingress backends, HPA and PDB targets, ConfigMap and Secret keys, probes on
 #      /healthz and /readyz, non-root read-only hardened containers with resources, no real
-#      secret in any file;
+#      secret in any file, one mail token key for command-api and the aggregator and the SMTP
+#      password in the aggregator alone;
 #   5. docker-compose.yml against the Compose Specification JSON schema, taken from the
 #      docker-compose 1.29.2 wheel on PyPI (compose/config/compose_spec.json, sha256-pinned),
-#      plus depends_on, health check and volume cross-checks;
+#      plus depends_on, health check, volume and mail (one token key, an SMTP service of the
+#      file) cross-checks;
 #   6. the Dockerfile with hadolint, plus the few properties the deployment relies on.
 #
 # Usage: deploy/validate.sh        (K8S_VERSIONS="1.30.0 1.37.0" by default)
@@ -370,12 +372,40 @@ expectations = {
     "/users/me/sessions": "query-api",
     "/users/me/sessions/0192f1b2-7a41-7c3e-8d15-6b2e9f0a4c17": "command-api",
     "/users/0192f1aa-3c5e-7d21-9b7a-2f4c8e1d6a03/sessions": "command-api",
+    "/users/verify-email": "command-api", "/users/me/email": "command-api",
+    "/password-reset": "command-api", "/password-reset/confirm": "command-api",
+    "/email-change/confirm": "command-api",
 }
 wrong = {p: route(p) for p, want in expectations.items() if route(p) != want}
 if wrong:
     fail(f"Ingress routes: {wrong}")
 else:
     ok(f"Ingress routes {len(expectations)} sample paths as intended (command vs query vs denied)")
+
+# Mail: the command API makes the tokens of mailed links and the aggregator's mailer writes
+# them into the mails, so both must read the one key; only the mailer talks SMTP.
+def env_of(deployment):
+    return {v["name"]: v for c in deployment["spec"]["template"]["spec"]["containers"]
+            for v in c.get("env", [])}
+
+
+def secret_ref(variable):
+    ref = (variable or {}).get("valueFrom", {}).get("secretKeyRef") or {}
+    return (ref.get("name"), ref.get("key")) if ref else None
+
+
+mail_keys = {n: secret_ref(env_of(deployments[n]).get("IDENTITY__MAIL__TOKEN_KEY"))
+             for n in ("command-api", "aggregator") if n in deployments}
+holders = sorted(n for n, d in deployments.items() if "IDENTITY__MAIL__SMTP_PASSWORD" in env_of(d))
+if len(mail_keys) != 2 or None in mail_keys.values() or len(set(mail_keys.values())) != 1:
+    fail(f"IDENTITY__MAIL__TOKEN_KEY must come from one Secret key in command-api and "
+         f"aggregator, found {mail_keys}")
+elif holders != ["aggregator"] or not secret_ref(
+        env_of(deployments["aggregator"])["IDENTITY__MAIL__SMTP_PASSWORD"]):
+    fail(f"the SMTP password belongs to the aggregator alone, from a Secret; held by {holders}")
+else:
+    ok(f"command-api and aggregator read the mail token key from Secret "
+       f"{'/'.join(mail_keys['aggregator'])}; only the aggregator holds the SMTP password")
 
 for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
     for rel, doc in of_kind(kind):
@@ -482,6 +512,24 @@ for role, count in (("command-api serve", 1), ("query-api serve", 1), ("aggregat
         problems.append(f"expected {count} service(s) running `{role}`, found {roles.get(role, [])}")
 if not any(str(c.get("image", "")).startswith("postgres:15") for c in services_.values()):
     problems.append("no PostgreSQL 15 service")
+# Mail: command-api and every aggregator read one mail token key; the aggregators send to an
+# SMTP service of this file, so no mail leaves the host.
+mail_key_sources = {}
+for service in roles.get("command-api serve", []) + roles.get("aggregator run", []):
+    environment = services_[service].get("environment") or {}
+    key_file = environment.get("IDENTITY__MAIL__TOKEN_KEY_FILE")
+    mounts = [v.split(":") for v in services_[service].get("volumes", []) if isinstance(v, str)]
+    mounted = key_file and any(key_file.startswith(m[1].rstrip("/") + "/") for m in mounts if len(m) > 1)
+    if not key_file or not mounted:
+        problems.append(f"{service}: IDENTITY__MAIL__TOKEN_KEY_FILE must name a file in a mounted volume")
+    mail_key_sources[service] = key_file
+if len(set(mail_key_sources.values())) > 1:
+    problems.append(f"command-api and the aggregators read different mail token keys: {mail_key_sources}")
+for service in roles.get("aggregator run", []):
+    smtp = str((services_[service].get("environment") or {}).get("IDENTITY__MAIL__SMTP_URL", ""))
+    host = re.match(r"smtps?://([^:/]+)", smtp)
+    if not host or host.group(1) not in services_:
+        problems.append(f"{service}: IDENTITY__MAIL__SMTP_URL {smtp!r} is not an SMTP service of this file")
 for problem in problems:
     fail(f"docker-compose.yml: {problem}")
 if not problems:
