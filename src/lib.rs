@@ -31,6 +31,8 @@ const STANDALONE_DEFAULTS: &[(&str, &str)] = &[
     ("tokens.signing_key_file", "data/signing-key.pem"),
     ("tokens.refresh_token_key_file", "data/refresh-token-key"),
     ("tokens.create_key_if_missing", "true"),
+    ("mail.token_key_file", "data/mail-token-key"),
+    ("mail.create_key_if_missing", "true"),
 ];
 
 /// The settings of each part, read from the same file and variables (each takes its own
@@ -173,6 +175,7 @@ fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result
     let keys = [
         settings.tokens.signing_key_file.clone(),
         settings.tokens.refresh_token_key_file.clone(),
+        settings.mail.token_key_file.clone(),
     ];
     for file in database.into_iter().chain(keys.into_iter().flatten()) {
         if let Some(directory) = file.parent().filter(|parent| *parent != Path::new("")) {
