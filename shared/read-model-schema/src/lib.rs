@@ -37,6 +37,14 @@ pub const USERS_PROJECTION: &str = "users";
 /// its worker passed over session events and `SessionsEnded`, and left every account's epoch at
 /// the column's default, 0, whatever its stream says; so it must be folded again, and until
 /// then its epochs are not the accounts'.
+///
+/// Still 2 with `users.email_verified` and the events of account recovery (`EmailVerified`,
+/// `EmailChanged`, `PasswordReset`, `LockoutLifted`): a view folded before those events
+/// existed holds no account that any of them changed, so every row of it is right with the
+/// new column's default, false, and needs no second fold. That rests on no aggregator of an
+/// older build having passed over one of them (it skips types it does not know): upgrade the
+/// aggregators, with the migration, before the command API that appends them, or `rebuild`
+/// after.
 pub const USERS_VERSION: i32 = 2;
 
 /// The read model's migrations on PostgreSQL (`migrations/read_model/postgres`).
