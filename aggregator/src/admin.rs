@@ -7,7 +7,8 @@ use message_store::{GlobalPosition, MessageStore};
 use serde::Serialize;
 use sqlx::{Executor, Row};
 
-use crate::projector::{LOCK_KEY_SQL, Outcome, Projector, ProjectorOptions};
+use crate::consumer::LOCK_KEY_SQL;
+use crate::projector::{Outcome, Projector, ProjectorOptions};
 use read_model_schema::{USERS_VERSION, signed};
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod consumer;
 pub mod projector;
 pub mod read_model;
 pub mod view;

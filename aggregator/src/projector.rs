@@ -2,36 +2,29 @@
 //! batch into the read model together with its checkpoint, in one transaction.
 //!
 //! - [`Projector::process_next_batch`] is one step, for tests and for the loop.
-//! - [`Projector::run`] is the loop: take the projection's advisory lock (PostgreSQL), work
-//!   through the backlog, then sleep on the store's subscription until a wake-up or the poll
-//!   interval. It never exits on a database error: it logs, backs off and resumes from the
-//!   stored checkpoint. It stops on shutdown, between batches: a batch in flight commits or
-//!   rolls back as a whole.
+//! - [`Projector::run`] is the loop of every consumer ([`crate::consumer`]): one replica works
+//!   while the others stand by to take over (docs/adr/0008); it stops on shutdown between
+//!   batches, so a batch in flight commits or rolls back as a whole.
 //!
-//! Several replicas may run. Exactly one holds the session-level advisory lock on a dedicated
-//! connection and works; the others retry every `lock_retry` and take over when its session
-//! ends. A holder keeps its session alive with a heartbeat, and the server ends a session that
-//! stays silent for the `lock_lease` (`idle_session_timeout`), so a holder that is cut off
-//! without its connection closing (a partition, a frozen node) loses the lock within the lease
-//! too (docs/adr/0008). The lock saves work but correctness does not rest on it: every commit
-//! moves the checkpoint by compare-and-set on its position, the projection's version and the
-//! takeover epoch, which each new holder bumps; a worker that lost its lock, even one that has
-//! not noticed yet and whose connection heals, writes nothing.
+//! Correctness does not rest on the lock: every commit moves the checkpoint by compare-and-set
+//! on its position, the projection's version and the takeover epoch, which each new holder
+//! bumps; a worker that lost its lock, even one that has not noticed yet and whose connection
+//! heals, writes nothing.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use std::collections::HashSet;
-
-use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError, Subscription};
+use async_trait::async_trait;
+use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
 use read_model_schema::USERS_VERSION;
-use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_take_over};
+use crate::consumer::{self, Consumer, LockTiming, Progress};
+use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target};
 use crate::view::{Change, RowId, Rows, apply, prepare};
 
 /// What one step did.
@@ -74,7 +67,8 @@ pub enum ProjectorError {
 pub struct ProjectorStats {
     pub events_applied: AtomicU64,
     pub batches: AtomicU64,
-    pub holds_lock: AtomicBool,
+    /// Shared with the lock's heartbeat, which clears it the moment the lock is lost.
+    pub holds_lock: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone)]
@@ -517,23 +511,17 @@ impl Projector {
     }
 
     /// Why the projection must not go on from `checkpoint`, when the store's last message lies
-    /// below it: the view holds events the store no longer has (a restore from an older point,
-    /// or a failover that lost commits the read model had applied), and new messages could be
-    /// written at positions the checkpoint has passed, where this worker would never see them.
+    /// below it: the view holds events the store no longer has.
     async fn store_behind(
         &self,
         checkpoint: GlobalPosition,
     ) -> Result<Option<String>, ProjectorError> {
-        let last = self.store.last_position().await?;
-        Ok((last < checkpoint).then(|| {
-            format!(
-                "the read model has applied events up to position {checkpoint}, but the message \
-                 store's last position is {last}: the store was restored from an older point, or \
-                 a failover lost commits. Rebuild the view from the store (`aggregator rebuild \
-                 --projection {}`), then restart the aggregator",
-                self.target.checkpoint
-            )
-        }))
+        let remedy = format!(
+            "The view holds events the store no longer has. Rebuild it from the store \
+             (`aggregator rebuild --projection {}`), then restart the aggregator",
+            self.target.checkpoint
+        );
+        Ok(consumer::store_behind(&self.store, checkpoint, &remedy).await?)
     }
 
     /// Whether this worker may write on top of `stored`: it folds the view's version, and no
@@ -574,282 +562,69 @@ impl Projector {
         }
     }
 
-    /// Works until `shutdown` completes. Never returns early on errors.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// Works until `shutdown` completes, one replica at a time (see [`crate::consumer`]).
+    /// Never returns early on errors.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         metrics::gauge!("projection_halted", "projection" => self.name()).set(0.0);
-        let mut subscription = self.store.subscribe();
-        while let Some(lock) = self.take_lock(shutdown.as_mut()).await {
-            let held = self
-                .work_while_holding(lock, &mut subscription, shutdown.as_mut())
-                .await;
-            if held == Held::UntilShutdown {
-                break;
-            }
-        }
-        self.stats.holds_lock.store(false, Ordering::Relaxed);
-        tracing::info!(projection = self.name(), "projector stopped");
+        consumer::run(self, shutdown).await;
+    }
+}
+
+#[async_trait]
+impl Consumer for Projector {
+    type Error = ProjectorError;
+
+    fn name(&self) -> &'static str {
+        self.target.checkpoint
     }
 
-    /// Waits until this worker holds the projection's lock (`Some(None)` on SQLite, the
-    /// single-process mode, where there is one worker); `None` when `shutdown` came first.
-    async fn take_lock<S: Future<Output = ()>>(
-        &mut self,
-        mut shutdown: std::pin::Pin<&mut S>,
-    ) -> Option<Option<ProjectionLock>> {
-        let lock = match &self.read_model {
-            ReadModelWriter::Postgres(pool) => {
-                let acquire = ProjectionLock::acquire(
-                    pool.clone(),
-                    self.name(),
-                    self.version,
-                    &self.options,
-                    self.stats.clone(),
-                );
-                tokio::select! {
-                    lock = acquire => Some(lock),
-                    () = &mut shutdown => return None,
-                }
-            }
-            ReadModelWriter::Sqlite(_) => None,
-        };
-        self.fence = lock.as_ref().map(|lock| lock.epoch);
-        self.stats.holds_lock.store(true, Ordering::Relaxed);
+    fn version(&self) -> i32 {
+        self.version
+    }
+
+    fn store(&self) -> &Arc<dyn MessageStore> {
+        &self.store
+    }
+
+    fn read_model(&self) -> &ReadModelWriter {
+        &self.read_model
+    }
+
+    fn lock_timing(&self) -> LockTiming {
+        LockTiming {
+            retry: self.options.lock_retry,
+            lease: self.options.lock_lease,
+        }
+    }
+
+    fn holds_lock(&self) -> Arc<AtomicBool> {
+        self.stats.holds_lock.clone()
+    }
+
+    async fn step(&mut self) -> Result<Progress, ProjectorError> {
+        Ok(match self.process_next_batch().await? {
+            Outcome::Applied { .. } => Progress::Worked,
+            Outcome::Idle => Progress::Idle,
+            Outcome::Halted { .. } => Progress::Halted,
+        })
+    }
+
+    fn took_over(&mut self, fence: Option<i64>) {
+        self.fence = fence;
         // The checkpoint may have moved while another replica held the lock.
         self.forget();
-        tracing::info!(projection = self.name(), "projecting");
-        Some(lock)
     }
 
-    /// Projects batch after batch while `lock` holds, sleeping on `subscription` when idle, and
-    /// backing off on errors. Returns when told to stop, or when the lock is lost or must be let
-    /// go (another holder, or a view of another version), to be taken again or waited for.
-    async fn work_while_holding<S: Future<Output = ()>>(
-        &mut self,
-        mut lock: Option<ProjectionLock>,
-        subscription: &mut Subscription,
-        mut shutdown: std::pin::Pin<&mut S>,
-    ) -> Held {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => return Held::UntilShutdown,
-                () = std::future::ready(()) => {}
-            }
-            if lock.as_ref().is_some_and(ProjectionLock::is_lost) {
-                // The heartbeat has said so; take it again, or stand by.
-                return Held::UntilLost;
-            }
-            // A batch in flight when the lock is lost is not cut short: its commit compares the
-            // epoch, which the next holder has bumped, and writes nothing.
-            match self.process_next_batch().await {
-                Ok(Outcome::Applied { .. }) => backoff = Duration::from_millis(100),
-                Ok(Outcome::Idle) => {
-                    backoff = Duration::from_millis(100);
-                    tokio::select! {
-                        _ = subscription.next() => {}
-                        () = lost(&mut lock) => {}
-                        () = &mut shutdown => return Held::UntilShutdown,
-                    }
-                }
-                Ok(Outcome::Halted { .. }) => {
-                    // Keep the lock (a standby would only halt too) and keep serving health
-                    // and metrics until told to stop.
-                    shutdown.await;
-                    return Held::UntilShutdown;
-                }
-                Err(error) => {
-                    // Another holder, or a view of another version: let go of the lock, so a
-                    // worker that may write (a newer build's, say) can take it.
-                    let let_go = matches!(
-                        error,
-                        ProjectorError::TakenOver | ProjectorError::OtherVersion { .. }
-                    );
-                    tracing::error!(
-                        projection = self.name(),
-                        error = %error,
-                        cause = ?std::error::Error::source(&error),
-                        "projection batch failed; retrying after {backoff:?}"
-                    );
-                    self.forget();
-                    if let_go {
-                        drop(lock.take());
-                        self.stats.holds_lock.store(false, Ordering::Relaxed);
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = &mut shutdown => return Held::UntilShutdown,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if let_go {
-                        return Held::UntilLost;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// How long a worker held the projection's lock.
-#[derive(Debug, PartialEq, Eq)]
-enum Held {
-    /// Until it was told to stop.
-    UntilShutdown,
-    /// Until it lost the lock or let it go.
-    UntilLost,
-}
-
-/// Completes when the heartbeat of `lock` finds it lost; never without a lock.
-async fn lost(lock: &mut Option<ProjectionLock>) {
-    match lock {
-        Some(lock) => {
-            let _ = lock.lost.wait_for(|lost| *lost).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// The advisory lock key of a projection: one namespace, apart from the store's stream locks.
-pub const LOCK_KEY_SQL: &str = "hashtextextended('aggregator projection ' || $1, 0)";
-
-/// A session-level advisory lock held on a connection of its own, kept alive by a heartbeat.
-///
-/// The lock lasts as long as its session. A worker that dies or closes the connection releases
-/// it at once; one that goes silent with the connection open (a partition, a frozen node)
-/// releases it when the server's `idle_session_timeout` (the lease, set on this session only)
-/// ends the session: the heartbeat sends a statement every fifth of the lease, so a live holder
-/// never comes near it. The heartbeat also tells the holder when its session stops answering,
-/// before the server can have given the lock away. Dropping the lock closes the connection.
-struct ProjectionLock {
-    /// The takeover epoch this holder wrote into the checkpoint.
-    epoch: i64,
-    lost: watch::Receiver<bool>,
-    heartbeat: JoinHandle<()>,
-}
-
-impl Drop for ProjectionLock {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-    }
-}
-
-impl ProjectionLock {
-    /// Waits until the lock is ours, trying every `lock_retry`, and takes the projection over.
-    async fn acquire(
-        pool: sqlx::PgPool,
-        projection: &'static str,
-        version: i32,
-        options: &ProjectorOptions,
-        stats: Arc<ProjectorStats>,
-    ) -> Self {
-        let mut waiting_logged = false;
-        loop {
-            match Self::try_acquire(&pool, projection, version, options.lock_lease, &stats).await {
-                Ok(Some(lock)) => return lock,
-                Ok(None) => {
-                    if !waiting_logged {
-                        tracing::info!(
-                            projection,
-                            "another worker holds the projection; standing by"
-                        );
-                        waiting_logged = true;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(projection, %error, "could not try the projection lock");
-                }
-            }
-            tokio::time::sleep(options.lock_retry).await;
-        }
+    fn forget(&mut self) {
+        Projector::forget(self);
     }
 
-    async fn try_acquire(
-        pool: &sqlx::PgPool,
-        projection: &'static str,
-        version: i32,
-        lease: Duration,
-        stats: &Arc<ProjectorStats>,
-    ) -> Result<Option<Self>, sqlx::Error> {
-        let lease_ms = lease.as_millis().max(1).to_string();
-        let options = pool
-            .connect_options()
-            .as_ref()
-            .clone()
-            .application_name(&format!(
-                "aggregator {} pid {}",
-                projection,
-                std::process::id()
-            ))
-            .options([("idle_session_timeout", lease_ms.as_str())]);
-        let mut connection = PgConnection::connect_with(&options).await?;
-        let locked: bool =
-            sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL})"))
-                .bind(projection)
-                .fetch_one(&mut connection)
-                .await?;
-        if !locked {
-            connection.close().await.ok();
-            return Ok(None);
-        }
-        // Waits for a commit of the previous holder in flight on the checkpoint row; an error
-        // drops the connection, and the lock with it.
-        let checkpoint = pg_take_over(&mut connection, projection, version).await?;
-        tracing::info!(
-            projection,
-            epoch = checkpoint.epoch,
-            "took the projection over"
-        );
-        let (lost_sender, lost) = watch::channel(false);
-        let heartbeat = tokio::spawn(heartbeat(
-            connection,
-            projection,
-            lease,
-            lost_sender,
-            stats.clone(),
-        ));
-        Ok(Some(Self {
-            epoch: checkpoint.epoch,
-            lost,
-            heartbeat,
-        }))
+    /// Another holder, or a view of another version: a worker that may write (a newer
+    /// build's, say) must be able to take the lock.
+    fn must_let_go(&self, error: &ProjectorError) -> bool {
+        matches!(
+            error,
+            ProjectorError::TakenOver | ProjectorError::OtherVersion { .. }
+        )
     }
-
-    fn is_lost(&self) -> bool {
-        *self.lost.borrow()
-    }
-}
-
-/// Keeps the lock's session busy enough that the server never finds it idle for the lease, and
-/// says when it stops answering: an error, or no answer within four fifths of the lease. The
-/// server cannot end the session sooner than a lease after the last heartbeat it answered, so a
-/// holder learns of the loss before any other worker can take the lock.
-async fn heartbeat(
-    mut connection: PgConnection,
-    projection: &'static str,
-    lease: Duration,
-    lost: watch::Sender<bool>,
-    stats: Arc<ProjectorStats>,
-) {
-    let every = lease / 5;
-    loop {
-        tokio::time::sleep(every).await;
-        match tokio::time::timeout(lease - every, connection.ping()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(projection, %error, "lost the projection lock's connection");
-                break;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    projection,
-                    "the projection lock's connection did not answer within the lease; the \
-                     server ends such a session and another worker may take over"
-                );
-                break;
-            }
-        }
-    }
-    stats.holds_lock.store(false, Ordering::Relaxed);
-    lost.send_replace(true);
 }
