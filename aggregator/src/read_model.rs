@@ -9,8 +9,9 @@
 //! | column | PostgreSQL | SQLite | meaning |
 //! |---|---|---|---|
 //! | `id` | uuid, primary key | text | the user id |
-//! | `email` | text | text | as registered |
+//! | `email` | text | text | as registered, or as last changed (`EmailChanged`) |
 //! | `email_normalized` | text, indexed | text, indexed | lookup key (not unique here: the command side decides uniqueness) |
+//! | `email_verified` | boolean, default false | integer 0 or 1, default 0 | the owner proved the address: set by `EmailVerified` and `EmailChanged` (the view of an account folded before those events existed is right with the default) |
 //! | `status` | text | text | `pending`, `active`, `deactivated`; indexed with `id` for paging |
 //! | `registered_at` | timestamptz | RFC 3339 text | |
 //! | `activated_at` | timestamptz null | text null | last activation (the registration time when registered active) |
@@ -20,7 +21,7 @@
 //! | `failed_logins` | integer | integer | failed logins since the last success |
 //! | `locked_until` | timestamptz null | text null | set by the failure that locked the account |
 //! | `roles` | text[] | JSON array text | `user`, `admin` |
-//! | `session_epoch` | bigint, default 0 | integer, default 0 | the account's session epoch: moved by a deactivation, a password change and `SessionsEnded` |
+//! | `session_epoch` | bigint, default 0 | integer, default 0 | the account's session epoch: moved by a deactivation, a password change or reset and `SessionsEnded` |
 //! | `position` | bigint | integer | global position of the last event applied to the row |
 //!
 //! `sessions`: one row per session (ADR 11), kept by the same projection as `users`, in the same
@@ -83,9 +84,9 @@ trait ViewRow: Sized {
 }
 
 impl ViewRow for UserRow {
-    const COLUMNS: &'static str = "id, email, email_normalized, status, registered_at, \
-         activated_at, deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
-         roles, session_epoch, position";
+    const COLUMNS: &'static str = "id, email, email_normalized, email_verified, status, \
+         registered_at, activated_at, deactivated_at, last_login_at, login_count, failed_logins, \
+         locked_until, roles, session_epoch, position";
 
     fn table(target: &Target) -> &'static str {
         target.users
@@ -633,15 +634,17 @@ async fn pg_upsert_users(
     }
     let sql = upsert::<UserRow>(
         target,
-        "SELECT r.id, r.email, r.email_normalized, r.status, r.registered_at, r.activated_at, \
-                r.deactivated_at, r.last_login_at, r.login_count, r.failed_logins, \
-                r.locked_until, string_to_array(r.roles, ','), r.session_epoch, r.position \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
-                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], \
-                     $10::int[], $11::timestamptz[], $12::text[], $13::bigint[], $14::bigint[]) \
-              AS r(id, email, email_normalized, status, registered_at, activated_at, \
-                   deactivated_at, last_login_at, login_count, failed_logins, locked_until, \
-                   roles, session_epoch, position)",
+        "SELECT r.id, r.email, r.email_normalized, r.email_verified, r.status, \
+                r.registered_at, r.activated_at, r.deactivated_at, r.last_login_at, \
+                r.login_count, r.failed_logins, r.locked_until, string_to_array(r.roles, ','), \
+                r.session_epoch, r.position \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::boolean[], $5::text[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
+                     $10::bigint[], $11::int[], $12::timestamptz[], $13::text[], $14::bigint[], \
+                     $15::bigint[]) \
+              AS r(id, email, email_normalized, email_verified, status, registered_at, \
+                   activated_at, deactivated_at, last_login_at, login_count, failed_logins, \
+                   locked_until, roles, session_epoch, position)",
     );
     sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -651,6 +654,7 @@ async fn pg_upsert_users(
                 .map(|r| r.email_normalized.as_str())
                 .collect::<Vec<_>>(),
         )
+        .bind(rows.iter().map(|r| r.email_verified).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.registered_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.activated_at).collect::<Vec<_>>())
@@ -739,13 +743,14 @@ async fn sqlite_upsert_users(
 ) -> Result<(), sqlx::Error> {
     let upsert = upsert::<UserRow>(
         target,
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     );
     for row in rows {
         sqlx::query(&upsert)
             .bind(row.id.hyphenated().to_string())
             .bind(&row.email)
             .bind(&row.email_normalized)
+            .bind(row.email_verified)
             .bind(&row.status)
             .bind(sqlite_time(row.registered_at))
             .bind(row.activated_at.map(sqlite_time))
@@ -805,6 +810,7 @@ impl StoredRow for PgRow {
             id: self.try_get("id")?,
             email: self.try_get("email")?,
             email_normalized: self.try_get("email_normalized")?,
+            email_verified: self.try_get("email_verified")?,
             status: self.try_get("status")?,
             registered_at: self.try_get("registered_at")?,
             activated_at: self.try_get("activated_at")?,
@@ -845,6 +851,7 @@ impl StoredRow for SqliteRow {
             id: parse_sqlite_id(self.try_get("id")?)?,
             email: self.try_get("email")?,
             email_normalized: self.try_get("email_normalized")?,
+            email_verified: self.try_get("email_verified")?,
             status: self.try_get("status")?,
             registered_at: parse_sqlite_time(self.try_get("registered_at")?)?,
             activated_at: parse_optional_sqlite_time(self.try_get("activated_at")?)?,

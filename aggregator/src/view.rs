@@ -22,6 +22,9 @@ pub struct UserRow {
     pub id: Uuid,
     pub email: String,
     pub email_normalized: String,
+    /// Whether the owner proved control of `email` (`identity::Account::email_verified`):
+    /// false at registration, true after a verification or a change of email.
+    pub email_verified: bool,
     /// `pending`, `active` or `deactivated`.
     pub status: String,
     pub registered_at: DateTime<Utc>,
@@ -326,6 +329,7 @@ fn insert_registered(
             id: user_id,
             email: registered.email.as_str().to_owned(),
             email_normalized: registered.email_normalized.clone(),
+            email_verified: false,
             status: registered.status.name().to_owned(),
             registered_at: registered.registered_at,
             activated_at: (registered.status == AccountStatus::Active)
@@ -348,7 +352,8 @@ fn insert_registered(
 }
 
 /// What an event of the user stream after the registration changes in its row (all but the
-/// position). The session epoch moves as `identity::evolve` moves the account's.
+/// position). The session epoch and the verified flag move as `identity::evolve` moves the
+/// account's.
 fn update_user(row: &mut UserRow, event: &UserEvent) {
     match event {
         UserEvent::UserRegistered(_) => {}
@@ -365,12 +370,15 @@ fn update_user(row: &mut UserRow, event: &UserEvent) {
         UserEvent::PasswordChanged(_)
         | UserEvent::PasswordReset(_)
         | UserEvent::SessionsEnded(_) => row.session_epoch += 1,
+        UserEvent::EmailVerified(_) => row.email_verified = true,
+        // The new address was proven by the link mailed to it.
         UserEvent::EmailChanged(e) => {
             row.email = e.email.as_str().to_owned();
             row.email_normalized = e.email_normalized.clone();
+            row.email_verified = true;
         }
         // The row's position still moves.
-        UserEvent::PasswordRehashed(_) | UserEvent::EmailVerified(_) => {}
+        UserEvent::PasswordRehashed(_) => {}
     }
 }
 
@@ -509,9 +517,10 @@ pub fn apply_all(rows: &mut Rows, changes: &[Change]) -> Result<Vec<RowId>, (usi
 mod tests {
     use chrono::TimeZone;
     use identity::{
-        Email, LoginSucceeded, PasswordChanged, PasswordHash, PasswordRehashed, RefreshNonce, Role,
-        SessionEndReason, SessionEnded, SessionId, SessionRefreshed, SessionsEnded, UserActivated,
-        UserAgent, UserDeactivated, UserId,
+        Email, EmailChanged, EmailVerified, LockoutLifted, LoginFailed, LoginSucceeded,
+        PasswordChanged, PasswordHash, PasswordRehashed, PasswordReset, RefreshNonce, Role,
+        SessionEndReason, SessionEnded, SessionId, SessionRefreshed, SessionsEnded, UserAccount,
+        UserActivated, UserAgent, UserDeactivated, UserId,
     };
 
     use super::*;
@@ -565,6 +574,28 @@ mod tests {
                 .into(),
             },
         }
+    }
+
+    fn login_event(position: u64, event: impl Into<LoginEvent>) -> Change {
+        Change {
+            position,
+            event: ProjectedEvent::Login {
+                user_id: id(),
+                event: event.into(),
+            },
+        }
+    }
+
+    fn email_changed(position: u64, email: &str) -> Change {
+        let email = Email::parse(email).unwrap();
+        user_event(
+            position,
+            EmailChanged {
+                email_normalized: email.normalized().to_owned(),
+                email,
+                at: at(position as i64),
+            },
+        )
     }
 
     fn session_event(position: u64, event: impl Into<SessionEvent>) -> Change {
@@ -684,6 +715,145 @@ mod tests {
         apply_all(&mut rows, &history).unwrap();
         assert_eq!(rows.users[&id()].session_epoch, 3);
         assert_eq!(rows.users[&id()].position, 16);
+    }
+
+    #[test]
+    fn a_verification_marks_the_address_verified_and_changes_nothing_else() {
+        let mut rows = Rows::default();
+        apply_all(&mut rows, &[registered(10)]).unwrap();
+        assert!(
+            !rows.users[&id()].email_verified,
+            "unverified at registration"
+        );
+        let before = rows.users[&id()].clone();
+        let verified = user_event(11, EmailVerified { at: at(1) });
+        assert_eq!(apply(&mut rows, &verified), Ok(true));
+        assert_eq!(
+            rows.users[&id()],
+            UserRow {
+                email_verified: true,
+                position: 11,
+                ..before
+            }
+        );
+    }
+
+    #[test]
+    fn a_change_of_email_moves_the_row_to_the_new_address_verified() {
+        let mut rows = Rows::default();
+        // Never verified before: the change proves the new address.
+        apply_all(
+            &mut rows,
+            &[registered(10), email_changed(11, "Bo@Example.ORG")],
+        )
+        .unwrap();
+        let row = &rows.users[&id()];
+        assert_eq!(
+            (
+                row.email.as_str(),
+                row.email_normalized.as_str(),
+                row.email_verified,
+                row.session_epoch,
+                row.position
+            ),
+            ("Bo@Example.ORG", "bo@example.org", true, 0, 11)
+        );
+    }
+
+    #[test]
+    fn a_password_reset_ends_every_session_as_a_password_change_does() {
+        let mut rows = Rows::default();
+        let reset = PasswordReset {
+            password_hash: PasswordHash::parse("$argon2id$v=19$z").unwrap(),
+            at: at(2),
+        };
+        apply_all(&mut rows, &[registered(10), user_event(12, reset)]).unwrap();
+        assert_eq!(rows.users[&id()].session_epoch, 1);
+        assert_eq!(rows.users[&id()].position, 12);
+    }
+
+    #[test]
+    fn a_lifted_lockout_forgets_the_failures_and_keeps_the_logins() {
+        let mut rows = Rows::default();
+        let locked = LoginFailed {
+            at: at(40),
+            failed_in_a_row: 5,
+            locked_until: Some(at(940)),
+            login_count: 4,
+        };
+        let lifted = LockoutLifted {
+            at: at(50),
+            login_count: 4,
+        };
+        apply_all(
+            &mut rows,
+            &[registered(10), login(30, 4), login_event(40, locked)],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                rows.users[&id()].failed_logins,
+                rows.users[&id()].locked_until
+            ),
+            (5, Some(at(940)))
+        );
+        assert_eq!(apply(&mut rows, &login_event(50, lifted)), Ok(true));
+        let row = &rows.users[&id()];
+        assert_eq!((row.failed_logins, row.locked_until), (0, None));
+        assert_eq!((row.login_count, row.last_login_at), (4, Some(at(30))));
+        assert_eq!(row.position, 50);
+    }
+
+    #[test]
+    fn the_address_its_verification_and_the_session_epoch_follow_the_domains_fold() {
+        let hash = PasswordHash::parse("$argon2id$v=19$y").unwrap();
+        let history = [
+            registered(10),
+            user_event(11, UserActivated { at: at(1) }),
+            user_event(12, EmailVerified { at: at(2) }),
+            email_changed(13, "second@example.com"),
+            user_event(
+                14,
+                PasswordReset {
+                    password_hash: hash.clone(),
+                    at: at(4),
+                },
+            ),
+            email_changed(15, "Third@Example.com"),
+            user_event(
+                16,
+                PasswordChanged {
+                    password_hash: hash,
+                    at: at(6),
+                },
+            ),
+        ];
+        let mut rows = Rows::default();
+        let mut account = UserAccount::default();
+        for change in &history {
+            apply(&mut rows, change).unwrap();
+            let ProjectedEvent::User { event, .. } = &change.event else {
+                unreachable!("a user event");
+            };
+            account = identity::evolve(account, event);
+            let (row, folded) = (&rows.users[&id()], account.account().unwrap());
+            assert_eq!(
+                (
+                    row.email.as_str(),
+                    row.email_normalized.as_str(),
+                    row.email_verified,
+                    row.session_epoch
+                ),
+                (
+                    folded.email.as_str(),
+                    folded.email_normalized.as_str(),
+                    folded.email_verified,
+                    i64::try_from(folded.session_epoch).unwrap()
+                ),
+                "after the event at {}",
+                change.position
+            );
+        }
     }
 
     #[test]
