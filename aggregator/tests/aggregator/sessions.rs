@@ -8,27 +8,7 @@ use identity::SessionEndReason;
 use read_model_schema::USERS_VERSION;
 use uuid::Uuid;
 
-use crate::support::{Stores, Writer, at};
-
-/// Runs the async fn `$test` (taking [`Stores`]) as two tests, `$name::on_postgresql` and
-/// `$name::on_sqlite`.
-macro_rules! on_both_engines {
-    ($name:ident, $test:ident) => {
-        mod $name {
-            use crate::support::Stores;
-
-            #[tokio::test]
-            async fn on_postgresql() {
-                super::$test(Stores::postgres().await).await;
-            }
-
-            #[tokio::test]
-            async fn on_sqlite() {
-                super::$test(Stores::sqlite().await).await;
-            }
-        }
-    };
-}
+use crate::support::{Stores, Writer, at, on_both_engines};
 
 /// A writer over `stores` with one active account, registered at 0.
 async fn ann(stores: &Stores) -> (Writer, Uuid) {

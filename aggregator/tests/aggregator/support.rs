@@ -10,10 +10,11 @@ use aggregator::view::{SessionRow, UserRow};
 use aggregator::{Outcome, Projector, ProjectorOptions, ReadModelWriter, Target};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use identity::{
-    AccountStatus, Email, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged, PasswordHash,
-    PasswordRehashed, RefreshNonce, Role, SessionEndReason, SessionEnded, SessionEvent, SessionId,
-    SessionRefreshed, SessionStarted, SessionsEnded, UserActivated, UserAgent, UserDeactivated,
-    UserEvent, UserId, UserRegistered, login_stream_name, session_stream_name, user_stream_name,
+    AccountStatus, Email, EmailChanged, EmailVerified, LockoutLifted, LoginEvent, LoginFailed,
+    LoginSucceeded, PasswordChanged, PasswordHash, PasswordRehashed, PasswordReset, RefreshNonce,
+    Role, SessionEndReason, SessionEnded, SessionEvent, SessionId, SessionRefreshed,
+    SessionStarted, SessionsEnded, UserActivated, UserAgent, UserDeactivated, UserEvent, UserId,
+    UserRegistered, login_stream_name, session_stream_name, user_stream_name,
 };
 use message_store::{
     ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
@@ -21,6 +22,27 @@ use message_store::{
 use serde_json::json;
 use test_support::TestDatabase;
 use uuid::Uuid;
+
+/// Runs the async fn `$test` (taking [`Stores`]) as two tests, `$name::on_postgresql` and
+/// `$name::on_sqlite`.
+macro_rules! on_both_engines {
+    ($name:ident, $test:ident) => {
+        mod $name {
+            use crate::support::Stores;
+
+            #[tokio::test]
+            async fn on_postgresql() {
+                super::$test(Stores::postgres().await).await;
+            }
+
+            #[tokio::test]
+            async fn on_sqlite() {
+                super::$test(Stores::sqlite().await).await;
+            }
+        }
+    };
+}
+pub(crate) use on_both_engines;
 
 pub struct Env {
     pub store: Arc<dyn MessageStore>,
@@ -148,6 +170,47 @@ impl Stores {
             ReadModelWriter::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
         }
         .unwrap();
+    }
+
+    /// The ids of the accounts the live users view finds under the normalised email
+    /// `normalized`, as the query API looks an address up.
+    pub async fn ids_by_email(&self, normalized: &str) -> Vec<Uuid> {
+        let lookup = "SELECT id FROM users WHERE email_normalized = $1 ORDER BY id";
+        match &self.read_model {
+            ReadModelWriter::Postgres(pool) => sqlx::query_scalar(lookup)
+                .bind(normalized)
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+            ReadModelWriter::Sqlite(pool) => {
+                let ids: Vec<String> = sqlx::query_scalar(lookup)
+                    .bind(normalized)
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                ids.iter().map(|id| Uuid::parse_str(id).unwrap()).collect()
+            }
+        }
+    }
+
+    /// Folds the views again from every event up to what `writer` appended, the way the
+    /// operator does on each engine: `rebuild` beside the live views on PostgreSQL, `reset` and
+    /// a replay by the next worker on SQLite.
+    pub async fn rebuild(&self, writer: &Writer) {
+        match &self.read_model {
+            ReadModelWriter::Postgres(_) => {
+                aggregator::admin::rebuild(&self.store, &self.read_model, "users", 3)
+                    .await
+                    .unwrap();
+            }
+            ReadModelWriter::Sqlite(_) => {
+                aggregator::admin::reset(&self.read_model, "users")
+                    .await
+                    .unwrap();
+                assert!(self.views().await.users.is_empty(), "the reset emptied it");
+                self.drain(&mut self.projector(), writer).await;
+            }
+        }
     }
 }
 
@@ -408,6 +471,7 @@ impl Writer {
                 id,
                 email: email.clone(),
                 email_normalized: email.to_lowercase(),
+                email_verified: false,
                 status: if active { "active" } else { "pending" }.into(),
                 registered_at: at(t),
                 activated_at: active.then(|| at(t)),
@@ -466,6 +530,42 @@ impl Writer {
             at: at(t),
         };
         self.user_event_changing(id, rehashed.into(), |_| {}).await;
+    }
+
+    /// A password set through a reset link: it ends every session, as a change does.
+    pub async fn reset_password(&self, id: Uuid, t: i64) {
+        let reset = PasswordReset {
+            password_hash: hash(),
+            at: at(t),
+        };
+        self.user_event_changing(id, reset.into(), |row| row.session_epoch += 1)
+            .await;
+    }
+
+    /// The owner confirms the address through the link mailed to it.
+    pub async fn verify_email(&self, id: Uuid, t: i64) {
+        self.user_event_changing(id, EmailVerified { at: at(t) }.into(), |row| {
+            row.email_verified = true;
+        })
+        .await;
+    }
+
+    /// The account moves to a new address of its own, confirmed through the link mailed to
+    /// it; returns the new address as given.
+    pub async fn change_email(&self, id: Uuid, t: i64) -> String {
+        let email = format!("Moved.{t}.{}@Example.org", id.simple());
+        let changed = EmailChanged {
+            email: Email::parse(&email).unwrap(),
+            email_normalized: email.to_lowercase(),
+            at: at(t),
+        };
+        self.user_event_changing(id, changed.into(), |row| {
+            row.email = email.clone();
+            row.email_normalized = email.to_lowercase();
+            row.email_verified = true;
+        })
+        .await;
+        email
     }
 
     /// An administrator ends every session of the account.
@@ -616,8 +716,23 @@ impl Writer {
         .await;
     }
 
+    /// A reset lifts the account's lockout: its failures are forgotten, its logins kept.
+    pub async fn lift_lockout(&self, id: Uuid, t: i64) {
+        let login_count = self.row(id).login_count as u64;
+        let lifted = LockoutLifted {
+            at: at(t),
+            login_count,
+        };
+        self.login_event_changing(id, lifted.into(), |row| {
+            row.failed_logins = 0;
+            row.locked_until = None;
+        })
+        .await;
+    }
+
     /// `users` new users, each followed by `ops` random events of theirs: status and password
-    /// changes, logins, and sessions started, refreshed and ended (some ended twice).
+    /// changes, verifications, changes of email, resets and lifted lockouts, logins, and
+    /// sessions started, refreshed and ended (some ended twice).
     pub async fn random_history(&self, users: usize, ops: usize) {
         let ids: Vec<Uuid> = (0..users).map(|_| Uuid::now_v7()).collect();
         for (n, id) in ids.iter().enumerate() {
@@ -629,7 +744,7 @@ impl Writer {
             let sessions = self.sessions_of(id);
             let session =
                 (!sessions.is_empty()).then(|| sessions[fastrand::usize(..sessions.len())]);
-            match (fastrand::u8(..12), session) {
+            match (fastrand::u8(..16), session) {
                 (0, _) => self.activate(id, t).await,
                 (1, _) => self.deactivate(id, t).await,
                 (2 | 3, _) => self.login(id, t).await,
@@ -637,6 +752,12 @@ impl Writer {
                 (5, _) => self.change_password(id, t).await,
                 (6, _) => self.rehash_password(id, t).await,
                 (7, _) => self.end_all_sessions(id, t).await,
+                (11, _) => self.verify_email(id, t).await,
+                (12, _) => {
+                    self.change_email(id, t).await;
+                }
+                (13, _) => self.reset_password(id, t).await,
+                (14, _) => self.lift_lockout(id, t).await,
                 (8, Some(session)) => {
                     let reason = if fastrand::bool() {
                         SessionEndReason::LoggedOut
