@@ -282,6 +282,7 @@ mod tests {
             profile: Profile {
                 id,
                 email: "ann@example.com".into(),
+                email_verified: false,
                 status: status.into(),
                 registered_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
                 activated_at: None,

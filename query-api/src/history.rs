@@ -124,6 +124,7 @@ fn entry(message: &RecordedMessage) -> Result<HistoryEntry, HistoryError> {
     let (time, data) = match decoded {
         Ok((time, mut data)) => {
             if let Some(fields) = data.as_object_mut() {
+                // Of a registration, a password change, a rehash and a reset alike.
                 fields.remove("password_hash");
             }
             (time, data)
@@ -225,6 +226,7 @@ pub async fn profile_as_of(
     Ok(Some(Profile {
         id: *account.id.as_uuid(),
         email: account.email.as_str().to_owned(),
+        email_verified: account.email_verified,
         status: account.status.name().to_owned(),
         registered_at: account.registered_at,
         activated_at,

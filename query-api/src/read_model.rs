@@ -18,8 +18,8 @@ use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION, on_eithe
 /// The columns of a profile, the account's session epoch and the row's position.
 macro_rules! columns {
     () => {
-        "id, email, status, registered_at, activated_at, deactivated_at, last_login_at, \
-         login_count, roles, session_epoch, position"
+        "id, email, email_verified, status, registered_at, activated_at, deactivated_at, \
+         last_login_at, login_count, roles, session_epoch, position"
     };
 }
 
@@ -106,7 +106,12 @@ const LIVE_SESSIONS_SQLITE: &str = live_sessions_sql!(
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
 pub struct Profile {
     pub id: Uuid,
+    /// The account's address: as registered, or as last changed.
     pub email: String,
+    /// Whether the owner has proved control of `email` through the link mailed to it (a
+    /// verification, or the change of email that moved the account there). OpenID Connect's
+    /// name, as in the access token.
+    pub email_verified: bool,
     /// `pending`, `active` or `deactivated`.
     pub status: String,
     #[serde(serialize_with = "rfc3339::instant")]
@@ -353,8 +358,9 @@ impl UsersView {
         })
     }
 
-    /// The accounts whose normalised email is `normalized` (one, unless the view lags behind
-    /// a change of address).
+    /// The accounts whose normalised email is `normalized`, by the address each has in the
+    /// view: one, unless the view lags behind a change of address (an account that moved away
+    /// is found under its old one until the view has the change).
     pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {
         on_either_pool!(UsersView, self, |pool| {
             let rows = retrying(pool, || {
@@ -520,6 +526,7 @@ macro_rules! impl_users_row {
                 Ok(Profile {
                     id: $id(self)?,
                     email: self.try_get("email")?,
+                    email_verified: self.try_get("email_verified")?,
                     status: self.try_get("status")?,
                     registered_at: self.try_get("registered_at")?,
                     activated_at: self.try_get("activated_at")?,
@@ -602,8 +609,9 @@ mod tests {
 
     use super::*;
 
-    /// The view on an SQLite file holding Ann's row at position 7 and the checkpoint at 9 of
-    /// projection version 2, as the aggregator writes them; and the file, to remove.
+    /// The view on an SQLite file holding Ann's row (her address verified) at position 7 and the
+    /// checkpoint at 9 of projection version 2, as the aggregator writes them; and the file, to
+    /// remove.
     async fn sqlite_view(ann: Uuid) -> (UsersView, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("users-view-{}.db", Uuid::new_v4()));
         let url = format!("sqlite://{}", path.display());
@@ -615,10 +623,10 @@ mod tests {
             .await
             .unwrap();
         sqlx::query(
-            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, \
-                                roles, position) \
-             VALUES ($1, 'Ann@example.com', 'ann@example.com', 'active', '2026-01-01T00:00:00Z', \
-                     3, '[\"user\"]', 7)",
+            "INSERT INTO users (id, email, email_normalized, email_verified, status, \
+                                registered_at, login_count, roles, position) \
+             VALUES ($1, 'Ann@example.com', 'ann@example.com', 1, 'active', \
+                     '2026-01-01T00:00:00Z', 3, '[\"user\"]', 7)",
         )
         .bind(ann.to_string())
         .execute(&writer)
@@ -743,10 +751,11 @@ mod tests {
         assert_eq!(
             (
                 row.profile.id,
+                row.profile.email_verified,
                 row.profile.login_count,
                 &row.profile.roles[..]
             ),
-            (ann, 3, &["user".to_owned()][..])
+            (ann, true, 3, &["user".to_owned()][..])
         );
 
         let changed = view.changes_since(6, 10).await.unwrap();
