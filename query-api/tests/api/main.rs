@@ -14,6 +14,7 @@ mod kept_profiles;
 mod lists;
 mod profiles;
 mod read_your_writes;
+mod recovery;
 mod restart;
 mod service;
 mod session_ends;
