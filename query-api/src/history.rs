@@ -5,9 +5,9 @@
 
 use chrono::{DateTime, Utc};
 use identity::{
-    Account, EventDecodeError, LoginEvent, LoginState, SessionEvent, SessionId, SessionState,
-    UserAccount, UserEvent, UserId, event_version, login_stream_name, session_stream_name,
-    user_stream_name,
+    Account, AccountStatus, EventDecodeError, LoginEvent, LoginState, SessionEvent, SessionId,
+    SessionState, UserAccount, UserEvent, UserId, event_version, login_stream_name,
+    session_stream_name, user_stream_name,
 };
 use message_store::{MessageStore, RecordedMessage, StoreError, StreamName};
 use serde::Serialize;
@@ -199,6 +199,10 @@ pub async fn profile_as_of(
             break;
         }
         match &event {
+            // As the users view has it: an account registered active was activated then.
+            UserEvent::UserRegistered(registered) if registered.status == AccountStatus::Active => {
+                activated_at = Some(registered.registered_at);
+            }
             UserEvent::UserActivated(activated) => activated_at = Some(activated.at),
             UserEvent::UserDeactivated(deactivated) => deactivated_at = Some(deactivated.at),
             _ => {}

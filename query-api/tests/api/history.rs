@@ -37,6 +37,9 @@ async fn a_profile_as_of_an_instant_is_the_fold_of_the_events_until_then() {
     };
     let body = profile_at(registered + TimeDelta::minutes(1)).await;
     assert_eq!(body["status"], "active");
+    // Registered active: activated then, as the users view says too.
+    assert!(body["activated_at"].is_string(), "{body}");
+    assert_eq!(body["activated_at"], body["registered_at"], "{body}");
     assert_eq!(body["login_count"].as_u64(), Some(0));
     assert!(body["last_login_at"].is_null());
 
