@@ -1,6 +1,7 @@
 //! A real SMTP server for the tests of code that sends mail, in a process of its own:
 //! [`SmtpCatcher`] keeps what it accepts for the test to read, refuses or defers the recipients
-//! the test names, and goes down and comes back on the same port when told.
+//! the test names, holds back its final reply while a test kills the sender, and goes down and
+//! comes back on the same port when told.
 //!
 //! Why a real server: what a mailer must get right is how it talks SMTP (the envelope, a 550
 //! for one recipient, a server that is down for a while), and a stand-in transport would only
@@ -176,6 +177,26 @@ impl SmtpCatcher {
     /// [`Self::defer`].
     pub fn accept(&self, address: &str) {
         self.answer(address, 250);
+    }
+
+    /// From now on the server keeps each message it receives (it shows in [`Self::received`])
+    /// but holds back the reply that tells the client it was accepted, until [`Self::release`]:
+    /// a test can kill the sender between the server having a mail and the sender learning
+    /// it.
+    pub fn hold(&self) {
+        let path = self.directory.join("hold");
+        std::fs::write(&path, b"")
+            .unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
+    }
+
+    /// Sends the replies held back since [`Self::hold`], and holds no more.
+    pub fn release(&self) {
+        let path = self.directory.join("hold");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("removing {}: {error}", path.display()),
+        }
     }
 
     /// Kills the server: connections are cut and new ones refused until [`Self::restart`].

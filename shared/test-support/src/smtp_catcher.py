@@ -8,7 +8,13 @@ files sees complete messages only. NAMEs sort in the order the messages arrived.
 Answers each RCPT TO as DIRECTORY/recipients says, read at every RCPT so the tests change it
 while the server runs: lines `CODE ADDRESS`, the last one for an address holding; 550 refuses
 the address, 451 defers it, anything else (or no line) accepts it.
+
+While DIRECTORY/hold exists, a message is kept as above but the final reply to its DATA is held
+back until the file goes: the server has the message and the client does not know it yet, the
+moment a sender can crash between the two.
 """
+
+import asyncio
 
 import email
 import email.policy
@@ -22,6 +28,7 @@ class Catcher:
     def __init__(self, directory):
         self.mail = os.path.join(directory, "mail")
         self.recipients = os.path.join(directory, "recipients")
+        self.hold = os.path.join(directory, "hold")
         self.sequence = itertools.count()
         os.makedirs(self.mail, exist_ok=True)
 
@@ -71,6 +78,8 @@ class Catcher:
             os.path.join(self.mail, name + ".json"),
             json.dumps(parsed, ensure_ascii=False).encode("utf-8"),
         )
+        while os.path.exists(self.hold):
+            await asyncio.sleep(0.05)
         return "250 OK: kept"
 
 

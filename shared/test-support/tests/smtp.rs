@@ -167,6 +167,32 @@ async fn a_stopped_server_refuses_connections_and_takes_mail_again_on_the_same_p
 }
 
 #[tokio::test]
+async fn a_held_reply_keeps_the_sender_waiting_with_the_mail_already_kept_until_released() {
+    let catcher = SmtpCatcher::start().await.unwrap();
+    catcher.hold();
+    let transport = transport(&catcher);
+    let sending = tokio::spawn(async move {
+        transport
+            .send(mail("ann@example.com", "held", "a link"))
+            .await
+    });
+
+    let received = catcher.wait_for_count(1, WAIT).await.unwrap();
+    assert_eq!(received[0].subject.as_deref(), Some("held"));
+    // The server has the mail; the sender has not heard so.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sending.is_finished());
+
+    catcher.release();
+    tokio::time::timeout(WAIT, sending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(catcher.received().len(), 1);
+}
+
+#[tokio::test]
 async fn waiting_for_mail_that_never_comes_says_what_did_arrive() {
     let catcher = SmtpCatcher::start().await.unwrap();
     transport(&catcher)
