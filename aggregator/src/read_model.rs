@@ -49,7 +49,11 @@
 //! projection's lock bumps (docs/adr/0008). Rows and checkpoint are written in one transaction,
 //! and the checkpoint is moved by compare-and-set on all three (`... WHERE position = old AND
 //! version = mine AND epoch = mine`): a worker that lost its lock, raced a `reset` or a
-//! `rebuild`, or folds another version than the view's, writes nothing.
+//! `rebuild`, or folds another version than the view's, writes nothing. Consumers that keep no
+//! view (the mailer) keep their checkpoint in the same table, moved by the same compare-and-set.
+//!
+//! `mail_refusals (message_id, mail_index, account_id, kind, reply_code, refused_at)`: the mails
+//! an SMTP server refused for good, one row each, kept by the mailer ([`MailRefusal`]).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -176,6 +180,20 @@ impl Target {
     pub fn tables(&self) -> [&'static str; 2] {
         [self.users, self.sessions]
     }
+}
+
+/// A mail an SMTP server refused for good, as `mail_refusals` keeps it: which mail of which
+/// event (its `Message-ID` is `<message_id.mail_index@domain>`), about which account, of which
+/// kind, the server's reply code (`None`: the address could not be written into an envelope)
+/// and when. No address: the event has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailRefusal {
+    pub message_id: Uuid,
+    pub mail_index: i16,
+    pub account_id: Uuid,
+    pub kind: String,
+    pub reply_code: Option<i32>,
+    pub refused_at: DateTime<Utc>,
 }
 
 /// What became of a batch commit.
@@ -380,7 +398,7 @@ impl ReadModelWriter {
         match self {
             Self::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                if !pg_move_checkpoint(&mut tx, target, from, to, idle_limit).await? {
+                if !pg_move_checkpoint(&mut tx, target.checkpoint, from, to, idle_limit).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
                 pg_upsert(&mut tx, target, rows).await?;
@@ -388,7 +406,7 @@ impl ReadModelWriter {
             }
             Self::Sqlite(pool) => {
                 let mut tx = begin_writing(pool).await?;
-                if !sqlite_move_checkpoint(&mut tx, target, from, to).await? {
+                if !sqlite_move_checkpoint(&mut tx, target.checkpoint, from, to).await? {
                     return Ok(Committed::CheckpointMoved);
                 }
                 sqlite_upsert_users(&mut tx, target, &rows.users).await?;
@@ -444,6 +462,116 @@ impl ReadModelWriter {
         })
     }
 
+    /// Moves the checkpoint of a consumer that keeps no view (the mailer) from `from` to `to`,
+    /// by compare-and-set on its position, version and epoch, as a batch commit moves a
+    /// projection's. Whether it moved: false when another worker, a reset or a takeover moved
+    /// it first.
+    pub async fn move_checkpoint(
+        &self,
+        consumer: &str,
+        from: &Checkpoint,
+        to: u64,
+    ) -> Result<bool, sqlx::Error> {
+        match self {
+            Self::Postgres(pool) => {
+                let mut connection = pool.acquire().await?;
+                pg_move_checkpoint(&mut connection, consumer, from, to, None).await
+            }
+            Self::Sqlite(pool) => {
+                let mut connection = pool.acquire().await?;
+                sqlite_move_checkpoint(&mut connection, consumer, from, to).await
+            }
+        }
+    }
+
+    /// Sets the checkpoint of a consumer that keeps no view to 0 at `version` (creating it if
+    /// there is none): its worker starts again from the first message. The epoch stays, as in
+    /// [`Self::reset`].
+    pub async fn reset_checkpoint(&self, consumer: &str, version: i32) -> Result<(), sqlx::Error> {
+        let upsert = "INSERT INTO projection_checkpoints (projection, version, position) \
+                      VALUES ($1, $2, 0) ON CONFLICT (projection) DO UPDATE \
+                      SET version = excluded.version, position = 0";
+        on_either_pool!(ReadModelWriter, self, |pool| sqlx::query(upsert)
+            .bind(consumer)
+            .bind(version)
+            .execute(pool)
+            .await
+            .map(drop))
+    }
+
+    /// Records that an SMTP server refused a mail for good (the mailer); a refusal recorded
+    /// again (a mail sent again after a `reset`) replaces the earlier one.
+    pub async fn record_mail_refusal(&self, refusal: &MailRefusal) -> Result<(), sqlx::Error> {
+        let upsert = "INSERT INTO mail_refusals \
+                      (message_id, mail_index, account_id, kind, reply_code, refused_at) \
+                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id, mail_index) \
+                      DO UPDATE SET reply_code = excluded.reply_code, \
+                      refused_at = excluded.refused_at";
+        match self {
+            Self::Postgres(pool) => {
+                sqlx::query(upsert)
+                    .bind(refusal.message_id)
+                    .bind(refusal.mail_index)
+                    .bind(refusal.account_id)
+                    .bind(&refusal.kind)
+                    .bind(refusal.reply_code)
+                    .bind(refusal.refused_at)
+                    .execute(pool)
+                    .await?;
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query(upsert)
+                    .bind(refusal.message_id.hyphenated().to_string())
+                    .bind(refusal.mail_index)
+                    .bind(refusal.account_id.hyphenated().to_string())
+                    .bind(&refusal.kind)
+                    .bind(refusal.reply_code)
+                    .bind(sqlite_time(refusal.refused_at))
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every recorded refusal, oldest first.
+    pub async fn mail_refusals(&self) -> Result<Vec<MailRefusal>, sqlx::Error> {
+        let select = "SELECT message_id, mail_index, account_id, kind, reply_code, refused_at \
+                      FROM mail_refusals ORDER BY refused_at, message_id, mail_index";
+        match self {
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(select).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(MailRefusal {
+                            message_id: row.try_get("message_id")?,
+                            mail_index: row.try_get("mail_index")?,
+                            account_id: row.try_get("account_id")?,
+                            kind: row.try_get("kind")?,
+                            reply_code: row.try_get("reply_code")?,
+                            refused_at: row.try_get("refused_at")?,
+                        })
+                    })
+                    .collect()
+            }
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(select).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(MailRefusal {
+                            message_id: parse_sqlite_id(row.try_get("message_id")?)?,
+                            mail_index: row.try_get("mail_index")?,
+                            account_id: parse_sqlite_id(row.try_get("account_id")?)?,
+                            kind: row.try_get("kind")?,
+                            reply_code: row.try_get("reply_code")?,
+                            refused_at: parse_sqlite_time(row.try_get("refused_at")?)?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
     pub fn as_postgres(&self) -> Option<&PgPool> {
         match self {
             Self::Postgres(pool) => Some(pool),
@@ -475,7 +603,7 @@ pub(crate) async fn pg_apply(
 ) -> Result<Committed, sqlx::Error> {
     // First, so that this transaction holds the checkpoint row before it touches the views:
     // reset and rebuild lock the same row first, and nothing waits in the other order.
-    if !pg_move_checkpoint(connection, target, from, to, None).await? {
+    if !pg_move_checkpoint(connection, target.checkpoint, from, to, None).await? {
         return Ok(Committed::CheckpointMoved);
     }
     if changes.is_empty() {
@@ -536,7 +664,7 @@ async fn pg_load_in<T: ViewRow>(
 /// rest of the transaction, only once the row is ours and without a round trip of its own.
 async fn pg_move_checkpoint(
     connection: &mut PgConnection,
-    target: &Target,
+    projection: &str,
     from: &Checkpoint,
     to: u64,
     idle_limit: Option<Duration>,
@@ -547,7 +675,7 @@ async fn pg_move_checkpoint(
          RETURNING CASE WHEN $6::bigint > 0 \
              THEN set_config('idle_in_transaction_session_timeout', $6::text, true) END",
     )
-    .bind(target.checkpoint)
+    .bind(projection)
     .bind(signed(from.position))
     .bind(signed(to))
     .bind(from.version)
@@ -717,7 +845,7 @@ async fn pg_upsert_sessions(
 
 async fn sqlite_move_checkpoint(
     connection: &mut SqliteConnection,
-    target: &Target,
+    projection: &str,
     from: &Checkpoint,
     to: u64,
 ) -> Result<bool, sqlx::Error> {
@@ -726,7 +854,7 @@ async fn sqlite_move_checkpoint(
          SET position = $3, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
          WHERE projection = $1 AND position = $2 AND version = $4 AND epoch = $5",
     )
-    .bind(target.checkpoint)
+    .bind(projection)
     .bind(signed(from.position))
     .bind(signed(to))
     .bind(from.version)
@@ -926,9 +1054,15 @@ mod tests {
         let mut silent = pool.begin().await.unwrap();
         let limit = Duration::from_millis(300);
         assert!(
-            pg_move_checkpoint(&mut silent, &Target::USERS, &checkpoint, 7, Some(limit))
-                .await
-                .unwrap()
+            pg_move_checkpoint(
+                &mut silent,
+                Target::USERS.checkpoint,
+                &checkpoint,
+                7,
+                Some(limit)
+            )
+            .await
+            .unwrap()
         );
         // The writer says nothing more, holding the checkpoint row.
         tokio::time::sleep(limit * 4).await;
@@ -939,7 +1073,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            pg_move_checkpoint(&mut next, &Target::USERS, &checkpoint, 9, None)
+            pg_move_checkpoint(&mut next, Target::USERS.checkpoint, &checkpoint, 9, None)
                 .await
                 .unwrap()
         );
