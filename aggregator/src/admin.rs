@@ -1,4 +1,5 @@
-//! The operator's commands: `status`, `reset` and `rebuild` of a projection.
+//! The operator's commands: `status` of every consumer (the users projection and the mailer),
+//! `reset` of either, and `rebuild` of a projection.
 
 use std::sync::Arc;
 
@@ -8,14 +9,15 @@ use serde::Serialize;
 use sqlx::{Executor, Row};
 
 use crate::consumer::LOCK_KEY_SQL;
+use crate::mailer::{MAILER, MAILER_VERSION};
 use crate::projector::{Outcome, Projector, ProjectorOptions};
 use read_model_schema::{USERS_VERSION, signed};
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};
 use crate::view::prepare;
 
-/// The projections this build knows.
-pub const PROJECTIONS: &[&str] = &["users"];
+/// The consumers this build knows: the projections, then the mailer.
+pub const PROJECTIONS: &[&str] = &["users", MAILER];
 
 /// One projection as `aggregator status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -33,6 +35,7 @@ pub struct ProjectionStatus {
 fn target(projection: &str) -> anyhow::Result<Target> {
     match projection {
         "users" => Ok(Target::USERS),
+        MAILER => bail!("the mailer keeps no view to rebuild; `reset` replays it"),
         other => bail!("no projection named {other:?}; known: {PROJECTIONS:?}"),
     }
 }
@@ -94,8 +97,15 @@ pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Resul
 }
 
 /// Empties the views (users and sessions) and their checkpoint in one transaction; the worker
-/// replays from zero.
+/// replays from zero. For the mailer, moves its checkpoint back to the start: it sends every
+/// mail again (but those whose links have expired), each with the `Message-ID` it had.
 pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Result<()> {
+    if projection == MAILER {
+        return read_model
+            .reset_checkpoint(MAILER, MAILER_VERSION)
+            .await
+            .context("resetting the mailer");
+    }
     let target = target(projection)?;
     read_model
         .reset(&target, USERS_VERSION)

@@ -1,20 +1,25 @@
-//! The aggregator: the worker that projects the message store's events into the read model,
-//! and the operator's commands around it (`migrate`, `status`, `reset`, `rebuild`).
+//! The aggregator: the consumers of the message store (the worker that projects its events into
+//! the read model, and the mailer), and the operator's commands around them (`migrate`,
+//! `status`, `reset`, `rebuild`).
 //!
 //! - [`view`]: the users and sessions views as values and how each event changes them (pure).
 //! - [`read_model`]: the read model's database (PostgreSQL or SQLite), its schema, and the
 //!   one-transaction batch commit with the checkpoint.
-//! - [`projector`]: the worker, one batch at a time or as a loop with takeover between replicas.
+//! - [`consumer`]: what every consumer shares: the loop, the lock and the takeover between
+//!   replicas.
+//! - [`projector`]: the users projection's worker, one batch at a time or as a loop.
+//! - [`mailer`]: the mailer, which sends the mails recovery events call for.
 //! - [`admin`]: status, reset and rebuild.
 //!
 //! [`Application`] wires them to settings and a small HTTP port (`/healthz`, `/readyz`,
-//! `/metrics`); the standalone binary runs the same [`Application`] (or a bare [`Projector`])
-//! inside its own process.
+//! `/metrics`); the standalone binary runs the same [`Projector`] and [`Mailer`] inside its own
+//! process.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod consumer;
+pub mod mailer;
 pub mod projector;
 pub mod read_model;
 pub mod view;
@@ -29,12 +34,20 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use message_store::{ConnectOptions, MessageStore};
-use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
+use platform::clock::{Clock, SystemClock};
+use platform::settings::{
+    DatabaseSettings, HttpSettings, LogSettings, MailSettings, ReadModelSettings,
+};
 use platform::shutdown::Shutdown;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use consumer::Backoff;
+use mailer::mails::Letters;
+use mailer::postman::{self, Postman};
+
+pub use mailer::{MailOutcome, Mailer, MailerOptions, MailerStats};
 pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
 pub use read_model::{ReadModelWriter, Target};
 
@@ -47,6 +60,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub read_model: ReadModelSettings,
     pub aggregator: AggregatorSettings,
+    /// Where the mailer sends, from whom, its links and their key (shared with the command
+    /// API).
+    pub mail: MailSettings,
     pub log: LogSettings,
 }
 
@@ -62,6 +78,7 @@ pub struct AggregatorSettings {
     /// closing its connection (docs/adr/0008): a standby takes over within
     /// `lock_lease_ms + lock_retry_ms`.
     pub lock_lease_ms: u64,
+    pub mailer: MailerSettings,
 }
 
 impl Default for AggregatorSettings {
@@ -71,6 +88,32 @@ impl Default for AggregatorSettings {
             batch_size: 1000,
             lock_retry_ms: 1000,
             lock_lease_ms: 5000,
+            mailer: MailerSettings::default(),
+        }
+    }
+}
+
+/// How the mailer works (what it sends, and where, is `mail`, shared with the command API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MailerSettings {
+    /// Recovery messages read per step: a crash sends at most one batch's mails again.
+    pub batch_size: usize,
+    /// The wait before a transient failure (the SMTP server down, a 4xx) is tried again,
+    /// doubled after each failure in a row up to `retry_max_ms`.
+    pub retry_first_ms: u64,
+    pub retry_max_ms: u64,
+    /// How long the SMTP server may take to answer one command.
+    pub smtp_timeout_ms: u64,
+}
+
+impl Default for MailerSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            retry_first_ms: 1000,
+            retry_max_ms: 60_000,
+            smtp_timeout_ms: 30_000,
         }
     }
 }
@@ -89,6 +132,59 @@ impl Settings {
             lock_lease: Duration::from_millis(self.aggregator.lock_lease_ms.max(100)),
             ..ProjectorOptions::default()
         }
+    }
+
+    pub fn mailer_options(&self) -> MailerOptions {
+        let mailer = &self.aggregator.mailer;
+        let first = Duration::from_millis(mailer.retry_first_ms.max(1));
+        MailerOptions {
+            batch_size: mailer.batch_size.max(1),
+            lock_retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+            lock_lease: Duration::from_millis(self.aggregator.lock_lease_ms.max(100)),
+            retry: Backoff {
+                first,
+                max: Duration::from_millis(mailer.retry_max_ms).max(first),
+            },
+        }
+    }
+
+    /// The mailer over `store` and `read_model`: SMTP to `mail.smtp_url`, or the outbox without
+    /// one. Fails without a mail token key: the links could not be made.
+    pub fn mailer(
+        &self,
+        store: Arc<dyn MessageStore>,
+        read_model: ReadModelWriter,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Mailer> {
+        let mail = &self.mail;
+        let key = tokens::configured_key::<tokens::MailLinks>(
+            mail.token_key.as_deref(),
+            mail.token_key_file.as_deref(),
+            mail.create_key_if_missing,
+            "mail.token_key",
+        )
+        .context("loading the mail token key")?
+        .context(
+            "no mail token key: set mail.token_key (64 or more hexadecimal digits, `openssl \
+             rand -hex 32`, the same as the command API's) or mail.token_key_file",
+        )?;
+        let letters = Letters::new(postman::sender(mail)?, &mail.link_base_url, key);
+        let timeout = Duration::from_millis(self.aggregator.mailer.smtp_timeout_ms.max(1));
+        let postman = Postman::from_settings(mail, timeout)?;
+        if let Postman::Outbox(directory) = &postman {
+            tracing::info!(
+                directory = %directory.display(),
+                "no mail.smtp_url: mails are written to the outbox, and their links logged"
+            );
+        }
+        Ok(Mailer::new(
+            store,
+            read_model,
+            postman,
+            letters,
+            clock,
+            self.mailer_options(),
+        ))
     }
 
     /// Opens the message store (applying its migrations, as every store client does).
@@ -124,12 +220,13 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         .context("applying the read model migrations")
 }
 
-/// The running aggregator: the users projector and its HTTP port.
+/// The running aggregator: the users projector, the mailer and its HTTP port.
 pub struct Application {
     listener: TcpListener,
     store: Arc<dyn MessageStore>,
     read_model: ReadModelWriter,
     projector: Projector,
+    mailer: Mailer,
 }
 
 impl Application {
@@ -151,11 +248,13 @@ impl Application {
             read_model.clone(),
             settings.projector_options(),
         );
+        let mailer = settings.mailer(store.clone(), read_model.clone(), Arc::new(SystemClock))?;
         Ok(Self {
             listener,
             store,
             read_model,
             projector,
+            mailer,
         })
     }
 
@@ -176,8 +275,13 @@ impl Application {
         self.projector.positions()
     }
 
-    /// Serves HTTP and projects until `shutdown` completes; then lets the batch in flight
-    /// finish (commit or roll back) and returns.
+    pub fn mailer_stats(&self) -> Arc<MailerStats> {
+        self.mailer.stats()
+    }
+
+    /// Serves HTTP, projects and mails until `shutdown` completes; then lets the batch in
+    /// flight finish (commit or roll back; the mails of a step in flight are sent) and
+    /// returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -188,7 +292,8 @@ impl Application {
             .with_graceful_shutdown(shutdown.stopped())
             .into_future();
         let worker = self.projector.run(shutdown.stopped());
-        let (served, ()) = tokio::join!(server, worker);
+        let mailer = self.mailer.run(shutdown.stopped());
+        let (served, (), ()) = tokio::join!(server, worker, mailer);
         served.context("serving HTTP")
     }
 }

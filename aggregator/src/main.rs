@@ -6,16 +6,22 @@ use platform::cli::CommandLine;
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the projections and serve /healthz, /readyz and /metrics (the default).
+    /// Run the projection and the mailer and serve /healthz, /readyz and /metrics (the
+    /// default).
     Run,
     /// Apply the read model's migrations and exit (idempotent).
     Migrate,
-    /// Per projection: checkpoint, head, lag and which worker holds it.
+    /// Per consumer (the users projection, the mailer): checkpoint, head, lag and which worker
+    /// holds it.
     Status,
-    /// Empty a projection's view and checkpoint, so the worker replays it from zero.
+    /// Empty a projection's view and checkpoint, so the worker replays it from zero; or move the
+    /// mailer back to the start, so it sends every mail again (`reset mailer`).
     Reset {
+        /// `users` or `mailer`.
+        #[arg(required_unless_present = "projection", conflicts_with = "projection")]
+        name: Option<String>,
         #[arg(long)]
-        projection: String,
+        projection: Option<String>,
     },
     /// Replay a projection into fresh tables and switch over atomically.
     Rebuild {
@@ -28,7 +34,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = CommandLine::<Command>::parse(
         "aggregator",
-        "Projects the message store's events into the read model",
+        "Projects the message store's events into the read model, and sends the mails they call for",
     );
     let settings: Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);
@@ -49,7 +55,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Reset { projection } => {
+        Command::Reset { name, projection } => {
+            let projection = name.or(projection).unwrap_or_default();
             let read_model = settings.connect_read_model().await?;
             read_model.migrate().await?;
             admin::reset(&read_model, &projection).await?;

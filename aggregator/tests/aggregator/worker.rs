@@ -247,6 +247,7 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
     settings.read_model.url = Some(env.read_model_url.as_str().into());
     settings.aggregator.http.address = "127.0.0.1:0".into();
     settings.aggregator.batch_size = 7;
+    settings.mail.token_key = Some("ab".repeat(32));
     let application = Application::build(settings).await.unwrap();
     let port = application.port().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
