@@ -109,6 +109,9 @@ impl Deployment {
                 &self.refresh_token_key,
             )
             .env("IDENTITY__MAIL__TOKEN_KEY", &self.mail_token_key)
+            // Without an SMTP server (the default), the aggregator's mails are files: in the
+            // run's directory rather than under the working directory's `data/`.
+            .env("IDENTITY__MAIL__OUTBOX_DIR", self.logs.join("mail"))
             .log_to(self.log(label));
         if let Some(url) = &self.read_model_url {
             launch = launch.env("IDENTITY__READ_MODEL__URL", url);
