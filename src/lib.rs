@@ -3,7 +3,8 @@
 //! routes and its background work, and this puts them on one port, over one message store and
 //! one read model: an SQLite file under `data/` by default (created on first start, kept across
 //! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key is created
-//! on first start and kept beside the database.
+//! on first start and kept beside the database. Mails are `.eml` files under `data/mail/`, their
+//! links logged, unless `mail.smtp_url` names a server.
 
 #![forbid(unsafe_code)]
 
@@ -62,6 +63,7 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     store: Arc<dyn MessageStore>,
     read_model: aggregator::ReadModelWriter,
+    mailer: aggregator::Mailer,
 }
 
 impl Application {
@@ -76,6 +78,12 @@ impl Application {
             .migrate()
             .await
             .context("applying the read model migrations")?;
+        // Without `mail.smtp_url` (the standalone default), mails are `.eml` files under
+        // `mail.outbox_dir` and their links are logged.
+        let mailer =
+            settings
+                .projection
+                .mailer(store.clone(), read_model.clone(), clock.clone())?;
         let address = &settings.commands.http.address;
         let listener = TcpListener::bind(address)
             .await
@@ -86,6 +94,7 @@ impl Application {
             clock,
             store,
             read_model,
+            mailer,
         })
     }
 
@@ -93,9 +102,10 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves the command and query routes and projects until `shutdown` completes; returns once
-    /// the requests in flight are answered, the batch in flight is committed or rolled back,
-    /// and every background task has stopped.
+    /// Serves the command and query routes, projects and mails until `shutdown` completes;
+    /// returns once the requests in flight are answered, the batch in flight is committed or
+    /// rolled back, the mails of the mailer's step in flight are sent, and every background
+    /// task has stopped.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -114,6 +124,7 @@ impl Application {
             projection.projector_options(),
         );
         let projecting = tokio::spawn(projector.run(shutdown.stopped()));
+        let mailing = tokio::spawn(self.mailer.run(shutdown.stopped()));
 
         let command_state =
             command_api::state_with_store(&commands, self.clock.clone(), store.clone())?;
@@ -158,6 +169,7 @@ impl Application {
             .with_graceful_shutdown(shutdown.stopped())
             .await;
         projecting.await.context("stopping the projector")?;
+        mailing.await.context("stopping the mailer")?;
         pruning
             .await
             .context("stopping the login history pruning")?;
