@@ -1,6 +1,7 @@
 //! The mailer in the real aggregator process of the split deployment, sending to a real SMTP
 //! server (`test_support::SmtpCatcher`): killed between the server having a mail and the mailer
-//! learning it was accepted, it sends the mail again once restarted, with the same Message-ID.
+//! learning it was accepted, it sends the mail again once restarted, with the same Message-ID;
+//! a refused recipient is passed over; and its logs carry neither addresses nor links.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot go on panics with the cause
 
@@ -85,4 +86,22 @@ async fn an_aggregator_killed_before_it_learns_its_mail_was_accepted_sends_it_ag
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(catcher.received().len(), 2);
+
+    // A recipient the server refuses is passed over, and said so in the log without the
+    // address; no log line carries an address or a link.
+    catcher.refuse("bob@example.com");
+    register(&client, services.command_port, "bob@example.com").await;
+    register(&client, services.command_port, "cat@example.com").await;
+    let received = catcher.wait_for_count(3, WAIT).await.unwrap();
+    assert_eq!(received[2].envelope_to, ["cat@example.com"]);
+    let logs = ["aggregator", "aggregator-restarted"]
+        .map(|label| std::fs::read_to_string(deployment.log(label)).unwrap())
+        .join("\n");
+    assert!(
+        logs.contains("refused a mail for good"),
+        "the refusal is logged: {logs}"
+    );
+    for secret in ["@example.com", "token=", "verify_email."] {
+        assert!(!logs.contains(secret), "{secret} in the logs: {logs}");
+    }
 }
