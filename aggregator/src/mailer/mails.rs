@@ -437,6 +437,8 @@ mod tests {
                 to: email(to),
                 new_email: new_email.map(email),
                 nonce: RecoveryNonce::from_bytes([7; RecoveryNonce::LEN]),
+                account_epoch: 0,
+                password_hash: None,
             },
             now(),
             &RecoveryPolicy::default(),

@@ -149,6 +149,8 @@ async fn request(
         to: email(to),
         new_email: new_email.map(email),
         nonce: random_nonce(),
+        account_epoch: 0,
+        password_hash: None,
     };
     // The mailer under test reads the real clock.
     let now = SystemClock.now() - ago;
@@ -441,6 +443,17 @@ async fn mails_asked_for_while_the_smtp_server_is_down_all_arrive_once_it_is_bac
     // The server was down, not cut off mid-mail: nothing it accepted is sent twice.
     assert_eq!(received_ids.len(), expected.len(), "{received:?}");
     assert_eq!(stats.sent.load(Relaxed), 7);
+    let rendered = platform::metrics::render();
+    for series in [
+        "mail_sent_total{kind=\"reset_password\"}",
+        "mail_retried_total",
+        "mail_lag_messages",
+    ] {
+        assert!(
+            rendered.contains(series),
+            "{series} missing from {rendered}"
+        );
+    }
 }
 
 on_both_engines!(

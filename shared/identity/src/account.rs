@@ -144,9 +144,12 @@ pub enum UserCommand {
     EndAllSessions,
     /// The owner confirmed a verification link. `activate_pending` says whether a pending
     /// account becomes active by it (the `verify` registration mode) or stays for an
-    /// administrator (`approval`).
+    /// administrator (`approval`). A link asked for by registering the address again carries
+    /// that registration's password, `new_password_hash`, which the account takes: whoever
+    /// proves the mailbox keeps the password they chose, not a stranger's who registered first.
     VerifyEmail {
         activate_pending: bool,
+        new_password_hash: Option<PasswordHash>,
     },
     /// A new password set through a reset link: the link stands for the old password.
     ResetPassword {
@@ -236,10 +239,22 @@ pub fn decide(
         // Recorded even when no session is live: the command side keeps no list of sessions,
         // and one event more in a rare administrator's action costs nothing.
         UserCommand::EndAllSessions => Ok(vec![SessionsEnded { at: now }.into()]),
-        UserCommand::VerifyEmail { activate_pending } => {
+        UserCommand::VerifyEmail {
+            activate_pending,
+            new_password_hash,
+        } => {
             let mut events = Vec::new();
             if !account.email_verified {
                 events.push(EmailVerified { at: now }.into());
+            }
+            if let Some(password_hash) = new_password_hash {
+                events.push(
+                    PasswordReset {
+                        password_hash,
+                        at: now,
+                    }
+                    .into(),
+                );
             }
             if activate_pending && status == AccountStatus::Pending {
                 events.push(UserActivated { at: now }.into());
@@ -587,7 +602,10 @@ mod tests {
     }
 
     fn verify(activate_pending: bool) -> UserCommand {
-        UserCommand::VerifyEmail { activate_pending }
+        UserCommand::VerifyEmail {
+            activate_pending,
+            new_password_hash: None,
+        }
     }
 
     fn ann_new() -> Email {
@@ -695,5 +713,26 @@ mod tests {
                     .then_refused(Refusal::AccountInactive);
             }
         }
+    }
+
+    #[test]
+    fn a_verification_asked_for_by_registering_again_sets_that_registrations_password() {
+        given([registered(AccountStatus::Pending)])
+            .when(
+                UserCommand::VerifyEmail {
+                    activate_pending: true,
+                    new_password_hash: Some(hash("second")),
+                },
+                t0(),
+            )
+            .then([
+                EmailVerified { at: t0() }.into(),
+                PasswordReset {
+                    password_hash: hash("second"),
+                    at: t0(),
+                }
+                .into(),
+                UserActivated { at: t0() }.into(),
+            ]);
     }
 }

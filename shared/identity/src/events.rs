@@ -769,6 +769,8 @@ mod tests {
                 requested_at: at(),
                 expires_at: at(),
                 new_email: None,
+                account_epoch: 2,
+                password_hash: None,
             }),
             recent_mails: vec![at()],
             ..RecoveryState::default()

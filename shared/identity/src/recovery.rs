@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::email::Email;
 use crate::events::{RecoveryCompleted, RecoveryEvent, RecoveryRequested, RegistrationAttempted};
+use crate::password::PasswordHash;
 use crate::time::add_saturating;
 use crate::values::hex_nonce;
 
@@ -72,11 +73,6 @@ impl RecoveryKind {
         Self::ResetPassword.name(),
         Self::ChangeEmail.name(),
     ];
-
-    /// The kind named `name` ([`Self::name`]), if any.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
 }
 
 /// How long a link lasts, and how many mails an account gets in an hour.
@@ -117,6 +113,19 @@ pub struct PendingRecovery {
     pub expires_at: DateTime<Utc>,
     /// For a change of email, the address the account moves to; `None` for the other kinds.
     pub new_email: Option<Email>,
+    /// The account's session epoch when the link was asked for
+    /// ([`crate::account::Account::session_epoch`]). A reset or a change of email is refused
+    /// once the account has moved past it: a password change or reset, a deactivation, or every
+    /// session ended since, each means its owner took it back, and a link mailed before must
+    /// not undo that.
+    #[serde(default)]
+    pub account_epoch: u64,
+    /// For a verification asked for by registering an address again while its account still
+    /// waits for its first verification: that registration's password, set when the link is
+    /// confirmed. Whoever proves the mailbox gets the password of the registration whose link
+    /// they confirm, so a stranger who registered the address first keeps nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<PasswordHash>,
 }
 
 impl PendingRecovery {
@@ -131,9 +140,14 @@ pub struct RecoveryState {
     pub verify_email: Option<PendingRecovery>,
     pub reset_password: Option<PendingRecovery>,
     pub change_email: Option<PendingRecovery>,
-    /// When each mail of the last hour (at the time of the event) was recorded, oldest first:
-    /// the hourly limit's window. A mail recorded at `t` counts until `t` plus one hour.
+    /// When each link mail of the last hour (at the time of the event) was recorded, oldest
+    /// first: the hourly limit's window. A mail recorded at `t` counts until `t` plus one hour.
     pub recent_mails: Vec<DateTime<Utc>>,
+    /// The same for notices, which have a limit of their own: otherwise anyone could spend an
+    /// account's mails on notices (registering its address in `verify` mode) and leave its
+    /// owner no reset link.
+    #[serde(default)]
+    pub recent_notices: Vec<DateTime<Utc>>,
 }
 
 impl RecoveryState {
@@ -154,12 +168,13 @@ impl RecoveryState {
         }
     }
 
-    /// The mails that still count toward the limit at `now`.
+    /// The link mails that still count toward the limit at `now`.
     pub fn mails_within_the_hour_at(&self, now: DateTime<Utc>) -> usize {
-        self.recent_mails
-            .iter()
-            .filter(|at| Self::counts_at(**at, now))
-            .count()
+        Self::within_the_hour(&self.recent_mails, now)
+    }
+
+    fn within_the_hour(sent: &[DateTime<Utc>], now: DateTime<Utc>) -> usize {
+        sent.iter().filter(|at| Self::counts_at(**at, now)).count()
     }
 
     fn counts_at(mail_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
@@ -168,9 +183,13 @@ impl RecoveryState {
             .is_none_or(|until| now < until)
     }
 
-    fn is_over_limit_at(&self, now: DateTime<Utc>, policy: &RecoveryPolicy) -> bool {
+    fn is_over_limit_at(
+        sent: &[DateTime<Utc>],
+        now: DateTime<Utc>,
+        policy: &RecoveryPolicy,
+    ) -> bool {
         let limit = usize::try_from(policy.max_mails_per_hour).unwrap_or(usize::MAX);
-        self.mails_within_the_hour_at(now) >= limit
+        Self::within_the_hour(sent, now) >= limit
     }
 
     fn pending_mut(&mut self, kind: RecoveryKind) -> &mut Option<PendingRecovery> {
@@ -184,13 +203,21 @@ impl RecoveryState {
     /// The state as written at `now`: the mails that no longer count are dropped.
     fn pruned_at(mut self, now: DateTime<Utc>) -> Self {
         self.recent_mails.retain(|at| Self::counts_at(*at, now));
+        self.recent_notices.retain(|at| Self::counts_at(*at, now));
         self
     }
 
-    /// The state at `now` with one more mail recorded.
+    /// The state at `now` with one more link mail recorded.
     fn with_mail_at(self, now: DateTime<Utc>) -> Self {
         let mut state = self.pruned_at(now);
         state.recent_mails.push(now);
+        state
+    }
+
+    /// The state at `now` with one more notice recorded.
+    fn with_notice_at(self, now: DateTime<Utc>) -> Self {
+        let mut state = self.pruned_at(now);
+        state.recent_notices.push(now);
         state
     }
 }
@@ -201,18 +228,26 @@ pub enum RecoveryCommand {
     /// Mail a link of `kind` to the account's address `to`. The caller chose `nonce` at
     /// random. A change of email names the address it moves to in `new_email`: its link goes
     /// there, and `to` gets a notice; the other kinds leave it `None`.
+    ///
+    /// `account_epoch` is the account's session epoch as the caller read it;
+    /// `password_hash`, for a verification only, the password a registration of the address
+    /// chose (see [`PendingRecovery::password_hash`]).
     Request {
         kind: RecoveryKind,
         to: Email,
         new_email: Option<Email>,
         nonce: RecoveryNonce,
+        account_epoch: u64,
+        password_hash: Option<PasswordHash>,
     },
     /// Mail the owner of `to` that someone tried to register with their address.
     NoticeRegistrationAttempt { to: Email },
-    /// Use the pending request of `kind` whose link the caller has authenticated with `nonce`.
+    /// Use the pending request of `kind` whose link the caller has authenticated with `nonce`,
+    /// on the account as it is now (its session epoch, `account_epoch`).
     Complete {
         kind: RecoveryKind,
         nonce: RecoveryNonce,
+        account_epoch: u64,
     },
 }
 
@@ -249,10 +284,14 @@ pub enum RecoveryRefusal {
     NoPendingRequest,
     #[error("the link has expired")]
     Expired,
-    /// A change of email without the address it moves to, or another kind with one: a mistake
-    /// of the caller, not of the client.
-    #[error("only a change of email names a new address, and it must")]
-    NewEmailMismatch,
+    /// A reset or a change of email asked for before the account's password changed, it was
+    /// deactivated, or its sessions were all ended.
+    #[error("the account changed since the link was sent")]
+    AccountChanged,
+    /// A change of email without the address it moves to, another kind with one, or a password
+    /// with another kind than a verification: a mistake of the caller, not of the client.
+    #[error("only a change of email names a new address, and only a verification a password")]
+    MalformedRequest,
 }
 
 /// Decides a command against the account's recovery state, read from the stream's last event;
@@ -269,11 +308,15 @@ pub fn decide_recovery(
             to,
             new_email,
             nonce,
+            account_epoch,
+            password_hash,
         } => {
-            if (kind == RecoveryKind::ChangeEmail) != new_email.is_some() {
-                return Err(RecoveryRefusal::NewEmailMismatch);
+            if (kind == RecoveryKind::ChangeEmail) != new_email.is_some()
+                || (kind != RecoveryKind::VerifyEmail && password_hash.is_some())
+            {
+                return Err(RecoveryRefusal::MalformedRequest);
             }
-            if state.is_over_limit_at(now, policy) {
+            if RecoveryState::is_over_limit_at(&state.recent_mails, now, policy) {
                 return Ok(RecoveryDecision::OverLimit);
             }
             let expires_at = add_saturating(now, policy.token_lifetime);
@@ -283,6 +326,8 @@ pub fn decide_recovery(
                 requested_at: now,
                 expires_at,
                 new_email: new_email.clone(),
+                account_epoch,
+                password_hash,
             });
             Ok(RecoveryDecision::Requested(RecoveryRequested {
                 kind,
@@ -295,16 +340,20 @@ pub fn decide_recovery(
             }))
         }
         RecoveryCommand::NoticeRegistrationAttempt { to } => {
-            if state.is_over_limit_at(now, policy) {
+            if RecoveryState::is_over_limit_at(&state.recent_notices, now, policy) {
                 return Ok(RecoveryDecision::OverLimit);
             }
             Ok(RecoveryDecision::Noticed(RegistrationAttempted {
                 to,
                 at: now,
-                state: state.clone().with_mail_at(now),
+                state: state.clone().with_notice_at(now),
             }))
         }
-        RecoveryCommand::Complete { kind, nonce } => {
+        RecoveryCommand::Complete {
+            kind,
+            nonce,
+            account_epoch,
+        } => {
             let pending = state
                 .pending(kind)
                 .filter(|pending| pending.nonce == nonce)
@@ -312,9 +361,18 @@ pub fn decide_recovery(
             if pending.is_expired_at(now) {
                 return Err(RecoveryRefusal::Expired);
             }
+            // A verification proves an address, whatever happened to the account since.
+            if kind != RecoveryKind::VerifyEmail && pending.account_epoch != account_epoch {
+                return Err(RecoveryRefusal::AccountChanged);
+            }
             let new_email = pending.new_email.clone();
             let mut after = state.clone().pruned_at(now);
             *after.pending_mut(kind) = None;
+            // The other links went to the address the account has just left.
+            if kind == RecoveryKind::ChangeEmail {
+                after.verify_email = None;
+                after.reset_password = None;
+            }
             Ok(RecoveryDecision::Completed(RecoveryCompleted {
                 kind,
                 new_email,
@@ -352,6 +410,8 @@ mod tests {
             to: ann(),
             new_email: None,
             nonce: recovery_nonce(n),
+            account_epoch: 0,
+            password_hash: None,
         }
     }
 
@@ -361,6 +421,8 @@ mod tests {
             to: ann(),
             new_email: Some(ann_new()),
             nonce: recovery_nonce(n),
+            account_epoch: 0,
+            password_hash: None,
         }
     }
 
@@ -368,6 +430,7 @@ mod tests {
         RecoveryCommand::Complete {
             kind,
             nonce: recovery_nonce(n),
+            account_epoch: 0,
         }
     }
 
@@ -381,6 +444,8 @@ mod tests {
             requested_at: at,
             expires_at: at + mins(30),
             new_email: None,
+            account_epoch: 0,
+            password_hash: None,
         }
     }
 
@@ -553,24 +618,26 @@ mod tests {
     }
 
     #[test]
-    fn notices_of_registration_attempts_count_toward_the_limit() {
-        let five = after([
-            (notice(), t0()),
-            (reset(1), t0() + mins(1)),
-            (notice(), t0() + mins(2)),
-            (notice(), t0() + mins(3)),
-            (notice(), t0() + mins(4)),
-        ]);
+    fn notices_have_a_limit_of_their_own_and_leave_the_link_mails_alone() {
+        let five_notices = after((0..5).map(|n| (notice(), t0() + mins(n))));
         assert_eq!(
-            five.as_ref().map(|event| event.state().recent_mails.len()),
+            five_notices
+                .as_ref()
+                .map(|event| event.state().recent_notices.len()),
             Some(5)
         );
-        given_recovery(five.clone())
+        given_recovery(five_notices.clone())
             .when(notice(), t0() + mins(5))
             .then(RecoveryDecision::OverLimit);
-        given_recovery(five)
+        // Anyone may register an address in `verify` mode: its owner still gets a reset link.
+        let RecoveryDecision::Requested(requested) = given_recovery(five_notices)
             .when(reset(2), t0() + mins(5))
-            .then(RecoveryDecision::OverLimit);
+            .decision()
+            .unwrap()
+        else {
+            panic!("the notices used up the link mails");
+        };
+        assert_eq!(requested.state.recent_mails, vec![t0() + mins(5)]);
     }
 
     #[test]
@@ -583,7 +650,8 @@ mod tests {
                 at: t0() + mins(1),
                 state: RecoveryState {
                     reset_password: Some(pending(1, t0())),
-                    recent_mails: vec![t0(), t0() + mins(1)],
+                    recent_mails: vec![t0()],
+                    recent_notices: vec![t0() + mins(1)],
                     ..RecoveryState::default()
                 },
             }));
@@ -647,10 +715,12 @@ mod tests {
                     to: ann_new(),
                     new_email: None,
                     nonce: recovery_nonce(1),
+                    account_epoch: 0,
+                    password_hash: None,
                 },
                 t0(),
             )
-            .then_refused(RecoveryRefusal::NewEmailMismatch);
+            .then_refused(RecoveryRefusal::MalformedRequest);
         given_recovery([])
             .when(
                 RecoveryCommand::Request {
@@ -658,10 +728,12 @@ mod tests {
                     to: ann(),
                     new_email: Some(ann_new()),
                     nonce: recovery_nonce(1),
+                    account_epoch: 0,
+                    password_hash: None,
                 },
                 t0(),
             )
-            .then_refused(RecoveryRefusal::NewEmailMismatch);
+            .then_refused(RecoveryRefusal::MalformedRequest);
     }
 
     #[test]
@@ -676,7 +748,7 @@ mod tests {
         };
         assert_eq!(completed.state.recent_mails, vec![t0()]);
         let noticed = after([(notice(), t0()), (notice(), t0() + mins(60))]).unwrap();
-        assert_eq!(noticed.state().recent_mails, vec![t0() + mins(60)]);
+        assert_eq!(noticed.state().recent_notices, vec![t0() + mins(60)]);
     }
 
     #[test]
@@ -709,5 +781,92 @@ mod tests {
         for kind in RecoveryKind::ALL {
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
         }
+    }
+
+    fn completed_on(kind: RecoveryKind, account_epoch: u64) -> RecoveryCommand {
+        RecoveryCommand::Complete {
+            kind,
+            nonce: recovery_nonce(1),
+            account_epoch,
+        }
+    }
+
+    #[test]
+    fn a_reset_or_a_change_asked_for_before_the_account_moved_on_is_refused() {
+        let requested = [
+            (RecoveryKind::ResetPassword, reset(1)),
+            (RecoveryKind::ChangeEmail, change(1)),
+        ];
+        for (kind, request) in requested {
+            let event = after([(request, t0())]);
+            // The password changed, the account was deactivated, or its sessions all ended.
+            given_recovery(event.clone())
+                .when(completed_on(kind, 1), t0() + mins(1))
+                .then_refused(RecoveryRefusal::AccountChanged);
+            let RecoveryDecision::Completed(_) = given_recovery(event)
+                .when(completed_on(kind, 0), t0() + mins(1))
+                .decision()
+                .unwrap()
+            else {
+                panic!("{kind:?} refused on the epoch it was asked on");
+            };
+        }
+    }
+
+    #[test]
+    fn a_verification_proves_the_address_whatever_happened_to_the_account_since() {
+        let verify = RecoveryCommand::Request {
+            kind: RecoveryKind::VerifyEmail,
+            to: ann(),
+            new_email: None,
+            nonce: recovery_nonce(1),
+            account_epoch: 0,
+            password_hash: None,
+        };
+        let event = after([(verify, t0())]);
+        let RecoveryDecision::Completed(_) = given_recovery(event)
+            .when(completed_on(RecoveryKind::VerifyEmail, 3), t0() + mins(1))
+            .decision()
+            .unwrap()
+        else {
+            panic!("refused");
+        };
+    }
+
+    #[test]
+    fn a_completed_change_of_email_voids_the_links_mailed_to_the_old_address() {
+        let verify = RecoveryCommand::Request {
+            kind: RecoveryKind::VerifyEmail,
+            to: ann(),
+            new_email: None,
+            nonce: recovery_nonce(2),
+            account_epoch: 0,
+            password_hash: None,
+        };
+        let last = after([(reset(3), t0()), (verify, t0()), (change(1), t0())]);
+        let RecoveryDecision::Completed(completed) = given_recovery(last)
+            .when(completed_on(RecoveryKind::ChangeEmail, 0), t0() + mins(1))
+            .decision()
+            .unwrap()
+        else {
+            panic!("refused");
+        };
+        assert_eq!(completed.state.verify_email, None);
+        assert_eq!(completed.state.reset_password, None);
+        let after_change = Some(RecoveryEvent::from(completed));
+        given_recovery(after_change)
+            .when(complete(RecoveryKind::ResetPassword, 3), t0() + mins(2))
+            .then_refused(RecoveryRefusal::NoPendingRequest);
+    }
+
+    #[test]
+    fn only_a_verification_carries_a_password() {
+        let mut request = reset(1);
+        if let RecoveryCommand::Request { password_hash, .. } = &mut request {
+            *password_hash = Some(crate::given::hash("squatter"));
+        }
+        given_recovery([])
+            .when(request, t0())
+            .then_refused(RecoveryRefusal::MalformedRequest);
     }
 }

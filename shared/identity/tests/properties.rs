@@ -99,46 +99,48 @@ proptest! {
     fn an_account_never_gets_more_mails_in_an_hour_than_the_limit_and_never_fewer(
         steps in proptest::collection::vec((0i64..1200, 0u8..4), 0..60),
     ) {
+        // Link mails and notices each have the limit, counted apart.
         let policy = RecoveryPolicy::default();
         let limit = usize::try_from(policy.max_mails_per_hour).unwrap();
         let hour = TimeDelta::hours(1);
         let to = Email::parse("ann@example.com").unwrap();
         let mut now = Utc.with_ymd_and_hms(2025, 3, 14, 9, 26, 53).unwrap();
         let mut last: Option<RecoveryEvent> = None;
-        let mut mails: Vec<DateTime<Utc>> = Vec::new();
+        let (mut links, mut notices): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = (vec![], vec![]);
         for (n, (gap_secs, which)) in steps.into_iter().enumerate() {
             now += TimeDelta::seconds(gap_secs);
             let mut bytes = [0; RecoveryNonce::LEN];
             bytes[0] = u8::try_from(n).unwrap();
             let nonce = RecoveryNonce::from_bytes(bytes);
+            let request = |kind, new_email| RecoveryCommand::Request {
+                kind, to: to.clone(), new_email, nonce, account_epoch: 0, password_hash: None,
+            };
             let command = match which {
-                0 => RecoveryCommand::Request {
-                    kind: RecoveryKind::ResetPassword, to: to.clone(), new_email: None, nonce,
-                },
-                1 => RecoveryCommand::Request {
-                    kind: RecoveryKind::VerifyEmail, to: to.clone(), new_email: None, nonce,
-                },
-                2 => RecoveryCommand::Request {
-                    kind: RecoveryKind::ChangeEmail, to: to.clone(), new_email: Some(to.clone()), nonce,
-                },
+                0 => request(RecoveryKind::ResetPassword, None),
+                1 => request(RecoveryKind::VerifyEmail, None),
+                2 => request(RecoveryKind::ChangeEmail, Some(to.clone())),
                 _ => RecoveryCommand::NoticeRegistrationAttempt { to: to.clone() },
             };
+            let sent = if which == 3 { &mut notices } else { &mut links };
             let state = RecoveryState::from_last(last.as_ref());
             let decision = decide_recovery(&state, command, now, &policy).unwrap();
-            let within_the_hour = mails.iter().filter(|at| now < **at + hour).count();
+            let within_the_hour = sent.iter().filter(|at| now < **at + hour).count();
             prop_assert_eq!(
                 matches!(decision, RecoveryDecision::OverLimit),
                 within_the_hour >= limit
             );
             if let Some(event) = decision.into_event() {
-                mails.push(now);
+                sent.push(now);
                 prop_assert!(event.state().recent_mails.len() <= limit);
+                prop_assert!(event.state().recent_notices.len() <= limit);
                 last = Some(event);
             }
         }
-        for (i, at) in mails.iter().enumerate() {
-            let in_the_hour_up_to_it = mails[..=i].iter().filter(|m| *at < **m + hour).count();
-            prop_assert!(in_the_hour_up_to_it <= limit);
+        for sent in [&links, &notices] {
+            for (i, at) in sent.iter().enumerate() {
+                let in_the_hour_up_to_it = sent[..=i].iter().filter(|m| *at < **m + hour).count();
+                prop_assert!(in_the_hour_up_to_it <= limit);
+            }
         }
     }
 }
