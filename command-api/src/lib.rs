@@ -136,6 +136,7 @@ pub fn state_with_store(
         .tokens
         .refresh_token_key()
         .context("loading the refresh token key")?;
+    settings.registration.check()?;
     let mail = &settings.mail;
     let mail_key = tokens::configured_key(
         mail.token_key.as_deref(),

@@ -7,22 +7,24 @@
 //! mail token key from the request's nonce; the store holds the nonce only.
 //!
 //! Confirming a link reads the recovery stream's last message, authenticates the token against
-//! the pending request's nonce, and appends the consumption in the same atomic append as its
-//! effect, each stream at the version read: a link is used once, or not at all. Every token
-//! that does not confirm (malformed, forged, used, replaced, expired, of an account that can no
-//! longer use it) is one error, [`CommandError::InvalidLink`].
+//! the pending request's nonce, and appends the request's use in the same atomic append as its
+//! effect, each stream at the version read: a link is used once, or not at all. A reset or a
+//! change of email is bound to the account's session epoch when it was asked for, so a password
+//! change or reset, a deactivation, or every session ended since voids it. Every token that
+//! does not confirm (malformed, forged, used, replaced, expired, voided) is one error,
+//! [`CommandError::InvalidLink`].
 //!
 //! `POST /password-reset` and a `verify`-mode registration answer alike for a known and an
-//! unknown address: the same answer, `mail.answer_after_ms` after the request began, whatever
-//! was done meanwhile (the work a known address costs is done within that delay).
+//! unknown address: the same answer, `mail.answer_after_ms` after the request began (for a
+//! registration, after its password was hashed, which both do), whatever was done meanwhile.
 
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use identity::{
-    Email, Password, RecoveryCommand, RecoveryCompleted, RecoveryDecision, RecoveryEvent,
-    RecoveryKind, RecoveryNonce, RecoveryState, Role, UserAccount, UserCommand, UserId, decide,
-    decide_recovery, recovery_stream_name,
+    Account, AccountStatus, Email, Password, PasswordHash, RecoveryCommand, RecoveryCompleted,
+    RecoveryDecision, RecoveryEvent, RecoveryKind, RecoveryNonce, RecoveryState, Register, Role,
+    UserAccount, UserCommand, UserEvent, UserId, decide, decide_recovery, recovery_stream_name,
 };
 use message_store::{ExpectedVersion, GlobalPosition, StreamAppend, StreamName, StreamPosition};
 use platform::FieldError;
@@ -54,21 +56,67 @@ struct ReadRecovery {
 }
 
 impl ReadRecovery {
-    fn append(&self, event: &RecoveryEvent) -> StreamAppend {
+    fn append(&self, event: RecoveryEvent) -> StreamAppend {
         StreamAppend::new(
             self.stream.clone(),
             expected(self.version),
-            vec![recovery_message(event)],
+            vec![recovery_message(&event)],
         )
     }
 }
 
-/// A link confirmed against the recovery stream: the consumption to append, and what the
-/// account's command is decided on.
+/// What confirming a link of each kind does to the account.
+enum LinkEffect {
+    /// The address is verified; `activate_pending` in the `verify` mode.
+    Verify {
+        activate_pending: bool,
+    },
+    /// The password is set to the one hashed here.
+    Reset {
+        new_password_hash: PasswordHash,
+    },
+    ChangeEmail,
+}
+
+impl LinkEffect {
+    fn kind(&self) -> RecoveryKind {
+        match self {
+            Self::Verify { .. } => RecoveryKind::VerifyEmail,
+            Self::Reset { .. } => RecoveryKind::ResetPassword,
+            Self::ChangeEmail => RecoveryKind::ChangeEmail,
+        }
+    }
+}
+
+/// A link authenticated against its account's recovery stream and decided on: the request's
+/// use, to append with the effect, and the account the effect is decided on.
 struct Confirmed {
     recovery: ReadRecovery,
     completed: RecoveryCompleted,
+    /// What the pending request carried for a verification (see
+    /// `identity::PendingRecovery::password_hash`).
+    password_hash: Option<PasswordHash>,
     loaded: Loaded,
+    account: Account,
+}
+
+impl Confirmed {
+    /// The append that uses the link.
+    fn use_of_link(&self) -> StreamAppend {
+        self.recovery.append(self.completed.clone().into())
+    }
+
+    /// The account's `events` at the version they were decided on; none when there are none.
+    fn account_append(&self, events: &[UserEvent]) -> Result<Option<StreamAppend>, CommandError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(StreamAppend::new(
+            user_stream(self.account.id)?,
+            expected(self.loaded.version),
+            user_messages(events),
+        )))
+    }
 }
 
 impl Commands {
@@ -83,24 +131,30 @@ impl Commands {
         let (email, password) = self.registration_fields(email, password)?;
         let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
         let status = self.registration_mode.initial_status();
+        let verification = |id, now| self.first_verification(id, &email, now);
         if self.registration_mode != RegistrationMode::Verify {
-            let done = self
-                .register_valid(id, &email, password, vec![Role::User], status, |id, now| {
-                    self.first_verification(id, &email, now)
-                })
-                .await?;
-            return Ok(SignUp::Registered(done));
+            let registered =
+                self.register_valid(id, &email, password, vec![Role::User], status, verification);
+            return Ok(SignUp::Registered(registered.await?));
         }
+        // Both a free and a taken address hash the password; the delay runs from there, so a
+        // wait for a hashing thread cannot use it up.
+        let password_hash = self.hasher.hash(password).await?;
         let started = Instant::now();
-        let registered = self
-            .register_valid(id, &email, password, vec![Role::User], status, |id, now| {
-                self.first_verification(id, &email, now)
-            })
-            .await;
-        let answer = match registered {
-            Ok(_) => Ok(SignUp::Accepted { id }),
+        let registration = Register {
+            user_id: id,
+            email: email.clone(),
+            password_hash: password_hash.clone(),
+            roles: vec![Role::User],
+            initial_status: status,
+        };
+        let answer = match self.register_hashed(registration, verification).await {
+            // An id registered with another address is answered alike: otherwise registering
+            // an address with an id and then the id with another address would tell whether
+            // the first registration created an account.
+            Ok(_) | Err(CommandError::IdTaken) => Ok(SignUp::Accepted { id }),
             Err(CommandError::EmailTaken) => self
-                .notice_taken_address(&email)
+                .notice_taken_address(&email, password_hash)
                 .await
                 .map(|()| SignUp::Accepted { id }),
             Err(error) => Err(error),
@@ -117,12 +171,7 @@ impl Commands {
         email: &Email,
         now: DateTime<Utc>,
     ) -> Result<Vec<StreamAppend>, CommandError> {
-        let command = RecoveryCommand::Request {
-            kind: RecoveryKind::VerifyEmail,
-            to: email.clone(),
-            new_email: None,
-            nonce: new_nonce()?,
-        };
+        let command = link_request(RecoveryKind::VerifyEmail, email, 0)?;
         let decided = decide_recovery(
             &RecoveryState::default(),
             command,
@@ -140,29 +189,36 @@ impl Commands {
     }
 
     /// A `verify`-mode registration of a taken address: its owner is told someone tried, or,
-    /// if their own account still waits for its verification, gets a new link instead (they
-    /// may be registering again because the first mail was lost).
-    async fn notice_taken_address(&self, email: &Email) -> Result<(), CommandError> {
+    /// if the account there still waits for its first verification, a new link goes out that
+    /// gives the account this registration's password (the person registering again may be
+    /// its owner, who lost the first mail; if they are not, they cannot read the link).
+    async fn notice_taken_address(
+        &self,
+        email: &Email,
+        password_hash: PasswordHash,
+    ) -> Result<(), CommandError> {
         let Some(holder) = self.find_user(email).await? else {
             return Ok(());
         };
-        let loaded = self.load(holder).await?;
-        let Some(account) = loaded.account.account() else {
+        let Some(account) = self.load(holder).await?.account.account().cloned() else {
             return Ok(());
         };
-        let awaiting_verification = !account.email_verified && !account.is_active();
-        let to = account.email.clone();
+        let unverified = !account.email_verified && account.status == AccountStatus::Pending;
         self.record_request(holder, || {
-            Ok(if awaiting_verification {
-                RecoveryCommand::Request {
-                    kind: RecoveryKind::VerifyEmail,
-                    to: to.clone(),
-                    new_email: None,
-                    nonce: new_nonce()?,
-                }
-            } else {
-                RecoveryCommand::NoticeRegistrationAttempt { to: to.clone() }
-            })
+            if !unverified {
+                return Ok(RecoveryCommand::NoticeRegistrationAttempt {
+                    to: account.email.clone(),
+                });
+            }
+            let mut command = link_request(RecoveryKind::VerifyEmail, &account.email, 0)?;
+            if let RecoveryCommand::Request {
+                password_hash: with,
+                ..
+            } = &mut command
+            {
+                *with = Some(password_hash.clone());
+            }
+            Ok(command)
         })
         .await
         .map(|_| ())
@@ -171,8 +227,7 @@ impl Commands {
     /// `POST /password-reset`: a known, active account gets a mail with a link; every address
     /// gets the same answer after `mail.answer_after_ms`.
     pub async fn request_password_reset(&self, email: &str) -> Result<(), CommandError> {
-        let email = Email::parse(email)
-            .map_err(|error| CommandError::Validation(vec![FieldError::new("email", error)]))?;
+        let email = email_field(email)?;
         let started = Instant::now();
         let requested = self.mail_reset_link(&email).await;
         tokio::time::sleep_until((started + self.answer_after).into()).await;
@@ -187,30 +242,53 @@ impl Commands {
         let Some(account) = loaded.account.account().filter(|a| a.is_active()) else {
             return Ok(());
         };
-        let to = account.email.clone();
         self.record_request(id, || {
-            Ok(RecoveryCommand::Request {
-                kind: RecoveryKind::ResetPassword,
-                to: to.clone(),
-                new_email: None,
-                nonce: new_nonce()?,
-            })
+            link_request(
+                RecoveryKind::ResetPassword,
+                &account.email,
+                account.session_epoch,
+            )
         })
         .await
         .map(|_| ())
     }
 
+    /// `POST /users/me/verify-email`: a new verification link for the caller's address, unless
+    /// it is verified already.
+    pub async fn request_verification(&self, id: UserId) -> Result<Done, CommandError> {
+        let loaded = self.load(id).await?;
+        let Some(account) = loaded.account.account() else {
+            return Err(CommandError::NotFound);
+        };
+        let position = if account.email_verified {
+            None
+        } else {
+            self.record_request(id, || {
+                link_request(
+                    RecoveryKind::VerifyEmail,
+                    &account.email,
+                    account.session_epoch,
+                )
+            })
+            .await?
+        };
+        Ok(Done {
+            id,
+            position: position.unwrap_or(loaded.last_global),
+        })
+    }
+
     /// `POST /users/me/email`: after the current password is proven (a wrong one counts toward
     /// the lockout, as in a password change), a link to the new address and a notice to the
-    /// current one. Whether the new address is free is decided when the link is confirmed.
+    /// current one. Whether the new address is free is decided when the link is confirmed, so
+    /// asking tells nothing about it.
     pub async fn request_email_change(
         &self,
         id: UserId,
         new_email: &str,
         password: String,
     ) -> Result<Done, CommandError> {
-        let new_email = Email::parse(new_email)
-            .map_err(|error| CommandError::Validation(vec![FieldError::new("email", error)]))?;
+        let new_email = email_field(new_email)?;
         let loaded = self.load(id).await?;
         let Some(account) = loaded.account.account() else {
             return Err(CommandError::NotFound);
@@ -221,19 +299,25 @@ impl Commands {
                 "is the account's address already",
             )]));
         }
-        self.prove_password(id, &loaded.account, password).await?;
+        self.prove_password(account, password).await?;
         if !account.is_active() {
             return Err(CommandError::AccountInactive);
         }
-        let to = account.email.clone();
         let position = self
             .record_request(id, || {
-                Ok(RecoveryCommand::Request {
-                    kind: RecoveryKind::ChangeEmail,
-                    to: to.clone(),
-                    new_email: Some(new_email.clone()),
-                    nonce: new_nonce()?,
-                })
+                let mut command = link_request(
+                    RecoveryKind::ChangeEmail,
+                    &account.email,
+                    account.session_epoch,
+                )?;
+                if let RecoveryCommand::Request {
+                    new_email: moving_to,
+                    ..
+                } = &mut command
+                {
+                    *moving_to = Some(new_email.clone());
+                }
+                Ok(command)
             })
             .await?;
         Ok(Done {
@@ -245,30 +329,9 @@ impl Commands {
     /// `POST /users/verify-email`: the address is verified; in `verify` mode a pending account
     /// becomes active with it.
     pub async fn verify_email(&self, token: &str) -> Result<Done, CommandError> {
-        let token = parse_link(token, RecoveryKind::VerifyEmail)?;
         let activate_pending = self.registration_mode == RegistrationMode::Verify;
-        for _ in 0..MAX_ATTEMPTS {
-            let confirmed = self.confirm(&token, RecoveryKind::VerifyEmail).await?;
-            let command = UserCommand::VerifyEmail { activate_pending };
-            let events = decide(&confirmed.loaded.account, command, self.clock.now())
-                .map_err(|_| CommandError::InvalidLink)?;
-            let mut appends = self
-                .administrators_append(&confirmed.loaded.account, &events)
-                .await?;
-            // Verified already and nothing to activate: the link is used all the same.
-            if !events.is_empty() {
-                appends.push(self.user_append(&confirmed.loaded, &events)?);
-            }
-            appends.push(
-                confirmed
-                    .recovery
-                    .append(&confirmed.completed.clone().into()),
-            );
-            if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
-                return Ok(done);
-            }
-        }
-        Err(lost_every_race("verifying an email"))
+        self.confirm_link(token, &LinkEffect::Verify { activate_pending })
+            .await
     }
 
     /// `POST /password-reset/confirm`: the new password replaces the old one, every session of
@@ -278,33 +341,15 @@ impl Commands {
         token: &str,
         password: String,
     ) -> Result<Done, CommandError> {
-        let token = parse_link(token, RecoveryKind::ResetPassword)?;
         let password = Password::new(password, &self.password_policy)
             .map_err(|error| CommandError::Validation(vec![FieldError::new("password", error)]))?;
         // Authenticated before the hash, so that a forged link costs no hashing.
-        self.confirm(&token, RecoveryKind::ResetPassword).await?;
+        let link = parse_link(token, RecoveryKind::ResetPassword)?;
+        self.authenticate_link(&link, RecoveryKind::ResetPassword)
+            .await?;
         let new_password_hash = self.hasher.hash(password).await?;
-        for _ in 0..MAX_ATTEMPTS {
-            let confirmed = self.confirm(&token, RecoveryKind::ResetPassword).await?;
-            let id = UserId::from_uuid(token.account());
-            let command = UserCommand::ResetPassword {
-                new_password_hash: new_password_hash.clone(),
-            };
-            let now = self.clock.now();
-            let events = decide(&confirmed.loaded.account, command, now)
-                .map_err(|_| CommandError::InvalidLink)?;
-            let mut appends = vec![self.user_append(&confirmed.loaded, &events)?];
-            appends.push(
-                confirmed
-                    .recovery
-                    .append(&confirmed.completed.clone().into()),
-            );
-            appends.extend(self.lockout_lift(id, now).await?);
-            if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
-                return Ok(done);
-            }
-        }
-        Err(lost_every_race("resetting a password"))
+        self.confirm_link(token, &LinkEffect::Reset { new_password_hash })
+            .await
     }
 
     /// `POST /email-change/confirm`: the account moves to the new address, whose reservation it
@@ -312,133 +357,168 @@ impl Commands {
     /// registration racing for the new address and this confirmation cannot both win: each
     /// appends to the reservation stream at the version it read.
     pub async fn confirm_email_change(&self, token: &str) -> Result<Done, CommandError> {
-        let token = parse_link(token, RecoveryKind::ChangeEmail)?;
-        for _ in 0..MAX_ATTEMPTS {
-            let confirmed = self.confirm(&token, RecoveryKind::ChangeEmail).await?;
-            let id = UserId::from_uuid(token.account());
-            let (Some(account), Some(new_email)) = (
-                confirmed.loaded.account.account(),
-                confirmed.completed.new_email.clone(),
-            ) else {
-                return Err(CommandError::InvalidLink);
-            };
-            let moving_out = self.reservation(&account.email).await?;
-            let moving_in = match self.reservation(&new_email).await? {
-                Reservation::Free { expected } => expected,
-                Reservation::HeldBy { .. } => return Err(CommandError::EmailTaken),
-            };
-            let command = UserCommand::ChangeEmail {
-                new_email: new_email.clone(),
-            };
-            let events = decide(&confirmed.loaded.account, command, self.clock.now())
-                .map_err(|_| CommandError::InvalidLink)?;
-            let appends = vec![
-                StreamAppend::new(
-                    email_stream(&account.email)?,
-                    moving_out.expected(),
-                    vec![EmailReleased { user_id: id }.to_message()],
-                ),
-                StreamAppend::new(
-                    email_stream(&new_email)?,
-                    moving_in,
-                    vec![EmailReserved { user_id: id }.to_message()],
-                ),
-                confirmed
-                    .recovery
-                    .append(&confirmed.completed.clone().into()),
-                self.user_append(&confirmed.loaded, &events)?,
-            ];
-            if let Some(done) = self.append_confirmed(&confirmed, appends).await? {
-                return Ok(done);
-            }
-        }
-        Err(lost_every_race("changing an email"))
+        self.confirm_link(token, &LinkEffect::ChangeEmail).await
     }
 
-    /// Reads the recovery stream of the token's account and confirms the token against its
-    /// pending request of `kind`; then loads the account.
-    async fn confirm(
+    /// The one way every link is confirmed: authenticated and decided on the streams as they
+    /// are, then its effect and its use appended at the versions read; again when another
+    /// writer got to one of them first.
+    async fn confirm_link(&self, token: &str, effect: &LinkEffect) -> Result<Done, CommandError> {
+        let kind = effect.kind();
+        let link = parse_link(token, kind)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let confirmed = self.authenticate_link(&link, kind).await?;
+            let mut appends = self.effect_of(effect, &confirmed).await?;
+            appends.push(confirmed.use_of_link());
+            let appended = self
+                .append_if_current(appends, "appending a confirmed link")
+                .await?;
+            if let Some(position) = appended {
+                return Ok(Done {
+                    id: confirmed.account.id,
+                    position,
+                });
+            }
+        }
+        Err(lost_every_race("confirming a link"))
+    }
+
+    /// What a confirmed link does, as the appends that do it.
+    async fn effect_of(
         &self,
-        token: &LinkToken,
+        effect: &LinkEffect,
+        confirmed: &Confirmed,
+    ) -> Result<Vec<StreamAppend>, CommandError> {
+        match effect {
+            LinkEffect::Verify { activate_pending } => {
+                let command = UserCommand::VerifyEmail {
+                    activate_pending: *activate_pending,
+                    new_password_hash: confirmed.password_hash.clone(),
+                };
+                let events = self.decide_on(confirmed, command)?;
+                let before = UserAccount::Registered(confirmed.account.clone());
+                let mut appends = self.administrators_append(&before, &events).await?;
+                appends.extend(confirmed.account_append(&events)?);
+                Ok(appends)
+            }
+            LinkEffect::Reset { new_password_hash } => {
+                let command = UserCommand::ResetPassword {
+                    new_password_hash: new_password_hash.clone(),
+                };
+                let events = self.decide_on(confirmed, command)?;
+                let mut appends: Vec<_> = confirmed.account_append(&events)?.into_iter().collect();
+                appends.extend(self.lockout_lift(confirmed.account.id).await?);
+                Ok(appends)
+            }
+            LinkEffect::ChangeEmail => self.moved_address(confirmed).await,
+        }
+    }
+
+    /// A change of email's appends: the old address released and the new one reserved, each at
+    /// the version read, with the account's event.
+    async fn moved_address(
+        &self,
+        confirmed: &Confirmed,
+    ) -> Result<Vec<StreamAppend>, CommandError> {
+        let id = confirmed.account.id;
+        let old_email = &confirmed.account.email;
+        let Some(new_email) = confirmed.completed.new_email.clone() else {
+            return Err(CommandError::Internal(anyhow::anyhow!(
+                "a change of email without its address"
+            )));
+        };
+        let moving_out = self.reservation(old_email).await?;
+        if moving_out.holder() != Some(id) {
+            return Err(CommandError::Internal(anyhow::anyhow!(
+                "the account's address is not reserved for it"
+            )));
+        }
+        let moving_in = match self.reservation(&new_email).await? {
+            Reservation::Free { expected } => expected,
+            Reservation::HeldBy { .. } => return Err(CommandError::EmailTaken),
+        };
+        let command = UserCommand::ChangeEmail {
+            new_email: new_email.clone(),
+        };
+        let events = self.decide_on(confirmed, command)?;
+        let mut appends = vec![
+            StreamAppend::new(
+                email_stream(old_email)?,
+                moving_out.expected(),
+                vec![EmailReleased { user_id: id }.to_message()],
+            ),
+            StreamAppend::new(
+                email_stream(&new_email)?,
+                moving_in,
+                vec![EmailReserved { user_id: id }.to_message()],
+            ),
+        ];
+        appends.extend(confirmed.account_append(&events)?);
+        Ok(appends)
+    }
+
+    /// Reads the recovery stream of the link's account, checks the token against its pending
+    /// request of `kind`, and decides the request's use on the account as it is now.
+    async fn authenticate_link(
+        &self,
+        link: &LinkToken,
         kind: RecoveryKind,
     ) -> Result<Confirmed, CommandError> {
-        let id = UserId::from_uuid(token.account());
+        let id = UserId::from_uuid(link.account());
         let recovery = self.read_recovery(id).await?;
         let pending = recovery
             .state
             .pending(kind)
             .ok_or(CommandError::InvalidLink)?;
-        if !token.authenticates_with(&self.mail_key, pending.nonce.as_bytes()) {
+        if !link.authenticates_with(&self.mail_key, pending.nonce.as_bytes()) {
             return Err(CommandError::InvalidLink);
         }
+        let loaded = self.load(id).await?;
+        let account = loaded
+            .account
+            .account()
+            .cloned()
+            .ok_or(CommandError::InvalidLink)?;
         let command = RecoveryCommand::Complete {
             kind,
             nonce: pending.nonce,
+            account_epoch: account.session_epoch,
         };
-        let decision = decide_recovery(
-            &recovery.state,
-            command,
-            self.clock.now(),
-            &self.recovery_policy,
-        )
-        .map_err(|_| CommandError::InvalidLink)?;
+        let now = self.clock.now();
+        let decision = decide_recovery(&recovery.state, command, now, &self.recovery_policy)
+            .map_err(|_| CommandError::InvalidLink)?;
         let RecoveryDecision::Completed(completed) = decision else {
-            return Err(lost_every_race("completing a recovery request"));
+            return Err(CommandError::Internal(anyhow::anyhow!(
+                "completing a link decided something else"
+            )));
         };
-        let loaded = self.load(id).await?;
-        if loaded.account.account().is_none() {
-            return Err(CommandError::InvalidLink);
-        }
+        let password_hash = pending.password_hash.clone();
         Ok(Confirmed {
             recovery,
             completed,
+            password_hash,
             loaded,
+            account,
         })
     }
 
-    /// Appends a confirmation's effect: the account's last position, or `None` when another
-    /// writer got to one of the streams first and the confirmation must be decided again.
-    async fn append_confirmed(
+    /// The account's events for `command`; a refusal (the account can no longer use the link)
+    /// is the link's refusal.
+    fn decide_on(
         &self,
         confirmed: &Confirmed,
-        appends: Vec<StreamAppend>,
-    ) -> Result<Option<Done>, CommandError> {
-        let id = match confirmed.loaded.account.account() {
-            Some(account) => account.id,
-            None => return Err(CommandError::InvalidLink),
-        };
-        let position = self
-            .append_if_current(appends, "appending a confirmed recovery")
-            .await?;
-        Ok(position.map(|position| Done { id, position }))
-    }
-
-    /// The account's events at the version they were decided on.
-    fn user_append(
-        &self,
-        loaded: &Loaded,
-        events: &[identity::UserEvent],
-    ) -> Result<StreamAppend, CommandError> {
-        let Some(account) = loaded.account.account() else {
-            return Err(CommandError::InvalidLink);
-        };
-        Ok(StreamAppend::new(
-            user_stream(account.id)?,
-            expected(loaded.version),
-            user_messages(events),
-        ))
+        command: UserCommand,
+    ) -> Result<Vec<UserEvent>, CommandError> {
+        decide(&confirmed.loaded.account, command, self.clock.now())
+            .map_err(|_| CommandError::InvalidLink)
     }
 
     /// The lifting of a lockout that a reset brings, at the login stream's version, if there is
     /// anything to lift.
-    async fn lockout_lift(
-        &self,
-        id: UserId,
-        now: DateTime<Utc>,
-    ) -> Result<Option<StreamAppend>, CommandError> {
+    async fn lockout_lift(&self, id: UserId) -> Result<Option<StreamAppend>, CommandError> {
         let stream = login_stream(id)?;
         let (state, version) = self.login_state(&stream).await?;
-        let Some(lifted) = state.lift_lockout(now) else {
+        let Some(lifted) = state.lift_lockout(self.clock.now()) else {
             return Ok(None);
         };
         Ok(Some(StreamAppend::new(
@@ -458,25 +538,20 @@ impl Commands {
     ) -> Result<Option<GlobalPosition>, CommandError> {
         for _ in 0..MAX_ATTEMPTS {
             let recovery = self.read_recovery(id).await?;
-            let decision = decide_recovery(
-                &recovery.state,
-                command()?,
-                self.clock.now(),
-                &self.recovery_policy,
-            )
-            .map_err(refused)?;
+            let command = command()?;
+            let kind = mail_kind(&command);
+            let now = self.clock.now();
+            let decision = decide_recovery(&recovery.state, command, now, &self.recovery_policy)
+                .map_err(refused)?;
             let Some(event) = decision.into_event() else {
-                count_mail_request("over_limit");
+                count_mail_request(kind, "over_limit");
                 return Ok(None);
             };
             let appended = self
-                .append_if_current(
-                    vec![recovery.append(&event)],
-                    "appending a recovery request",
-                )
+                .append_if_current(vec![recovery.append(event)], "appending a recovery request")
                 .await?;
             if let Some(position) = appended {
-                count_mail_request(event.event_type());
+                count_mail_request(kind, "recorded");
                 return Ok(Some(position));
             }
         }
@@ -503,32 +578,36 @@ impl Commands {
             version: Some(last.position),
         })
     }
+}
 
-    /// Proves the current password as a password change does.
-    async fn prove_password(
-        &self,
-        id: UserId,
-        account: &UserAccount,
-        password: String,
-    ) -> Result<(), CommandError> {
-        let password =
-            Password::for_verification(password).map_err(|_| CommandError::InvalidCredentials)?;
-        let stored = account
-            .account()
-            .map(|account| account.password_hash.clone());
-        let matches = self.hasher.verify(password, stored).await?.matches;
-        self.confirm_proof(id, account, matches).await
-    }
+/// A request of a link of `kind` mailed to `to`, on the account's session epoch
+/// `account_epoch`, with a fresh nonce; a change names its new address and a re-registration
+/// its password after this.
+fn link_request(
+    kind: RecoveryKind,
+    to: &Email,
+    account_epoch: u64,
+) -> Result<RecoveryCommand, CommandError> {
+    let bytes = random_nonce().map_err(|error| CommandError::Internal(error.into()))?;
+    Ok(RecoveryCommand::Request {
+        kind,
+        to: to.clone(),
+        new_email: None,
+        nonce: RecoveryNonce::from_bytes(bytes),
+        account_epoch,
+        password_hash: None,
+    })
+}
+
+/// The email field of a request, or the 422 naming it.
+fn email_field(email: &str) -> Result<Email, CommandError> {
+    Email::parse(email)
+        .map_err(|error| CommandError::Validation(vec![FieldError::new("email", error)]))
 }
 
 /// A presented link token of `kind`, or the one refusal every bad link gets.
 fn parse_link(text: &str, kind: RecoveryKind) -> Result<LinkToken, CommandError> {
     LinkToken::parse(text, &[kind.name()]).map_err(|_| CommandError::InvalidLink)
-}
-
-fn new_nonce() -> Result<RecoveryNonce, CommandError> {
-    let bytes = random_nonce().map_err(|error| CommandError::Internal(error.into()))?;
-    Ok(RecoveryNonce::from_bytes(bytes))
 }
 
 /// A refusal of a request the service itself made wrongly (a change without its address).
@@ -544,8 +623,18 @@ fn recovery_message(event: &RecoveryEvent) -> message_store::NewMessage {
     versioned_message(event.event_type(), event.to_json(), event.version())
 }
 
-/// Counts the mails asked for, by the event recorded (`RecoveryRequested`,
-/// `RegistrationAttempted`) or `over_limit`.
-fn count_mail_request(outcome: &'static str) {
-    metrics::counter!("recovery_mail_requests_total", "outcome" => outcome).increment(1);
+/// The kind of mail a command asks for, as the metrics name it.
+fn mail_kind(command: &RecoveryCommand) -> &'static str {
+    match command {
+        RecoveryCommand::Request { kind, .. } | RecoveryCommand::Complete { kind, .. } => {
+            kind.name()
+        }
+        RecoveryCommand::NoticeRegistrationAttempt { .. } => "registration_notice",
+    }
+}
+
+/// Counts the mails asked for, by kind and outcome (`recorded`, `over_limit`).
+fn count_mail_request(kind: &'static str, outcome: &'static str) {
+    metrics::counter!("recovery_mail_requests_total", "kind" => kind, "outcome" => outcome)
+        .increment(1);
 }

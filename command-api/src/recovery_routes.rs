@@ -24,6 +24,7 @@ use crate::routes::{
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/users/verify-email", post(verify_email))
+        .route("/users/me/verify-email", post(request_verification))
         .route("/password-reset", post(request_password_reset))
         .route("/password-reset/confirm", post(reset_password))
         .route("/users/me/email", post(request_email_change))
@@ -35,7 +36,7 @@ pub(crate) fn routes() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct LinkRequest {
     /// The `token` parameter of the link.
-    #[schema(max_length = 114)]
+    #[schema(max_length = 113)]
     token: String,
 }
 
@@ -58,7 +59,7 @@ pub struct PasswordResetRequest {
 #[serde(deny_unknown_fields)]
 pub struct NewPasswordRequest {
     /// The `token` parameter of the link.
-    #[schema(max_length = 114)]
+    #[schema(max_length = 113)]
     token: String,
     /// At least 8 and at most 128 characters (Unicode code points) by default.
     #[schema(format = Password, min_length = 8, max_length = 128)]
@@ -113,6 +114,27 @@ pub(crate) async fn verify_email(
 ) -> Result<Response, ApiError> {
     let done = state.commands.verify_email(&request.token).await?;
     Ok(no_content(done.position))
+}
+
+#[utoipa::path(post, path = "/users/me/verify-email",
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "A new link that verifies the caller's address is on its way (unless the address is verified already, or the account had `mail.max_per_account_per_hour` already); it replaces any earlier one", body = crate::routes::CommandResult,
+            headers(("X-Position" = u64, description = "global position of the request's event, or of the account's last event when none was recorded"))),
+        BearerRefusals,
+        StoreOutOfReach,
+    ))]
+pub(crate) async fn request_verification(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let id = UserId::from_uuid(caller.0.sub);
+    let done = state.commands.request_verification(id).await?;
+    Ok(command_response(
+        StatusCode::ACCEPTED,
+        done,
+        HeaderMap::new(),
+    ))
 }
 
 #[utoipa::path(post, path = "/password-reset", request_body = PasswordResetRequest,

@@ -32,13 +32,17 @@ pub struct EmailReserved {
     pub user_id: UserId,
 }
 
+/// The email of the stream is no longer `user_id`'s: the account moved to another address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailReleased {
+    pub user_id: UserId,
+}
+
 impl EmailReserved {
     pub const TYPE: &'static str = "EmailReserved";
-    pub const VERSION: u32 = 1;
 
     pub fn to_message(&self) -> NewMessage {
-        NewMessage::new(Self::TYPE, json!({ "user_id": self.user_id }))
-            .with_metadata(json!({ EVENT_VERSION_KEY: Self::VERSION }))
+        reservation_message(Self::TYPE, self.user_id)
     }
 
     /// The reservation a stored message records, if it is one.
@@ -49,20 +53,36 @@ impl EmailReserved {
     }
 }
 
-/// The email of the stream is no longer `user_id`'s: the account moved to another address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EmailReleased {
-    pub user_id: UserId,
-}
-
 impl EmailReleased {
     pub const TYPE: &'static str = "EmailReleased";
-    pub const VERSION: u32 = 1;
 
     pub fn to_message(&self) -> NewMessage {
-        NewMessage::new(Self::TYPE, json!({ "user_id": self.user_id }))
-            .with_metadata(json!({ EVENT_VERSION_KEY: Self::VERSION }))
+        reservation_message(Self::TYPE, self.user_id)
     }
+
+    /// The release a stored message records, if it is one.
+    pub fn from_message(message: &RecordedMessage) -> Option<Self> {
+        (message.message_type == Self::TYPE)
+            .then(|| serde_json::from_value(message.data.clone()).ok())
+            .flatten()
+    }
+}
+
+/// Both messages of a reservation stream are version 1 and name the account.
+const VERSION: u32 = 1;
+
+fn reservation_message(message_type: &'static str, user_id: UserId) -> NewMessage {
+    NewMessage::new(message_type, json!({ "user_id": user_id }))
+        .with_metadata(json!({ EVENT_VERSION_KEY: VERSION }))
+}
+
+/// A reservation stream whose last message is neither a reservation nor a release this build
+/// reads: nobody may take the address on its word (a newer writer's message, or damage).
+#[derive(Debug, thiserror::Error)]
+#[error("the last message of {stream} ({message_type}) is not a reservation this build reads")]
+pub struct UnreadableReservation {
+    stream: String,
+    message_type: String,
 }
 
 /// Who holds an address, from the last message of its reservation stream.
@@ -80,21 +100,30 @@ pub enum Reservation {
 }
 
 impl Reservation {
-    pub fn from_last(last: Option<&RecordedMessage>) -> Self {
+    /// The reservation as `last` leaves it. Only an empty stream or a release this build reads
+    /// frees the address: anything else is an error rather than a free address that two
+    /// accounts could then take.
+    pub fn from_last(last: Option<&RecordedMessage>) -> Result<Self, UnreadableReservation> {
         let Some(last) = last else {
-            return Self::Free {
+            return Ok(Self::Free {
                 expected: ExpectedVersion::NoStream,
-            };
+            });
         };
         let expected = ExpectedVersion::Exact(last.position);
-        match EmailReserved::from_message(last) {
-            Some(reserved) => Self::HeldBy {
+        if let Some(reserved) = EmailReserved::from_message(last) {
+            return Ok(Self::HeldBy {
                 user_id: reserved.user_id,
                 expected,
                 global_position: last.global_position,
-            },
-            None => Self::Free { expected },
+            });
         }
+        if EmailReleased::from_message(last).is_some() {
+            return Ok(Self::Free { expected });
+        }
+        Err(UnreadableReservation {
+            stream: last.stream.to_string(),
+            message_type: last.message_type.clone(),
+        })
     }
 
     pub fn holder(&self) -> Option<UserId> {
@@ -131,5 +160,48 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a.category(), EMAIL_CATEGORY);
         assert!(!a.as_str().contains("ann"));
+    }
+
+    fn recorded(message: NewMessage, position: u64) -> RecordedMessage {
+        RecordedMessage {
+            id: message.id,
+            stream: email_stream(&Email::parse("ann@example.com").unwrap()).unwrap(),
+            position,
+            global_position: 10 + position,
+            message_type: message.message_type,
+            data: message.data,
+            metadata: message.metadata,
+            time: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn only_an_empty_stream_or_a_release_frees_an_address() {
+        let ann = UserId::from_uuid(uuid::Uuid::now_v7());
+        assert_eq!(
+            Reservation::from_last(None).unwrap(),
+            Reservation::Free {
+                expected: ExpectedVersion::NoStream
+            }
+        );
+        let reserved = recorded(EmailReserved { user_id: ann }.to_message(), 0);
+        assert_eq!(
+            Reservation::from_last(Some(&reserved)).unwrap().holder(),
+            Some(ann)
+        );
+        let released = recorded(EmailReleased { user_id: ann }.to_message(), 1);
+        assert_eq!(
+            Reservation::from_last(Some(&released)).unwrap(),
+            Reservation::Free {
+                expected: ExpectedVersion::Exact(1)
+            }
+        );
+        let unknown = recorded(NewMessage::new("EmailTransferred", json!({})), 2);
+        assert!(Reservation::from_last(Some(&unknown)).is_err());
+        let damaged = recorded(
+            NewMessage::new(EmailReserved::TYPE, json!({ "user": 1 })),
+            3,
+        );
+        assert!(Reservation::from_last(Some(&damaged)).is_err());
     }
 }

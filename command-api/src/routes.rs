@@ -347,7 +347,7 @@ pub(crate) fn with_position(mut response: Response, position: GlobalPosition) ->
         (status = 201, description = "Registered (or the same request repeated with the same id), in the `open` and `approval` modes; a mail with a link that verifies the address is on its way", body = CommandResult,
             headers(("Location" = String, description = "/users/{id}"), ("X-Position" = u64, description = "global position of the last event"))),
         (status = 202, description = "`verify` mode: the same answer, after the same delay, whether the address was free or taken. A free one gets a link that activates the account; the owner of a taken one is told someone tried", body = SignUpAccepted),
-        (status = 409, description = "`email_taken` (not in `verify` mode), or `id_taken` (the id is registered with another email)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Not in `verify` mode: `email_taken`, or `id_taken` (the id is registered with another email)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "Invalid email or password, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
         (status = 429, description = "Too many password hashes waiting", body = ProblemBody, content_type = "application/problem+json"),
         BodyRefusals,
@@ -621,7 +621,7 @@ async fn openapi() -> Response {
 #[openapi(
     info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation and password change."),
     paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password,
-        recovery_routes::verify_email, recovery_routes::request_password_reset, recovery_routes::reset_password,
+        recovery_routes::verify_email, recovery_routes::request_verification, recovery_routes::request_password_reset, recovery_routes::reset_password,
         recovery_routes::request_email_change, recovery_routes::confirm_email_change, jwks, readyz, openapi),
     components(schemas(RegisterRequest, SignUpAccepted, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody,
         recovery_routes::LinkRequest, recovery_routes::PasswordResetRequest, recovery_routes::NewPasswordRequest, recovery_routes::EmailChangeRequest, recovery_routes::Accepted)),

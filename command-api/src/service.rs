@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use identity::{
-    ADMINISTRATORS_STREAM, Administrators, AdministratorsEvent, AdministratorsFromAccounts,
-    EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus, LOGIN_CATEGORY, LockoutPolicy,
-    LoginDecision, LoginEvent, LoginRefusal, LoginState, Password, PasswordHash, PasswordPolicy,
-    RecoveryPolicy, Register, Role, SessionPolicy, SessionStarted, USER_CATEGORY, UserAccount,
-    UserAgent, UserCommand, UserEvent, UserId, change_of, decide, decide_administrators,
-    decide_login, event_version, login_stream_name, user_id_of_stream, user_stream_name,
+    ADMINISTRATORS_STREAM, Account, Administrators, AdministratorsEvent,
+    AdministratorsFromAccounts, EVENT_VERSION_KEY, Email, EventDecodeError, InitialStatus,
+    LOGIN_CATEGORY, LockoutPolicy, LoginDecision, LoginEvent, LoginRefusal, LoginState, Password,
+    PasswordHash, PasswordPolicy, RecoveryPolicy, Register, Role, SessionPolicy, SessionStarted,
+    USER_CATEGORY, UserAccount, UserAgent, UserCommand, UserEvent, UserId, change_of, decide,
+    decide_administrators, decide_login, event_version, login_stream_name, user_id_of_stream,
+    user_stream_name,
 };
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
@@ -178,18 +179,33 @@ impl Commands {
         if let Some(done) = self.existing_registration(id, email).await? {
             return Ok(done);
         }
+        let password_hash = self.hasher.hash(password).await?;
         let registration = Register {
             user_id: id,
             email: email.clone(),
-            password_hash: self.hasher.hash(password).await?,
+            password_hash,
             roles,
             initial_status: status,
         };
-        let command = UserCommand::Register(registration);
+        self.register_hashed(registration, also).await
+    }
+
+    /// Registers an account whose password is hashed already, unless its id is registered
+    /// (then the answer to that registration, or `IdTaken`).
+    pub(crate) async fn register_hashed(
+        &self,
+        registration: Register,
+        also: impl Fn(UserId, DateTime<Utc>) -> Result<Vec<StreamAppend>, CommandError>,
+    ) -> Result<Done, CommandError> {
+        let (id, email) = (registration.user_id, registration.email.clone());
+        if let Some(done) = self.existing_registration(id, &email).await? {
+            return Ok(done);
+        }
         let now = self.clock.now();
+        let command = UserCommand::Register(registration);
         let events = decide(&UserAccount::NotRegistered, command, now)
             .context("registering a new account was refused")?;
-        self.append_registration(id, email, &events, also(id, now)?)
+        self.append_registration(id, &email, &events, also(id, now)?)
             .await
     }
 
@@ -290,11 +306,15 @@ impl Commands {
         if account.email_normalized != email.normalized() {
             return Err(CommandError::IdTaken);
         }
-        // The first answer's position was the later of the two messages appended together.
-        let reservation = self.store.last_message(&email_stream(email)?).await?;
-        let reserved_at = reservation
-            .filter(|message| EmailReserved::from_message(message).is_some_and(|r| r.user_id == id))
-            .map_or(0, |message| message.global_position);
+        // The first answer's position was the later of the messages appended together.
+        let reserved_at = match self.reservation(email).await? {
+            Reservation::HeldBy {
+                user_id,
+                global_position,
+                ..
+            } if user_id == id => global_position,
+            _ => 0,
+        };
         Ok(Some(Done {
             id,
             position: reserved_at.max(loaded.first_global),
@@ -517,15 +537,11 @@ impl Commands {
         let new = Password::new(new, &self.password_policy).map_err(|error| {
             CommandError::Validation(vec![FieldError::new("new_password", error)])
         })?;
-        let current =
-            Password::for_verification(current).map_err(|_| CommandError::InvalidCredentials)?;
         let loaded = self.load(id).await?;
         let Some(account) = loaded.account.account() else {
             return Err(CommandError::NotFound);
         };
-        let proven_hash = Some(account.password_hash.clone());
-        let matches = self.hasher.verify(current, proven_hash).await?.matches;
-        self.confirm_proof(id, &loaded.account, matches).await?;
+        self.prove_password(account, current).await?;
         let new_password_hash = self.hasher.hash(new).await?;
         // The caller proved the password the account had when it was loaded; if the user has
         // chosen another one meanwhile, that proof no longer stands. A login that upgraded the
@@ -543,10 +559,26 @@ impl Commands {
         .await
     }
 
+    /// Checks `password` against the account's, as a login does: a wrong one is recorded as a
+    /// failed login (so that guessing through another route meets the same lockout), and a
+    /// locked account is refused either way.
+    pub(crate) async fn prove_password(
+        &self,
+        account: &Account,
+        password: String,
+    ) -> Result<(), CommandError> {
+        let password =
+            Password::for_verification(password).map_err(|_| CommandError::InvalidCredentials)?;
+        let stored = Some(account.password_hash.clone());
+        let matches = self.hasher.verify(password, stored).await?.matches;
+        let state = UserAccount::Registered(account.clone());
+        self.confirm_proof(account.id, &state, matches).await
+    }
+
     /// Lets a password proof stand if it `matches` and the account is not locked. A wrong
     /// password is recorded as a failed login, as a login's would be, so that guessing through
     /// a password change meets the same lockout.
-    pub(crate) async fn confirm_proof(
+    async fn confirm_proof(
         &self,
         id: UserId,
         account: &UserAccount,
@@ -740,7 +772,7 @@ impl Commands {
     /// Who holds `email`, from the last message of its reservation stream.
     pub(crate) async fn reservation(&self, email: &Email) -> Result<Reservation, CommandError> {
         let last = self.store.last_message(&email_stream(email)?).await?;
-        Ok(Reservation::from_last(last.as_ref()))
+        Reservation::from_last(last.as_ref()).map_err(|error| CommandError::Internal(error.into()))
     }
 
     /// Folds a user stream. It holds registration, status and password changes only (never

@@ -176,10 +176,35 @@ impl SessionSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct RegistrationSettings {
     pub mode: RegistrationMode,
+    /// The setting `mode` replaced. Read only to refuse it: a deployment that still says
+    /// `pending` would otherwise start in `open` mode and activate every new account.
+    initial_status: Option<String>,
+}
+
+impl RegistrationSettings {
+    pub fn new(mode: RegistrationMode) -> Self {
+        Self {
+            mode,
+            initial_status: None,
+        }
+    }
+
+    /// Refuses the settings while the replaced `registration.initial_status` is set.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.initial_status.as_deref() {
+            None => Ok(()),
+            Some(status) => anyhow::bail!(
+                "registration.initial_status ({status}) was replaced by registration.mode: \
+                 `pending` is `approval`, `active` is `open`, and `verify` activates an account \
+                 when its address is confirmed; set registration.mode and remove \
+                 registration.initial_status"
+            ),
+        }
+    }
 }
 
 /// How `POST /users` treats a new account (ADR 12). Every mode mails a link that verifies the
@@ -251,5 +276,19 @@ mod tests {
         assert_eq!(policy.idle, Duration::from_secs(60));
         assert_eq!(policy.max, Duration::from_secs(3600));
         assert_eq!(policy.reuse_grace, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_replaced_initial_status_setting_is_refused_rather_than_ignored() {
+        let replaced: RegistrationSettings =
+            serde_json::from_value(serde_json::json!({ "initial_status": "pending" })).unwrap();
+        let error = replaced.check().unwrap_err().to_string();
+        assert!(error.contains("registration.mode"), "{error}");
+        assert!(error.contains("approval"), "{error}");
+        assert!(
+            RegistrationSettings::new(RegistrationMode::Verify)
+                .check()
+                .is_ok()
+        );
     }
 }

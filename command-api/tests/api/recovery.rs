@@ -459,3 +459,136 @@ async fn a_link_made_before_a_deactivation_no_longer_resets_the_password() {
     assert_eq!(app.deactivate(&id, &admin).await.status(), 200);
     assert_invalid_link(confirm_reset(&app, &link, NEW_PASSWORD).await).await;
 }
+
+#[tokio::test]
+async fn a_change_of_email_asked_for_before_a_reset_no_longer_moves_the_account() {
+    let app = spawn_in(RegistrationMode::Open).await;
+    let (_, token) = app.signed_in("ann@example.com").await;
+    // Someone who knows Ann's password asks to move her account to their address ...
+    let asked = ask_change(&app, &token, "mallory@example.net", PASSWORD).await;
+    assert_eq!(asked.status(), 202);
+    let change = last_link(&app, RecoveryKind::ChangeEmail).await;
+    // ... Ann, warned by the notice, resets her password ...
+    ask_reset(&app, "ann@example.com").await;
+    let reset = last_link(&app, RecoveryKind::ResetPassword).await;
+    assert_eq!(
+        confirm_reset(&app, &reset, NEW_PASSWORD).await.status(),
+        204
+    );
+    // ... and the change link is void.
+    assert_invalid_link(confirm_change(&app, &change).await).await;
+    assert_eq!(
+        app.login("ann@example.com", NEW_PASSWORD).await.status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_reset_link_mailed_to_the_old_address_is_void_once_the_account_moved() {
+    let app = spawn_in(RegistrationMode::Open).await;
+    let (_, token) = app.signed_in("ann@example.com").await;
+    ask_reset(&app, "ann@example.com").await;
+    let reset = last_link(&app, RecoveryKind::ResetPassword).await;
+    ask_change(&app, &token, "ann@example.org", PASSWORD).await;
+    let change = last_link(&app, RecoveryKind::ChangeEmail).await;
+    assert_eq!(confirm_change(&app, &change).await.status(), 204);
+    assert_invalid_link(confirm_reset(&app, &reset, NEW_PASSWORD).await).await;
+    assert_eq!(app.login("ann@example.org", PASSWORD).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_reset_link_from_before_a_deactivation_stays_void_after_a_reactivation() {
+    let app = spawn_in(RegistrationMode::Open).await;
+    let id = app.user("ann@example.com").await;
+    ask_reset(&app, "ann@example.com").await;
+    let link = last_link(&app, RecoveryKind::ResetPassword).await;
+    let admin = app.admin_token().await;
+    assert_eq!(app.deactivate(&id, &admin).await.status(), 200);
+    assert_eq!(app.activate(&id, &admin).await.status(), 200);
+    assert_invalid_link(confirm_reset(&app, &link, NEW_PASSWORD).await).await;
+}
+
+#[tokio::test]
+async fn in_verify_mode_whoever_confirms_the_mailbox_keeps_their_own_password() {
+    let app = spawn_in(RegistrationMode::Verify).await;
+    // A stranger registers Ann's address first, with a password of their own.
+    let squatter = app
+        .post(
+            "/users",
+            json!({ "email": "ann@example.com", "password": "the squatter's password" }),
+        )
+        .await;
+    assert_eq!(squatter.status(), 202);
+    // Ann registers; her link replaces the first and carries her password.
+    assert_eq!(
+        app.register("ann@example.com", PASSWORD).await.status(),
+        202
+    );
+    let link = last_link(&app, RecoveryKind::VerifyEmail).await;
+    assert_eq!(verify(&app, &link).await.status(), 204);
+    assert_eq!(app.login("ann@example.com", PASSWORD).await.status(), 200);
+    let squatting = app
+        .login("ann@example.com", "the squatter's password")
+        .await;
+    assert_eq!(squatting.status(), 401);
+}
+
+#[tokio::test]
+async fn in_verify_mode_an_id_taken_by_another_address_gets_the_same_answer() {
+    let app = spawn_in(RegistrationMode::Verify).await;
+    let id = Uuid::now_v7();
+    let first = app.register_with_id("ann@example.com", id).await;
+    assert_eq!(first.status(), 202);
+    // Had the first address been taken, the id would be free: the answers must not differ.
+    let second = app.register_with_id("bob@example.com", id).await;
+    assert_eq!(second.status(), 202);
+    let (first, second): (Value, Value) =
+        (first.json().await.unwrap(), second.json().await.unwrap());
+    assert_eq!(first, second);
+}
+
+#[tokio::test]
+async fn registering_an_address_over_and_over_leaves_its_owner_a_reset_link() {
+    let app = spawn_with(|settings| {
+        settings.registration.mode = RegistrationMode::Verify;
+        settings.mail.answer_after_ms = 20;
+        settings.mail.max_per_account_per_hour = 3;
+    })
+    .await;
+    app.register("ann@example.com", PASSWORD).await;
+    let link = last_link(&app, RecoveryKind::VerifyEmail).await;
+    assert_eq!(verify(&app, &link).await.status(), 204);
+    for _ in 0..5 {
+        app.register("ann@example.com", "someone else's password")
+            .await;
+    }
+    let notices = recovery_events(&app)
+        .await
+        .into_iter()
+        .filter(|(_, event)| matches!(event, RecoveryEvent::RegistrationAttempted(_)))
+        .count();
+    assert_eq!(notices, 3);
+    ask_reset(&app, "ann@example.com").await;
+    assert_eq!(requests(&app, RecoveryKind::ResetPassword).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_new_verification_link_can_be_asked_for_and_replaces_the_first() {
+    let app = spawn_in(RegistrationMode::Open).await;
+    let (_, token) = app.signed_in("ann@example.com").await;
+    let first = last_link(&app, RecoveryKind::VerifyEmail).await;
+    let asked = app
+        .post_as("/users/me/verify-email", &token, json!({}))
+        .await;
+    assert_eq!(asked.status(), 202);
+    let second = last_link(&app, RecoveryKind::VerifyEmail).await;
+    assert_ne!(first, second);
+    assert_invalid_link(verify(&app, &first).await).await;
+    assert_eq!(verify(&app, &second).await.status(), 204);
+    // Verified: nothing more is sent.
+    let again = app
+        .post_as("/users/me/verify-email", &token, json!({}))
+        .await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(requests(&app, RecoveryKind::VerifyEmail).await.len(), 2);
+}
