@@ -199,7 +199,12 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    // The last `@` before the path ends the credentials: a password may hold one itself.
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority
+        .rfind('@')
+        .map(|at| (&rest[..at], &rest[at + 1..]))
+    {
         Some((credentials, host)) => {
             let user = credentials.split(':').next().unwrap_or_default();
             format!("{scheme}://{user}:[redacted]@{host}")
@@ -325,6 +330,11 @@ mod tests {
     fn a_password_in_a_database_url_is_redacted() {
         let redacted = redact_url("postgres://app:hunter2@db:5432/identity");
         assert_eq!(redacted, "postgres://app:[redacted]@db:5432/identity");
+        // A password may hold an `@` of its own; an `@` after the host is not a password's.
+        let redacted = redact_url("smtp://mailer:p@ss@smtp.example.com:587");
+        assert_eq!(redacted, "smtp://mailer:[redacted]@smtp.example.com:587");
+        let redacted = redact_url("https://host.example/path@here");
+        assert_eq!(redacted, "https://host.example/path@here");
         let settings = DatabaseSettings {
             url: "postgres://app:hunter2@db/identity".into(),
             ..DatabaseSettings::default()
@@ -405,5 +415,20 @@ mod tests {
             redact_url("sqlite://data/identity.db"),
             "sqlite://data/identity.db"
         );
+    }
+
+    #[test]
+    fn the_debug_output_of_mail_settings_hides_the_smtp_password_and_the_token_key() {
+        let settings = MailSettings {
+            smtp_url: Some("smtp://mailer:s3cret-url@smtp.example.com".into()),
+            smtp_password: Some("s3cret-password".into()),
+            token_key: Some("5ec12e7".repeat(10)),
+            ..MailSettings::default()
+        };
+        let debug = format!("{settings:?}");
+        for secret in ["s3cret-url", "s3cret-password", "5ec12e7"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(debug.contains("smtp.example.com"), "{debug}");
     }
 }
