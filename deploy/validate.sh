@@ -373,6 +373,7 @@ expectations = {
     "/users/me/sessions/0192f1b2-7a41-7c3e-8d15-6b2e9f0a4c17": "command-api",
     "/users/0192f1aa-3c5e-7d21-9b7a-2f4c8e1d6a03/sessions": "command-api",
     "/users/verify-email": "command-api", "/users/me/email": "command-api",
+    "/users/me/verify-email": "command-api",
     "/password-reset": "command-api", "/password-reset/confirm": "command-api",
     "/email-change/confirm": "command-api",
 }
