@@ -4,7 +4,7 @@
 //! The mailer is not running here: a test derives a link's token from the request's event in
 //! the store with the mail token key, exactly as the mailer does (`tokens::LinkToken`). That the
 //! mails really go out with those links is tested end to end with a real SMTP server in the
-//! root package's `tests/mail.rs`.
+//! root package's `tests/recovery_by_mail.rs`.
 
 use chrono::TimeDelta;
 use command_api::settings::RegistrationMode;
