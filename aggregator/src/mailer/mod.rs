@@ -33,6 +33,7 @@
 
 pub mod mails;
 pub mod postman;
+pub mod relay;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! Where mails go: an SMTP server (`mail.smtp_url`, with lettre), or, without one, `.eml` files
-//! in `mail.outbox_dir`.
+//! Where mails go: an SMTP server (`mail.smtp_url`, over [`SmtpRelay`]'s connection), or,
+//! without one, `.eml` files in `mail.outbox_dir`.
 //!
 //! What the mailer needs to know of a delivery is one of three things: the server has the mail
 //! ([`Delivery::Accepted`]), the server refused it for good ([`Delivery::Refused`]: record it and
@@ -17,16 +17,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use lettre::Message;
 use lettre::message::Mailbox;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use platform::settings::MailSettings;
 
 use super::mails::Mail;
+use super::relay::{RelayError, SmtpRelay};
 
 /// Where the mailer hands its mails.
 pub enum Postman {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(Box<SmtpRelay>),
     /// The mode for trying the service out without an SMTP server: each mail is a file, and its
     /// link is logged.
     Outbox(PathBuf),
@@ -72,14 +72,14 @@ impl Postman {
         let Some(url) = settings.smtp_url.as_ref().filter(|url| !url.is_empty()) else {
             return Ok(Self::Outbox(settings.outbox_dir.clone()));
         };
-        let url = starttls_when_offered(url.expose());
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)
-            .with_context(|| format!("reading mail.smtp_url ({})", url_without_secrets(&url)))?;
-        if let Some(username) = &settings.smtp_username {
-            let password = settings.smtp_password.clone().unwrap_or_default();
-            builder = builder.credentials(Credentials::new(username.clone(), password));
-        }
-        Ok(Self::Smtp(builder.timeout(Some(timeout)).build()))
+        let relay = SmtpRelay::from_url(
+            url.expose(),
+            settings.smtp_username.as_deref(),
+            settings.smtp_password.as_deref(),
+            timeout,
+        )
+        .with_context(|| format!("reading mail.smtp_url ({url})"))?;
+        Ok(Self::Smtp(Box::new(relay)))
     }
 
     /// Hands `mail` (as `message`) over.
@@ -89,9 +89,18 @@ impl Postman {
         message: &Message,
     ) -> Result<Delivery, DeliveryFailure> {
         match self {
-            Self::Smtp(transport) => match transport.send(message.clone()).await {
-                Ok(_) => Ok(Delivery::Accepted),
-                Err(error) => classify(&error),
+            Self::Smtp(relay) => match relay.send(message).await {
+                Ok(()) => Ok(Delivery::Accepted),
+                Err(RelayError::Smtp(error)) => classify(&error),
+                Err(RelayError::Connect(error)) => Err(DeliveryFailure::Connection {
+                    what: "the connection",
+                    io: Some(error.kind()),
+                }),
+                Err(RelayError::Tls(error)) => Err(DeliveryFailure::Connection {
+                    what: "TLS",
+                    io: Some(error.kind()),
+                }),
+                Err(RelayError::Timeout) => Err(DeliveryFailure::Timeout),
             },
             Self::Outbox(directory) => write_to_outbox(directory, mail, message).await,
         }
@@ -136,30 +145,6 @@ fn io_error_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::E
     None
 }
 
-/// `smtp://` URLs without a `tls` parameter, as lettre reads them, never encrypt; the setting
-/// promises STARTTLS whenever the server offers it (README), so it is asked for.
-fn starttls_when_offered(url: &str) -> String {
-    let plain = url
-        .get(..7)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("smtp://"));
-    let has_tls = url
-        .split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("tls=")));
-    match (plain, has_tls) {
-        (true, false) if url.contains('?') => format!("{url}&tls=opportunistic"),
-        (true, false) => format!("{url}?tls=opportunistic"),
-        _ => url.to_owned(),
-    }
-}
-
-/// The URL as far as an error may show it: no user or password.
-fn url_without_secrets(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://[redacted]@{}", &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
-
 /// Writes the mail as `<outbox>/<message>.<index>.eml`, whole or not at all (written aside,
 /// then renamed: a reader never sees half a mail, and a mail written again replaces itself),
 /// and logs where it is and its link. The log line holds the link on purpose: this mode is for
@@ -196,37 +181,4 @@ pub fn sender(settings: &MailSettings) -> anyhow::Result<Mailbox> {
         .from
         .parse()
         .with_context(|| format!("mail.from is not an address: {:?}", settings.from))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_plain_smtp_url_asks_for_starttls_when_offered_and_others_keep_their_choice() {
-        assert_eq!(
-            starttls_when_offered("smtp://relay:587"),
-            "smtp://relay:587?tls=opportunistic"
-        );
-        assert_eq!(
-            starttls_when_offered("smtp://relay:587?x=1"),
-            "smtp://relay:587?x=1&tls=opportunistic"
-        );
-        for kept in [
-            "smtp://relay:587?tls=required",
-            "smtps://relay:465",
-            "SMTP://relay?tls=opportunistic",
-        ] {
-            assert_eq!(starttls_when_offered(kept), kept);
-        }
-    }
-
-    #[test]
-    fn an_smtp_url_in_an_error_hides_its_credentials() {
-        assert_eq!(
-            url_without_secrets("smtp://user:hunter2@relay:587"),
-            "smtp://[redacted]@relay:587"
-        );
-        assert_eq!(url_without_secrets("smtp://relay"), "smtp://relay");
-    }
 }
