@@ -12,6 +12,7 @@
 mod append;
 mod lag;
 mod login;
+mod mail;
 mod query;
 mod read;
 mod rebuild;
@@ -47,6 +48,9 @@ enum Scenario {
     Refresh(refresh::Options),
     /// `GET /users/{id}` from the query API in its own process, against a plain prepared SELECT.
     Query(query::Options),
+    /// Mails delivered from recovery events to a real SMTP server by the mailer, against the
+    /// same mails sent straight with the same SMTP client.
+    Mail(mail::Options),
     /// The split deployment (three release binaries) under minutes of mixed traffic: errors,
     /// latencies per route and resident memory over time. Run by hand, not in CI.
     Soak(soak::Options),
@@ -62,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Lag(options) => lag::run(options).await,
         Scenario::Refresh(options) => refresh::run(options).await,
         Scenario::Query(options) => query::run(options).await,
+        Scenario::Mail(options) => mail::run(options).await,
         Scenario::Soak(options) => soak::run(options).await,
     }
 }
