@@ -103,7 +103,8 @@ pub struct MailerSettings {
     /// doubled after each failure in a row up to `retry_max_ms`.
     pub retry_first_ms: u64,
     pub retry_max_ms: u64,
-    /// How long the SMTP server may take to answer one command.
+    /// How long a mail's exchange with the SMTP server may take, and so may opening a
+    /// connection to it (greeting, TLS and login).
     pub smtp_timeout_ms: u64,
 }
 
