@@ -158,17 +158,12 @@ impl Settings {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Mailer> {
         let mail = &self.mail;
-        let key = tokens::configured_key::<tokens::MailLinks>(
+        let key = tokens::MailTokenKey::configured(
             mail.token_key.as_deref(),
             mail.token_key_file.as_deref(),
             mail.create_key_if_missing,
-            "mail.token_key",
         )
-        .context("loading the mail token key")?
-        .context(
-            "no mail token key: set mail.token_key (64 or more hexadecimal digits, `openssl \
-             rand -hex 32`, the same as the command API's) or mail.token_key_file",
-        )?;
+        .context("loading the mail token key")?;
         let letters = Letters::new(postman::sender(mail)?, &mail.link_base_url, key);
         let timeout = Duration::from_millis(self.aggregator.mailer.smtp_timeout_ms.max(1));
         let postman = Postman::from_settings(mail, timeout)?;

@@ -138,16 +138,12 @@ pub fn state_with_store(
         .context("loading the refresh token key")?;
     settings.registration.check()?;
     let mail = &settings.mail;
-    let mail_key = tokens::configured_key(
+    let mail_key = tokens::MailTokenKey::configured(
         mail.token_key.as_deref(),
         mail.token_key_file.as_deref(),
         mail.create_key_if_missing,
-        "mail.token_key",
     )
-    .context("loading the mail token key")?
-    .context(
-        "no mail token key: set mail.token_key (64 or more hexadecimal digits, `openssl rand -hex 32`) or mail.token_key_file",
-    )?;
+    .context("loading the mail token key")?;
     let verifier = Arc::new(issuer.verifier());
     let hasher = Hasher::new(
         &settings.password,

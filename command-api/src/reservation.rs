@@ -47,9 +47,7 @@ impl EmailReserved {
 
     /// The reservation a stored message records, if it is one.
     pub fn from_message(message: &RecordedMessage) -> Option<Self> {
-        (message.message_type == Self::TYPE)
-            .then(|| serde_json::from_value(message.data.clone()).ok())
-            .flatten()
+        of_type(message, Self::TYPE)
     }
 }
 
@@ -62,10 +60,18 @@ impl EmailReleased {
 
     /// The release a stored message records, if it is one.
     pub fn from_message(message: &RecordedMessage) -> Option<Self> {
-        (message.message_type == Self::TYPE)
-            .then(|| serde_json::from_value(message.data.clone()).ok())
-            .flatten()
+        of_type(message, Self::TYPE)
     }
+}
+
+/// `message`'s data, if it is of `message_type` and reads as `T`.
+fn of_type<T: serde::de::DeserializeOwned>(
+    message: &RecordedMessage,
+    message_type: &str,
+) -> Option<T> {
+    (message.message_type == message_type)
+        .then(|| serde_json::from_value(message.data.clone()).ok())
+        .flatten()
 }
 
 /// Both messages of a reservation stream are version 1 and name the account.
@@ -171,7 +177,7 @@ mod tests {
             message_type: message.message_type,
             data: message.data,
             metadata: message.metadata,
-            time: chrono::Utc::now(),
+            time: chrono::DateTime::UNIX_EPOCH,
         }
     }
 

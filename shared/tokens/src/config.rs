@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::{
-    Algorithm, DerivationKey, KeyError, KeyPurpose, KeySet, RefreshTokenKey, Secret, SigningKey,
-    TokenSettings, TokenVerifier, VerificationKey,
+    Algorithm, DerivationKey, KeyError, KeyPurpose, KeySet, MailTokenKey, RefreshTokenKey, Secret,
+    SigningKey, TokenSettings, TokenVerifier, VerificationKey,
 };
 
 /// How tokens are signed and verified, and with which keys.
@@ -100,6 +100,11 @@ pub enum KeyConfigError {
          tokens.refresh_token_key_file"
     )]
     NoRefreshTokenKey,
+    #[error(
+        "no mail token key: set mail.token_key (64 or more hexadecimal digits, `openssl rand \
+         -hex 32`, the same in the command API and the aggregator) or mail.token_key_file"
+    )]
+    NoMailTokenKey,
     #[error("tokens.algorithm must be EdDSA or ES256")]
     UnsupportedAlgorithm,
     #[error("reading {what} at {path}")]
@@ -194,6 +199,18 @@ impl TokenConfig {
                 })
             })
             .collect()
+    }
+}
+
+impl MailTokenKey {
+    /// The mail token key from the `mail` settings: the hexadecimal `text`, else the `file`
+    /// (created if `create` allows). The command API and the mailer read it alike.
+    pub fn configured(
+        text: Option<&str>,
+        file: Option<&Path>,
+        create: bool,
+    ) -> Result<Self, KeyConfigError> {
+        configured_key(text, file, create, "mail.token_key")?.ok_or(KeyConfigError::NoMailTokenKey)
     }
 }
 
