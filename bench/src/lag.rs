@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aggregator::{Projector, ProjectorOptions, ReadModelWriter};
-use message_store::{ConnectOptions, ExpectedVersion, NewMessage, StreamAppend, StreamName};
+use aggregator::{Projector, ProjectorOptions};
+use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use serde_json::{Value, json};
 use sqlx::postgres::PgListener;
 use test_support::TestDatabase;
@@ -30,16 +30,7 @@ pub struct Options {
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
-    let store = message_store::connect(
-        database.url(),
-        ConnectOptions {
-            max_connections: 8,
-            poll_interval: Duration::from_millis(500),
-        },
-    )
-    .await?;
-    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
-    read_model.migrate().await?;
+    let (store, read_model) = crate::setup::store_and_read_model(&database).await?;
     let projector = Projector::users(store.clone(), read_model, ProjectorOptions::default());
     // The committed checkpoint: an event's row is visible once the checkpoint passes it.
     let mut visible = projector.positions();

@@ -17,14 +17,12 @@ use std::time::{Duration, Instant};
 
 use aggregator::mailer::mails::{Letters, Planned};
 use aggregator::mailer::postman::{Delivery, Postman, sender};
-use aggregator::{MailOutcome, Mailer, MailerOptions, ReadModelWriter};
+use aggregator::{MailOutcome, Mailer, MailerOptions};
 use identity::{
     Email, RecoveryCommand, RecoveryEvent, RecoveryKind, RecoveryNonce, RecoveryPolicy,
     RecoveryState, UserId, decide_recovery, recovery_stream_name,
 };
-use message_store::{
-    ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
-};
+use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
 use platform::clock::{Clock, SystemClock};
 use platform::settings::MailSettings;
 use serde_json::json;
@@ -44,16 +42,7 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
-    let store = message_store::connect(
-        database.url(),
-        ConnectOptions {
-            max_connections: 8,
-            poll_interval: Duration::from_millis(500),
-        },
-    )
-    .await?;
-    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
-    read_model.migrate().await?;
+    let (store, read_model) = crate::setup::store_and_read_model(&database).await?;
     let smtp = SmtpCatcher::start().await?;
     let settings = MailSettings {
         smtp_url: Some(smtp.url().into()),

@@ -2,10 +2,13 @@
 //! process, and requests whose answer must be what the benchmark expects.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::ReadModelWriter;
 
 use command_api::hashing::Hasher;
 use command_api::{Application, Settings};
-use message_store::{MessageStore, PostgresMessageStore};
+use message_store::{ConnectOptions, MessageStore, PostgresMessageStore};
 use platform::clock::SystemClock;
 use reqwest::RequestBuilder;
 use serde_json::Value;
@@ -22,6 +25,21 @@ pub async fn store_database() -> anyhow::Result<(TestDatabase, PgPool)> {
     let pool = database.pool().await;
     PostgresMessageStore::migrate(&pool).await?;
     Ok((database, pool))
+}
+
+/// A consumer's two sides on `database`: its message store (8 connections, polling every
+/// 500 ms when no wake-up comes) and its migrated read model (4 connections).
+pub async fn store_and_read_model(
+    database: &TestDatabase,
+) -> anyhow::Result<(Arc<dyn MessageStore>, ReadModelWriter)> {
+    let options = ConnectOptions {
+        max_connections: 8,
+        poll_interval: Duration::from_millis(500),
+    };
+    let store = message_store::connect(database.url(), options).await?;
+    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
+    read_model.migrate().await?;
+    Ok((store, read_model))
 }
 
 /// Sends `request` and reads the JSON body of its answer, which must have `status`; otherwise
