@@ -148,7 +148,12 @@ impl Commands {
             roles: vec![Role::User],
             initial_status: status,
         };
-        let answer = match self.register_hashed(registration, verification).await {
+        let registered = match self.existing_registration(id, &email).await {
+            Ok(Some(done)) => Ok(done),
+            Ok(None) => self.register_new(registration, verification).await,
+            Err(error) => Err(error),
+        };
+        let answer = match registered {
             // An id registered with another address is answered alike: otherwise registering
             // an address with an id and then the id with another address would tell whether
             // the first registration created an account.

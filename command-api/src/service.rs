@@ -187,20 +187,17 @@ impl Commands {
             roles,
             initial_status: status,
         };
-        self.register_hashed(registration, also).await
+        self.register_new(registration, also).await
     }
 
-    /// Registers an account whose password is hashed already, unless its id is registered
-    /// (then the answer to that registration, or `IdTaken`).
-    pub(crate) async fn register_hashed(
+    /// Registers an account whose password is hashed already and whose id the caller found
+    /// unregistered (a registration racing it is met by the append's expected versions).
+    pub(crate) async fn register_new(
         &self,
         registration: Register,
         also: impl Fn(UserId, DateTime<Utc>) -> Result<Vec<StreamAppend>, CommandError>,
     ) -> Result<Done, CommandError> {
         let (id, email) = (registration.user_id, registration.email.clone());
-        if let Some(done) = self.existing_registration(id, &email).await? {
-            return Ok(done);
-        }
         let now = self.clock.now();
         let command = UserCommand::Register(registration);
         let events = decide(&UserAccount::NotRegistered, command, now)
