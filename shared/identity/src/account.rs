@@ -8,17 +8,32 @@ use chrono::{DateTime, Utc};
 use crate::email::Email;
 use crate::events::{
     EmailChanged, EmailVerified, PasswordChanged, PasswordRehashed, PasswordReset, SessionsEnded,
-    UserActivated, UserDeactivated, UserEvent, UserRegistered,
+    UserActivated, UserDeactivated, UserErased, UserEvent, UserRegistered,
 };
 use crate::password::PasswordHash;
+use crate::personal::Personal;
 use crate::values::{AccountStatus, InitialStatus, Role, UserId};
 
-/// A user stream folded into what the rules need: nothing yet, or the registered account.
+/// A user stream folded into what the rules need: nothing yet, the registered account, or an
+/// account whose person was erased.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum UserAccount {
     #[default]
     NotRegistered,
     Registered(Account),
+    Erased(ErasedAccount),
+}
+
+/// What remains of an erased account: the facts that say what happened and when, none that
+/// says who. Nothing can be done with it any more; its id stays taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedAccount {
+    pub id: UserId,
+    pub registered_at: DateTime<Utc>,
+    /// When, by its [`UserErased`] event. `None` while only its data was found erased: a
+    /// reader that read the stream just before the erasure was appended and the key just after
+    /// it was deleted.
+    pub erased_at: Option<DateTime<Utc>>,
 }
 
 /// A registered account as its events left it.
@@ -64,35 +79,72 @@ impl UserAccount {
         events.into_iter().fold(Self::NotRegistered, evolve)
     }
 
+    /// The account, while it is registered and not erased.
     pub fn account(&self) -> Option<&Account> {
         match self {
-            Self::NotRegistered => None,
+            Self::NotRegistered | Self::Erased(_) => None,
             Self::Registered(account) => Some(account),
         }
     }
+
+    pub fn is_erased(&self) -> bool {
+        matches!(self, Self::Erased(_))
+    }
+}
+
+/// The account a `UserRegistered` creates, or the erased account it was when any of its
+/// personal fields is gone.
+fn registered(registered: &UserRegistered) -> UserAccount {
+    let (Personal::Known(email), Personal::Known(email_normalized), Personal::Known(hash)) = (
+        &registered.email,
+        &registered.email_normalized,
+        &registered.password_hash,
+    ) else {
+        return UserAccount::Erased(ErasedAccount {
+            id: registered.user_id,
+            registered_at: registered.registered_at,
+            erased_at: None,
+        });
+    };
+    UserAccount::Registered(Account {
+        id: registered.user_id,
+        email: email.clone(),
+        email_normalized: email_normalized.clone(),
+        email_verified: false,
+        password_hash: hash.clone(),
+        password_changes: 0,
+        session_epoch: 0,
+        status: registered.status,
+        roles: registered.roles.clone(),
+        registered_at: registered.registered_at,
+    })
+}
+
+/// The account as erased: by its event, or because one of its events' personal fields is gone.
+fn erased(account: &Account, erased_at: Option<DateTime<Utc>>) -> UserAccount {
+    UserAccount::Erased(ErasedAccount {
+        id: account.id,
+        registered_at: account.registered_at,
+        erased_at,
+    })
 }
 
 /// Applies one event. An event that cannot apply (anything before `UserRegistered`, or a
 /// second `UserRegistered`) leaves the state as it is: `decide` never produces one, and a reader
 /// must not fail on history it cannot change.
+///
+/// An erased account stays erased, and only the time of its erasure is added to it.
 pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
     let mut account = match (state, event) {
-        (UserAccount::NotRegistered, UserEvent::UserRegistered(registered)) => {
-            return UserAccount::Registered(Account {
-                id: registered.user_id,
-                email: registered.email.clone(),
-                email_normalized: registered.email_normalized.clone(),
-                email_verified: false,
-                password_hash: registered.password_hash.clone(),
-                password_changes: 0,
-                session_epoch: 0,
-                status: registered.status,
-                roles: registered.roles.clone(),
-                registered_at: registered.registered_at,
-            });
+        (UserAccount::NotRegistered, UserEvent::UserRegistered(event)) => {
+            return registered(event);
+        }
+        (UserAccount::Erased(mut erased), UserEvent::UserErased(UserErased { at, .. })) => {
+            erased.erased_at = Some(*at);
+            return UserAccount::Erased(erased);
         }
         (UserAccount::Registered(account), _) => account,
-        (state @ UserAccount::NotRegistered, _) => return state,
+        (state @ (UserAccount::NotRegistered | UserAccount::Erased(_)), _) => return state,
     };
     match event {
         UserEvent::UserRegistered(_) => {}
@@ -103,7 +155,10 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
         }
         UserEvent::PasswordChanged(PasswordChanged { password_hash, .. })
         | UserEvent::PasswordReset(PasswordReset { password_hash, .. }) => {
-            account.password_hash = password_hash.clone();
+            let Personal::Known(hash) = password_hash else {
+                return erased(&account, None);
+            };
+            account.password_hash = hash.clone();
             account.password_changes += 1;
             account.session_epoch += 1;
         }
@@ -113,14 +168,22 @@ pub fn evolve(state: UserAccount, event: &UserEvent) -> UserAccount {
             email_normalized,
             ..
         }) => {
+            let (Personal::Known(email), Personal::Known(normalized)) = (email, email_normalized)
+            else {
+                return erased(&account, None);
+            };
             account.email = email.clone();
-            account.email_normalized = email_normalized.clone();
+            account.email_normalized = normalized.clone();
             account.email_verified = true;
         }
         UserEvent::SessionsEnded(_) => account.session_epoch += 1,
         UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. }) => {
-            account.password_hash = password_hash.clone();
+            let Personal::Known(hash) = password_hash else {
+                return erased(&account, None);
+            };
+            account.password_hash = hash.clone();
         }
+        UserEvent::UserErased(UserErased { at, .. }) => return erased(&account, Some(*at)),
     }
     UserAccount::Registered(account)
 }
@@ -160,6 +223,12 @@ pub enum UserCommand {
     ChangeEmail {
         new_email: Email,
     },
+    /// Forget the person: `by` is the account itself (which proved its password) or an
+    /// administrator. The caller releases the address in the same append, and deletes the
+    /// person's key once it is written.
+    Erase {
+        by: UserId,
+    },
 }
 
 /// Create an account. The caller chose the id (a client-chosen id makes retries safe), hashed
@@ -192,6 +261,9 @@ pub enum Refusal {
     /// See [`crate::administrators`].
     #[error("the account is the last active administrator")]
     LastAdministrator,
+    /// The account's person was erased: nothing can be done with it any more.
+    #[error("the account was erased")]
+    Erased,
 }
 
 /// Decides a command against the account's current state; `now` stamps the new events.
@@ -208,6 +280,13 @@ pub fn decide(
             };
         }
         UserAccount::Registered(account) => account,
+        UserAccount::Erased(_) => {
+            return Err(match command {
+                // Its id stays taken: a new account never reuses an erased one's history.
+                UserCommand::Register(_) => Refusal::AlreadyRegistered,
+                _ => Refusal::Erased,
+            });
+        }
     };
     let status = account.status;
     match command {
@@ -222,7 +301,7 @@ pub fn decide(
         }
         UserCommand::ChangePassword { new_password_hash } => Ok(vec![
             PasswordChanged {
-                password_hash: new_password_hash,
+                password_hash: new_password_hash.into(),
                 at: now,
             }
             .into(),
@@ -231,7 +310,7 @@ pub fn decide(
         // deactivated the account in between, a stronger hash of the same password does no harm.
         UserCommand::RehashPassword { new_password_hash } => Ok(vec![
             PasswordRehashed {
-                password_hash: new_password_hash,
+                password_hash: new_password_hash.into(),
                 at: now,
             }
             .into(),
@@ -250,7 +329,7 @@ pub fn decide(
             if let Some(password_hash) = new_password_hash {
                 events.push(
                     PasswordReset {
-                        password_hash,
+                        password_hash: password_hash.into(),
                         at: now,
                     }
                     .into(),
@@ -270,15 +349,24 @@ pub fn decide(
         }
         UserCommand::ResetPassword { new_password_hash } => Ok(vec![
             PasswordReset {
-                password_hash: new_password_hash,
+                password_hash: new_password_hash.into(),
                 at: now,
             }
             .into(),
         ]),
         UserCommand::ChangeEmail { new_email } => Ok(vec![
             EmailChanged {
-                email_normalized: new_email.normalized().to_owned(),
-                email: new_email,
+                email_normalized: new_email.normalized().to_owned().into(),
+                email: new_email.into(),
+                at: now,
+            }
+            .into(),
+        ]),
+        // Whatever its status: a person may ask to be forgotten whether or not an operator
+        // deactivated them. The last administrator is the caller's rule, as for a deactivation.
+        UserCommand::Erase { by } => Ok(vec![
+            UserErased {
+                erased_by: by,
                 at: now,
             }
             .into(),
@@ -298,9 +386,9 @@ fn register_account(register: Register, now: DateTime<Utc>) -> UserEvent {
     roles.dedup();
     UserRegistered {
         user_id,
-        email_normalized: email.normalized().to_owned(),
-        email,
-        password_hash,
+        email_normalized: email.normalized().to_owned().into(),
+        email: email.into(),
+        password_hash: password_hash.into(),
         status: initial_status.into(),
         roles,
         registered_at: now,
@@ -317,7 +405,7 @@ mod tests {
 
     fn change_password(hash_name: &str) -> UserCommand {
         UserCommand::ChangePassword {
-            new_password_hash: hash(hash_name),
+            new_password_hash: hash(hash_name).into(),
         }
     }
 
@@ -326,7 +414,7 @@ mod tests {
         given([])
             .when(
                 Register {
-                    email: Email::parse("Ann@Example.com").unwrap(),
+                    email: Email::parse("Ann@Example.com").unwrap().into(),
                     ..registration(InitialStatus::Active)
                 }
                 .into(),
@@ -334,9 +422,9 @@ mod tests {
             )
             .then([UserRegistered {
                 user_id: user(),
-                email: Email::parse("Ann@Example.com").unwrap(),
+                email: Email::parse("Ann@Example.com").unwrap().into(),
                 email_normalized: "ann@example.com".into(),
-                password_hash: hash("first"),
+                password_hash: hash("first").into(),
                 status: AccountStatus::Active,
                 roles: vec![Role::User],
                 registered_at: t0(),
@@ -349,8 +437,8 @@ mod tests {
         given([registered(AccountStatus::Pending)])
             .when(
                 Register {
-                    email: Email::parse("other@example.com").unwrap(),
-                    password_hash: hash("other"),
+                    email: Email::parse("other@example.com").unwrap().into(),
+                    password_hash: hash("other").into(),
                     ..registration(InitialStatus::Pending)
                 }
                 .into(),
@@ -384,7 +472,7 @@ mod tests {
             UserCommand::Deactivate,
             change_password("new"),
             UserCommand::RehashPassword {
-                new_password_hash: hash("new"),
+                new_password_hash: hash("new").into(),
             },
         ] {
             given([])
@@ -441,7 +529,7 @@ mod tests {
         given([registered(AccountStatus::Active)])
             .when(change_password("second"), t0())
             .then([PasswordChanged {
-                password_hash: hash("second"),
+                password_hash: hash("second").into(),
                 at: t0(),
             }
             .into()]);
@@ -459,12 +547,12 @@ mod tests {
         given([registered(AccountStatus::Active)])
             .when(
                 UserCommand::RehashPassword {
-                    new_password_hash: hash("stronger"),
+                    new_password_hash: hash("stronger").into(),
                 },
                 t0(),
             )
             .then([PasswordRehashed {
-                password_hash: hash("stronger"),
+                password_hash: hash("stronger").into(),
                 at: t0(),
             }
             .into()]);
@@ -476,12 +564,12 @@ mod tests {
             registered(AccountStatus::Pending),
             UserActivated { at: t0() }.into(),
             PasswordChanged {
-                password_hash: hash("second"),
+                password_hash: hash("second").into(),
                 at: t0(),
             }
             .into(),
             PasswordRehashed {
-                password_hash: hash("third"),
+                password_hash: hash("third").into(),
                 at: t0(),
             }
             .into(),
@@ -499,11 +587,11 @@ mod tests {
     #[test]
     fn a_changed_password_counts_as_a_new_one_and_a_rehashed_password_does_not() {
         let rehashed = PasswordRehashed {
-            password_hash: hash("stronger"),
+            password_hash: hash("stronger").into(),
             at: t0(),
         };
         let changed = PasswordChanged {
-            password_hash: hash("second"),
+            password_hash: hash("second").into(),
             at: t0(),
         };
         let changes = |history: Vec<UserEvent>| {
@@ -542,7 +630,7 @@ mod tests {
         let start = registered(AccountStatus::Active);
         assert_eq!(epoch(vec![start.clone()]), Some(0));
         let rehashed = PasswordRehashed {
-            password_hash: hash("stronger"),
+            password_hash: hash("stronger").into(),
             at: t0(),
         };
         assert_eq!(
@@ -554,7 +642,7 @@ mod tests {
             Some(0)
         );
         let changed = PasswordChanged {
-            password_hash: hash("second"),
+            password_hash: hash("second").into(),
             at: t0(),
         };
         assert_eq!(
@@ -648,12 +736,12 @@ mod tests {
         given(history.clone())
             .when(
                 UserCommand::ResetPassword {
-                    new_password_hash: hash("reset"),
+                    new_password_hash: hash("reset").into(),
                 },
                 t0(),
             )
             .then([PasswordReset {
-                password_hash: hash("reset"),
+                password_hash: hash("reset").into(),
                 at: t0(),
             }
             .into()]);
@@ -661,7 +749,7 @@ mod tests {
         let after = evolve(
             before.clone(),
             &PasswordReset {
-                password_hash: hash("reset"),
+                password_hash: hash("reset").into(),
                 at: t0(),
             }
             .into(),
@@ -675,14 +763,14 @@ mod tests {
     #[test]
     fn a_change_of_email_moves_the_account_to_a_verified_new_address() {
         let changed = EmailChanged {
-            email: ann_new(),
+            email: ann_new().into(),
             email_normalized: "ann@example.org".into(),
             at: t0(),
         };
         given([registered(AccountStatus::Active)])
             .when(
                 UserCommand::ChangeEmail {
-                    new_email: ann_new(),
+                    new_email: ann_new().into(),
                 },
                 t0(),
             )
@@ -702,10 +790,10 @@ mod tests {
         ] {
             for command in [
                 UserCommand::ResetPassword {
-                    new_password_hash: hash("reset"),
+                    new_password_hash: hash("reset").into(),
                 },
                 UserCommand::ChangeEmail {
-                    new_email: ann_new(),
+                    new_email: ann_new().into(),
                 },
             ] {
                 given(history.clone())
@@ -728,11 +816,104 @@ mod tests {
             .then([
                 EmailVerified { at: t0() }.into(),
                 PasswordReset {
-                    password_hash: hash("second"),
+                    password_hash: hash("second").into(),
                     at: t0(),
                 }
                 .into(),
                 UserActivated { at: t0() }.into(),
             ]);
+    }
+
+    fn erased_by_owner() -> UserEvent {
+        UserErased {
+            erased_by: user(),
+            at: t0() + TimeDelta::hours(2),
+        }
+        .into()
+    }
+
+    #[test]
+    fn erasing_an_account_records_who_asked_whatever_its_status() {
+        let admin = UserId::from_uuid(uuid::Uuid::from_u128(77));
+        for history in [
+            vec![registered(AccountStatus::Active)],
+            vec![registered(AccountStatus::Pending)],
+            deactivated().to_vec(),
+        ] {
+            given(history)
+                .when(UserCommand::Erase { by: admin }, t0())
+                .then([UserErased {
+                    erased_by: admin,
+                    at: t0(),
+                }
+                .into()]);
+        }
+    }
+
+    #[test]
+    fn an_erased_account_keeps_when_it_was_registered_and_erased_and_nothing_of_who() {
+        let state = UserAccount::fold(&[registered(AccountStatus::Active), erased_by_owner()]);
+        assert_eq!(
+            state,
+            UserAccount::Erased(ErasedAccount {
+                id: user(),
+                registered_at: t0(),
+                erased_at: Some(t0() + TimeDelta::hours(2)),
+            })
+        );
+        assert_eq!(state.account(), None);
+    }
+
+    #[test]
+    fn every_command_on_an_erased_account_is_refused_and_registering_its_id_again_too() {
+        for command in [
+            UserCommand::Activate,
+            UserCommand::Deactivate,
+            change_password("new"),
+            UserCommand::EndAllSessions,
+            UserCommand::ResetPassword {
+                new_password_hash: hash("new"),
+            },
+            UserCommand::Erase { by: user() },
+        ] {
+            given([registered(AccountStatus::Active), erased_by_owner()])
+                .when(command, t0())
+                .then_refused(Refusal::Erased);
+        }
+        given([registered(AccountStatus::Active), erased_by_owner()])
+            .when(registration(InitialStatus::Active).into(), t0())
+            .then_refused(Refusal::AlreadyRegistered);
+    }
+
+    #[test]
+    fn an_account_whose_personal_data_is_gone_is_erased_even_before_its_erasure_is_read() {
+        // A reader that read the stream just before the erasure, and the key just after it.
+        let UserEvent::UserRegistered(mut unreadable) = registered(AccountStatus::Active) else {
+            unreachable!()
+        };
+        unreadable.email = Personal::Erased;
+        unreadable.email_normalized = Personal::Erased;
+        unreadable.password_hash = Personal::Erased;
+        let state = UserAccount::fold(&[unreadable.into()]);
+        assert!(state.is_erased());
+        given([
+            registered(AccountStatus::Active),
+            PasswordChanged {
+                password_hash: Personal::Erased,
+                at: t0(),
+            }
+            .into(),
+        ])
+        .when(UserCommand::Activate, t0())
+        .then_refused(Refusal::Erased);
+        // Its erasure, read later, adds when.
+        let later = evolve(state, &erased_by_owner());
+        assert!(matches!(
+            later,
+            UserAccount::Erased(ErasedAccount {
+                erased_at: Some(_),
+                ..
+            })
+        ));
     }
 }

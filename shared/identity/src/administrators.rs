@@ -121,7 +121,8 @@ impl AdministratorsFromAccounts {
             | UserEvent::SessionsEnded(_)
             | UserEvent::EmailVerified(_)
             | UserEvent::PasswordReset(_)
-            | UserEvent::EmailChanged(_) => {
+            | UserEvent::EmailChanged(_)
+            | UserEvent::UserErased(_) => {
                 if let Some(account) = self.accounts.get_mut(&user) {
                     *account = evolve(std::mem::take(account), event);
                 }
@@ -221,7 +222,7 @@ mod tests {
 
         let active = UserAccount::fold(&[administrator(AccountStatus::Active)]);
         let command = UserCommand::ChangePassword {
-            new_password_hash: hash("second"),
+            new_password_hash: hash("second").into(),
         };
         let events = decide(&active, command, t0()).unwrap();
         assert_eq!(change_of(&active, &events), None);
@@ -282,9 +283,9 @@ mod tests {
         let registration = |id: UserId, roles: Vec<Role>, status| -> UserEvent {
             UserRegistered {
                 user_id: id,
-                email: Email::parse("x@example.com").unwrap(),
+                email: Email::parse("x@example.com").unwrap().into(),
                 email_normalized: "x@example.com".into(),
-                password_hash: hash("first"),
+                password_hash: hash("first").into(),
                 status,
                 roles,
                 registered_at: t0(),

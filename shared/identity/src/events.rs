@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::email::Email;
 use crate::password::PasswordHash;
+use crate::personal::Personal;
 use crate::recovery::{RecoveryKind, RecoveryNonce, RecoveryState};
 use crate::session::{RefreshNonce, SessionEndReason, UserAgent};
 use crate::values::{AccountStatus, Role, SessionId, UserId};
@@ -29,6 +30,10 @@ pub trait EventData: Serialize + DeserializeOwned {
     const TYPE: &'static str;
     /// The version this build writes.
     const VERSION: u32;
+    /// The fields that hold personal data: stored sealed with a key of their person's, and read
+    /// as [`Personal::Erased`] once the person is erased (ADR 13). Top-level fields only; an
+    /// event with none says nothing about anyone but through its stream.
+    const PERSONAL_FIELDS: &'static [&'static str] = &[];
 }
 
 /// Why a stored event could not be read.
@@ -91,6 +96,14 @@ macro_rules! stream_event {
                 }
             }
 
+            /// The fields of this event that hold personal data ([`EventData::PERSONAL_FIELDS`]):
+            /// the ones a writer seals with its person's key.
+            pub fn personal_fields(&self) -> &'static [&'static str] {
+                match self {
+                    $(Self::$event(_) => $event::PERSONAL_FIELDS,)+
+                }
+            }
+
             /// The event's data as stored: the struct's fields, without a type tag.
             pub fn to_json(&self) -> Value {
                 match self {
@@ -135,9 +148,9 @@ macro_rules! stream_event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistered {
     pub user_id: UserId,
-    pub email: Email,
-    pub email_normalized: String,
-    pub password_hash: PasswordHash,
+    pub email: Personal<Email>,
+    pub email_normalized: Personal<String>,
+    pub password_hash: Personal<PasswordHash>,
     /// `pending` or `active`; never `deactivated`.
     pub status: AccountStatus,
     pub roles: Vec<Role>,
@@ -147,6 +160,8 @@ pub struct UserRegistered {
 impl EventData for UserRegistered {
     const TYPE: &'static str = "UserRegistered";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] =
+        &["email", "email_normalized", "password_hash"];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,26 +187,28 @@ impl EventData for UserDeactivated {
 /// The user chose a new password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordChanged {
-    pub password_hash: PasswordHash,
+    pub password_hash: Personal<PasswordHash>,
     pub at: DateTime<Utc>,
 }
 
 impl EventData for PasswordChanged {
     const TYPE: &'static str = "PasswordChanged";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["password_hash"];
 }
 
 /// The same password, hashed again with stronger parameters after a successful login. Separate
 /// from [`PasswordChanged`] because the user did nothing: a history view should not say they did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordRehashed {
-    pub password_hash: PasswordHash,
+    pub password_hash: Personal<PasswordHash>,
     pub at: DateTime<Utc>,
 }
 
 impl EventData for PasswordRehashed {
     const TYPE: &'static str = "PasswordRehashed";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["password_hash"];
 }
 
 /// An administrator ended every session of the account at once. Like a deactivation and a
@@ -223,34 +240,51 @@ impl EventData for EmailVerified {
 /// every session of the account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordReset {
-    pub password_hash: PasswordHash,
+    pub password_hash: Personal<PasswordHash>,
     pub at: DateTime<Utc>,
 }
 
 impl EventData for PasswordReset {
     const TYPE: &'static str = "PasswordReset";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["password_hash"];
 }
 
 /// The account moved to a new address, proven through the link mailed to it (so the new address
 /// is verified). Its reservation moved in the same append: the old address is free.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmailChanged {
-    pub email: Email,
+    pub email: Personal<Email>,
     /// The key the new address is reserved under, as in [`UserRegistered`].
-    pub email_normalized: String,
+    pub email_normalized: Personal<String>,
     pub at: DateTime<Utc>,
 }
 
 impl EventData for EmailChanged {
     const TYPE: &'static str = "EmailChanged";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["email", "email_normalized"];
+}
+
+/// The person asked to be forgotten, or an administrator erased the account: its key is
+/// deleted, so every personal field of its events reads as erased from now on, its sessions are
+/// over and its address is free. The last event of its stream: nothing follows an erasure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserErased {
+    /// Who asked: the account itself, or an administrator.
+    pub erased_by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for UserErased {
+    const TYPE: &'static str = "UserErased";
+    const VERSION: u32 = 1;
 }
 
 stream_event! {
     /// Everything that can happen in a user stream.
     UserEvent: UserRegistered, UserActivated, UserDeactivated, PasswordChanged, PasswordRehashed,
-        SessionsEnded, EmailVerified, PasswordReset, EmailChanged;
+        SessionsEnded, EmailVerified, PasswordReset, EmailChanged, UserErased;
     // Older versions are upcast here, one line per type and old version. For example, once
     // `UserRegistered::VERSION` is 2:
     // upcast UserRegistered from v1::UserRegistered, version 1;
@@ -269,6 +303,7 @@ impl UserEvent {
             Self::EmailVerified(e) => e.at,
             Self::PasswordReset(e) => e.at,
             Self::EmailChanged(e) => e.at,
+            Self::UserErased(e) => e.at,
         }
     }
 }
@@ -486,7 +521,7 @@ pub struct RecoveryRequested {
     pub kind: RecoveryKind,
     /// The account's address when the request was made. The link goes there, except for a
     /// change of email, whose link goes to `new_email` and which sends this address a notice.
-    pub to: Email,
+    pub to: Personal<Email>,
     /// The address the account moves to once the link is confirmed: set for a change of email
     /// only.
     pub new_email: Option<Email>,
@@ -495,27 +530,30 @@ pub struct RecoveryRequested {
     /// The link is refused at or after it.
     pub expires_at: DateTime<Utc>,
     /// The recovery state after this request.
-    pub state: RecoveryState,
+    pub state: Personal<RecoveryState>,
 }
 
 impl EventData for RecoveryRequested {
     const TYPE: &'static str = "RecoveryRequested";
     const VERSION: u32 = 1;
+    /// The state too: its pending requests hold addresses and a registration's password hash.
+    const PERSONAL_FIELDS: &'static [&'static str] = &["to", "new_email", "state"];
 }
 
 /// A notice to send to the owner of `to`: someone tried to register with their address. It
 /// has no link, and counts toward the account's hourly limit of mails.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistrationAttempted {
-    pub to: Email,
+    pub to: Personal<Email>,
     pub at: DateTime<Utc>,
     /// The recovery state after this notice.
-    pub state: RecoveryState,
+    pub state: Personal<RecoveryState>,
 }
 
 impl EventData for RegistrationAttempted {
     const TYPE: &'static str = "RegistrationAttempted";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["to", "state"];
 }
 
 /// The pending request of `kind` was confirmed through its link, and is consumed: its link is
@@ -528,12 +566,13 @@ pub struct RecoveryCompleted {
     pub new_email: Option<Email>,
     pub at: DateTime<Utc>,
     /// The recovery state after this confirmation.
-    pub state: RecoveryState,
+    pub state: Personal<RecoveryState>,
 }
 
 impl EventData for RecoveryCompleted {
     const TYPE: &'static str = "RecoveryCompleted";
     const VERSION: u32 = 1;
+    const PERSONAL_FIELDS: &'static [&'static str] = &["new_email", "state"];
 }
 
 stream_event! {
@@ -552,8 +591,8 @@ impl RecoveryEvent {
         }
     }
 
-    /// The recovery state after the event.
-    pub fn state(&self) -> &RecoveryState {
+    /// The recovery state after the event, unless its person was erased.
+    pub fn state(&self) -> &Personal<RecoveryState> {
         match self {
             Self::RecoveryRequested(e) => &e.state,
             Self::RegistrationAttempted(e) => &e.state,
@@ -604,6 +643,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::account::UserAccount;
 
     fn at() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2025, 3, 14, 9, 26, 53).unwrap()
@@ -619,9 +659,9 @@ mod tests {
         let samples = vec![
             UserEvent::from(UserRegistered {
                 user_id: UserId::from_uuid(Uuid::from_u128(1)),
-                email: Email::parse("Ann@Example.com").unwrap(),
+                email: Email::parse("Ann@Example.com").unwrap().into(),
                 email_normalized: "ann@example.com".into(),
-                password_hash: hash(),
+                password_hash: hash().into(),
                 status: AccountStatus::Pending,
                 roles: vec![Role::User],
                 registered_at: at(),
@@ -629,25 +669,30 @@ mod tests {
             UserActivated { at: at() }.into(),
             UserDeactivated { at: at() }.into(),
             PasswordChanged {
-                password_hash: hash(),
+                password_hash: hash().into(),
                 at: at(),
             }
             .into(),
             PasswordRehashed {
-                password_hash: hash(),
+                password_hash: hash().into(),
                 at: at(),
             }
             .into(),
             SessionsEnded { at: at() }.into(),
             EmailVerified { at: at() }.into(),
             PasswordReset {
-                password_hash: hash(),
+                password_hash: hash().into(),
                 at: at(),
             }
             .into(),
             EmailChanged {
-                email: Email::parse("Ann@Example.org").unwrap(),
+                email: Email::parse("Ann@Example.org").unwrap().into(),
                 email_normalized: "ann@example.org".into(),
+                at: at(),
+            }
+            .into(),
+            UserErased {
+                erased_by: UserId::from_uuid(Uuid::from_u128(9)),
                 at: at(),
             }
             .into(),
@@ -662,7 +707,8 @@ mod tests {
                 | UserEvent::SessionsEnded(_)
                 | UserEvent::EmailVerified(_)
                 | UserEvent::PasswordReset(_)
-                | UserEvent::EmailChanged(_) => {}
+                | UserEvent::EmailChanged(_)
+                | UserEvent::UserErased(_) => {}
             }
         }
         samples
@@ -778,24 +824,24 @@ mod tests {
         let samples = vec![
             RecoveryEvent::from(RecoveryRequested {
                 kind: RecoveryKind::ResetPassword,
-                to: email.clone(),
+                to: email.clone().into(),
                 new_email: None,
                 nonce,
                 requested_at: at(),
                 expires_at: at(),
-                state: state.clone(),
+                state: state.clone().into(),
             }),
             RegistrationAttempted {
-                to: email.clone(),
+                to: email.clone().into(),
                 at: at(),
-                state: state.clone(),
+                state: state.clone().into(),
             }
             .into(),
             RecoveryCompleted {
                 kind: RecoveryKind::ChangeEmail,
                 new_email: Some(email),
                 at: at(),
-                state: state.clone(),
+                state: state.clone().into(),
             }
             .into(),
         ];
@@ -805,7 +851,10 @@ mod tests {
                 | RecoveryEvent::RegistrationAttempted(_)
                 | RecoveryEvent::RecoveryCompleted(_) => {}
             }
-            assert_eq!((sample.occurred_at(), sample.state()), (at(), &state));
+            assert_eq!(
+                (sample.occurred_at(), sample.state()),
+                (at(), &Personal::Known(state.clone()))
+            );
         }
         samples
     }
@@ -835,6 +884,65 @@ mod tests {
         }
     }
 
+    /// The stored form of `event` as a reader finds it once its person is erased: every
+    /// personal field null.
+    fn erased_form(personal_fields: &[&str], mut data: Value) -> Value {
+        for field in personal_fields {
+            assert!(
+                data.get(*field).is_some(),
+                "{field} is named personal but the event has no such field: {data}"
+            );
+            data[*field] = Value::Null;
+        }
+        data
+    }
+
+    #[test]
+    fn every_personal_field_is_a_field_of_its_event_and_reads_as_erased_once_gone() {
+        for event in user_samples() {
+            let erased = erased_form(event.personal_fields(), event.to_json());
+            let decoded = UserEvent::from_stored(event.event_type(), event.version(), &erased)
+                .unwrap_or_else(|error| panic!("{}: {error}", event.event_type()));
+            let has_personal_data = !event.personal_fields().is_empty();
+            let history = match decoded {
+                UserEvent::UserRegistered(_) => vec![decoded],
+                _ => vec![registered_sample(), decoded],
+            };
+            let folded = UserAccount::fold(&history);
+            assert_eq!(
+                folded.is_erased(),
+                has_personal_data || matches!(event, UserEvent::UserErased(_)),
+                "{}",
+                event.event_type()
+            );
+        }
+        for event in recovery_samples() {
+            assert!(
+                !event.personal_fields().is_empty(),
+                "{}",
+                event.event_type()
+            );
+            let erased = erased_form(event.personal_fields(), event.to_json());
+            let decoded = RecoveryEvent::from_stored(event.event_type(), event.version(), &erased)
+                .unwrap_or_else(|error| panic!("{}: {error}", event.event_type()));
+            assert!(decoded.state().is_erased());
+            assert_eq!(
+                RecoveryState::from_last(Some(&decoded)),
+                RecoveryState::default()
+            );
+        }
+        for event in login_samples() {
+            assert!(event.personal_fields().is_empty());
+        }
+        for event in session_samples() {
+            assert!(event.personal_fields().is_empty());
+        }
+    }
+
+    fn registered_sample() -> UserEvent {
+        user_samples().remove(0)
+    }
+
     #[test]
     fn every_login_event_round_trips_through_its_stored_form() {
         for event in login_samples() {
@@ -862,6 +970,7 @@ mod tests {
             AdministratorsEvent::from_stored(event.event_type(), event.version(), &event.to_json());
         assert_eq!(decoded, Ok(event.clone()));
         assert_eq!(AdministratorsEvent::TYPES, [event.event_type()]);
+        assert!(event.personal_fields().is_empty());
         assert!(matches!(
             UserEvent::from_stored(event.event_type(), 1, &event.to_json()),
             Err(EventDecodeError::UnknownType { .. })

@@ -196,8 +196,8 @@ pub fn hash(name: &str) -> PasswordHash {
 pub fn registration(initial_status: InitialStatus) -> Register {
     Register {
         user_id: user(),
-        email: Email::parse("ann@example.com").unwrap(),
-        password_hash: hash("first"),
+        email: Email::parse("ann@example.com").unwrap().into(),
+        password_hash: hash("first").into(),
         roles: vec![Role::User],
         initial_status,
     }
@@ -207,9 +207,9 @@ pub fn registration(initial_status: InitialStatus) -> Register {
 pub fn registered(status: AccountStatus) -> UserEvent {
     UserRegistered {
         user_id: user(),
-        email: Email::parse("ann@example.com").unwrap(),
+        email: Email::parse("ann@example.com").unwrap().into(),
         email_normalized: "ann@example.com".into(),
-        password_hash: hash("first"),
+        password_hash: hash("first").into(),
         status,
         roles: vec![Role::User],
         registered_at: t0(),

@@ -8,6 +8,7 @@
 //!
 //! - [`values`], [`email`], [`password`]: value objects that are valid once they exist.
 //! - [`events`]: the stored contract, with versions and upcasting.
+//! - [`personal`]: a personal field of an event, known or erased with its person (ADR 13).
 //! - [`streams`]: stream names and where the event version is kept.
 //! - [`account`]: the user aggregate, [`decide`] and [`evolve`].
 //! - [`login`]: deciding a login from the last login event, with lockout.
@@ -25,6 +26,7 @@ pub mod email;
 pub mod events;
 pub mod login;
 pub mod password;
+pub mod personal;
 pub mod recovery;
 pub mod session;
 pub mod streams;
@@ -34,7 +36,9 @@ pub mod values;
 #[cfg(test)]
 mod given;
 
-pub use account::{Account, Refusal, Register, UserAccount, UserCommand, decide, evolve};
+pub use account::{
+    Account, ErasedAccount, Refusal, Register, UserAccount, UserCommand, decide, evolve,
+};
 pub use administrators::{
     AdministratorChange, Administrators, AdministratorsFromAccounts, change_of,
     decide_administrators,
@@ -45,10 +49,11 @@ pub use events::{
     EventDecodeError, LockoutLifted, LoginEvent, LoginFailed, LoginSucceeded, PasswordChanged,
     PasswordRehashed, PasswordReset, RecoveryCompleted, RecoveryEvent, RecoveryRequested,
     RegistrationAttempted, SessionEnded, SessionEvent, SessionRefreshed, SessionStarted,
-    SessionsEnded, UserActivated, UserDeactivated, UserEvent, UserRegistered,
+    SessionsEnded, UserActivated, UserDeactivated, UserErased, UserEvent, UserRegistered,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
+pub use personal::Personal;
 pub use recovery::{
     InvalidRecoveryNonce, PendingRecovery, RecoveryCommand, RecoveryDecision, RecoveryKind,
     RecoveryNonce, RecoveryPolicy, RecoveryRefusal, RecoveryState, decide_recovery,

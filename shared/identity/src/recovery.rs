@@ -155,8 +155,12 @@ impl RecoveryState {
     pub const WINDOW: TimeDelta = TimeDelta::hours(1);
 
     /// The state after the last event of a recovery stream (`None`: the stream is empty).
+    ///
+    /// An erased state holds no pending request: the links of an erased person are dead with
+    /// it (and every command on the account is refused before this is asked).
     pub fn from_last(last: Option<&RecoveryEvent>) -> Self {
-        last.map(|event| event.state().clone()).unwrap_or_default()
+        last.and_then(|event| event.state().known().cloned())
+            .unwrap_or_default()
     }
 
     /// The pending request of `kind`, if any (expired or not).
@@ -331,12 +335,12 @@ pub fn decide_recovery(
             });
             Ok(RecoveryDecision::Requested(RecoveryRequested {
                 kind,
-                to,
+                to: to.into(),
                 new_email,
                 nonce,
                 requested_at: now,
                 expires_at,
-                state: after,
+                state: after.into(),
             }))
         }
         RecoveryCommand::NoticeRegistrationAttempt { to } => {
@@ -344,9 +348,9 @@ pub fn decide_recovery(
                 return Ok(RecoveryDecision::OverLimit);
             }
             Ok(RecoveryDecision::Noticed(RegistrationAttempted {
-                to,
+                to: to.into(),
                 at: now,
-                state: state.clone().with_notice_at(now),
+                state: state.clone().with_notice_at(now).into(),
             }))
         }
         RecoveryCommand::Complete {
@@ -377,7 +381,7 @@ pub fn decide_recovery(
                 kind,
                 new_email,
                 at: now,
-                state: after,
+                state: after.into(),
             }))
         }
     }
@@ -387,6 +391,7 @@ pub fn decide_recovery(
 mod tests {
     use super::*;
     use crate::given::{given_recovery, recovery_nonce, t0};
+    use crate::personal::Personal;
 
     fn mins(n: i64) -> TimeDelta {
         TimeDelta::minutes(n)
@@ -407,7 +412,7 @@ mod tests {
     fn reset(n: u64) -> RecoveryCommand {
         RecoveryCommand::Request {
             kind: RecoveryKind::ResetPassword,
-            to: ann(),
+            to: ann().into(),
             new_email: None,
             nonce: recovery_nonce(n),
             account_epoch: 0,
@@ -418,7 +423,7 @@ mod tests {
     fn change(n: u64) -> RecoveryCommand {
         RecoveryCommand::Request {
             kind: RecoveryKind::ChangeEmail,
-            to: ann(),
+            to: ann().into(),
             new_email: Some(ann_new()),
             nonce: recovery_nonce(n),
             account_epoch: 0,
@@ -483,16 +488,16 @@ mod tests {
             .when(reset(1), t0())
             .then(RecoveryDecision::Requested(RecoveryRequested {
                 kind: RecoveryKind::ResetPassword,
-                to: ann(),
+                to: ann().into(),
                 new_email: None,
                 nonce: recovery_nonce(1),
                 requested_at: t0(),
                 expires_at: t0() + mins(30),
-                state: RecoveryState {
+                state: Personal::Known(RecoveryState {
                     reset_password: Some(pending(1, t0())),
                     recent_mails: vec![t0()],
                     ..RecoveryState::default()
-                },
+                }),
             }));
     }
 
@@ -500,7 +505,7 @@ mod tests {
     fn a_newer_request_replaces_the_pending_one_of_its_kind_and_the_older_link_fails() {
         let replaced = after([(reset(1), t0()), (reset(2), t0() + mins(1))]).unwrap();
         assert_eq!(
-            replaced.state().reset_password,
+            replaced.state().known().unwrap().reset_password,
             Some(pending(2, t0() + mins(1)))
         );
         given_recovery([replaced.clone()])
@@ -512,17 +517,20 @@ mod tests {
                 kind: RecoveryKind::ResetPassword,
                 new_email: None,
                 at: t0() + mins(2),
-                state: RecoveryState {
+                state: Personal::Known(RecoveryState {
                     recent_mails: vec![t0(), t0() + mins(1)],
                     ..RecoveryState::default()
-                },
+                }),
             }));
     }
 
     #[test]
     fn a_request_leaves_the_pending_requests_of_other_kinds_alone() {
         let both = after([(reset(1), t0()), (change(2), t0() + mins(1))]).unwrap();
-        assert_eq!(both.state().reset_password, Some(pending(1, t0())));
+        assert_eq!(
+            both.state().known().unwrap().reset_password,
+            Some(pending(1, t0()))
+        );
         given_recovery([both])
             .when(complete(RecoveryKind::ResetPassword, 1), t0() + mins(2))
             .decision()
@@ -573,9 +581,9 @@ mod tests {
             .unwrap()
             .into_event()
             .unwrap();
-        assert_eq!(fifth.state().recent_mails.len(), 5);
+        assert_eq!(fifth.state().known().unwrap().recent_mails.len(), 5);
         assert_eq!(
-            fifth.state().reset_password,
+            fifth.state().known().unwrap().reset_password,
             Some(pending(5, t0() + mins(5)))
         );
         given_recovery([fifth.clone()])
@@ -589,19 +597,19 @@ mod tests {
             .when(reset(6), t0() + mins(61))
             .then(RecoveryDecision::Requested(RecoveryRequested {
                 kind: RecoveryKind::ResetPassword,
-                to: ann(),
+                to: ann().into(),
                 new_email: None,
                 nonce: recovery_nonce(6),
                 requested_at: t0() + mins(61),
                 expires_at: t0() + mins(91),
-                state: RecoveryState {
+                state: Personal::Known(RecoveryState {
                     reset_password: Some(pending(6, t0() + mins(61))),
                     recent_mails: (2..=5)
                         .map(|n| t0() + mins(n))
                         .chain([t0() + mins(61)])
                         .collect(),
                     ..RecoveryState::default()
-                },
+                }),
             }));
     }
 
@@ -623,7 +631,7 @@ mod tests {
         assert_eq!(
             five_notices
                 .as_ref()
-                .map(|event| event.state().recent_notices.len()),
+                .map(|event| event.state().known().unwrap().recent_notices.len()),
             Some(5)
         );
         given_recovery(five_notices.clone())
@@ -637,7 +645,10 @@ mod tests {
         else {
             panic!("the notices used up the link mails");
         };
-        assert_eq!(requested.state.recent_mails, vec![t0() + mins(5)]);
+        assert_eq!(
+            requested.state.known().unwrap().recent_mails,
+            vec![t0() + mins(5)]
+        );
     }
 
     #[test]
@@ -646,14 +657,14 @@ mod tests {
         given_recovery([requested])
             .when(notice(), t0() + mins(1))
             .then(RecoveryDecision::Noticed(RegistrationAttempted {
-                to: ann(),
+                to: ann().into(),
                 at: t0() + mins(1),
-                state: RecoveryState {
+                state: Personal::Known(RecoveryState {
                     reset_password: Some(pending(1, t0())),
                     recent_mails: vec![t0()],
                     recent_notices: vec![t0() + mins(1)],
                     ..RecoveryState::default()
-                },
+                }),
             }));
     }
 
@@ -666,7 +677,10 @@ mod tests {
             .when(complete(RecoveryKind::ResetPassword, 1), t0() + mins(2))
             .decision()
             .unwrap();
-        assert_eq!(RecoveryState::from_last(Some(&last)), last.state().clone());
+        assert_eq!(
+            RecoveryState::from_last(Some(&last)),
+            last.state().known().unwrap().clone()
+        );
         assert_eq!(RecoveryState::from_last(None), RecoveryState::default());
     }
 
@@ -683,11 +697,13 @@ mod tests {
         };
         assert_eq!(
             (&request.to, &request.new_email),
-            (&ann(), &Some(ann_new()))
+            (&ann().into(), &Some(ann_new()))
         );
         assert_eq!(
             requested
                 .state()
+                .known()
+                .unwrap()
                 .change_email
                 .as_ref()
                 .and_then(|pending| pending.new_email.clone()),
@@ -699,10 +715,10 @@ mod tests {
                 kind: RecoveryKind::ChangeEmail,
                 new_email: Some(ann_new()),
                 at: t0() + mins(1),
-                state: RecoveryState {
+                state: Personal::Known(RecoveryState {
                     recent_mails: vec![t0()],
                     ..RecoveryState::default()
-                },
+                }),
             }));
     }
 
@@ -725,7 +741,7 @@ mod tests {
             .when(
                 RecoveryCommand::Request {
                     kind: RecoveryKind::VerifyEmail,
-                    to: ann(),
+                    to: ann().into(),
                     new_email: Some(ann_new()),
                     nonce: recovery_nonce(1),
                     account_epoch: 0,
@@ -746,9 +762,12 @@ mod tests {
         else {
             panic!("not completed");
         };
-        assert_eq!(completed.state.recent_mails, vec![t0()]);
+        assert_eq!(completed.state.known().unwrap().recent_mails, vec![t0()]);
         let noticed = after([(notice(), t0()), (notice(), t0() + mins(60))]).unwrap();
-        assert_eq!(noticed.state().recent_notices, vec![t0() + mins(60)]);
+        assert_eq!(
+            noticed.state().known().unwrap().recent_notices,
+            vec![t0() + mins(60)]
+        );
     }
 
     #[test]
@@ -817,7 +836,7 @@ mod tests {
     fn a_verification_proves_the_address_whatever_happened_to_the_account_since() {
         let verify = RecoveryCommand::Request {
             kind: RecoveryKind::VerifyEmail,
-            to: ann(),
+            to: ann().into(),
             new_email: None,
             nonce: recovery_nonce(1),
             account_epoch: 0,
@@ -837,7 +856,7 @@ mod tests {
     fn a_completed_change_of_email_voids_the_links_mailed_to_the_old_address() {
         let verify = RecoveryCommand::Request {
             kind: RecoveryKind::VerifyEmail,
-            to: ann(),
+            to: ann().into(),
             new_email: None,
             nonce: recovery_nonce(2),
             account_epoch: 0,
@@ -851,8 +870,8 @@ mod tests {
         else {
             panic!("refused");
         };
-        assert_eq!(completed.state.verify_email, None);
-        assert_eq!(completed.state.reset_password, None);
+        assert_eq!(completed.state.known().unwrap().verify_email, None);
+        assert_eq!(completed.state.known().unwrap().reset_password, None);
         let after_change = Some(RecoveryEvent::from(completed));
         given_recovery(after_change)
             .when(complete(RecoveryKind::ResetPassword, 3), t0() + mins(2))

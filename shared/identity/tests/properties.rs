@@ -131,8 +131,9 @@ proptest! {
             );
             if let Some(event) = decision.into_event() {
                 sent.push(now);
-                prop_assert!(event.state().recent_mails.len() <= limit);
-                prop_assert!(event.state().recent_notices.len() <= limit);
+                let after = event.state().known().expect("a decision writes a known state");
+                prop_assert!(after.recent_mails.len() <= limit);
+                prop_assert!(after.recent_notices.len() <= limit);
                 last = Some(event);
             }
         }
