@@ -405,7 +405,7 @@ mod tests {
 
     fn change_password(hash_name: &str) -> UserCommand {
         UserCommand::ChangePassword {
-            new_password_hash: hash(hash_name).into(),
+            new_password_hash: hash(hash_name),
         }
     }
 
@@ -414,7 +414,7 @@ mod tests {
         given([])
             .when(
                 Register {
-                    email: Email::parse("Ann@Example.com").unwrap().into(),
+                    email: Email::parse("Ann@Example.com").unwrap(),
                     ..registration(InitialStatus::Active)
                 }
                 .into(),
@@ -437,8 +437,8 @@ mod tests {
         given([registered(AccountStatus::Pending)])
             .when(
                 Register {
-                    email: Email::parse("other@example.com").unwrap().into(),
-                    password_hash: hash("other").into(),
+                    email: Email::parse("other@example.com").unwrap(),
+                    password_hash: hash("other"),
                     ..registration(InitialStatus::Pending)
                 }
                 .into(),
@@ -472,7 +472,7 @@ mod tests {
             UserCommand::Deactivate,
             change_password("new"),
             UserCommand::RehashPassword {
-                new_password_hash: hash("new").into(),
+                new_password_hash: hash("new"),
             },
         ] {
             given([])
@@ -547,7 +547,7 @@ mod tests {
         given([registered(AccountStatus::Active)])
             .when(
                 UserCommand::RehashPassword {
-                    new_password_hash: hash("stronger").into(),
+                    new_password_hash: hash("stronger"),
                 },
                 t0(),
             )
@@ -736,7 +736,7 @@ mod tests {
         given(history.clone())
             .when(
                 UserCommand::ResetPassword {
-                    new_password_hash: hash("reset").into(),
+                    new_password_hash: hash("reset"),
                 },
                 t0(),
             )
@@ -770,7 +770,7 @@ mod tests {
         given([registered(AccountStatus::Active)])
             .when(
                 UserCommand::ChangeEmail {
-                    new_email: ann_new().into(),
+                    new_email: ann_new(),
                 },
                 t0(),
             )
@@ -790,10 +790,10 @@ mod tests {
         ] {
             for command in [
                 UserCommand::ResetPassword {
-                    new_password_hash: hash("reset").into(),
+                    new_password_hash: hash("reset"),
                 },
                 UserCommand::ChangeEmail {
-                    new_email: ann_new().into(),
+                    new_email: ann_new(),
                 },
             ] {
                 given(history.clone())

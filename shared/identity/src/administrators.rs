@@ -222,7 +222,7 @@ mod tests {
 
         let active = UserAccount::fold(&[administrator(AccountStatus::Active)]);
         let command = UserCommand::ChangePassword {
-            new_password_hash: hash("second").into(),
+            new_password_hash: hash("second"),
         };
         let events = decide(&active, command, t0()).unwrap();
         assert_eq!(change_of(&active, &events), None);

@@ -1061,6 +1061,7 @@ mod tests {
         let event = RenamingEvent::from_stored("Renamed", 1, &json!({ "name": "ann" })).unwrap();
         assert_eq!(event, Renamed { to: "ann".into() }.into());
         assert_eq!((event.event_type(), event.version()), ("Renamed", 2));
+        assert!(event.personal_fields().is_empty());
         assert_eq!(event.to_json(), json!({ "to": "ann" }));
         assert_eq!(
             RenamingEvent::from_stored("Renamed", 2, &event.to_json()),

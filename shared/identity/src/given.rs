@@ -196,8 +196,8 @@ pub fn hash(name: &str) -> PasswordHash {
 pub fn registration(initial_status: InitialStatus) -> Register {
     Register {
         user_id: user(),
-        email: Email::parse("ann@example.com").unwrap().into(),
-        password_hash: hash("first").into(),
+        email: Email::parse("ann@example.com").unwrap(),
+        password_hash: hash("first"),
         roles: vec![Role::User],
         initial_status,
     }

@@ -412,7 +412,7 @@ mod tests {
     fn reset(n: u64) -> RecoveryCommand {
         RecoveryCommand::Request {
             kind: RecoveryKind::ResetPassword,
-            to: ann().into(),
+            to: ann(),
             new_email: None,
             nonce: recovery_nonce(n),
             account_epoch: 0,
@@ -423,7 +423,7 @@ mod tests {
     fn change(n: u64) -> RecoveryCommand {
         RecoveryCommand::Request {
             kind: RecoveryKind::ChangeEmail,
-            to: ann().into(),
+            to: ann(),
             new_email: Some(ann_new()),
             nonce: recovery_nonce(n),
             account_epoch: 0,
@@ -741,7 +741,7 @@ mod tests {
             .when(
                 RecoveryCommand::Request {
                     kind: RecoveryKind::VerifyEmail,
-                    to: ann().into(),
+                    to: ann(),
                     new_email: Some(ann_new()),
                     nonce: recovery_nonce(1),
                     account_epoch: 0,
@@ -836,7 +836,7 @@ mod tests {
     fn a_verification_proves_the_address_whatever_happened_to_the_account_since() {
         let verify = RecoveryCommand::Request {
             kind: RecoveryKind::VerifyEmail,
-            to: ann().into(),
+            to: ann(),
             new_email: None,
             nonce: recovery_nonce(1),
             account_epoch: 0,
@@ -856,7 +856,7 @@ mod tests {
     fn a_completed_change_of_email_voids_the_links_mailed_to_the_old_address() {
         let verify = RecoveryCommand::Request {
             kind: RecoveryKind::VerifyEmail,
-            to: ann().into(),
+            to: ann(),
             new_email: None,
             nonce: recovery_nonce(2),
             account_epoch: 0,
