@@ -296,6 +296,58 @@ impl fmt::Debug for MailSettings {
     }
 }
 
+/// The keys personal data is sealed and looked up with (docs/adr/0013), read by every binary
+/// alike: the command API writes and erases, the aggregator projects, the query API shows
+/// history.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct PersonalDataSettings {
+    /// The id the current master key is known by in the key table (letters, digits, `-`, `_`).
+    pub master_key_id: String,
+    /// The master key every person's key is wrapped with: 64 hexadecimal digits (`openssl rand
+    /// -hex 32`), say from a Kubernetes Secret; wins over `master_key_file`.
+    pub master_key: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+    /// Master keys replaced by a rotation, still read until `command-api rewrap-keys` has
+    /// rewrapped every person's key: `id:hex` pairs separated by commas.
+    pub retired_master_keys: Option<String>,
+    /// The key of the hash that names email reservation streams: 64 or more hexadecimal
+    /// digits; wins over `lookup_key_file`.
+    pub lookup_key: Option<String>,
+    pub lookup_key_file: Option<PathBuf>,
+    /// Create the key files when they do not exist (the standalone mode's first start).
+    pub create_keys_if_missing: bool,
+}
+
+impl Default for PersonalDataSettings {
+    fn default() -> Self {
+        Self {
+            master_key_id: "1".into(),
+            master_key: None,
+            master_key_file: None,
+            retired_master_keys: None,
+            lookup_key: None,
+            lookup_key_file: None,
+            create_keys_if_missing: false,
+        }
+    }
+}
+
+impl fmt::Debug for PersonalDataSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "[redacted]");
+        f.debug_struct("PersonalDataSettings")
+            .field("master_key_id", &self.master_key_id)
+            .field("master_key", &redacted(&self.master_key))
+            .field("master_key_file", &self.master_key_file)
+            .field("retired_master_keys", &redacted(&self.retired_master_keys))
+            .field("lookup_key", &redacted(&self.lookup_key))
+            .field("lookup_key_file", &self.lookup_key_file)
+            .field("create_keys_if_missing", &self.create_keys_if_missing)
+            .finish()
+    }
+}
+
 /// How the logs look.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
