@@ -12,11 +12,14 @@
 #      ports, Ingress backends, HPA and PDB targets, ConfigMap and Secret keys, probes on
 #      /healthz and /readyz, non-root read-only hardened containers with resources, no real
 #      secret in any file, one mail token key for command-api and the aggregator and the SMTP
-#      password in the aggregator alone;
+#      password in the aggregator alone, the same personal data keys (master and lookup key
+#      from one Secret, the master key's id from the ConfigMap) in every container that runs
+#      a binary, the migrate Job's included;
 #   5. docker-compose.yml against the Compose Specification JSON schema, taken from the
 #      docker-compose 1.29.2 wheel on PyPI (compose/config/compose_spec.json, sha256-pinned),
-#      plus depends_on, health check, volume and mail (one token key, an SMTP service of the
-#      file) cross-checks;
+#      plus depends_on, health check, volume, mail (one token key, an SMTP service of the
+#      file) and personal data (the same key files in every service that runs a binary, made
+#      by a one-shot service they wait for) cross-checks;
 #   6. the Dockerfile with hadolint, plus the few properties the deployment relies on.
 #
 # Usage: deploy/validate.sh        (K8S_VERSIONS="1.30.0 1.37.0" by default)
@@ -408,6 +411,69 @@ else:
     ok(f"command-api and aggregator read the mail token key from Secret "
        f"{'/'.join(mail_keys['aggregator'])}; only the aggregator holds the SMTP password")
 
+# Personal data (docs/adr/0013): every process that runs a binary seals or unseals personal
+# fields, so each reads the master key and the lookup key from one Secret key apiece (a
+# process with another master key could not unwrap the others' person keys; another lookup
+# key would name other reservation streams, so an address would look free), the retired
+# master keys from the same Secret, optional (present during a rotation only), and the
+# master key's id from the ConfigMap alone, so no container can pair the key with another id.
+personal_variables = {
+    "IDENTITY__PERSONAL_DATA__MASTER_KEY": False,  # name -> optional in the Secret
+    "IDENTITY__PERSONAL_DATA__LOOKUP_KEY": False,
+    "IDENTITY__PERSONAL_DATA__RETIRED_MASTER_KEYS": True,
+}
+key_id_variable = "IDENTITY__PERSONAL_DATA__MASTER_KEY_ID"
+personal_sources = {variable: set() for variable in personal_variables}
+problems = []
+containers_checked = 0
+for rel, doc, template in workloads:
+    for container in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+        if not (container.get("command") or [None])[0] in binaries:
+            continue
+        containers_checked += 1
+        what = f"{rel}: {doc['kind']}/{name(doc)} container {container['name']}"
+        environment = {v["name"]: v for v in container.get("env", [])}
+        for variable, optional in personal_variables.items():
+            entry = environment.get(variable)
+            ref = (entry or {}).get("valueFrom", {}).get("secretKeyRef")
+            if not ref:
+                problems.append(f"{what}: {variable} must come from a Secret")
+                continue
+            if bool(ref.get("optional", False)) != optional:
+                problems.append(f"{what}: {variable} must {'' if optional else 'not '}be optional")
+            personal_sources[variable].add((ref.get("name"), ref.get("key")))
+        for variable in environment:
+            if variable.startswith("IDENTITY__PERSONAL_DATA__") and variable not in personal_variables:
+                problems.append(f"{what}: sets {variable} itself (the master key's id is the "
+                                f"ConfigMap's, the keys come from the Secret)")
+        config_refs = [s.get("configMapRef", {}).get("name") for s in container.get("envFrom", [])]
+        if not any(key_id_variable in config_maps.get(ref, set()) for ref in config_refs):
+            problems.append(f"{what}: reads no ConfigMap that holds {key_id_variable}")
+for variable, sources in personal_sources.items():
+    if len(sources) > 1:
+        problems.append(f"{variable} comes from different Secret keys: {sorted(sources)}")
+secret_names = {source[0] for sources in personal_sources.values() for source in sources}
+secret_keys = [source for sources in personal_sources.values() for source in sources]
+if len(secret_names) > 1:
+    problems.append(f"the personal data settings come from several Secrets: {sorted(secret_names)}")
+if len(set(secret_keys)) != len(secret_keys):
+    problems.append("the master key, the lookup key and the retired master keys share a Secret key")
+for rel, doc in of_kind("Secret"):
+    if name(doc) not in secret_names:
+        continue
+    values = {**(doc.get("data") or {}), **(doc.get("stringData") or {})}
+    for key in sorted({source[1] for source in secret_keys}):
+        if re.fullmatch(r"[0-9a-fA-F]+", str(values.get(key, ""))):
+            problems.append(f"{rel}: the placeholder of {key} is hexadecimal, so a service "
+                            f"would start with it")
+for problem in problems:
+    fail(problem)
+if not problems and containers_checked:
+    ok(f"all {containers_checked} containers that run a binary read the personal data keys from "
+       f"Secret {'/'.join(next(iter(personal_sources['IDENTITY__PERSONAL_DATA__MASTER_KEY'])))} "
+       f"and {next(iter(personal_sources['IDENTITY__PERSONAL_DATA__LOOKUP_KEY']))[1]}, "
+       f"the master key's id from the ConfigMap")
+
 for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
     for rel, doc in of_kind(kind):
         if kind == "HorizontalPodAutoscaler":
@@ -526,6 +592,61 @@ for service in roles.get("command-api serve", []) + roles.get("aggregator run", 
     mail_key_sources[service] = key_file
 if len(set(mail_key_sources.values())) > 1:
     problems.append(f"command-api and the aggregators read different mail token keys: {mail_key_sources}")
+# Personal data: every service that runs a binary (migrate included) reads the same master
+# and lookup key files from a mounted volume, which a one-shot service of this file writes and
+# every one of them waits for.
+def runs_a_binary(config):
+    command = config.get("command") or []
+    command = command if isinstance(command, list) else command.split()
+    script = command[2] if command[:2] in (["bash", "-c"], ["sh", "-c"]) and len(command) > 2 \
+        else " ".join(command)
+    return re.search(r"(?:^|[;&|]\s*|\n\s*)(command-api|query-api|aggregator)\b", script)
+
+
+def mount_of(config, path):
+    for volume in config.get("volumes", []):
+        parts = volume.split(":") if isinstance(volume, str) else \
+            [volume.get("source", ""), volume.get("target", "")]
+        if len(parts) > 1 and path.startswith(parts[1].rstrip("/") + "/"):
+            return parts[0], parts[1]
+    return None
+
+
+personal_files = {}
+problems_before = len(problems)
+for service, config in services_.items():
+    if not runs_a_binary(config):
+        continue
+    environment = config.get("environment") or {}
+    files = tuple(environment.get(f"IDENTITY__PERSONAL_DATA__{key}_FILE")
+                  for key in ("MASTER_KEY", "LOOKUP_KEY"))
+    for variable in ("MASTER_KEY", "LOOKUP_KEY"):
+        if f"IDENTITY__PERSONAL_DATA__{variable}" in environment:
+            problems.append(f"{service}: IDENTITY__PERSONAL_DATA__{variable} in plain "
+                            f"environment; use the _FILE variant")
+    if not all(files) or not all(mount_of(config, f) for f in files):
+        problems.append(f"{service}: IDENTITY__PERSONAL_DATA__MASTER_KEY_FILE and "
+                        f"..._LOOKUP_KEY_FILE must name files in a mounted volume")
+        continue
+    if files[0] == files[1]:
+        problems.append(f"{service}: the master key and the lookup key are the same file")
+    personal_files[service] = files
+    generators = [other for other, other_config in services_.items()
+                  if other != service and all(f in " ".join(map(str, other_config.get("command") or []))
+                                              and mount_of(other_config, f) == mount_of(config, f)
+                                              for f in files)]
+    depends = config.get("depends_on") or {}
+    if not any(isinstance(depends, dict) and (depends.get(g) or {}).get("condition")
+               == "service_completed_successfully" for g in generators):
+        problems.append(f"{service}: no service it waits for (service_completed_successfully) "
+                        f"writes {', '.join(files)} into the same volume")
+if len(set(personal_files.values())) > 1:
+    problems.append(f"services read different personal data keys: {personal_files}")
+if not personal_files:
+    problems.append("no service runs a binary with the personal data keys")
+if len(problems) == problems_before:
+    ok(f"docker-compose.yml: {', '.join(sorted(personal_files))} read the personal data keys "
+       f"{' and '.join(next(iter(personal_files.values())))}, written by a one-shot they wait for")
 for service in roles.get("aggregator run", []):
     smtp = str((services_[service].get("environment") or {}).get("IDENTITY__MAIL__SMTP_URL", ""))
     host = re.match(r"smtps?://([^:/]+)", smtp)
