@@ -45,7 +45,20 @@ pub const USERS_PROJECTION: &str = "users";
 /// older build having passed over one of them (it skips types it does not know): upgrade the
 /// aggregators, with the migration, before the command API that appends them, or `rebuild`
 /// after.
+///
+/// Still 2 with erased accounts (ADR 13: `users.erased_at`, `status` `erased`, a null address,
+/// no sessions rows): no view folded before `UserErased` existed holds an erased account, so
+/// every row of it is right with the new column's default, null. The same order holds: the
+/// aggregators (and their migration) before the query API that reads erased rows, and both
+/// before the command API that erases: an aggregator of an older build passes over a
+/// `UserErased` (a type it does not know) and would keep the address in the row; it halts
+/// before a sealed event (it cannot read the envelope as an address) rather than fold it wrong.
 pub const USERS_VERSION: i32 = 2;
+
+/// The `status` of a users row whose account was erased (ADR 13); the other statuses are
+/// `identity::AccountStatus` names. Not an account status: the domain's erased account has
+/// none, and the view keeps the row so that its facts (registration, logins, erasure) stay.
+pub const ERASED_STATUS: &str = "erased";
 
 /// The read model's migrations on PostgreSQL (`migrations/read_model/postgres`).
 pub fn postgres_migrations() -> Migrator {
