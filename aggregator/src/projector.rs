@@ -422,7 +422,7 @@ impl Projector {
     ) -> Result<bool, ProjectorError> {
         let mut missing: Vec<RowId> = changes
             .iter()
-            .map(Change::row)
+            .flat_map(Change::rows)
             .filter(|id| !self.cache.contains(*id))
             .collect();
         if missing.is_empty() {

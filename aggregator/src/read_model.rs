@@ -9,10 +9,10 @@
 //! | column | PostgreSQL | SQLite | meaning |
 //! |---|---|---|---|
 //! | `id` | uuid, primary key | text | the user id |
-//! | `email` | text | text | as registered, or as last changed (`EmailChanged`) |
-//! | `email_normalized` | text, indexed | text, indexed | lookup key (not unique here: the command side decides uniqueness) |
+//! | `email` | text null | text null | as registered, or as last changed (`EmailChanged`); null once erased |
+//! | `email_normalized` | text null, indexed | text null, indexed | lookup key (not unique here: the command side decides uniqueness); null once erased |
 //! | `email_verified` | boolean, default false | integer 0 or 1, default 0 | the owner proved the address: set by `EmailVerified` and `EmailChanged` (the view of an account folded before those events existed is right with the default) |
-//! | `status` | text | text | `pending`, `active`, `deactivated`; indexed with `id` for paging |
+//! | `status` | text | text | `pending`, `active`, `deactivated`, `erased`; indexed with `id` for paging |
 //! | `registered_at` | timestamptz | RFC 3339 text | |
 //! | `activated_at` | timestamptz null | text null | last activation (the registration time when registered active) |
 //! | `deactivated_at` | timestamptz null | text null | last deactivation |
@@ -21,12 +21,15 @@
 //! | `failed_logins` | integer | integer | failed logins since the last success |
 //! | `locked_until` | timestamptz null | text null | set by the failure that locked the account |
 //! | `roles` | text[] | JSON array text | `user`, `admin` |
-//! | `session_epoch` | bigint, default 0 | integer, default 0 | the account's session epoch: moved by a deactivation, a password change or reset and `SessionsEnded` |
+//! | `session_epoch` | bigint, default 0 | integer, default 0 | the account's session epoch: moved by a deactivation, a password change or reset, `SessionsEnded` and `UserErased` |
+//! | `erased_at` | timestamptz null | text null | when the account was erased (`UserErased`, ADR 13); null while it is not, or while only its data was found erased |
 //! | `position` | bigint | integer | global position of the last event applied to the row |
 //!
 //! `sessions`: one row per session (ADR 11), kept by the same projection as `users`, in the same
 //! transactions, under the same checkpoint. A session is live while `ended_at` is null, it is
 //! before both limits, and its `session_epoch` is its account's: the query API joins the two.
+//! An erased account has no rows here (they hold user agents): a commit that writes an erased
+//! users row deletes its account's sessions in the same transaction.
 //!
 //! | column | PostgreSQL | SQLite | meaning |
 //! |---|---|---|---|
@@ -90,7 +93,7 @@ trait ViewRow: Sized {
 impl ViewRow for UserRow {
     const COLUMNS: &'static str = "id, email, email_normalized, email_verified, status, \
          registered_at, activated_at, deactivated_at, last_login_at, login_count, failed_logins, \
-         locked_until, roles, session_epoch, position";
+         locked_until, roles, session_epoch, erased_at, position";
 
     fn table(target: &Target) -> &'static str {
         target.users
@@ -411,6 +414,7 @@ impl ReadModelWriter {
                 }
                 sqlite_upsert_users(&mut tx, target, &rows.users).await?;
                 sqlite_upsert_sessions(&mut tx, target, &rows.sessions).await?;
+                sqlite_delete_sessions_of(&mut tx, target, &erased_accounts(rows)).await?;
                 tx.commit().await?;
             }
         }
@@ -610,8 +614,8 @@ pub(crate) async fn pg_apply(
         return Ok(Committed::Written { rows: 0 });
     }
     let (mut users, mut sessions) = (Vec::new(), Vec::new());
-    for change in changes {
-        match change.row() {
+    for row in changes.iter().flat_map(Change::rows) {
+        match row {
             RowId::User(id) => users.push(id),
             RowId::Session(id) => sessions.push(id),
         }
@@ -748,7 +752,28 @@ async fn pg_upsert(
     for piece in rows.sessions.chunks(UPSERT_ROWS) {
         pg_upsert_sessions(connection, target, piece).await?;
     }
+    let erased = erased_accounts(rows);
+    if !erased.is_empty() {
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE user_id = ANY($1)",
+            target.sessions
+        ))
+        .bind(&erased)
+        .execute(&mut *connection)
+        .await?;
+    }
     Ok(())
+}
+
+/// The accounts among `rows` whose users row is erased: their sessions' rows are deleted in
+/// the same transaction, after the sessions' upserts (a session started and its account erased
+/// in one commit leaves no row).
+fn erased_accounts(rows: &Changed<'_>) -> Vec<Uuid> {
+    rows.users
+        .iter()
+        .filter(|row| row.is_erased())
+        .map(|row| row.id)
+        .collect()
 }
 
 /// One multi-row upsert from parallel arrays: one round trip however large the batch.
@@ -765,21 +790,21 @@ async fn pg_upsert_users(
         "SELECT r.id, r.email, r.email_normalized, r.email_verified, r.status, \
                 r.registered_at, r.activated_at, r.deactivated_at, r.last_login_at, \
                 r.login_count, r.failed_logins, r.locked_until, string_to_array(r.roles, ','), \
-                r.session_epoch, r.position \
+                r.session_epoch, r.erased_at, r.position \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::boolean[], $5::text[], \
                      $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], \
                      $10::bigint[], $11::int[], $12::timestamptz[], $13::text[], $14::bigint[], \
-                     $15::bigint[]) \
+                     $15::timestamptz[], $16::bigint[]) \
               AS r(id, email, email_normalized, email_verified, status, registered_at, \
                    activated_at, deactivated_at, last_login_at, login_count, failed_logins, \
-                   locked_until, roles, session_epoch, position)",
+                   locked_until, roles, session_epoch, erased_at, position)",
     );
     sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.email.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.email.as_deref()).collect::<Vec<_>>())
         .bind(
             rows.iter()
-                .map(|r| r.email_normalized.as_str())
+                .map(|r| r.email_normalized.as_deref())
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|r| r.email_verified).collect::<Vec<_>>())
@@ -794,6 +819,7 @@ async fn pg_upsert_users(
         // Role names are lower-case words, so a comma list is a safe flat encoding.
         .bind(rows.iter().map(|r| r.roles.join(",")).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.session_epoch).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.erased_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
         .execute(connection)
         .await?;
@@ -871,7 +897,7 @@ async fn sqlite_upsert_users(
 ) -> Result<(), sqlx::Error> {
     let upsert = upsert::<UserRow>(
         target,
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     );
     for row in rows {
         sqlx::query(&upsert)
@@ -889,10 +915,30 @@ async fn sqlite_upsert_users(
             .bind(row.locked_until.map(sqlite_time))
             .bind(serde_json::to_string(&row.roles).unwrap_or_else(|_| "[]".into()))
             .bind(row.session_epoch)
+            .bind(row.erased_at.map(sqlite_time))
             .bind(row.position)
             .execute(&mut *connection)
             .await?;
     }
+    Ok(())
+}
+
+/// Deletes every session row of `accounts` (erased ones).
+async fn sqlite_delete_sessions_of(
+    connection: &mut SqliteConnection,
+    target: &Target,
+    accounts: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "DELETE FROM {} WHERE user_id IN (SELECT value FROM json_each($1))",
+        target.sessions
+    ))
+    .bind(sqlite_ids(accounts))
+    .execute(connection)
+    .await?;
     Ok(())
 }
 
@@ -949,6 +995,7 @@ impl StoredRow for PgRow {
             locked_until: self.try_get("locked_until")?,
             roles: self.try_get("roles")?,
             session_epoch: self.try_get("session_epoch")?,
+            erased_at: self.try_get("erased_at")?,
             position: self.try_get("position")?,
         })
     }
@@ -991,6 +1038,7 @@ impl StoredRow for SqliteRow {
             roles: serde_json::from_str(&roles)
                 .map_err(|error| sqlx::Error::Decode(Box::new(error)))?,
             session_epoch: self.try_get("session_epoch")?,
+            erased_at: parse_optional_sqlite_time(self.try_get("erased_at")?)?,
             position: self.try_get("position")?,
         })
     }

@@ -4,6 +4,19 @@
 //! The read-model adapters load the rows a batch touches, fold the batch into them here, and
 //! write back the rows that changed, so the rules live in one place for PostgreSQL and SQLite.
 //! Both views belong to one projection (ADR 11): one checkpoint, one transaction per commit.
+//!
+//! **Erased accounts** (ADR 13). An account's row becomes erased when its `UserErased` is
+//! applied, or when any personal field of its events reads erased (its key is gone: a rebuild
+//! from zero after the erasure reads its registration so): `status` `erased`, no address,
+//! `erased_at` from the event (none while only the data was found erased). Every other fact
+//! stays and goes on following its events (activation and deactivation times, logins, the
+//! verified flag, the session epoch), but the status stays `erased` and no address comes back.
+//! `UserErased` moves the session epoch, as the end of every session. An erased account has no
+//! sessions rows: they hold user agents, so a commit that writes an erased row deletes them,
+//! and a session event of an erased account changes nothing. Each event changes a row alike
+//! whether its personal fields read known or erased, so the live worker, which read the
+//! account's data before its erasure, and a rebuild, which reads it erased from the start, end
+//! with the same row.
 
 use std::collections::HashMap;
 
@@ -13,19 +26,20 @@ use identity::{
     SessionStarted, USER_CATEGORY, UserEvent, UserRegistered, event_version, user_id_of_stream,
 };
 use message_store::{GlobalPosition, RecordedMessage};
-use read_model_schema::signed;
+use read_model_schema::{ERASED_STATUS, signed};
 use uuid::Uuid;
 
 /// One row of the users view. See the schema in [`crate::read_model`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRow {
     pub id: Uuid,
-    pub email: String,
-    pub email_normalized: String,
+    /// `None` once the account is erased.
+    pub email: Option<String>,
+    pub email_normalized: Option<String>,
     /// Whether the owner proved control of `email` (`identity::Account::email_verified`):
     /// false at registration, true after a verification or a change of email.
     pub email_verified: bool,
-    /// `pending`, `active` or `deactivated`.
+    /// `pending`, `active`, `deactivated` or `erased` ([`ERASED_STATUS`]).
     pub status: String,
     pub registered_at: DateTime<Utc>,
     pub activated_at: Option<DateTime<Utc>>,
@@ -40,8 +54,28 @@ pub struct UserRow {
     /// The account's session epoch (`identity::Account::session_epoch`): a session is live only
     /// while its own epoch is this one.
     pub session_epoch: i64,
+    /// When the account was erased, by its `UserErased`; `None` while it is not, or while only
+    /// its data was found erased.
+    pub erased_at: Option<DateTime<Utc>>,
     /// The global position of the last event applied to this row.
     pub position: i64,
+}
+
+impl UserRow {
+    pub fn is_erased(&self) -> bool {
+        self.status == ERASED_STATUS
+    }
+
+    /// The row as erased: no address, the status `erased`, and `at` as the time of the erasure
+    /// when the event says it.
+    fn erase(&mut self, at: Option<DateTime<Utc>>) {
+        self.status = ERASED_STATUS.to_owned();
+        self.email = None;
+        self.email_normalized = None;
+        if at.is_some() {
+            self.erased_at = at;
+        }
+    }
 }
 
 /// One row of the sessions view. See the schema in [`crate::read_model`].
@@ -175,6 +209,27 @@ impl Change {
             ProjectedEvent::Session(event) => RowId::Session(*event.session_id().as_uuid()),
         }
     }
+
+    /// The rows applying the event reads: the one it changes, and for a session event its
+    /// account's too (an erased account's sessions are not kept).
+    pub fn rows(&self) -> impl Iterator<Item = RowId> {
+        let account = match &self.event {
+            ProjectedEvent::Session(event) => Some(RowId::User(*event.user_id().as_uuid())),
+            ProjectedEvent::User { .. } | ProjectedEvent::Login { .. } => None,
+        };
+        std::iter::once(self.row()).chain(account)
+    }
+
+    /// The account this change erases, if it is a `UserErased`.
+    pub fn erases(&self) -> Option<Uuid> {
+        match &self.event {
+            ProjectedEvent::User {
+                user_id,
+                event: UserEvent::UserErased(_),
+            } => Some(*user_id),
+            _ => None,
+        }
+    }
 }
 
 /// A batch of messages sorted into what the views apply, what they skip, and where they must
@@ -284,7 +339,16 @@ pub fn apply(rows: &mut Rows, change: &Change) -> Result<bool, String> {
             row.position = position;
             Ok(true)
         }
-        ProjectedEvent::Session(event) => apply_to_session(&mut rows.sessions, event, change),
+        ProjectedEvent::Session(event) => {
+            let account = rows.users.get(event.user_id().as_uuid());
+            if account.is_some_and(UserRow::is_erased) {
+                // Any row of it held in memory was deleted when the erased row was written, or
+                // is deleted with it.
+                rows.sessions.remove(event.session_id().as_uuid());
+                return Ok(false);
+            }
+            apply_to_session(&mut rows.sessions, event, change)
+        }
     }
 }
 
@@ -323,62 +387,102 @@ fn insert_registered(
             change.position
         ));
     }
-    users.insert(
-        user_id,
-        UserRow {
-            id: user_id,
-            email: registered.email.as_str().to_owned(),
-            email_normalized: registered.email_normalized.clone(),
-            email_verified: false,
-            status: registered.status.name().to_owned(),
-            registered_at: registered.registered_at,
-            activated_at: (registered.status == AccountStatus::Active)
-                .then_some(registered.registered_at),
-            deactivated_at: None,
-            last_login_at: None,
-            login_count: 0,
-            failed_logins: 0,
-            locked_until: None,
-            roles: registered
-                .roles
-                .iter()
-                .map(|role| role.name().to_owned())
-                .collect(),
-            session_epoch: 0,
-            position,
-        },
-    );
+    let mut row = UserRow {
+        id: user_id,
+        email: registered
+            .email
+            .known()
+            .map(|email| email.as_str().to_owned()),
+        email_normalized: registered.email_normalized.known().cloned(),
+        email_verified: false,
+        status: registered.status.name().to_owned(),
+        registered_at: registered.registered_at,
+        activated_at: (registered.status == AccountStatus::Active)
+            .then_some(registered.registered_at),
+        deactivated_at: None,
+        last_login_at: None,
+        login_count: 0,
+        failed_logins: 0,
+        locked_until: None,
+        roles: registered
+            .roles
+            .iter()
+            .map(|role| role.name().to_owned())
+            .collect(),
+        session_epoch: 0,
+        erased_at: None,
+        position,
+    };
+    if registered.email.is_erased()
+        || registered.email_normalized.is_erased()
+        || registered.password_hash.is_erased()
+    {
+        row.erase(None);
+    }
+    users.insert(user_id, row);
     Ok(true)
 }
 
 /// What an event of the user stream after the registration changes in its row (all but the
 /// position). The session epoch and the verified flag move as `identity::evolve` moves the
-/// account's.
+/// account's; they and the times go on moving on an erased row, whose status and address stay
+/// as the erasure left them (see the module documentation).
 fn update_user(row: &mut UserRow, event: &UserEvent) {
     match event {
         UserEvent::UserRegistered(_) => {}
         UserEvent::UserActivated(e) => {
-            row.status = AccountStatus::Active.name().to_owned();
+            set_status(row, AccountStatus::Active);
             row.activated_at = Some(e.at);
         }
         UserEvent::UserDeactivated(e) => {
-            row.status = AccountStatus::Deactivated.name().to_owned();
+            set_status(row, AccountStatus::Deactivated);
             row.deactivated_at = Some(e.at);
             row.session_epoch += 1;
         }
         // Nothing of a password is in the view, but a change or a reset ends every session.
-        UserEvent::PasswordChanged(_)
-        | UserEvent::PasswordReset(_)
-        | UserEvent::SessionsEnded(_) => row.session_epoch += 1,
+        UserEvent::PasswordChanged(e) => {
+            row.session_epoch += 1;
+            erase_if(row, e.password_hash.is_erased());
+        }
+        UserEvent::PasswordReset(e) => {
+            row.session_epoch += 1;
+            erase_if(row, e.password_hash.is_erased());
+        }
+        UserEvent::SessionsEnded(_) => row.session_epoch += 1,
         UserEvent::EmailVerified(_) => row.email_verified = true,
         // The new address was proven by the link mailed to it.
         UserEvent::EmailChanged(e) => {
-            row.email = e.email.as_str().to_owned();
-            row.email_normalized = e.email_normalized.clone();
             row.email_verified = true;
+            match (e.email.known(), e.email_normalized.known()) {
+                (Some(email), Some(normalized)) if !row.is_erased() => {
+                    row.email = Some(email.as_str().to_owned());
+                    row.email_normalized = Some(normalized.clone());
+                }
+                _ => row.erase(None),
+            }
         }
         // The row's position still moves.
-        UserEvent::PasswordRehashed(_) => {}
+        UserEvent::PasswordRehashed(e) => erase_if(row, e.password_hash.is_erased()),
+        // Every session ends with it.
+        UserEvent::UserErased(e) => {
+            row.session_epoch += 1;
+            row.erase(Some(e.at));
+        }
+    }
+}
+
+/// An account's status, unless it is erased: an erasure is for good.
+fn set_status(row: &mut UserRow, status: AccountStatus) {
+    if !row.is_erased() {
+        row.status = status.name().to_owned();
+    }
+}
+
+/// A personal field read erased: the account's key is gone, its `UserErased` is in the store
+/// (at this event's position or after it), and the row is erased from here on.
+fn erase_if(row: &mut UserRow, erased: bool) {
+    if erased {
+        row.erase(None);
     }
 }
 
@@ -518,9 +622,9 @@ mod tests {
     use chrono::TimeZone;
     use identity::{
         Email, EmailChanged, EmailVerified, LockoutLifted, LoginFailed, LoginSucceeded,
-        PasswordChanged, PasswordHash, PasswordRehashed, PasswordReset, RefreshNonce, Role,
-        SessionEndReason, SessionEnded, SessionId, SessionRefreshed, SessionsEnded, UserAccount,
-        UserActivated, UserAgent, UserDeactivated, UserId,
+        PasswordChanged, PasswordHash, PasswordRehashed, PasswordReset, Personal, RefreshNonce,
+        Role, SessionEndReason, SessionEnded, SessionId, SessionRefreshed, SessionsEnded,
+        UserAccount, UserActivated, UserAgent, UserDeactivated, UserErased, UserId,
     };
 
     use super::*;
@@ -552,9 +656,9 @@ mod tests {
             position,
             UserRegistered {
                 user_id: UserId::from_uuid(id()),
-                email: Email::parse("Ann@Example.com").unwrap(),
+                email: Email::parse("Ann@Example.com").unwrap().into(),
                 email_normalized: "ann@example.com".into(),
-                password_hash: PasswordHash::parse("$argon2id$v=19$x").unwrap(),
+                password_hash: PasswordHash::parse("$argon2id$v=19$x").unwrap().into(),
                 status: AccountStatus::Pending,
                 roles: vec![Role::User, Role::Admin],
                 registered_at: at(0),
@@ -591,8 +695,8 @@ mod tests {
         user_event(
             position,
             EmailChanged {
-                email_normalized: email.normalized().to_owned(),
-                email,
+                email_normalized: email.normalized().into(),
+                email: email.into(),
                 at: at(position as i64),
             },
         )
@@ -699,14 +803,14 @@ mod tests {
             user_event(
                 14,
                 PasswordChanged {
-                    password_hash: hash.clone(),
+                    password_hash: hash.clone().into(),
                     at: at(4),
                 },
             ),
             user_event(
                 15,
                 PasswordRehashed {
-                    password_hash: hash,
+                    password_hash: hash.into(),
                     at: at(5),
                 },
             ),
@@ -750,13 +854,13 @@ mod tests {
         let row = &rows.users[&id()];
         assert_eq!(
             (
-                row.email.as_str(),
-                row.email_normalized.as_str(),
+                row.email.as_deref(),
+                row.email_normalized.as_deref(),
                 row.email_verified,
                 row.session_epoch,
                 row.position
             ),
-            ("Bo@Example.ORG", "bo@example.org", true, 0, 11)
+            (Some("Bo@Example.ORG"), Some("bo@example.org"), true, 0, 11)
         );
     }
 
@@ -764,7 +868,7 @@ mod tests {
     fn a_password_reset_ends_every_session_as_a_password_change_does() {
         let mut rows = Rows::default();
         let reset = PasswordReset {
-            password_hash: PasswordHash::parse("$argon2id$v=19$z").unwrap(),
+            password_hash: PasswordHash::parse("$argon2id$v=19$z").unwrap().into(),
             at: at(2),
         };
         apply_all(&mut rows, &[registered(10), user_event(12, reset)]).unwrap();
@@ -815,7 +919,7 @@ mod tests {
             user_event(
                 14,
                 PasswordReset {
-                    password_hash: hash.clone(),
+                    password_hash: hash.clone().into(),
                     at: at(4),
                 },
             ),
@@ -823,7 +927,7 @@ mod tests {
             user_event(
                 16,
                 PasswordChanged {
-                    password_hash: hash,
+                    password_hash: hash.into(),
                     at: at(6),
                 },
             ),
@@ -839,14 +943,14 @@ mod tests {
             let (row, folded) = (&rows.users[&id()], account.account().unwrap());
             assert_eq!(
                 (
-                    row.email.as_str(),
-                    row.email_normalized.as_str(),
+                    row.email.as_deref(),
+                    row.email_normalized.as_deref(),
                     row.email_verified,
                     row.session_epoch
                 ),
                 (
-                    folded.email.as_str(),
-                    folded.email_normalized.as_str(),
+                    Some(folded.email.as_str()),
+                    Some(folded.email_normalized.as_str()),
                     folded.email_verified,
                     i64::try_from(folded.session_epoch).unwrap()
                 ),
@@ -901,5 +1005,178 @@ mod tests {
         let error = apply_all(&mut rows, &[started(20), started(25)]).unwrap_err();
         assert_eq!(error.0, 1);
         assert!(error.1.contains("second SessionStarted"), "{}", error.1);
+    }
+
+    fn erased(position: u64) -> Change {
+        user_event(
+            position,
+            UserErased {
+                erased_by: UserId::from_uuid(id()),
+                at: at(position as i64),
+            },
+        )
+    }
+
+    /// `change` as read once its account's key is gone: every personal field erased.
+    fn read_after_the_erasure(change: &Change) -> Change {
+        let mut change = change.clone();
+        if let ProjectedEvent::User { event, .. } = &mut change.event {
+            match event {
+                UserEvent::UserRegistered(e) => {
+                    e.email = Personal::Erased;
+                    e.email_normalized = Personal::Erased;
+                    e.password_hash = Personal::Erased;
+                }
+                UserEvent::PasswordChanged(PasswordChanged { password_hash, .. })
+                | UserEvent::PasswordRehashed(PasswordRehashed { password_hash, .. })
+                | UserEvent::PasswordReset(PasswordReset { password_hash, .. }) => {
+                    *password_hash = Personal::Erased;
+                }
+                UserEvent::EmailChanged(e) => {
+                    e.email = Personal::Erased;
+                    e.email_normalized = Personal::Erased;
+                }
+                _ => {}
+            }
+        }
+        change
+    }
+
+    /// An account's life up to its erasure, with a login decided before the erasure and
+    /// appended after it, and an end of its session after it.
+    fn a_life_then_its_erasure() -> Vec<Change> {
+        let hash = PasswordHash::parse("$argon2id$v=19$y").unwrap();
+        vec![
+            registered(10),
+            user_event(11, UserActivated { at: at(11) }),
+            login(12, 1),
+            started(13),
+            email_changed(14, "Moved@Example.org"),
+            user_event(
+                16,
+                PasswordChanged {
+                    password_hash: hash.clone().into(),
+                    at: at(16),
+                },
+            ),
+            user_event(
+                17,
+                PasswordRehashed {
+                    password_hash: hash.into(),
+                    at: at(17),
+                },
+            ),
+            user_event(18, UserDeactivated { at: at(18) }),
+            refreshed(19, 1),
+            erased(20),
+            login(21, 2),
+            user_event(22, UserActivated { at: at(22) }),
+            ended(23, SessionEndReason::LoggedOut),
+        ]
+    }
+
+    #[test]
+    fn an_erasure_drops_the_address_keeps_every_other_fact_and_moves_past_every_session() {
+        let mut rows = Rows::default();
+        apply_all(&mut rows, &a_life_then_its_erasure()).unwrap();
+        assert_eq!(
+            rows.users[&id()],
+            UserRow {
+                id: id(),
+                email: None,
+                email_normalized: None,
+                email_verified: true,
+                status: "erased".into(),
+                registered_at: at(0),
+                activated_at: Some(at(22)),
+                deactivated_at: Some(at(18)),
+                last_login_at: Some(at(21)),
+                login_count: 2,
+                failed_logins: 0,
+                locked_until: None,
+                roles: vec!["user".into(), "admin".into()],
+                // The password change, the deactivation and the erasure.
+                session_epoch: 3,
+                erased_at: Some(at(20)),
+                position: 22,
+            }
+        );
+        assert!(
+            !rows.sessions.contains_key(&session()),
+            "a session event after the erasure drops the row it finds"
+        );
+    }
+
+    #[test]
+    fn a_history_read_after_the_erasure_folds_into_the_row_the_live_worker_ends_with() {
+        let life = a_life_then_its_erasure();
+        let mut live = Rows::default();
+        apply_all(&mut live, &life).unwrap();
+
+        let read_erased: Vec<Change> = life.iter().map(read_after_the_erasure).collect();
+        let mut rebuilt = Rows::default();
+        apply_all(&mut rebuilt, &read_erased).unwrap();
+        assert_eq!(rebuilt.users, live.users);
+        assert!(
+            rebuilt.sessions.is_empty(),
+            "an erased account's session is never kept"
+        );
+
+        // A live worker that read the first events before the key was deleted, the rest after.
+        for known in 0..life.len() {
+            let mixed: Vec<Change> = life[..known]
+                .iter()
+                .cloned()
+                .chain(read_erased[known..].iter().cloned())
+                .collect();
+            let mut rows = Rows::default();
+            apply_all(&mut rows, &mixed).unwrap();
+            assert_eq!(
+                rows.users, live.users,
+                "{known} events read before the erasure"
+            );
+        }
+    }
+
+    #[test]
+    fn a_registration_read_erased_is_an_erased_row_whose_time_comes_with_its_erasure() {
+        let mut rows = Rows::default();
+        let registration = read_after_the_erasure(&registered(10));
+        apply_all(
+            &mut rows,
+            &[registration, user_event(11, UserActivated { at: at(11) })],
+        )
+        .unwrap();
+        let row = &rows.users[&id()];
+        assert_eq!(
+            (
+                row.status.as_str(),
+                row.email.as_deref(),
+                row.email_normalized.as_deref(),
+                row.activated_at,
+                row.erased_at
+            ),
+            ("erased", None, None, Some(at(11)), None)
+        );
+        assert_eq!(apply(&mut rows, &started(12)), Ok(false), "no session kept");
+        assert!(rows.sessions.is_empty());
+        apply(&mut rows, &erased(20)).unwrap();
+        assert_eq!(rows.users[&id()].erased_at, Some(at(20)));
+        assert_eq!(rows.users[&id()].session_epoch, 1);
+    }
+
+    #[test]
+    fn a_session_event_reads_its_accounts_row_too() {
+        let change = started(20);
+        assert_eq!(
+            change.rows().collect::<Vec<_>>(),
+            [RowId::Session(session()), RowId::User(id())]
+        );
+        assert_eq!(
+            registered(10).rows().collect::<Vec<_>>(),
+            [RowId::User(id())]
+        );
+        assert_eq!(erased(30).erases(), Some(id()));
+        assert_eq!(registered(10).erases(), None);
     }
 }

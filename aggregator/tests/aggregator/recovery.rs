@@ -18,7 +18,8 @@ async fn recovery_lands_in_the_view(stores: Stores) {
     writer.register(ann, true, 0).await;
     let ann_registered = writer.expected.lock().unwrap()[&ann]
         .email_normalized
-        .clone();
+        .clone()
+        .unwrap();
     let mut projector = stores.projector();
     let mut row_after = async |step: &str| {
         stores.drain(&mut projector, &writer).await;
@@ -63,9 +64,9 @@ async fn recovery_lands_in_the_view(stores: Stores) {
 
     let moved_to = writer.change_email(ann, 40).await;
     let changed = row_after("a change of email").await;
-    assert_eq!(changed.email, moved_to);
+    assert_eq!(changed.email.as_deref(), Some(moved_to.as_str()));
     assert!(changed.email_verified);
-    let ann_moved = changed.email_normalized.clone();
+    let ann_moved = changed.email_normalized.clone().unwrap();
     assert_eq!(ann_moved, moved_to.to_lowercase());
     assert_eq!(stores.ids_by_email(&ann_moved).await, [ann]);
     assert!(
@@ -106,9 +107,10 @@ async fn a_random_history_is_folded_alike(stores: Stores) {
         "the history verifies some addresses and not others"
     );
     assert!(
-        live.users
-            .iter()
-            .any(|row| row.email_normalized.starts_with("moved.")),
+        live.users.iter().any(|row| row
+            .email_normalized
+            .as_deref()
+            .is_some_and(|email| email.starts_with("moved."))),
         "the history changes some addresses"
     );
     stores.rebuild(&writer).await;

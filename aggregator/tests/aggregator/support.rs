@@ -455,9 +455,9 @@ impl Writer {
                 id,
                 UserRegistered {
                     user_id: UserId::from_uuid(id),
-                    email: Email::parse(&email).unwrap(),
-                    email_normalized: email.to_lowercase(),
-                    password_hash: hash(),
+                    email: Email::parse(&email).unwrap().into(),
+                    email_normalized: email.to_lowercase().into(),
+                    password_hash: hash().into(),
                     status,
                     roles: vec![Role::User],
                     registered_at: at(t),
@@ -469,8 +469,8 @@ impl Writer {
             id,
             UserRow {
                 id,
-                email: email.clone(),
-                email_normalized: email.to_lowercase(),
+                email: Some(email.clone()),
+                email_normalized: Some(email.to_lowercase()),
                 email_verified: false,
                 status: if active { "active" } else { "pending" }.into(),
                 registered_at: at(t),
@@ -482,6 +482,7 @@ impl Writer {
                 locked_until: None,
                 roles: vec!["user".into()],
                 session_epoch: 0,
+                erased_at: None,
                 position,
             },
         );
@@ -517,7 +518,7 @@ impl Writer {
 
     pub async fn change_password(&self, id: Uuid, t: i64) {
         let changed = PasswordChanged {
-            password_hash: hash(),
+            password_hash: hash().into(),
             at: at(t),
         };
         self.user_event_changing(id, changed.into(), |row| row.session_epoch += 1)
@@ -526,7 +527,7 @@ impl Writer {
 
     pub async fn rehash_password(&self, id: Uuid, t: i64) {
         let rehashed = PasswordRehashed {
-            password_hash: hash(),
+            password_hash: hash().into(),
             at: at(t),
         };
         self.user_event_changing(id, rehashed.into(), |_| {}).await;
@@ -535,7 +536,7 @@ impl Writer {
     /// A password set through a reset link: it ends every session, as a change does.
     pub async fn reset_password(&self, id: Uuid, t: i64) {
         let reset = PasswordReset {
-            password_hash: hash(),
+            password_hash: hash().into(),
             at: at(t),
         };
         self.user_event_changing(id, reset.into(), |row| row.session_epoch += 1)
@@ -555,13 +556,13 @@ impl Writer {
     pub async fn change_email(&self, id: Uuid, t: i64) -> String {
         let email = format!("Moved.{t}.{}@Example.org", id.simple());
         let changed = EmailChanged {
-            email: Email::parse(&email).unwrap(),
-            email_normalized: email.to_lowercase(),
+            email: Email::parse(&email).unwrap().into(),
+            email_normalized: email.to_lowercase().into(),
             at: at(t),
         };
         self.user_event_changing(id, changed.into(), |row| {
-            row.email = email.clone();
-            row.email_normalized = email.to_lowercase();
+            row.email = Some(email.clone());
+            row.email_normalized = Some(email.to_lowercase());
             row.email_verified = true;
         })
         .await;

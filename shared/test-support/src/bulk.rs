@@ -61,9 +61,9 @@ pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> anyhow::R
                 .context("a bulk account's email")?;
             let event = UserEvent::UserRegistered(UserRegistered {
                 user_id: *id,
-                email_normalized: email.normalized().to_owned(),
-                email,
-                password_hash: hash.clone(),
+                email_normalized: email.normalized().into(),
+                email: email.into(),
+                password_hash: hash.clone().into(),
                 status: if n % 2 == 0 {
                     AccountStatus::Active
                 } else {
