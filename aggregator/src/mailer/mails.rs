@@ -9,6 +9,9 @@
 //! | `RegistrationAttempted` | a notice to `to` |
 //! | `RecoveryCompleted` | none |
 //!
+//! An event whose person was erased (its addresses read as [`identity::Personal::Erased`]: the
+//! key is gone, ADR 13) calls for no mail: there is nobody to write to, and nothing to write.
+//!
 //! A mail's index among its event's mails is part of its identity ([`MailId`]) and of its
 //! `Message-ID`, `<{message id}.{index}@{domain of From}>`: a mail sent again (after a crash
 //! between sending and checkpointing, or a `reset`) carries the same `Message-ID`, so a
@@ -174,6 +177,11 @@ pub enum Planned {
     Expired {
         mails: Vec<MailKind>,
     },
+    /// A request or notice whose person was erased (the key of its fields is gone): its `mails`
+    /// have no address to go to, and are not sent.
+    Erased {
+        mails: Vec<MailKind>,
+    },
     Mails(Vec<Mail>),
 }
 
@@ -212,7 +220,7 @@ impl Letters {
     /// a mailer catching up after a long outage, or replaying after a `reset`, would otherwise
     /// send a pile of dead links. Its notice (for a change) goes with it: it announces a
     /// change that can no longer happen. A registration attempt's notice has no link and
-    /// is always sent.
+    /// is always sent. Nothing is sent about an erased person, expired or not.
     pub fn plan(
         &self,
         message: Uuid,
@@ -222,22 +230,31 @@ impl Letters {
     ) -> Result<Planned, LinkError> {
         match event {
             RecoveryEvent::RecoveryRequested(requested) => {
+                let Some(to) = requested.to.known() else {
+                    return Ok(Planned::Erased {
+                        mails: mail_kinds_of(requested),
+                    });
+                };
                 if now >= requested.expires_at {
                     return Ok(Planned::Expired {
                         mails: mail_kinds_of(requested),
                     });
                 }
-                self.requested(message, account, requested)
+                self.requested(message, account, requested, to)
                     .map(Planned::Mails)
             }
             RecoveryEvent::RegistrationAttempted(attempted) => {
-                let address = attempted.to.as_str();
+                let Some(to) = attempted.to.known() else {
+                    return Ok(Planned::Erased {
+                        mails: vec![MailKind::RegistrationAttempt],
+                    });
+                };
                 Ok(Planned::Mails(vec![self.render(
                     MailId { message, index: 0 },
                     MailKind::RegistrationAttempt,
                     account,
-                    &attempted.to,
-                    &[("address", address)],
+                    to,
+                    &[("address", to.as_str())],
                     None,
                 )]))
             }
@@ -245,11 +262,13 @@ impl Letters {
         }
     }
 
+    /// The mails of a request to the account's address `to` (the request's, known).
     fn requested(
         &self,
         message: Uuid,
         account: Uuid,
         requested: &RecoveryRequested,
+        to: &Email,
     ) -> Result<Vec<Mail>, LinkError> {
         let (kind, path) = MailKind::link_of(requested.kind);
         let token = LinkToken::issue(
@@ -268,13 +287,13 @@ impl Letters {
             .expires_at
             .format("%Y-%m-%d %H:%M UTC")
             .to_string();
-        let old_address = requested.to.as_str();
+        let old_address = to.as_str();
         // A change's link goes to the new address; a change without one (which the domain
         // never makes) mails the account's address, which cannot confirm anything but a
         // change to itself.
         let link_to = match (requested.kind, &requested.new_email) {
             (RecoveryKind::ChangeEmail, Some(new_email)) => new_email,
-            _ => &requested.to,
+            _ => to,
         };
         let mut mails = vec![self.render(
             MailId { message, index: 0 },
@@ -294,7 +313,7 @@ impl Letters {
                 MailId { message, index: 1 },
                 MailKind::ChangeNotice,
                 account,
-                &requested.to,
+                to,
                 &[
                     ("address", old_address),
                     ("new_address", link_to.as_str()),
@@ -403,7 +422,7 @@ mod tests {
 
     use chrono::{TimeDelta, TimeZone};
     use identity::{
-        RecoveryCommand, RecoveryDecision, RecoveryNonce, RecoveryPolicy, RecoveryState,
+        Personal, RecoveryCommand, RecoveryDecision, RecoveryNonce, RecoveryPolicy, RecoveryState,
         decide_recovery,
     };
 
@@ -518,9 +537,9 @@ mod tests {
     #[test]
     fn a_registration_attempt_mails_a_notice_and_a_completion_mails_nothing() {
         let attempted = identity::RegistrationAttempted {
-            to: email("ann@example.com"),
+            to: email("ann@example.com").into(),
             at: now(),
-            state: RecoveryState::default(),
+            state: RecoveryState::default().into(),
         };
         let [notice] = mails(&attempted.into()).try_into().unwrap();
         assert_eq!(notice.kind, MailKind::RegistrationAttempt);
@@ -529,7 +548,7 @@ mod tests {
             kind: RecoveryKind::VerifyEmail,
             new_email: None,
             at: now(),
-            state: RecoveryState::default(),
+            state: RecoveryState::default().into(),
         };
         assert!(matches!(
             letters().plan(Uuid::nil(), Uuid::nil(), &completed.into(), now()),
@@ -555,6 +574,43 @@ mod tests {
     }
 
     #[test]
+    fn a_request_or_notice_whose_person_was_erased_is_not_mailed_even_once_expired() {
+        let RecoveryEvent::RecoveryRequested(mut requested) = request(
+            RecoveryKind::ChangeEmail,
+            "ann@example.com",
+            Some("ann@example.org"),
+        ) else {
+            unreachable!("a request")
+        };
+        // As read once the key is gone: every sealed field erased.
+        requested.to = Personal::Erased;
+        requested.new_email = None;
+        requested.state = Personal::Erased;
+        let event = RecoveryEvent::from(requested);
+        for at in [now(), now() + TimeDelta::hours(2)] {
+            let planned = letters()
+                .plan(Uuid::nil(), Uuid::nil(), &event, at)
+                .unwrap();
+            let Planned::Erased { mails } = planned else {
+                panic!("{planned:?}")
+            };
+            assert_eq!(mails, [MailKind::ChangeEmail, MailKind::ChangeNotice]);
+        }
+        let attempted = identity::RegistrationAttempted {
+            to: Personal::Erased,
+            at: now(),
+            state: Personal::Erased,
+        };
+        let planned = letters()
+            .plan(Uuid::nil(), Uuid::nil(), &attempted.into(), now())
+            .unwrap();
+        assert!(
+            matches!(&planned, Planned::Erased { mails } if mails == &[MailKind::RegistrationAttempt]),
+            "{planned:?}"
+        );
+    }
+
+    #[test]
     fn every_template_has_a_subject_and_every_placeholder_is_filled() {
         let events = [
             request(RecoveryKind::VerifyEmail, "ann@example.com", None),
@@ -565,9 +621,9 @@ mod tests {
                 Some("ann@example.org"),
             ),
             identity::RegistrationAttempted {
-                to: email("ann@example.com"),
+                to: email("ann@example.com").into(),
                 at: now(),
-                state: RecoveryState::default(),
+                state: RecoveryState::default().into(),
             }
             .into(),
         ];

@@ -21,13 +21,20 @@
 //!
 //! **Expired links** are not sent (see [`mails::Letters::plan`]), and counted.
 //!
+//! **Erased persons** (ADR 13). Every batch read goes through the [`Sealer`], one key query for
+//! the batch, before an event is decoded: the addresses are sealed with their person's key. A
+//! request or notice whose person was erased meanwhile reads without its addresses, and its
+//! mails are not sent: counted (`mail_erased_total`) and logged by account and kind, never by an
+//! address, which is gone anyway.
+//!
 //! **Reading only its category**, the mailer learns nothing from a read about the messages of
 //! other categories; so that its checkpoint (and `aggregator status`'s lag) does not stay at
 //! its last recovery event, a read that returns less than a full batch moves the checkpoint up
 //! to the store's head as read before it: every message up to that head was readable when the
 //! read began (ADR 2), so no recovery event at or below it can still appear.
 //!
-//! Metrics: `mail_sent_total`, `mail_refused_total`, `mail_expired_total` (each by `kind`),
+//! Metrics: `mail_sent_total`, `mail_refused_total`, `mail_expired_total`, `mail_erased_total`
+//! (each by `kind`),
 //! `mail_retried_total`, `mail_lag_messages` (messages of any stream after the checkpoint) and
 //! `mail_halted`.
 
@@ -91,6 +98,8 @@ pub struct MailerStats {
     pub sent: AtomicU64,
     pub refused: AtomicU64,
     pub expired: AtomicU64,
+    /// Mails not sent because their person was erased.
+    pub erased: AtomicU64,
     /// Steps that failed transiently, each retried.
     pub retried: AtomicU64,
     /// Shared with the lock's heartbeat, which clears it the moment the lock is lost.
@@ -101,12 +110,14 @@ pub struct MailerStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MailOutcome {
     /// The checkpoint moved to `position`: `events` recovery events read (of types it knows),
-    /// `sent` mails accepted, `refused` refused for good, `expired` not sent.
+    /// `sent` mails accepted, `refused` refused for good, `expired` and `erased` (their person
+    /// was erased) not sent.
     Handled {
         events: usize,
         sent: usize,
         refused: usize,
         expired: usize,
+        erased: usize,
         position: GlobalPosition,
     },
     /// Nothing new to read.
@@ -156,6 +167,7 @@ struct Tally {
     sent: usize,
     refused: usize,
     expired: usize,
+    erased: usize,
 }
 
 pub struct Mailer {
@@ -262,6 +274,7 @@ impl Mailer {
                 sent: tally.sent,
                 refused: tally.refused,
                 expired: tally.expired,
+                erased: tally.erased,
                 position: done,
             });
         }
@@ -328,6 +341,19 @@ impl Mailer {
                     tally.expired += 1;
                     self.stats.expired.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("mail_expired_total", "kind" => kind.name()).increment(1);
+                }
+            }
+            Planned::Erased { mails } => {
+                for kind in mails {
+                    tracing::info!(
+                        kind = kind.name(),
+                        account = %account,
+                        message_id = %message.id,
+                        "the person a mail was for was erased; nothing sent"
+                    );
+                    tally.erased += 1;
+                    self.stats.erased.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("mail_erased_total", "kind" => kind.name()).increment(1);
                 }
             }
             Planned::Mails(mails) => {
@@ -464,6 +490,7 @@ impl Mailer {
                 sent = tally.sent,
                 refused = tally.refused,
                 expired = tally.expired,
+                erased = tally.erased,
                 "mails handled"
             );
         }

@@ -179,12 +179,14 @@ async fn drain(mailer: &mut Mailer, read_model: &ReadModelWriter, until: u64) ->
                 sent,
                 refused,
                 expired,
+                erased,
                 ..
             } => {
                 handled.events += events;
                 handled.sent += sent;
                 handled.refused += refused;
                 handled.expired += expired;
+                handled.erased += erased;
             }
             MailOutcome::Idle => {
                 if checkpoint(read_model).await >= until {
@@ -204,6 +206,7 @@ struct Handled {
     sent: usize,
     refused: usize,
     expired: usize,
+    erased: usize,
 }
 
 async fn checkpoint(read_model: &ReadModelWriter) -> u64 {
@@ -281,7 +284,8 @@ async fn each_mail_arrives(stores: Stores) {
             events: 4,
             sent: 5,
             refused: 0,
-            expired: 0
+            expired: 0,
+            erased: 0,
         }
     );
 
@@ -582,7 +586,8 @@ async fn a_request_whose_link_expired_before_the_mailer_reached_it_is_not_sent()
             events: 2,
             sent: 1,
             refused: 0,
-            expired: 2
+            expired: 2,
+            erased: 0,
         },
         "the change's link and its notice are not sent"
     );
