@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use crate::{AppendError, StoreError};
+use crate::{AppendError, RenameStreamError, StoreError};
 
 /// Whether the database was out of reach (down, restarting, out of connections, busy, or
 /// read-only after a failover) rather than the request or the data being wrong: worth retrying
@@ -97,6 +97,16 @@ impl LostConnection for StoreError {
 }
 
 impl LostConnection for AppendError {
+    fn lost_its_connection(&self) -> bool {
+        matches!(self, Self::Store(error) if error.lost_its_connection())
+    }
+
+    fn met_a_read_only_server(&self) -> bool {
+        matches!(self, Self::Store(error) if error.met_a_read_only_server())
+    }
+}
+
+impl LostConnection for RenameStreamError {
     fn lost_its_connection(&self) -> bool {
         matches!(self, Self::Store(error) if error.lost_its_connection())
     }

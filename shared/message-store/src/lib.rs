@@ -8,6 +8,8 @@
 //!   success, with other content a refusal;
 //! - a reader of "everything after position p" sees every committed message exactly once, in
 //!   increasing global position, however writers interleave their commits (docs/adr/0002);
+//! - a stored message changes only by the operator's one-time upgrade (`rewrite_data`,
+//!   `rename_stream`: ids and positions stay) and leaves only by retention (`prune_category`);
 //! - a [`Subscription`] wakes consumers when new messages may be there, and keeps doing so
 //!   across dropped connections (a poll interval backs up every wake-up signal).
 
@@ -103,6 +105,47 @@ pub trait MessageStore: Send + Sync + 'static {
         older_than: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, StoreError>;
 
+    /// Replaces the data of the message with id `id`, keeping everything else about it (its
+    /// id, stream, positions, type, metadata and time), and returns whether such a message
+    /// exists.
+    ///
+    /// The one sanctioned rewrite of history, beside the deletions of [`Self::prune_category`]:
+    /// for the operator's upgrade command only, which seals once the personal fields of events
+    /// written in clear (`command-api seal-history`, docs/adr/0013). Nothing else may call it;
+    /// to the rest of the service a stored message never changes. Consumers are not told: one
+    /// that has read the message keeps what it read, one that reads it later sees the new data.
+    ///
+    /// Idempotent appends compare against the stored data (ADR 4): after a rewrite, appending
+    /// the message again with its original content is refused as
+    /// [`AppendError::DuplicateMessageId`], and with the new content it is an idempotent success.
+    async fn rewrite_data(
+        &self,
+        id: uuid::Uuid,
+        data: serde_json::Value,
+    ) -> Result<bool, StoreError>;
+
+    /// Moves every message of stream `from` to stream `to`, in one transaction, keeping their
+    /// ids, stream positions, global positions, types, data, metadata and times, and returns how
+    /// many it moved (0 when `from` has none). When `to` has messages of its own it is refused
+    /// with [`RenameStreamError::TargetNotEmpty`] and moves nothing: two messages would share a
+    /// stream position.
+    ///
+    /// For the operator's upgrade command only, beside [`Self::rewrite_data`]: reservation
+    /// streams named by an unkeyed hash of an address take their keyed name (docs/adr/0013).
+    ///
+    /// Atomic against appends: one to `from` lands before the rename and moves with it, or
+    /// after it as the first message of a new stream `from`; one to `to` lands before it (and
+    /// the rename is refused) or after the moved messages, at the next position. Global
+    /// positions do not change, so a reader of everything has seen each moved message once
+    /// under its old name or will see it once under its new one, never twice. A reader of a
+    /// category is in the same position unless the rename crosses categories: a message moved
+    /// into a category behind a reader that has passed its position is not seen there.
+    async fn rename_stream(
+        &self,
+        from: &StreamName,
+        to: &StreamName,
+    ) -> Result<u64, RenameStreamError>;
+
     /// A stream of wake-ups for consumers that tail the store.
     fn subscribe(&self) -> Subscription;
 
@@ -171,6 +214,16 @@ pub enum AppendError {
     DuplicateMessageId { id: uuid::Uuid },
     #[error("invalid append: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a stream was not renamed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenameStreamError {
+    /// The new name is taken: `to` has messages, whose positions the moved ones would share.
+    #[error("stream {to} already has messages: a stream is only renamed to a name without any")]
+    TargetNotEmpty { to: StreamName },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

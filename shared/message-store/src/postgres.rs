@@ -25,7 +25,8 @@ use crate::database::{LostConnection, retrying_lost_connections};
 use crate::subscription::AbortOnDrop;
 use crate::{
     AppendError, Appended, AppendedMessage, ExpectedVersion, GlobalPosition, MessageStore,
-    RecordedMessage, StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
+    RecordedMessage, RenameStreamError, StoreError, StreamAppend, StreamName, StreamPosition,
+    Subscription,
 };
 
 /// The LISTEN/NOTIFY channel that carries wake-ups. NOTIFY is scoped to one database, so
@@ -450,6 +451,56 @@ async fn append_locked(
     call.appended(rows)
 }
 
+/// Renames stream `from` to `to` inside the caller's transaction (see
+/// [`MessageStore::rename_stream`]).
+///
+/// The streams' advisory locks keep out appends on the locked path (ADR 4), taken first and in
+/// name order as those appends take them, so neither waits for the other while holding what
+/// the other needs. They do not keep out the lock-free first attempt of an append, which takes
+/// no lock: one to `from` whose statement began before the rename's UPDATE and committed after
+/// it would stay behind in `from`, at a position after messages that have moved away. So the
+/// rename also locks the table against every writer (SHARE ROW EXCLUSIVE: readers go on):
+/// appends already writing finish first and are moved, appends that come later wait, then see
+/// the renamed streams (a statement takes its snapshot once it has its locks). Every append of
+/// the store waits for the rename's one indexed UPDATE; it is an operator's one-time command.
+async fn rename_locked(
+    connection: &mut PgConnection,
+    from: &StreamName,
+    to: &StreamName,
+) -> Result<u64, RenameStreamError> {
+    let mut names = [from.as_str(), to.as_str()];
+    names.sort_unstable();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(name, 0)) FROM unnest($1::text[]) AS name",
+    )
+    .bind(&names[..])
+    .execute(&mut *connection)
+    .await
+    .map_err(StoreError::from)?;
+    sqlx::query("LOCK TABLE messages IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *connection)
+        .await
+        .map_err(StoreError::from)?;
+    let taken: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT FROM messages WHERE stream_name = $1)")
+            .bind(to.as_str())
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(StoreError::from)?;
+    if taken {
+        return Err(RenameStreamError::TargetNotEmpty { to: to.clone() });
+    }
+    let moved =
+        sqlx::query("UPDATE messages SET stream_name = $2, category = $3 WHERE stream_name = $1")
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(to.category())
+            .execute(&mut *connection)
+            .await
+            .map_err(StoreError::from)?;
+    Ok(moved.rows_affected())
+}
+
 /// What the stored messages say about an append that could not be written as it is: the
 /// positions of an identical earlier append, a reused id, or a version conflict. `None` when
 /// nothing stands in its way (the race that stopped it is over).
@@ -749,6 +800,33 @@ impl MessageStore for PostgresMessageStore {
                 return Ok(deleted);
             }
         }
+    }
+
+    async fn rewrite_data(&self, id: Uuid, data: Value) -> Result<bool, StoreError> {
+        // Trying again is safe: writing the same data twice leaves what writing it once does.
+        self.retrying(|| async {
+            let rewritten = sqlx::query("UPDATE messages SET data = $2 WHERE id = $1")
+                .bind(id)
+                .bind(Json(&data))
+                .execute(&self.inner.pool)
+                .await?;
+            Ok(rewritten.rows_affected() > 0)
+        })
+        .await
+    }
+
+    async fn rename_stream(
+        &self,
+        from: &StreamName,
+        to: &StreamName,
+    ) -> Result<u64, RenameStreamError> {
+        self.retrying(|| async {
+            let mut transaction = self.inner.pool.begin().await.map_err(StoreError::from)?;
+            let moved = rename_locked(&mut transaction, from, to).await?;
+            transaction.commit().await.map_err(StoreError::from)?;
+            Ok(moved)
+        })
+        .await
     }
 
     fn subscribe(&self) -> Subscription {

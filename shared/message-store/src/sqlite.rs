@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::postgres::{parse_stored_stream, to_i64, to_u64};
 use crate::{
     AppendError, Appended, AppendedMessage, GlobalPosition, MessageStore, RecordedMessage,
-    StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
+    RenameStreamError, StoreError, StreamAppend, StreamName, StreamPosition, Subscription,
 };
 
 /// A stream's messages from a position on, at most a limit
@@ -365,6 +365,53 @@ impl MessageStore for SqliteMessageStore {
         .execute(&self.inner.writer)
         .await?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn rewrite_data(&self, id: Uuid, data: Value) -> Result<bool, StoreError> {
+        let rewritten = sqlx::query("UPDATE messages SET data = ? WHERE id = ?")
+            .bind(data.to_string())
+            .bind(id.to_string())
+            .execute(&self.inner.writer)
+            .await?;
+        Ok(rewritten.rows_affected() > 0)
+    }
+
+    async fn rename_stream(
+        &self,
+        from: &StreamName,
+        to: &StreamName,
+    ) -> Result<u64, RenameStreamError> {
+        let mut connection = self
+            .inner
+            .writer
+            .acquire()
+            .await
+            .map_err(StoreError::from)?;
+        // IMMEDIATE, as an append: the check and the move happen under the file's one write
+        // lock, so no append lands between them.
+        let mut tx = connection
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from)?;
+        let taken: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM messages WHERE stream_name = ?)")
+                .bind(to.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        if taken {
+            return Err(RenameStreamError::TargetNotEmpty { to: to.clone() });
+        }
+        let moved =
+            sqlx::query("UPDATE messages SET stream_name = ?, category = ? WHERE stream_name = ?")
+                .bind(to.as_str())
+                .bind(to.category())
+                .bind(from.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(moved.rows_affected())
     }
 
     fn subscribe(&self) -> Subscription {

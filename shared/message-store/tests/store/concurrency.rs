@@ -1,9 +1,11 @@
 //! The global order under concurrent writers, on PostgreSQL: a reader tailing from position 0
 //! must see every committed message exactly once, in increasing global position, and never one
-//! that was rolled back, while writers commit out of order.
+//! that was rolled back, while writers commit out of order. And a stream rename, atomic against
+//! the appends that race it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use message_store::{
@@ -249,4 +251,107 @@ async fn a_message_held_back_by_an_open_transaction_counts_for_the_last_position
     assert!(store.head_position().await.unwrap() < committed);
     assert_eq!(store.last_position().await.unwrap(), committed);
     open.rollback().await.unwrap();
+}
+
+const RENAMED_STREAMS: usize = 3;
+const RENAMES_PER_STREAM: usize = 4;
+
+/// A rename is atomic against appends on PostgreSQL, whose first attempt at an append takes no
+/// lock (docs/adr/0004): writers keep appending to their streams while those are renamed again
+/// and again, and every message ends up in exactly one stream, each stream holding positions 0,
+/// 1, 2, ... with no gap. An append that escaped a rename would stay behind in the old stream,
+/// after positions that had moved away. One writer per stream: writers racing each other on one
+/// stream would test the append's own retries, not the rename. Each rename waits for its
+/// stream to have messages, and the writers go on until every stream has some after its last
+/// rename, however fast or busy the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_racing_renames_of_their_streams_each_land_once_without_gaps() {
+    let harness = Postgres::new().await;
+    let pool = harness
+        .database
+        .pool_with(sqlx::postgres::PgPoolOptions::new().max_connections(12))
+        .await;
+    let store = Arc::new(message_store::PostgresMessageStore::new(
+        pool,
+        Duration::from_millis(20),
+    ));
+    let busy: Vec<StreamName> = (0..RENAMED_STREAMS).map(|_| stream("busy")).collect();
+    let renamed = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = busy
+        .iter()
+        .map(|name| {
+            let (store, name, renamed) = (store.clone(), name.clone(), renamed.clone());
+            tokio::spawn(async move {
+                let mut appended = HashSet::new();
+                for n in 0.. {
+                    if renamed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let message = NewMessage::new("Written", json!({ "n": n }));
+                    appended.insert(message.id);
+                    let appends = vec![StreamAppend::new(
+                        name.clone(),
+                        ExpectedVersion::Any,
+                        vec![message],
+                    )];
+                    store.append(appends).await.unwrap();
+                }
+                appended
+            })
+        })
+        .collect();
+
+    let mut streams = busy.clone();
+    let mut moved = Vec::new();
+    for _ in 0..RENAMES_PER_STREAM {
+        for from in &busy {
+            written_to(store.as_ref(), from).await;
+            let to = stream("busy");
+            moved.push(store.rename_stream(from, &to).await.unwrap());
+            streams.push(to);
+        }
+    }
+    for name in &busy {
+        written_to(store.as_ref(), name).await;
+    }
+    renamed.store(true, Ordering::Relaxed);
+    let mut appended = HashSet::new();
+    for writer in writers {
+        appended.extend(writer.await.unwrap());
+    }
+
+    let mut stored = HashSet::new();
+    for name in &streams {
+        let messages = store.read_stream(name, 0, 10_000).await.unwrap();
+        let positions: Vec<_> = messages.iter().map(|m| m.position).collect();
+        let count = u64::try_from(positions.len()).unwrap();
+        assert_eq!(
+            positions,
+            (0..count).collect::<Vec<_>>(),
+            "stream {name} has a gap or does not start at 0"
+        );
+        stored.extend(messages.iter().map(|m| m.id));
+    }
+    assert_eq!(stored, appended, "a message was lost or landed twice");
+    let mut left = 0;
+    for name in &busy {
+        left += store.read_stream(name, 0, 10_000).await.unwrap().len() as u64;
+    }
+    assert_eq!(moved.iter().sum::<u64>() + left, appended.len() as u64);
+    assert!(
+        left > 0 && moved.iter().all(|moved| *moved > 0),
+        "the renames did not race the appends: the test is too weak ({moved:?} moved, {left} \
+         left)"
+    );
+}
+
+/// Waits until `stream` has a message.
+async fn written_to(store: &message_store::PostgresMessageStore, stream: &StreamName) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.last_message(stream).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("a writer never appended to its stream");
 }

@@ -54,6 +54,11 @@ conformance!(
     a_subscriber_is_woken_by_an_append,
     pruning_a_category_keeps_the_first_message_and_the_last_of_each_type,
     after_pruning_an_exact_version_holds_only_at_the_last_position,
+    rewriting_a_message_replaces_its_data_and_keeps_everything_else,
+    rewriting_a_message_that_is_not_stored_changes_nothing,
+    renaming_a_stream_moves_its_messages_with_their_positions,
+    renaming_onto_a_stream_with_messages_is_refused_and_moves_nothing,
+    renaming_a_stream_without_messages_moves_none,
 );
 
 /// PostgreSQL only: its wake-ups travel on a LISTEN connection, which a network failure or a

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use message_store::{
-    AppendError, Appended, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
-    StreamPosition, Wake,
+    AppendError, Appended, ExpectedVersion, MessageStore, NewMessage, RecordedMessage,
+    RenameStreamError, StreamAppend, StreamName, StreamPosition, Wake,
 };
 use serde_json::json;
 
@@ -63,7 +63,7 @@ async fn write_settled(
     append_settled(store, append(stream, expected, count)).await
 }
 
-async fn all(store: &dyn MessageStore) -> Vec<message_store::RecordedMessage> {
+async fn all(store: &dyn MessageStore) -> Vec<RecordedMessage> {
     store.read_all(0, 100_000).await.unwrap()
 }
 
@@ -571,4 +571,236 @@ pub async fn after_pruning_an_exact_version_holds_only_at_the_last_position(harn
 
     let appended = write(store.as_ref(), &pruned, ExpectedVersion::Exact(4), 1).await;
     assert_eq!(appended.messages[0].position, 5);
+}
+
+/// Every message of `stream`, in stream order.
+async fn whole_stream(store: &dyn MessageStore, stream: &StreamName) -> Vec<RecordedMessage> {
+    store.read_stream(stream, 0, 1000).await.unwrap()
+}
+
+pub async fn rewriting_a_message_replaces_its_data_and_keeps_everything_else(
+    harness: &dyn Harness,
+) {
+    let store = harness.store();
+    let name = stream("thing");
+    let original = message(1);
+    append_settled(
+        store.as_ref(),
+        to_stream(
+            &name,
+            ExpectedVersion::NoStream,
+            vec![message(0), original.clone(), message(2)],
+        ),
+    )
+    .await;
+    write_settled(
+        store.as_ref(),
+        &stream("other"),
+        ExpectedVersion::NoStream,
+        1,
+    )
+    .await;
+    let before = all(store.as_ref()).await;
+    let sealed = json!({ "n": "sealed", "nested": { "kept": [1, 2, 3] } });
+
+    assert!(
+        store
+            .rewrite_data(original.id, sealed.clone())
+            .await
+            .unwrap()
+    );
+
+    let expected: Vec<_> = before
+        .iter()
+        .cloned()
+        .map(|mut message| {
+            if message.id == original.id {
+                message.data = sealed.clone();
+            }
+            message
+        })
+        .collect();
+    assert_eq!(all(store.as_ref()).await, expected);
+    let in_stream: Vec<_> = expected
+        .iter()
+        .filter(|m| m.stream == name)
+        .cloned()
+        .collect();
+    assert_eq!(whole_stream(store.as_ref(), &name).await, in_stream);
+    assert_eq!(
+        store.read_category("thing", 0, 10).await.unwrap(),
+        in_stream
+    );
+    assert_eq!(
+        store.last_message(&name).await.unwrap().as_ref(),
+        in_stream.last()
+    );
+
+    // The stored message is the rewritten one now: its original content is another message.
+    let refused = store
+        .append(to_stream(
+            &name,
+            ExpectedVersion::Any,
+            vec![original.clone()],
+        ))
+        .await;
+    assert!(
+        matches!(refused, Err(AppendError::DuplicateMessageId { id }) if id == original.id),
+        "{refused:?}"
+    );
+    let rewritten = NewMessage {
+        data: sealed,
+        ..original
+    };
+    let retried = store
+        .append(to_stream(&name, ExpectedVersion::Any, vec![rewritten]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            retried.messages[0].position,
+            retried.messages[0].global_position
+        ),
+        (1, expected[1].global_position)
+    );
+    assert_eq!(all(store.as_ref()).await, expected);
+}
+
+pub async fn rewriting_a_message_that_is_not_stored_changes_nothing(harness: &dyn Harness) {
+    let store = harness.store();
+    write_settled(
+        store.as_ref(),
+        &stream("thing"),
+        ExpectedVersion::NoStream,
+        2,
+    )
+    .await;
+    let before = all(store.as_ref()).await;
+
+    let rewritten = store
+        .rewrite_data(uuid::Uuid::new_v4(), json!({ "n": "sealed" }))
+        .await
+        .unwrap();
+
+    assert!(!rewritten);
+    assert_eq!(all(store.as_ref()).await, before);
+}
+
+pub async fn renaming_a_stream_moves_its_messages_with_their_positions(harness: &dyn Harness) {
+    let store = harness.store();
+    let from = stream("thing");
+    let to = stream("renamed");
+    let other = stream("thing");
+    write_settled(store.as_ref(), &from, ExpectedVersion::NoStream, 3).await;
+    write_settled(store.as_ref(), &other, ExpectedVersion::NoStream, 1).await;
+    let before = all(store.as_ref()).await;
+
+    let moved = store.rename_stream(&from, &to).await.unwrap();
+
+    assert_eq!(moved, 3);
+    let expected: Vec<_> = before
+        .iter()
+        .cloned()
+        .map(|mut message| {
+            if message.stream == from {
+                message.stream = to.clone();
+            }
+            message
+        })
+        .collect();
+    assert_eq!(
+        all(store.as_ref()).await,
+        expected,
+        "only the stream names changed"
+    );
+    let renamed: Vec<_> = expected
+        .iter()
+        .filter(|m| m.stream == to)
+        .cloned()
+        .collect();
+    assert_eq!(
+        renamed.iter().map(|m| m.position).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(whole_stream(store.as_ref(), &to).await, renamed);
+    assert_eq!(
+        store.last_message(&to).await.unwrap().as_ref(),
+        renamed.last()
+    );
+    assert_eq!(
+        store.read_category("renamed", 0, 10).await.unwrap(),
+        renamed
+    );
+    let left_in_category: Vec<_> = store
+        .read_category("thing", 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.stream)
+        .collect();
+    assert_eq!(left_in_category, vec![other]);
+    assert!(whole_stream(store.as_ref(), &from).await.is_empty());
+    assert!(store.last_message(&from).await.unwrap().is_none());
+
+    let next = write(store.as_ref(), &to, ExpectedVersion::Exact(2), 1).await;
+    assert_eq!(next.messages[0].position, 3);
+    let refused = store
+        .append(append(&to, ExpectedVersion::NoStream, 1))
+        .await;
+    assert_eq!(
+        conflict(refused),
+        (to.clone(), ExpectedVersion::NoStream, Some(3))
+    );
+    let reused = write(store.as_ref(), &from, ExpectedVersion::NoStream, 1).await;
+    assert_eq!(
+        reused.messages[0].position, 0,
+        "the old name is a new, empty stream"
+    );
+}
+
+pub async fn renaming_onto_a_stream_with_messages_is_refused_and_moves_nothing(
+    harness: &dyn Harness,
+) {
+    let store = harness.store();
+    let from = stream("thing");
+    let to = stream("thing");
+    write_settled(store.as_ref(), &from, ExpectedVersion::NoStream, 2).await;
+    write_settled(store.as_ref(), &to, ExpectedVersion::NoStream, 1).await;
+    let before = all(store.as_ref()).await;
+
+    for (target, taken) in [(&to, &to), (&from, &from)] {
+        let refused = store.rename_stream(&from, target).await;
+        assert!(
+            matches!(&refused, Err(RenameStreamError::TargetNotEmpty { to }) if to == taken),
+            "{refused:?}"
+        );
+    }
+    let missing = stream("thing");
+    let refused = store.rename_stream(&missing, &to).await;
+    assert!(
+        matches!(refused, Err(RenameStreamError::TargetNotEmpty { .. })),
+        "{refused:?}"
+    );
+
+    assert_eq!(all(store.as_ref()).await, before);
+}
+
+pub async fn renaming_a_stream_without_messages_moves_none(harness: &dyn Harness) {
+    let store = harness.store();
+    write_settled(
+        store.as_ref(),
+        &stream("thing"),
+        ExpectedVersion::NoStream,
+        1,
+    )
+    .await;
+    let before = all(store.as_ref()).await;
+    let to = stream("thing");
+
+    let moved = store.rename_stream(&stream("thing"), &to).await.unwrap();
+
+    assert_eq!(moved, 0);
+    assert_eq!(all(store.as_ref()).await, before);
+    let first = write(store.as_ref(), &to, ExpectedVersion::NoStream, 1).await;
+    assert_eq!(first.messages[0].position, 0);
 }
