@@ -54,6 +54,8 @@ impl ApiError {
                     )
                 }
                 CommandError::NotFound => Problem::not_found().with_detail("no such account"),
+                CommandError::AccountErased => Problem::new(StatusCode::GONE, "account_erased")
+                    .with_detail("the account was erased; nothing of its person is kept"),
                 CommandError::SessionNotFound => {
                     Problem::not_found().with_detail("no such session")
                 }
@@ -144,6 +146,7 @@ mod tests {
             ),
             (command(CommandError::InvalidLink), 400, "invalid_link"),
             (command(CommandError::NotFound), 404, "not_found"),
+            (command(CommandError::AccountErased), 410, "account_erased"),
             (command(CommandError::SessionNotFound), 404, "not_found"),
             (
                 command(CommandError::AccountInactive),

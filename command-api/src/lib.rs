@@ -1,22 +1,27 @@
 //! The command API: the write side of the identity service over HTTP.
 //!
 //! Registration, login with a signed JWT and a session, refresh, logout, ending sessions,
-//! activation, deactivation and password change. Each command reads the streams it needs from
-//! the message store, lets the pure domain (`identity`) decide, and appends what it decided;
-//! nothing here reads the read model.
+//! activation, deactivation, password change and account recovery. Each command reads
+//! the streams it needs from the message store, lets the pure domain (`identity`) decide, and
+//! appends what it decided; nothing here reads the read model. The personal fields of what it
+//! writes are sealed with a key per person, and those of what it reads opened (ADR 13).
 //!
 //! - [`settings`]: what can be configured, with defaults.
 //! - [`service`]: the commands without HTTP.
 //! - [`sessions`]: the session commands without HTTP, and the check of a bearer token's session.
+//! - [`recovery`]: registration by mode, verification, password reset and change of email,
+//!   without HTTP; their routes are in `recovery_routes.rs`.
+//! - `personal.rs`: sealing the personal fields written and opening those read, with the vault.
 //! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
 //! - [`hashing`]: argon2id off the runtime, on a bounded set of threads (one per core).
-//! - [`reservation`]: email uniqueness through reservation streams.
+//! - [`reservation`]: email uniqueness through reservation streams named by a keyed hash.
 //! - [`error`]: the one API error type and its status table.
 
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod hashing;
+mod personal;
 pub mod recovery;
 mod recovery_routes;
 pub mod reservation;
@@ -32,6 +37,7 @@ use std::time::Duration;
 use anyhow::Context;
 use identity::{InitialStatus, Role};
 use message_store::{ConnectOptions, MessageStore};
+use personal_data::PersonalData;
 use platform::clock::Clock;
 use platform::shutdown::Shutdown;
 use tokens::TokenIssuer;
@@ -114,18 +120,34 @@ pub async fn run_background(state: AppState, login: LoginSettings, shutdown: Shu
     .await;
 }
 
-/// Everything the routes need, from settings: the store, the keys, the hasher.
+/// Everything the routes need, from settings: the store, the key vault and the lookup key, the
+/// signing keys, the hasher.
 pub async fn build_state(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
     let store = connect(settings).await?;
-    state_with_store(settings, clock, store)
+    let personal = open_personal_data(settings).await?;
+    state_with_store(settings, clock, store, personal)
 }
 
-/// The routes' state on a store opened elsewhere (the standalone process shares one store
-/// between its parts, so that appends wake its projector in-process).
+/// The key vault, in the message store's database (`database.url`), and the lookup key, with the
+/// keys `personal_data` names. Applies the vault's migrations when they are not yet.
+pub async fn open_personal_data(settings: &Settings) -> anyhow::Result<PersonalData> {
+    let url = &settings.database.url;
+    PersonalData::open(
+        url.expose(),
+        &settings.personal_data,
+        settings.database.max_connections,
+    )
+    .await
+    .with_context(|| format!("opening the personal data key vault at {url}"))
+}
+
+/// The routes' state on a store and a vault opened elsewhere (the standalone process shares one
+/// store between its parts, so that appends wake its projector in-process, and one vault).
 pub fn state_with_store(
     settings: &Settings,
     clock: Arc<dyn Clock>,
     store: Arc<dyn MessageStore>,
+    personal: PersonalData,
 ) -> anyhow::Result<AppState> {
     let keys = settings
         .tokens
@@ -164,6 +186,8 @@ pub fn state_with_store(
         mail_key,
         recovery_policy: settings::recovery_policy(&settings.mail),
         answer_after: settings.mail.answer_after(),
+        sealer: personal.sealer,
+        lookup_key: personal.lookup_key,
     });
     Ok(AppState { commands, verifier })
 }

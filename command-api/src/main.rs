@@ -12,7 +12,7 @@ use platform::clock::SystemClock;
 enum Command {
     /// Serve HTTP (the default).
     Serve,
-    /// Apply the message store's migrations and exit (a Kubernetes Job).
+    /// Apply the message store's migrations and the key vault's, and exit (a Kubernetes Job).
     Migrate,
     /// Operator commands.
     Admin {
@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
                 .run_until_stopped(platform::shutdown::signal())
                 .await
         }
-        Command::Migrate => Ok(message_store::migrate(settings.database.url.expose()).await?),
+        Command::Migrate => migrate(&settings).await,
         Command::Admin {
             command: AdminCommand::Create { email },
         } => {
@@ -59,4 +59,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The message store's migrations, then the key vault's, in the same database.
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database.url.expose();
+    message_store::migrate(url).await?;
+    personal_data::migrate(url).await?;
+    Ok(())
 }

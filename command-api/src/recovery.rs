@@ -31,10 +31,11 @@ use platform::FieldError;
 use tokens::{LinkToken, random_nonce};
 use uuid::Uuid;
 
-use crate::reservation::{EmailReleased, EmailReserved, Reservation, email_stream};
+use crate::personal::{WritingKey, erased_is, user_messages};
+use crate::reservation::{EmailReleased, EmailReserved, Reservation};
 use crate::service::{
     CommandError, Commands, Done, Loaded, MAX_ATTEMPTS, expected, login_message, login_stream,
-    lost_every_race, stored_event, user_messages, user_stream, versioned_message,
+    lost_every_race, stored_event, user_stream,
 };
 use crate::settings::RegistrationMode;
 
@@ -56,11 +57,11 @@ struct ReadRecovery {
 }
 
 impl ReadRecovery {
-    fn append(&self, event: RecoveryEvent) -> StreamAppend {
+    fn append(&self, key: &WritingKey, event: RecoveryEvent) -> StreamAppend {
         StreamAppend::new(
             self.stream.clone(),
             expected(self.version),
-            vec![recovery_message(&event)],
+            vec![key.recovery_message(&event)],
         )
     }
 }
@@ -102,19 +103,23 @@ struct Confirmed {
 
 impl Confirmed {
     /// The append that uses the link.
-    fn use_of_link(&self) -> StreamAppend {
-        self.recovery.append(self.completed.clone().into())
+    fn use_of_link(&self, key: &WritingKey) -> StreamAppend {
+        self.recovery.append(key, self.completed.clone().into())
     }
 
     /// The account's `events` at the version they were decided on; none when there are none.
-    fn account_append(&self, events: &[UserEvent]) -> Result<Option<StreamAppend>, CommandError> {
+    fn account_append(
+        &self,
+        key: &WritingKey,
+        events: &[UserEvent],
+    ) -> Result<Option<StreamAppend>, CommandError> {
         if events.is_empty() {
             return Ok(None);
         }
         Ok(Some(StreamAppend::new(
             user_stream(self.account.id)?,
             expected(self.loaded.version),
-            user_messages(events),
+            user_messages(Some(key), events)?,
         )))
     }
 }
@@ -131,7 +136,8 @@ impl Commands {
         let (email, password) = self.registration_fields(email, password)?;
         let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
         let status = self.registration_mode.initial_status();
-        let verification = |id, now| self.first_verification(id, &email, now);
+        let verification =
+            |id, now, key: &WritingKey| self.first_verification(id, &email, now, key);
         if self.registration_mode != RegistrationMode::Verify {
             let registered =
                 self.register_valid(id, &email, password, vec![Role::User], status, verification);
@@ -175,6 +181,7 @@ impl Commands {
         id: UserId,
         email: &Email,
         now: DateTime<Utc>,
+        key: &WritingKey,
     ) -> Result<Vec<StreamAppend>, CommandError> {
         let command = link_request(RecoveryKind::VerifyEmail, email, 0)?;
         let decided = decide_recovery(
@@ -189,7 +196,7 @@ impl Commands {
         Ok(vec![StreamAppend::new(
             recovery_stream(id)?,
             ExpectedVersion::NoStream,
-            vec![recovery_message(&event)],
+            vec![key.recovery_message(&event)],
         )])
     }
 
@@ -227,6 +234,8 @@ impl Commands {
         })
         .await
         .map(|_| ())
+        // Erased meanwhile: nobody is left to tell.
+        .or_else(nothing_if_erased)
     }
 
     /// `POST /password-reset`: a known, active account gets a mail with a link; every address
@@ -256,6 +265,8 @@ impl Commands {
         })
         .await
         .map(|_| ())
+        // Erased meanwhile: answered as for an address nobody has.
+        .or_else(nothing_if_erased)
     }
 
     /// `POST /users/me/verify-email`: a new verification link for the caller's address, unless
@@ -275,7 +286,8 @@ impl Commands {
                     account.session_epoch,
                 )
             })
-            .await?
+            .await
+            .map_err(erased_is(|| CommandError::NotFound))?
         };
         Ok(Done {
             id,
@@ -324,7 +336,8 @@ impl Commands {
                 }
                 Ok(command)
             })
-            .await?;
+            .await
+            .map_err(erased_is(|| CommandError::NotFound))?;
         Ok(Done {
             id,
             position: position.unwrap_or(loaded.last_global),
@@ -368,13 +381,24 @@ impl Commands {
     /// The one way every link is confirmed: authenticated and decided on the streams as they
     /// are, then its effect and its use appended at the versions read; again when another
     /// writer got to one of them first.
+    ///
+    /// The account's key is read once the link is authenticated (a forged link reads none);
+    /// an account erased meanwhile makes it an invalid link, as its erasure does.
     async fn confirm_link(&self, token: &str, effect: &LinkEffect) -> Result<Done, CommandError> {
         let kind = effect.kind();
         let link = parse_link(token, kind)?;
+        let mut key = None;
         for _ in 0..MAX_ATTEMPTS {
             let confirmed = self.authenticate_link(&link, kind).await?;
-            let mut appends = self.effect_of(effect, &confirmed).await?;
-            appends.push(confirmed.use_of_link());
+            let key = match &mut key {
+                Some(key) => key,
+                None => {
+                    let read = self.writing_key(confirmed.account.id).await;
+                    key.insert(read.map_err(erased_is(|| CommandError::InvalidLink))?)
+                }
+            };
+            let mut appends = self.effect_of(effect, &confirmed, key).await?;
+            appends.push(confirmed.use_of_link(key));
             let appended = self
                 .append_if_current(appends, "appending a confirmed link")
                 .await?;
@@ -393,6 +417,7 @@ impl Commands {
         &self,
         effect: &LinkEffect,
         confirmed: &Confirmed,
+        key: &WritingKey,
     ) -> Result<Vec<StreamAppend>, CommandError> {
         match effect {
             LinkEffect::Verify { activate_pending } => {
@@ -403,7 +428,7 @@ impl Commands {
                 let events = self.decide_on(confirmed, command)?;
                 let before = UserAccount::Registered(confirmed.account.clone());
                 let mut appends = self.administrators_append(&before, &events).await?;
-                appends.extend(confirmed.account_append(&events)?);
+                appends.extend(confirmed.account_append(key, &events)?);
                 Ok(appends)
             }
             LinkEffect::Reset { new_password_hash } => {
@@ -411,11 +436,14 @@ impl Commands {
                     new_password_hash: new_password_hash.clone(),
                 };
                 let events = self.decide_on(confirmed, command)?;
-                let mut appends: Vec<_> = confirmed.account_append(&events)?.into_iter().collect();
+                let mut appends: Vec<_> = confirmed
+                    .account_append(key, &events)?
+                    .into_iter()
+                    .collect();
                 appends.extend(self.lockout_lift(confirmed.account.id).await?);
                 Ok(appends)
             }
-            LinkEffect::ChangeEmail => self.moved_address(confirmed).await,
+            LinkEffect::ChangeEmail => self.moved_address(confirmed, key).await,
         }
     }
 
@@ -424,6 +452,7 @@ impl Commands {
     async fn moved_address(
         &self,
         confirmed: &Confirmed,
+        key: &WritingKey,
     ) -> Result<Vec<StreamAppend>, CommandError> {
         let id = confirmed.account.id;
         let old_email = &confirmed.account.email;
@@ -448,17 +477,17 @@ impl Commands {
         let events = self.decide_on(confirmed, command)?;
         let mut appends = vec![
             StreamAppend::new(
-                email_stream(old_email)?,
+                self.email_stream(old_email)?,
                 moving_out.expected(),
                 vec![EmailReleased { user_id: id }.to_message()],
             ),
             StreamAppend::new(
-                email_stream(&new_email)?,
+                self.email_stream(&new_email)?,
                 moving_in,
                 vec![EmailReserved { user_id: id }.to_message()],
             ),
         ];
-        appends.extend(confirmed.account_append(&events)?);
+        appends.extend(confirmed.account_append(key, &events)?);
         Ok(appends)
     }
 
@@ -536,11 +565,13 @@ impl Commands {
     /// Decides `command` on the account's recovery stream and appends its event, again when
     /// another request got there first: the event's position, or `None` when the account's
     /// hourly limit held the mail back (the caller answers the same either way).
+    /// [`CommandError::AccountErased`] when the account was erased since the caller read it.
     async fn record_request(
         &self,
         id: UserId,
         command: impl Fn() -> Result<RecoveryCommand, CommandError>,
     ) -> Result<Option<GlobalPosition>, CommandError> {
+        let key = self.writing_key(id).await?;
         for _ in 0..MAX_ATTEMPTS {
             let recovery = self.read_recovery(id).await?;
             let command = command()?;
@@ -553,7 +584,10 @@ impl Commands {
                 return Ok(None);
             };
             let appended = self
-                .append_if_current(vec![recovery.append(event)], "appending a recovery request")
+                .append_if_current(
+                    vec![recovery.append(&key, event)],
+                    "appending a recovery request",
+                )
                 .await?;
             if let Some(position) = appended {
                 count_mail_request(kind, "recorded");
@@ -563,6 +597,8 @@ impl Commands {
         Err(lost_every_race("recording a recovery request"))
     }
 
+    /// The recovery stream's state from its last message, opened: an erased account's reads
+    /// as no pending request, so every link of it is an invalid link.
     async fn read_recovery(&self, id: UserId) -> Result<ReadRecovery, CommandError> {
         let stream = recovery_stream(id)?;
         let Some(last) = self.store.last_message(&stream).await? else {
@@ -572,6 +608,9 @@ impl Commands {
                 version: None,
             });
         };
+        let mut last = [last];
+        self.unseal(&mut last).await?;
+        let [last] = last;
         let event = stored_event(
             &last,
             RecoveryEvent::from_stored,
@@ -624,8 +663,13 @@ fn recovery_stream(id: UserId) -> anyhow::Result<StreamName> {
     Ok(StreamName::parse(recovery_stream_name(id))?)
 }
 
-fn recovery_message(event: &RecoveryEvent) -> message_store::NewMessage {
-    versioned_message(event.event_type(), event.to_json(), event.version())
+/// For `or_else`: a request for an account erased meanwhile records nothing, and the caller
+/// answers as it answers for an address nobody has.
+fn nothing_if_erased(error: CommandError) -> Result<(), CommandError> {
+    match error {
+        CommandError::AccountErased => Ok(()),
+        error => Err(error),
+    }
 }
 
 /// The kind of mail a command asks for, as the metrics name it.

@@ -1,8 +1,8 @@
 //! Email reservations: the command side's proof that an email belongs to one account.
 //!
 //! Registering appends `UserRegistered` to `user-<id>` and [`EmailReserved`] to
-//! `userEmail-<sha256 of the normalised email>`, both with expected version "no stream", in one
-//! atomic append: of many concurrent registrations of one email exactly one can succeed
+//! `userEmail-<keyed hash of the normalised email>`, both with expected version "no stream", in
+//! one atomic append: of many concurrent registrations of one email exactly one can succeed
 //! (DESIGN decision 5). Logging in finds the account through the same stream, so it is strongly
 //! consistent and never reads the read model.
 //!
@@ -12,16 +12,21 @@
 //! reserves it next appends at the release's version, so of a registration and a change racing
 //! for it exactly one wins.
 //!
+//! An erasure releases the address the same way, in the append of its `UserErased`: the address
+//! is free for anyone, and logging in with it answers as for an address never registered.
+//!
 //! The messages are the command side's bookkeeping rather than a fact about the account (the
 //! account's email is in `UserRegistered`), so it lives here and not in the domain crate. The
-//! stream is named after a hash so the address never appears in a stream name, which reaches
-//! logs and metrics.
+//! stream is named after an HMAC of the address under `personal_data.lookup_key` (ADR 13): the
+//! address never appears in a stream name, which reaches logs and metrics, and the name cannot
+//! be reversed with a dictionary of addresses, as an unkeyed hash could, by a reader of the
+//! store who lacks the key.
 
 use identity::{EVENT_VERSION_KEY, Email, UserId};
 use message_store::{ExpectedVersion, GlobalPosition, NewMessage, RecordedMessage, StreamName};
+use personal_data::LookupKey;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 /// The category of the reservation streams.
 pub const EMAIL_CATEGORY: &str = "userEmail";
@@ -32,7 +37,8 @@ pub struct EmailReserved {
     pub user_id: UserId,
 }
 
-/// The email of the stream is no longer `user_id`'s: the account moved to another address.
+/// The email of the stream is no longer `user_id`'s: the account moved to another address, or
+/// was erased.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EmailReleased {
     pub user_id: UserId,
@@ -147,31 +153,52 @@ impl Reservation {
     }
 }
 
-/// `userEmail-<hex sha256 of email.normalized()>`.
-pub fn email_stream(email: &Email) -> anyhow::Result<StreamName> {
-    let digest = Sha256::digest(email.normalized().as_bytes());
-    Ok(StreamName::for_entity(EMAIL_CATEGORY, hex::encode(digest))?)
+/// `userEmail-<hex HMAC-SHA-256 under lookup_key of email.normalized()>`.
+pub fn email_stream(lookup_key: &LookupKey, email: &Email) -> anyhow::Result<StreamName> {
+    let digest = lookup_key.digest(email.normalized());
+    Ok(StreamName::for_entity(EMAIL_CATEGORY, digest)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn stream_of(key: &LookupKey, email: &str) -> StreamName {
+        email_stream(key, &Email::parse(email).unwrap()).unwrap()
+    }
+
     #[test]
     fn addresses_that_normalise_alike_share_one_reservation_stream() {
-        let a = email_stream(&Email::parse("Ann@Example.com").unwrap()).unwrap();
-        let b = email_stream(&Email::parse(" ann@example.COM ").unwrap()).unwrap();
-        let c = email_stream(&Email::parse("bob@example.com").unwrap()).unwrap();
+        let key = LookupKey::generate().unwrap();
+        let a = stream_of(&key, "Ann@Example.com");
+        let b = stream_of(&key, " ann@example.COM ");
+        let c = stream_of(&key, "bob@example.com");
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.category(), EMAIL_CATEGORY);
         assert!(!a.as_str().contains("ann"));
     }
 
+    #[test]
+    fn the_stream_is_named_by_the_keyed_hash_never_by_the_plain_sha256() {
+        use sha2::{Digest, Sha256};
+        let key = LookupKey::generate().unwrap();
+        let stream = stream_of(&key, "ann@example.com");
+        assert_eq!(
+            stream.as_str(),
+            format!("userEmail-{}", key.digest("ann@example.com"))
+        );
+        let unkeyed = hex::encode(Sha256::digest(b"ann@example.com"));
+        assert!(!stream.as_str().contains(&unkeyed));
+        // Another key names another stream: without the key the name says nothing.
+        let other = LookupKey::generate().unwrap();
+        assert_ne!(stream, stream_of(&other, "ann@example.com"));
+    }
+
     fn recorded(message: NewMessage, position: u64) -> RecordedMessage {
         RecordedMessage {
             id: message.id,
-            stream: email_stream(&Email::parse("ann@example.com").unwrap()).unwrap(),
+            stream: stream_of(&LookupKey::generate().unwrap(), "ann@example.com"),
             position,
             global_position: 10 + position,
             message_type: message.message_type,

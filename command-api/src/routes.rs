@@ -604,11 +604,21 @@ async fn jwks(State(state): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/readyz",
     responses(
-        (status = 200, description = "The message store answers"),
-        (status = 503, description = "The message store does not answer", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 200, description = "The message store and the key vault in its database answer"),
+        (status = 503, description = "The message store or the key vault does not answer", body = ProblemBody, content_type = "application/problem+json"),
     ))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    readiness([("message store", state.commands.store.ping().await)])
+    let store = state
+        .commands
+        .store
+        .ping()
+        .await
+        .map_err(anyhow::Error::new);
+    let vault = state.commands.sealer.vault().ping().await;
+    readiness([
+        ("message store", store),
+        ("personal data key vault", vault.map_err(anyhow::Error::new)),
+    ])
 }
 
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This document")))]
@@ -619,7 +629,7 @@ async fn openapi() -> Response {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation and password change."),
+    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation, password change, account recovery."),
     paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password,
         recovery_routes::verify_email, recovery_routes::request_verification, recovery_routes::request_password_reset, recovery_routes::reset_password,
         recovery_routes::request_email_change, recovery_routes::confirm_email_change, jwks, readyz, openapi),

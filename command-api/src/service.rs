@@ -21,6 +21,7 @@ use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, RecordedMessage,
     StoreError, StreamAppend, StreamName, StreamPosition,
 };
+use personal_data::{LookupKey, Sealer};
 use platform::FieldError;
 use platform::clock::Clock;
 use serde_json::{Value, json};
@@ -28,6 +29,7 @@ use tokens::{MailTokenKey, RefreshTokenKey, TokenIssuer};
 use uuid::Uuid;
 
 use crate::hashing::{HashError, Hasher};
+use crate::personal::{WritingKey, erased_is, hold_personal_data, user_messages};
 use crate::reservation::{EmailReserved, Reservation, email_stream};
 use crate::sessions::SessionTokens;
 use crate::settings::RegistrationMode;
@@ -65,6 +67,10 @@ pub enum CommandError {
     SessionNotFound,
     #[error("no such account")]
     NotFound,
+    /// An administrator asked to erase an account erased already: nothing more was recorded
+    /// (its key was deleted again, in case an earlier erasure stopped short of it).
+    #[error("the account was erased")]
+    AccountErased,
     #[error("the account is deactivated")]
     AccountInactive,
     /// The account is the last active administrator: without it nobody could activate anyone.
@@ -95,7 +101,8 @@ impl From<HashError> for CommandError {
 impl From<identity::Refusal> for CommandError {
     fn from(refusal: identity::Refusal) -> Self {
         match refusal {
-            identity::Refusal::NotFound => Self::NotFound,
+            // An erased account answers as an unknown one: nothing of it can be done or learnt.
+            identity::Refusal::NotFound | identity::Refusal::Erased => Self::NotFound,
             identity::Refusal::AccountInactive => Self::AccountInactive,
             identity::Refusal::LastAdministrator => Self::LastAdministrator,
             // Only a registration can meet it, and a registration decides on no account.
@@ -131,6 +138,11 @@ pub struct Commands {
     pub recovery_policy: RecoveryPolicy,
     /// See `mail.answer_after_ms`.
     pub answer_after: Duration,
+    /// Seals the personal fields of the events written and opens those of the messages read,
+    /// with the keys of the vault (ADR 13).
+    pub sealer: Sealer,
+    /// Names the email reservation streams (ADR 13).
+    pub lookup_key: Arc<LookupKey>,
 }
 
 /// A successful command: the account and the global position of its last event.
@@ -160,7 +172,7 @@ impl Commands {
     ) -> Result<Done, CommandError> {
         let (email, password) = self.registration_fields(email, password)?;
         let id = UserId::from_uuid(id.unwrap_or_else(Uuid::now_v7));
-        self.register_valid(id, &email, password, roles, status, |_, _| Ok(vec![]))
+        self.register_valid(id, &email, password, roles, status, |_, _, _| Ok(vec![]))
             .await
     }
 
@@ -173,7 +185,7 @@ impl Commands {
         password: Password,
         roles: Vec<Role>,
         status: InitialStatus,
-        also: impl Fn(UserId, DateTime<Utc>) -> Result<Vec<StreamAppend>, CommandError>,
+        also: impl Fn(UserId, DateTime<Utc>, &WritingKey) -> Result<Vec<StreamAppend>, CommandError>,
     ) -> Result<Done, CommandError> {
         // A retry with the same id is answered without hashing again.
         if let Some(done) = self.existing_registration(id, email).await? {
@@ -191,18 +203,25 @@ impl Commands {
     }
 
     /// Registers an account whose password is hashed already and whose id the caller found
-    /// unregistered (a registration racing it is met by the append's expected versions).
+    /// unregistered (a registration racing it is met by the append's expected versions). Its
+    /// events, and what `also` makes with the account's key, are sealed with a key made for it
+    /// now; an id whose account was erased meanwhile is `IdTaken`, as the erased account is.
     pub(crate) async fn register_new(
         &self,
         registration: Register,
-        also: impl Fn(UserId, DateTime<Utc>) -> Result<Vec<StreamAppend>, CommandError>,
+        also: impl Fn(UserId, DateTime<Utc>, &WritingKey) -> Result<Vec<StreamAppend>, CommandError>,
     ) -> Result<Done, CommandError> {
         let (id, email) = (registration.user_id, registration.email.clone());
         let now = self.clock.now();
         let command = UserCommand::Register(registration);
         let events = decide(&UserAccount::NotRegistered, command, now)
             .context("registering a new account was refused")?;
-        self.append_registration(id, &email, &events, also(id, now)?)
+        let key = self
+            .writing_key(id)
+            .await
+            .map_err(erased_is(|| CommandError::IdTaken))?;
+        let messages = user_messages(Some(&key), &events)?;
+        self.append_registration(id, &email, &events, messages, also(id, now, &key)?)
             .await
     }
 
@@ -233,9 +252,10 @@ impl Commands {
         id: UserId,
         email: &Email,
         events: &[UserEvent],
+        messages: Vec<NewMessage>,
         also: Vec<StreamAppend>,
     ) -> Result<Done, CommandError> {
-        let reservation = email_stream(email)?;
+        let reservation = self.email_stream(email)?;
         // Most addresses were never reserved: the first attempt expects nothing, with no read.
         let mut reservation_expected = ExpectedVersion::NoStream;
         for _ in 0..MAX_ATTEMPTS {
@@ -248,7 +268,7 @@ impl Commands {
             appends.push(StreamAppend::new(
                 user_stream(id)?,
                 ExpectedVersion::NoStream,
-                user_messages(events),
+                messages.clone(),
             ));
             appends.extend(also.iter().cloned());
             appends.push(StreamAppend::new(
@@ -290,13 +310,17 @@ impl Commands {
     }
 
     /// The answer to a repeated registration of `id` with `email`, if `id` is registered:
-    /// the first answer again for the same email, `IdTaken` for another.
+    /// the first answer again for the same email, `IdTaken` for another, or for an erased
+    /// account (whose address is unknown now, and whose id is never used again).
     pub(crate) async fn existing_registration(
         &self,
         id: UserId,
         email: &Email,
     ) -> Result<Option<Done>, CommandError> {
         let loaded = self.load(id).await?;
+        if loaded.account.is_erased() {
+            return Err(CommandError::IdTaken);
+        }
         let Some(account) = loaded.account.account() else {
             return Ok(None);
         };
@@ -408,15 +432,16 @@ impl Commands {
         })
     }
 
-    /// The account a login decides on. An unknown email's stand-in stream is read too, so that
-    /// it costs what a known one does; whatever it may hold, no account is found.
+    /// The account a login decides on. An unknown email's stand-in stream is read too, and
+    /// the vault for keys, as opening a known account's stream reads them, so that it costs
+    /// what a known one does; whatever it may hold, no account is found.
     async fn load_for_login(&self, streams: &LoginStreams) -> Result<Loaded, CommandError> {
         let loaded = self.load_stream(&streams.user).await?;
-        Ok(if streams.known {
-            loaded
-        } else {
-            Loaded::empty()
-        })
+        if streams.known {
+            return Ok(loaded);
+        }
+        self.read_no_key().await?;
+        Ok(Loaded::empty())
     }
 
     /// The session a granted attempt starts; none for a refusal.
@@ -502,10 +527,16 @@ impl Commands {
         let command = UserCommand::RehashPassword { new_password_hash };
         let events =
             decide(&loaded.account, command, self.clock.now()).context("rehashing was refused")?;
+        // An account erased since the login was granted keeps no password, stronger or not.
+        let key = match self.writing_key(account.id).await {
+            Ok(key) => key,
+            Err(CommandError::AccountErased) => return Ok(None),
+            Err(error) => return Err(error),
+        };
         let append = StreamAppend::new(
             user_stream(account.id)?,
             expected(loaded.version),
-            user_messages(&events),
+            user_messages(Some(&key), &events)?,
         );
         self.append_if_current(vec![append], "appending a rehashed password")
             .await
@@ -615,13 +646,14 @@ impl Commands {
 
     /// [`Self::update`], provided `still_holds` accepts the account as it is loaded for each
     /// attempt: for a command decided on something the caller proved against an earlier
-    /// state.
+    /// state. The account's key is read once, by the first attempt whose events need it.
     async fn update_if(
         &self,
         id: UserId,
         still_holds: impl Fn(&UserAccount) -> Result<(), CommandError>,
         command: impl Fn() -> UserCommand,
     ) -> Result<Done, CommandError> {
+        let mut key = None;
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(id).await?;
             still_holds(&loaded.account)?;
@@ -632,13 +664,18 @@ impl Commands {
                     position: loaded.last_global,
                 });
             }
+            if key.is_none() && hold_personal_data(&events) {
+                // Erased since it was loaded: answered as the erased account would be.
+                let read = self.writing_key(id).await;
+                key = Some(read.map_err(erased_is(|| CommandError::NotFound))?);
+            }
             // The administrators' change first, so that the account's event is the last
             // message and a repeated command answers the same position.
             let mut appends = self.administrators_append(&loaded.account, &events).await?;
             appends.push(StreamAppend::new(
                 user_stream(id)?,
                 expected(loaded.version),
-                user_messages(&events),
+                user_messages(key.as_ref(), &events)?,
             ));
             let appended = self.append_if_current(appends, "appending to a user stream");
             if let Some(position) = appended.await? {
@@ -744,10 +781,11 @@ impl Commands {
         let mut folding = AdministratorsFromAccounts::default();
         let mut after = 0;
         loop {
-            let batch = self
+            let mut batch = self
                 .store
                 .read_category(USER_CATEGORY, after, BATCH)
                 .await?;
+            self.unseal(&mut batch).await?;
             for message in &batch {
                 after = message.global_position;
                 let Some(user) = user_id_of_stream(message.stream.as_str()) else {
@@ -768,12 +806,18 @@ impl Commands {
 
     /// Who holds `email`, from the last message of its reservation stream.
     pub(crate) async fn reservation(&self, email: &Email) -> Result<Reservation, CommandError> {
-        let last = self.store.last_message(&email_stream(email)?).await?;
+        let last = self.store.last_message(&self.email_stream(email)?).await?;
         Reservation::from_last(last.as_ref()).map_err(|error| CommandError::Internal(error.into()))
     }
 
-    /// Folds a user stream. It holds registration, status and password changes only (never
-    /// logins), so it stays short.
+    /// The reservation stream of `email`, named by the lookup key's hash.
+    pub(crate) fn email_stream(&self, email: &Email) -> anyhow::Result<StreamName> {
+        email_stream(&self.lookup_key, email)
+    }
+
+    /// Folds a user stream, its personal fields opened (an erased account's read as erased, so
+    /// that it folds into `UserAccount::Erased`). It holds registration, status and password
+    /// changes only (never logins), so it stays short.
     pub(crate) async fn load(&self, id: UserId) -> Result<Loaded, CommandError> {
         self.load_stream(&user_stream(id)?).await
     }
@@ -784,7 +828,8 @@ impl Commands {
         let mut events = Vec::new();
         let mut from = 0;
         loop {
-            let batch = self.store.read_stream(stream, from, BATCH).await?;
+            let mut batch = self.store.read_stream(stream, from, BATCH).await?;
+            self.unseal(&mut batch).await?;
             for message in &batch {
                 events.push(user_event(message)?);
                 if loaded.version.is_none() {
@@ -1012,13 +1057,6 @@ fn user_event(message: &RecordedMessage) -> Result<UserEvent, CommandError> {
 /// An event as a message, its version in the metadata, where every reader looks for it.
 pub(crate) fn versioned_message(event_type: &'static str, data: Value, version: u32) -> NewMessage {
     NewMessage::new(event_type, data).with_metadata(json!({ EVENT_VERSION_KEY: version }))
-}
-
-pub(crate) fn user_messages(events: &[UserEvent]) -> Vec<NewMessage> {
-    events
-        .iter()
-        .map(|event| versioned_message(event.event_type(), event.to_json(), event.version()))
-        .collect()
 }
 
 /// A login event as a message for the login stream.

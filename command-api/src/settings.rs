@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use identity::{InitialStatus, LockoutPolicy, PasswordPolicy, RecoveryPolicy, SessionPolicy};
-use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, MailSettings};
+use platform::settings::{
+    DatabaseSettings, HttpSettings, LogSettings, MailSettings, PersonalDataSettings,
+};
 use serde::Deserialize;
 
 /// Everything the command API can be told. Every field has a default, so an empty file works
@@ -20,6 +22,9 @@ pub struct Settings {
     pub registration: RegistrationSettings,
     pub sessions: SessionSettings,
     pub mail: MailSettings,
+    /// The master key that wraps each person's key, and the lookup key that names the email
+    /// reservation streams (ADR 13); required, like the signing key.
+    pub personal_data: PersonalDataSettings,
 }
 
 impl Default for Settings {
@@ -34,6 +39,7 @@ impl Default for Settings {
             registration: RegistrationSettings::default(),
             sessions: SessionSettings::default(),
             mail: MailSettings::default(),
+            personal_data: PersonalDataSettings::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use command_api::{Application, Settings};
+use command_api::{AppState, Application, Settings};
 use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
@@ -18,10 +18,13 @@ pub struct TestApp {
     pub clock: ManualClock,
     pub settings: Settings,
     pub database: Arc<TestDatabase>,
+    /// The running application's state: its sealer opens what tests read from the store.
+    pub state: AppState,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Cheap argon2 parameters (the tests about parameters set their own), fresh keys.
+/// Cheap argon2 parameters (the tests about parameters set their own), fresh keys (the personal
+/// data's master and lookup keys included).
 pub fn test_settings(database: &TestDatabase) -> Settings {
     let mut settings = Settings::default();
     settings.database.url = database.url().into();
@@ -33,6 +36,11 @@ pub fn test_settings(database: &TestDatabase) -> Settings {
     settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
     let mail_key = MailTokenKey::generate().unwrap();
     settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
+    let master_key = personal_data::MasterKey::generate("test-1").unwrap();
+    settings.personal_data.master_key_id = "test-1".into();
+    settings.personal_data.master_key = Some(master_key.to_hex().expose_secret().clone());
+    let lookup_key = personal_data::LookupKey::generate().unwrap();
+    settings.personal_data.lookup_key = Some(lookup_key.to_hex().expose_secret().clone());
     settings.tokens.issuer = "https://identity.test".into();
     settings.tokens.audience = "tests".into();
     settings.password.memory_kib = 1024;
@@ -66,6 +74,7 @@ pub async fn spawn_on(
         .await
         .expect("building the application");
     let address = format!("http://127.0.0.1:{}", application.port());
+    let state = application.state().clone();
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(application.run_until_stopped(async move {
         let _ = stopped.await;
@@ -76,6 +85,7 @@ pub async fn spawn_on(
         clock,
         settings,
         database,
+        state,
         _shutdown: shutdown,
     }
 }
@@ -251,6 +261,26 @@ impl TestApp {
         rows
     }
 
+    /// [`Self::messages`] with their personal fields opened (an erased person's as null), as
+    /// the service reads them.
+    pub async fn unsealed_messages(&self, category: &str) -> Vec<(String, Value, Value)> {
+        let mut messages = self.messages(category).await;
+        for (_, data, _) in &mut messages {
+            self.unseal(data).await;
+        }
+        messages
+    }
+
+    /// Opens the sealed fields of a message's data in place, with the application's vault.
+    pub async fn unseal(&self, data: &mut Value) {
+        self.state.commands.sealer.unseal(data).await.unwrap();
+    }
+
+    /// The lookup key the application names reservation streams with.
+    pub fn lookup_key(&self) -> personal_data::LookupKey {
+        self.state.commands.lookup_key.as_ref().clone()
+    }
+
     /// The ids of the accounts that are active administrators, folded from their own streams
     /// (in SQL, for the reason given at [`Self::message_count`]).
     pub async fn active_administrators(&self) -> std::collections::BTreeSet<String> {
@@ -264,7 +294,8 @@ impl TestApp {
         .unwrap();
         pool.close().await;
         let mut accounts = std::collections::BTreeMap::<String, identity::UserAccount>::new();
-        for (stream, kind, data, metadata) in rows {
+        for (stream, kind, mut data, metadata) in rows {
+            self.unseal(&mut data).await;
             let event = identity::UserEvent::from_stored(
                 &kind,
                 identity::event_version(&metadata).unwrap(),
@@ -308,13 +339,14 @@ impl TestApp {
         self.events("user", identity::UserEvent::from_stored).await
     }
 
-    /// The events of `category`, oldest first, read with their stream enum's `from_stored`.
+    /// The events of `category`, oldest first, opened and read with their stream enum's
+    /// `from_stored`.
     async fn events<E>(
         &self,
         category: &str,
         from_stored: impl Fn(&str, u32, &Value) -> Result<E, identity::EventDecodeError>,
     ) -> Vec<E> {
-        self.messages(category)
+        self.unsealed_messages(category)
             .await
             .iter()
             .map(|(kind, data, metadata)| {

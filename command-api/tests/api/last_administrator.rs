@@ -179,9 +179,9 @@ async fn legacy_account(app: &TestApp, email: &str, role: Role, then: &[&str]) -
     let mut events: Vec<UserEvent> = vec![
         UserRegistered {
             user_id: id,
-            email: email.clone(),
-            email_normalized: email.normalized().to_owned(),
-            password_hash,
+            email: email.clone().into(),
+            email_normalized: email.normalized().to_owned().into(),
+            password_hash: password_hash.into(),
             status: AccountStatus::Active,
             roles: if role == Role::Admin {
                 vec![Role::User, Role::Admin]
@@ -196,13 +196,21 @@ async fn legacy_account(app: &TestApp, email: &str, role: Role, then: &[&str]) -
         assert_eq!(*step, "deactivated");
         events.push(UserDeactivated { at: now }.into());
     }
-    let messages = events
-        .iter()
-        .map(|event| {
-            NewMessage::new(event.event_type(), event.to_json())
-                .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }))
-        })
-        .collect();
+    // Sealed, as every build since ADR 13 stores them (`seal-history` seals older ones).
+    let mut messages = Vec::new();
+    for event in &events {
+        let mut data = event.to_json();
+        app.state
+            .commands
+            .sealer
+            .seal(*id.as_uuid(), event.personal_fields(), &mut data)
+            .await
+            .unwrap();
+        messages.push(
+            NewMessage::new(event.event_type(), data)
+                .with_metadata(json!({ EVENT_VERSION_KEY: event.version() })),
+        );
+    }
     store
         .append(vec![
             StreamAppend::new(
@@ -211,7 +219,7 @@ async fn legacy_account(app: &TestApp, email: &str, role: Role, then: &[&str]) -
                 messages,
             ),
             StreamAppend::new(
-                email_stream(&email).unwrap(),
+                email_stream(&app.lookup_key(), &email).unwrap(),
                 ExpectedVersion::NoStream,
                 vec![EmailReserved { user_id: id }.to_message()],
             ),

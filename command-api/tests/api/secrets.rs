@@ -36,7 +36,7 @@ async fn no_password_hash_or_token_ever_reaches_a_log_line() {
         .await;
     assert_eq!(response.status(), 204);
     let hashes: Vec<String> = app
-        .messages("user")
+        .unsealed_messages("user")
         .await
         .iter()
         .filter_map(|(_, data, _)| data["password_hash"].as_str().map(str::to_owned))
