@@ -1,7 +1,7 @@
 //! The command API: the write side of the identity service over HTTP.
 //!
 //! Registration, login with a signed JWT and a session, refresh, logout, ending sessions,
-//! activation, deactivation, password change and account recovery. Each command reads
+//! activation, deactivation, password change, account recovery and erasure. Each command reads
 //! the streams it needs from the message store, lets the pure domain (`identity`) decide, and
 //! appends what it decided; nothing here reads the read model. The personal fields of what it
 //! writes are sealed with a key per person, and those of what it reads opened (ADR 13).
@@ -11,6 +11,7 @@
 //! - [`sessions`]: the session commands without HTTP, and the check of a bearer token's session.
 //! - [`recovery`]: registration by mode, verification, password reset and change of email,
 //!   without HTTP; their routes are in `recovery_routes.rs`.
+//! - [`erasure`]: erasing an account (its key deleted, its address released), without HTTP.
 //! - `personal.rs`: sealing the personal fields written and opening those read, with the vault.
 //! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
 //! - [`hashing`]: argon2id off the runtime, on a bounded set of threads (one per core).
@@ -19,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod erasure;
 pub mod error;
 pub mod hashing;
 mod personal;

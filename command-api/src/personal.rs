@@ -105,6 +105,17 @@ impl Commands {
             .map(drop)
             .map_err(|error| vault_failed(error, "reading the keys of nobody"))
     }
+
+    /// Deletes `id`'s key for good (again, if it is gone already): every personal field of the
+    /// account's reads as erased from now on.
+    pub(crate) async fn erase_key(&self, id: UserId) -> Result<(), CommandError> {
+        self.sealer
+            .vault()
+            .erase(*id.as_uuid())
+            .await
+            .map(drop)
+            .map_err(|error| vault_failed(error, "deleting an erased account's key"))
+    }
 }
 
 /// A vault error: its database out of reach, which the caller may retry, or a fault (a key

@@ -13,15 +13,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use identity::{Role, SessionId, UserAgent, UserId};
 use message_store::GlobalPosition;
-use platform::ApiJson;
 use platform::http::{bearer_token, jwks_response, readiness};
 use platform::openapi::BearerAuth;
+use platform::{ApiJson, FieldError};
 use serde::{Deserialize, Serialize};
 use tokens::{Claims, TokenVerifier};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoResponses, OpenApi, ToSchema};
 use uuid::Uuid;
 
+use crate::erasure::Erasure;
 use crate::error::ApiError;
 use crate::recovery::SignUp;
 use crate::recovery_routes;
@@ -60,6 +61,7 @@ pub fn command_routes(state: AppState) -> Router {
         .route("/logout", post(logout))
         .route("/users/me/sessions/{id}", delete(end_own_session))
         .route("/users/{id}/sessions", delete(end_all_sessions))
+        .route("/users/{id}", delete(erase))
         .merge(recovery_routes::routes())
         .with_state(state)
 }
@@ -123,6 +125,22 @@ impl fmt::Debug for ChangePasswordRequest {
         f.write_str(
             "ChangePasswordRequest { current_password: [redacted], new_password: [redacted] }",
         )
+    }
+}
+
+/// `DELETE /users/{id}` of one's own account.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EraseRequest {
+    /// The account's current password. Required to erase one's own account (an administrator's
+    /// own included); an administrator erasing another account sends no body.
+    #[schema(format = Password)]
+    password: String,
+}
+
+impl fmt::Debug for EraseRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EraseRequest { password: [redacted] }")
     }
 }
 
@@ -521,6 +539,62 @@ async fn end_all_sessions(
     ))
 }
 
+#[utoipa::path(delete, path = "/users/{id}", request_body = Option<EraseRequest>,
+    params(("id" = Uuid, Path, description = "The account: the token's own subject, or any account for an administrator")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Erased: the account's personal data (its address, its password hashes, its pending links) is unreadable for good, its address is free, every session of it is over and every command on it answers as for an unknown account. What happened and when stays in its history",
+            headers(("X-Position" = u64, description = "global position of the UserErased event"))),
+        (status = 401, description = "`invalid_token` (its session no longer live included), or `invalid_credentials` when erasing one's own account with a wrong password (counted as a failed login) or a locked account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Another person's account, without the admin role", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such account", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`last_administrator`: no other administrator is active", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 410, description = "`account_erased`: an administrator's erasure of an account erased already; nothing more is recorded", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "One's own account without the password, or unknown fields", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Too many password checks waiting", body = ProblemBody, content_type = "application/problem+json"),
+        BodyRefusals,
+        StoreOutOfReach,
+    ))]
+async fn erase(
+    State(state): State<AppState>,
+    Caller(claims): Caller,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Response, Response> {
+    let id = parse_id(&id).map_err(IntoResponse::into_response)?;
+    // The body's own refusals (400, 413, 415, 422) first, as every route answers them. No
+    // body, or a JSON `null`, is none.
+    let body = if request.headers().contains_key(header::CONTENT_TYPE) {
+        let ApiJson(body) = ApiJson::<Option<EraseRequest>>::from_request(request, &state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        body
+    } else {
+        None
+    };
+    let caller = UserId::from_uuid(claims.sub);
+    let erasure = if caller == id {
+        // An administrator erasing themself proves the password like anyone else: a stolen
+        // token alone erases no account.
+        let Some(EraseRequest { password }) = body else {
+            let missing = FieldError::new("password", "is required to erase one's own account");
+            return Err(refused(CommandError::Validation(vec![missing])));
+        };
+        Erasure::ByOwner { password }
+    } else if claims.has_role(Role::Admin.name()) {
+        Erasure::ByAdministrator {
+            administrator: caller,
+        }
+    } else {
+        return Err(ApiError::Forbidden.into_response());
+    };
+    let done = state.commands.erase(id, erasure).await.map_err(refused)?;
+    Ok(with_position(
+        StatusCode::NO_CONTENT.into_response(),
+        done.position,
+    ))
+}
+
 #[utoipa::path(post, path = "/users/{id}/activate",
     params(("id" = Uuid, Path, description = "The account")),
     security(("bearer" = [])),
@@ -629,11 +703,11 @@ async fn openapi() -> Response {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation, password change, account recovery."),
-    paths(register, login, refresh, logout, end_own_session, end_all_sessions, activate, deactivate, change_password,
+    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation, password change, account recovery and erasure."),
+    paths(register, login, refresh, logout, end_own_session, end_all_sessions, erase, activate, deactivate, change_password,
         recovery_routes::verify_email, recovery_routes::request_verification, recovery_routes::request_password_reset, recovery_routes::reset_password,
         recovery_routes::request_email_change, recovery_routes::confirm_email_change, jwks, readyz, openapi),
-    components(schemas(RegisterRequest, SignUpAccepted, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody,
+    components(schemas(RegisterRequest, SignUpAccepted, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, EraseRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody,
         recovery_routes::LinkRequest, recovery_routes::PasswordResetRequest, recovery_routes::NewPasswordRequest, recovery_routes::EmailChangeRequest, recovery_routes::Accepted)),
     modifiers(&BearerAuth),
 )]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod enumeration;
+mod erasure;
 mod helpers;
 mod last_administrator;
 mod login;

@@ -139,7 +139,10 @@ async fn in_open_mode_a_registration_is_active_at_once_and_its_address_verified_
     let requested = requests(&app, RecoveryKind::VerifyEmail).await;
     assert_eq!(requested.len(), 1);
     assert_eq!(requested[0].0.to_string(), id);
-    assert_eq!(requested[0].1.to.known().unwrap().as_str(), "ann@example.com");
+    assert_eq!(
+        requested[0].1.to.known().unwrap().as_str(),
+        "ann@example.com"
+    );
 
     let link = last_link(&app, RecoveryKind::VerifyEmail).await;
     let response = verify(&app, &link).await;
@@ -290,7 +293,10 @@ async fn a_reset_is_mailed_only_to_a_known_active_account_and_answered_alike_for
     );
     let requested = requests(&app, RecoveryKind::ResetPassword).await;
     assert_eq!(requested.len(), 1);
-    assert_eq!(requested[0].1.to.known().unwrap().as_str(), "ann@example.com");
+    assert_eq!(
+        requested[0].1.to.known().unwrap().as_str(),
+        "ann@example.com"
+    );
 }
 
 #[tokio::test]
