@@ -1,20 +1,21 @@
-//! The operator's commands: `status` of every consumer (the users projection and the mailer),
-//! `reset` of either, and `rebuild` of a projection.
+//! The operator's commands: `status` of every consumer (the users projection and the mailer)
+//! and of the personal keys, `reset` of either consumer, and `rebuild` of a projection.
 
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use message_store::{GlobalPosition, MessageStore};
+use personal_data::{KeyVault, MasterKeys, Sealer};
 use serde::Serialize;
 use sqlx::{Executor, Row};
 
 use crate::consumer::LOCK_KEY_SQL;
 use crate::mailer::{MAILER, MAILER_VERSION};
-use crate::projector::{Outcome, Projector, ProjectorOptions};
+use crate::projector::{Outcome, Projector, ProjectorOptions, erase_keys, read_unsealed};
 use read_model_schema::{USERS_VERSION, signed};
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};
-use crate::view::prepare;
+use crate::view::{Change, prepare};
 
 /// The consumers this build knows: the projections, then the mailer.
 pub const PROJECTIONS: &[&str] = &["users", MAILER];
@@ -69,6 +70,70 @@ pub async fn status(
         });
     }
     Ok(statuses)
+}
+
+/// The persons' keys as `aggregator status` shows them (ADR 13, rotation): how many keys each
+/// master key wraps, the configured ones first, and how many persons are erased. A retired
+/// master key that wraps none can be dropped from the configuration.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PersonalKeysStatus {
+    pub master_keys: Vec<MasterKeyStatus>,
+    /// Persons erased: their tombstones, which hold no key.
+    pub erased: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MasterKeyStatus {
+    pub id: String,
+    /// `current`, `retired`, or `unknown`: a master key no setting names, whose keys this
+    /// process cannot read (a retired key dropped before every key was rewrapped).
+    pub role: &'static str,
+    /// The persons' keys it wraps.
+    pub keys: u64,
+}
+
+/// Counts the persons' keys in `vault` by master key, beside the `configured` ones.
+pub async fn personal_keys(
+    vault: &Arc<dyn KeyVault>,
+    configured: &MasterKeys,
+) -> anyhow::Result<PersonalKeysStatus> {
+    let counts = vault
+        .count_by_master_key()
+        .await
+        .context("counting the persons' keys")?;
+    let count_of = |id: &str| {
+        counts
+            .by_master_key
+            .iter()
+            .find(|(counted, _)| counted == id)
+            .map_or(0, |(_, keys)| *keys)
+    };
+    let current = configured.current().id();
+    let mut master_keys = vec![MasterKeyStatus {
+        id: current.to_owned(),
+        role: "current",
+        keys: count_of(current),
+    }];
+    for retired in configured.retired() {
+        master_keys.push(MasterKeyStatus {
+            id: retired.id().to_owned(),
+            role: "retired",
+            keys: count_of(retired.id()),
+        });
+    }
+    for (id, keys) in &counts.by_master_key {
+        if configured.get(id).is_none() {
+            master_keys.push(MasterKeyStatus {
+                id: id.clone(),
+                role: "unknown",
+                keys: *keys,
+            });
+        }
+    }
+    Ok(PersonalKeysStatus {
+        master_keys,
+        erased: counts.erased,
+    })
 }
 
 /// Who holds the projection's advisory lock: the holder's `application_name` and pid.
@@ -135,14 +200,19 @@ pub struct Rebuilt {
 /// beyond the catch-up (commits still behind the transaction horizon, ADR 2, are left to the
 /// live worker, which goes on from the swapped-in checkpoint), and renames. Only PostgreSQL: on
 /// SQLite, use `reset`.
+///
+/// Like the live worker, it opens each batch's personal fields with `sealer`, and deletes the key
+/// of an account whose erasure it applies.
 pub async fn rebuild(
     store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
     read_model: &ReadModelWriter,
     projection: &str,
     batch_size: usize,
 ) -> anyhow::Result<Rebuilt> {
     rebuild_with(
         store,
+        sealer,
         read_model,
         projection,
         RebuildOptions {
@@ -167,6 +237,7 @@ pub struct RebuildOptions {
 /// [`rebuild`], with how it reads and commits.
 pub async fn rebuild_with(
     store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
     read_model: &ReadModelWriter,
     projection: &str,
     options: RebuildOptions,
@@ -177,7 +248,7 @@ pub async fn rebuild_with(
         bail!("rebuild runs on a PostgreSQL read model; on SQLite use `reset`");
     };
     prepare_fresh_table(pool, &live, &fresh).await?;
-    let mut events = catch_up(store, read_model, &fresh, &options).await?;
+    let mut events = catch_up(store, sealer, read_model, &fresh, &options).await?;
 
     let mut tx = pool.begin().await?;
     // The live worker's next commit waits for this, then finds its checkpoint moved.
@@ -186,7 +257,7 @@ pub async fn rebuild_with(
         .fetch_optional(&mut *tx)
         .await?;
     let (stretch, checkpoint) =
-        replay_the_last_stretch(store, &mut tx, &fresh, options.batch_size).await?;
+        replay_the_last_stretch(store, sealer, &mut tx, &fresh, options.batch_size).await?;
     events += stretch;
     swap_in(&mut tx, &live, &fresh, checkpoint.position).await?;
     tx.commit().await.context("committing the swap")?;
@@ -200,12 +271,14 @@ pub async fn rebuild_with(
 /// the bulk of the work, while the live view keeps serving. Returns the events applied.
 async fn catch_up(
     store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
     read_model: &ReadModelWriter,
     fresh: &Target,
     options: &RebuildOptions,
 ) -> anyhow::Result<u64> {
     let mut projector = Projector::new(
         store.clone(),
+        sealer.clone(),
         read_model.clone(),
         fresh.clone(),
         ProjectorOptions {
@@ -231,6 +304,7 @@ async fn catch_up(
 /// swapped-in checkpoint). Returns the events applied and the fresh table's checkpoint.
 async fn replay_the_last_stretch(
     store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
     tx: &mut sqlx::PgConnection,
     fresh: &Target,
     batch_size: usize,
@@ -243,7 +317,7 @@ async fn replay_the_last_stretch(
     );
     let mut events = 0;
     loop {
-        let messages = store.read_all(checkpoint.position, batch_size).await?;
+        let messages = read_unsealed(store, sealer, checkpoint.position, batch_size).await?;
         let Some(last) = messages.last() else {
             return Ok((events, checkpoint));
         };
@@ -251,6 +325,8 @@ async fn replay_the_last_stretch(
         if let Some((_, reason)) = prepared.poison {
             bail!("the rebuild halted: {reason}");
         }
+        let erased: Vec<_> = prepared.changes.iter().filter_map(Change::erases).collect();
+        erase_keys(sealer.vault(), &erased).await?;
         match pg_apply(
             &mut *tx,
             fresh,

@@ -14,6 +14,10 @@
 //! [`Application`] wires them to settings and a small HTTP port (`/healthz`, `/readyz`,
 //! `/metrics`); the standalone binary runs the same [`Projector`] and [`Mailer`] inside its own
 //! process.
+//!
+//! Both consumers read personal data (ADR 13): each batch they read from the store goes through
+//! a [`Sealer`] over the key vault in the message store's database, one key query per batch,
+//! before any event is decoded; fields of an erased person read as erased.
 
 #![forbid(unsafe_code)]
 
@@ -34,9 +38,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use message_store::{ConnectOptions, MessageStore};
+use personal_data::{KeyVault, MasterKeys, Sealer};
 use platform::clock::{Clock, SystemClock};
 use platform::settings::{
-    DatabaseSettings, HttpSettings, LogSettings, MailSettings, ReadModelSettings,
+    DatabaseSettings, HttpSettings, LogSettings, MailSettings, PersonalDataSettings,
+    ReadModelSettings,
 };
 use platform::shutdown::Shutdown;
 use serde::Deserialize;
@@ -63,8 +69,15 @@ pub struct Settings {
     /// Where the mailer sends, from whom, its links and their key (shared with the command
     /// API).
     pub mail: MailSettings,
+    /// The master keys the persons' keys are wrapped with (shared with the command API and the
+    /// query API). The aggregator reads no lookup key: it looks no address up.
+    pub personal_data: PersonalDataSettings,
     pub log: LogSettings,
 }
+
+/// Connections of the key vault's pool: a key query per batch of the projection (and of its
+/// read ahead) and of the mailer, and readiness.
+const VAULT_CONNECTIONS: u32 = 4;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -149,11 +162,13 @@ impl Settings {
         }
     }
 
-    /// The mailer over `store` and `read_model`: SMTP to `mail.smtp_url`, or the outbox without
-    /// one. Fails without a mail token key: the links could not be made.
+    /// The mailer over `store` (its messages opened by `sealer`) and `read_model`: SMTP to
+    /// `mail.smtp_url`, or the outbox without one. Fails without a mail token key: the links
+    /// could not be made.
     pub fn mailer(
         &self,
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         read_model: ReadModelWriter,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Mailer> {
@@ -175,6 +190,7 @@ impl Settings {
         }
         Ok(Mailer::new(
             store,
+            sealer,
             read_model,
             postman,
             letters,
@@ -194,6 +210,29 @@ impl Settings {
         )
         .await
         .context("connecting to the message store")
+    }
+
+    /// The master keys `personal_data` names (the current one, and those retired by a rotation
+    /// whose keys may not all be rewrapped yet).
+    pub fn master_keys(&self) -> anyhow::Result<MasterKeys> {
+        personal_data::master_keys(&self.personal_data).context("loading the master keys")
+    }
+
+    /// Opens the key vault in the message store's database (applying its migrations, as every
+    /// client of it does), under the master keys `personal_data` names.
+    pub async fn connect_vault(&self) -> anyhow::Result<Arc<dyn KeyVault>> {
+        personal_data::connect(
+            self.database.url.expose(),
+            self.master_keys()?,
+            VAULT_CONNECTIONS,
+        )
+        .await
+        .context("opening the personal key vault")
+    }
+
+    /// The sealer the consumers open the messages they read with.
+    pub async fn sealer(&self) -> anyhow::Result<Sealer> {
+        Ok(Sealer::new(self.connect_vault().await?))
     }
 
     /// Opens the read model. Does not migrate: see [`migrate`].
@@ -220,6 +259,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 pub struct Application {
     listener: TcpListener,
     store: Arc<dyn MessageStore>,
+    sealer: Sealer,
     read_model: ReadModelWriter,
     projector: Projector,
     mailer: Mailer,
@@ -231,6 +271,7 @@ impl Application {
         // Install the recorder before the first metric is recorded, not at the first scrape.
         platform::metrics::handle();
         let store = settings.connect_store().await?;
+        let sealer = settings.sealer().await?;
         let read_model = settings.connect_read_model().await?;
         read_model
             .migrate()
@@ -241,13 +282,20 @@ impl Application {
             .with_context(|| format!("binding {}", settings.aggregator.http.address))?;
         let projector = Projector::users(
             store.clone(),
+            sealer.clone(),
             read_model.clone(),
             settings.projector_options(),
         );
-        let mailer = settings.mailer(store.clone(), read_model.clone(), Arc::new(SystemClock))?;
+        let mailer = settings.mailer(
+            store.clone(),
+            sealer.clone(),
+            read_model.clone(),
+            Arc::new(SystemClock),
+        )?;
         Ok(Self {
             listener,
             store,
+            sealer,
             read_model,
             projector,
             mailer,
@@ -283,7 +331,11 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let shutdown = Shutdown::on(shutdown);
-        let router = router_for(self.store.clone(), self.read_model.clone());
+        let router = router_for(
+            self.store.clone(),
+            self.sealer.vault().clone(),
+            self.read_model.clone(),
+        );
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown.stopped())
             .into_future();
@@ -297,22 +349,37 @@ impl Application {
 #[derive(Clone)]
 struct Readiness {
     store: Arc<dyn MessageStore>,
+    vault: Arc<dyn KeyVault>,
     read_model: ReadModelWriter,
 }
 
-/// `/healthz` (alive), `/readyz` (both databases answer) and `/metrics`.
-pub fn router_for(store: Arc<dyn MessageStore>, read_model: ReadModelWriter) -> Router {
-    platform::http::with_common_layers(
-        Router::new()
-            .route("/readyz", get(ready))
-            .with_state(Readiness { store, read_model }),
-    )
+/// `/healthz` (alive), `/readyz` (both databases and the key vault answer) and `/metrics`.
+pub fn router_for(
+    store: Arc<dyn MessageStore>,
+    vault: Arc<dyn KeyVault>,
+    read_model: ReadModelWriter,
+) -> Router {
+    platform::http::with_common_layers(Router::new().route("/readyz", get(ready)).with_state(
+        Readiness {
+            store,
+            vault,
+            read_model,
+        },
+    ))
 }
 
 async fn ready(State(readiness): State<Readiness>) -> axum::response::Response {
-    let (store, read_model) = tokio::join!(readiness.store.ping(), readiness.read_model.ping());
+    let (store, vault, read_model) = tokio::join!(
+        readiness.store.ping(),
+        readiness.vault.ping(),
+        readiness.read_model.ping()
+    );
     platform::http::readiness([
         ("message store", store.map_err(|error| error.to_string())),
+        (
+            "personal key vault",
+            vault.map_err(|error| error.to_string()),
+        ),
         ("read model", read_model.map_err(|error| error.to_string())),
     ])
 }

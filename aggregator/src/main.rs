@@ -12,7 +12,8 @@ enum Command {
     /// Apply the read model's migrations and exit (idempotent).
     Migrate,
     /// Per consumer (the users projection, the mailer): checkpoint, head, lag and which worker
-    /// holds it.
+    /// holds it; then how many persons' keys each master key wraps, and how many persons are
+    /// erased (a retired master key that wraps none can be dropped).
     Status,
     /// Empty a projection's view and checkpoint, so the worker replays it from zero; or move the
     /// mailer back to the start, so it sends every mail again (`reset mailer`).
@@ -53,6 +54,12 @@ async fn main() -> anyhow::Result<()> {
             for status in admin::status(&store, &read_model).await? {
                 println!("{}", serde_json::to_string(&status)?);
             }
+            let vault = settings.connect_vault().await?;
+            let keys = admin::personal_keys(&vault, &settings.master_keys()?).await?;
+            println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({ "personal_keys": keys }))?
+            );
             Ok(())
         }
         Command::Reset { name, projection } => {
@@ -65,10 +72,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Rebuild { projection } => {
             let store = settings.connect_store().await?;
+            let sealer = settings.sealer().await?;
             let read_model = settings.connect_read_model().await?;
             read_model.migrate().await?;
             let rebuilt = admin::rebuild(
                 &store,
+                &sealer,
                 &read_model,
                 &projection,
                 settings.aggregator.batch_size.max(1),

@@ -10,6 +10,12 @@
 //! on its position, the projection's version and the takeover epoch, which each new holder
 //! bumps; a worker that lost its lock, even one that has not noticed yet and whose connection
 //! heals, writes nothing.
+//!
+//! Personal data (ADR 13): every batch read is unsealed ([`Sealer::unseal_messages`], one key
+//! query for the batch) before it is decoded, so an erased person's fields decode as erased.
+//! Before a commit that applies a `UserErased`, the worker deletes that account's key from the
+//! vault (idempotent): the command that erased it appends the event and then deletes the key,
+//! and if it stopped in between, this is where the key goes. A rebuild does the same.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -18,10 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
+use message_store::{GlobalPosition, MessageStore, RecordedMessage};
+use personal_data::{KeyVault, Sealer, VaultError};
 use read_model_schema::USERS_VERSION;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::consumer::{self, Consumer, LockTiming, Progress};
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target};
@@ -50,6 +58,11 @@ pub enum ProjectorError {
     Store(#[from] message_store::StoreError),
     #[error("writing the read model")]
     ReadModel(#[from] sqlx::Error),
+    /// The key vault did not answer, or a sealed field did not open under its person's key
+    /// (the message was altered, or the master keys configured are not the ones it was sealed
+    /// under): retried, never read as an erasure.
+    #[error("opening the personal data of the messages read")]
+    Vault(#[from] VaultError),
     /// The view was built by another version of the projection (a rebuild by a newer build, or
     /// a view an older build left): this worker writes nothing into it.
     #[error(
@@ -116,6 +129,7 @@ impl Default for ProjectorOptions {
 /// the checkpoint, so a cache that matches the stored checkpoint matches the stored rows.
 pub struct Projector {
     store: Arc<dyn MessageStore>,
+    sealer: Sealer,
     read_model: ReadModelWriter,
     target: Target,
     version: i32,
@@ -151,12 +165,46 @@ struct Fold {
     poison: Option<String>,
     /// The rows the fold changed.
     dirty: HashSet<RowId>,
+    /// The accounts whose `UserErased` the fold applied: their keys go before the commit.
+    erased: Vec<Uuid>,
 }
 
 /// A read of the next batch, started while the current one is folded and committed.
 struct Prefetch {
     from: GlobalPosition,
-    task: JoinHandle<Result<Vec<RecordedMessage>, StoreError>>,
+    task: JoinHandle<Result<Vec<RecordedMessage>, ProjectorError>>,
+}
+
+/// Up to `max` messages after `from`, their personal fields opened: one read of the store and
+/// one key query for the batch.
+pub(crate) async fn read_unsealed(
+    store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
+    from: GlobalPosition,
+    max: usize,
+) -> Result<Vec<RecordedMessage>, ProjectorError> {
+    let mut messages = store.read_all(from, max).await?;
+    sealer.unseal_messages(&mut messages).await?;
+    Ok(messages)
+}
+
+/// Deletes the keys of `accounts`, whose erasures a fold applied, before its commit. Each is
+/// idempotent: the command that erased the account has usually deleted the key already.
+pub(crate) async fn erase_keys(
+    vault: &Arc<dyn KeyVault>,
+    accounts: &[Uuid],
+) -> Result<(), VaultError> {
+    for account in accounts {
+        if vault.erase(*account).await? {
+            tracing::warn!(
+                %account,
+                "an erased account's key was still in the vault (the command that erased it \
+                 stopped before deleting it); deleted now"
+            );
+            metrics::counter!("projection_keys_erased_total").increment(1);
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Projector {
@@ -168,14 +216,18 @@ impl Drop for Projector {
 }
 
 impl Projector {
+    /// A projector that reads `store`, opening personal fields with `sealer`, and writes the
+    /// views of `target` in `read_model`.
     pub fn new(
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         read_model: ReadModelWriter,
         target: Target,
         options: ProjectorOptions,
     ) -> Self {
         Self {
             store,
+            sealer,
             read_model,
             target,
             version: USERS_VERSION,
@@ -194,10 +246,11 @@ impl Projector {
     /// The live users projection.
     pub fn users(
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         read_model: ReadModelWriter,
         options: ProjectorOptions,
     ) -> Self {
-        Self::new(store, read_model, Target::USERS, options)
+        Self::new(store, sealer, read_model, Target::USERS, options)
     }
 
     /// A projector that folds as `version` of the projection rather than this build's: what a
@@ -261,16 +314,17 @@ impl Projector {
                 prefetch.task.abort();
             }
         }
-        Ok(self.store.read_all(from, self.options.batch_size).await?)
+        read_unsealed(&self.store, &self.sealer, from, self.options.batch_size).await
     }
 
-    /// Starts reading the batch after `from` while this one is folded and committed.
+    /// Starts reading (and unsealing) the batch after `from` while this one is folded and
+    /// committed.
     fn read_ahead(&mut self, from: GlobalPosition) {
-        let store = self.store.clone();
+        let (store, sealer) = (self.store.clone(), self.sealer.clone());
         let max = self.options.batch_size;
         self.prefetch = Some(Prefetch {
             from,
-            task: tokio::spawn(async move { store.read_all(from, max).await }),
+            task: tokio::spawn(async move { read_unsealed(&store, &sealer, from, max).await }),
         });
     }
 
@@ -360,6 +414,7 @@ impl Projector {
             skipped: 0,
             poison: None,
             dirty: HashSet::new(),
+            erased: Vec::new(),
         };
         let mut read_any = false;
         loop {
@@ -391,6 +446,7 @@ impl Projector {
                         if changed {
                             fold.dirty.insert(change.row());
                         }
+                        fold.erased.extend(change.erases());
                         fold.events += 1;
                     }
                     Err(reason) => {
@@ -457,13 +513,15 @@ impl Projector {
         Ok(Some(Outcome::Idle))
     }
 
-    /// Writes the rows a fold changed with the checkpoint it reached, in one transaction. False
-    /// when the checkpoint was no longer where the fold started: nothing was written.
+    /// Writes the rows a fold changed with the checkpoint it reached, in one transaction, once
+    /// the keys of the accounts it erased are gone. False when the checkpoint was no longer
+    /// where the fold started: nothing was written.
     async fn commit(
         &mut self,
         checkpoint: &Checkpoint,
         fold: &Fold,
     ) -> Result<bool, ProjectorError> {
+        erase_keys(self.sealer.vault(), &fold.erased).await?;
         let mut ids: Vec<RowId> = fold.dirty.iter().copied().collect();
         ids.sort_unstable();
         let rows = self.cache.select(&ids);

@@ -52,6 +52,7 @@ use identity::{
     EventDecodeError, RECOVERY_CATEGORY, RecoveryEvent, event_version, user_id_of_stream,
 };
 use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
+use personal_data::{Sealer, VaultError};
 use platform::clock::Clock;
 
 use crate::consumer::{self, Backoff, Consumer, LockTiming, Progress};
@@ -133,6 +134,10 @@ pub enum MailerError {
     Store(#[from] StoreError),
     #[error("writing the read model")]
     ReadModel(#[from] sqlx::Error),
+    /// The key vault did not answer, or a sealed field did not open under its key: retried,
+    /// never read as an erasure.
+    #[error("opening the personal data of the messages read")]
+    Vault(#[from] VaultError),
     #[error("a mail could not be handed over, and is tried again: {0}")]
     Delivery(#[from] DeliveryFailure),
     #[error(transparent)]
@@ -172,6 +177,7 @@ struct Tally {
 
 pub struct Mailer {
     store: Arc<dyn MessageStore>,
+    sealer: Sealer,
     read_model: ReadModelWriter,
     postman: Postman,
     letters: Letters,
@@ -190,8 +196,11 @@ pub struct Mailer {
 }
 
 impl Mailer {
+    /// A mailer that reads `store`, opening the addresses with `sealer`, and keeps its
+    /// checkpoint and refusals in `read_model`.
     pub fn new(
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         read_model: ReadModelWriter,
         postman: Postman,
         letters: Letters,
@@ -200,6 +209,7 @@ impl Mailer {
     ) -> Self {
         Self {
             store,
+            sealer,
             read_model,
             postman,
             letters,
@@ -238,7 +248,7 @@ impl Mailer {
             // Read before the messages: everything up to it is readable by now (see the module
             // documentation).
             let head = self.store.head_position().await?;
-            let messages = self
+            let mut messages = self
                 .store
                 .read_category(
                     RECOVERY_CATEGORY,
@@ -246,6 +256,7 @@ impl Mailer {
                     self.options.batch_size,
                 )
                 .await?;
+            self.sealer.unseal_messages(&mut messages).await?;
             let read_up_to_head = messages.len() < self.options.batch_size;
             let mut tally = Tally::default();
             let mut done = checkpoint.position;

@@ -28,8 +28,13 @@ async fn projected_live(
     users: usize,
     ops: usize,
 ) -> (Writer, Projector, Views, Checkpoint) {
-    let writer = concurrent_writers(&env.store, writers, users, ops).await;
-    let mut live = Projector::users(env.store.clone(), env.read_model.clone(), options(13));
+    let writer = concurrent_writers(&env.store, &env.sealer, writers, users, ops).await;
+    let mut live = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(13),
+    );
     drain(&mut live, &env.read_model, writer.last()).await;
     let views = env.views().await;
     assert_eq!(views, writer.expected_views());
@@ -83,7 +88,7 @@ async fn reset_and_rebuild_give_the_users_and_sessions_the_live_worker_built() {
 /// they went in: the same rows of users and sessions at the same `checkpoint`, and no
 /// rebuild's checkpoint or table left.
 async fn rebuild_and_expect_the_same_view(env: &Env, rows: &Views, checkpoint: Checkpoint) {
-    admin::rebuild(&env.store, &env.read_model, "users", 11)
+    admin::rebuild(&env.store, &env.sealer, &env.read_model, "users", 11)
         .await
         .unwrap();
     assert_eq!(&env.views().await, rows);
@@ -104,8 +109,13 @@ async fn rebuild_and_expect_the_same_view(env: &Env, rows: &Views, checkpoint: C
 #[tokio::test]
 async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches_up() {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 20, 3).await;
-    let live = Projector::users(env.store.clone(), env.read_model.clone(), options(25));
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 20, 3).await;
+    let live = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(25),
+    );
     let live_task = tokio::spawn(live.run(std::future::pending()));
 
     let writing = Arc::new(AtomicBool::new(true));
@@ -118,7 +128,7 @@ async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches
         })
     };
     for _ in 0..3 {
-        admin::rebuild(&env.store, &env.read_model, "users", 7)
+        admin::rebuild(&env.store, &env.sealer, &env.read_model, "users", 7)
             .await
             .unwrap();
     }
@@ -133,11 +143,12 @@ async fn a_rebuild_while_writers_keep_appending_and_the_live_worker_runs_catches
 #[tokio::test]
 async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_view() {
     let env = env().await;
-    let writer = concurrent_writers(&env.store, 3, 10, 5).await;
+    let writer = concurrent_writers(&env.store, &env.sealer, 3, 10, 5).await;
     // Commits every few changed rows, and drops its cached rows after nearly every commit, so
     // rows are reloaded from the view (as of the checkpoint) again and again.
     let mut projector = Projector::users(
         env.store.clone(),
+        env.sealer.clone(),
         env.read_model.clone(),
         aggregator::ProjectorOptions {
             fold_rows: 4,
@@ -152,17 +163,22 @@ async fn folding_several_batches_per_commit_with_a_small_cache_gives_the_same_vi
 #[tokio::test]
 async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_newer_one() {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 8, 3).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 8, 3).await;
     // A replica of the previous build keeps the live view.
-    let mut old = Projector::users(env.store.clone(), env.read_model.clone(), options(5))
-        .with_version(USERS_VERSION - 1);
+    let mut old = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(5),
+    )
+    .with_version(USERS_VERSION - 1);
     drain(&mut old, &env.read_model, writer.last()).await;
     let before = env.users_checkpoint().await;
     assert_eq!(before.version, USERS_VERSION - 1);
 
     // This build rebuilds the view; nothing was appended meanwhile, so the rebuild ends exactly
     // at the old worker's checkpoint, and a compare-and-set on the position alone would pass.
-    let rebuilt = admin::rebuild(&env.store, &env.read_model, "users", 7)
+    let rebuilt = admin::rebuild(&env.store, &env.sealer, &env.read_model, "users", 7)
         .await
         .unwrap();
     assert_eq!(rebuilt.position, before.position);
@@ -187,7 +203,12 @@ async fn a_worker_of_an_older_version_writes_nothing_into_a_view_rebuilt_at_the_
     assert_eq!(env.users_checkpoint().await, checkpoint);
 
     // A worker of this build carries on.
-    let mut current = Projector::users(env.store.clone(), env.read_model.clone(), options(5));
+    let mut current = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(5),
+    );
     drain(&mut current, &env.read_model, writer.last()).await;
     assert_eq!(env.views().await, writer.expected_views());
 }
@@ -199,10 +220,15 @@ async fn a_rebuild_killed_after_some_of_its_commits_and_run_again_gives_the_live
 
     // A rebuild that commits every few rows, killed once several of its commits are in.
     let rebuilding = {
-        let (store, read_model) = (env.store.clone(), env.read_model.clone());
+        let (store, sealer, read_model) = (
+            env.store.clone(),
+            env.sealer.clone(),
+            env.read_model.clone(),
+        );
         tokio::spawn(async move {
             admin::rebuild_with(
                 &store,
+                &sealer,
                 &read_model,
                 "users",
                 admin::RebuildOptions {

@@ -18,7 +18,7 @@ use identity::{
     Email, RecoveryCommand, RecoveryEvent, RecoveryKind, RecoveryNonce, RecoveryPolicy,
     RecoveryState, UserId, decide_recovery, event_version, recovery_stream_name,
 };
-use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
+use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use platform::clock::{Clock, SystemClock};
 use platform::settings::MailSettings;
 use serde_json::json;
@@ -59,6 +59,7 @@ fn smtp(catcher: &SmtpCatcher) -> Postman {
 fn mailer_with(stores: &Stores, postman: Postman, options: MailerOptions) -> Mailer {
     Mailer::new(
         stores.store.clone(),
+        stores.sealer.clone(),
         stores.read_model.clone(),
         postman,
         Letters::new(
@@ -79,8 +80,9 @@ fn email(address: &str) -> Email {
     Email::parse(address).unwrap()
 }
 
-/// A recovery event as the command API appends it: decided on the stream's last message, with
-/// its version in the metadata.
+/// A recovery event as the command API appends it: decided on the stream's last message
+/// (unsealed), with its version in the metadata and its personal fields sealed with the
+/// account's key.
 struct Appended {
     message_id: Uuid,
     position: u64,
@@ -88,13 +90,17 @@ struct Appended {
 }
 
 async fn append(
-    store: &Arc<dyn MessageStore>,
+    stores: &Stores,
     account: Uuid,
     command: RecoveryCommand,
     now: DateTime<Utc>,
 ) -> Appended {
+    let store = &stores.store;
     let stream = StreamName::parse(recovery_stream_name(UserId::from_uuid(account))).unwrap();
-    let last = store.last_message(&stream).await.unwrap();
+    let mut last = store.last_message(&stream).await.unwrap();
+    if let Some(message) = &mut last {
+        stores.sealer.unseal(&mut message.data).await.unwrap();
+    }
     let last_event = last.as_ref().map(|message| {
         let version = event_version(&message.metadata).unwrap();
         RecoveryEvent::from_stored(&message.message_type, version, &message.data).unwrap()
@@ -108,7 +114,13 @@ async fn append(
         RecoveryEvent::RecoveryRequested(requested) => requested.nonce,
         _ => RecoveryNonce::from_bytes([0; RecoveryNonce::LEN]),
     };
-    let message = NewMessage::new(event.event_type(), event.to_json())
+    let mut data = event.to_json();
+    stores
+        .sealer
+        .seal(account, event.personal_fields(), &mut data)
+        .await
+        .unwrap();
+    let message = NewMessage::new(event.event_type(), data)
         .with_metadata(json!({ "schemaVersion": event.version() }));
     let message_id = message.id;
     let appended = store
@@ -137,7 +149,7 @@ fn random_nonce() -> RecoveryNonce {
 /// A request of `kind` for `account`, mailed to `to` (a change moves it to `new_email`), made
 /// `ago` before now.
 async fn request(
-    store: &Arc<dyn MessageStore>,
+    stores: &Stores,
     account: Uuid,
     kind: RecoveryKind,
     to: &str,
@@ -154,12 +166,12 @@ async fn request(
     };
     // The mailer under test reads the real clock.
     let now = SystemClock.now() - ago;
-    append(store, account, command, now).await
+    append(stores, account, command, now).await
 }
 
-async fn reset_request(store: &Arc<dyn MessageStore>, account: Uuid, to: &str) -> Appended {
+async fn reset_request(stores: &Stores, account: Uuid, to: &str) -> Appended {
     request(
-        store,
+        stores,
         account,
         RecoveryKind::ResetPassword,
         to,
@@ -245,10 +257,9 @@ on_both_engines!(
 );
 async fn each_mail_arrives(stores: Stores) {
     let catcher = SmtpCatcher::start().await.unwrap();
-    let store = &stores.store;
     let (ann, bob, cat) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let verify = request(
-        store,
+        &stores,
         ann,
         RecoveryKind::VerifyEmail,
         "ann@example.com",
@@ -256,9 +267,9 @@ async fn each_mail_arrives(stores: Stores) {
         TimeDelta::zero(),
     )
     .await;
-    let reset = reset_request(store, bob, "bob@example.com").await;
+    let reset = reset_request(&stores, bob, "bob@example.com").await;
     let change = request(
-        store,
+        &stores,
         cat,
         RecoveryKind::ChangeEmail,
         "cat@example.com",
@@ -267,7 +278,7 @@ async fn each_mail_arrives(stores: Stores) {
     )
     .await;
     let attempt = append(
-        store,
+        &stores,
         ann,
         RecoveryCommand::NoticeRegistrationAttempt {
             to: email("ann@example.com"),
@@ -355,7 +366,7 @@ async fn a_mailer_killed_between_the_servers_acceptance_and_its_checkpoint_sends
  {
     let stores = Stores::postgres().await;
     let catcher = SmtpCatcher::start().await.unwrap();
-    let reset = reset_request(&stores.store, Uuid::now_v7(), "ann@example.com").await;
+    let reset = reset_request(&stores, Uuid::now_v7(), "ann@example.com").await;
     catcher.hold();
 
     let running = tokio::spawn(mailer(&stores, &catcher).run(std::future::pending()));
@@ -396,7 +407,7 @@ async fn a_mailer_killed_between_the_servers_acceptance_and_its_checkpoint_sends
 async fn mails_asked_for_while_the_smtp_server_is_down_all_arrive_once_it_is_back() {
     let stores = Stores::postgres().await;
     let mut catcher = SmtpCatcher::start().await.unwrap();
-    let before = reset_request(&stores.store, Uuid::now_v7(), "first@example.com").await;
+    let before = reset_request(&stores, Uuid::now_v7(), "first@example.com").await;
     let mailer = mailer(&stores, &catcher);
     let stats = mailer.stats();
     let running = tokio::spawn(mailer.run(std::future::pending()));
@@ -406,7 +417,7 @@ async fn mails_asked_for_while_the_smtp_server_is_down_all_arrive_once_it_is_bac
     let mut requests = Vec::new();
     for n in 0..6 {
         let to = format!("user{n}@example.com");
-        requests.push(reset_request(&stores.store, Uuid::now_v7(), &to).await);
+        requests.push(reset_request(&stores, Uuid::now_v7(), &to).await);
     }
     // The mailer keeps trying, holding its checkpoint before the first mail it could not send.
     for _ in 0..500 {
@@ -468,9 +479,9 @@ async fn a_refused_recipient_does_not_block(stores: Stores) {
     let catcher = SmtpCatcher::start().await.unwrap();
     catcher.refuse("gone@example.com");
     let (ann, gone, cat) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-    reset_request(&stores.store, ann, "ann@example.com").await;
-    let refused = reset_request(&stores.store, gone, "gone@example.com").await;
-    let last = reset_request(&stores.store, cat, "cat@example.com").await;
+    reset_request(&stores, ann, "ann@example.com").await;
+    let refused = reset_request(&stores, gone, "gone@example.com").await;
+    let last = reset_request(&stores, cat, "cat@example.com").await;
 
     let mut mailer = mailer(&stores, &catcher);
     let stats = mailer.stats();
@@ -509,11 +520,10 @@ async fn a_deferred_recipient_is_retried_holding_the_checkpoint_and_nothing_acce
 {
     let stores = Stores::postgres().await;
     let catcher = SmtpCatcher::start().await.unwrap();
-    let store = &stores.store;
-    let first = reset_request(store, Uuid::now_v7(), "ann@example.com").await;
+    let first = reset_request(&stores, Uuid::now_v7(), "ann@example.com").await;
     // A change: its link to the new address goes, its notice to the old one is deferred.
     let change = request(
-        store,
+        &stores,
         Uuid::now_v7(),
         RecoveryKind::ChangeEmail,
         "busy@example.com",
@@ -521,7 +531,7 @@ async fn a_deferred_recipient_is_retried_holding_the_checkpoint_and_nothing_acce
         TimeDelta::zero(),
     )
     .await;
-    let after = reset_request(store, Uuid::now_v7(), "cat@example.com").await;
+    let after = reset_request(&stores, Uuid::now_v7(), "cat@example.com").await;
     catcher.defer("busy@example.com");
 
     let mut mailer = mailer(&stores, &catcher);
@@ -567,7 +577,7 @@ async fn a_request_whose_link_expired_before_the_mailer_reached_it_is_not_sent()
     let catcher = SmtpCatcher::start().await.unwrap();
     // Asked for two hours ago, its link lived thirty minutes: the mailer was down meanwhile.
     request(
-        &stores.store,
+        &stores,
         Uuid::now_v7(),
         RecoveryKind::ChangeEmail,
         "old@example.com",
@@ -575,7 +585,7 @@ async fn a_request_whose_link_expired_before_the_mailer_reached_it_is_not_sent()
         TimeDelta::hours(2),
     )
     .await;
-    let fresh = reset_request(&stores.store, Uuid::now_v7(), "ann@example.com").await;
+    let fresh = reset_request(&stores, Uuid::now_v7(), "ann@example.com").await;
 
     let mut mailer = mailer(&stores, &catcher);
     let stats = mailer.stats();
@@ -607,7 +617,7 @@ async fn the_outbox(stores: Stores) {
     let outbox = directory.join("mail");
     let account = Uuid::now_v7();
     let change = request(
-        &stores.store,
+        &stores,
         account,
         RecoveryKind::ChangeEmail,
         "ann@example.com",
@@ -656,8 +666,8 @@ fn read(directory: &std::path::Path, name: &str) -> String {
 async fn status_lists_the_mailer_and_a_reset_sends_everything_again_with_the_same_message_ids() {
     let stores = Stores::postgres().await;
     let catcher = SmtpCatcher::start().await.unwrap();
-    let first = reset_request(&stores.store, Uuid::now_v7(), "ann@example.com").await;
-    let second = reset_request(&stores.store, Uuid::now_v7(), "bob@example.com").await;
+    let first = reset_request(&stores, Uuid::now_v7(), "ann@example.com").await;
+    let second = reset_request(&stores, Uuid::now_v7(), "bob@example.com").await;
     let mut mailer = mailer(&stores, &catcher);
     drain(&mut mailer, &stores.read_model, second.position).await;
     catcher.wait_for_count(2, WAIT).await.unwrap();
@@ -674,7 +684,7 @@ async fn status_lists_the_mailer_and_a_reset_sends_everything_again_with_the_sam
     assert_eq!(status.version, Some(1));
 
     // A request the running mailer has not reached yet shows as lag.
-    let third = reset_request(&stores.store, Uuid::now_v7(), "cat@example.com").await;
+    let third = reset_request(&stores, Uuid::now_v7(), "cat@example.com").await;
     let statuses = admin::status(&stores.store, &stores.read_model)
         .await
         .unwrap();
@@ -702,9 +712,15 @@ async fn status_lists_the_mailer_and_a_reset_sends_everything_again_with_the_sam
     ];
     assert_eq!(ids, [once.clone(), once].concat());
     assert!(
-        admin::rebuild(&stores.store, &stores.read_model, MAILER, 10)
-            .await
-            .is_err(),
+        admin::rebuild(
+            &stores.store,
+            &stores.sealer,
+            &stores.read_model,
+            MAILER,
+            10
+        )
+        .await
+        .is_err(),
         "the mailer keeps no view to rebuild"
     );
 }
@@ -722,7 +738,7 @@ async fn of_two_mailers_one_sends_and_the_other_stands_by() {
     let mut requests = Vec::new();
     for n in 0..5 {
         let to = format!("user{n}@example.com");
-        requests.push(reset_request(&stores.store, Uuid::now_v7(), &to).await);
+        requests.push(reset_request(&stores, Uuid::now_v7(), &to).await);
     }
     catcher.wait_for_count(5, WAIT).await.unwrap();
     for _ in 0..500 {

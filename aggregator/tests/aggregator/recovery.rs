@@ -11,7 +11,7 @@ on_both_engines!(
     recovery_lands_in_the_view
 );
 async fn recovery_lands_in_the_view(stores: Stores) {
-    let writer = Writer::new(stores.store.clone());
+    let writer = Writer::new(stores.store.clone(), stores.sealer.clone());
     let (ann, bob) = (Uuid::now_v7(), Uuid::now_v7());
     // Another account beside Ann's, which none of her events changes.
     writer.register(bob, true, 0).await;
@@ -96,7 +96,8 @@ on_both_engines!(
     a_random_history_is_folded_alike
 );
 async fn a_random_history_is_folded_alike(stores: Stores) {
-    let writer = Writer::with_random_history(stores.store.clone(), 12, 10).await;
+    let writer =
+        Writer::with_random_history(stores.store.clone(), stores.sealer.clone(), 12, 10).await;
     let mut projector = stores.projector();
     stores.drain(&mut projector, &writer).await;
     let live = stores.views().await;

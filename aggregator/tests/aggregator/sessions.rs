@@ -12,7 +12,7 @@ use crate::support::{Stores, Writer, at, on_both_engines};
 
 /// A writer over `stores` with one active account, registered at 0.
 async fn ann(stores: &Stores) -> (Writer, Uuid) {
-    let writer = Writer::new(stores.store.clone());
+    let writer = Writer::new(stores.store.clone(), stores.sealer.clone());
     let ann = Uuid::now_v7();
     writer.register(ann, true, 0).await;
     (writer, ann)
@@ -146,7 +146,7 @@ on_both_engines!(
     the_session_epoch_moves
 );
 async fn the_session_epoch_moves(stores: Stores) {
-    let writer = Writer::new(stores.store.clone());
+    let writer = Writer::new(stores.store.clone(), stores.sealer.clone());
     let ann = Uuid::now_v7();
     writer.register(ann, false, 0).await;
     let mut projector = stores.projector();
@@ -213,7 +213,8 @@ async fn as_the_previous_version_left_it(stores: &Stores) {
 #[tokio::test]
 async fn a_view_of_the_previous_version_gets_its_sessions_and_epochs_from_a_rebuild() {
     let stores = Stores::postgres().await;
-    let writer = Writer::with_random_history(stores.store.clone(), 8, 6).await;
+    let writer =
+        Writer::with_random_history(stores.store.clone(), stores.sealer.clone(), 8, 6).await;
     let mut projector = stores.projector();
     stores.drain(&mut projector, &writer).await;
     let live = stores.views().await;
@@ -230,9 +231,15 @@ async fn a_view_of_the_previous_version_gets_its_sessions_and_epochs_from_a_rebu
             if stored == USERS_VERSION - 1 && ours == USERS_VERSION),
         "{refused:?}"
     );
-    admin::rebuild(&stores.store, &stores.read_model, "users", 7)
-        .await
-        .unwrap();
+    admin::rebuild(
+        &stores.store,
+        &stores.sealer,
+        &stores.read_model,
+        "users",
+        7,
+    )
+    .await
+    .unwrap();
     assert_eq!(stores.views().await, live);
     writer.random_history(2, 3).await;
     stores.drain(&mut current, &writer).await;
@@ -242,7 +249,8 @@ async fn a_view_of_the_previous_version_gets_its_sessions_and_epochs_from_a_rebu
 #[tokio::test]
 async fn a_view_of_the_previous_version_on_sqlite_is_replayed_by_the_next_worker() {
     let stores = Stores::sqlite().await;
-    let writer = Writer::with_random_history(stores.store.clone(), 8, 6).await;
+    let writer =
+        Writer::with_random_history(stores.store.clone(), stores.sealer.clone(), 8, 6).await;
     let mut projector = stores.projector();
     stores.drain(&mut projector, &writer).await;
     let live = stores.views().await;

@@ -1,5 +1,9 @@
 //! Writers that append real domain events through the message store and keep, beside them,
 //! the rows the users and sessions views must end with: the fold of every event they appended.
+//!
+//! The events are written as the command API writes them: each personal field sealed with its
+//! account's key from a real key vault in the store's database ([`sealer`]), so every test reads
+//! a store like the deployed one, through the sealer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +23,7 @@ use identity::{
 use message_store::{
     ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
 };
+use personal_data::{MasterKey, MasterKeys, Sealer};
 use serde_json::json;
 use test_support::TestDatabase;
 use uuid::Uuid;
@@ -46,6 +51,8 @@ pub(crate) use on_both_engines;
 
 pub struct Env {
     pub store: Arc<dyn MessageStore>,
+    /// The key vault in the store's database, as the services open it.
+    pub sealer: Sealer,
     pub read_model: ReadModelWriter,
     pub read_model_url: String,
     // Dropped last: the databases go when the test ends.
@@ -95,6 +102,7 @@ async fn env_with_read_model(database: ReadModelDatabase) -> Env {
     let read_model_url = read_model_db.as_ref().unwrap_or(&db).url().to_owned();
     Env {
         store: connect_store(db.url()).await,
+        sealer: sealer(db.url()).await,
         read_model: read_model(&read_model_url).await,
         read_model_url,
         _read_model_db: read_model_db,
@@ -105,6 +113,8 @@ async fn env_with_read_model(database: ReadModelDatabase) -> Env {
 /// A message store and a read model on one engine, for tests that run on both.
 pub struct Stores {
     pub store: Arc<dyn MessageStore>,
+    /// The key vault in the store's database (the same SQLite file on SQLite).
+    pub sealer: Sealer,
     pub read_model: ReadModelWriter,
     _keep: Keep,
 }
@@ -130,6 +140,7 @@ impl Stores {
         let db = TestDatabase::new().await;
         Self {
             store: connect_store(db.url()).await,
+            sealer: sealer(db.url()).await,
             read_model: read_model(db.url()).await,
             _keep: Keep::Postgres { _db: db },
         }
@@ -143,6 +154,7 @@ impl Stores {
         let url = format!("sqlite://{}", dir.join("identity.db").display());
         Self {
             store: connect_store(&url).await,
+            sealer: sealer(&url).await,
             read_model: read_model(&url).await,
             _keep: Keep::Sqlite(dir),
         }
@@ -150,7 +162,12 @@ impl Stores {
 
     /// The live users projection's worker, one batch at a time.
     pub fn projector(&self) -> Projector {
-        Projector::users(self.store.clone(), self.read_model.clone(), options(1000))
+        Projector::users(
+            self.store.clone(),
+            self.sealer.clone(),
+            self.read_model.clone(),
+            options(1000),
+        )
     }
 
     /// Steps `projector` until it has applied everything `writer` appended.
@@ -199,7 +216,7 @@ impl Stores {
     pub async fn rebuild(&self, writer: &Writer) {
         match &self.read_model {
             ReadModelWriter::Postgres(_) => {
-                aggregator::admin::rebuild(&self.store, &self.read_model, "users", 3)
+                aggregator::admin::rebuild(&self.store, &self.sealer, &self.read_model, "users", 3)
                     .await
                     .unwrap();
             }
@@ -224,6 +241,20 @@ pub async fn connect_store(url: &str) -> Arc<dyn MessageStore> {
     )
     .await
     .unwrap()
+}
+
+/// The master keys of every test's vault.
+pub fn master_keys() -> MasterKeys {
+    MasterKeys::new(
+        MasterKey::from_hex("test", &"4d".repeat(32)).unwrap(),
+        vec![],
+    )
+    .unwrap()
+}
+
+/// A sealer over the key vault in the message store's database at `url`.
+pub async fn sealer(url: &str) -> Sealer {
+    Sealer::new(personal_data::connect(url, master_keys(), 4).await.unwrap())
 }
 
 pub async fn read_model(url: &str) -> ReadModelWriter {
@@ -305,12 +336,17 @@ pub async fn wait_for_rows(env: &Env, writer: &Writer) {
     assert_eq!(env.views().await, expected);
 }
 
-/// The views' rows after draining a fresh projector over `store` into a fresh database: what a
-/// clean rebuild gives.
-pub async fn clean_rebuild(db: &TestDatabase, store: &Arc<dyn MessageStore>, until: u64) -> Views {
-    let fresh = db.sibling(&format!("clean{}", fastrand::u32(..))).await;
+/// The views' rows after draining a fresh projector over the store of `env` into a fresh
+/// database: what a clean rebuild gives.
+pub async fn clean_rebuild(env: &Env, until: u64) -> Views {
+    let fresh = env.db.sibling(&format!("clean{}", fastrand::u32(..))).await;
     let read_model = read_model(fresh.url()).await;
-    let mut projector = Projector::users(store.clone(), read_model.clone(), options(97));
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        read_model.clone(),
+        options(97),
+    );
     drain(&mut projector, &read_model, until).await;
     views(&read_model, &Target::USERS).await
 }
@@ -332,15 +368,18 @@ const SESSION_IDLE: Duration = Duration::days(14);
 #[derive(Clone)]
 pub struct Writer {
     store: Arc<dyn MessageStore>,
+    sealer: Sealer,
     pub expected: Arc<Mutex<HashMap<Uuid, UserRow>>>,
     pub expected_sessions: Arc<Mutex<HashMap<Uuid, SessionRow>>>,
     last: Arc<AtomicU64>,
 }
 
 impl Writer {
-    pub fn new(store: Arc<dyn MessageStore>) -> Self {
+    /// A writer into `store` that seals personal fields with `sealer`.
+    pub fn new(store: Arc<dyn MessageStore>, sealer: Sealer) -> Self {
         Self {
             store,
+            sealer,
             expected: Arc::default(),
             expected_sessions: Arc::default(),
             last: Arc::default(),
@@ -350,10 +389,11 @@ impl Writer {
     /// A writer that has written a [`random_history`](Self::random_history) already.
     pub async fn with_random_history(
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         users: usize,
         ops: usize,
     ) -> Self {
-        let writer = Self::new(store);
+        let writer = Self::new(store, sealer);
         writer.random_history(users, ops).await;
         writer
     }
@@ -405,12 +445,18 @@ impl Writer {
         appended.last_global_position() as i64
     }
 
-    /// Appends `event` to the user's stream and returns its position.
-    async fn user_event(&self, id: Uuid, event: UserEvent) -> i64 {
+    /// Appends `event` to the user's stream, its personal fields sealed with the account's
+    /// key, and returns its position.
+    pub async fn user_event(&self, id: Uuid, event: UserEvent) -> i64 {
+        let mut data = event.to_json();
+        self.sealer
+            .seal(id, event.personal_fields(), &mut data)
+            .await
+            .unwrap();
         self.append(
             user_stream_name(UserId::from_uuid(id)),
             event.event_type(),
-            event.to_json(),
+            data,
         )
         .await
     }
@@ -790,11 +836,12 @@ fn nonce(generation: u64) -> RefreshNonce {
 /// `expected` holds every user's row.
 pub async fn concurrent_writers(
     store: &Arc<dyn MessageStore>,
+    sealer: &Sealer,
     writers: usize,
     users: usize,
     ops: usize,
 ) -> Writer {
-    let writer = Writer::new(store.clone());
+    let writer = Writer::new(store.clone(), sealer.clone());
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
             let writer = writer.clone();

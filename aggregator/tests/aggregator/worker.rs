@@ -16,9 +16,14 @@ use crate::support::{
 #[tokio::test]
 async fn concurrent_writers_committing_out_of_order_end_in_the_fold_of_every_event() {
     let env = env().await;
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(17));
-    let store = env.store.clone();
-    let writing = tokio::spawn(async move { concurrent_writers(&store, 6, 15, 6).await });
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(17),
+    );
+    let (store, sealer) = (env.store.clone(), env.sealer.clone());
+    let writing = tokio::spawn(async move { concurrent_writers(&store, &sealer, 6, 15, 6).await });
     // Project while the writers commit, so batches end at every kind of interleaving.
     while !writing.is_finished() {
         projector.process_next_batch().await.unwrap();
@@ -35,13 +40,14 @@ async fn concurrent_writers_committing_out_of_order_end_in_the_fold_of_every_eve
 #[tokio::test]
 async fn a_worker_killed_at_random_points_resumes_to_the_view_of_a_clean_rebuild() {
     let env = env().await;
-    let store = env.store.clone();
-    let writing = tokio::spawn(async move { concurrent_writers(&store, 4, 10, 8).await });
+    let (store, sealer) = (env.store.clone(), env.sealer.clone());
+    let writing = tokio::spawn(async move { concurrent_writers(&store, &sealer, 4, 10, 8).await });
     let mut runs = 0;
     while !writing.is_finished() || runs < 20 {
         runs += 1;
         let projector = Projector::users(
             env.store.clone(),
+            env.sealer.clone(),
             env.read_model.clone(),
             options(1 + fastrand::usize(..9)),
         );
@@ -51,23 +57,35 @@ async fn a_worker_killed_at_random_points_resumes_to_the_view_of_a_clean_rebuild
         let _ = task.await;
     }
     let writer = writing.await.unwrap();
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(50));
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(50),
+    );
     drain(&mut projector, &env.read_model, writer.last()).await;
 
     let views = env.views().await;
     assert_eq!(views, writer.expected_views());
-    assert_eq!(
-        views,
-        clean_rebuild(&env.db, &env.store, writer.last()).await
-    );
+    assert_eq!(views, clean_rebuild(&env, writer.last()).await);
 }
 
 #[tokio::test]
 async fn of_two_workers_on_one_projection_one_works_and_the_other_takes_over_when_it_stops() {
     let env = env().await;
-    let writer = Writer::new(env.store.clone());
-    let first = Projector::users(env.store.clone(), env.read_model.clone(), options(10));
-    let second = Projector::users(env.store.clone(), env.read_model.clone(), options(10));
+    let writer = Writer::new(env.store.clone(), env.sealer.clone());
+    let first = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(10),
+    );
+    let second = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(10),
+    );
     let (first_stats, second_stats) = (first.stats(), second.stats());
     let (stop_first, first_stopped) = tokio::sync::oneshot::channel::<()>();
     let first_task = tokio::spawn(first.run(async move {
@@ -115,7 +133,7 @@ async fn wait_until(condition: impl Fn() -> bool) {
 #[tokio::test]
 async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_unnoticed() {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 2, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 2, 2).await;
     let id = writer.expected_rows()[0].id;
     append_to_user(&env.store, id, "UserRenamed", 1, json!({ "name": "x" })).await;
     let last = append_raw(
@@ -132,6 +150,7 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
     let before = skipped().unwrap_or(0.0);
     let mut projector = Projector::new(
         env.store.clone(),
+        env.sealer.clone(),
         env.read_model.clone(),
         target.clone(),
         options(1000),
@@ -156,7 +175,7 @@ async fn unknown_event_types_are_counted_and_skipped_and_other_categories_pass_u
 #[tokio::test]
 async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_there() {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 3, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 3, 2).await;
     let id = writer.expected_rows()[0].id;
     let before = env.store.head_position().await.unwrap();
     // A known type at a version this build cannot read.
@@ -174,8 +193,15 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
 
     let target = users_view_named("users-poisoned");
     let halted = || projection_metric("projection_halted", target.checkpoint);
-    let worker =
-        |store, read_model| Projector::new(store, read_model, target.clone(), options(1000));
+    let worker = |store, read_model| {
+        Projector::new(
+            store,
+            env.sealer.clone(),
+            read_model,
+            target.clone(),
+            options(1000),
+        )
+    };
     assert_eq!(halted(), None, "nothing has halted this projection yet");
     let mut projector = worker(env.store.clone(), env.read_model.clone());
     let outcome = projector.process_next_batch().await.unwrap();
@@ -217,7 +243,7 @@ async fn a_poison_event_halts_the_projection_before_it_and_the_checkpoint_stays_
 #[tokio::test]
 async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 2, 1).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 2, 1).await;
     let stranger = uuid::Uuid::now_v7();
     let poison = append_raw(
         &env.store,
@@ -228,7 +254,12 @@ async fn a_login_for_a_user_the_view_does_not_have_is_poison_too() {
     )
     .await;
     settle(&env.store, poison).await;
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(1000),
+    );
     let outcome = projector.process_next_batch().await.unwrap();
     assert!(
         matches!(&outcome, Outcome::Halted { reason } if reason.contains("no such user")),
@@ -248,6 +279,9 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
     settings.aggregator.http.address = "127.0.0.1:0".into();
     settings.aggregator.batch_size = 7;
     settings.mail.token_key = Some("ab".repeat(32));
+    // The master key of the tests' vaults, which sealed what the writer below appends.
+    settings.personal_data.master_key_id = "test".into();
+    settings.personal_data.master_key = Some("4d".repeat(32));
     let application = Application::build(settings).await.unwrap();
     let port = application.port().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -255,7 +289,7 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
         let _ = stopped.await;
     }));
 
-    let writer = Writer::with_random_history(env.store.clone(), 5, 4).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 5, 4).await;
     wait_for_rows(&env, &writer).await;
     // Nothing of the view is in the store's database.
     let in_store: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
@@ -288,13 +322,18 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
 async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
     let stores = Stores::sqlite().await;
     let (store, read_model) = (&stores.store, &stores.read_model);
-    let writer = Writer::with_random_history(store.clone(), 5, 4).await;
+    let writer = Writer::with_random_history(store.clone(), stores.sealer.clone(), 5, 4).await;
     // A session whatever the random history holds.
     let session = writer
         .start_session(writer.expected_rows()[0].id, 50_000)
         .await;
     writer.refresh_session(session, 50_001).await;
-    let mut projector = Projector::users(store.clone(), read_model.clone(), options(6));
+    let mut projector = Projector::users(
+        store.clone(),
+        stores.sealer.clone(),
+        read_model.clone(),
+        options(6),
+    );
     drain(&mut projector, read_model, writer.last()).await;
     let live = stores.views().await;
     assert_eq!(live, writer.expected_views());
@@ -310,7 +349,7 @@ async fn the_worker_runs_on_sqlite_for_the_standalone_mode() {
 async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_and_writes_nothing_after()
  {
     let env = env().await;
-    let writer = Writer::with_random_history(env.store.clone(), 6, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 6, 2).await;
     let lease = Duration::from_millis(1000);
     let lock_retry = Duration::from_millis(50);
     let options = ProjectorOptions {
@@ -324,6 +363,7 @@ async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_an
     let holder_link = FreezingProxy::start(&env.read_model_url).await;
     let holder = Projector::users(
         env.store.clone(),
+        env.sealer.clone(),
         read_model(holder_link.url()).await,
         options.clone(),
     );
@@ -338,6 +378,7 @@ async fn a_holder_cut_off_without_a_fin_loses_the_projection_within_its_lease_an
     let standby_link = FreezingProxy::start(env.db.url()).await;
     let standby = Projector::users(
         connect_store(standby_link.url()).await,
+        env.sealer.clone(),
         env.read_model.clone(),
         options.clone(),
     );
@@ -397,9 +438,14 @@ async fn a_view_ahead_of_its_store_halts_the_projection_and_says_to_rebuild() {
     // A read model on a server of its own, and a store restored from a point before its last
     // messages: the view holds events the store no longer has.
     let env = env_apart().await;
-    let writer = Writer::with_random_history(env.store.clone(), 3, 2).await;
+    let writer = Writer::with_random_history(env.store.clone(), env.sealer.clone(), 3, 2).await;
     settle(&env.store, writer.last()).await;
-    let mut projector = Projector::users(env.store.clone(), env.read_model.clone(), options(1000));
+    let mut projector = Projector::users(
+        env.store.clone(),
+        env.sealer.clone(),
+        env.read_model.clone(),
+        options(1000),
+    );
     drain(&mut projector, &env.read_model, writer.last()).await;
     let store_pool = env.db.pool().await;
     sqlx::query(
