@@ -361,6 +361,65 @@ async fn each_mail_arrives(stores: Stores) {
     assert_eq!(catcher.received().len(), 5);
 }
 
+on_both_engines!(
+    no_mail_is_sent_about_a_person_erased_before_the_mailer_reached_their_requests,
+    nothing_for_an_erased_person
+);
+async fn nothing_for_an_erased_person(stores: Stores) {
+    let catcher = SmtpCatcher::start().await.unwrap();
+    let (ann, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    request(
+        &stores,
+        ann,
+        RecoveryKind::ChangeEmail,
+        "ann@example.com",
+        Some("ann@example.org"),
+        TimeDelta::zero(),
+    )
+    .await;
+    append(
+        &stores,
+        ann,
+        RecoveryCommand::NoticeRegistrationAttempt {
+            to: email("ann@example.com"),
+        },
+        SystemClock.now(),
+    )
+    .await;
+    let last = reset_request(&stores, bob, "bob@example.com").await;
+    // Ann is erased before the mailer reaches her requests: her key is gone.
+    assert!(stores.sealer.vault().erase(ann).await.unwrap());
+
+    let mut mailer = mailer(&stores, &catcher);
+    let stats = mailer.stats();
+    let handled = drain(&mut mailer, &stores.read_model, last.position).await;
+    assert_eq!(
+        handled,
+        Handled {
+            events: 3,
+            sent: 1,
+            refused: 0,
+            expired: 0,
+            erased: 3,
+        },
+        "the change's link and notice and the registration notice are not sent"
+    );
+    assert_eq!(stats.erased.load(Relaxed), 3);
+    let received = catcher.wait_for_count(1, WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(catcher.received(), received, "nothing else arrives");
+    assert_eq!(received[0].envelope_to, ["bob@example.com"]);
+    assert_eq!(received[0].message_id, Some(message_id(&last, 0)));
+    let rendered = platform::metrics::render();
+    for kind in ["change_email", "change_notice", "registration_attempt"] {
+        let series = format!("mail_erased_total{{kind=\"{kind}\"}}");
+        assert!(
+            rendered.contains(&series),
+            "{series} missing from {rendered}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_mailer_killed_between_the_servers_acceptance_and_its_checkpoint_sends_the_mail_again_with_the_same_message_id()
  {

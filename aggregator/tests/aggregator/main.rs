@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod erasure;
 mod mailer;
 mod recovery;
 mod sessions;

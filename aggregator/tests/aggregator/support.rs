@@ -17,8 +17,8 @@ use identity::{
     AccountStatus, Email, EmailChanged, EmailVerified, LockoutLifted, LoginEvent, LoginFailed,
     LoginSucceeded, PasswordChanged, PasswordHash, PasswordRehashed, PasswordReset, RefreshNonce,
     Role, SessionEndReason, SessionEnded, SessionEvent, SessionId, SessionRefreshed,
-    SessionStarted, SessionsEnded, UserActivated, UserAgent, UserDeactivated, UserEvent, UserId,
-    UserRegistered, login_stream_name, session_stream_name, user_stream_name,
+    SessionStarted, SessionsEnded, UserActivated, UserAgent, UserDeactivated, UserErased,
+    UserEvent, UserId, UserRegistered, login_stream_name, session_stream_name, user_stream_name,
 };
 use message_store::{
     ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
@@ -371,6 +371,9 @@ pub struct Writer {
     sealer: Sealer,
     pub expected: Arc<Mutex<HashMap<Uuid, UserRow>>>,
     pub expected_sessions: Arc<Mutex<HashMap<Uuid, SessionRow>>>,
+    /// The sessions of erased accounts, which the view no longer holds: for the session events
+    /// that race an erasure.
+    sessions_of_erased: Arc<Mutex<HashMap<Uuid, SessionRow>>>,
     last: Arc<AtomicU64>,
 }
 
@@ -382,6 +385,7 @@ impl Writer {
             sealer,
             expected: Arc::default(),
             expected_sessions: Arc::default(),
+            sessions_of_erased: Arc::default(),
             last: Arc::default(),
         }
     }
@@ -650,7 +654,14 @@ impl Writer {
             nonce: nonce(0),
         };
         let position = self.session_event(started.into()).await;
-        self.expected_sessions.lock().unwrap().insert(
+        let erased = self.row(id).status == "erased";
+        let mut sessions = if erased {
+            // A login that raced the erasure: the view keeps no session of an erased account.
+            self.sessions_of_erased.lock().unwrap()
+        } else {
+            self.expected_sessions.lock().unwrap()
+        };
+        sessions.insert(
             session,
             SessionRow {
                 id: session,
@@ -671,7 +682,13 @@ impl Writer {
     }
 
     fn session(&self, session: Uuid) -> SessionRow {
-        self.expected_sessions.lock().unwrap()[&session].clone()
+        let expected = self
+            .expected_sessions
+            .lock()
+            .unwrap()
+            .get(&session)
+            .cloned();
+        expected.unwrap_or_else(|| self.sessions_of_erased.lock().unwrap()[&session].clone())
     }
 
     /// Rotates the session's refresh token at `t`.
@@ -693,7 +710,9 @@ impl Writer {
         };
         let position = self.session_event(refreshed.into()).await;
         let mut sessions = self.expected_sessions.lock().unwrap();
-        let row = sessions.get_mut(&session).unwrap();
+        let Some(row) = sessions.get_mut(&session) else {
+            return; // Of an erased account: the view has no row.
+        };
         row.last_refreshed_at = Some(at(t));
         row.idle_expires_at = at(t) + SESSION_IDLE;
         row.generation = generation as i64;
@@ -711,11 +730,50 @@ impl Writer {
         };
         let position = self.session_event(ended.into()).await;
         let mut sessions = self.expected_sessions.lock().unwrap();
-        let row = sessions.get_mut(&session).unwrap();
+        let Some(row) = sessions.get_mut(&session) else {
+            return; // Of an erased account: the view has no row.
+        };
         if row.ended_at.is_none() {
             row.ended_at = Some(at(t));
             row.end_reason = Some(reason.name().into());
             row.position = position;
+        }
+    }
+
+    /// Erases account `id` at `t` as the command API does: appends its `UserErased`, then, if
+    /// `delete_key`, deletes its key from the vault (a command API that stops in between leaves
+    /// the key for the projection to delete). The expected row becomes erased, and its sessions
+    /// leave the expected view.
+    pub async fn erase(&self, id: Uuid, t: i64, delete_key: bool) {
+        let erased = UserErased {
+            erased_by: UserId::from_uuid(id),
+            at: at(t),
+        };
+        self.user_event_changing(id, erased.into(), |row| {
+            row.status = "erased".into();
+            row.email = None;
+            row.email_normalized = None;
+            row.erased_at = Some(at(t));
+            row.session_epoch += 1;
+        })
+        .await;
+        self.move_sessions_of_erased(id);
+        if delete_key {
+            self.sealer.vault().erase(id).await.unwrap();
+        }
+    }
+
+    /// Moves the expected sessions of the erased account `id` out of the expected view.
+    fn move_sessions_of_erased(&self, id: Uuid) {
+        let mut sessions = self.expected_sessions.lock().unwrap();
+        let of_account: Vec<Uuid> = sessions
+            .values()
+            .filter(|row| row.user_id == id)
+            .map(|row| row.id)
+            .collect();
+        let mut of_erased = self.sessions_of_erased.lock().unwrap();
+        for session in of_account {
+            of_erased.extend(sessions.remove_entry(&session));
         }
     }
 
