@@ -467,3 +467,65 @@ async fn status_counts_the_persons_keys_each_master_key_wraps_and_the_erased() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_store_written_sealed_in_bulk_projects_the_rows_of_one_written_in_clear() {
+    use test_support::bulk::{BulkUsers, PASSWORD_HASH};
+
+    /// The users view (without ids, new each run, nor positions) of a store written in bulk,
+    /// `sealed` or in clear, and the registrations as stored.
+    async fn projected(sealed: bool) -> (Vec<(Option<String>, String, i64)>, String) {
+        let env = env().await;
+        let pool = env.db.pool().await;
+        let bulk = BulkUsers {
+            seed: "bulk",
+            users: 40,
+            login_rounds: 2,
+            uneven_logins: true,
+            password_hash: PASSWORD_HASH,
+        };
+        let written = if sealed {
+            test_support::bulk::write_sealed_user_events(&pool, &bulk, &env.sealer).await
+        } else {
+            test_support::bulk::write_user_events(&pool, &bulk).await
+        };
+        let written = written.unwrap();
+        let last: i64 = sqlx::query_scalar("SELECT max(global_position) FROM messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let stored: Vec<String> =
+            sqlx::query_scalar("SELECT data::text FROM messages WHERE type = 'UserRegistered'")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored.len(), 40);
+        assert!(written > 40);
+        let mut projector = aggregator::Projector::users(
+            env.store.clone(),
+            env.sealer.clone(),
+            env.read_model.clone(),
+            options(17),
+        );
+        settle(&env.store, last as u64).await;
+        drain(&mut projector, &env.read_model, last as u64).await;
+        let mut rows: Vec<_> = env
+            .users_view()
+            .await
+            .into_iter()
+            .map(|row| (row.email, row.status, row.login_count))
+            .collect();
+        rows.sort();
+        (rows, stored.join("\n").to_lowercase())
+    }
+
+    let (clear, clear_data) = projected(false).await;
+    let (sealed, sealed_data) = projected(true).await;
+    assert!(clear_data.contains("bulk0@example.com"));
+    assert!(
+        !sealed_data.contains("@example.com") && sealed_data.contains("xchacha20poly1305"),
+        "the sealed store holds envelopes, not addresses"
+    );
+    assert_eq!(sealed, clear);
+    assert!(sealed.iter().all(|(email, ..)| email.is_some()));
+}

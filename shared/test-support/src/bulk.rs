@@ -4,6 +4,12 @@
 //! The events are the identity crate's own, encoded as the command side encodes them (type,
 //! data and version from the event), and their positions come from the store's own
 //! `message_store_position_base()`: a change to either reaches these rows too.
+//!
+//! [`write_sealed_user_events`] writes them as the command side does since ADR 13, each
+//! personal field sealed with its account's key from a real vault, so that a benchmark can set a
+//! rebuild of a sealed store beside one of a store written in clear.
+
+use std::collections::HashMap;
 
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -11,8 +17,10 @@ use identity::{
     AccountStatus, EVENT_VERSION_KEY, Email, LoginEvent, LoginSucceeded, PasswordHash, Role,
     UserEvent, UserId, UserRegistered, login_stream_name, user_stream_name,
 };
+use personal_data::{PersonKey, Sealer, seal_fields};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 /// Messages per INSERT: each is one transaction, and a transaction's messages share its id in
@@ -45,9 +53,56 @@ pub struct BulkUsers<'a> {
     pub password_hash: &'a str,
 }
 
-/// Registrations (every other account active), then rounds of logins. Returns how many
-/// messages it wrote.
+/// Registrations (every other account active), then rounds of logins, every field in clear.
+/// Returns how many messages it wrote.
 pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> anyhow::Result<i64> {
+    write(pool, bulk, None).await
+}
+
+/// [`write_user_events`], each registration's personal fields sealed with its account's key
+/// from `sealer`'s vault (made for each account here, as a command would make it), as the
+/// command side writes them.
+pub async fn write_sealed_user_events(
+    pool: &PgPool,
+    bulk: &BulkUsers<'_>,
+    sealer: &Sealer,
+) -> anyhow::Result<i64> {
+    write(pool, bulk, Some(sealer)).await
+}
+
+/// How many accounts' keys are made at once, each a round trip to the vault.
+const KEYS_AT_ONCE: usize = 16;
+
+/// The keys of `accounts`, made in `KEYS_AT_ONCE` concurrent streams.
+async fn keys_of(sealer: &Sealer, accounts: &[UserId]) -> anyhow::Result<HashMap<Uuid, PersonKey>> {
+    let mut tasks = JoinSet::new();
+    let per_task = accounts.len().div_ceil(KEYS_AT_ONCE).max(1);
+    for part in accounts.chunks(per_task) {
+        let (sealer, part) = (sealer.clone(), part.to_vec());
+        tasks.spawn(async move {
+            let mut keys = Vec::with_capacity(part.len());
+            for id in part {
+                let person = *id.as_uuid();
+                keys.push((person, sealer.key_for_writing(person).await?));
+            }
+            Ok::<_, personal_data::VaultError>(keys)
+        });
+    }
+    let mut keys = HashMap::with_capacity(accounts.len());
+    while let Some(made) = tasks.join_next().await {
+        keys.extend(
+            made.context("a task making keys")?
+                .context("making a key")?,
+        );
+    }
+    Ok(keys)
+}
+
+async fn write(
+    pool: &PgPool,
+    bulk: &BulkUsers<'_>,
+    sealer: Option<&Sealer>,
+) -> anyhow::Result<i64> {
     let hash = PasswordHash::parse(bulk.password_hash).context("the bulk accounts' hash")?;
     let registered_at = at(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0))?;
     let users: Vec<(UserId, usize)> = (0..usize::try_from(bulk.users)?)
@@ -55,6 +110,13 @@ pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> anyhow::R
         .collect();
     let mut written = 0;
     for chunk in users.chunks(CHUNK) {
+        let keys = match sealer {
+            Some(sealer) => {
+                let ids: Vec<UserId> = chunk.iter().map(|(id, _)| *id).collect();
+                keys_of(sealer, &ids).await?
+            }
+            None => HashMap::new(),
+        };
         let mut rows = Rows::default();
         for (id, n) in chunk {
             let email = Email::parse(&format!("{}{n}@Example.com", bulk.seed))
@@ -72,11 +134,15 @@ pub async fn write_user_events(pool: &PgPool, bulk: &BulkUsers<'_>) -> anyhow::R
                 roles: vec![Role::User],
                 registered_at,
             });
+            let mut data = event.to_json();
+            if let Some(key) = keys.get(id.as_uuid()) {
+                seal_fields(key, *id.as_uuid(), &mut data, event.personal_fields());
+            }
             rows.push(
                 user_stream_name(*id),
                 0,
                 event.event_type(),
-                event.to_json(),
+                data,
                 event.version(),
             );
         }
