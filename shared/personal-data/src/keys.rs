@@ -240,6 +240,15 @@ pub enum KeyError {
     InvalidLookupKey,
     #[error("the operating system's random number source failed")]
     Randomness(#[source] std::io::Error),
+    /// Neither the key nor its file is configured.
+    #[error("{0} (or its `_file`) is not set: `openssl rand -hex 32` makes one")]
+    Missing(&'static str),
+    #[error("reading or writing the key file {}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn valid_id(id: &str) -> Result<&str, KeyError> {

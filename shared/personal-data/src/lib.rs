@@ -39,6 +39,7 @@ mod keys;
 mod lookup;
 pub mod postgres;
 mod seal;
+mod sealer;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ pub use keys::{KEY_BYTES, KeyError, MasterKey, MasterKeys, PersonKey};
 pub use lookup::LookupKey;
 pub use postgres::PostgresKeyVault;
 pub use seal::{SealError, Unsealed, is_envelope, seal_fields, sealed_persons, unseal_fields};
+pub use sealer::{PersonalData, Sealer, lookup_key, master_keys};
 pub use sqlite::SqliteKeyVault;
 
 /// The port: where the keys of persons are kept, made and erased.
@@ -127,6 +129,10 @@ pub enum VaultError {
         person: String,
         reason: &'static str,
     },
+    /// A sealed field of a stored message does not open under its person's key, which is
+    /// there: the message was altered, or another key was configured.
+    #[error("a sealed field of message {message} does not open: {reason}")]
+    Unreadable { message: String, reason: String },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("database error")]

@@ -42,5 +42,6 @@ conformance!(
     a_key_that_does_not_unwrap_under_the_master_key_its_row_names_is_corrupt_not_erased,
     the_database_never_holds_a_persons_key_in_clear,
     the_vault_shares_its_database_with_the_message_store,
+    a_sealer_seals_on_write_and_opens_a_batch_read_from_the_store_erased_or_not,
     a_vault_answers_a_ping,
 );

@@ -4,8 +4,8 @@
 use base64::Engine;
 use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use personal_data::{
-    KeyCounts, MasterKey, MasterKeys, PersonKey, Unsealed, VaultError, seal_fields, sealed_persons,
-    unseal_fields,
+    KeyCounts, MasterKey, MasterKeys, PersonKey, Sealer, Unsealed, VaultError, seal_fields,
+    sealed_persons, unseal_fields,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -354,6 +354,70 @@ pub async fn the_vault_shares_its_database_with_the_message_store(harness: &impl
     let keys = vault.keys(&sealed_persons(&read)).await.unwrap();
     unseal_fields(&mut read, |person| keys.get(&person)).unwrap();
     assert_eq!(read, json!({"email": "ann@example.com"}));
+}
+
+pub async fn a_sealer_seals_on_write_and_opens_a_batch_read_from_the_store_erased_or_not(
+    harness: &impl Harness,
+) {
+    let url = harness.url();
+    message_store::migrate(&url).await.unwrap();
+    let store = message_store::connect(&url, message_store::ConnectOptions::default())
+        .await
+        .unwrap();
+    let sealer = Sealer::new(harness.vault(&one_master_key()).await);
+    let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    for (person, email) in [(ann, "ann@example.com"), (bob, "bob@example.com")] {
+        let mut data = json!({"email": email, "at": "2026-12-01T00:00:00Z"});
+        sealer.seal(person, &["email"], &mut data).await.unwrap();
+        assert!(!data.to_string().contains(email), "{data}");
+        let mut unsealed_too = json!({"at": "2026-12-01T00:00:00Z"});
+        sealer.seal(person, &[], &mut unsealed_too).await.unwrap();
+        assert_eq!(unsealed_too, json!({"at": "2026-12-01T00:00:00Z"}));
+        store
+            .append(vec![StreamAppend::new(
+                StreamName::parse(format!("user-{person}")).unwrap(),
+                ExpectedVersion::NoStream,
+                vec![NewMessage::new("Registered", data)],
+            )])
+            .await
+            .unwrap();
+    }
+    sealer.vault().erase(bob).await.unwrap();
+
+    // Read by stream: a read of all streams only sees below the oldest transaction still
+    // running in the whole cluster, which other tests may hold open for a moment.
+    let mut batch = Vec::new();
+    for person in [ann, bob] {
+        let stream = StreamName::parse(format!("user-{person}")).unwrap();
+        batch.push(store.last_message(&stream).await.unwrap().unwrap());
+    }
+    sealer.unseal_messages(&mut batch).await.unwrap();
+    let emails: Vec<_> = batch
+        .iter()
+        .map(|message| message.data["email"].clone())
+        .collect();
+    assert_eq!(emails, [json!("ann@example.com"), json!(null)]);
+    assert!(matches!(
+        sealer
+            .seal(bob, &["email"], &mut json!({"email": "bob@example.com"}))
+            .await,
+        Err(VaultError::Erased)
+    ));
+
+    // A sealed field altered in the store is an error, never read as erased.
+    let ann_stream = StreamName::parse(format!("user-{ann}")).unwrap();
+    let mut tampered = vec![store.last_message(&ann_stream).await.unwrap().unwrap()];
+    let envelope = tampered[0].data["email"].as_object_mut().unwrap();
+    let ciphertext = envelope["xchacha20poly1305"].as_str().unwrap().to_owned();
+    let flipped = if ciphertext.ends_with('A') { "B" } else { "A" };
+    envelope.insert(
+        "xchacha20poly1305".into(),
+        json!(format!("{}{flipped}", &ciphertext[..ciphertext.len() - 1])),
+    );
+    assert!(matches!(
+        sealer.unseal_messages(&mut tampered).await,
+        Err(VaultError::Unreadable { .. })
+    ));
 }
 
 pub async fn a_vault_answers_a_ping(harness: &impl Harness) {
