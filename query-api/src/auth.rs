@@ -139,10 +139,10 @@ impl AuthenticatedCaller {
         self.admit(state, standing, session.as_deref())
     }
 
-    /// The caller's account as its stream says now.
+    /// The caller's account as its stream says now; none once it is erased.
     async fn account(&self, state: &AppState) -> Result<Option<Account>, ApiError> {
         let id = UserId::from_uuid(self.id);
-        Ok(history::current_account(state.store.as_ref(), id).await?)
+        Ok(history::current_account(state.store.as_ref(), &state.sealer, id).await?)
     }
 
     /// The token's session if its stream said it is live: remembered, or read from the store

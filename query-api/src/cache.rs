@@ -19,6 +19,11 @@
 //! checkpoint, and kept only if that version is the one held and that checkpoint is not behind
 //! the synced one (so every later change has a position the next sync reads), and never while
 //! a sync runs.
+//!
+//! An erasure (ADR 13) is a change like the others: the account's row stays, at the erasure's
+//! position, with status `erased` and no address, so the next sync replaces the held row, and
+//! the address leaves memory with it; from then on the caller's own routes refuse the account
+//! as they refuse a deactivated one.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
@@ -281,7 +286,7 @@ mod tests {
             session_epoch: 0,
             profile: Profile {
                 id,
-                email: "ann@example.com".into(),
+                email: Some("ann@example.com".into()),
                 email_verified: false,
                 status: status.into(),
                 registered_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
@@ -290,6 +295,7 @@ mod tests {
                 last_login_at: None,
                 login_count: 0,
                 roles: vec![],
+                erased_at: None,
             },
             position,
         }
@@ -347,6 +353,22 @@ mod tests {
         // An older version never replaces a newer one.
         cache.apply(changes(1, 12, vec![row(ann, "active", 7)]), now);
         assert_eq!(held(&cache, ann).unwrap().position, 8);
+    }
+
+    #[test]
+    fn a_held_row_whose_account_is_erased_keeps_nothing_of_its_address() {
+        let cache = cache();
+        let ann = Uuid::new_v4();
+        cache.keep(&[at_checkpoint(row(ann, "active", 5), 1, 5)]);
+        // The projection applies the erasure: the row stays, without its address.
+        let mut erased = row(ann, read_model_schema::ERASED_STATUS, 8);
+        erased.profile.email = None;
+        erased.profile.erased_at = Some(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
+        cache.apply(changes(1, 9, vec![erased.clone()]), Instant::now());
+        assert_eq!(held(&cache, ann), Some(erased));
+        let (found, missing) = cache.lookup(&[ann]);
+        assert!(missing.is_empty());
+        assert_eq!(found.rows[0].profile.email, None);
     }
 
     #[test]

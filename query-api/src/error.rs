@@ -75,7 +75,12 @@ impl ApiError {
                 tracing::error!(%error, "reading an account's history failed");
                 match error {
                     HistoryError::Store(_) => Problem::unavailable(),
-                    HistoryError::Undecodable { .. } => Problem::internal(),
+                    HistoryError::Sealed(vault) if vault.is_unavailable() => Problem::unavailable(),
+                    // A key under a master key not configured, a field that does not open:
+                    // no retry mends it.
+                    HistoryError::Undecodable { .. } | HistoryError::Sealed(_) => {
+                        Problem::internal()
+                    }
                 }
             }
         }
@@ -141,6 +146,20 @@ mod tests {
                 ))),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
+            ),
+            (
+                ApiError::History(HistoryError::Sealed(personal_data::VaultError::Database(
+                    sqlx::Error::PoolTimedOut,
+                ))),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                ApiError::History(HistoryError::Sealed(
+                    personal_data::VaultError::UnknownMasterKey("1".into()),
+                )),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
             ),
             (
                 ApiError::History(HistoryError::Undecodable {

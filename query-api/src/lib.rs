@@ -4,13 +4,17 @@
 //!
 //! It never writes. It verifies tokens offline with public keys, and answers a request that
 //! carries `X-Min-Position` only once the read model has applied that position (read your
-//! own writes).
+//! own writes). Personal fields of events are sealed with a key per person (ADR 13): it opens
+//! them with the key vault in the message store's database, which it only reads, and shows an
+//! erased person's events with those fields null; the read model holds an erased account as a
+//! row without an address, which no lookup by address finds.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cache;
 mod error;
+mod export;
 pub mod freshness;
 mod history;
 pub mod read_model;
@@ -26,6 +30,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
 use message_store::MessageStore;
+use personal_data::Sealer;
 use platform::clock::Clock;
 use platform::openapi::BearerAuth;
 use platform::shutdown::Shutdown;
@@ -42,8 +47,8 @@ pub use settings::Settings;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Identity query API", description = "Profiles, lookups, history and the caller's sessions, served from the read model."),
-    paths(routes::me, routes::profile, routes::list, routes::events, sessions::own_sessions, routes::jwks, routes::readyz),
-    components(schemas(Profile, routes::Page, history::HistoryEntry, routes::EventPage, sessions::OwnSession)),
+    paths(routes::me, export::own_export, routes::profile, routes::list, routes::events, sessions::own_sessions, routes::jwks, routes::readyz),
+    components(schemas(Profile, routes::Page, history::HistoryEntry, routes::EventPage, sessions::OwnSession, export::AccountExport, export::ExportedSession)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -70,6 +75,8 @@ pub struct Shared {
     /// say an account is still active.
     pub freshness: Arc<freshness::ViewFreshness>,
     pub store: Arc<dyn MessageStore>,
+    /// Opens the personal fields of the messages read from the store, with their person's key.
+    pub sealer: Sealer,
     pub verifier: Arc<TokenVerifier>,
     /// Tokens already verified, shared by every request.
     pub tokens: Arc<auth::VerifiedTokens>,
@@ -88,12 +95,13 @@ impl AppState {
     pub fn start(
         read_model: UsersView,
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         verifier: Arc<TokenVerifier>,
         clock: Arc<dyn Clock>,
         settings: settings::QuerySettings,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> (Self, BackgroundTasks) {
-        let state = Self::assemble(read_model, store, verifier, clock, settings);
+        let state = Self::assemble(read_model, store, sealer, verifier, clock, settings);
         let tasks = state.spawn_background(shutdown);
         (state, tasks)
     }
@@ -103,6 +111,7 @@ impl AppState {
     fn assemble(
         read_model: UsersView,
         store: Arc<dyn MessageStore>,
+        sealer: Sealer,
         verifier: Arc<TokenVerifier>,
         clock: Arc<dyn Clock>,
         settings: settings::QuerySettings,
@@ -122,6 +131,7 @@ impl AppState {
             profiles,
             freshness,
             store,
+            sealer,
             verifier,
             tokens: Arc::default(),
             administrators: Arc::new(auth::VerifiedAdministrators::new(max_view_lag)),
@@ -169,8 +179,8 @@ impl AppState {
         BackgroundTasks(tasks)
     }
 
-    /// Connects to the read model and the message store and loads the verification keys; the
-    /// background tasks start with [`Self::spawn_background`].
+    /// Connects to the read model, the message store and its key vault, and loads the
+    /// verification keys; the background tasks start with [`Self::spawn_background`].
     pub async fn connect(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let read_model_url = settings.read_model.url_or(&settings.database);
         let read_model =
@@ -195,14 +205,32 @@ impl AppState {
             .tokens
             .verifier()
             .context("loading the keys that verify tokens")?;
+        let sealer = open_sealer(settings).await?;
         Ok(Self::assemble(
             read_model,
             store,
+            sealer,
             Arc::new(verifier),
             clock,
             settings.query,
         ))
     }
+}
+
+/// The sealer over the key vault in the message store's database, with the master keys alone:
+/// the query API opens personal fields, and never names a reservation stream, so it needs no
+/// lookup key.
+async fn open_sealer(settings: &Settings) -> anyhow::Result<Sealer> {
+    let master_keys = personal_data::master_keys(&settings.personal_data)
+        .context("loading the personal data master keys")?;
+    let vault = personal_data::connect(
+        settings.database.url.expose(),
+        master_keys,
+        settings.database.max_connections.min(4),
+    )
+    .await
+    .with_context(|| format!("opening the personal keys at {}", settings.database.url))?;
+    Ok(Sealer::new(vault))
 }
 
 fn sync_interval(settings: &settings::QuerySettings) -> Duration {
@@ -246,6 +274,7 @@ pub fn query_routes(state: AppState) -> Router {
     Router::new()
         .route("/users/me", get(routes::me))
         .route("/users/me/sessions", get(sessions::own_sessions))
+        .route("/users/me/export", get(export::own_export))
         .route("/users", get(routes::list))
         .route("/users/{id}", get(routes::profile))
         .route("/users/{id}/events", get(routes::events))

@@ -13,13 +13,15 @@ use sqlx::{Database, Pool, Postgres, Row, Sqlite, Transaction};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use read_model_schema::{Checkpoint, StoredCheckpoint, USERS_PROJECTION, on_either_pool};
+use read_model_schema::{
+    Checkpoint, ERASED_STATUS, StoredCheckpoint, USERS_PROJECTION, on_either_pool,
+};
 
 /// The columns of a profile, the account's session epoch and the row's position.
 macro_rules! columns {
     () => {
         "id, email, email_verified, status, registered_at, activated_at, deactivated_at, \
-         last_login_at, login_count, roles, session_epoch, position"
+         last_login_at, login_count, roles, erased_at, session_epoch, position"
     };
 }
 
@@ -31,10 +33,12 @@ const CHANGED_SINCE: &str = concat!(
     " FROM users WHERE position > $1 LIMIT $2"
 );
 
+/// An erased account's row has no address (ADR 13); its status is compared too, so that no
+/// lookup by address can ever answer with an erased account, whatever a row holds.
 const BY_EMAIL: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM users WHERE email_normalized = $1 ORDER BY id"
+    " FROM users WHERE email_normalized = $1 AND status <> $2 ORDER BY id"
 );
 
 /// A page in id order, of one status or all.
@@ -102,17 +106,46 @@ const LIVE_SESSIONS_SQLITE: &str = live_sessions_sql!(
     "julianday(s.started_at)"
 );
 
+/// Every session of a user, live or over, newest first, with whether it belongs to the account's
+/// current session epoch (it ended with all the others when it does not).
+macro_rules! every_session_sql {
+    ($newest_first:literal) => {
+        concat!(
+            "SELECT s.id, s.started_at, s.last_refreshed_at, s.expires_at, s.idle_expires_at, \
+                    s.user_agent, s.ended_at, s.end_reason, \
+                    CASE WHEN u.session_epoch = s.session_epoch THEN 1 ELSE 0 END \
+                        AS in_account_epoch \
+             FROM sessions AS s \
+             LEFT JOIN users AS u ON u.id = s.user_id \
+             WHERE s.user_id = $1 \
+             ORDER BY ",
+            $newest_first,
+            " DESC, s.id DESC"
+        )
+    };
+}
+
+const EVERY_SESSION_POSTGRES: &str = every_session_sql!("s.started_at");
+
+/// Ordered as instants, as [`LIVE_SESSIONS_SQLITE`] is.
+const EVERY_SESSION_SQLITE: &str = every_session_sql!("julianday(s.started_at)");
+
 /// A user's profile as the users view holds it.
+///
+/// An erased account (ADR 13) keeps its profile's facts (when it registered, was activated,
+/// last logged in, with which roles) and loses its address: `status` is `erased`, `email` is
+/// null and `erased_at` says when.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
 pub struct Profile {
     pub id: Uuid,
-    /// The account's address: as registered, or as last changed.
-    pub email: String,
+    /// The account's address: as registered, or as last changed; null once the account is
+    /// erased.
+    pub email: Option<String>,
     /// Whether the owner has proved control of `email` through the link mailed to it (a
     /// verification, or the change of email that moved the account there). OpenID Connect's
     /// name, as in the access token.
     pub email_verified: bool,
-    /// `pending`, `active` or `deactivated`.
+    /// `pending`, `active`, `deactivated` or `erased`.
     pub status: String,
     #[serde(serialize_with = "rfc3339::instant")]
     pub registered_at: DateTime<Utc>,
@@ -124,6 +157,11 @@ pub struct Profile {
     pub last_login_at: Option<DateTime<Utc>>,
     pub login_count: u64,
     pub roles: Vec<String>,
+    /// When the account was erased: its personal data is gone for good. Null for an account
+    /// that was not, and, for a moment, for one whose data was found gone before its erasure
+    /// was read.
+    #[serde(serialize_with = "rfc3339::optional")]
+    pub erased_at: Option<DateTime<Utc>>,
 }
 
 /// A row of the users view: a profile, the account's session epoch, and the position of the
@@ -149,6 +187,20 @@ pub struct SessionRow {
     pub expires_at: DateTime<Utc>,
     /// The `User-Agent` it started with.
     pub user_agent: Option<String>,
+}
+
+/// A session of a user, live or over, as the sessions view holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub session: SessionRow,
+    /// When something ended it on its own (a logout, its owner, an administrator, its refresh
+    /// token used twice); none otherwise.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Why, with `ended_at`.
+    pub end_reason: Option<String>,
+    /// Whether it belongs to the account's current session epoch: it ended with every session
+    /// of the account (a deactivation, a password change) when it does not.
+    pub in_account_epoch: bool,
 }
 
 /// A row read with the view's projection version and checkpoint in the same snapshot: the
@@ -360,11 +412,14 @@ impl UsersView {
 
     /// The accounts whose normalised email is `normalized`, by the address each has in the
     /// view: one, unless the view lags behind a change of address (an account that moved away
-    /// is found under its old one until the view has the change).
+    /// is found under its old one until the view has the change). Never an erased account.
     pub async fn by_email(&self, normalized: &str) -> Result<Vec<Profile>, sqlx::Error> {
         on_either_pool!(UsersView, self, |pool| {
             let rows = retrying(pool, || {
-                sqlx::query(BY_EMAIL).bind(normalized).fetch_all(pool)
+                sqlx::query(BY_EMAIL)
+                    .bind(normalized)
+                    .bind(ERASED_STATUS)
+                    .fetch_all(pool)
             })
             .await?;
             rows.iter().map(UsersRow::profile).collect()
@@ -412,6 +467,30 @@ impl UsersView {
         })
     }
 
+    /// Every session of `user` the view holds, live or over, newest first: what their export
+    /// lists. A person has a few hundred at most; an account that logs in by script may have
+    /// many more, and its export lists them all, as the right of access asks.
+    pub async fn every_session(&self, user: Uuid) -> Result<Vec<SessionRecord>, sqlx::Error> {
+        on_either_pool!(UsersView, self, |pool| {
+            let rows = retrying(pool, || {
+                sqlx::query(pool.every_session())
+                    .bind(pool.id_parameter(user))
+                    .fetch_all(pool)
+            })
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SessionRecord {
+                        session: row.session()?,
+                        ended_at: row.try_get("ended_at")?,
+                        end_reason: row.try_get("end_reason")?,
+                        in_account_epoch: row.try_get::<i32, _>("in_account_epoch")? == 1,
+                    })
+                })
+                .collect()
+        })
+    }
+
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
         let row: Option<StoredCheckpoint> = on_either_pool!(UsersView, self, |pool| {
@@ -451,6 +530,9 @@ trait ViewPool {
     /// The statement that lists a user's live sessions, which compares times each its own way.
     fn live_sessions(&self) -> &'static str;
 
+    /// The statement that lists every session of a user, ordered each its own way.
+    fn every_session(&self) -> &'static str;
+
     /// A read-only transaction that sees one snapshot of the view.
     async fn snapshot(&self) -> Result<Transaction<'static, Self::Database>, sqlx::Error>;
 }
@@ -465,6 +547,10 @@ impl ViewPool for PgPool {
 
     fn live_sessions(&self) -> &'static str {
         LIVE_SESSIONS_POSTGRES
+    }
+
+    fn every_session(&self) -> &'static str {
+        EVERY_SESSION_POSTGRES
     }
 
     async fn snapshot(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
@@ -486,6 +572,10 @@ impl ViewPool for SqlitePool {
 
     fn live_sessions(&self) -> &'static str {
         LIVE_SESSIONS_SQLITE
+    }
+
+    fn every_session(&self) -> &'static str {
+        EVERY_SESSION_SQLITE
     }
 
     /// A read transaction in WAL mode is one snapshot (and the pool's connections only read).
@@ -534,6 +624,7 @@ macro_rules! impl_users_row {
                     last_login_at: self.try_get("last_login_at")?,
                     login_count: unsigned(self.try_get("login_count")?),
                     roles: $roles(self)?,
+                    erased_at: self.try_get("erased_at")?,
                 })
             }
 
@@ -781,6 +872,62 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+
+        drop(view);
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", path.display()));
+        }
+    }
+
+    /// Writes Bob's row into the SQLite view at `path` as the aggregator keeps an erased
+    /// account: status `erased`, no address, the time of its erasure; and returns his id.
+    /// `normalized` stands for a row that kept its address however it came to.
+    async fn sqlite_erased(path: &std::path::Path, normalized: Option<&str>) -> Uuid {
+        let bob = Uuid::new_v4();
+        let writer = SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO users (id, email, email_normalized, status, registered_at, login_count, \
+                                roles, erased_at, position) \
+             VALUES ($1, NULL, $2, 'erased', '2026-01-01T00:00:00Z', 2, '[\"user\"]', \
+                     '2026-02-01T00:00:00Z', 8)",
+        )
+        .bind(bob.to_string())
+        .bind(normalized)
+        .execute(&writer)
+        .await
+        .unwrap();
+        writer.close().await;
+        bob
+    }
+
+    #[tokio::test]
+    async fn an_erased_row_is_read_without_an_address_and_never_found_by_one() {
+        let ann = Uuid::new_v4();
+        let (view, path) = sqlite_view(ann).await;
+        let bob = sqlite_erased(&path, None).await;
+        let kept_address = sqlite_erased(&path, Some("ann@example.com")).await;
+
+        let read = view.read_profiles(&[bob]).await.unwrap();
+        let profile = &read[0].row.profile;
+        assert_eq!(
+            (profile.email.as_deref(), profile.status.as_str()),
+            (None, "erased")
+        );
+        assert_eq!(
+            profile.erased_at,
+            Some(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap())
+        );
+        let by_email = view.by_email("ann@example.com").await.unwrap();
+        let found: Vec<Uuid> = by_email.iter().map(|profile| profile.id).collect();
+        assert_eq!(found, [ann], "never the erased row, whatever it holds");
+        let erased = view.list(Some(ERASED_STATUS), None, 10).await.unwrap();
+        let mut listed: Vec<Uuid> = erased.iter().map(|profile| profile.id).collect();
+        listed.sort();
+        let mut expected = vec![bob, kept_address];
+        expected.sort();
+        assert_eq!(listed, expected);
 
         drop(view);
         for file in ["", "-wal", "-shm"] {

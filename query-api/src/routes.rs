@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use platform::FieldError;
 use platform::problem::ApiQuery;
+use read_model_schema::ERASED_STATUS;
 
 use crate::AppState;
 use crate::auth::AuthenticatedCaller;
@@ -167,7 +168,11 @@ pub struct ProfileQuery {
     /// `2026-11-27T14:00:00%2B02:00`: a bare `+` in a query string means a space, so send it
     /// as `%2B`): the profile as it stood then, folded from the account's events. An instant
     /// in the future is a 422: what holds then is not written yet, and an answer given now
-    /// could change later; leave `as_of` out for the current profile.
+    /// could change later; leave `as_of` out for the current profile. Of an account erased
+    /// since, the profile as it stood then without its personal data, which is gone: `email`
+    /// null and `erased_at` set (even for an instant before the erasure, which is how the
+    /// answer says the account is erased now); `status` is the one it had then, `erased` from
+    /// the erasure on.
     as_of: Option<String>,
 }
 
@@ -195,7 +200,8 @@ pub async fn me(
 }
 
 /// A profile: the caller's own, or anyone's for an administrator. With `as_of`, as it stood
-/// at that instant.
+/// at that instant. An erased account's profile (for an administrator: the account itself can
+/// call nothing any more) has `status` `erased`, `erased_at`, and no `email`.
 #[utoipa::path(get, path = "/users/{id}", tag = "users",
     params(("id" = Uuid, Path), ProfileQuery, MinPositionHeader),
     responses(
@@ -220,7 +226,8 @@ pub async fn profile(
     let profile = match query.as_of {
         Some(as_of) => {
             let at = parse_as_of(&as_of, state.clock.now())?;
-            history::profile_as_of(state.store.as_ref(), UserId::from_uuid(id), at).await?
+            let id = UserId::from_uuid(id);
+            history::profile_as_of(state.store.as_ref(), &state.sealer, id, at).await?
         }
         None => match own {
             Some(own) => own.rows.into_iter().next(),
@@ -319,7 +326,7 @@ pub struct ListQuery {
     /// Find the account with this email (any case or Unicode form). A lookup, not a list:
     /// with `status`, `limit` or `cursor` it is a 422.
     email: Option<String>,
-    /// `pending`, `active` or `deactivated`; all accounts when absent.
+    /// `pending`, `active`, `deactivated` or `erased`; all accounts when absent.
     status: Option<String>,
     /// At most this many (1 to the configured maximum).
     limit: Option<String>,
@@ -338,7 +345,9 @@ pub struct Page {
 }
 
 /// Accounts by email, or by status a page at a time (administrators only). Pages follow the
-/// account id, so accounts added meanwhile never shift a page or repeat an account.
+/// account id, so accounts added meanwhile never shift a page or repeat an account. A lookup by
+/// email never finds an erased account (it has no address any more); `status=erased` lists
+/// them.
 #[utoipa::path(get, path = "/users", tag = "users",
     params(ListQuery, MinPositionHeader),
     responses(
@@ -419,10 +428,17 @@ enum StatusFilter {
     Pending = 1,
     Active = 2,
     Deactivated = 3,
+    Erased = 4,
 }
 
 impl StatusFilter {
-    const EVERY: [Self; 4] = [Self::All, Self::Pending, Self::Active, Self::Deactivated];
+    const EVERY: [Self; 5] = [
+        Self::All,
+        Self::Pending,
+        Self::Active,
+        Self::Deactivated,
+        Self::Erased,
+    ];
 
     /// The filter a `status` parameter names; all accounts without one.
     fn parse(status: Option<&str>) -> Result<Self, ApiError> {
@@ -432,13 +448,17 @@ impl StatusFilter {
         Self::EVERY
             .into_iter()
             .find(|filter| filter.name() == Some(status))
-            .ok_or_else(|| ApiError::invalid("status", "must be pending, active or deactivated"))
+            .ok_or_else(|| {
+                ApiError::invalid("status", "must be pending, active, deactivated or erased")
+            })
     }
 
     /// The status the users view writes for the accounts of this filter; none for all.
     fn name(self) -> Option<&'static str> {
         let status = match self {
             Self::All => return None,
+            // Not an account status: what the view keeps of an erased account (ADR 13).
+            Self::Erased => return Some(ERASED_STATUS),
             Self::Pending => AccountStatus::Pending,
             Self::Active => AccountStatus::Active,
             Self::Deactivated => AccountStatus::Deactivated,
@@ -504,8 +524,9 @@ pub struct EventPage {
     items: Vec<HistoryEntry>,
 }
 
-/// The account's history, oldest first, without secrets: the caller's own, or anyone's for
-/// an administrator.
+/// The account's history, oldest first, without secrets (no password hash): the caller's own,
+/// or anyone's for an administrator. An erased account's history keeps every event (what
+/// happened, when), each personal field (an address, its normalised form) null.
 #[utoipa::path(get, path = "/users/{id}/events", tag = "users",
     params(("id" = Uuid, Path), EventsQuery, MinPositionHeader),
     responses(
@@ -533,6 +554,7 @@ pub async fn events(
     let limit = page_size(query.limit.as_deref(), state.settings.max_page_size, &state)?;
     let items = history::events(
         state.store.as_ref(),
+        &state.sealer,
         UserId::from_uuid(id),
         after,
         limit as usize,

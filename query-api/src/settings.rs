@@ -1,6 +1,8 @@
 //! The query API's settings: defaults here, then a TOML file, then `IDENTITY__...` variables.
 
-use platform::settings::{DatabaseSettings, HttpSettings, LogSettings, ReadModelSettings};
+use platform::settings::{
+    DatabaseSettings, HttpSettings, LogSettings, PersonalDataSettings, ReadModelSettings,
+};
 use serde::Deserialize;
 use tokens::TokenConfig;
 
@@ -17,6 +19,12 @@ pub struct Settings {
     /// `published_keys`.
     pub tokens: TokenConfig,
     pub query: QuerySettings,
+    /// The master keys that unwrap each person's key, kept in the message store's database
+    /// (ADR 13): history, `as_of`, the export and the check of an account's status open
+    /// personal fields with them. Only the master keys are read (`master_key_id`,
+    /// `master_key` or `master_key_file`, `retired_master_keys`): the query API never creates,
+    /// erases or rewraps a key, and names no reservation stream, so it needs no lookup key.
+    pub personal_data: PersonalDataSettings,
 }
 
 impl Default for Settings {
@@ -28,6 +36,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             tokens: TokenConfig::default(),
             query: QuerySettings::default(),
+            personal_data: PersonalDataSettings::default(),
         }
     }
 }

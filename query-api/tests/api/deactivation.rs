@@ -250,8 +250,9 @@ async fn while_a_rebuild_is_under_way_a_deactivation_is_refused_on_every_route_w
     .await
     .unwrap();
     let rebuild = tokio::spawn({
-        let (store, read_model) = (app.store.clone(), aggregator.read_model.clone());
-        async move { aggregator::admin::rebuild(&store, &read_model, "users", 1000).await }
+        let (store, sealer) = (app.store.clone(), app.sealer.clone());
+        let read_model = aggregator.read_model.clone();
+        async move { aggregator::admin::rebuild(&store, &sealer, &read_model, "users", 1000).await }
     });
     let caught_up = app.store.last_position().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

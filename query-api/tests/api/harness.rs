@@ -1,7 +1,9 @@
 //! A query API on port 0 with its own database, a signing key, and helpers to seed the read
 //! model and the message store, or to run the real aggregator over it. Every token it issues
 //! belongs to a session started in the message store, as a login starts one: the query API
-//! refuses a token whose session its stream does not show live.
+//! refuses a token whose session its stream does not show live. Personal fields of the events
+//! it appends are sealed with their person's key in a real key vault, under the master key the
+//! query API is given, so the store looks as the command API leaves it (ADR 13).
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -13,10 +15,11 @@ use chrono::{DateTime, TimeDelta, Utc};
 use identity::{
     AccountStatus, Email, LoginEvent, LoginSucceeded, PasswordHash, RefreshNonce, Role,
     SessionEndReason, SessionEnded, SessionEvent, SessionId, SessionPolicy, SessionStarted,
-    UserAccount, UserActivated, UserAgent, UserDeactivated, UserEvent, UserId, UserRegistered,
-    event_version, login_stream_name, session_stream_name, user_stream_name,
+    UserAccount, UserActivated, UserAgent, UserDeactivated, UserErased, UserEvent, UserId,
+    UserRegistered, event_version, login_stream_name, session_stream_name, user_stream_name,
 };
 use message_store::{ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName};
+use personal_data::Sealer;
 use platform::clock::{Clock, SystemClock};
 use query_api::Settings;
 use read_model_schema::USERS_VERSION;
@@ -35,6 +38,9 @@ pub struct TestApp {
     pub pool: PgPool,
     pub read_model_url: String,
     pub store: Arc<dyn MessageStore>,
+    /// The key vault in the store's database, under the query API's master key: seals what the
+    /// test appends, and erases.
+    pub sealer: Sealer,
     pub issuer: TokenIssuer,
     /// The key the query API verifies with, to forge tokens the issuer would never make.
     pub signing_key: SigningKey,
@@ -135,6 +141,18 @@ async fn start(
     let store = message_store::connect(&database_url, message_store::ConnectOptions::default())
         .await
         .unwrap();
+    // A master key of this test's own; the vault's table is made here, before the query API
+    // opens it, as a deployment's migration Job makes it.
+    let master_key = personal_data::MasterKey::generate("test").unwrap();
+    let master_key_hex = master_key.to_hex().expose_secret().clone();
+    let vault = personal_data::connect(
+        &database_url,
+        personal_data::MasterKeys::new(master_key, vec![]).unwrap(),
+        2,
+    )
+    .await
+    .unwrap();
+    let sealer = Sealer::new(vault);
 
     let key = SigningKey::generate(Algorithm::EdDSA).unwrap();
     let application_name = format!("query-api-{}", Uuid::new_v4().simple());
@@ -148,6 +166,8 @@ async fn start(
     settings.http.address = "127.0.0.1:0".into();
     settings.tokens.signing_key = Some(key.to_pem().unwrap().expose_secret().clone());
     settings.query.max_wait_ms = 2_000;
+    settings.personal_data.master_key_id = "test".into();
+    settings.personal_data.master_key = Some(master_key_hex);
     configure(&mut settings);
     let issuer = TokenIssuer::new(KeySet::from(key.clone()), settings.tokens.settings());
 
@@ -169,6 +189,7 @@ async fn start(
         pool,
         read_model_url,
         store,
+        sealer,
         issuer,
         signing_key: key,
         settings,
@@ -280,11 +301,9 @@ impl TestApp {
     /// The account's session epoch, as its stream in the message store says (0 without one).
     pub async fn session_epoch(&self, id: Uuid) -> u64 {
         let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();
-        let events: Vec<UserEvent> = self
-            .store
-            .read_stream(&stream, 0, 10_000)
-            .await
-            .unwrap()
+        let mut messages = self.store.read_stream(&stream, 0, 10_000).await.unwrap();
+        self.sealer.unseal_messages(&mut messages).await.unwrap();
+        let events: Vec<UserEvent> = messages
             .iter()
             .map(|message| {
                 let version = event_version(&message.metadata).unwrap();
@@ -507,11 +526,38 @@ impl TestApp {
         self.append(stream, "Happened", 1, json!({})).await
     }
 
-    /// Appends one user event to the message store, as the command API would.
+    /// Appends one user event to the message store, as the command API would: its personal
+    /// fields sealed with the account's key.
     pub async fn append_user_event(&self, id: Uuid, event: UserEvent) -> u64 {
         let stream = StreamName::parse(user_stream_name(UserId::from_uuid(id))).unwrap();
-        self.append(stream, event.event_type(), event.version(), event.to_json())
+        let data = self
+            .sealed(id, event.personal_fields(), event.to_json())
+            .await;
+        self.append(stream, event.event_type(), event.version(), data)
             .await
+    }
+
+    /// `data` with `fields` sealed with `person`'s key, made on first use.
+    pub async fn sealed(&self, person: Uuid, fields: &[&str], mut data: Value) -> Value {
+        self.sealer.seal(person, fields, &mut data).await.unwrap();
+        data
+    }
+
+    /// Erases `id` as the command API does, on behalf of `by`: appends `UserErased`, then
+    /// deletes the account's key; returns the event's position.
+    pub async fn erase(&self, id: Uuid, by: Uuid) -> u64 {
+        let position = self.append_erasure(id, by).await;
+        assert!(self.sealer.vault().erase(id).await.unwrap());
+        position
+    }
+
+    /// Appends `UserErased` without deleting the key: the command API died in between.
+    pub async fn append_erasure(&self, id: Uuid, by: Uuid) -> u64 {
+        let erased = UserErased {
+            erased_by: UserId::from_uuid(by),
+            at: now(),
+        };
+        self.append_user_event(id, erased.into()).await
     }
 
     /// Appends one session event to its session's stream, as the command API would.
@@ -598,9 +644,9 @@ pub fn registration(
     let email = Email::parse(email).unwrap();
     UserEvent::UserRegistered(UserRegistered {
         user_id: UserId::from_uuid(id),
-        email_normalized: email.normalized().to_owned(),
-        email,
-        password_hash: a_password_hash(),
+        email_normalized: email.normalized().to_owned().into(),
+        email: email.into(),
+        password_hash: a_password_hash().into(),
         status,
         roles: roles
             .iter()
@@ -712,6 +758,7 @@ impl Aggregator {
             .unwrap();
         let projector = Projector::users(
             app.store.clone(),
+            app.sealer.clone(),
             read_model.clone(),
             ProjectorOptions {
                 batch_size,

@@ -56,8 +56,9 @@ impl Served {
     }
 
     /// Appends the events of one confirmed link, as the command API does: the account's
-    /// events and the link's use in its recovery stream, in one atomic append, with the
-    /// lifting of a lockout when there is one. Projects them; returns the last position.
+    /// events and the link's use in its recovery stream, their personal fields sealed with the
+    /// account's key, in one atomic append, with the lifting of a lockout when there is one.
+    /// Projects them; returns the last position.
     async fn confirm(
         &mut self,
         kind: RecoveryKind,
@@ -66,23 +67,35 @@ impl Served {
     ) -> u64 {
         let id = UserId::from_uuid(self.ann);
         let new_email = user_events.iter().find_map(|event| match event {
-            UserEvent::EmailChanged(changed) => Some(changed.email.clone()),
+            UserEvent::EmailChanged(changed) => changed.email.known().cloned(),
             _ => None,
         });
         let completed = RecoveryEvent::RecoveryCompleted(RecoveryCompleted {
             kind,
             new_email,
             at: now(),
-            state: RecoveryState::default(),
+            state: RecoveryState::default().into(),
         });
+        let mut sealed_user_events = Vec::with_capacity(user_events.len());
+        for event in &user_events {
+            let data = self
+                .app
+                .sealed(self.ann, event.personal_fields(), event.to_json())
+                .await;
+            sealed_user_events.push(message(event.event_type(), event.version(), data));
+        }
+        let completed_data = self
+            .app
+            .sealed(self.ann, completed.personal_fields(), completed.to_json())
+            .await;
         let mut appends = vec![
-            append_to(user_stream_name(id), user_events.iter().map(user_message)),
+            append_to(user_stream_name(id), sealed_user_events),
             append_to(
                 recovery_stream_name(id),
                 [message(
                     completed.event_type(),
                     completed.version(),
-                    completed.to_json(),
+                    completed_data,
                 )],
             ),
         ];
@@ -100,10 +113,6 @@ impl Served {
         self.aggregator.catch_up(&self.app).await;
         position
     }
-}
-
-fn user_message(event: &UserEvent) -> NewMessage {
-    message(event.event_type(), event.version(), event.to_json())
 }
 
 fn message(event_type: &str, version: u32, data: Value) -> NewMessage {
@@ -215,8 +224,8 @@ async fn after_a_change_of_email_the_account_is_found_by_its_new_address_only() 
 
     let new_email = Email::parse("Ann.Moved@Example.ORG").unwrap();
     let changed = EmailChanged {
-        email_normalized: new_email.normalized().to_owned(),
-        email: new_email,
+        email_normalized: new_email.normalized().to_owned().into(),
+        email: new_email.into(),
         at: now(),
     };
     let position = served
@@ -284,7 +293,7 @@ async fn a_password_reset_ends_the_sessions_before_it_and_the_history_shows_reco
     let old_token = served.ann_token.clone();
 
     let reset = PasswordReset {
-        password_hash: a_password_hash(),
+        password_hash: a_password_hash().into(),
         at: now(),
     };
     let lifted = LockoutLifted {

@@ -160,7 +160,7 @@ async fn end_all_of_ann_and_root(app: &TestApp, people: &People) -> (Instant, u6
     let ended = UserEvent::SessionsEnded(SessionsEnded { at: now() });
     app.append_user_event(people.ann, ended).await;
     let changed = UserEvent::PasswordChanged(PasswordChanged {
-        password_hash: a_password_hash(),
+        password_hash: a_password_hash().into(),
         at: now(),
     });
     let position = app.append_user_event(people.root, changed).await;
@@ -298,7 +298,7 @@ async fn while_older_aggregators_keep_a_view_of_version_1_fresh_the_accounts_str
     assert_eq!(app.get("/users/me", Some(&before)).await.status(), 200);
 
     let changed = UserEvent::PasswordChanged(PasswordChanged {
-        password_hash: a_password_hash(),
+        password_hash: a_password_hash().into(),
         at: now(),
     });
     app.append_user_event(ann, changed).await;
