@@ -2,8 +2,9 @@
 //! installations. It composes the parts, it does not re-wire them: each crate hands over its
 //! routes and its background work, and this puts them on one port, over one message store and
 //! one read model: an SQLite file under `data/` by default (created on first start, kept across
-//! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key is created
-//! on first start and kept beside the database. Mails are `.eml` files under `data/mail/`, their
+//! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key, and the
+//! keys that seal personal data (ADR 13), are created on first start and kept beside the
+//! database. Mails are `.eml` files under `data/mail/`, their
 //! links logged, unless `mail.smtp_url` names a server.
 
 #![forbid(unsafe_code)]
@@ -34,6 +35,15 @@ const STANDALONE_DEFAULTS: &[(&str, &str)] = &[
     ("tokens.create_key_if_missing", "true"),
     ("mail.token_key_file", "data/mail-token-key"),
     ("mail.create_key_if_missing", "true"),
+    (
+        "personal_data.master_key_file",
+        "data/personal-data-master-key",
+    ),
+    (
+        "personal_data.lookup_key_file",
+        "data/personal-data-lookup-key",
+    ),
+    ("personal_data.create_keys_if_missing", "true"),
 ];
 
 /// The settings of each part, read from the same file and variables (each takes its own
@@ -63,6 +73,9 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     store: Arc<dyn MessageStore>,
     read_model: aggregator::ReadModelWriter,
+    /// One key vault for every part: the command side seals with it, the projector, the mailer
+    /// and the query side open with it.
+    personal_data: personal_data::PersonalData,
     mailer: aggregator::Mailer,
 }
 
@@ -73,6 +86,8 @@ impl Application {
         platform::metrics::handle();
         create_parent_directories(&settings.commands)?;
         let store = settings.projection.connect_store().await?;
+        // The vault's table lives in the store's database; opening it migrates it.
+        let personal_data = command_api::open_personal_data(&settings.commands).await?;
         let read_model = settings.projection.connect_read_model().await?;
         read_model
             .migrate()
@@ -80,10 +95,12 @@ impl Application {
             .context("applying the read model migrations")?;
         // Without `mail.smtp_url` (the standalone default), mails are `.eml` files under
         // `mail.outbox_dir` and their links are logged.
-        let mailer =
-            settings
-                .projection
-                .mailer(store.clone(), read_model.clone(), clock.clone())?;
+        let mailer = settings.projection.mailer(
+            store.clone(),
+            personal_data.sealer.clone(),
+            read_model.clone(),
+            clock.clone(),
+        )?;
         let address = &settings.commands.http.address;
         let listener = TcpListener::bind(address)
             .await
@@ -94,6 +111,7 @@ impl Application {
             clock,
             store,
             read_model,
+            personal_data,
             mailer,
         })
     }
@@ -117,17 +135,23 @@ impl Application {
             projection,
         } = self.settings;
         let store = self.store;
+        let sealer = self.personal_data.sealer.clone();
 
         let projector = aggregator::Projector::users(
             store.clone(),
+            sealer.clone(),
             self.read_model,
             projection.projector_options(),
         );
         let projecting = tokio::spawn(projector.run(shutdown.stopped()));
         let mailing = tokio::spawn(self.mailer.run(shutdown.stopped()));
 
-        let command_state =
-            command_api::state_with_store(&commands, self.clock.clone(), store.clone())?;
+        let command_state = command_api::state_with_store(
+            &commands,
+            self.clock.clone(),
+            store.clone(),
+            self.personal_data,
+        )?;
         let pruning = tokio::spawn(command_api::run_background(
             command_state.clone(),
             commands.login,
@@ -143,6 +167,7 @@ impl Application {
         let (query_state, following) = query_api::AppState::start(
             query_read_model,
             store.clone(),
+            sealer,
             command_state.verifier.clone(),
             self.clock,
             queries.query,
@@ -188,6 +213,8 @@ fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result
         settings.tokens.signing_key_file.clone(),
         settings.tokens.refresh_token_key_file.clone(),
         settings.mail.token_key_file.clone(),
+        settings.personal_data.master_key_file.clone(),
+        settings.personal_data.lookup_key_file.clone(),
     ];
     for file in database.into_iter().chain(keys.into_iter().flatten()) {
         if let Some(directory) = file.parent().filter(|parent| *parent != Path::new("")) {

@@ -31,7 +31,13 @@ pub struct Options {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let database = TestDatabase::new().await;
     let (store, read_model) = crate::setup::store_and_read_model(&database).await?;
-    let projector = Projector::users(store.clone(), read_model, ProjectorOptions::default());
+    let sealer = crate::setup::sealer(&database).await?;
+    let projector = Projector::users(
+        store.clone(),
+        sealer,
+        read_model,
+        ProjectorOptions::default(),
+    );
     // The committed checkpoint: an event's row is visible once the checkpoint passes it.
     let mut visible = projector.positions();
     let worker = tokio::spawn(projector.run(std::future::pending()));

@@ -65,6 +65,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let mut mailer = Mailer::new(
         store.clone(),
+        crate::setup::sealer(&database).await?,
         read_model,
         Postman::from_settings(&settings, DELIVERY_TIMEOUT)?,
         letters()?,

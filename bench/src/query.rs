@@ -35,6 +35,7 @@ use identity::{
 use message_store::{
     ExpectedVersion, MessageStore, NewMessage, PostgresMessageStore, StreamAppend, StreamName,
 };
+use personal_data::{MasterKey, MasterKeys, Sealer};
 use platform::clock::{Clock, SystemClock};
 use serde_json::json;
 use sqlx::PgPool;
@@ -149,23 +150,26 @@ impl Latencies {
 }
 
 /// Appends the registration of an active administrator `id` to the message store, as the
-/// command API writes it, and returns its global position.
-async fn register_administrator(pool: &PgPool, id: Uuid) -> anyhow::Result<u64> {
+/// command API writes it (its personal fields sealed), and returns its global position.
+async fn register_administrator(pool: &PgPool, sealer: &Sealer, id: Uuid) -> anyhow::Result<u64> {
     let store = PostgresMessageStore::new(pool.clone(), Duration::from_secs(1));
     let email = Email::parse("Admin@example.com")?;
     let event = UserEvent::UserRegistered(UserRegistered {
         user_id: UserId::from_uuid(id),
-        email_normalized: email.normalized().to_owned(),
-        email,
+        email_normalized: email.normalized().to_owned().into(),
+        email: email.into(),
         // Nobody logs in with it: the benchmark issues the tokens itself.
         password_hash: PasswordHash::parse(
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
-        )?,
+        )?
+        .into(),
         status: AccountStatus::Active,
         roles: vec![Role::User, Role::Admin],
         registered_at: SystemClock.now(),
     });
-    let message = NewMessage::new(event.event_type(), event.to_json())
+    let mut data = event.to_json();
+    sealer.seal(id, event.personal_fields(), &mut data).await?;
+    let message = NewMessage::new(event.event_type(), data)
         .with_metadata(json!({ EVENT_VERSION_KEY: event.version() }));
     let appended = store
         .append(vec![StreamAppend::new(
@@ -305,6 +309,13 @@ impl Figures {
     }
 }
 
+/// The keys the query APIs are given: the one that verifies tokens, in PEM, and the master key
+/// that opens personal fields (ADR 13), in hexadecimal.
+struct ServiceKeys {
+    signing_pem: String,
+    master_key: String,
+}
+
 /// One of the query APIs under measurement, and what its requests measured.
 struct Measured {
     /// How it serves, for the result lines.
@@ -323,7 +334,7 @@ impl Measured {
         label: &'static str,
         binary: &Path,
         database: &TestDatabase,
-        pem: &str,
+        keys: &ServiceKeys,
         options: &Options,
         cache_profiles: u64,
         http: &reqwest::Client,
@@ -336,7 +347,8 @@ impl Measured {
                 options.connections.to_string(),
             )
             .env("IDENTITY__HTTP__ADDRESS", format!("127.0.0.1:{port}"))
-            .env("IDENTITY__TOKENS__SIGNING_KEY", pem)
+            .env("IDENTITY__TOKENS__SIGNING_KEY", &keys.signing_pem)
+            .env("IDENTITY__PERSONAL_DATA__MASTER_KEY", &keys.master_key)
             .env(
                 "IDENTITY__QUERY__CACHE_PROFILES",
                 cache_profiles.to_string(),
@@ -444,11 +456,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 .test_before_acquire(false),
         )
         .await;
-    let (admin, ids) = seed_read_model(&pool, options.users).await?;
+    // Personal fields sealed, as the command API writes them (ADR 13).
+    let master_key = MasterKey::generate("1")?;
+    let sealer = Sealer::new(
+        personal_data::connect(
+            database.url(),
+            MasterKeys::new(master_key.clone(), vec![])?,
+            1,
+        )
+        .await?,
+    );
+    let (admin, ids) = seed_read_model(&pool, &sealer, options.users).await?;
 
     // The query APIs, each in its own process.
     let key = SigningKey::generate(Algorithm::EdDSA)?;
-    let pem = key.to_pem()?.expose_secret().clone();
+    let keys = ServiceKeys {
+        signing_pem: key.to_pem()?.expose_secret().clone(),
+        master_key: master_key.to_hex().expose_secret().clone(),
+    };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -465,7 +490,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 label,
                 &binary,
                 &database,
-                &pem,
+                &keys,
                 &options,
                 cache_profiles,
                 &client,
@@ -506,12 +531,16 @@ fn query_api_binary(options: &Options) -> anyhow::Result<PathBuf> {
 
 /// Migrates the store and the read model, and fills the view as the aggregator would have
 /// built it; answers the administrator the requests are made as and the other users' ids.
-async fn seed_read_model(pool: &PgPool, users: u32) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
+async fn seed_read_model(
+    pool: &PgPool,
+    sealer: &Sealer,
+    users: u32,
+) -> anyhow::Result<(Uuid, Vec<Uuid>)> {
     PostgresMessageStore::migrate(pool).await?;
     read_model_schema::postgres_migrations().run(pool).await?;
     let seeding = Instant::now();
     seed_users(pool, users).await?;
-    let admin = seed_administrator(pool, users).await?;
+    let admin = seed_administrator(pool, sealer, users).await?;
     sqlx::query("ANALYZE users").execute(pool).await?;
     let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE id <> $1")
         .bind(admin)
@@ -554,9 +583,9 @@ async fn seed_users(pool: &PgPool, users: u32) -> anyhow::Result<()> {
 /// The administrator the requests are made as, registered in the message store as the command
 /// API registers one (the query API checks an administrator acting on others in the account's
 /// stream) and projected into the view beside `users` others.
-async fn seed_administrator(pool: &PgPool, users: u32) -> anyhow::Result<Uuid> {
+async fn seed_administrator(pool: &PgPool, sealer: &Sealer, users: u32) -> anyhow::Result<Uuid> {
     let admin = Uuid::now_v7();
-    let registered = register_administrator(pool, admin).await?;
+    let registered = register_administrator(pool, sealer, admin).await?;
     sqlx::query(
         "INSERT INTO users (id, email, email_normalized, status, registered_at, activated_at, \
                             login_count, roles, position) \

@@ -1,11 +1,15 @@
 //! `rebuild`: the users projection rebuilt from a million events by the aggregator, against
-//! one set-based SQL statement that builds the same view from the same messages.
+//! one set-based SQL statement that builds the same view from the same messages; and the same
+//! events with their personal fields sealed (ADR 13), as the command API writes them, rebuilt
+//! in the same run.
 
 use std::time::Instant;
 
 use aggregator::{ReadModelWriter, admin};
 use message_store::ConnectOptions;
+use personal_data::Sealer;
 use sqlx::PgPool;
+use test_support::TestDatabase;
 use test_support::bulk::PASSWORD_HASH;
 
 use crate::setup::store_database;
@@ -23,46 +27,55 @@ pub struct Options {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let (database, pool) = store_database().await?;
-    let events = test_support::bulk::write_user_events(
-        &pool,
-        &test_support::bulk::BulkUsers {
-            seed: "bench-user-",
-            users: options.users,
-            login_rounds: options.logins,
-            uneven_logins: false,
-            password_hash: PASSWORD_HASH,
-        },
-    )
-    .await?;
-    println!("wrote {events} events ({} users)", options.users);
+    let bulk = test_support::bulk::BulkUsers {
+        seed: "bench-user-",
+        users: options.users,
+        login_rounds: options.logins,
+        uneven_logins: false,
+        password_hash: PASSWORD_HASH,
+    };
 
-    let store = message_store::connect(database.url(), ConnectOptions::default()).await?;
-    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
-    read_model.migrate().await?;
-
-    let started = Instant::now();
-    let rebuilt = admin::rebuild(&store, &read_model, "users", options.batch_size).await?;
-    let projector_seconds = started.elapsed().as_secs_f64();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
-        .fetch_one(&pool)
-        .await?;
-    anyhow::ensure!(rows == options.users, "the view has {rows} rows");
+    // The same events twice, each in a database of its own: every field in clear, as events
+    // written before ADR 13 are, and each registration's personal fields sealed with its
+    // account's key, as the command API writes them now.
+    let (clear_database, clear_pool) = store_database().await?;
+    let events = test_support::bulk::write_user_events(&clear_pool, &bulk).await?;
+    let (sealed_database, sealed_pool) = store_database().await?;
+    let sealer = crate::setup::sealer(&sealed_database).await?;
+    let sealed_events =
+        test_support::bulk::write_sealed_user_events(&sealed_pool, &bulk, &sealer).await?;
+    anyhow::ensure!(
+        sealed_events == events,
+        "{sealed_events} sealed events, {events} in clear"
+    );
     println!(
-        "projector rebuild: {} events applied in {projector_seconds:.2} s",
-        rebuilt.events
+        "wrote {events} events ({} users), in clear and sealed",
+        options.users
     );
 
+    let clear_seconds = rebuild(&clear_database, &clear_pool, &sealer, &options).await?;
+    println!("projector rebuild, in clear: {events} events applied in {clear_seconds:.2} s");
+    let sealed_seconds = rebuild(&sealed_database, &sealed_pool, &sealer, &options).await?;
+    println!("projector rebuild, sealed: {events} events applied in {sealed_seconds:.2} s");
+    let emails: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE email LIKE '%@%'")
+        .fetch_one(&sealed_pool)
+        .await?;
+    anyhow::ensure!(
+        emails == options.users,
+        "{emails} of the sealed view's rows have their address"
+    );
+
+    // The baseline reads the fields in clear: SQL cannot open a sealed one.
     sqlx::query("CREATE TABLE users_setbased (LIKE users INCLUDING ALL)")
-        .execute(&pool)
+        .execute(&clear_pool)
         .await?;
     let started = Instant::now();
-    set_based(&pool).await?;
+    set_based(&clear_pool).await?;
     let sql_seconds = started.elapsed().as_secs_f64();
     let differing: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT * FROM users EXCEPT SELECT * FROM users_setbased) d",
     )
-    .fetch_one(&pool)
+    .fetch_one(&clear_pool)
     .await?;
     anyhow::ensure!(
         differing == 0,
@@ -70,12 +83,40 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
     println!("set-based SQL: {events} events in {sql_seconds:.2} s");
 
-    let rate = events as f64 / projector_seconds;
+    let rate = |seconds: f64| events as f64 / seconds;
     println!(
-        "rebuild: {rate:.0} events/s, {:.2}x set-based SQL",
-        sql_seconds / projector_seconds
+        "rebuild in clear: {:.0} events/s, {:.2}x set-based SQL",
+        rate(clear_seconds),
+        sql_seconds / clear_seconds
+    );
+    println!(
+        "rebuild: {:.0} events/s sealed, {:.2}x set-based SQL, {:.2}x the rebuild in clear",
+        rate(sealed_seconds),
+        sql_seconds / sealed_seconds,
+        clear_seconds / sealed_seconds
     );
     Ok(())
+}
+
+/// Rebuilds the users view in `database` from its messages, as `aggregator rebuild` does, and
+/// answers how long it took; checks the view has a row per user.
+async fn rebuild(
+    database: &TestDatabase,
+    pool: &PgPool,
+    sealer: &Sealer,
+    options: &Options,
+) -> anyhow::Result<f64> {
+    let store = message_store::connect(database.url(), ConnectOptions::default()).await?;
+    let read_model = ReadModelWriter::connect(database.url(), 4).await?;
+    read_model.migrate().await?;
+    let started = Instant::now();
+    admin::rebuild(&store, sealer, &read_model, "users", options.batch_size).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(rows == options.users, "the view has {rows} rows");
+    Ok(seconds)
 }
 
 /// The same view in one statement: every registration joined with the last login of its user,

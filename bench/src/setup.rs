@@ -9,6 +9,7 @@ use aggregator::ReadModelWriter;
 use command_api::hashing::Hasher;
 use command_api::{Application, Settings};
 use message_store::{ConnectOptions, MessageStore, PostgresMessageStore};
+use personal_data::{LookupKey, MasterKey, MasterKeys, Sealer};
 use platform::clock::SystemClock;
 use reqwest::RequestBuilder;
 use serde_json::Value;
@@ -25,6 +26,15 @@ pub async fn store_database() -> anyhow::Result<(TestDatabase, PgPool)> {
     let pool = database.pool().await;
     PostgresMessageStore::migrate(&pool).await?;
     Ok((database, pool))
+}
+
+/// A sealer over a key vault in `database` (its table created on opening), under a master key
+/// made for the run: what every consumer opens personal fields with (ADR 13).
+pub async fn sealer(database: &TestDatabase) -> anyhow::Result<Sealer> {
+    let master_keys = MasterKeys::new(MasterKey::generate("1")?, vec![])?;
+    Ok(Sealer::new(
+        personal_data::connect(database.url(), master_keys, 4).await?,
+    ))
 }
 
 /// A consumer's two sides on `database`: its message store (8 connections, polling every
@@ -82,6 +92,11 @@ impl CommandApi {
         settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
         let mail_key = MailTokenKey::generate()?;
         settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
+        // Personal fields are sealed, as in every deployment (ADR 13).
+        let master_key = MasterKey::generate("1")?;
+        settings.personal_data.master_key = Some(master_key.to_hex().expose_secret().clone());
+        let lookup_key = LookupKey::generate()?;
+        settings.personal_data.lookup_key = Some(lookup_key.to_hex().expose_secret().clone());
         configure(&mut settings);
 
         let application = Application::build(settings, Arc::new(SystemClock)).await?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use personal_data::{LookupKey, MasterKey, MasterKeys, Sealer};
 use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
 
 use crate::process::{Launch, Process, built_binary, free_port};
@@ -27,6 +28,11 @@ pub struct Deployment {
     pub refresh_token_key: String,
     /// The mail token key of the command API and the aggregator's mailer, in hexadecimal.
     pub mail_token_key: String,
+    /// The master key that wraps each person's key (ADR 13), in hexadecimal, under id `1`:
+    /// every service reads it.
+    pub master_key: String,
+    /// The key of the hash that names email reservation streams, in hexadecimal.
+    pub lookup_key: String,
     /// Where each process writes its output: `<label>.log`.
     pub logs: PathBuf,
     /// Settings every process gets besides the databases and the key, as environment
@@ -75,6 +81,8 @@ impl Deployment {
                 .expose_secret()
                 .clone(),
             mail_token_key: MailTokenKey::generate()?.to_hex().expose_secret().clone(),
+            master_key: MasterKey::generate("1")?.to_hex().expose_secret().clone(),
+            lookup_key: LookupKey::generate()?.to_hex().expose_secret().clone(),
             logs,
             settings: Vec::new(),
         })
@@ -93,6 +101,14 @@ impl Deployment {
         self
     }
 
+    /// A sealer over the deployment's key vault, with its master key: how a test opens the
+    /// personal fields of the messages it reads from the store, as the services do.
+    pub async fn sealer(&self) -> anyhow::Result<Sealer> {
+        let master_keys = MasterKeys::new(MasterKey::from_hex("1", &self.master_key)?, vec![])?;
+        let vault = personal_data::connect(&self.url, master_keys, 2).await?;
+        Ok(Sealer::new(vault))
+    }
+
     /// The file a process labelled `label` writes its output to.
     pub fn log(&self, label: &str) -> PathBuf {
         self.logs.join(format!("{label}.log"))
@@ -109,6 +125,9 @@ impl Deployment {
                 &self.refresh_token_key,
             )
             .env("IDENTITY__MAIL__TOKEN_KEY", &self.mail_token_key)
+            .env("IDENTITY__PERSONAL_DATA__MASTER_KEY_ID", "1")
+            .env("IDENTITY__PERSONAL_DATA__MASTER_KEY", &self.master_key)
+            .env("IDENTITY__PERSONAL_DATA__LOOKUP_KEY", &self.lookup_key)
             // Without an SMTP server (the default), the aggregator's mails are files: in the
             // run's directory rather than under the working directory's `data/`.
             .env("IDENTITY__MAIL__OUTBOX_DIR", self.logs.join("mail"))
