@@ -88,6 +88,18 @@ impl Application {
         let store = settings.projection.connect_store().await?;
         // The vault's table lives in the store's database; opening it migrates it.
         let personal_data = command_api::open_personal_data(&settings.commands).await?;
+        // A data file an older build wrote holds personal data in clear: sealed here, once (the
+        // split deployment's operator runs `command-api seal-history`). No other process writes
+        // to this file, so nothing writes in clear meanwhile.
+        let sealer = &personal_data.sealer;
+        if !command_api::history_sealing::is_sealed(store.as_ref(), sealer).await? {
+            tracing::warn!("sealing the personal data an older build wrote in clear");
+            let report =
+                command_api::history_sealing::seal_history(store.as_ref(), &personal_data, false)
+                    .await
+                    .context("sealing the history")?;
+            tracing::warn!(?report, "the history is sealed");
+        }
         let read_model = settings.projection.connect_read_model().await?;
         read_model
             .migrate()

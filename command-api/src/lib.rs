@@ -23,6 +23,7 @@
 pub mod erasure;
 pub mod error;
 pub mod hashing;
+pub mod history_sealing;
 mod personal;
 pub mod recovery;
 mod recovery_routes;
@@ -123,10 +124,12 @@ pub async fn run_background(state: AppState, login: LoginSettings, shutdown: Shu
 }
 
 /// Everything the routes need, from settings: the store, the key vault and the lookup key, the
-/// signing keys, the hasher.
+/// signing keys, the hasher. Refuses a store whose history holds personal data in clear
+/// (`command-api seal-history`).
 pub async fn build_state(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
     let store = connect(settings).await?;
     let personal = open_personal_data(settings).await?;
+    history_sealing::ensure_sealed(store.as_ref(), &personal.sealer).await?;
     state_with_store(settings, clock, store, personal)
 }
 
@@ -194,7 +197,7 @@ pub fn state_with_store(
     Ok(AppState { commands, verifier })
 }
 
-async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
+pub async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {
     let options = ConnectOptions {
         max_connections: settings.database.max_connections,
         poll_interval: settings.database.poll_interval(),

@@ -79,7 +79,7 @@ async fn key_row(app: &TestApp, id: &str) -> Option<(bool, bool)> {
 
 /// Every stored row as text: each message's stream, type, data and metadata, and each personal
 /// key row, as a dump of the database would show them.
-async fn stored_rows(app: &TestApp) -> String {
+pub(crate) async fn stored_rows(app: &TestApp) -> String {
     let pool = app.database.pool().await;
     let messages: Vec<(String,)> = sqlx::query_as(
         "SELECT concat_ws(' ', stream_name, type, data::text, metadata::text) FROM messages",
@@ -105,7 +105,7 @@ async fn stored_rows(app: &TestApp) -> String {
 
 /// The forms of `address` a dump must not hold: as typed, normalised, their SHA-256 and the
 /// base64 of each of these.
-fn traces_of(address: &str) -> Vec<String> {
+pub(crate) fn traces_of(address: &str) -> Vec<String> {
     let mut plain = vec![address.to_owned(), address.to_lowercase()];
     plain.extend(
         plain

@@ -13,6 +13,7 @@ mod password;
 mod recovery;
 mod recovery_enumeration;
 mod register;
+mod seal_history;
 mod secrets;
 mod sessions;
 mod timing;
