@@ -89,8 +89,8 @@ impl Application {
         // The vault's table lives in the store's database; opening it migrates it.
         let personal_data = command_api::open_personal_data(&settings.commands).await?;
         // A data file an older build wrote holds personal data in clear: sealed here, once (the
-        // split deployment's operator runs `command-api seal-history`). No other process writes
-        // to this file, so nothing writes in clear meanwhile.
+        // split deployment's operator runs `command-api seal-history`), by a process started in
+        // the older build's place, so nothing writes in clear meanwhile.
         let sealer = &personal_data.sealer;
         if !command_api::history_sealing::is_sealed(store.as_ref(), sealer).await? {
             tracing::warn!("sealing the personal data an older build wrote in clear");

@@ -89,6 +89,9 @@ impl Commands {
             ));
             let appended = self.append_if_current(appends, "appending an erasure");
             if let Some(position) = appended.await? {
+                // The operator's record of erasures, to erase again after restoring a backup
+                // older than this one: the account's id alone, nothing personal.
+                tracing::info!(account = %id, position, "account erased");
                 self.erase_key(id).await?;
                 return Ok(Done { id, position });
             }
