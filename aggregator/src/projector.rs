@@ -533,6 +533,9 @@ impl Projector {
         if committed == Committed::CheckpointMoved {
             return Ok(false);
         }
+        if !fold.erased.is_empty() {
+            self.read_model.empty_write_ahead_log().await?;
+        }
         self.checkpoint = Some(checkpoint.at(fold.to));
         if self.cache.len() > self.options.cache_rows {
             self.cache.clear();

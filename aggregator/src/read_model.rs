@@ -259,6 +259,22 @@ impl ReadModelWriter {
         Ok(Self::Postgres(pool))
     }
 
+    /// On SQLite, empties the file's write-ahead log into the file, where `secure_delete` has
+    /// zeroed what was overwritten: the log keeps the earlier versions of the pages written (an
+    /// erased account's row with its address) until it is emptied (ADR 13). Nothing to do on
+    /// PostgreSQL, whose dumps never hold an earlier version of a row.
+    pub async fn empty_write_ahead_log(&self) -> Result<(), sqlx::Error> {
+        if let Self::Sqlite(pool) = self
+            && !message_store::sqlite::truncate_write_ahead_log(pool).await?
+        {
+            tracing::warn!(
+                "the write-ahead log is still read: an erased account's earlier row stays in \
+                 it until the next checkpoint"
+            );
+        }
+        Ok(())
+    }
+
     /// Creates or updates the read model's tables; applying them again changes nothing.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         let migrator = match self {

@@ -29,11 +29,11 @@ pub struct SqliteKeyVault {
     master_keys: Arc<MasterKeys>,
 }
 
-/// The message store's settings for the file (WAL, full synchronous, the busy timeout), plus
-/// `secure_delete` on the writer: an erased key's bytes are overwritten in the table's pages
-/// rather than left in free space.
+/// The message store's settings for the file (WAL, full synchronous, the busy timeout, and
+/// `secure_delete`: an erased key's bytes are overwritten in the table's pages rather than left
+/// in free space).
 fn writer_options(path: &Path) -> SqliteConnectOptions {
-    message_store::sqlite::connect_options(path).pragma("secure_delete", "ON")
+    message_store::sqlite::connect_options(path)
 }
 
 /// The writer's pool on the file a `sqlite://path` URL names.
@@ -182,23 +182,34 @@ impl KeyVault for SqliteKeyVault {
     }
 
     async fn erase(&self, person: Uuid) -> Result<bool, VaultError> {
-        self.write(async |connection| {
-            let had_key = matches!(
-                stored(connection, person).await?,
-                Some(StoredKey::Wrapped { .. })
-            );
-            sqlx::query(
-                "INSERT INTO personal_keys (person_id, erased_at) \
+        let had_key = self
+            .write(async |connection| {
+                let had_key = matches!(
+                    stored(connection, person).await?,
+                    Some(StoredKey::Wrapped { .. })
+                );
+                sqlx::query(
+                    "INSERT INTO personal_keys (person_id, erased_at) \
                  VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
                  ON CONFLICT (person_id) DO UPDATE SET wrapped_key = NULL, master_key_id = NULL, \
                      erased_at = coalesce(erased_at, excluded.erased_at)",
-            )
-            .bind(person.to_string())
-            .execute(connection)
+                )
+                .bind(person.to_string())
+                .execute(connection)
+                .await?;
+                Ok(had_key)
+            })
             .await?;
-            Ok(had_key)
-        })
-        .await
+        // The key's earlier page versions are in the write-ahead log until it is emptied. The
+        // projection's erasure of the account comes here too, after its rows are committed, so
+        // the read model's earlier versions of the account's row go with it.
+        if !message_store::sqlite::truncate_write_ahead_log(&self.writer).await? {
+            tracing::warn!(
+                "the write-ahead log is still read: the erased key's earlier pages stay in it \
+                 until the next checkpoint"
+            );
+        }
+        Ok(had_key)
     }
 
     async fn is_erased(&self, person: Uuid) -> Result<bool, VaultError> {
