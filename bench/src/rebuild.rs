@@ -53,10 +53,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.users
     );
 
-    let clear_seconds = rebuild(&clear_database, &clear_pool, &sealer, &options).await?;
-    println!("projector rebuild, in clear: {events} events applied in {clear_seconds:.2} s");
     let sealed_seconds = rebuild(&sealed_database, &sealed_pool, &sealer, &options).await?;
     println!("projector rebuild, sealed: {events} events applied in {sealed_seconds:.2} s");
+    let clear_seconds = rebuild(&clear_database, &clear_pool, &sealer, &options).await?;
+    println!("projector rebuild, in clear: {events} events applied in {clear_seconds:.2} s");
     let emails: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE email LIKE '%@%'")
         .fetch_one(&sealed_pool)
         .await?;

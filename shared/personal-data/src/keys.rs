@@ -1,11 +1,18 @@
 //! The keys: master keys from the configuration, which wrap the stored keys, and the key of
-//! each person, which seals that person's fields. Both are XChaCha20-Poly1305 keys; what is
-//! encrypted under either is `nonce || ciphertext`, the nonce drawn at random each time.
+//! each person, which seals that person's fields. Both are AES-256-GCM keys; what is encrypted
+//! under either is `nonce || ciphertext`, the nonce drawn at random each time.
+//!
+//! AES-256-GCM rather than XChaCha20-Poly1305 (ADR 13): with the processor's AES and carry-less
+//! multiplication instructions it opens a short field five times faster (0.3 µs against 1.6 µs
+//! here), and a rebuild opens three fields and unwraps one key per account. Its 96-bit nonce is
+//! drawn at random, which NIST SP 800-38D allows for up to 2^32 messages under one key: a
+//! person's key seals a few fields per event, and a master key wraps one key per person (again
+//! at each rotation), both far below it.
 
 use std::fmt;
 
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
 use rand_core::RngCore;
 use tokens::Secret;
 use uuid::Uuid;
@@ -16,9 +23,9 @@ use crate::VaultError;
 /// The length of every key here: 256 bits.
 pub const KEY_BYTES: usize = 32;
 
-/// XChaCha20's nonce: 192 bits, large enough to draw at random for every message under one key
-/// without keeping a counter anywhere.
-const NONCE_BYTES: usize = 24;
+/// GCM's nonce: 96 bits, drawn at random for every message (see the module's comment on how
+/// many messages one key may seal so).
+const NONCE_BYTES: usize = 12;
 
 /// Put in front of the associated data of a wrapped key, so that a person key's ciphertext and a
 /// field's ciphertext can never stand in for each other.
@@ -282,10 +289,10 @@ fn random_key() -> Result<Secret<[u8; KEY_BYTES]>, KeyError> {
 ///
 /// Infallible by design: callers seal fields while building an append. Drawing the nonce panics
 /// only when the operating system's random source fails, where no key or nonce could be trusted
-/// anyway; encrypting fails only for a plaintext over 256 GiB.
+/// anyway; encrypting fails only for a plaintext over 64 GiB.
 fn encrypt(key: &[u8; KEY_BYTES], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
-    let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key));
+    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
     match cipher.encrypt(
         &nonce,
         Payload {
@@ -294,7 +301,7 @@ fn encrypt(key: &[u8; KEY_BYTES], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         },
     ) {
         Ok(ciphertext) => [nonce.as_slice(), &ciphertext].concat(),
-        Err(_) => unreachable!("XChaCha20-Poly1305 refuses only plaintexts over 256 GiB"),
+        Err(_) => unreachable!("AES-256-GCM refuses only plaintexts over 64 GiB"),
     }
 }
 
@@ -305,10 +312,10 @@ fn decrypt(key: &[u8; KEY_BYTES], aad: &[u8], sealed: &[u8]) -> Option<Zeroizing
         return None;
     }
     let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
-    let cipher = XChaCha20Poly1305::new(Key::from_slice(key));
+    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key));
     cipher
         .decrypt(
-            XNonce::from_slice(nonce),
+            Nonce::from_slice(nonce),
             Payload {
                 msg: ciphertext,
                 aad,

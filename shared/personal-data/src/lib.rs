@@ -6,8 +6,8 @@
 //! message's data is a [`serde_json::Value`], and the caller says which fields are personal.
 //!
 //! - **Envelopes** ([`seal_fields`], [`unseal_fields`]): a sealed top-level field becomes
-//!   `{"sealed_for": "<person>", "xchacha20poly1305": "<base64url of nonce || ciphertext>"}`,
-//!   the field's JSON encrypted with XChaCha20-Poly1305 under the person's [`PersonKey`], a
+//!   `{"sealed_for": "<person>", "aes256gcm": "<base64url of nonce || ciphertext>"}`,
+//!   the field's JSON encrypted with AES-256-GCM under the person's [`PersonKey`], a
 //!   random nonce per field, the person and the field's name bound as associated data (a
 //!   ciphertext moved to another field or person does not open). The envelope names its person,
 //!   so a reader unseals any message, or a whole batch with one query for the keys

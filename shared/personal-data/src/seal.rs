@@ -5,7 +5,7 @@
 //! ([`sealed_persons`], then [`crate::KeyVault::keys`]):
 //!
 //! ```json
-//! {"sealed_for": "<person uuid>", "xchacha20poly1305": "<base64url of nonce || ciphertext>"}
+//! {"sealed_for": "<person uuid>", "aes256gcm": "<base64url of nonce || ciphertext>"}
 //! ```
 //!
 //! The plaintext is the field's value as JSON; the associated data binds the person and the
@@ -24,7 +24,7 @@ use crate::keys::PersonKey;
 const SEALED_FOR: &str = "sealed_for";
 /// The envelope's member holding the ciphertext, named after the cipher so that a later one can
 /// sit beside it.
-const CIPHERTEXT: &str = "xchacha20poly1305";
+const CIPHERTEXT: &str = "aes256gcm";
 
 /// Put in front of a field's associated data, so that a field's ciphertext and a wrapped key can
 /// never stand in for each other.
@@ -367,19 +367,19 @@ mod tests {
     fn only_objects_of_exactly_the_envelope_members_are_envelopes() {
         let person = Uuid::new_v4().to_string();
         assert!(is_envelope(
-            &json!({"sealed_for": person, "xchacha20poly1305": "AAAA"})
+            &json!({"sealed_for": person, "aes256gcm": "AAAA"})
         ));
         for value in [
-            json!({"sealed_for": "ann", "xchacha20poly1305": "AAAA"}),
-            json!({"sealed_for": person, "xchacha20poly1305": 1}),
+            json!({"sealed_for": "ann", "aes256gcm": "AAAA"}),
+            json!({"sealed_for": person, "aes256gcm": 1}),
             json!({"sealed_for": person}),
-            json!({"sealed_for": person, "xchacha20poly1305": "AAAA", "more": 1}),
+            json!({"sealed_for": person, "aes256gcm": "AAAA", "more": 1}),
             json!("ann@example.com"),
             json!(null),
         ] {
             assert!(!is_envelope(&value), "{value}");
         }
-        let mut data = json!({"email": {"sealed_for": "ann", "xchacha20poly1305": "AAAA"}});
+        let mut data = json!({"email": {"sealed_for": "ann", "aes256gcm": "AAAA"}});
         let untouched = data.clone();
         assert_eq!(
             unseal_fields(&mut data, |_| None).unwrap(),

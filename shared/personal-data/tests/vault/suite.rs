@@ -408,10 +408,10 @@ pub async fn a_sealer_seals_on_write_and_opens_a_batch_read_from_the_store_erase
     let ann_stream = StreamName::parse(format!("user-{ann}")).unwrap();
     let mut tampered = vec![store.last_message(&ann_stream).await.unwrap().unwrap()];
     let envelope = tampered[0].data["email"].as_object_mut().unwrap();
-    let ciphertext = envelope["xchacha20poly1305"].as_str().unwrap().to_owned();
+    let ciphertext = envelope["aes256gcm"].as_str().unwrap().to_owned();
     let flipped = if ciphertext.ends_with('A') { "B" } else { "A" };
     envelope.insert(
-        "xchacha20poly1305".into(),
+        "aes256gcm".into(),
         json!(format!("{}{flipped}", &ciphertext[..ciphertext.len() - 1])),
     );
     assert!(matches!(
