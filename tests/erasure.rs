@@ -141,7 +141,7 @@ async fn after_an_erasure_a_pg_dump_of_the_split_deployment_holds_no_trace_of_th
     // The dump is the whole database, the erased account in it: an empty or partial dump
     // would have passed the assertion above.
     let text = String::from_utf8_lossy(&dump);
-    for expected in [erin.id.as_str(), "UserErased", "xchacha20poly1305"] {
+    for expected in [erin.id.as_str(), "UserErased", "aes256gcm"] {
         assert!(text.contains(expected), "the dump holds no {expected}");
     }
     let users = copy_rows(&text, "public.users");
@@ -601,7 +601,7 @@ fn assert_found_in_the_users_view(findings: &[String], view: &str) {
 /// A raw dump that holds the erased account: its id, its erasure, and sealed data (the
 /// administrator's), so that a file of nothing could not pass for one without a trace.
 fn assert_holds_the_erased_account(dump: &[u8], name: &str, id: &str) {
-    for expected in [id, "UserErased", "xchacha20poly1305", "erased"] {
+    for expected in [id, "UserErased", "aes256gcm", "erased"] {
         assert!(
             occurrences(dump, expected.as_bytes()).next().is_some(),
             "{name} holds no {expected}: not the data of this service"
