@@ -598,10 +598,12 @@ async fn seed_administrator(pool: &PgPool, sealer: &Sealer, users: u32) -> anyho
     .await?;
     // And its checkpoint, past every row and at the store's last position, as the aggregator
     // commits it with them: the view holds everything written, so the query API trusts its
-    // rows to say an account is active (`query.max_view_lag_ms`).
+    // rows to say an account is active (`query.max_view_lag_ms`); at the projection version
+    // it reads, as a view of an older one is not trusted to say which sessions are over.
     sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', 1, $1)",
+        "INSERT INTO projection_checkpoints (projection, version, position) VALUES ('users', $1, $2)",
     )
+    .bind(read_model_schema::USERS_VERSION)
     .bind(i64::try_from(registered.max(u64::from(users) + 1))?)
     .execute(pool)
     .await?;
