@@ -32,10 +32,13 @@ use base64::Engine;
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 use test_support::process::{built_binary, free_port};
-use test_support::{Launch, Process, ReceivedMail, Signal, SmtpCatcher, TestDatabase};
+use test_support::{Launch, Process, Signal, SmtpCatcher, TestDatabase};
 
+use common::mail::{LINK_BASE, link_token, mails_to};
 use common::sessions::REVOCATION_BOUND;
-use common::{PASSWORD, client, new_deployment, start_all_services, wait_for_checkpoint};
+use common::{
+    PASSWORD, client, new_deployment, start_all_services, wait_for_checkpoint, x_position,
+};
 
 /// The address the person registers with: mixed case, a sub-address, so that each form
 /// (as typed, normalised, lower-cased) is a string of its own.
@@ -46,10 +49,6 @@ const NEW_PASSWORD: &str = "a brand new passphrase";
 const NEVER_REGISTERED: &str = "nobody-ever@example.com";
 const ADMIN_EMAIL: &str = "root@example.com";
 const ADMIN_PASSWORD: &str = "an operator's long password";
-/// The base of the links in mails; a link's token is read from after it.
-const LINK_BASE: &str = "https://id.example.net";
-/// How long a mail may take from the request to the SMTP server.
-const MAIL_WITHIN: Duration = Duration::from_secs(30);
 
 /// Where a client sends commands and queries: two processes in the split deployment, the same
 /// one in the standalone.
@@ -273,7 +272,7 @@ async fn live_a_little(client: &reqwest::Client, ports: Ports, smtp: &SmtpCatche
         .await
         .unwrap();
     assert_eq!(response.status(), 202, "{}", describe(response).await);
-    let link = mail_to(smtp, NEW_ADDRESS).await;
+    let link = mails_to(smtp, NEW_ADDRESS, 1).await.remove(0);
     let link_token = link_token(&link, "/email-change");
     let response = client
         .post(format!(
@@ -968,51 +967,6 @@ fn render_rows(tables: &BTreeMap<String, Vec<BTreeMap<String, Option<String>>>>)
         }
     }
     text
-}
-
-// Mail.
-
-/// The first mail to `address` (in any case), once it has arrived.
-async fn mail_to(smtp: &SmtpCatcher, address: &str) -> ReceivedMail {
-    let deadline = tokio::time::Instant::now() + MAIL_WITHIN;
-    loop {
-        let mail = smtp
-            .received()
-            .into_iter()
-            .find(|mail| mail.to.iter().any(|to| to.eq_ignore_ascii_case(address)));
-        if let Some(mail) = mail {
-            return mail;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no mail to {address} arrived: {:?}",
-            smtp.received()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The token of the link to `path` in `mail`'s text.
-fn link_token(mail: &ReceivedMail, path: &str) -> String {
-    let text = mail.text.as_deref().expect("no text part");
-    let prefix = format!("{LINK_BASE}{path}?token=");
-    let start = text
-        .find(&prefix)
-        .unwrap_or_else(|| panic!("no link to {path}: {text}"))
-        + prefix.len();
-    text[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        .collect()
-}
-
-/// The global position an answer carries in `X-Position`.
-fn x_position(response: &reqwest::Response) -> u64 {
-    response.headers()["x-position"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 async fn describe(response: reqwest::Response) -> String {

@@ -14,11 +14,9 @@ use test_support::process::free_port;
 use test_support::{Launch, Process, ReceivedMail, SmtpCatcher};
 
 use common::PASSWORD;
+use common::mail::{LINK_BASE, link_token, mails_to};
 
 const NEW_PASSWORD: &str = "a brand new passphrase";
-
-/// How long a mail may take from the request to the SMTP server.
-const MAIL_WITHIN: Duration = Duration::from_secs(20);
 
 /// The standalone process in a data directory of its own, sending mail to `smtp`, in
 /// `registration.mode` `mode`.
@@ -42,7 +40,7 @@ impl Service {
         let mut process = launch(&directory, port)
             .env("IDENTITY__MAIL__SMTP_URL", smtp.url())
             .env("IDENTITY__MAIL__FROM", "Identity <identity@example.net>")
-            .env("IDENTITY__MAIL__LINK_BASE_URL", "https://id.example.net")
+            .env("IDENTITY__MAIL__LINK_BASE_URL", LINK_BASE)
             .env("IDENTITY__REGISTRATION__MODE", mode)
             .spawn()
             .unwrap();
@@ -113,45 +111,6 @@ fn launch(directory: &Path, port: u16) -> Launch {
     .env("IDENTITY__LOG__FILTER", "warn")
     .env("IDENTITY__LOG__FORMAT", "json")
     .log_to(directory.join("service.log"))
-}
-
-/// The mails to `address` received so far, oldest first, once there are at least `count`.
-async fn mails_to(smtp: &SmtpCatcher, address: &str, count: usize) -> Vec<ReceivedMail> {
-    let deadline = tokio::time::Instant::now() + MAIL_WITHIN;
-    loop {
-        let mails: Vec<_> = smtp
-            .received()
-            .into_iter()
-            .filter(|mail| mail.to.iter().any(|to| to == address))
-            .collect();
-        if mails.len() >= count {
-            return mails;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {count} mails to {address} arrived: {:?}",
-            mails.len(),
-            smtp.received()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The token of the link to `path` in `mail`'s text, checking the HTML part has the same link.
-fn link_token(mail: &ReceivedMail, path: &str) -> String {
-    let text = mail.text.as_deref().expect("no text part");
-    let prefix = format!("https://id.example.net{path}?token=");
-    let start = text
-        .find(&prefix)
-        .unwrap_or_else(|| panic!("no link to {path}: {text}"))
-        + prefix.len();
-    let token: String = text[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        .collect();
-    let html = mail.html.as_deref().expect("no HTML part");
-    assert!(html.contains(&format!("{prefix}{token}")), "{html}");
-    token
 }
 
 fn assert_no_link(mail: &ReceivedMail) {

@@ -15,8 +15,8 @@ use sqlx::Connection;
 use test_support::process::free_port;
 use test_support::{Launch, Process, Signal};
 
-use common::PASSWORD;
 use common::sessions::walk_a_session_through_its_life;
+use common::{PASSWORD, x_position};
 
 /// Starts the standalone process in `directory` (its data goes to `data/` there) on `port`,
 /// and waits until it is ready.
@@ -102,15 +102,6 @@ async fn jwks(client: &reqwest::Client, port: u16) -> Value {
         .unwrap()
         .json()
         .await
-        .unwrap()
-}
-
-/// The global position an answer carries in `X-Position`.
-fn x_position(response: &reqwest::Response) -> u64 {
-    response.headers()["x-position"]
-        .to_str()
-        .unwrap()
-        .parse()
         .unwrap()
 }
 

@@ -8,6 +8,7 @@
 // Each test binary that includes this module uses a part of it.
 #![allow(dead_code)]
 
+pub mod mail;
 pub mod sessions;
 
 use std::path::Path;
@@ -196,4 +197,13 @@ pub async fn metric(client: &reqwest::Client, port: u16, series: &str) -> Option
             .and_then(|rest| rest.strip_prefix(' '))
             .map(|value| value.trim().parse().unwrap())
     })
+}
+
+/// The global position an answer carries in `X-Position`.
+pub fn x_position(response: &reqwest::Response) -> u64 {
+    response.headers()["x-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
