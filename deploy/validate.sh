@@ -267,7 +267,10 @@ for rel, doc, template in workloads:
             if "@" in value or "BEGIN" in value:
                 problems.append(f"{cname}: {variable['name']} looks like a secret in plain env")
             ref = variable.get("valueFrom", {}).get("secretKeyRef")
-            if ref and ref.get("key") not in secrets.get(ref.get("name"), set()):
+            # An optional key (the retired master keys, present during a rotation only) may be
+            # left out of the template, as it is left out of the Secret.
+            if ref and not ref.get("optional") \
+                    and ref.get("key") not in secrets.get(ref.get("name"), set()):
                 problems.append(f"{cname}: {variable['name']} refers to Secret "
                                 f"{ref.get('name')}/{ref.get('key')}, not in the Secret template")
             ref = variable.get("valueFrom", {}).get("configMapKeyRef")

@@ -92,7 +92,16 @@ impl Commands {
                 // The operator's record of erasures, to erase again after restoring a backup
                 // older than this one: the account's id alone, nothing personal.
                 tracing::info!(account = %id, position, "account erased");
-                self.erase_key(id).await?;
+                // The erasure has happened: every reader folds the account as erased from the
+                // appended event on. A key the vault could not delete now is deleted by the
+                // projection when it applies the event, so the answer is the erasure's.
+                if let Err(error) = self.erase_key(id).await {
+                    tracing::warn!(
+                        account = %id,
+                        error = format!("{error:#}"),
+                        "an erased account's key could not be deleted yet; the projection will"
+                    );
+                }
                 return Ok(Done { id, position });
             }
         }

@@ -17,10 +17,11 @@
 //! a run over a sealed store changes nothing.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use identity::{
-    Email, EventDecodeError, Personal, RECOVERY_CATEGORY, RecoveryEvent, USER_CATEGORY, UserEvent,
+    EventDecodeError, Personal, RECOVERY_CATEGORY, RecoveryEvent, USER_CATEGORY, UserEvent,
     event_version, user_id_of_stream,
 };
 use message_store::{MessageStore, RecordedMessage, RenameStreamError, StreamName};
@@ -28,10 +29,13 @@ use personal_data::{PersonalData, Sealer, VaultError, is_envelope};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::reservation::{EMAIL_CATEGORY, email_stream};
+use crate::reservation::EMAIL_CATEGORY;
 
 /// How many messages one read of a category fetches.
 const BATCH: usize = 1000;
+
+/// How long a run waits for every message written to be visible to its reads.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(60);
 
 /// What a run found, and did unless it only looked.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,7 @@ pub async fn seal_history(
     personal: &PersonalData,
     dry_run: bool,
 ) -> anyhow::Result<SealingReport> {
+    wait_until_everything_written_is_visible(store).await?;
     let mut report = SealingReport::default();
     let mut addresses = BTreeSet::new();
     let mut oldest_user_message = None;
@@ -95,7 +100,9 @@ pub async fn seal_history(
     // leaves the mark clear, and the next run finds the streams renamed.
     for address in &addresses {
         let old = unkeyed_email_stream(address)?;
-        let new = email_stream(&personal.lookup_key, &Email::parse(address)?)?;
+        // The keyed name of the normalised address as stored, as `email_stream` names it: not
+        // parsed again, so no change to the rules of addresses can stop a run halfway.
+        let new = StreamName::for_entity(EMAIL_CATEGORY, personal.lookup_key.digest(address))?;
         if store.last_message(&old).await?.is_none() {
             continue;
         }
@@ -121,6 +128,25 @@ pub async fn seal_history(
         report.messages_of_erased_persons += 1;
     }
     Ok(report)
+}
+
+/// Waits until a read of a category sees every message written: reads only see below the
+/// oldest transaction still running on the server (ADR 2), and a message a run did not see
+/// would stay in clear behind a sealed mark. Nothing writes meanwhile (the command API is
+/// stopped), so this is the time the transactions in flight take to end.
+async fn wait_until_everything_written_is_visible(store: &dyn MessageStore) -> anyhow::Result<()> {
+    let written = store.last_position().await?;
+    let deadline = Instant::now() + VISIBLE_WITHIN;
+    while store.head_position().await? < written {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "messages up to position {written} are written but not yet visible after {}s: a \
+             transaction on the database server holds them back; end it and run again",
+            VISIBLE_WITHIN.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Whether the history holds no personal data in clear (as far as one read tells: the oldest

@@ -154,12 +154,15 @@ fn decode<Event>(
     from_stored(&message.message_type, version, &message.data).map_err(undecodable)
 }
 
-/// The user events of `messages` this build knows, in order: a newer writer's event is passed
-/// over, as the users view passes over it.
-fn known_user_events(messages: &[RecordedMessage]) -> Result<Vec<UserEvent>, HistoryError> {
+/// The events of `messages` this build knows, each read by `decode`, in order: a newer
+/// writer's event is passed over, as the users view passes over it.
+fn known_events<Event>(
+    messages: &[RecordedMessage],
+    decode: impl Fn(&RecordedMessage) -> Result<Event, HistoryError>,
+) -> Result<Vec<Event>, HistoryError> {
     let mut events = Vec::with_capacity(messages.len());
     for message in messages {
-        match decode_user(message) {
+        match decode(message) {
             Ok(event) => events.push(event),
             Err(HistoryError::Undecodable {
                 source: EventDecodeError::UnknownType { .. },
@@ -190,7 +193,7 @@ pub async fn events(
     // The whole user stream (it stays short: logins are elsewhere), so that whether the
     // account is erased is known on every page.
     let mut messages = read_personal_stream(store, sealer, &streams.user).await?;
-    let erased = is_erased(&known_user_events(&messages)?);
+    let erased = is_erased(&known_events(&messages, decode_user)?);
     messages.extend(read_whole_stream(store, &streams.login).await?);
     messages.retain(|message| message.global_position > after);
     messages.sort_by_key(|message| message.global_position);
@@ -294,11 +297,8 @@ pub async fn account_record(
     let user = read_personal_stream(store, sealer, &streams.user).await?;
     let logins = read_whole_stream(store, &streams.login).await?;
     let recovery = read_personal_stream(store, sealer, &streams.recovery).await?;
-    let user_events = known_user_events(&user)?;
-    let login_events = logins
-        .iter()
-        .map(decode_login)
-        .collect::<Result<Vec<_>, _>>()?;
+    let user_events = known_events(&user, decode_user)?;
+    let login_events = known_events(&logins, decode_login)?;
     let erased = is_erased(&user_events);
 
     let mut account: Vec<&RecordedMessage> = user.iter().chain(&logins).collect();

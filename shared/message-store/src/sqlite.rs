@@ -49,6 +49,13 @@ struct Inner {
     subscribers: Mutex<Vec<Weak<Notify>>>,
 }
 
+/// How long a statement waits for the file's lock before it fails as busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an emptying of the write-ahead log waits for readers in one attempt: while it
+/// waits, no one writes.
+const CHECKPOINT_BUSY_TIMEOUT_MS: u32 = 100;
+
 /// Connection settings for an SQLite database file, shared by every component that opens one.
 pub fn connect_options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -57,7 +64,7 @@ pub fn connect_options(path: &Path) -> SqliteConnectOptions {
         .journal_mode(SqliteJournalMode::Wal)
         // FULL: an acknowledged append survives a power loss, not only a process crash.
         .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
         // Deleted and overwritten content is zeroed in its page, not left in free space: the
         // file is the copy an erasure must reach (an erased key, an erased account's row and
@@ -67,21 +74,41 @@ pub fn connect_options(path: &Path) -> SqliteConnectOptions {
 
 /// Copies the write-ahead log into the database file and empties the log, which otherwise
 /// keeps earlier versions of the pages written (an erased account's row, an erased key) until
-/// they are overwritten. Readers holding an older snapshot keep the log from emptying: tried a
-/// few times, then left for the next checkpoint; answers whether the log was emptied.
+/// they are overwritten. A reader holding an older snapshot keeps the log from emptying, and
+/// writers wait while the checkpoint waits for it: so each attempt waits a tenth of a second at
+/// most, a few attempts apart, then the log is left for the next checkpoint. Answers whether
+/// the log was emptied.
 pub async fn truncate_write_ahead_log(pool: &SqlitePool) -> Result<bool, sqlx::Error> {
-    const ATTEMPTS: u32 = 20;
-    for _ in 0..ATTEMPTS {
+    const ATTEMPTS: u32 = 3;
+    let mut connection = pool.acquire().await?;
+    let waiting_briefly = format!("PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}");
+    let waiting_as_usual = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+    sqlx::query(&waiting_briefly)
+        .execute(&mut *connection)
+        .await?;
+    let mut emptied = Ok(false);
+    for attempt in 1..=ATTEMPTS {
         // (busy, frames in the log, frames copied): busy is 1 while a reader needs the log.
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(pool)
-            .await?;
-        if busy == 0 {
-            return Ok(true);
+        let checkpoint: Result<(i64, i64, i64), _> =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *connection)
+                .await;
+        match checkpoint {
+            Ok((0, _, _)) => emptied = Ok(true),
+            Ok(_) if attempt < ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Ok(_) => {}
+            Err(error) => emptied = Err(error),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        break;
     }
-    Ok(false)
+    // The connection goes back to the pool with the busy timeout every statement expects.
+    sqlx::query(&waiting_as_usual)
+        .execute(&mut *connection)
+        .await?;
+    emptied
 }
 
 impl SqliteMessageStore {

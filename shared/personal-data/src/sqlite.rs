@@ -200,10 +200,9 @@ impl KeyVault for SqliteKeyVault {
                 Ok(had_key)
             })
             .await?;
-        // The key's earlier page versions are in the write-ahead log until it is emptied. The
-        // projection's erasure of the account comes here too, after its rows are committed, so
-        // the read model's earlier versions of the account's row go with it.
-        if !message_store::sqlite::truncate_write_ahead_log(&self.writer).await? {
+        // The key's earlier page versions are in the write-ahead log until it is emptied (the
+        // projection empties it again once the account's row is erased).
+        if had_key && !message_store::sqlite::truncate_write_ahead_log(&self.writer).await? {
             tracing::warn!(
                 "the write-ahead log is still read: the erased key's earlier pages stay in it \
                  until the next checkpoint"
