@@ -641,20 +641,47 @@ fn assert_key_tombstone(rows: &[BTreeMap<String, Option<String>>], id: &str) {
 
 /// `pg_dump` of the whole database at `url`, in plain SQL.
 fn pg_dump(url: &str) -> Vec<u8> {
-    let binary = ["/usr/bin/pg_dump", "pg_dump"]
-        .into_iter()
-        .find(|candidate| !candidate.starts_with('/') || Path::new(candidate).exists())
-        .unwrap();
-    let output = Command::new(binary)
+    let binary = pg_dump_binary();
+    let output = Command::new(&binary)
         .args(["--format=plain", "--no-owner", "--dbname", &libpq_url(url)])
         .output()
-        .unwrap_or_else(|error| panic!("running {binary}: {error}"));
+        .unwrap_or_else(|error| panic!("running {}: {error}", binary.display()));
     assert!(
         output.status.success(),
         "pg_dump failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
+}
+
+/// `pg_dump`: the distribution's wrapper, which picks the server's version, else on PATH, else
+/// the newest beside the PostgreSQL binaries the test clusters use.
+fn pg_dump_binary() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("pg_dump"))
+            .find(|binary| binary.exists())
+    });
+    let mut installed: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin/pg_dump"))
+        .filter(|binary| binary.exists())
+        .collect();
+    installed.sort();
+    [
+        Some(Path::new("/usr/bin/pg_dump").to_path_buf()),
+        on_path,
+        installed.pop(),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|binary| binary.exists())
+    .expect(
+        "pg_dump is not installed: install PostgreSQL's client programs \
+             (postgresql-client on Debian and Ubuntu), the version of the test server or newer",
+    )
 }
 
 /// `url` as libpq reads it: without the parameters only sqlx knows, which libpq refuses.
