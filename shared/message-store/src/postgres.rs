@@ -197,17 +197,8 @@ impl PostgresMessageStore {
     /// the migrations and starts the store.
     pub async fn connect(url: &str, options: &crate::ConnectOptions) -> Result<Self, StoreError> {
         let reconnect = Arc::new(Reconnect::default());
-        let before_acquire = reconnect.clone();
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            // No ping before each use: that is a round trip per append. A call that meets a
-            // connection that died in the pool runs again on another (`retrying`).
-            .test_before_acquire(false)
-            .before_acquire(move |_, connection| {
-                let keep = !before_acquire.opened_before_the_mark(connection.age);
-                Box::pin(async move { Ok(keep) })
-            })
+        let pool = reconnect
+            .pool_options(options.max_connections)
             .connect_with(connect_options(url)?)
             .await?;
         Self::migrate(&pool).await?;
@@ -285,23 +276,16 @@ impl PostgresMessageStore {
     /// in the pool ([`crate::database::retrying_lost_connections`]), or it reaches a server a
     /// failover made read-only, in which case every connection opened before is replaced and
     /// the call runs once more.
-    async fn retrying<T, E, Call, Fut>(&self, mut call: Call) -> Result<T, E>
+    async fn retrying<T, E, Call, Fut>(&self, call: Call) -> Result<T, E>
     where
         E: LostConnection,
         Call: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let pool_size = self.inner.pool.options().get_max_connections();
-        match retrying_lost_connections(pool_size, &mut call).await {
-            Err(error) if error.met_a_read_only_server() => {
-                self.inner.reconnect.set_mark();
-                tracing::warn!(
-                    "the message store's server is read-only (a failover?); reconnecting"
-                );
-                retrying_lost_connections(pool_size, &mut call).await
-            }
-            outcome => outcome,
-        }
+        self.inner
+            .reconnect
+            .retrying(&self.inner.pool, "the message store", call)
+            .await
     }
 
     /// The messages the query `build` makes returns, built anew for each try (see
@@ -387,13 +371,56 @@ async fn positions_behind(connection: &mut PgConnection) -> Result<Option<StoreE
 /// server answers as a read-only standby (a failover demoted it while the pool's connections
 /// stayed open to it, as a managed service's writer endpoint moving to another instance leaves
 /// them): reconnecting reaches whatever the address names now, the new primary. Checked from
-/// the connection's age as the pool hands it out, without a round trip.
+/// the connection's age as the pool hands it out, without a round trip. Every writer with a
+/// pool of its own on the store's database (the key vault) holds one.
 #[derive(Default)]
-struct Reconnect {
+pub struct Reconnect {
     mark: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Reconnect {
+    /// Pool settings for `max_connections` connections that replace, as they are handed out,
+    /// those opened before the mark. No ping before each use: that is a round trip per call; a
+    /// call that meets a connection that died in the pool runs again on another
+    /// ([`Self::retrying`]).
+    pub fn pool_options(self: &Arc<Self>, max_connections: u32) -> sqlx::postgres::PgPoolOptions {
+        let before_acquire = self.clone();
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .before_acquire(move |_, connection| {
+                let keep = !before_acquire.opened_before_the_mark(connection.age);
+                Box::pin(async move { Ok(keep) })
+            })
+    }
+
+    /// Runs `call` again on another connection of `pool` when its own was of no more use: it
+    /// had died in the pool ([`crate::database::retrying_lost_connections`]), or it reaches a
+    /// server a failover made read-only, in which case every connection opened before is
+    /// replaced and the call runs once more. `what` names the pool's owner in the warning.
+    pub async fn retrying<T, E, Call, Fut>(
+        &self,
+        pool: &PgPool,
+        what: &str,
+        mut call: Call,
+    ) -> Result<T, E>
+    where
+        E: LostConnection,
+        Call: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let pool_size = pool.options().get_max_connections();
+        match retrying_lost_connections(pool_size, &mut call).await {
+            Err(error) if error.met_a_read_only_server() => {
+                self.set_mark();
+                tracing::warn!("the server of {what} is read-only (a failover?); reconnecting");
+                retrying_lost_connections(pool_size, &mut call).await
+            }
+            outcome => outcome,
+        }
+    }
+
     fn set_mark(&self) {
         *self
             .mark

@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use message_store::postgres::Reconnect;
+use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 use crate::{
@@ -22,6 +22,9 @@ use crate::{
 #[derive(Clone)]
 pub struct PostgresKeyVault {
     pool: PgPool,
+    /// Replaces the pool's connections once its server answers as read-only (a failover), as
+    /// the message store's does.
+    reconnect: Arc<Reconnect>,
     master_keys: Arc<MasterKeys>,
 }
 
@@ -29,28 +32,33 @@ impl PostgresKeyVault {
     /// A vault on `pool`, whose database has the vault's migrations applied
     /// ([`Self::migrate`]).
     pub fn new(pool: PgPool, master_keys: MasterKeys) -> Self {
+        Self::with_reconnect(pool, master_keys, Arc::default())
+    }
+
+    fn with_reconnect(pool: PgPool, master_keys: MasterKeys, reconnect: Arc<Reconnect>) -> Self {
         Self {
             pool,
+            reconnect,
             master_keys: Arc::new(master_keys),
         }
     }
 
     /// Connects a pool of `max_connections` to `url` as the message store does (its connection
     /// settings, no ping before each use: a call that meets a connection that died in the pool
-    /// runs again on another), applies the migrations and opens the vault.
+    /// runs again on another, and one that meets a server a failover made read-only replaces
+    /// every connection), applies the migrations and opens the vault.
     pub async fn connect(
         url: &str,
         master_keys: MasterKeys,
         max_connections: u32,
     ) -> Result<Self, VaultError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
+        let reconnect = Arc::new(Reconnect::default());
+        let pool = reconnect
+            .pool_options(max_connections)
             .connect_with(message_store::postgres::connect_options(url)?)
             .await?;
         Self::migrate(&pool).await?;
-        Ok(Self::new(pool, master_keys))
+        Ok(Self::with_reconnect(pool, master_keys, reconnect))
     }
 
     /// Creates or updates the vault's table. Applying it again changes nothing.
@@ -74,8 +82,9 @@ impl PostgresKeyVault {
         Call: FnMut() -> Fut,
         Fut: Future<Output = Result<T, VaultError>>,
     {
-        let pool_size = self.pool.options().get_max_connections();
-        message_store::database::retrying_lost_connections(pool_size, call).await
+        self.reconnect
+            .retrying(&self.pool, "the key vault", call)
+            .await
     }
 
     async fn stored(&self, person: Uuid) -> Result<Option<StoredKey>, VaultError> {
