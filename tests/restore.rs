@@ -28,13 +28,14 @@ const OLD_CLUSTER_TRANSACTIONS: u32 = 50_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
     let old = AgedStore::start().await;
-    let before = write_before_the_move(&new_deployment("restore-old", &old.url), &old.url).await;
+    let old_deployment = new_deployment("restore-old", &old.url);
+    let before = write_before_the_move(&old_deployment, &old.url).await;
 
     let young = PrivateCluster::start().await;
     let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
-    let deployment = new_deployment("restore-young", &url);
+    let deployment = new_deployment("restore-young", &url).with_keys_of(&old_deployment);
     goes_on_above(&deployment, &url, &url, before, "third@example.com").await;
 
     // A rebuild from zero reads the old messages and the new ones in one order, and ends in the
@@ -57,14 +58,16 @@ async fn a_store_restored_into_a_younger_cluster_goes_on_above_its_positions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_its_checkpoint() {
     let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
-    let deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
-    let before = write_before_the_move(&deployment, &read_model_url).await;
+    let old_deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
+    let before = write_before_the_move(&old_deployment, &read_model_url).await;
 
     let young = PrivateCluster::start().await;
     let url = old.cluster.copy_database_to("identity", &young).await;
     drop(old);
 
-    let deployment = new_deployment("restore-young", &url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-young", &url)
+        .with_read_model(&read_model_url)
+        .with_keys_of(&old_deployment);
     goes_on_above(
         &deployment,
         &url,
@@ -78,15 +81,17 @@ async fn a_store_restored_beside_a_read_model_on_another_server_goes_on_above_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_model_newer_than_the_restored_store_halts_until_it_is_rebuilt() {
     let (old, _models, read_model_url) = an_aged_store_and_a_read_model_apart().await;
-    let deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
-    write_before_the_move(&deployment, &read_model_url).await;
+    let old_deployment = new_deployment("restore-old", &old.url).with_read_model(&read_model_url);
+    write_before_the_move(&old_deployment, &read_model_url).await;
     // The backup is taken here; the old store goes on, and the read model with it.
     let young = PrivateCluster::start().await;
     let url = old.cluster.copy_database_to("identity", &young).await;
-    let lost = write_after_the_backup(&deployment, &read_model_url).await;
+    let lost = write_after_the_backup(&old_deployment, &read_model_url).await;
     drop(old);
 
-    let deployment = new_deployment("restore-young", &url).with_read_model(&read_model_url);
+    let deployment = new_deployment("restore-young", &url)
+        .with_read_model(&read_model_url)
+        .with_keys_of(&old_deployment);
     let client = client();
     let services = start_all_services(&deployment, &client).await;
     wait_for_metric(

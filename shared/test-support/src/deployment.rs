@@ -88,6 +88,17 @@ impl Deployment {
         })
     }
 
+    /// The same deployment with `other`'s keys, as a restore or a move of an installation keeps
+    /// its secrets: the restored persons' keys are wrapped under `other`'s master key.
+    pub fn with_keys_of(mut self, other: &Deployment) -> Self {
+        self.signing_key.clone_from(&other.signing_key);
+        self.refresh_token_key.clone_from(&other.refresh_token_key);
+        self.mail_token_key.clone_from(&other.mail_token_key);
+        self.master_key.clone_from(&other.master_key);
+        self.lookup_key.clone_from(&other.lookup_key);
+        self
+    }
+
     /// The same deployment with its read model in the database at `url`.
     pub fn with_read_model(mut self, url: &str) -> Self {
         self.read_model_url = Some(url.to_owned());
