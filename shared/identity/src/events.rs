@@ -23,6 +23,7 @@ use crate::personal::Personal;
 use crate::recovery::{RecoveryKind, RecoveryNonce, RecoveryState};
 use crate::session::{RefreshNonce, SessionEndReason, UserAgent};
 use crate::values::{AccountStatus, Role, SessionId, UserId};
+use crate::webhook::{WebhookId, WebhookNonce};
 
 /// The data of one kind of event: its stored type name and its current version.
 pub trait EventData: Serialize + DeserializeOwned {
@@ -597,6 +598,105 @@ impl RecoveryEvent {
             Self::RecoveryRequested(e) => &e.state,
             Self::RegistrationAttempted(e) => &e.state,
             Self::RecoveryCompleted(e) => &e.state,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The webhook endpoint stream, `webhook-<id>` (docs/adr/0014).
+
+/// An administrator registered an endpoint to receive integration events by webhook.
+///
+/// The endpoint's signing secret is not stored: it is derived from `secret_nonce` with the
+/// webhook secret key from the configuration, as refresh tokens are (DESIGN decision 15).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookRegistered {
+    pub webhook_id: WebhookId,
+    /// Where events are posted: an `http` or `https` URL, checked by the API that took it.
+    pub url: String,
+    /// The integration event types it receives (`identity.user.registered.v1`, ...).
+    pub events: Vec<String>,
+    pub description: String,
+    pub secret_nonce: WebhookNonce,
+    pub registered_by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for WebhookRegistered {
+    const TYPE: &'static str = "WebhookRegistered";
+    const VERSION: u32 = 1;
+}
+
+/// The endpoint signs with a new secret from now on; the previous one keeps signing beside it
+/// for a while, so that a receiver can switch without losing a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookSecretRotated {
+    pub secret_nonce: WebhookNonce,
+    pub previous_nonce: WebhookNonce,
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for WebhookSecretRotated {
+    const TYPE: &'static str = "WebhookSecretRotated";
+    const VERSION: u32 = 1;
+}
+
+/// Deliveries to the endpoint failed without a success for longer than the configured time;
+/// nothing is sent to it until an administrator enables it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDisabled {
+    /// What the last attempt met, for the administrator (a status code, a timeout).
+    pub reason: String,
+    pub failing_since: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for WebhookDisabled {
+    const TYPE: &'static str = "WebhookDisabled";
+    const VERSION: u32 = 1;
+}
+
+/// An administrator enabled a disabled endpoint: deliveries resume where they stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEnabled {
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for WebhookEnabled {
+    const TYPE: &'static str = "WebhookEnabled";
+    const VERSION: u32 = 1;
+}
+
+/// The endpoint was deleted; nothing is sent to it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDeleted {
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+impl EventData for WebhookDeleted {
+    const TYPE: &'static str = "WebhookDeleted";
+    const VERSION: u32 = 1;
+}
+
+stream_event! {
+    /// Everything that can happen in a webhook endpoint's stream.
+    WebhookEvent: WebhookRegistered, WebhookSecretRotated, WebhookDisabled, WebhookEnabled,
+        WebhookDeleted;
+    // Older versions are upcast here, as in `UserEvent`.
+}
+
+impl WebhookEvent {
+    /// When it happened, by the clock of the command that decided it.
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::WebhookRegistered(e) => e.at,
+            Self::WebhookSecretRotated(e) => e.at,
+            Self::WebhookDisabled(e) => e.at,
+            Self::WebhookEnabled(e) => e.at,
+            Self::WebhookDeleted(e) => e.at,
         }
     }
 }

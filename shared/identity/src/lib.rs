@@ -32,6 +32,7 @@ pub mod session;
 pub mod streams;
 mod time;
 pub mod values;
+pub mod webhook;
 
 #[cfg(test)]
 mod given;
@@ -50,6 +51,8 @@ pub use events::{
     PasswordRehashed, PasswordReset, RecoveryCompleted, RecoveryEvent, RecoveryRequested,
     RegistrationAttempted, SessionEnded, SessionEvent, SessionRefreshed, SessionStarted,
     SessionsEnded, UserActivated, UserDeactivated, UserErased, UserEvent, UserRegistered,
+    WebhookDeleted, WebhookDisabled, WebhookEnabled, WebhookEvent, WebhookRegistered,
+    WebhookSecretRotated,
 };
 pub use login::{LockoutPolicy, LoginDecision, LoginRefusal, LoginState, decide_login};
 pub use password::{Password, PasswordError, PasswordHash, PasswordHashError, PasswordPolicy};
@@ -69,3 +72,8 @@ pub use streams::{
     user_id_of_stream, user_stream_name,
 };
 pub use values::{AccountStatus, InitialStatus, Role, SessionId, UserId};
+pub use webhook::{
+    InvalidWebhookNonce, WEBHOOK_CATEGORY, WebhookCommand, WebhookEndpoint, WebhookId,
+    WebhookNonce, WebhookRefusal, WebhookState, WebhookStatus, decide_webhook, evolve_webhook,
+    webhook_stream_name,
+};

@@ -137,6 +137,8 @@ macro_rules! uuid_id {
     };
 }
 
+pub(crate) use uuid_id;
+
 uuid_id! {
     /// The identity of an account, and the id part of its streams (`user-<id>`, `userLogin-<id>`).
     ///

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use identity::{
     AdministratorsEvent, EventDecodeError, LoginEvent, RecoveryEvent, SessionEvent, UserEvent,
+    WebhookEvent,
 };
 use serde_json::Value;
 
@@ -31,6 +32,7 @@ enum Decoded {
     Session(SessionEvent),
     // Boxed: its every event carries the whole recovery state, and is much larger than the others.
     Recovery(Box<RecoveryEvent>),
+    Webhook(WebhookEvent),
 }
 
 impl Decoded {
@@ -41,6 +43,7 @@ impl Decoded {
             Self::Administrators(event) => event.event_type(),
             Self::Session(event) => event.event_type(),
             Self::Recovery(event) => event.event_type(),
+            Self::Webhook(event) => event.event_type(),
         }
     }
 
@@ -51,6 +54,7 @@ impl Decoded {
             Self::Administrators(event) => event.version(),
             Self::Session(event) => event.version(),
             Self::Recovery(event) => event.version(),
+            Self::Webhook(event) => event.version(),
         }
     }
 
@@ -61,6 +65,7 @@ impl Decoded {
             Self::Administrators(event) => event.to_json(),
             Self::Session(event) => event.to_json(),
             Self::Recovery(event) => event.to_json(),
+            Self::Webhook(event) => event.to_json(),
         }
     }
 }
@@ -115,8 +120,12 @@ fn decode(fixture: &Fixture) -> Result<Decoded, EventDecodeError> {
     if !unknown(&session) {
         return session;
     }
-    RecoveryEvent::from_stored(event_type, version, data)
-        .map(|event| Decoded::Recovery(Box::new(event)))
+    let recovery = RecoveryEvent::from_stored(event_type, version, data)
+        .map(|event| Decoded::Recovery(Box::new(event)));
+    if !unknown(&recovery) {
+        return recovery;
+    }
+    WebhookEvent::from_stored(event_type, version, data).map(Decoded::Webhook)
 }
 
 #[test]
@@ -143,7 +152,8 @@ fn every_event_type_has_a_fixture_of_its_current_version() {
         .chain(LoginEvent::TYPES)
         .chain(AdministratorsEvent::TYPES)
         .chain(SessionEvent::TYPES)
-        .chain(RecoveryEvent::TYPES);
+        .chain(RecoveryEvent::TYPES)
+        .chain(WebhookEvent::TYPES);
     for event_type in every_type {
         assert!(
             covered.contains(event_type),

@@ -29,6 +29,7 @@
 pub mod bulk;
 mod cluster;
 mod deployment;
+pub mod integration_schema;
 mod private;
 pub mod process;
 mod proxy;

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     Algorithm, DerivationKey, KeyError, KeyPurpose, KeySet, MailTokenKey, RefreshTokenKey, Secret,
-    SigningKey, TokenSettings, TokenVerifier, VerificationKey,
+    SigningKey, TokenSettings, TokenVerifier, VerificationKey, WebhookSecretKey,
 };
 
 /// How tokens are signed and verified, and with which keys.
@@ -105,6 +105,12 @@ pub enum KeyConfigError {
          -hex 32`, the same in the command API and the aggregator) or mail.token_key_file"
     )]
     NoMailTokenKey,
+    #[error(
+        "no webhook secret key: set webhooks.secret_key (64 or more hexadecimal digits, `openssl \
+         rand -hex 32`, the same in the command API and the aggregator) or \
+         webhooks.secret_key_file"
+    )]
+    NoWebhookSecretKey,
     #[error("tokens.algorithm must be EdDSA or ES256")]
     UnsupportedAlgorithm,
     #[error("reading {what} at {path}")]
@@ -211,6 +217,19 @@ impl MailTokenKey {
         create: bool,
     ) -> Result<Self, KeyConfigError> {
         configured_key(text, file, create, "mail.token_key")?.ok_or(KeyConfigError::NoMailTokenKey)
+    }
+}
+
+impl WebhookSecretKey {
+    /// The webhook secret key from the `webhooks` settings, read as [`MailTokenKey::configured`]
+    /// reads its key. The command API and the aggregator read it alike.
+    pub fn configured(
+        text: Option<&str>,
+        file: Option<&Path>,
+        create: bool,
+    ) -> Result<Self, KeyConfigError> {
+        configured_key(text, file, create, "webhooks.secret_key")?
+            .ok_or(KeyConfigError::NoWebhookSecretKey)
     }
 }
 

@@ -55,6 +55,7 @@ mod link;
 mod refresh;
 mod secret;
 mod verifier;
+mod webhook_secret;
 
 pub use algorithm::{Algorithm, UnsupportedAlgorithm};
 pub use claims::{Claims, TokenSettings};
@@ -69,6 +70,7 @@ pub use refresh::{
 };
 pub use secret::Secret;
 pub use verifier::{MAX_TOKEN_BYTES, TokenError, TokenVerifier};
+pub use webhook_secret::{WebhookSecret, WebhookSecretKey, WebhookSecrets};
 
 #[cfg(test)]
 mod tests {
