@@ -74,8 +74,8 @@ pub trait Consumer: Send {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Its checkpoint's name in `projection_checkpoints`, its lock's name, and its label in
-    /// logs and metrics.
-    fn name(&self) -> &'static str;
+    /// logs and metrics. Fixed for a consumer's life; a webhook endpoint's names its endpoint.
+    fn name(&self) -> &str;
     /// The version its checkpoint is created at when a new holder takes it over.
     fn version(&self) -> i32;
     fn store(&self) -> &Arc<dyn MessageStore>;
@@ -132,7 +132,7 @@ async fn take_lock<C: Consumer, S: Future<Output = ()>>(
         ReadModelWriter::Postgres(pool) => {
             let acquire = ConsumerLock::acquire(
                 pool.clone(),
-                consumer.name(),
+                Arc::from(consumer.name()),
                 consumer.version(),
                 consumer.lock_timing(),
                 consumer.holds_lock(),
@@ -288,23 +288,23 @@ impl ConsumerLock {
     /// Waits until the lock is ours, trying every `timing.retry`, and takes the consumer over.
     async fn acquire(
         pool: sqlx::PgPool,
-        consumer: &'static str,
+        consumer: Arc<str>,
         version: i32,
         timing: LockTiming,
         holds_lock: Arc<AtomicBool>,
     ) -> Self {
         let mut waiting_logged = false;
         loop {
-            match Self::try_acquire(&pool, consumer, version, timing.lease, &holds_lock).await {
+            match Self::try_acquire(&pool, &consumer, version, timing.lease, &holds_lock).await {
                 Ok(Some(lock)) => return lock,
                 Ok(None) => {
                     if !waiting_logged {
-                        tracing::info!(consumer, "another worker holds it; standing by");
+                        tracing::info!(%consumer, "another worker holds it; standing by");
                         waiting_logged = true;
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(consumer, %error, "could not try the lock");
+                    tracing::warn!(%consumer, %error, "could not try the lock");
                 }
             }
             tokio::time::sleep(timing.retry).await;
@@ -313,7 +313,7 @@ impl ConsumerLock {
 
     async fn try_acquire(
         pool: &sqlx::PgPool,
-        consumer: &'static str,
+        consumer: &Arc<str>,
         version: i32,
         lease: Duration,
         holds_lock: &Arc<AtomicBool>,
@@ -332,7 +332,7 @@ impl ConsumerLock {
         let mut connection = PgConnection::connect_with(&options).await?;
         let locked: bool =
             sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY_SQL})"))
-                .bind(consumer)
+                .bind(consumer.as_ref())
                 .fetch_one(&mut connection)
                 .await?;
         if !locked {
@@ -342,11 +342,11 @@ impl ConsumerLock {
         // Waits for a commit of the previous holder in flight on the checkpoint row; an error
         // drops the connection, and the lock with it.
         let checkpoint = pg_take_over(&mut connection, consumer, version).await?;
-        tracing::info!(consumer, epoch = checkpoint.epoch, "took over");
+        tracing::info!(%consumer, epoch = checkpoint.epoch, "took over");
         let (lost_sender, lost) = watch::channel(false);
         let heartbeat = tokio::spawn(heartbeat(
             connection,
-            consumer,
+            consumer.clone(),
             lease,
             lost_sender,
             holds_lock.clone(),
@@ -369,7 +369,7 @@ impl ConsumerLock {
 /// holder learns of the loss before any other worker can take the lock.
 async fn heartbeat(
     mut connection: PgConnection,
-    consumer: &'static str,
+    consumer: Arc<str>,
     lease: Duration,
     lost: watch::Sender<bool>,
     holds_lock: Arc<AtomicBool>,
@@ -380,12 +380,12 @@ async fn heartbeat(
         match tokio::time::timeout(lease - every, connection.ping()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(consumer, %error, "lost the lock's connection");
+                tracing::warn!(%consumer, %error, "lost the lock's connection");
                 break;
             }
             Err(_) => {
                 tracing::warn!(
-                    consumer,
+                    %consumer,
                     "the lock's connection did not answer within the lease; the server ends \
                      such a session and another worker may take over"
                 );
