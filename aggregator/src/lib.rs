@@ -27,6 +27,7 @@ pub mod mailer;
 pub mod projector;
 pub mod read_model;
 pub mod view;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;

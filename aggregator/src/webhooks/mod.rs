@@ -1,0 +1,1 @@
+//! Delivery of integration events to webhook endpoints.
