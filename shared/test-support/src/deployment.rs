@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use personal_data::{LookupKey, MasterKey, MasterKeys, Sealer};
-use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey, WebhookSecretKey};
 
 use crate::process::{Launch, Process, built_binary, free_port};
 
@@ -28,6 +28,9 @@ pub struct Deployment {
     pub refresh_token_key: String,
     /// The mail token key of the command API and the aggregator's mailer, in hexadecimal.
     pub mail_token_key: String,
+    /// The key webhook endpoints' signing secrets are derived with, in hexadecimal: the command
+    /// API shows a secret, the aggregator signs with it.
+    pub webhook_secret_key: String,
     /// The master key that wraps each person's key (ADR 13), in hexadecimal, under id `1`:
     /// every service reads it.
     pub master_key: String,
@@ -81,6 +84,10 @@ impl Deployment {
                 .expose_secret()
                 .clone(),
             mail_token_key: MailTokenKey::generate()?.to_hex().expose_secret().clone(),
+            webhook_secret_key: WebhookSecretKey::generate()?
+                .to_hex()
+                .expose_secret()
+                .clone(),
             master_key: MasterKey::generate("1")?.to_hex().expose_secret().clone(),
             lookup_key: LookupKey::generate()?.to_hex().expose_secret().clone(),
             logs,
@@ -94,6 +101,8 @@ impl Deployment {
         self.signing_key.clone_from(&other.signing_key);
         self.refresh_token_key.clone_from(&other.refresh_token_key);
         self.mail_token_key.clone_from(&other.mail_token_key);
+        self.webhook_secret_key
+            .clone_from(&other.webhook_secret_key);
         self.master_key.clone_from(&other.master_key);
         self.lookup_key.clone_from(&other.lookup_key);
         self
@@ -136,6 +145,7 @@ impl Deployment {
                 &self.refresh_token_key,
             )
             .env("IDENTITY__MAIL__TOKEN_KEY", &self.mail_token_key)
+            .env("IDENTITY__WEBHOOKS__SECRET_KEY", &self.webhook_secret_key)
             .env("IDENTITY__PERSONAL_DATA__MASTER_KEY_ID", "1")
             .env("IDENTITY__PERSONAL_DATA__MASTER_KEY", &self.master_key)
             .env("IDENTITY__PERSONAL_DATA__LOOKUP_KEY", &self.lookup_key)
