@@ -18,6 +18,7 @@ mod read;
 mod rebuild;
 mod refresh;
 mod report;
+mod scale;
 mod setup;
 mod soak;
 
@@ -51,6 +52,12 @@ enum Scenario {
     /// Mails delivered from recovery events to a real SMTP server by the mailer, against the
     /// same mails sent straight with the same SMTP client.
     Mail(mail::Options),
+    /// Logins over HTTP against one command API process and against two sharing the same
+    /// cores and database.
+    Scale(scale::Options),
+    /// The command API, from the environment's settings: a replica `scale` starts.
+    #[command(hide = true)]
+    ServeCommandApi,
     /// The split deployment (three release binaries) under minutes of mixed traffic: errors,
     /// latencies per route and resident memory over time. Run by hand, not in CI.
     Soak(soak::Options),
@@ -67,6 +74,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Refresh(options) => refresh::run(options).await,
         Scenario::Query(options) => query::run(options).await,
         Scenario::Mail(options) => mail::run(options).await,
+        Scenario::Scale(options) => scale::run(options).await,
+        Scenario::ServeCommandApi => scale::serve_command_api().await,
         Scenario::Soak(options) => soak::run(options).await,
     }
 }
