@@ -120,6 +120,10 @@ impl Hasher {
         max_waiting: usize,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(threads > 0, "login.hashing_threads must be at least 1");
+        // What a replica can do is its hashing threads' work: said at start, and on /metrics
+        // for the capacity model (docs/capacity.md).
+        tracing::info!(threads, "hashing passwords on {threads} threads");
+        metrics::gauge!("login_hashing_threads").set(threads as f64);
         let params = Params::new(
             settings.memory_kib,
             settings.iterations,

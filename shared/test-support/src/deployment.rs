@@ -137,7 +137,17 @@ impl Deployment {
     /// The binary cargo built beside the running executable, with this deployment's settings,
     /// its output in `label`'s log.
     pub fn launch(&self, binary: &str, label: &str) -> anyhow::Result<Launch> {
-        let mut launch = Launch::new(label, built_binary(binary)?)
+        self.launch_under(&[], binary, label)
+    }
+
+    /// [`Self::launch`], the binary run by the `wrapper` command line (see [`Launch::under`]).
+    pub fn launch_under(
+        &self,
+        wrapper: &[&str],
+        binary: &str,
+        label: &str,
+    ) -> anyhow::Result<Launch> {
+        let mut launch = Launch::under(wrapper, label, built_binary(binary)?)
             .env("IDENTITY__DATABASE__URL", &self.url)
             .env("IDENTITY__TOKENS__SIGNING_KEY", &self.signing_key)
             .env(
@@ -169,7 +179,18 @@ impl Deployment {
         label: &str,
         settings: &[(&str, String)],
     ) -> anyhow::Result<Process> {
-        let mut launch = self.launch(binary, label)?;
+        self.start_under(&[], binary, label, settings)
+    }
+
+    /// [`Self::start`], the binary run by the `wrapper` command line (see [`Launch::under`]).
+    pub fn start_under(
+        &self,
+        wrapper: &[&str],
+        binary: &str,
+        label: &str,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<Process> {
+        let mut launch = self.launch_under(wrapper, binary, label)?;
         for (variable, value) in settings {
             launch = launch.env(variable, value);
         }
@@ -206,6 +227,20 @@ impl Deployment {
         label: &str,
         settings: &[(&str, String)],
     ) -> anyhow::Result<(Process, u16)> {
+        self.start_service_under(client, &[], binary, label, settings)
+            .await
+    }
+
+    /// [`Self::start_service`], the binary run by the `wrapper` command line (see
+    /// [`Launch::under`]).
+    pub async fn start_service_under(
+        &self,
+        client: &reqwest::Client,
+        wrapper: &[&str],
+        binary: &str,
+        label: &str,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<(Process, u16)> {
         let port = free_port()?;
         let address = if binary == "aggregator" {
             "IDENTITY__AGGREGATOR__HTTP__ADDRESS"
@@ -214,7 +249,7 @@ impl Deployment {
         };
         let mut settings = settings.to_vec();
         settings.push((address, format!("127.0.0.1:{port}")));
-        let mut process = self.start(binary, label, &settings)?;
+        let mut process = self.start_under(wrapper, binary, label, &settings)?;
         process.wait_until_serves(client, port, "/healthz").await?;
         process.wait_until_serves(client, port, "/readyz").await?;
         Ok((process, port))

@@ -95,8 +95,21 @@ impl Launch {
     /// `RUST_LOG`) but the ones given here, as in a container: a developer's environment never
     /// changes what a test runs.
     pub fn new(name: impl Into<String>, binary: impl Into<PathBuf>) -> Self {
+        Self::under(&[], name, binary)
+    }
+
+    /// `binary` run by the `wrapper` command line (say `taskset -c 0`, which lets it use one
+    /// CPU), otherwise as [`Self::new`] runs it.
+    pub fn under(wrapper: &[&str], name: impl Into<String>, binary: impl Into<PathBuf>) -> Self {
         let binary = binary.into();
-        let mut command = Command::new(&binary);
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         for (variable, _) in std::env::vars_os() {
             if variable.to_string_lossy().starts_with("IDENTITY") {
                 command.env_remove(variable);
