@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use platform::Problem;
 
 use crate::service::CommandError;
+use crate::webhooks::WebhookError;
 
 /// Everything the API can answer other than success: a command's own error, or what the HTTP
 /// layer refuses before a command runs.
@@ -15,6 +16,8 @@ use crate::service::CommandError;
 pub enum ApiError {
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
     /// No bearer token, one that does not verify, or one whose session is no longer live (logged
     /// out, ended, expired, or ended with the account: deactivated, password changed, all its
     /// sessions ended).
@@ -72,6 +75,19 @@ impl ApiError {
                 CommandError::StoreUnavailable(_) => Problem::unavailable(),
                 CommandError::Internal(_) => Problem::internal(),
             },
+            Self::Webhook(error) => match error {
+                WebhookError::Validation(errors) => Problem::validation(errors.clone()),
+                WebhookError::Exists => conflict(
+                    "webhook_exists",
+                    "an endpoint with this id exists or existed; if this is a retry whose answer \
+                     was lost, rotate its secret (POST /webhooks/{id}/rotate-secret) to get one",
+                ),
+                WebhookError::NotFound => {
+                    Problem::not_found().with_detail("no such webhook endpoint")
+                }
+                WebhookError::StoreUnavailable(_) => Problem::unavailable(),
+                WebhookError::Internal(_) => Problem::internal(),
+            },
             Self::InvalidToken => Problem::unauthorized("invalid_token")
                 .with_detail("send a valid access token as `Authorization: Bearer <token>`"),
             Self::Forbidden => {
@@ -101,6 +117,12 @@ impl IntoResponse for ApiError {
             // The chain carries store and hashing errors, never a request's values.
             tracing::error!(error = with_causes(error), "command failed");
         }
+        if let Self::Webhook(
+            error @ (WebhookError::Internal(_) | WebhookError::StoreUnavailable(_)),
+        ) = &self
+        {
+            tracing::error!(error = with_causes(error), "webhook command failed");
+        }
         self.to_problem().into_response()
     }
 }
@@ -122,6 +144,10 @@ mod tests {
 
     fn command(error: CommandError) -> ApiError {
         ApiError::Command(error)
+    }
+
+    fn webhook(error: WebhookError) -> ApiError {
+        ApiError::Webhook(error)
     }
 
     #[test]
@@ -169,6 +195,23 @@ mod tests {
                 500,
                 "internal_error",
             ),
+            (
+                webhook(WebhookError::Validation(vec![])),
+                422,
+                "validation_failed",
+            ),
+            (webhook(WebhookError::Exists), 409, "webhook_exists"),
+            (webhook(WebhookError::NotFound), 404, "not_found"),
+            (
+                webhook(WebhookError::StoreUnavailable(anyhow::anyhow!("no route"))),
+                503,
+                "unavailable",
+            ),
+            (
+                webhook(WebhookError::Internal(anyhow::anyhow!("disk on fire"))),
+                500,
+                "internal_error",
+            ),
             (ApiError::InvalidToken, 401, "invalid_token"),
             (ApiError::Forbidden, 403, "forbidden"),
             (ApiError::SelfDeactivation, 409, "cannot_deactivate_self"),
@@ -205,11 +248,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_internal_error_tells_the_client_nothing_of_its_cause() {
-        let response = command(CommandError::Internal(anyhow::anyhow!("disk on fire")));
-        let body = axum::body::to_bytes(response.into_response().into_body(), 4096)
-            .await
-            .unwrap();
-        assert!(!String::from_utf8_lossy(&body).contains("disk"));
+        for error in [
+            command(CommandError::Internal(anyhow::anyhow!("disk on fire"))),
+            webhook(WebhookError::Internal(anyhow::anyhow!("disk on fire"))),
+        ] {
+            let body = axum::body::to_bytes(error.into_response().into_body(), 4096)
+                .await
+                .unwrap();
+            assert!(!String::from_utf8_lossy(&body).contains("disk"));
+        }
     }
 
     #[test]

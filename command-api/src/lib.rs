@@ -12,6 +12,8 @@
 //! - [`recovery`]: registration by mode, verification, password reset and change of email,
 //!   without HTTP; their routes are in `recovery_routes.rs`.
 //! - [`erasure`]: erasing an account (its key deleted, its address released), without HTTP.
+//! - [`webhooks`]: registering, rotating, enabling and deleting webhook endpoints, without
+//!   HTTP; their routes are in `webhook_routes.rs`.
 //! - `personal.rs`: sealing the personal fields written and opening those read, with the vault.
 //! - [`routes`]: the handlers, the bearer-token check and the OpenAPI document.
 //! - [`hashing`]: argon2id off the runtime, on a bounded set of threads (one per core).
@@ -32,6 +34,8 @@ pub mod routes;
 pub mod service;
 pub mod sessions;
 pub mod settings;
+mod webhook_routes;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -171,6 +175,12 @@ pub fn state_with_store(
         mail.create_key_if_missing,
     )
     .context("loading the mail token key")?;
+    let webhooks = webhooks::Webhooks::new(
+        store.clone(),
+        clock.clone(),
+        &settings.webhooks,
+        &settings.integration,
+    )?;
     let verifier = Arc::new(issuer.verifier());
     let hasher = Hasher::new(
         &settings.password,
@@ -194,7 +204,11 @@ pub fn state_with_store(
         sealer: personal.sealer,
         lookup_key: personal.lookup_key,
     });
-    Ok(AppState { commands, verifier })
+    Ok(AppState {
+        commands,
+        webhooks: Arc::new(webhooks),
+        verifier,
+    })
 }
 
 pub async fn connect(settings: &Settings) -> anyhow::Result<Arc<dyn MessageStore>> {

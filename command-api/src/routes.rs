@@ -28,11 +28,14 @@ use crate::recovery::SignUp;
 use crate::recovery_routes;
 use crate::service::{CommandError, Commands, Done};
 use crate::sessions::SessionTokens;
+use crate::webhook_routes;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub commands: Arc<Commands>,
+    /// The webhook endpoints' commands (`webhooks.rs`).
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub verifier: Arc<TokenVerifier>,
 }
 
@@ -63,6 +66,7 @@ pub fn command_routes(state: AppState) -> Router {
         .route("/users/{id}/sessions", delete(end_all_sessions))
         .route("/users/{id}", delete(erase))
         .merge(recovery_routes::routes())
+        .merge(webhook_routes::routes())
         .with_state(state)
 }
 
@@ -321,7 +325,7 @@ impl IntoResponses for StoreOutOfReach {
 }
 
 /// Problem answers as the document describes them: a `ProblemBody` each, by status.
-fn problem_responses<const N: usize>(
+pub(crate) fn problem_responses<const N: usize>(
     answers: [(&str, &str); N],
 ) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
     let body = Ref::from_schema_name(ProblemBody::name());
@@ -703,12 +707,15 @@ async fn openapi() -> Response {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation, password change, account recovery and erasure."),
+    info(title = "identity command API", description = "Registration, login, sessions (refresh, logout, ending them), activation, password change, account recovery, erasure, and webhook endpoints."),
     paths(register, login, refresh, logout, end_own_session, end_all_sessions, erase, activate, deactivate, change_password,
         recovery_routes::verify_email, recovery_routes::request_verification, recovery_routes::request_password_reset, recovery_routes::reset_password,
-        recovery_routes::request_email_change, recovery_routes::confirm_email_change, jwks, readyz, openapi),
+        recovery_routes::request_email_change, recovery_routes::confirm_email_change,
+        webhook_routes::register_webhook, webhook_routes::rotate_webhook_secret, webhook_routes::enable_webhook, webhook_routes::delete_webhook,
+        jwks, readyz, openapi),
     components(schemas(RegisterRequest, SignUpAccepted, LoginRequest, RefreshRequest, LogoutRequest, ChangePasswordRequest, EraseRequest, CommandResult, TokenResponse, ProblemBody, FieldErrorBody,
-        recovery_routes::LinkRequest, recovery_routes::PasswordResetRequest, recovery_routes::NewPasswordRequest, recovery_routes::EmailChangeRequest, recovery_routes::Accepted)),
+        recovery_routes::LinkRequest, recovery_routes::PasswordResetRequest, recovery_routes::NewPasswordRequest, recovery_routes::EmailChangeRequest, recovery_routes::Accepted,
+        webhook_routes::WebhookRegistration, webhook_routes::EventTypeName, webhook_routes::RegisteredWebhook, webhook_routes::RotatedWebhookSecret, webhook_routes::WebhookCommandResult)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;

@@ -1026,7 +1026,7 @@ fn store_failed(error: StoreError, doing: &'static str) -> CommandError {
 }
 
 /// An append that failed for another reason than a race.
-fn append_failed(error: AppendError, appending: &'static str) -> CommandError {
+pub(crate) fn append_failed(error: AppendError, appending: &'static str) -> CommandError {
     match error {
         AppendError::Store(error) => store_failed(error, appending),
         error => CommandError::Internal(anyhow::Error::new(error).context(appending)),

@@ -25,6 +25,12 @@ pub struct Settings {
     /// The master key that wraps each person's key, and the lookup key that names the email
     /// reservation streams (ADR 13); required, like the signing key.
     pub personal_data: PersonalDataSettings,
+    /// Webhook endpoints: the key their secrets are derived with (required, like the signing
+    /// key; the same in the aggregator, which signs with it), the networks they may reach
+    /// besides public ones, and how long a rotated secret still signs.
+    pub webhooks: integration::WebhookSettings,
+    /// Which integration event types are published: an endpoint may subscribe to these only.
+    pub integration: integration::IntegrationSettings,
 }
 
 impl Default for Settings {
@@ -40,6 +46,8 @@ impl Default for Settings {
             sessions: SessionSettings::default(),
             mail: MailSettings::default(),
             personal_data: PersonalDataSettings::default(),
+            webhooks: integration::WebhookSettings::default(),
+            integration: integration::IntegrationSettings::default(),
         }
     }
 }
@@ -140,7 +148,12 @@ impl LoginSettings {
         Duration::from_secs(self.prune_interval_seconds.max(1))
     }
 
-    /// `hashing_threads`, or the cores when it is not set.
+    /// `hashing_threads`, or the cores when it is not set: the CPUs this process may use, as
+    /// the standard library's `available_parallelism` counts them on Linux, which reads the
+    /// container's CPU limit (the cgroup's `cpu.max` quota, v2, or `cpu.cfs_quota_us`, v1) and
+    /// the CPU affinity mask, not the node's cores. A pod limited to 2 CPUs on a 64-core node
+    /// hashes on 2 threads (rounded up from a fractional limit); `tests/cpu_limit.rs` checks
+    /// the affinity mask, which the same function reads.
     pub fn hashing_threads(&self) -> usize {
         self.hashing_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))

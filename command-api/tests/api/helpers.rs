@@ -6,7 +6,7 @@ use command_api::{AppState, Application, Settings};
 use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use test_support::TestDatabase;
-use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey, WebhookSecretKey};
 use tracing_subscriber::fmt::MakeWriter;
 use uuid::Uuid;
 
@@ -36,6 +36,8 @@ pub fn test_settings(database: &TestDatabase) -> Settings {
     settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
     let mail_key = MailTokenKey::generate().unwrap();
     settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
+    let webhook_key = WebhookSecretKey::generate().unwrap();
+    settings.webhooks.secret_key = Some(webhook_key.to_hex().expose_secret().clone());
     let master_key = personal_data::MasterKey::generate("test-1").unwrap();
     settings.personal_data.master_key_id = "test-1".into();
     settings.personal_data.master_key = Some(master_key.to_hex().expose_secret().clone());

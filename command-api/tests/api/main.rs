@@ -17,3 +17,4 @@ mod seal_history;
 mod secrets;
 mod sessions;
 mod timing;
+mod webhooks;
