@@ -10,4 +10,5 @@ mod mailer;
 mod recovery;
 mod sessions;
 mod support;
+mod webhooks;
 mod worker;
