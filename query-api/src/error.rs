@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use platform::{FieldError, Problem};
 
 use crate::history::HistoryError;
+use crate::webhooks::EndpointsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -14,6 +15,8 @@ pub enum ApiError {
     Forbidden,
     #[error("no such account")]
     NotFound,
+    #[error("no such webhook endpoint")]
+    NoSuchWebhook,
     #[error("invalid request")]
     Invalid(Vec<FieldError>),
     /// A request header this API reads is malformed; the detail says which and why.
@@ -31,6 +34,8 @@ pub enum ApiError {
     Store(#[from] message_store::StoreError),
     #[error("message store")]
     History(#[from] HistoryError),
+    #[error("message store")]
+    Endpoints(#[from] EndpointsError),
 }
 
 impl ApiError {
@@ -50,6 +55,7 @@ impl ApiError {
                 Problem::forbidden().with_detail("this account is not yours to read")
             }
             Self::NotFound => Problem::not_found().with_detail("no such account"),
+            Self::NoSuchWebhook => Problem::not_found().with_detail("no such webhook endpoint"),
             Self::Invalid(errors) => Problem::validation(errors.clone()),
             Self::InvalidHeader(detail) => {
                 Problem::new(StatusCode::BAD_REQUEST, "invalid_header").with_detail(*detail)
@@ -83,6 +89,14 @@ impl ApiError {
                     }
                 }
             }
+            Self::Endpoints(error) => {
+                tracing::error!(%error, "reading the webhook endpoints failed");
+                match error {
+                    EndpointsError::Store(_) => Problem::unavailable(),
+                    // An event this build cannot read: no retry mends it.
+                    EndpointsError::Undecodable { .. } => Problem::internal(),
+                }
+            }
         }
     }
 }
@@ -110,6 +124,24 @@ mod tests {
             ),
             (ApiError::Forbidden, StatusCode::FORBIDDEN, "forbidden"),
             (ApiError::NotFound, StatusCode::NOT_FOUND, "not_found"),
+            (ApiError::NoSuchWebhook, StatusCode::NOT_FOUND, "not_found"),
+            (
+                ApiError::Endpoints(EndpointsError::Store(StoreError::Database(
+                    sqlx::Error::PoolTimedOut,
+                ))),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                ApiError::Endpoints(EndpointsError::Undecodable {
+                    position: 7,
+                    source: EventDecodeError::UnknownType {
+                        event_type: "WebhookRenamed".into(),
+                    },
+                }),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+            ),
             (
                 ApiError::invalid("limit", "too big"),
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -8,6 +8,10 @@
 //! them with the key vault in the message store's database, which it only reads, and shows an
 //! erased person's events with those fields null; the read model holds an erased account as a
 //! row without an address, which no lookup by address finds.
+//!
+//! Administrators read the webhook endpoints here too (`webhooks.rs`): folded from their
+//! streams in the message store, never with a secret, and the recent attempts to deliver to
+//! each from the read model.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +26,7 @@ mod routes;
 pub mod session_ends;
 mod sessions;
 pub mod settings;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,9 +51,11 @@ pub use settings::Settings;
 /// The query API's OpenAPI document, from its handlers' annotations.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Identity query API", description = "Profiles, lookups, history and the caller's sessions, served from the read model."),
-    paths(routes::me, export::own_export, routes::profile, routes::list, routes::events, sessions::own_sessions, routes::jwks, routes::readyz),
-    components(schemas(Profile, routes::Page, history::HistoryEntry, routes::EventPage, sessions::OwnSession, export::AccountExport, export::ExportedSession)),
+    info(title = "Identity query API", description = "Profiles, lookups, history and the caller's sessions, served from the read model; webhook endpoints and their deliveries, for administrators."),
+    paths(routes::me, export::own_export, routes::profile, routes::list, routes::events, sessions::own_sessions,
+        webhooks::list, webhooks::one, webhooks::deliveries, routes::jwks, routes::readyz),
+    components(schemas(Profile, routes::Page, history::HistoryEntry, routes::EventPage, sessions::OwnSession, export::AccountExport, export::ExportedSession,
+        webhooks::Webhook, webhooks::WebhookList, webhooks::Delivery, webhooks::DeliveryList)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -282,6 +289,7 @@ pub fn query_routes(state: AppState) -> Router {
             state.clone(),
             routes::wait_for_min_position,
         ))
+        .merge(webhooks::routes())
         .with_state(state)
 }
 

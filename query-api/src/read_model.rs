@@ -1,7 +1,8 @@
 //! Reads of the read model the aggregator builds: the `users` view, the `sessions` view kept by
-//! the same projection, and the projections' checkpoints (schema in migrations/read_model). The
-//! query side never writes here.
+//! the same projection, the projections' checkpoints, and the webhook delivery's attempts and
+//! checkpoints (schema in migrations/read_model). The query side never writes here.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -129,6 +130,37 @@ const EVERY_SESSION_POSTGRES: &str = every_session_sql!("s.started_at");
 
 /// Ordered as instants, as [`LIVE_SESSIONS_SQLITE`] is.
 const EVERY_SESSION_SQLITE: &str = every_session_sql!("julianday(s.started_at)");
+
+/// The newest delivery attempts to one webhook endpoint, at most `$2`, newest first (the
+/// delivery inserts them in the order it makes them).
+const WEBHOOK_ATTEMPTS: &str = "SELECT message_id, event_type, position, attempt, attempted_at, \
+                                       latency_ms, status_code, error, delivered \
+                                FROM webhook_attempts WHERE webhook_id = $1 \
+                                ORDER BY id DESC LIMIT $2";
+
+/// The checkpoint of every webhook endpoint's delivery: each is a consumer of its own, named
+/// `webhook:<id>`.
+const WEBHOOK_CHECKPOINTS: &str =
+    "SELECT projection, position FROM projection_checkpoints WHERE projection LIKE 'webhook:%'";
+
+/// What the name of a webhook endpoint's delivery checkpoint starts with.
+const WEBHOOK_CHECKPOINT_PREFIX: &str = "webhook:";
+
+/// One attempt to deliver an event to a webhook endpoint, as the delivery recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub message_id: Uuid,
+    pub event_type: String,
+    pub position: u64,
+    /// 1 for the event's first attempt.
+    pub attempt: u32,
+    pub attempted_at: DateTime<Utc>,
+    pub latency_ms: u64,
+    /// None when no answer came (refused, timed out, an address the policy forbids).
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub delivered: bool,
+}
 
 /// A user's profile as the users view holds it.
 ///
@@ -491,6 +523,39 @@ impl UsersView {
         })
     }
 
+    /// The newest `limit` attempts to deliver to webhook endpoint `webhook`, newest first.
+    pub async fn webhook_attempts(
+        &self,
+        webhook: Uuid,
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>, sqlx::Error> {
+        on_either_pool!(UsersView, self, |pool| {
+            let rows = retrying(pool, || {
+                sqlx::query(WEBHOOK_ATTEMPTS)
+                    .bind(pool.id_parameter(webhook))
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+            })
+            .await?;
+            rows.iter().map(AttemptsRow::attempt).collect()
+        })
+    }
+
+    /// How far each webhook endpoint's delivery has got: the position of its checkpoint, by
+    /// endpoint. An endpoint whose delivery has not started has none.
+    pub async fn webhook_checkpoints(&self) -> Result<HashMap<Uuid, u64>, sqlx::Error> {
+        let rows: Vec<(String, i64)> = on_either_pool!(UsersView, self, |pool| {
+            retrying(pool, || sqlx::query_as(WEBHOOK_CHECKPOINTS).fetch_all(pool)).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, position)| {
+                let id = name.strip_prefix(WEBHOOK_CHECKPOINT_PREFIX)?.parse().ok()?;
+                Some((id, read_model_schema::unsigned(position)))
+            })
+            .collect())
+    }
+
     /// The users view's projection version and checkpoint (0 and 0 before any).
     pub async fn checkpoint(&self) -> Result<(i32, u64), sqlx::Error> {
         let row: Option<StoredCheckpoint> = on_either_pool!(UsersView, self, |pool| {
@@ -683,8 +748,43 @@ macro_rules! impl_sessions_row {
 impl_sessions_row!(PgRow, id: |row: &PgRow| row.try_get("id"));
 impl_sessions_row!(SqliteRow, id: sqlite_id);
 
+/// A row of the webhook delivery's attempts, on either engine.
+trait AttemptsRow {
+    fn attempt(&self) -> Result<AttemptRow, sqlx::Error>;
+}
+
+/// [`AttemptsRow`] for one engine's rows, whose `message_id` decodes its own way.
+macro_rules! impl_attempts_row {
+    ($row:ty, message_id: $id:expr) => {
+        impl AttemptsRow for $row {
+            fn attempt(&self) -> Result<AttemptRow, sqlx::Error> {
+                let status_code: Option<i32> = self.try_get("status_code")?;
+                Ok(AttemptRow {
+                    message_id: $id(self)?,
+                    event_type: self.try_get("event_type")?,
+                    position: unsigned(self.try_get("position")?),
+                    attempt: u32::try_from(self.try_get::<i32, _>("attempt")?).unwrap_or(0),
+                    attempted_at: self.try_get("attempted_at")?,
+                    latency_ms: u64::try_from(self.try_get::<i32, _>("latency_ms")?).unwrap_or(0),
+                    status_code: status_code.and_then(|code| u16::try_from(code).ok()),
+                    error: self.try_get("error")?,
+                    delivered: self.try_get("delivered")?,
+                })
+            }
+        }
+    };
+}
+
+impl_attempts_row!(PgRow, message_id: |row: &PgRow| row.try_get("message_id"));
+impl_attempts_row!(SqliteRow, message_id: |row: &SqliteRow| sqlite_uuid(row, "message_id"));
+
 fn sqlite_id(row: &SqliteRow) -> Result<Uuid, sqlx::Error> {
-    let id: String = row.try_get("id")?;
+    sqlite_uuid(row, "id")
+}
+
+/// A uuid SQLite keeps as hyphenated text, in column `column`.
+fn sqlite_uuid(row: &SqliteRow, column: &str) -> Result<Uuid, sqlx::Error> {
+    let id: String = row.try_get(column)?;
     Uuid::parse_str(&id).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
@@ -872,6 +972,113 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+
+        drop(view);
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn webhook_attempts_and_checkpoints_are_read_on_sqlite_newest_first() {
+        let (view, path) = sqlite_view(Uuid::new_v4()).await;
+        let (endpoint, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        let writer = SqlitePool::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        // As the delivery writes them: ids and times as text, `delivered` 0 or 1.
+        for (webhook, message, attempt, at, status, error, delivered) in [
+            (
+                endpoint,
+                first,
+                1,
+                "2026-12-06T10:00:00Z",
+                None,
+                Some("timed out"),
+                0,
+            ),
+            (
+                endpoint,
+                first,
+                2,
+                "2026-12-06T10:00:01.5+00:00",
+                Some(200),
+                None,
+                1,
+            ),
+            (
+                other,
+                first,
+                1,
+                "2026-12-06T10:00:02Z",
+                Some(500),
+                Some("HTTP 500"),
+                0,
+            ),
+            (
+                endpoint,
+                second,
+                1,
+                "2026-12-06T10:00:03Z",
+                Some(204),
+                None,
+                1,
+            ),
+        ] {
+            sqlx::query(
+                "INSERT INTO webhook_attempts (webhook_id, message_id, event_type, position, \
+                                               attempt, attempted_at, latency_ms, status_code, \
+                                               error, delivered) \
+                 VALUES ($1, $2, 'identity.user.registered.v1', 12, $3, $4, 35, $5, $6, $7)",
+            )
+            .bind(webhook.to_string())
+            .bind(message.to_string())
+            .bind(attempt)
+            .bind(at)
+            .bind(status)
+            .bind(error)
+            .bind(delivered)
+            .execute(&writer)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, version, position) \
+             VALUES ($1, 1, 40), ('webhook:not-an-endpoint', 1, 3)",
+        )
+        .bind(format!("webhook:{endpoint}"))
+        .execute(&writer)
+        .await
+        .unwrap();
+        writer.close().await;
+
+        let attempts = view.webhook_attempts(endpoint, 2).await.unwrap();
+        let listed: Vec<(Uuid, u32, Option<u16>, bool)> = attempts
+            .iter()
+            .map(|a| (a.message_id, a.attempt, a.status_code, a.delivered))
+            .collect();
+        assert_eq!(
+            listed,
+            [(second, 1, Some(204), true), (first, 2, Some(200), true)]
+        );
+        assert_eq!(
+            attempts[1].attempted_at,
+            Utc.with_ymd_and_hms(2026, 12, 6, 10, 0, 1).unwrap()
+                + chrono::TimeDelta::milliseconds(500)
+        );
+        assert_eq!((attempts[1].position, attempts[1].latency_ms), (12, 35));
+        let oldest = &view.webhook_attempts(endpoint, 10).await.unwrap()[2];
+        assert_eq!(
+            (
+                oldest.status_code,
+                oldest.error.as_deref(),
+                oldest.delivered
+            ),
+            (None, Some("timed out"), false)
+        );
+        let checkpoints = view.webhook_checkpoints().await.unwrap();
+        assert_eq!(checkpoints, HashMap::from([(endpoint, 40)]));
 
         drop(view);
         for file in ["", "-wal", "-shm"] {

@@ -291,7 +291,10 @@ async fn authorize_read(
 
 /// Lets the caller act as an administrator; a caller without the role gets 403 once their
 /// account is known to be active, 401 otherwise.
-async fn authorize_admin(state: &AppState, caller: &AuthenticatedCaller) -> Result<(), ApiError> {
+pub(crate) async fn authorize_admin(
+    state: &AppState,
+    caller: &AuthenticatedCaller,
+) -> Result<(), ApiError> {
     if caller.is_admin {
         return caller.ensure_admin(state).await;
     }
@@ -411,7 +414,11 @@ pub async fn list(
 }
 
 /// The `limit` a client asked for, from 1 to the configured maximum, or `default`.
-fn page_size(limit: Option<&str>, default: u32, state: &AppState) -> Result<u32, ApiError> {
+pub(crate) fn page_size(
+    limit: Option<&str>,
+    default: u32,
+    state: &AppState,
+) -> Result<u32, ApiError> {
     let Some(limit) = limit else {
         return Ok(default);
     };

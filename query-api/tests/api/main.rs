@@ -23,3 +23,4 @@ mod session_ends;
 mod sessions;
 mod shutdown;
 mod token_attacks;
+mod webhooks;
