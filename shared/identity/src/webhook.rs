@@ -80,6 +80,8 @@ impl WebhookEndpoint {
 }
 
 /// A webhook endpoint's stream, folded.
+// Unboxed: a state is made per command or per endpoint read, never kept in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum WebhookState {
     #[default]
