@@ -5,7 +5,8 @@
 //! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key, and the
 //! keys that seal personal data (ADR 13), are created on first start and kept beside the
 //! database. Mails are `.eml` files under `data/mail/`, their
-//! links logged, unless `mail.smtp_url` names a server.
+//! links logged, unless `mail.smtp_url` names a server. Integration events are published to NATS
+//! JetStream when `nats.url` names a server.
 
 #![forbid(unsafe_code)]
 
@@ -77,6 +78,8 @@ pub struct Application {
     /// and the query side open with it.
     personal_data: personal_data::PersonalData,
     mailer: aggregator::Mailer,
+    /// The JetStream relay, when `nats.url` is set.
+    relay: Option<aggregator::Relay>,
 }
 
 impl Application {
@@ -113,6 +116,14 @@ impl Application {
             read_model.clone(),
             clock.clone(),
         )?;
+        let relay = settings
+            .projection
+            .relay(
+                store.clone(),
+                personal_data.sealer.clone(),
+                read_model.clone(),
+            )
+            .await?;
         let address = &settings.commands.http.address;
         let listener = TcpListener::bind(address)
             .await
@@ -125,6 +136,7 @@ impl Application {
             read_model,
             personal_data,
             mailer,
+            relay,
         })
     }
 
@@ -132,10 +144,10 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves the command and query routes, projects and mails until `shutdown` completes;
-    /// returns once the requests in flight are answered, the batch in flight is committed or
-    /// rolled back, the mails of the mailer's step in flight are sent, and every background
-    /// task has stopped.
+    /// Serves the command and query routes, projects, mails and relays until `shutdown`
+    /// completes; returns once the requests in flight are answered, the batch in flight is
+    /// committed or rolled back, the mails of the mailer's step in flight are sent, the relay's
+    /// step has ended, and every background task has stopped.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -157,6 +169,9 @@ impl Application {
         );
         let projecting = tokio::spawn(projector.run(shutdown.stopped()));
         let mailing = tokio::spawn(self.mailer.run(shutdown.stopped()));
+        let relaying = self
+            .relay
+            .map(|relay| tokio::spawn(relay.run(shutdown.stopped())));
 
         let command_state = command_api::state_with_store(
             &commands,
@@ -207,6 +222,9 @@ impl Application {
             .await;
         projecting.await.context("stopping the projector")?;
         mailing.await.context("stopping the mailer")?;
+        if let Some(relaying) = relaying {
+            relaying.await.context("stopping the JetStream relay")?;
+        }
         pruning
             .await
             .context("stopping the login history pruning")?;

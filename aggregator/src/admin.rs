@@ -1,5 +1,6 @@
-//! The operator's commands: `status` of every consumer (the users projection and the mailer)
-//! and of the personal keys, `reset` of either consumer, and `rebuild` of a projection.
+//! The operator's commands: `status` of every consumer (the users projection, the mailer and
+//! the JetStream relay) and of the personal keys, `reset` of any consumer, and `rebuild` of a
+//! projection.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use serde::Serialize;
 use sqlx::{Executor, Row};
 
 use crate::consumer::LOCK_KEY_SQL;
+use crate::jetstream::{JETSTREAM, JETSTREAM_VERSION};
 use crate::mailer::{MAILER, MAILER_VERSION};
 use crate::projector::{Outcome, Projector, ProjectorOptions, erase_keys, read_unsealed};
 use read_model_schema::{USERS_VERSION, signed};
@@ -17,8 +19,8 @@ use read_model_schema::{USERS_VERSION, signed};
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};
 use crate::view::{Change, prepare};
 
-/// The consumers this build knows: the projections, then the mailer.
-pub const PROJECTIONS: &[&str] = &["users", MAILER];
+/// The consumers this build knows: the projections, then the mailer and the JetStream relay.
+pub const PROJECTIONS: &[&str] = &["users", MAILER, JETSTREAM];
 
 /// One projection as `aggregator status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -37,6 +39,7 @@ fn target(projection: &str) -> anyhow::Result<Target> {
     match projection {
         "users" => Ok(Target::USERS),
         MAILER => bail!("the mailer keeps no view to rebuild; `reset` replays it"),
+        JETSTREAM => bail!("the JetStream relay keeps no view to rebuild; `reset` replays it"),
         other => bail!("no projection named {other:?}; known: {PROJECTIONS:?}"),
     }
 }
@@ -163,13 +166,21 @@ pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Resul
 
 /// Empties the views (users and sessions) and their checkpoint in one transaction; the worker
 /// replays from zero. For the mailer, moves its checkpoint back to the start: it sends every
-/// mail again (but those whose links have expired), each with the `Message-ID` it had.
+/// mail again (but those whose links have expired), each with the `Message-ID` it had. For the
+/// JetStream relay, likewise: it publishes every event again, each with the `Nats-Msg-Id` it
+/// had (JetStream drops those within its duplicate window; erased persons' addresses are gone).
 pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Result<()> {
     if projection == MAILER {
         return read_model
             .reset_checkpoint(MAILER, MAILER_VERSION)
             .await
             .context("resetting the mailer");
+    }
+    if projection == JETSTREAM {
+        return read_model
+            .reset_checkpoint(JETSTREAM, JETSTREAM_VERSION)
+            .await
+            .context("resetting the JetStream relay");
     }
     let target = target(projection)?;
     read_model

@@ -1,6 +1,6 @@
 //! The aggregator: the consumers of the message store (the worker that projects its events into
-//! the read model, and the mailer), and the operator's commands around them (`migrate`,
-//! `status`, `reset`, `rebuild`).
+//! the read model, the mailer, and the JetStream relay), and the operator's commands around them
+//! (`migrate`, `status`, `reset`, `rebuild`).
 //!
 //! - [`view`]: the users and sessions views as values and how each event changes them (pure).
 //! - [`read_model`]: the read model's database (PostgreSQL or SQLite), its schema, and the
@@ -9,13 +9,15 @@
 //!   replicas.
 //! - [`projector`]: the users projection's worker, one batch at a time or as a loop.
 //! - [`mailer`]: the mailer, which sends the mails recovery events call for.
+//! - [`jetstream`]: the relay, which publishes integration events to NATS JetStream (when
+//!   `nats.url` is set).
 //! - [`admin`]: status, reset and rebuild.
 //!
 //! [`Application`] wires them to settings and a small HTTP port (`/healthz`, `/readyz`,
-//! `/metrics`); the standalone binary runs the same [`Projector`] and [`Mailer`] inside its own
-//! process.
+//! `/metrics`); the standalone binary runs the same [`Projector`], [`Mailer`] and [`Relay`]
+//! inside its own process.
 //!
-//! Both consumers read personal data (ADR 13): each batch they read from the store goes through
+//! Every consumer reads personal data (ADR 13): each batch they read from the store goes through
 //! a [`Sealer`] over the key vault in the message store's database, one key query per batch,
 //! before any event is decoded; fields of an erased person read as erased.
 
@@ -23,6 +25,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod jetstream;
 pub mod mailer;
 pub mod projector;
 pub mod read_model;
@@ -38,12 +41,13 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
+use integration::IntegrationSettings;
 use message_store::{ConnectOptions, MessageStore};
 use personal_data::{KeyVault, MasterKeys, Sealer};
 use platform::clock::{Clock, SystemClock};
 use platform::settings::{
     DatabaseSettings, HttpSettings, LogSettings, MailSettings, PersonalDataSettings,
-    ReadModelSettings,
+    ReadModelSettings, RedactedUrl,
 };
 use platform::shutdown::Shutdown;
 use serde::Deserialize;
@@ -54,6 +58,7 @@ use consumer::Backoff;
 use mailer::mails::Letters;
 use mailer::postman::{self, Postman};
 
+pub use jetstream::{NatsSettings, Relay, RelayOptions, RelayOutcome, RelayStats};
 pub use mailer::{MailOutcome, Mailer, MailerOptions, MailerStats};
 pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
 pub use read_model::{ReadModelWriter, Target};
@@ -73,6 +78,11 @@ pub struct Settings {
     /// The master keys the persons' keys are wrapped with (shared with the command API and the
     /// query API). The aggregator reads no lookup key: it looks no address up.
     pub personal_data: PersonalDataSettings,
+    /// Where the JetStream relay publishes; without `nats.url` there is no relay.
+    pub nats: NatsSettings,
+    /// What is published (shared with the command API): the CloudEvents `source` and the event
+    /// types.
+    pub integration: IntegrationSettings,
     pub log: LogSettings,
 }
 
@@ -93,6 +103,7 @@ pub struct AggregatorSettings {
     /// `lock_lease_ms + lock_retry_ms`.
     pub lock_lease_ms: u64,
     pub mailer: MailerSettings,
+    pub relay: RelaySettings,
 }
 
 impl Default for AggregatorSettings {
@@ -103,6 +114,7 @@ impl Default for AggregatorSettings {
             lock_retry_ms: 1000,
             lock_lease_ms: 5000,
             mailer: MailerSettings::default(),
+            relay: RelaySettings::default(),
         }
     }
 }
@@ -129,6 +141,29 @@ impl Default for MailerSettings {
             retry_first_ms: 1000,
             retry_max_ms: 60_000,
             smtp_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// How the JetStream relay works (where it publishes is `nats`, what is `integration`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RelaySettings {
+    /// Messages read per step; the events among them are published as one pipelined batch.
+    pub batch_size: usize,
+    /// The wait before a failed step (NATS down, an acknowledgement missing) is tried again,
+    /// doubled after each failure in a row up to `retry_max_ms`.
+    pub retry_first_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        let options = RelayOptions::default();
+        Self {
+            batch_size: options.batch_size,
+            retry_first_ms: options.retry.first.as_millis() as u64,
+            retry_max_ms: options.retry.max.as_millis() as u64,
         }
     }
 }
@@ -200,6 +235,56 @@ impl Settings {
         ))
     }
 
+    pub fn relay_options(&self) -> RelayOptions {
+        let relay = &self.aggregator.relay;
+        let first = Duration::from_millis(relay.retry_first_ms.max(1));
+        RelayOptions {
+            batch_size: relay.batch_size.max(1),
+            lock_retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+            lock_lease: Duration::from_millis(self.aggregator.lock_lease_ms.max(100)),
+            retry: Backoff {
+                first,
+                max: Duration::from_millis(relay.retry_max_ms).max(first),
+            },
+        }
+    }
+
+    /// The JetStream relay over `store` (its messages opened by `sealer`) and `read_model`, or
+    /// `None` without `nats.url`. Connects in the background: NATS need not answer yet. Fails
+    /// on settings it cannot use (an unknown event type, a bad URL, unreadable credentials).
+    pub async fn relay(
+        &self,
+        store: Arc<dyn MessageStore>,
+        sealer: Sealer,
+        read_model: ReadModelWriter,
+    ) -> anyhow::Result<Option<Relay>> {
+        if self.nats.url.as_ref().is_none_or(RedactedUrl::is_empty) {
+            return Ok(None);
+        }
+        let published = self
+            .integration
+            .published()
+            .context("reading integration.events")?;
+        let jetstream = jetstream::JetStream::connect(&self.nats)
+            .await
+            .context("setting up the NATS client")?;
+        tracing::info!(
+            url = %self.nats.url.as_ref().map(ToString::to_string).unwrap_or_default(),
+            stream = %self.nats.stream,
+            types = ?published.iter().map(integration::EventType::name).collect::<Vec<_>>(),
+            "the JetStream relay publishes integration events"
+        );
+        Ok(Some(Relay::new(
+            store,
+            sealer,
+            read_model,
+            jetstream,
+            self.integration.source.clone(),
+            published,
+            self.relay_options(),
+        )))
+    }
+
     /// Opens the message store (applying its migrations, as every store client does).
     pub async fn connect_store(&self) -> anyhow::Result<Arc<dyn MessageStore>> {
         message_store::connect(
@@ -256,7 +341,8 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         .context("applying the read model migrations")
 }
 
-/// The running aggregator: the users projector, the mailer and its HTTP port.
+/// The running aggregator: the users projector, the mailer, the JetStream relay (when NATS is
+/// configured) and its HTTP port.
 pub struct Application {
     listener: TcpListener,
     store: Arc<dyn MessageStore>,
@@ -264,6 +350,7 @@ pub struct Application {
     read_model: ReadModelWriter,
     projector: Projector,
     mailer: Mailer,
+    relay: Option<Relay>,
 }
 
 impl Application {
@@ -293,6 +380,9 @@ impl Application {
             read_model.clone(),
             Arc::new(SystemClock),
         )?;
+        let relay = settings
+            .relay(store.clone(), sealer.clone(), read_model.clone())
+            .await?;
         Ok(Self {
             listener,
             store,
@@ -300,6 +390,7 @@ impl Application {
             read_model,
             projector,
             mailer,
+            relay,
         })
     }
 
@@ -324,9 +415,14 @@ impl Application {
         self.mailer.stats()
     }
 
-    /// Serves HTTP, projects and mails until `shutdown` completes; then lets the batch in
-    /// flight finish (commit or roll back; the mails of a step in flight are sent) and
-    /// returns.
+    /// The relay's counters; `None` without `nats.url`.
+    pub fn relay_stats(&self) -> Option<Arc<RelayStats>> {
+        self.relay.as_ref().map(Relay::stats)
+    }
+
+    /// Serves HTTP, projects, mails and relays until `shutdown` completes; then lets the batch
+    /// in flight finish (commit or roll back; the mails of a step in flight are sent, the
+    /// events of a relay's step acknowledged or not) and returns.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -342,7 +438,12 @@ impl Application {
             .into_future();
         let worker = self.projector.run(shutdown.stopped());
         let mailer = self.mailer.run(shutdown.stopped());
-        let (served, (), ()) = tokio::join!(server, worker, mailer);
+        let relay = async {
+            if let Some(relay) = self.relay {
+                relay.run(shutdown.stopped()).await;
+            }
+        };
+        let (served, (), (), ()) = tokio::join!(server, worker, mailer, relay);
         served.context("serving HTTP")
     }
 }

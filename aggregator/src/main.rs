@@ -6,19 +6,20 @@ use platform::cli::CommandLine;
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the projection and the mailer and serve /healthz, /readyz and /metrics (the
-    /// default).
+    /// Run the projection, the mailer and (with `nats.url`) the JetStream relay, and serve
+    /// /healthz, /readyz and /metrics (the default).
     Run,
     /// Apply the read model's migrations and exit (idempotent).
     Migrate,
-    /// Per consumer (the users projection, the mailer): checkpoint, head, lag and which worker
-    /// holds it; then how many persons' keys each master key wraps, and how many persons are
-    /// erased (a retired master key that wraps none can be dropped).
+    /// Per consumer (the users projection, the mailer, the JetStream relay): checkpoint, head,
+    /// lag and which worker holds it; then how many persons' keys each master key wraps, and how
+    /// many persons are erased (a retired master key that wraps none can be dropped).
     Status,
     /// Empty a projection's view and checkpoint, so the worker replays it from zero; or move the
-    /// mailer back to the start, so it sends every mail again (`reset mailer`).
+    /// mailer back to the start, so it sends every mail again (`reset mailer`); or the relay, so
+    /// it publishes every event again with the same ids (`reset jetstream`).
     Reset {
-        /// `users` or `mailer`.
+        /// `users`, `mailer` or `jetstream`.
         #[arg(required_unless_present = "projection", conflicts_with = "projection")]
         name: Option<String>,
         #[arg(long)]
@@ -35,7 +36,8 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = CommandLine::<Command>::parse(
         "aggregator",
-        "Projects the message store's events into the read model, and sends the mails they call for",
+        "Projects the message store's events into the read model, sends the mails they call for, \
+         and publishes them to NATS JetStream",
     );
     let settings: Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);

@@ -6,6 +6,7 @@
 
 mod admin;
 mod erasure;
+mod jetstream;
 mod mailer;
 mod recovery;
 mod sessions;

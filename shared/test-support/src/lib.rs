@@ -23,6 +23,9 @@
 //! Tests of code that sends mail send it to a real SMTP server, an [`SmtpCatcher`]; it and the
 //! API fuzzer are Python programs that [`python_tool`] installs under the target directory, so
 //! a machine needs only `python3` with `venv` for them.
+//!
+//! Tests of the JetStream relay publish to a real NATS server with JetStream, a [`NatsServer`]:
+//! the one on 127.0.0.1:4222, else one started from the local `nats-server` binary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,6 +33,7 @@ pub mod bulk;
 mod cluster;
 mod deployment;
 pub mod integration_schema;
+pub mod nats;
 mod private;
 pub mod process;
 mod proxy;
@@ -37,6 +41,7 @@ pub mod python_tool;
 pub mod smtp;
 
 pub use deployment::{ALL_SERVICES, Deployment, Services};
+pub use nats::NatsServer;
 pub use private::{PrivateCluster, StopMode};
 pub use process::{Launch, Process, Signal};
 pub use proxy::FreezingProxy;
