@@ -79,6 +79,12 @@ pub trait Consumer: Send {
     /// The version its checkpoint is created at when a new holder takes it over.
     fn version(&self) -> i32;
     fn store(&self) -> &Arc<dyn MessageStore>;
+    /// Where its loop waits for new messages: the store's own subscription, unless the
+    /// consumer shares one with others (webhook endpoints, many per process, each of which
+    /// would otherwise hold a database connection for its listener).
+    fn subscribe(&self) -> Subscription {
+        self.store().subscribe()
+    }
     fn read_model(&self) -> &ReadModelWriter;
     fn lock_timing(&self) -> LockTiming;
     fn backoff(&self) -> Backoff {
@@ -110,7 +116,7 @@ pub trait Consumer: Send {
 /// Works until `shutdown` completes. Never returns early on errors.
 pub async fn run<C: Consumer>(mut consumer: C, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let mut subscription = consumer.store().subscribe();
+    let mut subscription = consumer.subscribe();
     while let Some(lock) = take_lock(&mut consumer, shutdown.as_mut()).await {
         let held =
             work_while_holding(&mut consumer, lock, &mut subscription, shutdown.as_mut()).await;

@@ -23,6 +23,7 @@ use identity::{
 use integration::{EventType, IntegrationEvent, NetworkPolicy};
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, StreamAppend,
+    Subscription,
 };
 use personal_data::Sealer;
 use platform::clock::Clock;
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 
 use super::attempts::{self, Attempt};
 use super::sender::{Answer, Delivery, Sender};
+use super::supervisor::WakeUps;
 use super::{
     EndpointStats, STREAM_READ, WEBHOOK_CONSUMER_VERSION, WebhookError, WebhookOptions,
     consumer_name, decode, endpoint_stream, failed_too_long,
@@ -49,6 +51,8 @@ pub(crate) struct Shared {
     /// The CloudEvents `source` of every event.
     pub source: String,
     pub options: WebhookOptions,
+    /// The store's wake-ups, shared by every endpoint's loop.
+    pub wake_ups: WakeUps,
 }
 
 /// An endpoint as its consumer delivers to it, made by the supervisor from its stream.
@@ -588,6 +592,10 @@ impl Consumer for EndpointConsumer {
 
     fn store(&self) -> &Arc<dyn MessageStore> {
         &self.shared.store
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.shared.wake_ups.subscribe()
     }
 
     fn read_model(&self) -> &ReadModelWriter {

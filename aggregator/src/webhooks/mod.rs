@@ -10,8 +10,10 @@
 //! up another: each has its own position in the global order, its own retries and backoff, its
 //! own task. A dead receiver holds only its own checkpoint back; a hanging one only its own
 //! task, for at most `webhooks.timeout_ms` per attempt. The price is a read of the global order
-//! per endpoint (a handful of endpoints is the expected case), and on PostgreSQL two
-//! connections per running endpoint (its lock and its wake-up listener).
+//! per endpoint (a handful of endpoints is the expected case), and on PostgreSQL a connection
+//! per running endpoint for its lock. The wake-ups are not per endpoint: one subscription of
+//! the store is passed on to every endpoint's loop (a subscription holds a connection of the
+//! store's pool for its listener, and one each would take the pool from the readers).
 //!
 //! - [`supervisor`]: follows the store's `webhook` category from its start on every start of
 //!   the process (the endpoints' streams are few and short), folds each stream with

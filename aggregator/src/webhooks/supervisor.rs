@@ -15,7 +15,7 @@
 //! waits for the one stopping. Every task also stops with the process.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,11 +24,11 @@ use identity::{
     WEBHOOK_CATEGORY, WebhookEvent, WebhookId, WebhookState, WebhookStatus, evolve_webhook,
 };
 use integration::{EventType, IntegrationSettings, NetworkPolicy, Published, WebhookSettings};
-use message_store::{GlobalPosition, MessageStore, RecordedMessage};
+use message_store::{GlobalPosition, MessageStore, RecordedMessage, Subscription};
 use personal_data::Sealer;
 use platform::clock::Clock;
 use tokens::{WebhookSecret, WebhookSecretKey};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::attempts;
@@ -196,6 +196,7 @@ impl WebhookSupervisor {
                 policy,
                 source,
                 options,
+                wake_ups: WakeUps::default(),
             }),
             key,
             published,
@@ -217,7 +218,14 @@ impl WebhookSupervisor {
     /// Never returns early on errors.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut subscription = self.shared.store.subscribe();
+        // One listener for every endpoint's loop and this one.
+        let forwarder = tokio::spawn(
+            self.shared
+                .wake_ups
+                .clone()
+                .forward(self.shared.store.subscribe()),
+        );
+        let mut subscription = self.shared.wake_ups.subscribe();
         let first = self.shared.options.retry.first.min(Duration::from_secs(1));
         let max = Duration::from_secs(30).max(first);
         let mut backoff = first;
@@ -247,6 +255,7 @@ impl WebhookSupervisor {
             }
         }
         self.stop_everything().await;
+        forwarder.abort();
     }
 
     /// Reads what is new in the `webhook` category, then starts, updates and stops endpoint
@@ -513,6 +522,45 @@ impl WebhookSupervisor {
         })
     }
 }
+
+/// The store's wake-ups, fanned out from one subscription to every endpoint's loop: a
+/// subscription of the PostgreSQL store holds a connection of its pool for its listener, and
+/// one per endpoint would take the pool from the readers.
+#[derive(Clone, Default)]
+pub(crate) struct WakeUps(Arc<Mutex<Vec<Weak<Notify>>>>);
+
+impl WakeUps {
+    /// Wake-ups for one loop: each one the store's subscription gives (its signals and its
+    /// polls) while [`Self::forward`] runs, and at least every [`WAKE_UP_BACKSTOP`] without it.
+    pub(crate) fn subscribe(&self) -> Subscription {
+        let signal = Arc::new(Notify::new());
+        self.lock().push(Arc::downgrade(&signal));
+        Subscription::from_signal(signal, WAKE_UP_BACKSTOP)
+    }
+
+    /// Passes every wake-up of `subscription` on to every loop subscribed, until dropped.
+    async fn forward(self, mut subscription: Subscription) {
+        loop {
+            subscription.next().await;
+            self.lock().retain(|signal| match signal.upgrade() {
+                Some(signal) => {
+                    signal.notify_one();
+                    true
+                }
+                // Its loop has stopped.
+                None => false,
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Notify>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How long a loop waits without a wake-up passed on: only matters while nothing forwards
+/// them (an endpoint's consumer run outside [`WebhookSupervisor::run`]).
+const WAKE_UP_BACKSTOP: Duration = Duration::from_secs(5);
 
 fn log_failure(error: &WebhookError, backoff: Duration) {
     let cause = std::error::Error::source(error);

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aggregator::ReadModelWriter;
 use aggregator::consumer::Backoff;
 use aggregator::webhooks::attempts::{self, RecordedAttempt};
 use aggregator::webhooks::{
@@ -26,7 +27,9 @@ use identity::{
     decide_webhook, event_version, webhook_stream_name,
 };
 use integration::{NetworkPolicy, Published};
-use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
+use message_store::{
+    ConnectOptions, ExpectedVersion, MessageStore, NewMessage, StreamAppend, StreamName,
+};
 use platform::clock::{Clock, ManualClock, SystemClock};
 use serde_json::{Value, json};
 use tokens::{WebhookSecret, WebhookSecretKey};
@@ -34,7 +37,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::support::{Stores, Writer, on_both_engines, settle};
+use crate::support::{Env, Stores, Writer, on_both_engines, settle};
 
 const WAIT: Duration = Duration::from_secs(30);
 const REGISTERED: &str = "identity.user.registered.v1";
@@ -169,6 +172,32 @@ where
 // ---------------------------------------------------------------------------------------------
 // Endpoints, as the command API registers and changes them.
 
+/// A message store and a read model, whichever way the test got them.
+trait Stored {
+    fn store(&self) -> &Arc<dyn MessageStore>;
+    fn read_model(&self) -> &ReadModelWriter;
+}
+
+impl Stored for Stores {
+    fn store(&self) -> &Arc<dyn MessageStore> {
+        &self.store
+    }
+
+    fn read_model(&self) -> &ReadModelWriter {
+        &self.read_model
+    }
+}
+
+impl Stored for Env {
+    fn store(&self) -> &Arc<dyn MessageStore> {
+        &self.store
+    }
+
+    fn read_model(&self) -> &ReadModelWriter {
+        &self.read_model
+    }
+}
+
 fn admin() -> UserId {
     UserId::from_uuid(Uuid::from_u128(1))
 }
@@ -202,9 +231,9 @@ fn secret_of(id: WebhookId, nonce: &WebhookNonce) -> WebhookSecret {
 }
 
 /// The endpoint's events so far.
-async fn endpoint_events(stores: &Stores, id: WebhookId) -> Vec<WebhookEvent> {
+async fn endpoint_events(stores: &impl Stored, id: WebhookId) -> Vec<WebhookEvent> {
     let stream = StreamName::parse(webhook_stream_name(id)).unwrap();
-    let messages = stores.store.read_stream(&stream, 0, 1000).await.unwrap();
+    let messages = stores.store().read_stream(&stream, 0, 1000).await.unwrap();
     messages
         .iter()
         .map(|message| {
@@ -217,14 +246,14 @@ async fn endpoint_events(stores: &Stores, id: WebhookId) -> Vec<WebhookEvent> {
 /// Decides `command` on endpoint `id`'s stream at `now` and appends what follows at the
 /// stream's exact version; returns the global position of the last message appended, readable.
 async fn decide(
-    stores: &Stores,
+    stores: &impl Stored,
     id: WebhookId,
     command: WebhookCommand,
     now: DateTime<Utc>,
 ) -> u64 {
     let stream = StreamName::parse(webhook_stream_name(id)).unwrap();
     let history = endpoint_events(stores, id).await;
-    let last = stores.store.last_message(&stream).await.unwrap();
+    let last = stores.store().last_message(&stream).await.unwrap();
     let expected = last.map_or(ExpectedVersion::NoStream, |message| {
         ExpectedVersion::Exact(message.position)
     });
@@ -238,16 +267,21 @@ async fn decide(
         })
         .collect();
     let appended = stores
-        .store
+        .store()
         .append(vec![StreamAppend::new(stream, expected, messages)])
         .await
         .unwrap();
     let position = appended.last_global_position();
-    settle(&stores.store, position).await;
+    settle(stores.store(), position).await;
     position
 }
 
-async fn register_at(stores: &Stores, url: &str, events: &[&str], now: DateTime<Utc>) -> Endpoint {
+async fn register_at(
+    stores: &impl Stored,
+    url: &str,
+    events: &[&str],
+    now: DateTime<Utc>,
+) -> Endpoint {
     let id = WebhookId::from_uuid(Uuid::now_v7());
     let nonce = random_nonce();
     let command = WebhookCommand::Register {
@@ -266,11 +300,11 @@ async fn register_at(stores: &Stores, url: &str, events: &[&str], now: DateTime<
     }
 }
 
-async fn register(stores: &Stores, url: &str, events: &[&str]) -> Endpoint {
+async fn register(stores: &impl Stored, url: &str, events: &[&str]) -> Endpoint {
     register_at(stores, url, events, SystemClock.now()).await
 }
 
-async fn enable(stores: &Stores, endpoint: &Endpoint, now: DateTime<Utc>) -> u64 {
+async fn enable(stores: &impl Stored, endpoint: &Endpoint, now: DateTime<Utc>) -> u64 {
     decide(
         stores,
         endpoint.id,
@@ -280,21 +314,21 @@ async fn enable(stores: &Stores, endpoint: &Endpoint, now: DateTime<Utc>) -> u64
     .await
 }
 
-async fn delete(stores: &Stores, endpoint: &Endpoint) -> u64 {
+async fn delete(stores: &impl Stored, endpoint: &Endpoint) -> u64 {
     let command = WebhookCommand::Delete { by: admin() };
     decide(stores, endpoint.id, command, SystemClock.now()).await
 }
 
-async fn checkpoint(stores: &Stores, endpoint: &Endpoint) -> Option<u64> {
+async fn checkpoint(stores: &impl Stored, endpoint: &Endpoint) -> Option<u64> {
     stores
-        .read_model
+        .read_model()
         .checkpoint(&endpoint.name())
         .await
         .unwrap()
         .map(|checkpoint| checkpoint.position)
 }
 
-async fn wait_for_checkpoint(stores: &Stores, endpoint: &Endpoint, position: u64) {
+async fn wait_for_checkpoint(stores: &impl Stored, endpoint: &Endpoint, position: u64) {
     wait_until("the endpoint's checkpoint", || async {
         checkpoint(stores, endpoint)
             .await
@@ -498,7 +532,7 @@ async fn receive(
 /// a rehash, a deactivation, a reset, an erasure); returns, per account, the public types its
 /// events make, in order (logins are not published by default; rehashes make none).
 async fn lifecycles(
-    stores: &Stores,
+    stores: &impl Stored,
     writer: &Writer,
     accounts: usize,
 ) -> BTreeMap<Uuid, Vec<&'static str>> {
@@ -552,7 +586,7 @@ async fn lifecycles(
             expected.entry(*id).or_default().extend(kind);
         }
     }
-    settle(&stores.store, writer.last()).await;
+    settle(stores.store(), writer.last()).await;
     expected
 }
 
@@ -1203,4 +1237,48 @@ async fn of_two_replicas_one_delivers_each_endpoint_and_every_event_arrives_once
     for replica in replicas {
         replica.stop().await;
     }
+}
+
+#[tokio::test]
+async fn endpoints_share_one_wake_up_listener_so_a_small_store_pool_still_serves_many() {
+    let env = crate::support::env().await;
+    // The delivery's store has a pool of three: a listener of its own for each endpoint would
+    // hold every connection, and no endpoint could read.
+    let small = message_store::connect(
+        env.db.url(),
+        ConnectOptions {
+            max_connections: 3,
+            poll_interval: Duration::from_millis(100),
+        },
+    )
+    .await
+    .unwrap();
+    let mut receivers = Vec::new();
+    let mut endpoints = Vec::new();
+    for _ in 0..6 {
+        let receiver = Receiver::start(Answer::Ok).await;
+        endpoints.push(register(&env, &receiver.url(), &every_published_type()).await);
+        receivers.push(receiver);
+    }
+    let supervisor = WebhookSupervisor::new(
+        DeliverySettings {
+            key: key(),
+            published: Published::default(),
+            source: "/identity".into(),
+            policy: loopback(),
+            options: options(),
+        },
+        small,
+        env.sealer.clone(),
+        env.read_model.clone(),
+        Arc::new(SystemClock),
+    );
+    let running = run(supervisor);
+    let writer = Writer::new(env.store.clone(), env.sealer.clone());
+    let expected = lifecycles(&env, &writer, 2).await;
+    for (receiver, endpoint) in receivers.iter().zip(&endpoints) {
+        wait_for_checkpoint(&env, endpoint, writer.last()).await;
+        check_deliveries(&receiver.received(), endpoint, &expected);
+    }
+    running.stop().await;
 }

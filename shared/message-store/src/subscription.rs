@@ -39,6 +39,13 @@ impl Subscription {
         }
     }
 
+    /// Wake-ups from `signal`, or every `poll_interval` without one: for a process that fans
+    /// one subscription of the store out to many consumers (each holding a listener would
+    /// hold a database connection each), notifying each consumer's `signal` on every wake-up.
+    pub fn from_signal(signal: Arc<Notify>, poll_interval: Duration) -> Self {
+        Self::new(signal, poll_interval, None)
+    }
+
     /// Waits for the next signal, or for the poll interval to pass.
     pub async fn next(&mut self) -> Wake {
         tokio::select! {
