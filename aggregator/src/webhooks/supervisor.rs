@@ -218,13 +218,14 @@ impl WebhookSupervisor {
     /// Never returns early on errors.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        // One listener for every endpoint's loop and this one.
-        let forwarder = tokio::spawn(
+        // One listener for every endpoint's loop and this one; it goes with this future, even
+        // one dropped rather than stopped.
+        let _forwarder = AbortOnDrop(tokio::spawn(
             self.shared
                 .wake_ups
                 .clone()
                 .forward(self.shared.store.subscribe()),
-        );
+        ));
         let mut subscription = self.shared.wake_ups.subscribe();
         let first = self.shared.options.retry.first.min(Duration::from_secs(1));
         let max = Duration::from_secs(30).max(first);
@@ -255,7 +256,6 @@ impl WebhookSupervisor {
             }
         }
         self.stop_everything().await;
-        forwarder.abort();
     }
 
     /// Reads what is new in the `webhook` category, then starts, updates and stops endpoint
@@ -555,6 +555,15 @@ impl WakeUps {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Notify>>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
