@@ -5,8 +5,9 @@
 //! restarts), or PostgreSQL when `IDENTITY__DATABASE__URL` names one. A signing key, and the
 //! keys that seal personal data (ADR 13), are created on first start and kept beside the
 //! database. Mails are `.eml` files under `data/mail/`, their
-//! links logged, unless `mail.smtp_url` names a server. Integration events are published to NATS
-//! JetStream when `nats.url` names a server.
+//! links logged, unless `mail.smtp_url` names a server. Integration events are posted to the
+//! webhook endpoints administrators register (their secrets derived with a key created on first
+//! start too), and published to NATS JetStream when `nats.url` names a server.
 
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,8 @@ const STANDALONE_DEFAULTS: &[(&str, &str)] = &[
     ("tokens.create_key_if_missing", "true"),
     ("mail.token_key_file", "data/mail-token-key"),
     ("mail.create_key_if_missing", "true"),
+    ("webhooks.secret_key_file", "data/webhook-secret-key"),
+    ("webhooks.create_key_if_missing", "true"),
     (
         "personal_data.master_key_file",
         "data/personal-data-master-key",
@@ -80,6 +83,7 @@ pub struct Application {
     mailer: aggregator::Mailer,
     /// The JetStream relay, when `nats.url` is set.
     relay: Option<aggregator::Relay>,
+    webhooks: aggregator::WebhookSupervisor,
 }
 
 impl Application {
@@ -124,6 +128,14 @@ impl Application {
                 read_model.clone(),
             )
             .await?;
+        // Made before the command side, which reads the same webhook secret key file: this
+        // creates it on first start.
+        let webhooks = settings.projection.webhook_supervisor(
+            store.clone(),
+            personal_data.sealer.clone(),
+            read_model.clone(),
+            clock.clone(),
+        )?;
         let address = &settings.commands.http.address;
         let listener = TcpListener::bind(address)
             .await
@@ -137,6 +149,7 @@ impl Application {
             personal_data,
             mailer,
             relay,
+            webhooks,
         })
     }
 
@@ -144,10 +157,11 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves the command and query routes, projects, mails and relays until `shutdown`
-    /// completes; returns once the requests in flight are answered, the batch in flight is
-    /// committed or rolled back, the mails of the mailer's step in flight are sent, the relay's
-    /// step has ended, and every background task has stopped.
+    /// Serves the command and query routes, projects, mails, relays and delivers to webhooks
+    /// until `shutdown` completes; returns once the requests in flight are answered, the batch
+    /// in flight is committed or rolled back, the mails of the mailer's step in flight are sent,
+    /// the relay's step and each webhook delivery in flight have ended, and every background
+    /// task has stopped.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -172,6 +186,7 @@ impl Application {
         let relaying = self
             .relay
             .map(|relay| tokio::spawn(relay.run(shutdown.stopped())));
+        let delivering = tokio::spawn(self.webhooks.run(shutdown.stopped()));
 
         let command_state = command_api::state_with_store(
             &commands,
@@ -225,6 +240,7 @@ impl Application {
         if let Some(relaying) = relaying {
             relaying.await.context("stopping the JetStream relay")?;
         }
+        delivering.await.context("stopping the webhook delivery")?;
         pruning
             .await
             .context("stopping the login history pruning")?;
@@ -243,6 +259,7 @@ fn create_parent_directories(settings: &command_api::Settings) -> anyhow::Result
         settings.tokens.signing_key_file.clone(),
         settings.tokens.refresh_token_key_file.clone(),
         settings.mail.token_key_file.clone(),
+        settings.webhooks.secret_key_file.clone(),
         settings.personal_data.master_key_file.clone(),
         settings.personal_data.lookup_key_file.clone(),
     ];

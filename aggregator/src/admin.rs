@@ -1,6 +1,6 @@
-//! The operator's commands: `status` of every consumer (the users projection, the mailer and
-//! the JetStream relay) and of the personal keys, `reset` of any consumer, and `rebuild` of a
-//! projection.
+//! The operator's commands: `status` of every consumer (the users projection, the mailer, the
+//! JetStream relay and each webhook endpoint's delivery) and of the personal keys, `reset` of
+//! any consumer, and `rebuild` of a projection.
 
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use read_model_schema::{USERS_VERSION, signed};
 
 use crate::read_model::{Checkpoint, Committed, ReadModelWriter, Target, pg_apply};
 use crate::view::{Change, prepare};
+use crate::webhooks;
 
 /// The consumers this build knows: the projections, then the mailer and the JetStream relay.
 pub const PROJECTIONS: &[&str] = &["users", MAILER, JETSTREAM];
@@ -40,17 +41,29 @@ fn target(projection: &str) -> anyhow::Result<Target> {
         "users" => Ok(Target::USERS),
         MAILER => bail!("the mailer keeps no view to rebuild; `reset` replays it"),
         JETSTREAM => bail!("the JetStream relay keeps no view to rebuild; `reset` replays it"),
+        webhook if webhook.starts_with(webhooks::CONSUMER_PREFIX) => {
+            bail!("a webhook endpoint's delivery keeps no view to rebuild; `reset` delivers again")
+        }
         other => bail!("no projection named {other:?}; known: {PROJECTIONS:?}"),
     }
 }
 
+/// Every consumer's checkpoint, lag and holder: the fixed ones ([`PROJECTIONS`]), then each
+/// live webhook endpoint's (`webhook:<id>`; one whose delivery has not started yet shows no
+/// version, at 0).
 pub async fn status(
     store: &Arc<dyn MessageStore>,
     read_model: &ReadModelWriter,
 ) -> anyhow::Result<Vec<ProjectionStatus>> {
     let head = store.head_position().await.context("reading the head")?;
+    let mut consumers: Vec<String> = PROJECTIONS.iter().map(|name| (*name).to_owned()).collect();
+    consumers.extend(
+        webhooks::consumer_names(store)
+            .await
+            .context("reading the webhook endpoints")?,
+    );
     let mut statuses = Vec::new();
-    for projection in PROJECTIONS {
+    for projection in &consumers {
         let checkpoint = read_model
             .checkpoint(projection)
             .await
@@ -61,7 +74,7 @@ pub async fn status(
             None => None,
         };
         statuses.push(ProjectionStatus {
-            projection: (*projection).to_owned(),
+            projection: projection.clone(),
             version: checkpoint.map(|c| c.version),
             checkpoint: position,
             head,
@@ -169,6 +182,9 @@ pub async fn lock_holder(pool: &sqlx::PgPool, projection: &str) -> anyhow::Resul
 /// mail again (but those whose links have expired), each with the `Message-ID` it had. For the
 /// JetStream relay, likewise: it publishes every event again, each with the `Nats-Msg-Id` it
 /// had (JetStream drops those within its duplicate window; erased persons' addresses are gone).
+///
+/// A webhook endpoint's delivery (`webhook:<id>`) is reset by [`reset_consumer`], which finds
+/// its registration in the store.
 pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Result<()> {
     if projection == MAILER {
         return read_model
@@ -187,6 +203,22 @@ pub async fn reset(read_model: &ReadModelWriter, projection: &str) -> anyhow::Re
         .reset(&target, USERS_VERSION)
         .await
         .context("resetting the projection")
+}
+
+/// `aggregator reset <name>`: [`reset`] for the fixed consumers; a webhook endpoint's delivery
+/// goes back to the endpoint's registration, so that it receives everything since then again,
+/// each event with the `webhook-id` it had.
+pub async fn reset_consumer(
+    store: &Arc<dyn MessageStore>,
+    read_model: &ReadModelWriter,
+    name: &str,
+) -> anyhow::Result<()> {
+    if name.starts_with(webhooks::CONSUMER_PREFIX) {
+        return webhooks::reset(store, read_model, name)
+            .await
+            .with_context(|| format!("resetting {name}"));
+    }
+    reset(read_model, name).await
 }
 
 /// Rows a rebuild folds in memory before it writes them with its checkpoint (docs/adr/0005):

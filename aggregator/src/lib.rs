@@ -1,6 +1,6 @@
 //! The aggregator: the consumers of the message store (the worker that projects its events into
-//! the read model, the mailer, and the JetStream relay), and the operator's commands around them
-//! (`migrate`, `status`, `reset`, `rebuild`).
+//! the read model, the mailer, the JetStream relay and the delivery to each webhook endpoint),
+//! and the operator's commands around them (`migrate`, `status`, `reset`, `rebuild`).
 //!
 //! - [`view`]: the users and sessions views as values and how each event changes them (pure).
 //! - [`read_model`]: the read model's database (PostgreSQL or SQLite), its schema, and the
@@ -11,11 +11,13 @@
 //! - [`mailer`]: the mailer, which sends the mails recovery events call for.
 //! - [`jetstream`]: the relay, which publishes integration events to NATS JetStream (when
 //!   `nats.url` is set).
+//! - [`webhooks`]: a consumer per webhook endpoint, started and stopped as endpoints are
+//!   registered, enabled, disabled and deleted.
 //! - [`admin`]: status, reset and rebuild.
 //!
 //! [`Application`] wires them to settings and a small HTTP port (`/healthz`, `/readyz`,
-//! `/metrics`); the standalone binary runs the same [`Projector`], [`Mailer`] and [`Relay`]
-//! inside its own process.
+//! `/metrics`); the standalone binary runs the same [`Projector`], [`Mailer`], [`Relay`] and
+//! [`WebhookSupervisor`] inside its own process.
 //!
 //! Every consumer reads personal data (ADR 13): each batch they read from the store goes through
 //! a [`Sealer`] over the key vault in the message store's database, one key query per batch,
@@ -41,7 +43,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use integration::IntegrationSettings;
+use integration::{IntegrationSettings, WebhookSettings};
 use message_store::{ConnectOptions, MessageStore};
 use personal_data::{KeyVault, MasterKeys, Sealer};
 use platform::clock::{Clock, SystemClock};
@@ -62,6 +64,7 @@ pub use jetstream::{NatsSettings, Relay, RelayOptions, RelayOutcome, RelayStats}
 pub use mailer::{MailOutcome, Mailer, MailerOptions, MailerStats};
 pub use projector::{Outcome, Projector, ProjectorOptions, ProjectorStats};
 pub use read_model::{ReadModelWriter, Target};
+pub use webhooks::{WebhookSupervisor, WebhookWatch};
 
 /// Every setting of the aggregator. Environment variables override them as
 /// `IDENTITY__SECTION__KEY`, for example `IDENTITY__READ_MODEL__URL`.
@@ -83,6 +86,9 @@ pub struct Settings {
     /// What is published (shared with the command API): the CloudEvents `source` and the event
     /// types.
     pub integration: IntegrationSettings,
+    /// How webhook endpoints are delivered to, and the key their secrets are derived with
+    /// (shared with the command API).
+    pub webhooks: WebhookSettings,
     pub log: LogSettings,
 }
 
@@ -285,6 +291,32 @@ impl Settings {
         )))
     }
 
+    /// The delivery to webhook endpoints over `store` (its messages opened by `sealer`), its
+    /// checkpoints and attempts in `read_model`. Fails without a webhook secret key, or on
+    /// settings it cannot use (an unknown event type, a network that is not one).
+    pub fn webhook_supervisor(
+        &self,
+        store: Arc<dyn MessageStore>,
+        sealer: Sealer,
+        read_model: ReadModelWriter,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<WebhookSupervisor> {
+        let lock = consumer::LockTiming {
+            retry: Duration::from_millis(self.aggregator.lock_retry_ms.max(10)),
+            lease: Duration::from_millis(self.aggregator.lock_lease_ms.max(100)),
+        };
+        let delivery = webhooks::DeliverySettings::from_settings(
+            &self.webhooks,
+            &self.integration,
+            webhooks::secret_key(&self.webhooks)?,
+            lock,
+            self.aggregator.batch_size.max(1),
+        )?;
+        Ok(WebhookSupervisor::new(
+            delivery, store, sealer, read_model, clock,
+        ))
+    }
+
     /// Opens the message store (applying its migrations, as every store client does).
     pub async fn connect_store(&self) -> anyhow::Result<Arc<dyn MessageStore>> {
         message_store::connect(
@@ -351,6 +383,7 @@ pub struct Application {
     projector: Projector,
     mailer: Mailer,
     relay: Option<Relay>,
+    webhooks: WebhookSupervisor,
 }
 
 impl Application {
@@ -383,6 +416,12 @@ impl Application {
         let relay = settings
             .relay(store.clone(), sealer.clone(), read_model.clone())
             .await?;
+        let webhooks = settings.webhook_supervisor(
+            store.clone(),
+            sealer.clone(),
+            read_model.clone(),
+            Arc::new(SystemClock),
+        )?;
         Ok(Self {
             listener,
             store,
@@ -391,6 +430,7 @@ impl Application {
             projector,
             mailer,
             relay,
+            webhooks,
         })
     }
 
@@ -413,6 +453,11 @@ impl Application {
 
     pub fn mailer_stats(&self) -> Arc<MailerStats> {
         self.mailer.stats()
+    }
+
+    /// What the webhook delivery is doing: its endpoints' counters and which run here.
+    pub fn webhook_watch(&self) -> WebhookWatch {
+        self.webhooks.watch()
     }
 
     /// The relay's counters; `None` without `nats.url`.
@@ -443,7 +488,8 @@ impl Application {
                 relay.run(shutdown.stopped()).await;
             }
         };
-        let (served, (), (), ()) = tokio::join!(server, worker, mailer, relay);
+        let webhooks = self.webhooks.run(shutdown.stopped());
+        let (served, (), (), (), ()) = tokio::join!(server, worker, mailer, relay, webhooks);
         served.context("serving HTTP")
     }
 }

@@ -6,20 +6,22 @@ use platform::cli::CommandLine;
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the projection, the mailer and (with `nats.url`) the JetStream relay, and serve
-    /// /healthz, /readyz and /metrics (the default).
+    /// Run the projection, the mailer, (with `nats.url`) the JetStream relay and the delivery to
+    /// webhook endpoints, and serve /healthz, /readyz and /metrics (the default).
     Run,
     /// Apply the read model's migrations and exit (idempotent).
     Migrate,
-    /// Per consumer (the users projection, the mailer, the JetStream relay): checkpoint, head,
+    /// Per consumer (the users projection, the mailer, the JetStream relay, each webhook
+    /// endpoint's delivery `webhook:<id>`): checkpoint, head,
     /// lag and which worker holds it; then how many persons' keys each master key wraps, and how
     /// many persons are erased (a retired master key that wraps none can be dropped).
     Status,
     /// Empty a projection's view and checkpoint, so the worker replays it from zero; or move the
     /// mailer back to the start, so it sends every mail again (`reset mailer`); or the relay, so
-    /// it publishes every event again with the same ids (`reset jetstream`).
+    /// it publishes every event again with the same ids (`reset jetstream`); or a webhook
+    /// endpoint's delivery back to its registration (`reset webhook:<id>`).
     Reset {
-        /// `users`, `mailer` or `jetstream`.
+        /// `users`, `mailer`, `jetstream` or `webhook:<id>`.
         #[arg(required_unless_present = "projection", conflicts_with = "projection")]
         name: Option<String>,
         #[arg(long)]
@@ -37,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = CommandLine::<Command>::parse(
         "aggregator",
         "Projects the message store's events into the read model, sends the mails they call for, \
-         and publishes them to NATS JetStream",
+         and publishes them to NATS JetStream and webhooks",
     );
     let settings: Settings = cli.config.load()?;
     platform::telemetry::init(&settings.log);
@@ -66,9 +68,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Reset { name, projection } => {
             let projection = name.or(projection).unwrap_or_default();
+            let store = settings.connect_store().await?;
             let read_model = settings.connect_read_model().await?;
             read_model.migrate().await?;
-            admin::reset(&read_model, &projection).await?;
+            admin::reset_consumer(&store, &read_model, &projection).await?;
             println!("{projection}: reset; the worker replays it from the start");
             Ok(())
         }
