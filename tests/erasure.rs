@@ -795,6 +795,7 @@ async fn create_standalone_admin(directory: &Path) {
             "data/refresh-token-key",
         )
         .env("IDENTITY__MAIL__TOKEN_KEY_FILE", "data/mail-token-key")
+        .env("IDENTITY__WEBHOOKS__SECRET_KEY_FILE", "data/webhook-secret-key")
         .env(
             "IDENTITY__PERSONAL_DATA__MASTER_KEY_FILE",
             "data/personal-data-master-key",
