@@ -31,7 +31,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
-use test_support::process::{built_binary, free_port};
+use test_support::process::free_port;
 use test_support::{Launch, Process, Signal, SmtpCatcher, TestDatabase};
 
 use common::mail::{LINK_BASE, link_token, mails_to};
@@ -167,7 +167,7 @@ async fn after_an_erasure_the_standalone_sqlite_file_and_its_log_hold_no_trace_o
     };
     let client = client();
     let running = start_standalone(&client, &directory, port, &smtp).await;
-    create_standalone_admin(&directory).await;
+    common::standalone::create_admin(&directory, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let admin = common::token(&client, port, ADMIN_EMAIL, ADMIN_PASSWORD).await;
     let unknown = login_answer(&client, ports, NEVER_REGISTERED, PASSWORD).await;
 
@@ -781,37 +781,6 @@ async fn start_standalone(
         .await
         .unwrap();
     process
-}
-
-/// The first administrator of the standalone in `directory`, made as an operator makes one:
-/// `command-api admin create` on the same file, with the keys the process made under `data/`.
-async fn create_standalone_admin(directory: &Path) {
-    Launch::new("admin create", built_binary("command-api").unwrap())
-        .current_dir(directory)
-        .env("IDENTITY__DATABASE__URL", "sqlite://data/identity.db")
-        .env("IDENTITY__TOKENS__SIGNING_KEY_FILE", "data/signing-key.pem")
-        .env(
-            "IDENTITY__TOKENS__REFRESH_TOKEN_KEY_FILE",
-            "data/refresh-token-key",
-        )
-        .env("IDENTITY__MAIL__TOKEN_KEY_FILE", "data/mail-token-key")
-        .env("IDENTITY__WEBHOOKS__SECRET_KEY_FILE", "data/webhook-secret-key")
-        .env(
-            "IDENTITY__PERSONAL_DATA__MASTER_KEY_FILE",
-            "data/personal-data-master-key",
-        )
-        .env(
-            "IDENTITY__PERSONAL_DATA__LOOKUP_KEY_FILE",
-            "data/personal-data-lookup-key",
-        )
-        .env("IDENTITY__PASSWORD__MEMORY_KIB", "1024")
-        .env("IDENTITY__PASSWORD__ITERATIONS", "1")
-        .env("IDENTITY__LOG__FILTER", "warn")
-        .args(["admin", "create", "--email", ADMIN_EMAIL])
-        .log_to(directory.join("admin-create.log"))
-        .run(Some(ADMIN_PASSWORD), Duration::from_secs(60))
-        .await
-        .unwrap();
 }
 
 /// Ctrl-C: SIGINT, and the process closes its file and exits by itself.

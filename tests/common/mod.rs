@@ -10,6 +10,7 @@
 
 pub mod mail;
 pub mod sessions;
+pub mod standalone;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

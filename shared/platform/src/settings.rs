@@ -69,9 +69,12 @@ fn load_from<T: DeserializeOwned>(
                 .separator("__")
                 .try_parsing(true)
                 // A list from one variable: `IDENTITY__TOKENS__PUBLISHED_KEYS=<pem>,<pem>`
-                // (PEM text has no commas).
+                // (PEM text has no commas), `IDENTITY__INTEGRATION__EVENTS=<type>,<type>`,
+                // `IDENTITY__WEBHOOKS__ALLOWED_NETWORKS=10.0.0.0/8,fd00::/8`.
                 .list_separator(",")
                 .with_list_parse_key("tokens.published_keys")
+                .with_list_parse_key("integration.events")
+                .with_list_parse_key("webhooks.allowed_networks")
                 .source(environment),
         )
         .build()?
@@ -459,6 +462,42 @@ mod tests {
         );
         assert_eq!(example.tokens.published_keys, ["first.pem", "second.pem"]);
         assert_eq!(example.tokens.issuer, "https://issuer.example");
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Lists {
+        integration: Events,
+        webhooks: Networks,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Events {
+        events: Vec<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Networks {
+        allowed_networks: Vec<String>,
+    }
+
+    #[test]
+    fn the_published_event_types_and_the_networks_webhooks_may_reach_are_lists_too() {
+        let environment = config::Map::from([
+            (
+                "IDENTITY__INTEGRATION__EVENTS".to_owned(),
+                "identity.user.registered.v1,identity.user.erased.v1".to_owned(),
+            ),
+            (
+                "IDENTITY__WEBHOOKS__ALLOWED_NETWORKS".to_owned(),
+                "127.0.0.0/8".to_owned(),
+            ),
+        ]);
+        let lists: Lists = load_from(None, &[], Some(environment)).unwrap();
+        assert_eq!(
+            lists.integration.events,
+            ["identity.user.registered.v1", "identity.user.erased.v1"]
+        );
+        assert_eq!(lists.webhooks.allowed_networks, ["127.0.0.0/8"]);
     }
 
     #[test]
