@@ -403,6 +403,11 @@ def secret_ref(variable):
 
 mail_keys = {n: secret_ref(env_of(deployments[n]).get("IDENTITY__MAIL__TOKEN_KEY"))
              for n in ("command-api", "aggregator") if n in deployments}
+webhook_keys = {n: secret_ref(env_of(deployments[n]).get("IDENTITY__WEBHOOKS__SECRET_KEY"))
+                for n in ("command-api", "aggregator") if n in deployments}
+if len(webhook_keys) != 2 or None in webhook_keys.values() or len(set(webhook_keys.values())) != 1:
+    fail(f"IDENTITY__WEBHOOKS__SECRET_KEY must come from one Secret key in command-api and "
+         f"aggregator, found {webhook_keys}")
 holders = sorted(n for n, d in deployments.items() if "IDENTITY__MAIL__SMTP_PASSWORD" in env_of(d))
 if len(mail_keys) != 2 or None in mail_keys.values() or len(set(mail_keys.values())) != 1:
     fail(f"IDENTITY__MAIL__TOKEN_KEY must come from one Secret key in command-api and "
@@ -595,6 +600,18 @@ for service in roles.get("command-api serve", []) + roles.get("aggregator run", 
     mail_key_sources[service] = key_file
 if len(set(mail_key_sources.values())) > 1:
     problems.append(f"command-api and the aggregators read different mail token keys: {mail_key_sources}")
+# Webhooks: command-api and every aggregator read one webhook secret key file, mounted.
+webhook_key_sources = {}
+for service in roles.get("command-api serve", []) + roles.get("aggregator run", []):
+    environment = services_[service].get("environment") or {}
+    key_file = environment.get("IDENTITY__WEBHOOKS__SECRET_KEY_FILE")
+    mounts = [v.split(":") for v in services_[service].get("volumes", []) if isinstance(v, str)]
+    mounted = key_file and any(key_file.startswith(m[1].rstrip("/") + "/") for m in mounts if len(m) > 1)
+    if not key_file or not mounted:
+        problems.append(f"{service}: IDENTITY__WEBHOOKS__SECRET_KEY_FILE must name a file in a mounted volume")
+    webhook_key_sources[service] = key_file
+if len(set(webhook_key_sources.values())) > 1:
+    problems.append(f"command-api and the aggregators read different webhook secret keys: {webhook_key_sources}")
 # Personal data: every service that runs a binary (migrate included) reads the same master
 # and lookup key files from a mounted volume, which a one-shot service of this file writes and
 # every one of them waits for.
