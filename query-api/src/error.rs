@@ -28,6 +28,10 @@ pub enum ApiError {
     UnknownPosition(u64),
     #[error("the read model has not reached position {0} in time")]
     NotYetConsistent(u64),
+    /// The message store's readers did not see `X-Min-Position` in time: a transaction that
+    /// began before it was written is still open (ADR 2).
+    #[error("the message store's readers do not see position {0} yet")]
+    StoreNotYetReadable(u64),
     #[error("read model")]
     ReadModel(#[from] sqlx::Error),
     #[error("message store")]
@@ -66,6 +70,14 @@ impl ApiError {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_yet_consistent")
                     .with_detail(format!(
                         "the read model has not reached position {position} yet; retry shortly"
+                    ))
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
+            Self::StoreNotYetReadable(position) => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not_yet_consistent")
+                    .with_detail(format!(
+                        "the message store does not show position {position} to readers yet \
+                         (an older transaction is still open); retry shortly"
                     ))
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
@@ -159,6 +171,11 @@ mod tests {
             ),
             (
                 ApiError::NotYetConsistent(7),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_yet_consistent",
+            ),
+            (
+                ApiError::StoreNotYetReadable(7),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_yet_consistent",
             ),

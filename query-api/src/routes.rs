@@ -133,7 +133,7 @@ pub async fn wait_for_min_position(
 /// with; a header sent twice is refused rather than one of its values picked, since the client
 /// meant one of them and the server cannot tell which. Whitespace around a field value is not
 /// part of it (RFC 9110, section 5.5; hyper strips it already).
-fn min_position(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(crate) fn min_position(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
     let mut values = headers.get_all(&MIN_POSITION).iter();
     let Some(value) = values.next() else {
         return Ok(None);

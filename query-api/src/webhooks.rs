@@ -3,16 +3,21 @@
 //! model's `webhook_attempts`, which the delivery in the aggregator keeps.
 //!
 //! Endpoints are read from the store, not from a view: they are few (an installation has a
-//! handful), their streams short, and an administrator who just registered or deleted one sees
-//! it at once, with no projection to wait for. How far an endpoint's delivery has got is its
-//! consumer's checkpoint, `webhook:<id>` in `projection_checkpoints`.
+//! handful), their streams short, and there is no projection to wait for. The list reads the
+//! `webhook` category, which, like every reader of the global order, sees a message only once
+//! the transactions older than it have ended (ADR 2); an administrator who must see their own
+//! change sends its `X-Position` as `X-Min-Position`, and the answer waits (bounded) until the
+//! store's readers see it. How far an endpoint's delivery has got is its consumer's
+//! checkpoint, `webhook:<id>` in `projection_checkpoints`.
 //!
 //! Neither a secret nor a nonce is ever shown: the secret is derived from a nonce with a key
 //! only the command API and the aggregator hold, and shown once, by the command API.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -30,7 +35,7 @@ use crate::AppState;
 use crate::auth::AuthenticatedCaller;
 use crate::error::ApiError;
 use crate::read_model::AttemptRow;
-use crate::routes::{authorize_admin, page_size};
+use crate::routes::{authorize_admin, min_position, page_size};
 
 /// How many messages one store read fetches.
 const BATCH: usize = 500;
@@ -171,6 +176,19 @@ pub struct DeliveryList {
     items: Vec<Delivery>,
 }
 
+/// The read-your-writes header of the endpoints' reads.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // read from the raw headers; here for the document
+pub struct StoreMinPositionHeader {
+    /// Answer only once the message store's readers see everything up to this global position
+    /// (the `X-Position` of a command on an endpoint): waits up to `query.max_wait_ms`, then 503
+    /// with Retry-After. Decimal digits, sent once; a position beyond the last one written is a
+    /// 400 at once.
+    #[param(rename = "X-Min-Position", minimum = 0, nullable = false)]
+    x_min_position: Option<u64>,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveriesQuery {
@@ -183,18 +201,22 @@ pub struct DeliveriesQuery {
 /// The live webhook endpoints (not deleted), enabled and disabled, without their secrets
 /// (administrators only).
 #[utoipa::path(get, path = "/webhooks", tag = "webhooks",
+    params(StoreMinPositionHeader),
     responses(
         (status = 200, body = WebhookList),
+        (status = 400, description = "a bad X-Min-Position, or one beyond the last position written"),
         (status = 401, description = "no valid bearer token, or the account behind it is no longer active, or the session it was issued in has ended or expired"),
         (status = 403, description = "not an administrator"),
-        (status = 503, description = "the message store or the read model is unreachable"),
+        (status = 503, description = "the message store or the read model is unreachable, or its readers did not reach X-Min-Position in time"),
     ),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     caller: AuthenticatedCaller,
+    headers: HeaderMap,
 ) -> Result<Json<WebhookList>, ApiError> {
     authorize_admin(&state, &caller).await?;
+    wait_until_readable(&state, &headers).await?;
     let endpoints = live_endpoints(state.store.as_ref()).await?;
     let checkpoints = state.read_model.webhook_checkpoints().await?;
     let mut items: Vec<Webhook> = endpoints
@@ -210,21 +232,24 @@ pub async fn list(
 
 /// One live webhook endpoint, without its secret (administrators only).
 #[utoipa::path(get, path = "/webhooks/{id}", tag = "webhooks",
-    params(("id" = Uuid, Path, description = "The endpoint")),
+    params(("id" = Uuid, Path, description = "The endpoint"), StoreMinPositionHeader),
     responses(
         (status = 200, body = Webhook),
+        (status = 400, description = "a bad X-Min-Position, or one beyond the last position written"),
         (status = 401, description = "no valid bearer token, or the account behind it is no longer active, or the session it was issued in has ended or expired"),
         (status = 403, description = "not an administrator"),
         (status = 404, description = "no such endpoint, or it was deleted"),
-        (status = 503, description = "the message store or the read model is unreachable"),
+        (status = 503, description = "the message store or the read model is unreachable, or its readers did not reach X-Min-Position in time"),
     ),
     security(("bearer" = [])))]
 pub async fn one(
     State(state): State<AppState>,
     caller: AuthenticatedCaller,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Webhook>, ApiError> {
     authorize_admin(&state, &caller).await?;
+    wait_until_readable(&state, &headers).await?;
     let endpoint = live_endpoint(&state, &id).await?;
     let checkpoints = state.read_model.webhook_checkpoints().await?;
     let checkpoint = checkpoints.get(endpoint.id.as_uuid()).copied();
@@ -262,6 +287,33 @@ pub async fn deliveries(
     Ok(Json(DeliveryList {
         items: attempts.into_iter().map(Delivery::from).collect(),
     }))
+}
+
+/// Waits, up to `query.max_wait_ms`, until the store's readers see the position
+/// `X-Min-Position` names, if the request names one. A position nobody wrote is refused at
+/// once rather than waited for.
+async fn wait_until_readable(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(wanted) = min_position(headers)? else {
+        return Ok(());
+    };
+    if state.store.head_position().await? >= wanted {
+        return Ok(());
+    }
+    if wanted > state.store.last_position().await? {
+        return Err(ApiError::UnknownPosition(wanted));
+    }
+    let deadline = Instant::now() + Duration::from_millis(state.settings.max_wait_ms);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        tokio::time::sleep(pause).await;
+        if state.store.head_position().await? >= wanted {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::StoreNotYetReadable(wanted));
+        }
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
 }
 
 /// The live endpoint a path's id names, from its stream; a 404 for an id that is not a UUID,

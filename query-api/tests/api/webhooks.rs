@@ -12,7 +12,7 @@ use message_store::{ExpectedVersion, NewMessage, StreamAppend, StreamName};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{TestApp, now, problem, spawn};
+use crate::harness::{TestApp, now, problem, spawn, spawn_with};
 
 const REGISTERED: &str = "identity.user.registered.v1";
 const ERASED: &str = "identity.user.erased.v1";
@@ -21,6 +21,15 @@ impl TestApp {
     /// Decides `command` on endpoint `id` as it stands in the store and appends what follows,
     /// at the version read, as the command API (or, for a disabling, the delivery) does.
     async fn webhook_command(&self, id: Uuid, command: WebhookCommand) -> Vec<WebhookEvent> {
+        self.webhook_command_at(id, command).await.0
+    }
+
+    /// [`Self::webhook_command`], and the global position of what it appended.
+    async fn webhook_command_at(
+        &self,
+        id: Uuid,
+        command: WebhookCommand,
+    ) -> (Vec<WebhookEvent>, u64) {
         let stream = StreamName::parse(webhook_stream_name(WebhookId::from_uuid(id))).unwrap();
         let stored = self.store.read_stream(&stream, 0, 1000).await.unwrap();
         let history: Vec<WebhookEvent> = stored
@@ -41,15 +50,17 @@ impl TestApp {
         let expected = stored.last().map_or(ExpectedVersion::NoStream, |last| {
             ExpectedVersion::Exact(last.position)
         });
-        self.store
+        let appended = self
+            .store
             .append(vec![StreamAppend::new(stream, expected, messages)])
             .await
             .unwrap();
-        events
+        (events, appended.last_global_position())
     }
 
-    /// Registers endpoint `id` for `events`, by `admin`, with the secret nonce `nonce`.
-    async fn register_webhook(&self, id: Uuid, admin: Uuid, url: &str, nonce: u8) {
+    /// Registers endpoint `id` by `admin`, with the secret nonce `nonce`: the registration's
+    /// position.
+    async fn register_webhook(&self, id: Uuid, admin: Uuid, url: &str, nonce: u8) -> u64 {
         let command = WebhookCommand::Register {
             id: WebhookId::from_uuid(id),
             url: url.into(),
@@ -58,7 +69,7 @@ impl TestApp {
             secret_nonce: nonce_of(nonce),
             by: UserId::from_uuid(admin),
         };
-        self.webhook_command(id, command).await;
+        self.webhook_command_at(id, command).await.1
     }
 
     /// Moves the checkpoint of endpoint `id`'s delivery to `position`, as the delivery does.
@@ -109,6 +120,15 @@ impl TestApp {
         assert_eq!(response.status(), 200, "{path}");
         response.json().await.unwrap()
     }
+
+    /// `path` for `token`, answered once the store's readers see `position`.
+    async fn get_json_after(&self, path: &str, token: &str, position: u64) -> Value {
+        let response = self
+            .get_with_min_position(path, token, Some(position))
+            .await;
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.unwrap()
+    }
 }
 
 fn nonce_of(byte: u8) -> WebhookNonce {
@@ -121,7 +141,7 @@ fn instant(value: &Value) -> DateTime<Utc> {
 
 #[tokio::test]
 async fn administrators_list_the_live_endpoints_with_their_state_and_never_a_secret() {
-    let app = spawn().await;
+    let app = spawn_with(|settings| settings.query.max_wait_ms = 30_000).await;
     let (admin, token) = app.seed_admin().await;
     let (failing, quiet, deleted) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     app.register_webhook(failing, admin.id, "https://a.example.com/in", 1)
@@ -150,11 +170,14 @@ async fn administrators_list_the_live_endpoints_with_their_state_and_never_a_sec
             },
         )
         .await;
-    app.webhook_command(deleted, WebhookCommand::Delete { by })
+    let (_, last) = app
+        .webhook_command_at(deleted, WebhookCommand::Delete { by })
         .await;
     app.set_delivery_checkpoint(failing, 40).await;
 
-    let body = app.get_json("/webhooks", &token).await;
+    // Other tests' transactions on the server may hold the store's readers back (ADR 2): the
+    // list is asked for as it stands once they see the last change.
+    let body = app.get_json_after("/webhooks", &token, last).await;
     let items = body["items"].as_array().unwrap();
     let ids: Vec<&str> = items
         .iter()
@@ -370,4 +393,47 @@ async fn the_document_describes_the_webhook_reads() {
     let webhook = &document["components"]["schemas"]["Webhook"]["properties"];
     assert!(webhook["delivery_position"].is_object());
     assert!(webhook.get("secret").is_none());
+}
+
+#[tokio::test]
+async fn a_list_asked_for_after_a_change_waits_until_the_store_s_readers_see_it() {
+    let app = spawn().await;
+    let (admin, token) = app.seed_admin().await;
+    // A transaction that began before the registration and is still open: readers of the
+    // global order do not see what was written after it began (ADR 2).
+    let mut older = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .unwrap();
+    let endpoint = Uuid::now_v7();
+    let position = app
+        .register_webhook(endpoint, admin.id, "https://a.example.com/in", 1)
+        .await;
+
+    let held_back = app
+        .get_with_min_position("/webhooks", &token, Some(position))
+        .await;
+    let (status, body) = problem(held_back).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("not_yet_consistent"))
+    );
+    // Its own stream is read directly, whatever the transactions around.
+    let one = app.get_json(&format!("/webhooks/{endpoint}"), &token).await;
+    assert_eq!(one["id"], endpoint.to_string());
+
+    let waiting = app.get_json_after("/webhooks", &token, position);
+    let committing = async { older.commit().await.unwrap() };
+    let (listed, ()) = tokio::join!(waiting, committing);
+    assert_eq!(listed["items"][0]["id"], endpoint.to_string());
+
+    let beyond = app
+        .get_with_min_position("/webhooks", &token, Some(position + 1_000_000))
+        .await;
+    let (status, body) = problem(beyond).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("unknown_position"))
+    );
 }
