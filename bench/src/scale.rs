@@ -23,7 +23,7 @@ use platform::clock::SystemClock;
 use serde_json::json;
 use test_support::TestDatabase;
 use test_support::process::{Launch, Process, free_port};
-use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey, WebhookSecretKey};
 
 use crate::report::{median, rate};
 use crate::setup::expect_json;
@@ -153,6 +153,13 @@ impl Environment {
             (
                 "IDENTITY__MAIL__TOKEN_KEY",
                 MailTokenKey::generate()?.to_hex().expose_secret().clone(),
+            ),
+            (
+                "IDENTITY__WEBHOOKS__SECRET_KEY",
+                WebhookSecretKey::generate()?
+                    .to_hex()
+                    .expose_secret()
+                    .clone(),
             ),
             (
                 "IDENTITY__PERSONAL_DATA__MASTER_KEY",

@@ -15,7 +15,7 @@ use reqwest::RequestBuilder;
 use serde_json::Value;
 use sqlx::PgPool;
 use test_support::TestDatabase;
-use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey};
+use tokens::{Algorithm, MailTokenKey, RefreshTokenKey, SigningKey, WebhookSecretKey};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -92,6 +92,8 @@ impl CommandApi {
         settings.tokens.refresh_token_key = Some(refresh_key.to_hex().expose_secret().clone());
         let mail_key = MailTokenKey::generate()?;
         settings.mail.token_key = Some(mail_key.to_hex().expose_secret().clone());
+        let webhook_key = WebhookSecretKey::generate()?;
+        settings.webhooks.secret_key = Some(webhook_key.to_hex().expose_secret().clone());
         // Personal fields are sealed, as in every deployment (ADR 13).
         let master_key = MasterKey::generate("1")?;
         settings.personal_data.master_key = Some(master_key.to_hex().expose_secret().clone());
