@@ -234,7 +234,7 @@ async fn a_key_rotated_in_on_one_command_replica_is_accepted_by_every_replica() 
         published.display().to_string(),
     );
     let client = client();
-    let mut replicas = start_replicas(&deployment, &client, &[publish.clone()]).await;
+    let mut replicas = start_replicas(&deployment, &client, &[publish]).await;
     let [c1, c2] = replicas.command;
     register(&client, c1, "ann@example.com").await;
 
