@@ -20,6 +20,12 @@
 //! `Nats-Msg-Id`, which the stream drops as a duplicate within its `duplicate_window`; later
 //! than that a subscriber sees it twice, with the same `id`.
 //!
+//! **A backlog** (a start after a while, a reset) goes out as fast as JetStream takes it: while
+//! a batch is published, a reader of its own reads the next batches, opens them and makes their
+//! publications (two stages: the store reads the next while one is opened), and a step
+//! publishes up to [`BATCHES_PER_STEP`] batches back to back, each one's checkpoint written
+//! while the next is published. Caught up, a step is one read of what is new.
+//!
 //! **NATS down** is part of operation: the client reconnects by itself, the step fails fast
 //! while it is not connected (nothing is queued in the client meanwhile), the loop logs at
 //! `warn` and retries with backoff; nothing is skipped. The process starts whether NATS answers
@@ -401,10 +407,15 @@ impl JetStream {
         Ok(())
     }
 
+    /// The publication of `event`: its subject, its id and its CloudEvents JSON.
+    pub fn publication(&self, event: &IntegrationEvent) -> Publication {
+        Publication::of(event, &self.subject_prefix)
+    }
+
     /// Publishes `events` pipelined, in order: sends them all, then awaits the
     /// acknowledgements in order. Returns how many, from the first, JetStream acknowledged,
     /// how many of those were duplicates it dropped, and what stopped it, if anything.
-    pub async fn publish(&mut self, events: &[IntegrationEvent]) -> Sent {
+    pub async fn publish(&mut self, events: &[Publication]) -> Sent {
         let mut sent = Sent::default();
         if let Err(error) = self.ensure_stream().await {
             sent.failure = Some(error);
@@ -416,19 +427,23 @@ impl JetStream {
         }
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
-            let subject = self.subject(event.kind);
             let message = PublishMessage::build()
-                .message_id(event.id.to_string())
-                .payload(event.to_json().into());
-            match self.context.send_publish(subject.clone(), message).await {
-                Ok(ack) => pending.push((subject, ack)),
+                .message_id(&event.msg_id)
+                .payload(event.payload.clone().into());
+            match self
+                .context
+                .send_publish(event.subject.clone(), message)
+                .await
+            {
+                Ok(ack) => pending.push(ack),
                 Err(source) => {
+                    let subject = event.subject.clone();
                     sent.failure = Some(NatsError::Publish { subject, source });
                     break;
                 }
             }
         }
-        for ((subject, ack), event) in pending.into_iter().zip(events) {
+        for (ack, event) in pending.into_iter().zip(events) {
             match ack.await {
                 Ok(ack) => {
                     sent.acknowledged += 1;
@@ -441,7 +456,7 @@ impl JetStream {
                         self.stream_ready = false;
                     }
                     sent.failure = Some(NatsError::Ack {
-                        subject,
+                        subject: event.subject.clone(),
                         id: event.id,
                         source,
                     });
@@ -459,6 +474,33 @@ fn is_stream_not_found(error: &jetstream::context::GetStreamError) -> bool {
         jetstream::context::GetStreamErrorKind::JetStream(error)
             if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
     )
+}
+
+/// An integration event as it is published: ready before the publishing starts, so that the
+/// batch goes out as fast as the client sends.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub kind: EventType,
+    /// The CloudEvents `id`: the stored message's id.
+    pub id: uuid::Uuid,
+    /// `Nats-Msg-Id`: the same id, as text.
+    pub msg_id: String,
+    /// `<prefix><type>`.
+    pub subject: String,
+    /// The CloudEvents JSON document.
+    pub payload: Vec<u8>,
+}
+
+impl Publication {
+    pub fn of(event: &IntegrationEvent, subject_prefix: &str) -> Self {
+        Self {
+            kind: event.kind,
+            id: event.id,
+            msg_id: event.id.to_string(),
+            subject: format!("{subject_prefix}{}", event.kind.name()),
+            payload: event.to_json(),
+        }
+    }
 }
 
 /// What [`JetStream::publish`] did with a batch.
@@ -529,9 +571,115 @@ pub enum RelayOutcome {
     Halted { reason: String },
 }
 
+/// How a relay makes its publications: the CloudEvents `source`, the types it publishes, and
+/// the subjects' prefix.
+struct MadeAs {
+    source: String,
+    published: Published,
+    subject_prefix: String,
+}
+
+/// Opens the personal fields of `messages`, read after `after`, and makes their publications.
+async fn open_batch(
+    sealer: &Sealer,
+    made_as: &MadeAs,
+    after: GlobalPosition,
+    mut messages: Vec<RecordedMessage>,
+    batch_size: usize,
+) -> Result<Batch, RelayError> {
+    sealer.unseal_messages(&mut messages).await?;
+    let mut batch = Batch::of(&messages, after, made_as);
+    batch.full = messages.len() >= batch_size;
+    Ok(batch)
+}
+
+/// Batches read ahead while there is a backlog: a task of its own (on another core, where there
+/// is one) reads, opens and makes the events of the batches after a position, up to
+/// [`READ_AHEAD`] batches ahead of the step that publishes them, and stops at the head of the
+/// store (a batch less than full), at a message that cannot be read, or at an error. Aborted
+/// when dropped: whenever the checkpoint does not move as it expects.
+struct Reader {
+    batches: tokio::sync::mpsc::Receiver<(GlobalPosition, Batch)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Batches one step publishes at most, back to back, before the loop looks at its lock and the
+/// shutdown again.
+pub const BATCHES_PER_STEP: usize = 16;
+
+/// Batches a [`Reader`] holds ready: enough to keep the publisher busy while the store, the
+/// vault and the decoding take their turn.
+const READ_AHEAD: usize = 2;
+
+impl Reader {
+    fn start(relay: &Relay, after: GlobalPosition) -> Self {
+        let (store, sealer) = (relay.store.clone(), relay.sealer.clone());
+        let made_as = relay.made_as.clone();
+        let batch_size = relay.options.batch_size;
+        // Two stages, so that the store reads the next batch while this one is opened and
+        // made into events.
+        let (read_sender, mut read) = tokio::sync::mpsc::channel(1);
+        let reading = AbortOnDrop(tokio::spawn(async move {
+            let mut after = after;
+            while let Ok(messages) = store.read_all(after, batch_size).await {
+                let Some(last) = messages.last() else {
+                    return;
+                };
+                let (end, full) = (last.global_position, messages.len() >= batch_size);
+                if read_sender.send((after, messages)).await.is_err() || !full {
+                    return;
+                }
+                after = end;
+            }
+        }));
+        let (sender, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(async move {
+            let _reading = reading;
+            while let Some((after, messages)) = read.recv().await {
+                let Ok(batch) = open_batch(&sealer, &made_as, after, messages, batch_size).await
+                else {
+                    return;
+                };
+                let poison = batch.poison.is_some();
+                if sender.send((after, batch)).await.is_err() || poison {
+                    return;
+                }
+            }
+        });
+        Self { batches, task }
+    }
+
+    /// The batch after `after`, if it is the next one this reader has (or will have).
+    async fn next(&mut self, after: GlobalPosition) -> Option<Batch> {
+        match self.batches.recv().await {
+            Some((from, batch)) if from == after => Some(batch),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The integration events of one batch read, ready to publish.
 struct Batch {
-    events: Vec<IntegrationEvent>,
+    /// Messages read.
+    messages: usize,
+    /// Whether the read was a full batch: more are likely waiting.
+    full: bool,
+    events: Vec<Publication>,
     /// For each event, the position the checkpoint may move to once everything before it is
     /// acknowledged: the message before it in the batch, or the checkpoint.
     before: Vec<GlobalPosition>,
@@ -542,19 +690,14 @@ struct Batch {
 }
 
 impl Batch {
-    fn of(
-        messages: &[RecordedMessage],
-        after: GlobalPosition,
-        source: &str,
-        published: &Published,
-    ) -> Self {
+    fn of(messages: &[RecordedMessage], after: GlobalPosition, made_as: &MadeAs) -> Self {
         let mut end = after;
         let mut poison = None;
         // Every event the batch makes, published or not: an erasure blanks what precedes it
         // even when erasures themselves are not published.
         let mut made = Vec::new();
         for message in messages {
-            match IntegrationEvent::from_message(message, source) {
+            match IntegrationEvent::from_message(message, &made_as.source) {
                 Ok(Some(event)) => made.push((end, event)),
                 Ok(None) => {}
                 Err(error) => {
@@ -570,9 +713,12 @@ impl Batch {
         forget_addresses_of_the_erased(&mut made);
         let (before, events) = made
             .into_iter()
-            .filter(|(_, event)| published.contains(event.kind))
+            .filter(|(_, event)| made_as.published.contains(event.kind))
+            .map(|(before, event)| (before, Publication::of(&event, &made_as.subject_prefix)))
             .unzip();
         Self {
+            messages: messages.len(),
+            full: false,
             events,
             before,
             end,
@@ -604,9 +750,7 @@ pub struct Relay {
     sealer: Sealer,
     read_model: ReadModelWriter,
     jetstream: JetStream,
-    /// The CloudEvents `source` of every event.
-    source: String,
-    published: Published,
+    made_as: Arc<MadeAs>,
     options: RelayOptions,
     checkpoint: Option<Checkpoint>,
     /// The epoch this worker set when it took the lock; `None` without the lock (stepped by a
@@ -618,6 +762,10 @@ pub struct Relay {
     /// is written, so it may run a little ahead of it).
     acknowledged: watch::Sender<GlobalPosition>,
     lag_measured_at: Option<Instant>,
+    /// The batches after the checkpoint, read while the ones before them are published.
+    reader: Option<Reader>,
+    /// A batch the reader had ready when a step ended, and the position it follows.
+    ready: Option<(GlobalPosition, Batch)>,
 }
 
 impl Relay {
@@ -633,13 +781,17 @@ impl Relay {
         published: Published,
         options: RelayOptions,
     ) -> Self {
+        let subject_prefix = jetstream.subject_prefix.clone();
         Self {
             store,
             sealer,
             read_model,
             jetstream,
-            source: source.into(),
-            published,
+            made_as: Arc::new(MadeAs {
+                source: source.into(),
+                published,
+                subject_prefix,
+            }),
             options,
             checkpoint: None,
             fence: None,
@@ -647,6 +799,8 @@ impl Relay {
             stats: Arc::default(),
             acknowledged: watch::channel(0).0,
             lag_measured_at: None,
+            reader: None,
+            ready: None,
         }
     }
 
@@ -671,76 +825,156 @@ impl Relay {
         consumer::run(self, shutdown).await;
     }
 
-    /// Reads one batch after the checkpoint, publishes its integration events and moves the
-    /// checkpoint past what JetStream acknowledged.
+    /// Reads after the checkpoint, publishes the integration events and moves the checkpoint
+    /// past what JetStream acknowledged: one batch, or with a backlog up to
+    /// [`BATCHES_PER_STEP`] batches back to back, each one's checkpoint written while the next
+    /// one is published.
     pub async fn process_next_batch(&mut self) -> Result<RelayOutcome, RelayError> {
         if let Some(reason) = &self.halted {
             return Ok(RelayOutcome::Halted {
                 reason: reason.clone(),
             });
         }
-        loop {
+        'step: loop {
             let checkpoint = self.current_checkpoint().await?;
-            let mut messages = self
-                .store
-                .read_all(checkpoint.position, self.options.batch_size)
-                .await?;
-            if messages.is_empty() {
+            let Some(mut batch) = self.next_batch(checkpoint.position).await? else {
                 match self.idle(&checkpoint).await? {
                     Some(outcome) => return Ok(outcome),
                     None => continue,
                 }
-            }
-            self.sealer.unseal_messages(&mut messages).await?;
-            let batch = Batch::of(
-                &messages,
-                checkpoint.position,
-                &self.source,
-                &self.published,
-            );
-            let sent = if batch.events.is_empty() {
-                Sent::default()
-            } else {
-                self.jetstream.publish(&batch.events).await
             };
-            let done = match &sent.failure {
-                Some(_) => batch.before[sent.acknowledged],
-                None => batch.end,
-            };
-            self.record(&batch, &sent, done);
-            let moved = self.advance(&checkpoint, done).await?;
-            if let Some(failure) = sent.failure {
-                if !moved {
-                    self.checkpoint_moved();
+            let mut from = checkpoint;
+            let mut moving: Option<GlobalPosition> = None;
+            let (mut messages, mut published, mut duplicates) = (0, 0, 0);
+            for round in 1..=BATCHES_PER_STEP {
+                // With a backlog, the batches after this one are read, opened and made into
+                // events while it is published and acknowledged.
+                if self.reader.is_none() && batch.full && batch.poison.is_none() {
+                    self.reader = Some(Reader::start(self, batch.end));
                 }
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("relay_retried_total").increment(1);
-                return Err(failure.into());
+                let (sent, moved) = match moving.take() {
+                    Some(to) => {
+                        let (sent, moved) = tokio::join!(
+                            self.jetstream.publish(&batch.events),
+                            self.read_model.move_checkpoint(JETSTREAM, &from, to)
+                        );
+                        (sent, Some(moved.map(|moved| (moved, to))))
+                    }
+                    None => (self.jetstream.publish(&batch.events).await, None),
+                };
+                match moved {
+                    None => {}
+                    Some(Ok((true, to))) => from = self.moved(from, to).await,
+                    Some(Ok((false, _))) => {
+                        // What this round published comes again, and JetStream drops it.
+                        self.checkpoint_moved();
+                        continue 'step;
+                    }
+                    Some(Err(error)) => {
+                        self.reader = None;
+                        return Err(error.into());
+                    }
+                }
+                let done = match &sent.failure {
+                    Some(_) => batch.before[sent.acknowledged],
+                    None => batch.end,
+                };
+                self.record(&batch, &sent, done);
+                messages += batch.messages;
+                published += sent.acknowledged;
+                duplicates += sent.duplicates;
+                if sent.failure.is_some() || batch.poison.is_some() {
+                    let moved = self.advance(&from, done).await?;
+                    if !moved {
+                        self.checkpoint_moved();
+                    }
+                    if let Some(failure) = sent.failure {
+                        self.reader = None;
+                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("relay_retried_total").increment(1);
+                        return Err(failure.into());
+                    }
+                    let reason = format!(
+                        "a message it cannot read ({}); the checkpoint stays before it. Fix \
+                         the event's reader (an upcaster) or the data, then restart the \
+                         aggregator",
+                        batch.poison.unwrap_or_default()
+                    );
+                    return Ok(self.halt(done, reason));
+                }
+                if done != from.position {
+                    moving = Some(done);
+                }
+                // The next batch only if the reader has it (or is reading it).
+                let Some(reader) = self.reader.as_mut() else {
+                    break;
+                };
+                match reader.next(done).await {
+                    Some(next) if round < BATCHES_PER_STEP => batch = next,
+                    Some(next) => {
+                        self.ready = Some((done, next));
+                        break;
+                    }
+                    None => {
+                        self.reader = None;
+                        break;
+                    }
+                }
             }
-            if let Some(poison) = batch.poison {
-                let reason = format!(
-                    "a message it cannot read ({poison}); the checkpoint stays before it. Fix \
-                     the event's reader (an upcaster) or the data, then restart the aggregator"
-                );
-                return Ok(self.halt(done, reason));
-            }
-            if !moved {
+            let position = moving.unwrap_or(from.position);
+            if !self.advance(&from, position).await? {
                 self.checkpoint_moved();
                 continue;
             }
             return Ok(RelayOutcome::Published {
-                messages: messages.len(),
-                published: sent.acknowledged,
-                duplicates: sent.duplicates,
-                position: done,
+                messages,
+                published,
+                duplicates,
+                position,
             });
         }
     }
 
+    /// The batch after `after`: the one the reader left ready, or the reader's next, or read
+    /// now; `None` when there is nothing to read.
+    async fn next_batch(&mut self, after: GlobalPosition) -> Result<Option<Batch>, RelayError> {
+        if let Some((from, batch)) = self.ready.take()
+            && from == after
+        {
+            return Ok(Some(batch));
+        }
+        if let Some(reader) = self.reader.as_mut()
+            && let Some(batch) = reader.next(after).await
+        {
+            return Ok(Some(batch));
+        }
+        self.reader = None;
+        self.read(after).await
+    }
+
+    /// The batch after `after`, opened and made into events; `None` when there is nothing.
+    async fn read(&self, after: GlobalPosition) -> Result<Option<Batch>, RelayError> {
+        let batch_size = self.options.batch_size;
+        let messages = self.store.read_all(after, batch_size).await?;
+        if messages.is_empty() {
+            return Ok(None);
+        }
+        let batch = open_batch(&self.sealer, &self.made_as, after, messages, batch_size).await?;
+        Ok(Some(batch))
+    }
+
     /// Counts what JetStream acknowledged, and says up to where.
     fn record(&self, batch: &Batch, sent: &Sent, done: GlobalPosition) {
+        let mut by_type = [0u64; EventType::ALL.len()];
         for event in &batch.events[..sent.acknowledged] {
-            metrics::counter!("relay_published_total", "type" => event.kind.name()).increment(1);
+            if let Some(index) = EventType::ALL.iter().position(|kind| *kind == event.kind) {
+                by_type[index] += 1;
+            }
+        }
+        for (kind, count) in EventType::ALL.iter().zip(by_type) {
+            if count > 0 {
+                metrics::counter!("relay_published_total", "type" => kind.name()).increment(count);
+            }
         }
         if sent.duplicates > 0 {
             metrics::counter!("relay_duplicates_total").increment(sent.duplicates as u64);
@@ -773,10 +1007,17 @@ impl Relay {
         if !self.read_model.move_checkpoint(JETSTREAM, from, to).await? {
             return Ok(false);
         }
-        self.checkpoint = Some(from.at(to));
+        self.moved(*from, to).await;
+        Ok(true)
+    }
+
+    /// The checkpoint has moved from `from` to `to`: remembers it, and says so.
+    async fn moved(&mut self, from: Checkpoint, to: GlobalPosition) -> Checkpoint {
+        let checkpoint = from.at(to);
+        self.checkpoint = Some(checkpoint);
         metrics::gauge!("relay_position").set(to as f64);
         self.measure_lag(to).await;
-        Ok(true)
+        checkpoint
     }
 
     /// The checkpoint this worker moves: the one it moved last, or the stored one (created at
@@ -829,6 +1070,8 @@ impl Relay {
         metrics::gauge!("relay_halted").set(1.0);
         self.halted = Some(reason.clone());
         self.checkpoint = None;
+        self.reader = None;
+        self.ready = None;
         RelayOutcome::Halted { reason }
     }
 
@@ -838,6 +1081,8 @@ impl Relay {
             "the checkpoint moved under this worker (another replica or a reset); reloading it"
         );
         self.checkpoint = None;
+        self.reader = None;
+        self.ready = None;
     }
 
     /// `relay_lag_messages`, at most once a second: counting the backlog is not free.
@@ -902,10 +1147,14 @@ impl Consumer for Relay {
         self.fence = fence;
         // The checkpoint may have moved while another replica held the lock.
         self.checkpoint = None;
+        self.reader = None;
+        self.ready = None;
     }
 
     fn forget(&mut self) {
         self.checkpoint = None;
+        self.reader = None;
+        self.ready = None;
     }
 
     fn must_let_go(&self, error: &RelayError) -> bool {

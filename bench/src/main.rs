@@ -17,6 +17,7 @@ mod query;
 mod read;
 mod rebuild;
 mod refresh;
+mod relay;
 mod report;
 mod scale;
 mod setup;
@@ -52,6 +53,10 @@ enum Scenario {
     /// Mails delivered from recovery events to a real SMTP server by the mailer, against the
     /// same mails sent straight with the same SMTP client.
     Mail(mail::Options),
+    /// Integration events delivered to NATS JetStream from the store by the relay, against the
+    /// same events published straight with async-nats; and the lag from commit to JetStream's
+    /// acknowledgement at a steady rate.
+    Relay(relay::Options),
     /// Logins over HTTP against one command API process and against two sharing the same
     /// cores and database.
     Scale(scale::Options),
@@ -74,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Refresh(options) => refresh::run(options).await,
         Scenario::Query(options) => query::run(options).await,
         Scenario::Mail(options) => mail::run(options).await,
+        Scenario::Relay(options) => relay::run(options).await,
         Scenario::Scale(options) => scale::run(options).await,
         Scenario::ServeCommandApi => scale::serve_command_api().await,
         Scenario::Soak(options) => soak::run(options).await,

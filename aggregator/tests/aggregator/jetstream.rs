@@ -837,3 +837,54 @@ async fn a_relay_killed_at_random_points_publishes_every_event_and_duplicates_on
     assert!(published as usize <= seen.len());
     delete_stream(&settings).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stopping_in_the_middle_of_a_backlog_loses_nothing_and_the_stream_holds_each_event_once()
+ {
+    let stores = Stores::postgres().await;
+    let nats = NatsServer::private().await.unwrap();
+    let settings = isolated(&nats.url());
+    let writer = Writer::new(stores.store.clone(), stores.sealer.clone());
+    for n in 0..30 {
+        lifecycle(&writer, Uuid::now_v7(), n * 100, n % 4 == 0).await;
+    }
+    let expected = expected(&stores.store, writer.last(), false).await;
+    // Small batches read ahead, many to a step: the backlog goes out as the aggregator sends
+    // a large one.
+    let mut relay = Relay::new(
+        stores.store.clone(),
+        stores.sealer.clone(),
+        stores.read_model.clone(),
+        JetStream::connect(&settings).await.unwrap(),
+        SOURCE,
+        Published::default(),
+        RelayOptions {
+            batch_size: 7,
+            ..options()
+        },
+    );
+    // One step: some of the backlog out, the reader ahead of it with the next batches.
+    let deadline = Instant::now() + WAIT;
+    let first = loop {
+        match relay.process_next_batch().await {
+            Ok(RelayOutcome::Published { published, .. }) => break published,
+            other => {
+                assert!(Instant::now() < deadline, "{other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(first > 7 && first < expected.len(), "{first}");
+    nats.stop();
+    let stats = relay.stats();
+    let running = tokio::spawn(relay.run(std::future::pending()));
+    wait_for_failures(&stats, 0, 2).await;
+    let held = checkpoint(&stores.read_model).await;
+    assert!(held < writer.last(), "stopped part way: {held}");
+    nats.start().await.unwrap();
+
+    let received = wait_for_stream(&settings, expected.len()).await;
+    check_each(&received, &settings);
+    assert_each_once_in_order(&received, &expected);
+    running.abort();
+}
