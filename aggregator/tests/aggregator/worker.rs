@@ -279,6 +279,7 @@ async fn the_application_projects_into_a_read_model_in_another_database_and_serv
     settings.aggregator.http.address = "127.0.0.1:0".into();
     settings.aggregator.batch_size = 7;
     settings.mail.token_key = Some("ab".repeat(32));
+    settings.webhooks.secret_key = Some("5e".repeat(32));
     // The master key of the tests' vaults, which sealed what the writer below appends.
     settings.personal_data.master_key_id = "test".into();
     settings.personal_data.master_key = Some("4d".repeat(32));
