@@ -39,7 +39,7 @@ use uuid::Uuid;
 
 use crate::support::{Env, Stores, Writer, on_both_engines, settle};
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(90);
 const REGISTERED: &str = "identity.user.registered.v1";
 const DEACTIVATED: &str = "identity.user.deactivated.v1";
 const ERASED: &str = "identity.user.erased.v1";
