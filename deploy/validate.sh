@@ -587,31 +587,22 @@ for role, count in (("command-api serve", 1), ("query-api serve", 1), ("aggregat
         problems.append(f"expected {count} service(s) running `{role}`, found {roles.get(role, [])}")
 if not any(str(c.get("image", "")).startswith("postgres:15") for c in services_.values()):
     problems.append("no PostgreSQL 15 service")
-# Mail: command-api and every aggregator read one mail token key; the aggregators send to an
-# SMTP service of this file, so no mail leaves the host.
-mail_key_sources = {}
-for service in roles.get("command-api serve", []) + roles.get("aggregator run", []):
-    environment = services_[service].get("environment") or {}
-    key_file = environment.get("IDENTITY__MAIL__TOKEN_KEY_FILE")
-    mounts = [v.split(":") for v in services_[service].get("volumes", []) if isinstance(v, str)]
-    mounted = key_file and any(key_file.startswith(m[1].rstrip("/") + "/") for m in mounts if len(m) > 1)
-    if not key_file or not mounted:
-        problems.append(f"{service}: IDENTITY__MAIL__TOKEN_KEY_FILE must name a file in a mounted volume")
-    mail_key_sources[service] = key_file
-if len(set(mail_key_sources.values())) > 1:
-    problems.append(f"command-api and the aggregators read different mail token keys: {mail_key_sources}")
-# Webhooks: command-api and every aggregator read one webhook secret key file, mounted.
-webhook_key_sources = {}
-for service in roles.get("command-api serve", []) + roles.get("aggregator run", []):
-    environment = services_[service].get("environment") or {}
-    key_file = environment.get("IDENTITY__WEBHOOKS__SECRET_KEY_FILE")
-    mounts = [v.split(":") for v in services_[service].get("volumes", []) if isinstance(v, str)]
-    mounted = key_file and any(key_file.startswith(m[1].rstrip("/") + "/") for m in mounts if len(m) > 1)
-    if not key_file or not mounted:
-        problems.append(f"{service}: IDENTITY__WEBHOOKS__SECRET_KEY_FILE must name a file in a mounted volume")
-    webhook_key_sources[service] = key_file
-if len(set(webhook_key_sources.values())) > 1:
-    problems.append(f"command-api and the aggregators read different webhook secret keys: {webhook_key_sources}")
+# The keys command-api and every aggregator share: the mail token key (the aggregators send to
+# an SMTP service of this file, so no mail leaves the host) and the webhook secret key, each
+# one file in a mounted volume.
+for variable, what in (("IDENTITY__MAIL__TOKEN_KEY_FILE", "mail token keys"),
+                       ("IDENTITY__WEBHOOKS__SECRET_KEY_FILE", "webhook secret keys")):
+    key_sources = {}
+    for service in roles.get("command-api serve", []) + roles.get("aggregator run", []):
+        environment = services_[service].get("environment") or {}
+        key_file = environment.get(variable)
+        mounts = [v.split(":") for v in services_[service].get("volumes", []) if isinstance(v, str)]
+        mounted = key_file and any(key_file.startswith(m[1].rstrip("/") + "/") for m in mounts if len(m) > 1)
+        if not key_file or not mounted:
+            problems.append(f"{service}: {variable} must name a file in a mounted volume")
+        key_sources[service] = key_file
+    if len(set(key_sources.values())) > 1:
+        problems.append(f"command-api and the aggregators read different {what}: {key_sources}")
 # Personal data: every service that runs a binary (migrate included) reads the same master
 # and lookup key files from a mounted volume, which a one-shot service of this file writes and
 # every one of them waits for.
