@@ -36,8 +36,9 @@
 //! that was away can still catch up within), `duplicate_window` (2 minutes) and `replicas`. An
 //! existing stream is used as it is, and what it is is logged: its operator owns it.
 //!
-//! **Erased persons** (ADR 13). Messages are opened by the `Sealer` before an event is made:
-//! an erased person's address reads as `null`, so a reset relay replays an erased account's
+//! **Erased persons** (ADR 13). Messages are opened by the `Sealer` before an event is made,
+//! the address alone ([`PERSONAL_FIELDS_READ`]: the relay never opens a password hash); an
+//! erased person's address reads as `null`, so a reset relay replays an erased account's
 //! registration without it. Within a batch, an event of an account whose erasure comes later in
 //! the same batch (the key not deleted yet when it was read) is published without its address
 //! too: no address is published once the relay has read that account's erasure.
@@ -61,9 +62,10 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use async_trait::async_trait;
-use integration::{EventType, IntegrationEvent, Published};
+use bytes::Bytes;
+use integration::{EventType, IntegrationEvent, PERSONAL_FIELDS_READ, Published};
 use message_store::{GlobalPosition, MessageStore, RecordedMessage, StoreError};
-use personal_data::{Sealer, VaultError};
+use personal_data::{Fields, Sealer, VaultError};
 use platform::settings::RedactedUrl;
 use serde::Deserialize;
 use serde_json::Value;
@@ -429,7 +431,7 @@ impl JetStream {
         for event in events {
             let message = PublishMessage::build()
                 .message_id(&event.msg_id)
-                .payload(event.payload.clone().into());
+                .payload(event.payload.clone());
             match self
                 .context
                 .send_publish(event.subject.clone(), message)
@@ -488,7 +490,7 @@ pub struct Publication {
     /// `<prefix><type>`.
     pub subject: String,
     /// The CloudEvents JSON document.
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
 }
 
 impl Publication {
@@ -498,7 +500,7 @@ impl Publication {
             id: event.id,
             msg_id: event.id.to_string(),
             subject: format!("{subject_prefix}{}", event.kind.name()),
-            payload: event.to_json(),
+            payload: event.to_json().into(),
         }
     }
 }
@@ -587,7 +589,9 @@ async fn open_batch(
     mut messages: Vec<RecordedMessage>,
     batch_size: usize,
 ) -> Result<Batch, RelayError> {
-    sealer.unseal_messages(&mut messages).await?;
+    sealer
+        .unseal_messages_of(&mut messages, Fields::Only(PERSONAL_FIELDS_READ))
+        .await?;
     let mut batch = Batch::of(&messages, after, made_as);
     batch.full = messages.len() >= batch_size;
     Ok(batch)

@@ -242,13 +242,13 @@ async fn publish_directly(
     streams.push(settings.clone());
     let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
     jetstream.create_stream(config).await?;
-    let payloads: Vec<(String, String, Vec<u8>)> = events
+    let payloads: Vec<(String, String, bytes::Bytes)> = events
         .iter()
         .map(|event| {
             (
                 format!("{}{}", settings.subject_prefix, event.kind.name()),
                 event.id.to_string(),
-                event.to_json(),
+                event.to_json().into(),
             )
         })
         .collect();
@@ -258,7 +258,7 @@ async fn publish_directly(
         for (subject, id, payload) in chunk {
             let message = PublishMessage::build()
                 .message_id(id)
-                .payload(payload.clone().into());
+                .payload(payload.clone());
             acks.push(jetstream.send_publish(subject.clone(), message).await?);
         }
         for ack in acks {

@@ -20,12 +20,12 @@ use identity::{
     LOGIN_CATEGORY, USER_CATEGORY, WebhookCommand, WebhookEvent, WebhookId, WebhookState,
     decide_webhook, webhook_stream_name,
 };
-use integration::{EventType, IntegrationEvent, NetworkPolicy};
+use integration::{EventType, IntegrationEvent, NetworkPolicy, PERSONAL_FIELDS_READ};
 use message_store::{
     AppendError, ExpectedVersion, GlobalPosition, MessageStore, NewMessage, StreamAppend,
     Subscription,
 };
-use personal_data::Sealer;
+use personal_data::{Fields, Sealer};
 use platform::clock::Clock;
 use serde_json::json;
 use tokens::WebhookSecret;
@@ -277,7 +277,10 @@ impl EndpointConsumer {
             let category = message.stream.category();
             !endpoint.events.is_empty() && (category == USER_CATEGORY || category == LOGIN_CATEGORY)
         });
-        shared.sealer.unseal_messages(&mut messages).await?;
+        shared
+            .sealer
+            .unseal_messages_of(&mut messages, Fields::Only(PERSONAL_FIELDS_READ))
+            .await?;
         let mut batch = Batch {
             pending: VecDeque::new(),
             end,

@@ -24,5 +24,5 @@ pub mod event;
 pub mod settings;
 
 pub use address::{EndpointUrl, NetworkPolicy, UrlRefusal};
-pub use event::{EventType, IntegrationEvent, Published, UnknownEventType};
+pub use event::{EventType, IntegrationEvent, PERSONAL_FIELDS_READ, Published, UnknownEventType};
 pub use settings::{IntegrationSettings, WebhookSettings};

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use chrono::{TimeZone, Utc};
 use identity::{EVENT_VERSION_KEY, LoginEvent, UserEvent};
-use integration::{EventType, IntegrationEvent, Published};
+use integration::{EventType, IntegrationEvent, PERSONAL_FIELDS_READ, Published};
 use message_store::{RecordedMessage, StreamName};
 use serde_json::{Value, json};
 use test_support::integration_schema::check_integration_event;
@@ -93,6 +93,37 @@ fn nothing_secret_or_internal_reaches_an_integration_event() {
         assert!(
             !text.contains("ann.lee@example.com"),
             "the normalised key in {text}"
+        );
+    }
+}
+
+#[test]
+fn opening_only_the_fields_read_makes_the_same_events() {
+    for message in every_internal_message() {
+        let Some(event) = integration_event(&message) else {
+            continue;
+        };
+        // What a deliverer reads: every personal field but those it opens is null unopened.
+        let (kind, data) = (&message.message_type, &message.data);
+        let personal = match message.stream.category() {
+            "user" => UserEvent::from_stored(kind, 1, data)
+                .unwrap()
+                .personal_fields(),
+            _ => LoginEvent::from_stored(kind, 1, data)
+                .unwrap()
+                .personal_fields(),
+        };
+        let mut partly_opened = message.clone();
+        for field in personal {
+            if !PERSONAL_FIELDS_READ.contains(field) && partly_opened.data.get(*field).is_some() {
+                partly_opened.data[*field] = Value::Null;
+            }
+        }
+        assert_eq!(
+            integration_event(&partly_opened),
+            Some(event),
+            "{}",
+            message.message_type
         );
     }
 }

@@ -52,7 +52,10 @@ use uuid::Uuid;
 pub use keys::{KEY_BYTES, KeyError, MasterKey, MasterKeys, PersonKey};
 pub use lookup::LookupKey;
 pub use postgres::PostgresKeyVault;
-pub use seal::{SealError, Unsealed, is_envelope, seal_fields, sealed_persons, unseal_fields};
+pub use seal::{
+    Fields, SealError, Unsealed, is_envelope, seal_fields, sealed_persons, sealed_persons_of,
+    unseal_fields, unseal_fields_of,
+};
 pub use sealer::{PersonalData, Sealer, lookup_key, master_keys};
 pub use sqlite::SqliteKeyVault;
 

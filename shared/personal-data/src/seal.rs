@@ -93,18 +93,45 @@ pub fn is_envelope(value: &Value) -> bool {
 /// The persons whose envelopes are top-level fields of `data`, each once, in the order their
 /// first field comes: whose keys a reader needs to unseal it.
 pub fn sealed_persons(data: &Value) -> Vec<Uuid> {
+    sealed_persons_of(data, Fields::Every)
+}
+
+/// The persons the envelopes of `fields` in `data` are sealed for.
+pub fn sealed_persons_of(data: &Value, fields: Fields<'_>) -> Vec<Uuid> {
     let mut persons = Vec::new();
     for person in data
         .as_object()
         .into_iter()
-        .flat_map(Map::values)
-        .filter_map(envelope_person)
+        .flat_map(Map::iter)
+        .filter(|(field, _)| fields.includes(field))
+        .filter_map(|(_, value)| envelope_person(value))
     {
         if !persons.contains(&person) {
             persons.push(person);
         }
     }
     persons
+}
+
+/// Which sealed fields a reader opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields<'a> {
+    /// Every sealed field: a reader that needs the whole event (a projection, the command side).
+    Every,
+    /// These fields alone; every other sealed field becomes null unopened, as if erased. A
+    /// reader that publishes one field (the relays of integration events, which publish the
+    /// address and never a password hash) then never holds the others in clear, and pays
+    /// nothing to open them.
+    Only(&'a [&'a str]),
+}
+
+impl Fields<'_> {
+    fn includes(self, field: &str) -> bool {
+        match self {
+            Self::Every => true,
+            Self::Only(fields) => fields.contains(&field),
+        }
+    }
 }
 
 /// What [`unseal_fields`] did to a message's data.
@@ -126,6 +153,16 @@ pub fn unseal_fields<'k>(
     data: &mut Value,
     key_of: impl Fn(Uuid) -> Option<&'k PersonKey>,
 ) -> Result<Unsealed, SealError> {
+    unseal_fields_of(data, Fields::Every, key_of)
+}
+
+/// [`unseal_fields`] for `fields` only: every other envelope becomes null unopened (it counts
+/// neither as opened nor as erased).
+pub fn unseal_fields_of<'k>(
+    data: &mut Value,
+    fields: Fields<'_>,
+    key_of: impl Fn(Uuid) -> Option<&'k PersonKey>,
+) -> Result<Unsealed, SealError> {
     let Some(object) = data.as_object_mut() else {
         return Ok(Unsealed::default());
     };
@@ -135,6 +172,10 @@ pub fn unseal_fields<'k>(
         let Some(person) = envelope_person(value) else {
             continue;
         };
+        if !fields.includes(field) {
+            opened.push((field.clone(), Value::Null));
+            continue;
+        }
         match key_of(person) {
             Some(key) => {
                 opened.push((field.clone(), key.open(person, field, value)?));
@@ -284,6 +325,38 @@ mod tests {
         let mut not_an_object = json!(["ann@example.com"]);
         seal_fields(&key, person, &mut not_an_object, &["email"]);
         assert_eq!(not_an_object, json!(["ann@example.com"]));
+    }
+
+    #[test]
+    fn only_the_fields_named_are_opened_and_the_others_become_null_unopened() {
+        let (ann, ann_key) = (Uuid::new_v4(), key());
+        let mut data = json!({
+            "email": "ann@example.com",
+            "password_hash": "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA",
+            "status": "active",
+        });
+        seal_fields(&ann_key, ann, &mut data, &["email", "password_hash"]);
+        let only = Fields::Only(&["email"]);
+        assert_eq!(sealed_persons_of(&data, only), [ann]);
+        let mut hash_alone = json!({"password_hash": "$argon2id$"});
+        seal_fields(&ann_key, ann, &mut hash_alone, &["password_hash"]);
+        assert!(sealed_persons_of(&hash_alone, only).is_empty());
+
+        let unsealed = unseal_fields_of(&mut data, only, |person| {
+            (person == ann).then_some(&ann_key)
+        })
+        .unwrap();
+        assert_eq!(
+            data,
+            json!({"email": "ann@example.com", "password_hash": null, "status": "active"})
+        );
+        assert_eq!(
+            unsealed,
+            Unsealed {
+                erased: false,
+                opened: 1
+            }
+        );
     }
 
     #[test]

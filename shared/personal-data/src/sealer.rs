@@ -2,6 +2,7 @@
 //! settings ([`PersonalData::open`]), and the [`Sealer`] that seals the personal fields of the
 //! events a command writes and opens those of the messages a reader reads.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,8 +11,10 @@ use platform::settings::PersonalDataSettings;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::{
+    Fields, seal_fields, sealed_persons, sealed_persons_of, unseal_fields, unseal_fields_of,
+};
 use crate::{KeyError, KeyVault, LookupKey, MasterKey, MasterKeys, PersonKey, VaultError};
-use crate::{seal_fields, sealed_persons, unseal_fields};
 
 /// The vault and the lookup key, as every binary opens them.
 #[derive(Clone)]
@@ -159,23 +162,34 @@ impl Sealer {
         &self,
         messages: &mut [RecordedMessage],
     ) -> Result<(), VaultError> {
+        self.unseal_messages_of(messages, Fields::Every).await
+    }
+
+    /// [`Self::unseal_messages`] for `fields` only: the other sealed fields become null
+    /// unopened, and their persons' keys are not read for them.
+    pub async fn unseal_messages_of(
+        &self,
+        messages: &mut [RecordedMessage],
+        fields: Fields<'_>,
+    ) -> Result<(), VaultError> {
         let mut persons: Vec<Uuid> = messages
             .iter()
-            .flat_map(|message| sealed_persons(&message.data))
+            .flat_map(|message| sealed_persons_of(&message.data, fields))
             .collect();
-        if persons.is_empty() {
-            return Ok(());
-        }
         persons.sort_unstable();
         persons.dedup();
-        let keys = self.vault.keys(&persons).await?;
+        let keys = if persons.is_empty() {
+            HashMap::new()
+        } else {
+            self.vault.keys(&persons).await?
+        };
         for message in messages {
-            unseal_fields(&mut message.data, |person| keys.get(&person)).map_err(|error| {
-                VaultError::Unreadable {
+            unseal_fields_of(&mut message.data, fields, |person| keys.get(&person)).map_err(
+                |error| VaultError::Unreadable {
                     message: message.id.to_string(),
                     reason: error.to_string(),
-                }
-            })?;
+                },
+            )?;
         }
         Ok(())
     }
