@@ -12,9 +12,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    Fields, seal_fields, sealed_persons, sealed_persons_of, unseal_fields, unseal_fields_of,
+    Fields, KeyError, KeyVault, LookupKey, MasterKey, MasterKeys, PersonKey, VaultError,
+    is_envelope, seal_fields, sealed_persons, sealed_persons_of, unseal_fields, unseal_fields_of,
 };
-use crate::{KeyError, KeyVault, LookupKey, MasterKey, MasterKeys, PersonKey, VaultError};
 
 /// The vault and the lookup key, as every binary opens them.
 #[derive(Clone)]
@@ -172,12 +172,16 @@ impl Sealer {
         messages: &mut [RecordedMessage],
         fields: Fields<'_>,
     ) -> Result<(), VaultError> {
+        if !messages.iter().any(|message| has_envelope(&message.data)) {
+            return Ok(());
+        }
         let mut persons: Vec<Uuid> = messages
             .iter()
             .flat_map(|message| sealed_persons_of(&message.data, fields))
             .collect();
         persons.sort_unstable();
         persons.dedup();
+        // Only envelopes of fields left unopened: nothing to read, but they still become null.
         let keys = if persons.is_empty() {
             HashMap::new()
         } else {
@@ -209,6 +213,12 @@ impl Sealer {
         })?;
         Ok(())
     }
+}
+
+/// Whether `data` has a sealed top-level field.
+fn has_envelope(data: &Value) -> bool {
+    data.as_object()
+        .is_some_and(|object| object.values().any(is_envelope))
 }
 
 #[cfg(test)]
